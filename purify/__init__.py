@@ -1,0 +1,38 @@
+"""purify: distillation that passes on task knowledge, not the teacher's behavioral fingerprint.
+
+Public API (importable from ``purify``): losses, the purifier protocol and purifiers, the Distiller
+LightningModule, recipes. Heavy submodules load lazily on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # losses
+    "forward_kl": "purify.losses", "reverse_kl": "purify.losses", "generalized_jsd": "purify.losses",
+    "logit_mse": "purify.losses", "hard_label_ce": "purify.losses", "reduce_loss": "purify.losses",
+    "distillation_loss": "purify.losses", "IGNORE_INDEX": "purify.losses",
+    # purifier protocol
+    "Purifier": "purify.purifiers.base", "TargetPurifier": "purify.purifiers.base",
+    "StudentPurifier": "purify.purifiers.base", "ParameterPurifier": "purify.purifiers.base",
+    "Targets": "purify.purifiers.base", "ModelOutput": "purify.purifiers.base",
+    "PurifierContext": "purify.purifiers.base", "PURIFIERS": "purify.purifiers",
+    "build_purifier": "purify.purifiers",
+    # training
+    "Distiller": "purify.module", "FidelityMetrics": "purify.metrics",
+    "Recipe": "purify.config", "load_recipe": "purify.config", "RecipeError": "purify.config",
+    "train": "purify.train", "build_run": "purify.train",
+    "AuxMLP": "purify.models", "model_forward": "purify.models",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'purify' has no attribute {name!r}")

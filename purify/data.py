@@ -1,0 +1,249 @@
+"""Training data: jsonl prompt/completion records, plain text, the bundled corpus, or noise vectors.
+
+Batches come from :class:`GlobalBatchSampler`, an endless, seeded stream of micro-batches that knows the whole
+optimizer step it belongs to: every micro-batch carries ``num_items``, the number of target positions in the
+*global* batch (all ranks × accumulation steps), so losses normalised by it give the same update whatever the
+data-parallel size or accumulation. The sampler resumes exactly from an optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from purify.config import DataConfig
+from purify.losses import IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """A data problem, with the file, line and what is wrong."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Read ``{"prompt", "completion"}`` records; a malformed line fails with file, line number and the problem."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string 'completion' (and 'prompt')")
+            if not isinstance(rec.get("prompt", ""), str):
+                raise DataError(f"{path}:{lineno}: 'prompt' must be a string")
+            records.append({"prompt": rec.get("prompt", ""), "completion": rec["completion"]})
+    if not records:
+        raise DataError(f"{path}: no records; the data set is empty")
+    return records
+
+
+def read_text(path: str | Path | None = None) -> list[dict[str, str]]:
+    """One record per non-empty line of a text file (whole line is the completion); ``None`` = bundled corpus."""
+    if path is None:
+        text = resources.files("purify").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
+        where = "bundled corpus"
+    else:
+        text, where = Path(path).read_text(encoding="utf-8"), str(path)
+    records = [{"prompt": "", "completion": line.strip()} for line in text.splitlines() if line.strip()]
+    if not records:
+        raise DataError(f"{where}: no text; the data set is empty")
+    return records
+
+
+def load_records(source: str) -> list[dict[str, str]]:
+    """Records from a ``.jsonl`` file, a text file, or ``bundled``."""
+    if source == "bundled":
+        return read_text(None)
+    return read_jsonl(source) if source.endswith(".jsonl") else read_text(source)
+
+
+@dataclass
+class Example:
+    input_ids: Tensor  # (T,)
+    loss_mask: Tensor  # (T,) 1 on completion tokens
+
+
+class TokenDataset(Dataset):
+    """Tokenized prompt/completion examples; the loss covers completion tokens only."""
+
+    def __init__(self, records: list[dict[str, str]], tokenizer: Any, max_length: int) -> None:
+        self.examples: list[Example] = []
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for rec in records:
+            prompt = bos + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+            completion = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"] + eos
+            ids = (prompt + completion)[:max_length]
+            mask = ([0] * len(prompt) + [1] * len(completion))[:max_length]
+            if sum(mask[1:]) > 0:
+                self.examples.append(Example(torch.tensor(ids), torch.tensor(mask)))
+        if not self.examples:
+            raise DataError("no example has a completion token within data.max_length; raise data.max_length")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    def num_targets(self, i: int) -> int:
+        """Target positions of example ``i`` (completion tokens after the first position)."""
+        return int(self.examples[i].loss_mask[1:].sum())
+
+    def collate(self, examples: list[Example]) -> dict[str, Tensor]:
+        """Right-pad; ``target_mask``/``labels`` are shifted to align with next-token logits."""
+        length = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(examples), length), dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[row, :n], attn[row, :n], mask[row, :n] = e.input_ids, 1, e.loss_mask
+        target_mask = (mask[:, 1:] * attn[:, 1:]).float()
+        labels = ids[:, 1:].masked_fill(target_mask == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask, "labels": labels}
+
+
+class NoiseDataset(Dataset):
+    """``n`` vectors uniform in ``[low, high]^dim``, fixed by ``seed`` (inputs for vector-model distillation)."""
+
+    def __init__(self, n: int, dim: int, seed: int, low: float = -1.0, high: float = 1.0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, dim, generator=g) * (high - low) + low
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.x[i]
+
+    def num_targets(self, i: int) -> int:
+        return 1
+
+    def collate(self, rows: list[Tensor]) -> dict[str, Tensor]:
+        x = torch.stack(rows)
+        return {"x": x, "target_mask": torch.ones(len(rows), 1), "labels": torch.full((len(rows), 1), IGNORE_INDEX)}
+
+
+class GlobalBatchSampler:
+    """Endless seeded micro-batches for one rank, with the global target count of their optimizer step.
+
+    Each optimizer step consumes ``world_size × accumulate × batch_size`` examples from a per-epoch permutation
+    (``seed + epoch``), identical on every rank; rank ``r`` takes its share of each accumulation slot.
+
+    Args:
+        counts: target positions per example.
+        batch_size: micro-batch size per rank.
+        accumulate: gradient-accumulation steps.
+        world_size: data-parallel processes.
+        rank: this process.
+        seed: shuffling seed.
+        start_step: optimizer step to start from (for resuming).
+    """
+
+    def __init__(self, counts: list[int], batch_size: int, accumulate: int = 1, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, start_step: int = 0) -> None:
+        self.counts, self.batch_size, self.accumulate = counts, batch_size, accumulate
+        self.world_size, self.rank, self.seed, self.start_step = world_size, rank, seed, start_step
+        self.step_size = batch_size * accumulate * world_size
+
+    def _stream(self) -> Iterator[int]:
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            yield from torch.randperm(len(self.counts), generator=g).tolist()
+            epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[list[int], int]]:
+        stream = self._stream()
+        for _ in range(self.start_step * self.step_size):
+            next(stream)
+        while True:
+            step = [next(stream) for _ in range(self.step_size)]
+            num_items = sum(self.counts[i] for i in step)
+            for micro in range(self.accumulate):
+                offset = (micro * self.world_size + self.rank) * self.batch_size
+                yield step[offset:offset + self.batch_size], num_items
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """Wraps a dataset and a :class:`GlobalBatchSampler` into collated micro-batches with ``num_items``."""
+
+    def __init__(self, dataset: Any, sampler: GlobalBatchSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for indices, num_items in self.sampler:
+            batch = self.dataset.collate([self.dataset[i] for i in indices])
+            batch["num_items"] = torch.tensor(float(num_items))
+            yield batch
+
+
+class DistillDataModule(L.LightningDataModule):
+    """Train/validation loaders for a recipe's ``data`` section.
+
+    Args:
+        config: the recipe's data section.
+        tokenizer: the student's tokenizer (``None`` for vector models, which use ``train: noise``).
+        seed: shuffling and split seed.
+        accumulate: gradient-accumulation steps (for the global target count).
+        train_dataset, val_dataset: ready datasets (library use), overriding ``config.train``/``config.val``.
+    """
+
+    def __init__(self, config: DataConfig, tokenizer: Any | None, seed: int, accumulate: int = 1,
+                 train_dataset: Any | None = None, val_dataset: Any | None = None) -> None:
+        super().__init__()
+        self.config, self.tokenizer, self.seed, self.accumulate = config, tokenizer, seed, accumulate
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.start_step = 0
+
+    def _datasets(self) -> tuple[Any, Any]:
+        cfg = self.config
+        if cfg.train == "noise":
+            n_val = max(1, int(cfg.num_samples * cfg.val_fraction))
+            return (NoiseDataset(cfg.num_samples, cfg.noise_dim, self.seed),
+                    NoiseDataset(n_val, cfg.noise_dim, self.seed + 10_000))
+        if self.tokenizer is None:
+            raise DataError("data.train: text data needs a student with a tokenizer; use train=noise for vector models")
+        records = load_records(cfg.train)
+        if cfg.val is not None:
+            val = load_records(cfg.val)
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(len(records), generator=g).tolist()
+            n_val = int(len(records) * cfg.val_fraction)
+            val = [records[i] for i in order[:n_val]] or records[:1]
+            records = [records[i] for i in order[n_val:]]
+        return (TokenDataset(records, self.tokenizer, cfg.max_length),
+                TokenDataset(val, self.tokenizer, cfg.max_length))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None or self.val_dataset is None:
+            train, val = self._datasets()
+            self.train_dataset = self.train_dataset or train
+            self.val_dataset = self.val_dataset or val
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        counts = [self.train_dataset.num_targets(i) for i in range(len(self.train_dataset))]
+        sampler = GlobalBatchSampler(counts, self.config.batch_size, self.accumulate, world, rank, self.seed,
+                                     self.start_step)
+        return DataLoader(_StepBatches(self.train_dataset, sampler), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = self.val_dataset
+        return DataLoader(ds, batch_size=self.config.batch_size, shuffle=False, collate_fn=ds.collate)

@@ -1,0 +1,143 @@
+"""Lineage: the provenance record (``lineage.json``) written beside every checkpoint and export (DESIGN §6).
+
+It names the student's base (source and sha256 of its initial weights), each teacher (name, source, sha256), the
+data files (sha256), the purifiers with their parameters, the resolved recipe, metrics at save, package versions
+and the git commit. Files are written atomically: a crash never leaves a half-written record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("purify", "torch", "lightning", "transformers", "torchmetrics", "omegaconf", "deepspeed")
+LINEAGE_FILE = "lineage.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter for reproducing a run."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """The current commit (``-dirty`` when the tree has changes), or ``None`` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], data: list[str | Path],
+                  purifiers: list[dict[str, Any]], recipe: dict[str, Any] | None = None,
+                  metrics: dict[str, float] | None = None, step: int | None = None) -> dict[str, Any]:
+    """Assemble a lineage record.
+
+    Args:
+        student: ``{"name", "source", "init_sha256", ...}`` of the student's base.
+        teachers: one ``{"name", "source", "sha256", "weight", ...}`` per teacher.
+        data: data files to hash (``bundled``/``noise`` are recorded as such).
+        purifiers: purifier configs as dicts.
+        recipe: the resolved recipe.
+        metrics: metrics at save time.
+        step: optimizer step at save time.
+    """
+    files = []
+    for item in data:
+        if Path(str(item)).is_file():
+            files.append({"path": str(item), "sha256": file_sha256(item)})
+        else:
+            files.append({"path": str(item), "sha256": None})
+    return {
+        "format": "purify.lineage/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "step": step,
+        "student": student,
+        "teachers": teachers,
+        "data": files,
+        "purifiers": purifiers,
+        "recipe": recipe,
+        "metrics": metrics or {},
+        "versions": versions(),
+        "git": git_sha(Path(__file__).resolve().parent),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+    }
+
+
+def write_lineage(directory: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``lineage.json`` into ``directory`` atomically; returns its path."""
+    path = Path(directory) / LINEAGE_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def read_lineage(path: str | Path) -> dict[str, Any]:
+    """Read a lineage record from a file, or from a run/export/checkpoint directory that holds one."""
+    path = Path(path)
+    candidates = [path] if path.is_file() else [path / LINEAGE_FILE, path / "student" / LINEAGE_FILE]
+    if path.is_file() and path.suffix == ".ckpt":
+        candidates = [path.parent / LINEAGE_FILE, path.parent.parent / LINEAGE_FILE]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.name == LINEAGE_FILE:
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"no {LINEAGE_FILE} at {path}; give a run directory, an export or a lineage.json")
+
+
+def format_lineage(record: dict[str, Any]) -> str:
+    """Human-readable summary of a lineage record."""
+    lines = [f"lineage ({record.get('format')}) created {record.get('created')} at step {record.get('step')}"]
+    s = record["student"]
+    lines.append(f"student: {s.get('name')}  source={s.get('source')}  init_sha256={s.get('init_sha256')}")
+    for t in record["teachers"]:
+        lines.append(f"teacher: {t.get('name')}  source={t.get('source')}  sha256={t.get('sha256')}  "
+                     f"weight={t.get('weight')}")
+    for d in record["data"]:
+        lines.append(f"data: {d['path']}  sha256={d['sha256']}")
+    lines.append("purifiers: " + (", ".join(json.dumps(p, sort_keys=True) for p in record["purifiers"]) or "none"))
+    if record.get("metrics"):
+        lines.append("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(record["metrics"].items())))
+    vers = record.get("versions", {})
+    lines.append("versions: " + ", ".join(f"{k}={v}" for k, v in vers.items() if v))
+    lines.append(f"git: {record.get('git')}")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Students and teachers: build them from a :class:`~purify.config.ModelSpec`, run them uniformly, freeze teachers.
+
+A spec is a Hugging Face causal LM (``path`` / ``builtin`` / ``gguf`` loaded with ``from_pretrained``, or
+``config`` built from scratch) or a registered plain ``torch.nn.Module`` builder (``arch``, e.g. the MLP with class
+and auxiliary logits of the subliminal-learning benchmark). :func:`model_forward` gives both the same output:
+``ModelOutput(logits (B, T, V), hidden (B, T, H))`` aligned with ``batch["target_mask"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from purify.config import ModelSpec
+from purify.purifiers.base import Batch, ModelOutput
+
+
+class AuxMLP(nn.Module):
+    """MLP with ``n_classes`` class logits and ``n_aux`` auxiliary logits (Cloud et al. 2025, §6).
+
+    ``in_dim → hidden[0] → … → n_classes + n_aux`` with ReLU. As a distillation model it reads ``batch["x"]``
+    ``(B, D)`` and returns logits ``(B, 1, n_classes + n_aux)`` and the last hidden layer ``(B, 1, H)``.
+    """
+
+    def __init__(self, in_dim: int = 64, hidden: list[int] | tuple[int, ...] = (256, 256), n_classes: int = 10,
+                 n_aux: int = 3) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden]
+        self.body = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.head = nn.Linear(dims[-1], n_classes + n_aux)
+        self.n_classes, self.n_aux = n_classes, n_aux
+
+    def forward(self, batch: Batch, hidden: bool = False) -> ModelOutput:
+        h = self.body(batch["x"])
+        return ModelOutput(logits=self.head(h)[:, None, :], hidden=h[:, None, :] if hidden else None)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """All logits ``(B, n_classes + n_aux)`` for inputs ``x`` ``(B, D)``."""
+        return self.head(self.body(x))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"aux_mlp": AuxMLP}
+"""Registered plain-torch builders, by recipe name (``arch:``). Their ``forward(batch, hidden)`` returns a
+:class:`ModelOutput`."""
+
+
+@dataclass
+class LoadedModel:
+    """A built model with what lineage needs to know about where it came from."""
+
+    module: nn.Module
+    tokenizer: Any | None
+    name: str
+    source: str
+    tokenizer_source: str | None
+
+
+def _is_hf(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def model_forward(model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
+    """Run a student or teacher on a batch; causal-LM logits are shifted to predict the next token.
+
+    Args:
+        model: a transformers causal LM or a registered architecture.
+        batch: collated batch (``input_ids``/``attention_mask`` or ``x``).
+        hidden: also return the last hidden states.
+    """
+    if not _is_hf(model):
+        return model(batch, hidden=hidden)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+    h = out.hidden_states[-1][:, :-1] if hidden else None
+    return ModelOutput(logits=out.logits[:, :-1], hidden=h)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make a teacher frozen: ``eval()``, no gradients; bf16 on GPU is the trainer's choice of precision."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes and bytes, in key order)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _resolve_dir(spec: ModelSpec) -> str:
+    if spec.builtin is not None:
+        from purify.lm.bases import resolve_base
+
+        return str(resolve_base(spec.builtin))
+    if spec.gguf is not None:
+        from purify.gguf import load_gguf
+
+        return str(load_gguf(spec.gguf))
+    assert spec.path is not None
+    return spec.path
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """A tokenizer from a directory, hub name, or builtin base name."""
+    from transformers import AutoTokenizer
+
+    if not Path(source).exists():
+        from purify.lm.bases import BASES, resolve_base
+
+        if source in BASES:
+            source = str(resolve_base(source))
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
+    """Build the module and tokenizer a spec describes.
+
+    Args:
+        spec: the recipe's model spec (validated).
+        seed: init seed for ``config``/``arch`` builds when ``spec.seed`` is unset.
+    """
+    init_seed = spec.seed if spec.seed is not None else seed
+    if spec.arch is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            module = ARCHITECTURES[spec.arch](**spec.kwargs)
+        return LoadedModel(module, None, spec.name or spec.arch, f"arch:{spec.arch} seed={init_seed}", None)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.config is not None:
+        tok_source = str(spec.tokenizer)
+        tokenizer = load_tokenizer(tok_source, spec.trust_remote_code)
+        cfg_dict = dict(spec.config)
+        cfg_dict.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                cfg_dict.setdefault(key, getattr(tokenizer, key))
+        config = AutoConfig.for_model(**cfg_dict)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            module = AutoModelForCausalLM.from_config(config)
+        name = spec.name or f"{config.model_type}-config"
+        return LoadedModel(module, tokenizer, name, f"config:{cfg_dict} seed={init_seed}", tok_source)
+
+    directory = _resolve_dir(spec)
+    module = AutoModelForCausalLM.from_pretrained(
+        directory, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    tok_source = spec.tokenizer or directory
+    tokenizer = load_tokenizer(tok_source, spec.trust_remote_code)
+    source = spec.path or (f"builtin:{spec.builtin}" if spec.builtin else f"gguf:{spec.gguf}")
+    return LoadedModel(module, tokenizer, spec.name or source, source, tok_source)
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map every string to the same ids (same vocabulary and special tokens)."""
+    if a is None or b is None:
+        return a is b
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens

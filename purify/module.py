@@ -1,0 +1,222 @@
+"""The Distiller: a LightningModule that trains a student on frozen teachers' outputs, with purifiers.
+
+``training_step``: teacher forward → target-side purifiers → loss → student-side purifiers; parameter-side
+purifiers act around the optimizer step. Teachers (and the frozen base copy) are kept out of the optimizer and out
+of checkpoints: they are rebuilt from the recipe, so a checkpoint holds only what training changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from purify.config import LossConfig, OptimConfig, SchedulerConfig
+from purify.losses import distillation_loss
+from purify.metrics import FidelityMetrics
+from purify.models import freeze, model_forward
+from purify.purifiers.base import (
+    Batch,
+    ModelOutput,
+    ParameterPurifier,
+    Purifier,
+    PurifierContext,
+    StudentPurifier,
+    Targets,
+    TargetPurifier,
+)
+
+_NOT_SAVED = ("teachers.", "base.")
+
+
+class Distiller(L.LightningModule):
+    """Distil ``student`` from ``teachers`` (``teachers[0]`` is the primary target) under ``purifiers``.
+
+    Args:
+        student: the model to train (a transformers causal LM or a registered architecture).
+        teachers: frozen teachers; they are put in ``eval()`` mode with gradients off.
+        loss: the objective (see :mod:`purify.losses`).
+        purifiers: purifiers in the order they apply; the empty list is vanilla distillation.
+        optim: optimizer settings (one optimizer; purifier heads are their own parameter group).
+        scheduler: learning-rate schedule with warmup.
+        teacher_names: labels for logs and purifiers (default ``teacher0``, ``teacher1``, …).
+        teacher_weights: ensemble weights (default all 1).
+        total_steps: planned optimizer steps (for schedules); defaults to ``trainer.max_steps``.
+    """
+
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], *, loss: LossConfig | None = None,
+                 purifiers: Sequence[Purifier] = (), optim: OptimConfig | None = None,
+                 scheduler: SchedulerConfig | None = None, teacher_names: Sequence[str] | None = None,
+                 teacher_weights: Sequence[float] | None = None, total_steps: int | None = None) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("Distiller needs at least one teacher")
+        self.student = student
+        self.teachers = nn.ModuleList([freeze(t) for t in teachers])
+        self.purifiers = nn.ModuleList(purifiers)
+        self.loss_config = loss or LossConfig()
+        self.optim_config = optim or OptimConfig()
+        self.scheduler_config = scheduler or SchedulerConfig()
+        self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
+        self.teacher_weights = list(teacher_weights or [1.0] * len(teachers))
+        self.total_steps = total_steps
+        self.base: nn.Module | None = None
+        self.val_fidelity = FidelityMetrics()
+        self._ready = False
+
+    # ---------------------------------------------------------------- set-up
+    def _planned_steps(self) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        trainer = self._trainer
+        return max(1, trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 1
+
+    def setup_purifiers(self) -> None:
+        """Create the frozen base copy (if asked for) and call each purifier's ``setup`` once."""
+        if self._ready:
+            return
+        if any(p.needs_base for p in self.purifiers):
+            self.base = freeze(copy.deepcopy(self.student))
+        ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
+                              teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
+                              total_steps=self._planned_steps())
+        for p in self.purifiers:
+            p.setup(ctx)
+        self._ready = True
+
+    def setup(self, stage: str) -> None:
+        self.setup_purifiers()
+
+    # ---------------------------------------------------------------- forward
+    def run_model(self, model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
+        """Run any model on a batch, restricted to ``loss.logit_slice`` when set."""
+        out = model_forward(model, batch, hidden=hidden)
+        sl = self.loss_config.logit_slice
+        if sl is not None:
+            out = ModelOutput(logits=out.logits[..., sl[0]:sl[1]], hidden=out.hidden)
+        return out
+
+    def _of_kind(self, kind: type) -> list[Any]:
+        return [p for p in self.purifiers if isinstance(p, kind)]
+
+    def compute_loss(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training objective on one micro-batch; returns the loss and its logged parts."""
+        self.setup_purifiers()
+        student_purifiers = self._of_kind(StudentPurifier)
+        s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
+        with torch.no_grad():
+            t_outs = [self.run_model(t, batch) for t in self.teachers]
+        targets = Targets(logits=t_outs[0].logits, weight=batch["target_mask"].to(s_out.logits.dtype))
+        for p in self._of_kind(TargetPurifier):
+            targets = p(batch, t_outs, targets)
+        num_items = batch.get("num_items")
+        if num_items is not None:  # global normalisation; undo Lightning's /accumulate and DDP's mean over ranks
+            trainer = self._trainer
+            scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
+            num_items = num_items / scale
+        cfg = self.loss_config
+        loss = distillation_loss(s_out.logits, targets.logits, targets.weight, name=cfg.name, beta=cfg.beta,
+                                 temperature=cfg.temperature, labels=batch.get("labels"),
+                                 hard_label_weight=cfg.hard_label_weight, num_items=num_items)
+        parts = {"distill": loss.detach()}
+        for p in student_purifiers:
+            extra = p(batch, s_out, progress)
+            parts[type(p).__name__] = extra.detach()
+            loss = loss + extra
+        return loss, parts
+
+    # ---------------------------------------------------------------- lightning hooks
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, parts = self.compute_loss(batch, progress=min(1.0, self.global_step / self._planned_steps()))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
+                                     "for this step. Lower optim.lr or check the data.")
+        bs = int(batch["target_mask"].shape[0])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        self._log_purifiers(bs)
+        return loss
+
+    def _log_purifiers(self, batch_size: int) -> None:
+        for i, p in enumerate(self.purifiers):
+            name = getattr(getattr(p, "config", None), "name", type(p).__name__)
+            for key, value in p.last_metrics.items():
+                self.log(f"purify/{i}_{name}/{key}", value, batch_size=batch_size)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        s_out = self.run_model(self.student, batch)
+        t_out = self.run_model(self.teachers[0], batch)
+        labels = batch.get("labels") if self.loss_config.logit_slice is None else None
+        self.val_fidelity.update(s_out.logits, t_out.logits, batch["target_mask"], labels)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_fidelity.compute()
+        for key, value in values.items():
+            if not math.isnan(float(value)):
+                self.log(f"val/{key}", value, prog_bar=key == "kl")
+        self.val_fidelity.reset()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for p in self._of_kind(ParameterPurifier):
+            p.before_step(self.student)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for p in self._of_kind(ParameterPurifier):
+            p.after_step(self.student)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_config
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.student.parameters() if p.requires_grad],
+                                         "name": "student"}]
+        for purifier in self.purifiers:
+            for group in purifier.param_groups():
+                groups.append({**group, "lr": cfg.head_lr or cfg.lr, "weight_decay": 0.0})
+        if cfg.name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+            optimizer = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(self.scheduler_config, self._planned_steps()))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(_NOT_SAVED)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_step"):
+            datamodule.start_step = int(checkpoint.get("global_step", 0))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint that omits the teachers and the base copy; anything else missing is an error."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(_NOT_SAVED)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
+        return result
+
+
+def lr_factor(config: SchedulerConfig, total_steps: int) -> Any:
+    """``step -> multiplier``: linear warmup over ``warmup_steps``, then constant, linear or cosine decay to 0."""
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if config.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,188 @@
+"""Run a recipe: build student, teachers and purifiers, train with Lightning, export the student with lineage.
+
+``output_dir`` receives ``checkpoints/`` (Lightning checkpoints for resuming, written atomically), ``student/``
+(``save_pretrained`` export, safetensors), ``lineage.json`` beside both, ``recipe.yaml`` and ``logs/`` (CSV, and
+TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from purify.config import Recipe, RecipeError, to_dict, to_yaml, validate
+from purify.data import DistillDataModule
+from purify.lineage import atomic_write_text, build_lineage, write_lineage
+from purify.models import LoadedModel, build_model, same_tokenizer, state_sha256
+from purify.module import Distiller
+from purify.purifiers import build_purifier
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes to a temporary file and renames it, so a crash mid-save leaves the
+    previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning checkpoints hold optimizer state and plain containers; weights_only keeps loading safe.
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+@dataclass
+class Run:
+    """Everything built from a recipe, before training."""
+
+    recipe: Recipe
+    distiller: Distiller
+    datamodule: DistillDataModule
+    student: LoadedModel
+    teachers: list[LoadedModel]
+    lineage: dict[str, Any]
+
+
+def build_run(recipe: Recipe) -> Run:
+    """Validate a recipe and build its models, purifiers, data module and lineage record (no training)."""
+    purifier_configs = validate(recipe)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    student = build_model(recipe.student, recipe.seed)
+    teachers = [build_model(spec, recipe.seed) for spec in recipe.teachers]
+    cross_base = any(c.name == "cross_base" for c in purifier_configs)
+    for i, teacher in enumerate(teachers):
+        if not cross_base and not same_tokenizer(student.tokenizer, teacher.tokenizer):
+            raise RecipeError(f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same "
+                              "tokenizer or add a cross_base purifier to align vocabularies")
+    purifiers = [build_purifier(c) for c in purifier_configs]
+    distiller = Distiller(student.module, [t.module for t in teachers], loss=recipe.loss, purifiers=purifiers,
+                          optim=recipe.optim, scheduler=recipe.scheduler,
+                          teacher_names=[t.name for t in teachers],
+                          teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps)
+    datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches)
+    lineage = build_lineage(
+        student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
+                 "init_sha256": state_sha256(student.module)},
+        teachers=[{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
+                   "sha256": state_sha256(t.module)} for t, s in zip(teachers, recipe.teachers)],
+        data=[recipe.data.train] + ([recipe.data.val] if recipe.data.val else []),
+        purifiers=[to_dict(c) for c in purifier_configs],
+        recipe=to_dict(recipe),
+    )
+    return Run(recipe, distiller, datamodule, student, teachers, lineage)
+
+
+class LineageCallback(Callback):
+    """Writes ``lineage.json`` (with the current metrics) beside the checkpoints at every save."""
+
+    def __init__(self, record: dict[str, Any], directory: Path) -> None:
+        self.record, self.directory = record, directory
+
+    def snapshot(self, trainer: L.Trainer) -> dict[str, Any]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        return {**self.record, "metrics": metrics, "step": trainer.global_step}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            write_lineage(self.directory, self.snapshot(trainer))
+
+
+def _loggers(output_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(output_dir, name="logs", version="")]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+    except ImportError:
+        return loggers
+    loggers.append(TensorBoardLogger(output_dir, name="logs", version="tensorboard"))
+    return loggers
+
+
+def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | None) -> L.Trainer:
+    """A Lightning Trainer from the recipe's ``trainer`` and ``strategy`` sections."""
+    t = recipe.trainer
+    strategy: Any = recipe.strategy
+    if strategy.startswith("deepspeed"):
+        from purify.strategy import build_strategy
+
+        strategy = build_strategy(recipe.strategy, offload_optimizer=recipe.deepspeed.offload_optimizer,
+                                  offload_parameters=recipe.deepspeed.offload_parameters,
+                                  deepspeed_config=recipe.deepspeed.config, accelerator=t.accelerator)
+    return L.Trainer(
+        max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
+        strategy=strategy, callbacks=callbacks, logger=_loggers(output_dir) if output_dir else False,
+        plugins=[AtomicCheckpointIO()] if recipe.strategy == "auto" or recipe.strategy == "ddp" else None,
+        enable_checkpointing=output_dir is not None, default_root_dir=output_dir, use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
+
+
+def export_student(run: Run, directory: Path, record: dict[str, Any]) -> Path:
+    """``save_pretrained`` the student (safetensors) with its tokenizer and lineage, atomically."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        module = run.student.module
+        if hasattr(module, "save_pretrained"):
+            module.save_pretrained(tmp, safe_serialization=True)
+            if run.student.tokenizer is not None:
+                run.student.tokenizer.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / "model.safetensors")
+            atomic_write_text(tmp / "config.json", json.dumps({"arch": run.recipe.student.arch,
+                                                               "kwargs": run.recipe.student.kwargs}, indent=2))
+        write_lineage(tmp, record)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def train(recipe: Recipe) -> Path:
+    """Train a recipe end to end; returns the output directory."""
+    run = build_run(recipe)
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
+    write_lineage(output_dir, run.lineage)
+    ckpt_dir = output_dir / "checkpoints"
+    lineage_cb = LineageCallback(run.lineage, ckpt_dir)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
+                                 every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
+                                 save_last=True)
+    trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir)
+    trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
+    if trainer.is_global_zero:
+        record = lineage_cb.snapshot(trainer)
+        write_lineage(output_dir, record)
+        if recipe.export:
+            export_student(run, output_dir / "student", record)
+    return output_dir

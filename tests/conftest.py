@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny recipes that train in seconds on 2 CPU cores, offline."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def mlp_overrides(out_dir, steps: int = 20, **extra: object) -> list[str]:
+    """Dotlist for a tiny aux-MLP distillation on noise (no tokenizer, no files)."""
+    spec = "{arch: aux_mlp, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}"
+    items = {
+        "student": spec,
+        "teachers": "[{arch: aux_mlp, seed: 7, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}]",
+        "data.train": "noise", "data.noise_dim": 16, "data.num_samples": 256, "data.batch_size": 16,
+        "loss.logit_slice": "[10, 13]",
+        "trainer.max_steps": steps, "trainer.val_check_interval": 10, "trainer.checkpoint_every_n_steps": 10,
+        "trainer.enable_progress_bar": False, "trainer.log_every_n_steps": 5,
+        "output_dir": str(out_dir),
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture
+def mlp_recipe(tmp_path):
+    from purify.config import load_recipe
+
+    def make(steps: int = 20, sub: str = "run", **extra: object):
+        return load_recipe(None, mlp_overrides(tmp_path / sub, steps, **extra))
+
+    return make

@@ -1,0 +1,61 @@
+"""Recipe validation: every problem fails before any model is built, naming the dotted key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from purify.config import RecipeError, load_recipe
+from tests.conftest import mlp_overrides
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def load(tmp_path, **extra):
+    return load_recipe(None, mlp_overrides(tmp_path, **extra))
+
+
+def test_valid_recipe_converts_to_typed_dataclasses(tmp_path):
+    r = load(tmp_path, **{"loss.name": "jsd", "loss.beta": 0.25})
+    assert r.loss.name == "jsd" and r.loss.beta == 0.25
+    assert r.teachers[0].seed == 7 and r.loss.logit_slice == [10, 13]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_stepz=3", r"trainer.max_stepz: unknown key; did you mean 'max_steps'\?"),
+    ("loss.name=kl", r"loss.name: .*forward_kl"),
+    ("trainer.max_steps=abc", r"trainer.max_steps: .*abc"),
+    ("loss.beta=1.5", r"loss.beta: 1.5 is not in \[0, 1\]"),
+    ("strategy=deepspeed_stage2", r"strategy: unknown strategy 'deepspeed_stage2'; did you mean 'deepspeed_stage_2'"),
+    ("data.train=/nope/x.jsonl", r"data.train: file not found: /nope/x.jsonl"),
+    ("loss.logit_slice=[5,2]", r"loss.logit_slice: expected \[start, stop\)"),
+    ("purifiers=[{name: nosuch}]", r"purifiers\[0\].name: unknown purifier 'nosuch'"),
+    ("resume=/nope.ckpt", r"resume: checkpoint not found"),
+    ("teachers=[]", r"teachers: at least one teacher"),
+])
+def test_bad_recipe_fails_with_one_line_naming_the_key(tmp_path, override, message):
+    key, value = override.split("=", 1)
+    with pytest.raises(RecipeError, match=message) as err:
+        load(tmp_path, **{key: value})
+    assert "\n" not in str(err.value)
+
+
+def test_model_spec_needs_exactly_one_source(tmp_path):
+    with pytest.raises(RecipeError, match=r"student: give exactly one of .* \(got path, arch\)"):
+        load(tmp_path, **{"student": "{arch: aux_mlp, path: /x}"})
+    with pytest.raises(RecipeError, match=r"teachers\[0\].arch: unknown architecture 'mlp'"):
+        load(tmp_path, **{"teachers": "[{arch: mlp}]"})
+    with pytest.raises(RecipeError, match=r"student.config: missing model_type"):
+        load(tmp_path, **{"student": "{config: {hidden_size: 8}, tokenizer: x}"})
+
+
+def test_overrides_need_key_value_and_recipe_file_must_exist(tmp_path):
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(None, ["trainer.max_steps"])
+    with pytest.raises(RecipeError, match="recipe: file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.trainer.max_steps >= 1
