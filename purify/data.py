@@ -43,7 +43,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise DataError(f"{path}:{lineno}: expected an object with a string 'completion' (and 'prompt')")
             if not isinstance(rec.get("prompt", ""), str):
                 raise DataError(f"{path}:{lineno}: 'prompt' must be a string")
-            records.append({"prompt": rec.get("prompt", ""), "completion": rec["completion"]})
+            record = {"prompt": rec.get("prompt", ""), "completion": rec["completion"]}
+            if "source" in rec:  # which lineage produced this example (for the adversary purifier)
+                record["source"] = str(rec["source"])
+            records.append(record)
     if not records:
         raise DataError(f"{path}: no records; the data set is empty")
     return records
@@ -73,13 +76,19 @@ def load_records(source: str) -> list[dict[str, str]]:
 class Example:
     input_ids: Tensor  # (T,)
     loss_mask: Tensor  # (T,) 1 on completion tokens
+    source: int = -1  # lineage label (index into TokenDataset.sources), -1 when unknown
 
 
 class TokenDataset(Dataset):
-    """Tokenized prompt/completion examples; the loss covers completion tokens only."""
+    """Tokenized prompt/completion examples; the loss covers completion tokens only.
+
+    Records with a ``source`` field (which lineage produced them) get an integer label, in sorted order of the
+    distinct sources (:attr:`sources`), collated as ``batch["source"]``.
+    """
 
     def __init__(self, records: list[dict[str, str]], tokenizer: Any, max_length: int) -> None:
         self.examples: list[Example] = []
+        self.sources = sorted({r["source"] for r in records if "source" in r})
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for rec in records:
@@ -88,7 +97,8 @@ class TokenDataset(Dataset):
             ids = (prompt + completion)[:max_length]
             mask = ([0] * len(prompt) + [1] * len(completion))[:max_length]
             if sum(mask[1:]) > 0:
-                self.examples.append(Example(torch.tensor(ids), torch.tensor(mask)))
+                source = self.sources.index(rec["source"]) if "source" in rec else -1
+                self.examples.append(Example(torch.tensor(ids), torch.tensor(mask), source))
         if not self.examples:
             raise DataError("no example has a completion token within data.max_length; raise data.max_length")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -114,7 +124,10 @@ class TokenDataset(Dataset):
             ids[row, :n], attn[row, :n], mask[row, :n] = e.input_ids, 1, e.loss_mask
         target_mask = (mask[:, 1:] * attn[:, 1:]).float()
         labels = ids[:, 1:].masked_fill(target_mask == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask, "labels": labels}
+        if self.sources:
+            batch["source"] = torch.tensor([e.source for e in examples])
+        return batch
 
 
 class NoiseDataset(Dataset):

@@ -113,7 +113,7 @@ class Distiller(L.LightningModule):
             t_outs = [self.run_model(t, batch) for t in self.teachers]
         targets = Targets(logits=t_outs[0].logits, weight=batch["target_mask"].to(s_out.logits.dtype))
         for p in self._of_kind(TargetPurifier):
-            targets = p(batch, t_outs, targets)
+            targets = p.transform_targets(batch, t_outs, targets)
         num_items = batch.get("num_items")
         if num_items is not None:  # global normalisation; undo Lightning's /accumulate and DDP's mean over ranks
             trainer = self._trainer
@@ -125,7 +125,7 @@ class Distiller(L.LightningModule):
                                  hard_label_weight=cfg.hard_label_weight, num_items=num_items)
         parts = {"distill": loss.detach()}
         for p in student_purifiers:
-            extra = p(batch, s_out, progress)
+            extra = p.extra_loss(batch, s_out, progress)
             parts[type(p).__name__] = extra.detach()
             loss = loss + extra
         return loss, parts

@@ -15,7 +15,12 @@ from purify.purifiers.base import (
 )
 
 PURIFIERS: dict[str, tuple[type, type[Purifier]]] = {}
-"""Recipe name → (config dataclass, purifier class). The class is built as ``cls(config)``."""
+"""Recipe name → (config dataclass, purifier class). The class is built as ``cls(config)``. Filled explicitly
+below (no registration by import side effects)."""
+
+# --- target-side purifiers ---
+# --- student-side and parameter-side purifiers ---
+# --- cross-base ---
 
 
 def build_purifier(config: Any) -> Purifier:

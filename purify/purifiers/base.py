@@ -1,8 +1,8 @@
 """The purifier protocol (DESIGN §3): three kinds of trait-agnostic levers that compose in any order.
 
-- :class:`TargetPurifier` — ``(batch, teacher outputs, targets) -> targets``: rewrites the teacher targets and
+- :class:`TargetPurifier` — ``transform_targets(batch, teacher outputs, targets) -> targets``: rewrites the teacher targets and
   per-position weights (ensemble combination, divergence masking, tail truncation, cross-base alignment).
-- :class:`StudentPurifier` — ``(batch, student output, progress) -> extra loss``: adds a loss term (adversary head
+- :class:`StudentPurifier` — ``extra_loss(batch, student output, progress) -> scalar``: adds a loss term (adversary head
   with gradient reversal, anchor to the initial weights).
 - :class:`ParameterPurifier` — acts on gradients before the optimizer step or on weights after it (delta
   projection).
@@ -105,16 +105,20 @@ class TargetPurifier(Purifier):
 
     kind = "target"
 
-    def forward(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
+    def transform_targets(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
         raise NotImplementedError
 
 
 class StudentPurifier(Purifier):
-    """Adds a loss term: ``(batch, student output, progress in [0, 1]) -> scalar``."""
+    """Adds a loss term: ``(batch, student output, progress in [0, 1]) -> scalar``.
+
+    A class may also subclass :class:`TargetPurifier` (e.g. an adversary that assigns each example a lineage and
+    its target); the distiller calls every hook a purifier implements.
+    """
 
     kind = "student"
 
-    def forward(self, batch: Batch, student_output: ModelOutput, progress: float) -> Tensor:
+    def extra_loss(self, batch: Batch, student_output: ModelOutput, progress: float) -> Tensor:
         raise NotImplementedError
 
 
