@@ -168,10 +168,28 @@ class Distiller(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self._after_optimizer_step()
+
+    def _after_optimizer_step(self) -> None:
         for p in self._of_kind(ParameterPurifier):
             p.after_step(self.student)
 
-    def configure_optimizers(self) -> Any:
+    def fit_step(self, batch: Batch, optimizer: torch.optim.Optimizer, progress: float) -> dict[str, Tensor]:
+        """One optimizer step without Lightning (plain PyTorch loops, benchmarks).
+
+        Same objective and purifier hooks as ``training_step`` under Lightning: loss → backward → parameter
+        purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step``. Returns the detached loss parts.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = self.compute_loss(batch, progress)
+        loss.backward()
+        self.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        self._after_optimizer_step()
+        return {"loss": loss.detach(), **parts}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The one optimizer: the student's trainable parameters plus each purifier head as its own group."""
         cfg = self.optim_config
         groups: list[dict[str, Any]] = [{"params": [p for p in self.student.parameters() if p.requires_grad],
                                          "name": "student"}]
@@ -183,6 +201,10 @@ class Distiller(L.LightningModule):
         else:
             cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
             optimizer = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        return optimizer
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.build_optimizer()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(self.scheduler_config, self._planned_steps()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
