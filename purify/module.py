@@ -140,10 +140,11 @@ class Distiller(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=bs)
-        self._log_purifiers(bs)
         return loss
 
-    def _log_purifiers(self, batch_size: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """Log what each purifier did (after the optimizer step, so parameter-side metrics are current)."""
+        batch_size = int(batch["target_mask"].shape[0])
         for i, p in enumerate(self.purifiers):
             name = getattr(getattr(p, "config", None), "name", type(p).__name__)
             for key, value in p.last_metrics.items():

@@ -1,0 +1,79 @@
+"""Anchor purifier: L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"), a pull toward the
+student's initial weights ``θ₀``.
+
+``L_anchor = weight/2 · Σ_i ‖θ_i − θ₀,i‖²`` over the student's trainable parameters, so ``∂L/∂θ = weight · (θ − θ₀)``.
+A cheap baseline every benchmark reports beside early stopping. Note that from a shared initialisation it keeps the
+student near ``θ₀``, where a small imitation step follows the teacher's own update, so it may *raise* transfer
+(DESIGN §3). Costs one frozen copy of the student (``needs_base``) and one pass over the weights per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from purify.config import RecipeError
+from purify.purifiers.base import Batch, ModelOutput, PurifierContext, StudentPurifier
+
+
+@dataclass
+class AnchorConfig:
+    """Recipe entry ``{name: anchor, weight: ...}``."""
+
+    name: str = "anchor"
+    weight: float = 0.01  # strength of the pull: the gradient is weight·(θ − θ₀)
+
+    def validate(self, recipe: Any) -> None:
+        """Raise :class:`RecipeError` for a negative weight."""
+        if self.weight < 0:
+            raise RecipeError(f"weight: must be >= 0, got {self.weight}; a negative weight pushes away from the base")
+
+
+def squared_distance(student: nn.Module, base: nn.Module) -> Tensor:
+    """``Σ_i ‖θ_i − θ₀,i‖²`` over ``student``'s trainable parameters, paired with ``base``'s by name (scalar)."""
+    origin = dict(base.named_parameters())
+    terms = [(p - origin[name]).pow(2).sum() for name, p in student.named_parameters() if p.requires_grad]
+    return torch.stack(terms).sum()
+
+
+def anchor_penalty(student: nn.Module, base: nn.Module, weight: float = 1.0) -> Tensor:
+    """L2-SP penalty ``weight/2 · Σ_i ‖θ_i − θ₀,i‖²``; its gradient is exactly ``weight · (θ − θ₀)``.
+
+    Args:
+        student: the model being trained.
+        base: a frozen copy of its initial weights (same parameter names).
+        weight: strength.
+
+    Returns:
+        Scalar penalty, differentiable in ``student``'s parameters.
+    """
+    return weight / 2 * squared_distance(student, base)
+
+
+class Anchor(StudentPurifier):
+    """Adds :func:`anchor_penalty` to the loss and logs ``anchor_distance = ‖θ − θ₀‖``.
+
+    Args:
+        config: the validated recipe entry.
+    """
+
+    needs_base = True
+
+    def __init__(self, config: AnchorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._models: tuple[nn.Module, nn.Module] | None = None  # a tuple, so they are not registered as submodules
+
+    def setup(self, ctx: PurifierContext) -> None:
+        if ctx.base is None:
+            raise ValueError("anchor: needs the frozen base copy of the student (PurifierContext.base)")
+        self._models = (ctx.student, ctx.base)
+
+    def extra_loss(self, batch: Batch, student_output: ModelOutput, progress: float) -> Tensor:
+        assert self._models is not None, "call setup() first"
+        sq = squared_distance(*self._models)
+        self.last_metrics = {"anchor_distance": sq.detach().sqrt()}
+        return self.config.weight / 2 * sq

@@ -1,0 +1,325 @@
+"""Student- and parameter-side purifiers: gradient reversal, adversary, anchor (L2-SP), delta projection."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import purify.train
+from purify.config import OptimConfig, RecipeError, load_recipe
+from purify.lineage import read_lineage
+from purify.models import AuxMLP, build_model
+from purify.module import Distiller
+from purify.purifiers import ModelOutput, ParameterPurifier, PurifierContext, Targets
+from purify.purifiers.adversary import Adversary, AdversaryConfig, DiscriminatorHead, example_lineage
+from purify.purifiers.anchor import Anchor, AnchorConfig, anchor_penalty
+from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionConfig, delta_subspaces
+from purify.purifiers.grl import GradientReversal, dann_lambda
+from purify.train import train
+from tests.conftest import mlp_overrides
+
+MLP = {"in_dim": 16, "hidden": [32, 32], "n_aux": 3}
+SPEC = "{arch: aux_mlp, seed: %d, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}%s}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to oversubscription on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed: int = 0) -> AuxMLP:
+    torch.manual_seed(seed)
+    return AuxMLP(**MLP)
+
+
+def finetuned(student: nn.Module, seed: int = 1, scale: float = 0.2) -> nn.Module:
+    """A "teacher fine-tuned from the student's base": a rank-2 change to every matrix, a shift of every bias."""
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.ndim == 2:
+                p += scale * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) / 4
+            else:
+                p += scale * torch.randn(p.shape, generator=g)
+    return teacher
+
+
+def batch(seed: int, n: int = 16, source: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {"x": torch.rand(n, 16, generator=g) * 2 - 1, "target_mask": torch.ones(n, 1)}
+    if source:
+        out["source"] = torch.arange(n) % 2
+    return out
+
+
+def run_steps(distiller: Distiller, steps: int) -> None:
+    """The Distiller's optimizer step without a Trainer: loss, backward, hooks around ``optimizer.step()``."""
+    distiller.setup_purifiers()
+    optimizer = distiller.configure_optimizers()["optimizer"]
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss, _ = distiller.compute_loss(batch(step), progress=step / steps)
+        loss.backward()
+        distiller.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        for p in distiller.purifiers:
+            if isinstance(p, ParameterPurifier):
+                p.after_step(distiller.student)
+
+
+# ------------------------------------------------------------------ gradient reversal
+def test_gradient_reversal_is_identity_forward_and_flips_the_gradient():
+    x = torch.randn(4, 5, requires_grad=True)
+    incoming = torch.randn(4, 5)
+    y = GradientReversal(scale=0.37)(x)
+    assert torch.equal(y, x)
+    y.backward(incoming)
+    assert torch.equal(x.grad, -0.37 * incoming)
+    assert dann_lambda(0.0) == 0.0
+    assert dann_lambda(1.0) == pytest.approx(0.999909, abs=1e-6)
+
+
+# ------------------------------------------------------------------ adversary
+def _lineage_game(weight: float) -> tuple[float, float, float, float]:
+    """Lineage shifts input 0 by ±4; the task (MSE to a function of inputs 1-3) does not need it. Returns the head's
+    accuracy over the last 20 steps, the first and last MSE, and a fresh probe's held-out accuracy."""
+    def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(512) % 2
+        x = torch.randn(512, 8, generator=g)
+        x[:, 0] += 4.0 * (2 * y - 1)
+        return x, y
+
+    (x, y), (x_test, y_test) = data(0), data(9)
+    target = x[:, 1:4] @ torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(1)
+    features, readout, head, grl = nn.Linear(8, 5), nn.Linear(5, 3), DiscriminatorHead(5, 32, 2), GradientReversal()
+    optimizer = torch.optim.Adam([*features.parameters(), *readout.parameters(), *head.parameters()], lr=1e-2)
+    accs, mses = [], []
+    for step in range(400):
+        grl.scale = weight * dann_lambda(step / 400)
+        optimizer.zero_grad()
+        f = features(x)
+        mse, logits = F.mse_loss(readout(f), target), head(grl(f))
+        (mse + F.cross_entropy(logits, y)).backward()
+        optimizer.step()
+        accs.append((logits.argmax(-1) == y).float().mean().item())
+        mses.append(mse.item())
+    with torch.no_grad():
+        f_train, f_test = features(x), features(x_test)
+    probe = DiscriminatorHead(5, 32, 2)
+    probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(300):
+        probe_opt.zero_grad()
+        F.cross_entropy(probe(f_train), y).backward()
+        probe_opt.step()
+    held_out = (probe(f_test).argmax(-1) == y_test).float().mean().item()
+    return sum(accs[-20:]) / 20, mses[0], mses[-1], held_out
+
+
+def test_reversal_hides_the_lineage_while_the_task_is_still_learned():
+    head_acc, _, _, probe_acc = _lineage_game(weight=0.0)
+    assert head_acc > 0.9 and probe_acc > 0.9  # without reversal the lineage is readable
+    _, first_mse, last_mse, probe_acc = _lineage_game(weight=1.0)
+    assert probe_acc <= 0.65  # with reversal a fresh probe is near chance on held-out data
+    assert last_mse < 0.01 * first_mse  # and the distillation objective still falls
+
+
+def test_adversary_with_zero_weight_leaves_the_student_objective_vanilla():
+    def distiller(purifiers):
+        torch.manual_seed(0)
+        return Distiller(mlp(0), [mlp(7)], purifiers=purifiers)
+
+    vanilla = distiller([])
+    probe = distiller([Adversary(AdversaryConfig(weight=0.0, target="source"))])
+    b = batch(0, source=True)
+    grads = []
+    for d in (vanilla, probe):
+        d.setup_purifiers()
+        loss, _ = d.compute_loss(b, progress=0.5)
+        loss.backward()
+        grads.append([p.grad.clone() for p in d.student.parameters()])
+    assert torch.equal(vanilla.compute_loss(b, 0.5)[0], probe.compute_loss(b, 0.5)[0])
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+    assert all(p.grad.abs().sum() > 0 for p in probe.purifiers[0].parameters())  # the head still learns
+    metrics = probe.purifiers[0].last_metrics
+    assert set(metrics) == {"disc_loss", "disc_acc", "grl_scale"} and metrics["grl_scale"] == 0.0
+
+
+def test_adversary_head_is_its_own_param_group_and_reversal_reaches_the_student():
+    d = Distiller(mlp(0), [mlp(7), mlp(8)], purifiers=[Adversary(AdversaryConfig(weight=1.0, ramp="constant"))],
+                  optim=OptimConfig(lr=1e-3, head_lr=1e-2))
+    d.setup_purifiers()
+    groups = d.configure_optimizers()["optimizer"].param_groups
+    head = list(d.purifiers[0].parameters())
+    assert [g["name"] for g in groups] == ["student", "purifier.Adversary"]
+    assert groups[1]["lr"] == 1e-2 and [id(p) for p in groups[1]["params"]] == [id(p) for p in head]
+    assert not {id(p) for p in head} & {id(p) for p in groups[0]["params"]}
+    # the gradient reaching the student's hidden states is -weight × the head's
+    b = batch(0)
+    hidden = d.student.body(b["x"])[:, None].detach().requires_grad_(True)  # (B, 1, H)
+    term = d.purifiers[0].extra_loss(b, ModelOutput(logits=torch.zeros(16, 1, 13), hidden=hidden), progress=0.3)
+    assert term.item() == 0.0
+    term.backward()
+    plain = hidden.detach().requires_grad_(True)
+    ce = F.cross_entropy(d.purifiers[0].head(plain[:, 0]), example_lineage(b, 2))
+    torch.testing.assert_close(hidden.grad, -1.0 * torch.autograd.grad(ce, plain)[0], rtol=1e-5, atol=1e-8)
+    assert d.purifiers[0].last_metrics["disc_loss"].item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_token_pooling_scores_each_target_position_and_skips_unknown_sources():
+    adversary = Adversary(AdversaryConfig(target="source", pool="token", num_sources=3))
+    adversary.setup(PurifierContext(student=mlp(0), teachers=[mlp(7)], teacher_names=["t"], teacher_weights=[1.0]))
+    hidden = torch.randn(4, 3, 32)
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    source = torch.tensor([0, 2, -1, 1])  # -1: unknown lineage
+    out = ModelOutput(logits=torch.zeros(4, 3, 13), hidden=hidden)
+    adversary.extra_loss({"target_mask": mask, "source": source}, out, progress=0.5)
+    logits = adversary.head(hidden)
+    expected = torch.stack([F.cross_entropy(logits[b, t], source[b]) for b, t in [(0, 0), (0, 1), (1, 0)]]).mean()
+    assert adversary.last_metrics["disc_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"label 3 but num_sources is 3; raise num_sources"):
+        adversary.extra_loss({"target_mask": mask, "source": source + 1}, out, progress=0.5)
+    with pytest.raises(ValueError, match=r"target 'source' needs batch\['source'\]"):
+        adversary.extra_loss({"target_mask": mask}, out, progress=0.5)
+
+
+def test_lineage_targets_follow_a_stable_per_example_assignment():
+    adversary = Adversary(AdversaryConfig(weight=0.1))
+    teachers = [mlp(7), mlp(8), mlp(9)]
+    adversary.setup(PurifierContext(student=mlp(0), teachers=teachers, teacher_names=["a", "b", "c"],
+                                    teacher_weights=[1.0] * 3))
+    b = batch(0, n=60)
+    outs = [t(b) for t in teachers]
+    labels = example_lineage(b, 3)
+    assert sorted(set(labels.tolist())) == [0, 1, 2] and min(torch.bincount(labels).tolist()) >= 10
+    new = adversary.transform_targets(b, outs, Targets(logits=outs[0].logits, weight=b["target_mask"]))
+    for i, k in enumerate(labels.tolist()):
+        assert torch.equal(new.logits[i], outs[k].logits[i])
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(3))
+    shuffled = {"x": b["x"][order], "target_mask": b["target_mask"][order]}
+    assert torch.equal(example_lineage(shuffled, 3), labels[order])  # same teacher in any batch and order
+    assert torch.equal(adversary.labels(b), labels)
+
+
+# ------------------------------------------------------------------ anchor
+def test_anchor_gradient_is_weight_times_displacement():
+    base = mlp(0)
+    student = finetuned(base)
+    anchor_penalty(student, base, weight=0.3).backward()
+    origin = dict(base.named_parameters())
+    for name, p in student.named_parameters():
+        assert torch.equal(p.grad, 0.3 * (p - origin[name]))
+    anchor = Anchor(AnchorConfig(weight=0.3))
+    anchor.setup(PurifierContext(student=student, teachers=[], teacher_names=[], teacher_weights=[], base=base))
+    loss = anchor.extra_loss(batch(0), ModelOutput(logits=torch.zeros(1)), 0.0)
+    distance = torch.sqrt(sum(((p - origin[n]) ** 2).sum() for n, p in student.named_parameters()))
+    assert loss.item() == pytest.approx(0.15 * distance.item() ** 2, rel=1e-6)
+    assert anchor.last_metrics["anchor_distance"].item() == pytest.approx(distance.item(), rel=1e-6)
+    assert list(anchor.parameters()) == []  # the student and base are not registered inside the purifier
+
+
+# ------------------------------------------------------------------ delta projection
+def test_displacement_stays_out_of_the_teachers_update_subspace():
+    student = mlp(0)
+    base, teacher = copy.deepcopy(student), finetuned(student)
+    d = Distiller(student, [teacher], purifiers=[DeltaProjection(DeltaProjectionConfig(rank=2))])
+    run_steps(d, 4)
+    subspaces = delta_subspaces(base, teacher, rank=2)
+    origin = dict(base.named_parameters())
+    for name, p in d.student.named_parameters():
+        u, v = subspaces[name]
+        disp = (p - origin[name]).detach().reshape(p.shape[0], -1)
+        assert u.shape[1] == (2 if p.ndim == 2 else 1) and disp.norm() > 1e-4  # the student did move
+        assert (u.T @ disp).norm() < 1e-6
+        if p.ndim == 2:
+            assert (u.T @ disp @ v).norm() < 1e-6 and (disp @ v).norm() < 1e-6
+    metrics = d.purifiers[0].last_metrics
+    assert metrics["projected_norm"] > 0 and metrics["displacement_norm"] > 0
+
+
+def test_update_mode_projects_gradients_and_with_sgd_the_displacement():
+    student = mlp(0)
+    base, teacher = copy.deepcopy(student), finetuned(student)
+    d = Distiller(student, [teacher], purifiers=[DeltaProjection(DeltaProjectionConfig(rank=2, mode="update"))],
+                  optim=OptimConfig(name="sgd", lr=0.1))
+    run_steps(d, 3)
+    subspaces, origin = delta_subspaces(base, teacher, rank=2), dict(base.named_parameters())
+    for name, p in d.student.named_parameters():
+        u, _ = subspaces[name]
+        assert (u.T @ p.grad.reshape(p.shape[0], -1)).norm() < 1e-6
+        assert (u.T @ (p - origin[name]).detach().reshape(p.shape[0], -1)).norm() < 1e-6
+
+
+def test_rank_zero_equals_vanilla():
+    teacher = finetuned(mlp(0))
+    vanilla = Distiller(mlp(0), [teacher])
+    rank0 = Distiller(mlp(0), [teacher], purifiers=[DeltaProjection(DeltaProjectionConfig(rank=0))])
+    for d in (vanilla, rank0):
+        run_steps(d, 5)
+    for a, b in zip(vanilla.student.parameters(), rank0.student.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("teacher, message", [
+    (lambda: mlp(7), r"shared-init check\): ‖θ_T − θ₀‖/‖θ₀‖ = 1\.\d+ > max_relative_delta = 1\.0"),
+    (lambda: AuxMLP(in_dim=16, hidden=[32, 32], n_aux=4), r"head.weight has shape \(14, 32\) in the teacher"),
+    (lambda: AuxMLP(in_dim=16, hidden=[32], n_aux=3), r"parameter names differ \(only in the student: \['body.2"),
+])
+def test_teacher_of_another_base_is_refused(teacher, message):
+    d = Distiller(mlp(0), [teacher()], purifiers=[DeltaProjection(DeltaProjectionConfig(rank=2))])
+    with pytest.raises(ValueError, match=r"not a fine-tune of the student's base") as err:
+        d.setup_purifiers()
+    assert err.match(message)
+
+
+# ------------------------------------------------------------------ recipes and end-to-end runs
+@pytest.mark.parametrize("purifier, message", [
+    ("{name: adversary}", r"purifiers\[0\].target: 'lineage' needs at least 2 teachers, got 1"),
+    ("{name: adversary, target: source, weight: -1}", r"purifiers\[0\].weight: must be >= 0"),
+    ("{name: adversary, target: source, hidden_dim: 0}", r"purifiers\[0\].hidden_dim: must be >= 1"),
+    ("{name: adversary, pool: max}", r"purifiers\[0\].pool: .*mean"),
+    ("{name: anchor, weight: -0.1}", r"purifiers\[0\].weight: must be >= 0"),
+    ("{name: delta_projection, rank: -1}", r"purifiers\[0\].rank: must be >= 0"),
+    ("{name: delta_projection, teacher_index: 1}", r"purifiers\[0\].teacher_index: 1 is out of range"),
+    ("{name: delta_projection, mode: grads}", r"purifiers\[0\].mode: .*displacement"),
+])
+def test_bad_purifier_settings_fail_at_load(tmp_path, purifier, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, mlp_overrides(tmp_path, purifiers=f"[{purifier}]"))
+
+
+def _perturb_finetuned_teachers(monkeypatch):
+    """Teachers named ``finetuned`` become a fine-tune of their init (no such arch exists for vector models)."""
+    def build(spec, seed):
+        loaded = build_model(spec, seed)
+        if spec.name == "finetuned":
+            loaded.module = finetuned(loaded.module)
+        return loaded
+
+    monkeypatch.setattr(purify.train, "build_model", build)
+
+
+@pytest.mark.parametrize("name, extra, keys", [
+    ("anchor", {"purifiers": "[{name: anchor, weight: 0.01}]"}, ["anchor_distance"]),
+    ("adversary", {"purifiers": "[{name: adversary, weight: 0.5}]",
+                   "teachers": f"[{SPEC % (7, '')}, {SPEC % (8, '')}]"}, ["disc_acc", "disc_loss", "grl_scale"]),
+    ("delta_projection", {"purifiers": "[{name: delta_projection, rank: 2}]",
+                          "teachers": f"[{SPEC % (0, ', name: finetuned')}]"}, ["projected_norm", "displacement_norm"]),
+])
+def test_each_purifier_trains_end_to_end_and_logs(tmp_path, monkeypatch, name, extra, keys):
+    _perturb_finetuned_teachers(monkeypatch)
+    out = train(load_recipe(None, mlp_overrides(tmp_path / name, steps=5, **extra)))
+    record = read_lineage(out)
+    metrics = record["metrics"]
+    assert record["step"] == 5 and record["purifiers"][0]["name"] == name
+    for key in keys:
+        assert f"purify/0_{name}/{key}" in metrics
+    assert metrics.get(f"purify/0_{name}/projected_norm", 1.0) > 0
