@@ -285,11 +285,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected key=value (e.g. trainer.max_steps=20)")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
         merged = OmegaConf.merge(schema, *layers)
+        for item in overrides or []:  # update() also reaches into list items: purifiers.0.threshold=0.1
+            key, value = item.split("=", 1)
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
+    except (TypeError, ValueError, IndexError) as err:
+        raise RecipeError(f"override: {str(err).splitlines()[0]}") from None
     validate(recipe)
     return recipe  # type: ignore[return-value]
 

@@ -19,7 +19,21 @@ PURIFIERS: dict[str, tuple[type, type[Purifier]]] = {}
 below (no registration by import side effects)."""
 
 # --- target-side purifiers ---
+from purify.purifiers.divergence_mask import DivergenceMask, DivergenceMaskConfig  # noqa: E402
+from purify.purifiers.ensemble import Ensemble, EnsembleConfig  # noqa: E402
+from purify.purifiers.tail_truncation import TailTruncation, TailTruncationConfig  # noqa: E402
+
+PURIFIERS["ensemble"] = (EnsembleConfig, Ensemble)
+PURIFIERS["divergence_mask"] = (DivergenceMaskConfig, DivergenceMask)
+PURIFIERS["tail_truncation"] = (TailTruncationConfig, TailTruncation)
 # --- student-side and parameter-side purifiers ---
+from purify.purifiers.adversary import Adversary, AdversaryConfig  # noqa: E402
+from purify.purifiers.anchor import Anchor, AnchorConfig  # noqa: E402
+from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionConfig  # noqa: E402
+
+PURIFIERS["adversary"] = (AdversaryConfig, Adversary)
+PURIFIERS["anchor"] = (AnchorConfig, Anchor)
+PURIFIERS["delta_projection"] = (DeltaProjectionConfig, DeltaProjection)
 # --- cross-base ---
 
 

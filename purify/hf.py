@@ -1,0 +1,87 @@
+"""Hugging Face integration: ``PurifyTrainer``, a ``transformers.Trainer`` that distils with purifiers.
+
+Use it where you would use ``Trainer`` for a causal-LM fine-tune: the batches your collator produces
+(``input_ids``, ``attention_mask``, ``labels`` with ``-100`` on prompt/padding) become distillation batches, the
+student is ``model``, and the objective, teachers and purifiers are purify's own (the same
+:class:`~purify.module.Distiller` code that ``purify train`` runs). Purifier heads join the Trainer's optimizer as
+their own parameter group; parameter-side purifiers run around each optimizer step through a callback.
+
+Example::
+
+    trainer = PurifyTrainer(model=student, args=TrainingArguments("out", max_steps=100), train_dataset=ds,
+                            data_collator=collator, teachers=[teacher], purifiers=[Anchor(AnchorConfig(weight=1e-3))])
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from purify.config import LossConfig
+from purify.losses import IGNORE_INDEX
+from purify.module import Distiller
+from purify.purifiers.base import Purifier
+
+
+def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Convert a Hugging Face causal-LM batch (``labels`` with ``-100``) into a purify batch (shifted targets)."""
+    labels = inputs["labels"][:, 1:]
+    attention = inputs.get("attention_mask")
+    if attention is None:
+        attention = torch.ones_like(inputs["input_ids"])
+    target_mask = ((labels != IGNORE_INDEX) & (attention[:, 1:] > 0)).float()
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": attention, "target_mask": target_mask,
+             "labels": labels.masked_fill(target_mask == 0, IGNORE_INDEX)}
+    if "source" in inputs:
+        batch["source"] = inputs["source"]
+    return batch
+
+
+class _ParameterPurifierCallback(TrainerCallback):
+    def __init__(self, distiller: Distiller) -> None:
+        self.distiller = distiller
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.distiller.on_before_optimizer_step(None)  # type: ignore[arg-type]
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.distiller._after_optimizer_step()
+
+
+class PurifyTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is purify's distillation objective.
+
+    Args:
+        teachers: frozen teachers sharing the student's tokenizer (``teachers[0]`` is the primary target).
+        purifiers: purifiers in order; empty = vanilla distillation.
+        loss: the objective (default forward KL).
+        *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
+    """
+
+    def __init__(self, *args: Any, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier] = (),
+                 loss: LossConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
+                                   total_steps=max(1, self.args.max_steps))
+        self.distiller.to(self.args.device)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer scale for accumulation
+        self.add_callback(_ParameterPurifierCallback(self.distiller))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        for purifier in self.distiller.purifiers:
+            for group in purifier.param_groups():
+                if not any(p is q for g in optimizer.param_groups for p in group["params"] for q in g["params"]):
+                    optimizer.add_param_group({**group, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
+        loss, _ = self.distiller.compute_loss(hf_batch(inputs), progress)
+        return (loss, None) if return_outputs else loss

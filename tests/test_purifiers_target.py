@@ -1,0 +1,259 @@
+"""Target-side purifiers: ensemble combination, divergence mask, tail truncation — values checked by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from purify.config import LossConfig, RecipeError, load_recipe
+from purify.lineage import read_lineage
+from purify.losses import distillation_loss, forward_kl
+from purify.models import AuxMLP
+from purify.module import Distiller
+from purify.purifiers import PURIFIERS, ModelOutput, PurifierContext, Targets
+from purify.purifiers.divergence_mask import DivergenceMask, DivergenceMaskConfig, divergence, mask_weights
+from purify.purifiers.ensemble import Ensemble, EnsembleConfig, combine
+from purify.purifiers.tail_truncation import TailTruncation, TailTruncationConfig, keep_mask, truncate
+from purify.train import train
+from tests.conftest import mlp_overrides
+
+MLP = "{arch: aux_mlp, seed: %d, name: %s, weight: %g, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}"
+TWO = f"[{MLP % (7, 'a', 1)}, {MLP % (8, 'b', 1)}]"
+MODES = ["mean", "logmean", "min", "logits"]
+
+
+def outs(*probs: list[list[float]]) -> list[ModelOutput]:
+    """Teacher outputs ``(1, T, V)`` whose logits are the log of the given probabilities."""
+    return [ModelOutput(logits=torch.tensor([p]).log()) for p in probs]
+
+
+def ctx(n: int, weights: list[float] | None = None, names: list[str] | None = None) -> PurifierContext:
+    return PurifierContext(student=nn.Identity(), teachers=[nn.Identity()] * n,
+                           teacher_names=names or [f"t{i}" for i in range(n)], teacher_weights=weights or [1.0] * n)
+
+
+def apply(purifier, outputs: list[ModelOutput], mask: list[float] | None = None) -> Targets:
+    t = outputs[0].logits.shape[1]
+    target_mask = torch.tensor([mask or [1.0] * t])
+    return purifier.transform_targets({"target_mask": target_mask}, outputs, Targets(outputs[0].logits, target_mask))
+
+
+def recipe_error(tmp_path, purifiers: str, **extra) -> str:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, mlp_overrides(tmp_path, purifiers=purifiers, **extra))
+    assert str(err.value).startswith("purifiers[0].") and "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_registered():
+    assert PURIFIERS["ensemble"] == (EnsembleConfig, Ensemble)
+    assert PURIFIERS["divergence_mask"] == (DivergenceMaskConfig, DivergenceMask)
+    assert PURIFIERS["tail_truncation"] == (TailTruncationConfig, TailTruncation)
+
+
+# ------------------------------------------------------------------ ensemble
+@pytest.mark.parametrize("how", MODES)
+def test_identical_teachers_give_the_single_teachers_targets(how):
+    single = torch.randn(2, 3, 5) * 3
+    out = combine(torch.stack([single] * 3), torch.tensor([1.0, 2.0, 3.0]), how)
+    torch.testing.assert_close(F.log_softmax(out, -1), F.log_softmax(single, -1))
+
+
+P = [[0.8, 0.1, 0.1], [0.5, 0.3, 0.2]]
+Q = [[0.2, 0.4, 0.4], [0.1, 0.1, 0.8]]
+
+
+GEO = [0.05**0.5, 0.03**0.5, 0.16**0.5]  # sqrt(p q) at position 1
+
+
+@pytest.mark.parametrize("how, weights, expected, changed", [
+    ("mean", [3.0, 1.0], [[0.65, 0.175, 0.175], [0.4, 0.25, 0.35]], 0.0),  # 0.75 p + 0.25 q
+    ("logmean", [1.0, 1.0], [[0.5, 0.25, 0.25], [g / sum(GEO) for g in GEO]], 0.5),  # sqrt(p q) renormalised
+    ("min", [3.0, 1.0], [[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]], 0.5),  # min(p, q) renormalised
+])
+def test_two_teacher_combination_by_hand(how, weights, expected, changed):
+    purifier = Ensemble(EnsembleConfig(combine=how))
+    purifier.setup(ctx(2, weights))
+    got = apply(purifier, outs(P, Q))
+    torch.testing.assert_close(got.logits.exp(), torch.tensor([expected]))
+    assert purifier.last_metrics["top1_changed"].item() == changed  # position 1's argmax moves from 0 to 2
+
+
+def test_weights_in_the_config_override_teacher_weights_and_logits_mode_is_a_weighted_logit_mean():
+    purifier = Ensemble(EnsembleConfig(combine="logits", weights=[1.0, 3.0]))
+    purifier.setup(ctx(2, [3.0, 1.0]))
+    p, q = (o.logits for o in outs(P, Q))
+    torch.testing.assert_close(apply(purifier, outs(P, Q)).logits, 0.25 * p + 0.75 * q)
+    # a zero weight drops a teacher entirely
+    torch.testing.assert_close(combine(torch.stack([p, q]), torch.tensor([0.0, 1.0]), "logmean"), q.log_softmax(-1))
+
+
+@pytest.mark.parametrize("purifiers, extra, message", [
+    ("[{name: ensemble, combine: mean}]", {}, "purifiers[0].teachers: ensemble needs at least 2 teachers (got 1)"),
+    ("[{name: ensemble, combine: logmean}]", {"teachers": TWO, "loss.name": "mse"}, "purifiers[0].combine: 'logmean'"),
+    ("[{name: ensemble, weights: [0, 0]}]", {"teachers": TWO}, "purifiers[0].weights: [0.0, 0.0] must be >= 0"),
+    ("[{name: ensemble, weights: [1]}]", {"teachers": TWO}, "purifiers[0].weights: got 1 weights for 2 teachers"),
+    ("[{name: ensemble, combine: avg}]", {"teachers": TWO}, "purifiers[0].combine: Invalid value 'avg'"),
+])
+def test_ensemble_config_errors(tmp_path, purifiers, extra, message):
+    assert message in recipe_error(tmp_path, purifiers, **extra)
+
+
+def test_ensemble_logits_mode_works_with_mse(tmp_path):
+    r = load_recipe(None, mlp_overrides(tmp_path, teachers=TWO, purifiers="[{name: ensemble, combine: logits}]",
+                                        **{"loss.name": "mse"}))
+    assert r.purifiers[0]["combine"] == "logits"
+
+
+# ------------------------------------------------------------------ divergence mask
+SAME, FAR, NEAR = [0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.5, 0.3, 0.2]
+
+
+def jsd(p: list[float], q: list[float]) -> float:
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    return sum(0.5 * a * math.log(a / c) + 0.5 * b * math.log(b / c) for a, b, c in zip(p, q, m))
+
+
+def test_drop_masks_exactly_the_divergent_positions():
+    primary, ref = [SAME, FAR, SAME, NEAR], [SAME, SAME, SAME, SAME]
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="b", threshold=0.01))
+    purifier.setup(ctx(2, names=["a", "b"]))
+    got = apply(purifier, outs(primary, ref), mask=[1.0, 1.0, 1.0, 0.0])
+    assert got.weight.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    torch.testing.assert_close(got.logits, outs(primary)[0].logits)  # the targets themselves are untouched
+    assert purifier.last_metrics["masked_fraction"].item() == pytest.approx(1 / 3)  # over the 3 real positions
+    assert purifier.last_metrics["mean_divergence"].item() == pytest.approx(jsd(FAR, SAME) / 3, abs=1e-6)
+
+
+def test_soft_mode_weights_by_hand():
+    primary, ref = [SAME, FAR, NEAR, SAME], [SAME, SAME, SAME, SAME]
+    d_far, d_near = jsd(FAR, SAME), jsd(NEAR, SAME)
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="others", threshold=0.01, mode="soft"))
+    purifier.setup(ctx(2))
+    got = apply(purifier, outs(primary, ref))
+    torch.testing.assert_close(got.weight, torch.tensor([[1.0, 0.0, 1 - d_near / d_far, 1.0]]))
+    div = torch.tensor([0.0, 0.5, 0.2, 0.9])  # d_max is taken over real positions only; below threshold keeps 1
+    torch.testing.assert_close(mask_weights(div, torch.tensor([True, True, True, False]), 0.3, "soft"),
+                               torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def test_reference_others_is_the_weighted_mixture_and_top1_counts_argmax_changes():
+    p, q1, q2 = [[0.6, 0.3, 0.1]], [[0.2, 0.7, 0.1]], [[0.8, 0.1, 0.1]]
+    mix = [0.25 * a + 0.75 * b for a, b in zip(q1[0], q2[0])]  # teacher weights 1 and 3
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="others", threshold=0.0))
+    purifier.setup(ctx(3, [5.0, 1.0, 3.0]))
+    apply(purifier, outs(p, q1, q2))
+    assert purifier.last_metrics["mean_divergence"].item() == pytest.approx(jsd(p[0], mix), abs=1e-6)
+    top1 = divergence(torch.tensor(P).log(), torch.tensor(Q).log(), "top1")
+    assert top1.tolist() == [1.0, 1.0]
+
+
+def test_reference_base_is_the_students_frozen_initial_copy():
+    torch.manual_seed(0)
+    student = AuxMLP(in_dim=16, hidden=[32, 32], n_aux=3)
+    twin, other = copy.deepcopy(student), AuxMLP(in_dim=16, hidden=[32, 32], n_aux=3)
+    batch = {"x": torch.rand(8, 16), "target_mask": torch.ones(8, 1)}
+
+    def masked(teachers: list[nn.Module]) -> tuple[float, Distiller]:
+        purifier = DivergenceMask(DivergenceMaskConfig(reference="base", threshold=1e-6))
+        distiller = Distiller(student, teachers, loss=LossConfig(logit_slice=[10, 13]), purifiers=[purifier])
+        loss, _ = distiller.compute_loss(batch, progress=0.0)
+        assert torch.isfinite(loss)
+        return purifier.last_metrics["masked_fraction"].item(), distiller
+
+    frac, distiller = masked([twin])  # the teacher equals the student's initial weights: nothing diverges
+    assert frac == 0.0 and distiller.base is not student
+    assert not any(p.requires_grad for p in distiller.base.parameters())
+    assert not any(k.startswith("purifiers.") for k in distiller.state_dict())  # the base is not saved twice
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)  # the student moves; its frozen base does not
+    distiller.compute_loss(batch, progress=0.0)
+    assert distiller.purifiers[0].last_metrics["masked_fraction"].item() == 0.0
+    assert masked([other])[0] == 1.0
+
+
+@pytest.mark.parametrize("purifiers, extra, message", [
+    ("[{name: divergence_mask, reference: c}]", {"teachers": TWO}, "purifiers[0].reference: unknown reference 'c'; "
+     "allowed: others, base, b"),
+    ("[{name: divergence_mask, reference: a}]", {"teachers": TWO}, "'a' (that is teachers[0], the primary teacher)"),
+    ("[{name: divergence_mask}]", {}, "purifiers[0].reference: 'others' needs at least 2 teachers"),
+    ("[{name: divergence_mask, threshold: -1}]", {"teachers": TWO}, "purifiers[0].threshold: must be >= 0"),
+])
+def test_divergence_mask_config_errors(tmp_path, purifiers, extra, message):
+    assert message in recipe_error(tmp_path, purifiers, **extra)
+
+
+def test_missing_reference_name_at_setup():
+    with pytest.raises(ValueError, match="no teacher named 'c'"):
+        DivergenceMask(DivergenceMaskConfig(reference="c")).setup(ctx(2))
+
+
+# ------------------------------------------------------------------ tail truncation
+HEAD = [[0.6, 0.25, 0.1, 0.05], [0.85, 0.1, 0.03, 0.02]]
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    ({"top_k": 2}, [[0.6 / 0.85, 0.25 / 0.85, 0, 0], [0.85 / 0.95, 0.1 / 0.95, 0, 0]]),
+    ({"top_p": 0.8}, [[0.6 / 0.85, 0.25 / 0.85, 0, 0], [1, 0, 0, 0]]),  # mass before the 2nd token of row 2 is .85
+    ({"top_p": 0.9}, [[0.6 / 0.95, 0.25 / 0.95, 0.1 / 0.95, 0], [0.85 / 0.95, 0.1 / 0.95, 0, 0]]),
+    ({"min_prob": 0.2}, [[0.6 / 0.85, 0.25 / 0.85, 0, 0], [1, 0, 0, 0]]),
+    ({"min_prob": 0.99, "top_k": 3}, [[1, 0, 0, 0], [1, 0, 0, 0]]),  # the top-1 is always kept
+])
+def test_truncation_by_hand(knobs, expected):
+    got, expected = truncate(torch.tensor(HEAD).log(), **knobs), torch.tensor(expected, dtype=torch.float32)
+    torch.testing.assert_close(got.exp(), expected)
+    assert torch.equal(torch.isinf(got), expected == 0)
+
+
+def test_kept_mass_and_tokens_are_logged():
+    purifier = TailTruncation(TailTruncationConfig(top_p=0.8))
+    got = apply(purifier, outs(HEAD))
+    assert purifier.last_metrics["kept_mass"].item() == pytest.approx(0.85)  # .6 + .25 and .85
+    assert purifier.last_metrics["kept_tokens"].item() == 1.5
+    assert torch.isfinite(got.logits).sum().item() == 3
+    assert keep_mask(torch.tensor(HEAD).log(), top_k=3, top_p=0.9).sum().item() == 5  # criteria intersect
+
+
+def test_forward_kl_on_the_truncated_target_is_finite_with_the_right_gradient():
+    target = truncate(torch.tensor([HEAD]).log(), top_k=2)  # (1, 2, 4)
+    student = torch.randn(1, 2, 4, requires_grad=True)
+    loss = distillation_loss(student, target, torch.ones(1, 2), name="forward_kl")
+    p_trunc, q = target.exp(), student.detach().softmax(-1)
+    by_hand = sum((p_trunc[0, t, v] * (p_trunc[0, t, v] / q[0, t, v]).log()).item()
+                  for t in range(2) for v in range(2)) / 2
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(by_hand, rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(student.grad, (q - p_trunc) / 2)  # dKL/dz = q - p'
+    assert (student.grad[..., 2:] > 0).all()  # the dropped tail is pushed down
+    assert torch.isfinite(forward_kl(student, target)).all()
+
+
+@pytest.mark.parametrize("purifiers, extra, message", [
+    ("[{name: tail_truncation}]", {}, "purifiers[0].top_k: set at least one of top_k, top_p, min_prob"),
+    ("[{name: tail_truncation, top_k: 0}]", {}, "purifiers[0].top_k: must be >= 1, got 0"),
+    ("[{name: tail_truncation, top_p: 1.5}]", {}, "purifiers[0].top_p: 1.5 is not in (0, 1]"),
+    ("[{name: tail_truncation, top_p: 0}]", {}, "purifiers[0].top_p: 0.0 is not in (0, 1]"),
+    ("[{name: tail_truncation, top_k: 2}]", {"loss.name": "mse"}, "purifiers[0].name: tail_truncation gives the tail "
+     "zero target mass, which loss.name: mse cannot use"),
+    ("[{name: tail_truncation, top_k: 2}]", {"loss.name": "reverse_kl"}, "loss.name: reverse_kl cannot use"),
+])
+def test_tail_truncation_config_errors(tmp_path, purifiers, extra, message):
+    assert message in recipe_error(tmp_path, purifiers, **extra)
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("purifiers, keys", [
+    ("[{name: ensemble, combine: logmean}]", ["purify/0_ensemble/top1_changed", "purify/0_ensemble/kl_primary"]),
+    ("[{name: divergence_mask, reference: b, threshold: 0.01}]", ["purify/0_divergence_mask/masked_fraction"]),
+    ("[{name: ensemble}, {name: tail_truncation, top_k: 2}]", ["purify/1_tail_truncation/kept_mass"]),
+])
+def test_training_logs_the_purifier_metrics(tmp_path, purifiers, keys):
+    recipe = load_recipe(None, mlp_overrides(tmp_path, steps=5, teachers=TWO, purifiers=purifiers,
+                                             export=False, **{"trainer.log_every_n_steps": 1}))
+    metrics = read_lineage(train(recipe))["metrics"]
+    for key in keys:
+        assert key in metrics and math.isfinite(metrics[key])
