@@ -109,12 +109,18 @@ class TokenDataset(Dataset):
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
 
+    def item(self, i: int) -> tuple[int, Example]:
+        """Example ``i`` with its index (collated as ``batch["index"]``, e.g. for teacher-logit caches)."""
+        return i, self.examples[i]
+
     def num_targets(self, i: int) -> int:
         """Target positions of example ``i`` (completion tokens after the first position)."""
         return int(self.examples[i].loss_mask[1:].sum())
 
-    def collate(self, examples: list[Example]) -> dict[str, Tensor]:
-        """Right-pad; ``target_mask``/``labels`` are shifted to align with next-token logits."""
+    def collate(self, items: list[tuple[int, Example]]) -> dict[str, Tensor]:
+        """Right-pad ``(index, example)`` pairs; ``target_mask``/``labels`` are shifted to align with next-token
+        logits; ``index`` holds the examples' dataset indices."""
+        indices, examples = [i for i, _ in items], [e for _, e in items]
         length = max(len(e.input_ids) for e in examples)
         ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(examples), length), dtype=torch.long)
@@ -124,7 +130,8 @@ class TokenDataset(Dataset):
             ids[row, :n], attn[row, :n], mask[row, :n] = e.input_ids, 1, e.loss_mask
         target_mask = (mask[:, 1:] * attn[:, 1:]).float()
         labels = ids[:, 1:].masked_fill(target_mask == 0, IGNORE_INDEX)
-        batch = {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask, "labels": labels,
+                 "index": torch.tensor(indices)}
         if self.sources:
             batch["source"] = torch.tensor([e.source for e in examples])
         return batch
@@ -143,12 +150,17 @@ class NoiseDataset(Dataset):
     def __getitem__(self, i: int) -> Tensor:
         return self.x[i]
 
+    def item(self, i: int) -> tuple[int, Tensor]:
+        return i, self.x[i]
+
     def num_targets(self, i: int) -> int:
         return 1
 
-    def collate(self, rows: list[Tensor]) -> dict[str, Tensor]:
-        x = torch.stack(rows)
-        return {"x": x, "target_mask": torch.ones(len(rows), 1), "labels": torch.full((len(rows), 1), IGNORE_INDEX)}
+    def collate(self, items: list[tuple[int, Tensor]]) -> dict[str, Tensor]:
+        x = torch.stack([row for _, row in items])
+        n = len(items)
+        return {"x": x, "target_mask": torch.ones(n, 1), "labels": torch.full((n, 1), IGNORE_INDEX),
+                "index": torch.tensor([i for i, _ in items])}
 
 
 class GlobalBatchSampler:
@@ -200,7 +212,7 @@ class _StepBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for indices, num_items in self.sampler:
-            batch = self.dataset.collate([self.dataset[i] for i in indices])
+            batch = self.dataset.collate([self.dataset.item(i) for i in indices])
             batch["num_items"] = torch.tensor(float(num_items))
             yield batch
 
@@ -259,4 +271,5 @@ class DistillDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = self.val_dataset
-        return DataLoader(ds, batch_size=self.config.batch_size, shuffle=False, collate_fn=ds.collate)
+        return DataLoader(range(len(ds)), batch_size=self.config.batch_size, shuffle=False,
+                          collate_fn=lambda idx: ds.collate([ds.item(i) for i in idx]))

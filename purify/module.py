@@ -84,7 +84,8 @@ class Distiller(L.LightningModule):
             self.base = freeze(copy.deepcopy(self.student))
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
-                              total_steps=self._planned_steps())
+                              total_steps=self._planned_steps(),
+                              extra={"logit_slice": self.loss_config.logit_slice})
         for p in self.purifiers:
             p.setup(ctx)
         self._ready = True
