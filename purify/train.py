@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def export_student(run: Run, directory: Path, record: dict[str, Any]) -> Path:
 
 def train(recipe: Recipe) -> Path:
     """Train a recipe end to end; returns the output directory."""
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
