@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,10 +73,71 @@ def load_records(source: str) -> list[dict[str, str]]:
 
 
 @dataclass
+class TeacherTokenizer:
+    """A teacher's own tokenizer, for a teacher whose tokenizer differs from the student's (cross-base).
+
+    Attributes:
+        tokenizer: a fast tokenizer (offset mappings are needed to align positions).
+        max_length: the most tokens the teacher takes (its position limit); ``None`` = no limit beyond the text
+            the student's truncated tokens cover.
+    """
+
+    tokenizer: Any
+    max_length: int | None = None
+
+
+@dataclass
+class Encoded:
+    """One text in a teacher's tokenization: ``input_ids`` ``(T,)`` and character ``offsets`` ``(T, 2)``."""
+
+    input_ids: Tensor
+    offsets: Tensor
+
+
+@dataclass
 class Example:
     input_ids: Tensor  # (T,)
     loss_mask: Tensor  # (T,) 1 on completion tokens
     source: int = -1  # lineage label (index into TokenDataset.sources), -1 when unknown
+    offsets: Tensor | None = None  # (T, 2) character spans in prompt + completion (only with teacher tokenizers)
+    teachers: dict[int, Encoded] = field(default_factory=dict)  # teacher index -> its own tokenization
+
+
+def encode(tokenizer: Any, prompt: str, completion: str, max_length: int | None,
+           offsets: bool = False) -> tuple[list[int], int, list[tuple[int, int]] | None]:
+    """``<bos> prompt completion <eos>`` token ids, truncated to ``max_length``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast when ``offsets``).
+        prompt: text the loss does not cover.
+        completion: text the loss covers.
+        max_length: the most tokens kept (``None``: all).
+        offsets: also return each token's ``(start, end)`` span in ``prompt + completion``; special tokens are
+            zero-width (``<bos>`` at ``(0, 0)``, ``<eos>`` at ``(L, L)``).
+
+    Returns:
+        ``(ids, prompt_length, spans or None)``; ``prompt_length`` counts ``<bos>`` and the prompt tokens.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        p = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=offsets)
+        c = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=offsets)
+    except NotImplementedError:
+        raise DataError(f"{type(tokenizer).__name__}: cross-base alignment needs a fast tokenizer (character "
+                        "offsets); load it with use_fast=True") from None
+    ids = (bos + p["input_ids"] + c["input_ids"] + eos)[:max_length]
+    spans = None
+    if offsets:
+        shift, end = len(prompt), len(prompt) + len(completion)
+        spans = ([(0, 0)] * len(bos) + [(a, b) for a, b in p["offset_mapping"]]
+                 + [(a + shift, b + shift) for a, b in c["offset_mapping"]] + [(end, end)] * len(eos))[:max_length]
+    return ids, len(bos) + len(p["input_ids"]), spans
+
+
+def _pad(rows: list[Tensor], value: int) -> Tensor:
+    """Right-pad 1-D (or ``(T, 2)``) tensors to the longest with ``value``."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
 class TokenDataset(Dataset):
@@ -84,24 +145,42 @@ class TokenDataset(Dataset):
 
     Records with a ``source`` field (which lineage produced them) get an integer label, in sorted order of the
     distinct sources (:attr:`sources`), collated as ``batch["source"]``.
+
+    With ``teacher_tokenizers`` (cross-base teachers, by teacher index), every example also keeps its student
+    character spans and each such teacher's own tokenization of the same text, cut to the characters the student's
+    truncated tokens cover; batches then carry ``offsets`` ``(B, T, 2)`` and ``teacher_batches[i]`` =
+    ``{"input_ids", "attention_mask", "offsets"}`` (see :mod:`purify.align`).
     """
 
-    def __init__(self, records: list[dict[str, str]], tokenizer: Any, max_length: int) -> None:
+    def __init__(self, records: list[dict[str, str]], tokenizer: Any, max_length: int,
+                 teacher_tokenizers: dict[int, TeacherTokenizer] | None = None) -> None:
         self.examples: list[Example] = []
         self.sources = sorted({r["source"] for r in records if "source" in r})
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.teacher_tokenizers = dict(teacher_tokenizers or {})
+        cross = bool(self.teacher_tokenizers)
         for rec in records:
-            prompt = bos + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
-            completion = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"] + eos
-            ids = (prompt + completion)[:max_length]
-            mask = ([0] * len(prompt) + [1] * len(completion))[:max_length]
+            ids, n_prompt, spans = encode(tokenizer, rec["prompt"], rec["completion"], max_length, offsets=cross)
+            mask = [0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt)
             if sum(mask[1:]) > 0:
                 source = self.sources.index(rec["source"]) if "source" in rec else -1
-                self.examples.append(Example(torch.tensor(ids), torch.tensor(mask), source))
+                example = Example(torch.tensor(ids), torch.tensor(mask), source)
+                if spans is not None:
+                    example.offsets = torch.tensor(spans)
+                    example.teachers = {i: self._encode_teacher(t, rec, spans[-1][1])
+                                        for i, t in self.teacher_tokenizers.items()}
+                self.examples.append(example)
         if not self.examples:
             raise DataError("no example has a completion token within data.max_length; raise data.max_length")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @staticmethod
+    def _encode_teacher(teacher: TeacherTokenizer, rec: dict[str, str], covered: int) -> Encoded:
+        """The teacher's tokens of the record that end within the first ``covered`` characters."""
+        ids, _, spans = encode(teacher.tokenizer, rec["prompt"], rec["completion"], teacher.max_length, offsets=True)
+        assert spans is not None
+        keep = sum(1 for _, end in spans if end <= covered)
+        return Encoded(torch.tensor(ids[:keep], dtype=torch.long),
+                       torch.tensor(spans[:keep], dtype=torch.long).reshape(-1, 2))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -134,7 +213,19 @@ class TokenDataset(Dataset):
                  "index": torch.tensor(indices)}
         if self.sources:
             batch["source"] = torch.tensor([e.source for e in examples])
+        if self.teacher_tokenizers:
+            batch["offsets"] = _pad([e.offsets for e in examples], -1)  # type: ignore[misc]
+            batch["teacher_batches"] = {i: self._collate_teacher(i, t, examples)
+                                        for i, t in self.teacher_tokenizers.items()}
         return batch
+
+    @staticmethod
+    def _collate_teacher(i: int, teacher: TeacherTokenizer, examples: list[Example]) -> dict[str, Tensor]:
+        pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
+        rows = [e.teachers[i] for e in examples]
+        attention = [torch.ones_like(r.input_ids) for r in rows]
+        return {"input_ids": _pad([r.input_ids for r in rows], pad), "attention_mask": _pad(attention, 0),
+                "offsets": _pad([r.offsets for r in rows], -1)}
 
 
 class NoiseDataset(Dataset):
@@ -226,13 +317,16 @@ class DistillDataModule(L.LightningDataModule):
         seed: shuffling and split seed.
         accumulate: gradient-accumulation steps (for the global target count).
         train_dataset, val_dataset: ready datasets (library use), overriding ``config.train``/``config.val``.
+        teacher_tokenizers: cross-base teachers' own tokenizers, by teacher index (see :class:`TokenDataset`).
     """
 
     def __init__(self, config: DataConfig, tokenizer: Any | None, seed: int, accumulate: int = 1,
-                 train_dataset: Any | None = None, val_dataset: Any | None = None) -> None:
+                 train_dataset: Any | None = None, val_dataset: Any | None = None,
+                 teacher_tokenizers: dict[int, TeacherTokenizer] | None = None) -> None:
         super().__init__()
         self.config, self.tokenizer, self.seed, self.accumulate = config, tokenizer, seed, accumulate
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.teacher_tokenizers = teacher_tokenizers
         self.start_step = 0
 
     def _datasets(self) -> tuple[Any, Any]:
@@ -252,8 +346,8 @@ class DistillDataModule(L.LightningDataModule):
             n_val = int(len(records) * cfg.val_fraction)
             val = [records[i] for i in order[:n_val]] or records[:1]
             records = [records[i] for i in order[n_val:]]
-        return (TokenDataset(records, self.tokenizer, cfg.max_length),
-                TokenDataset(val, self.tokenizer, cfg.max_length))
+        return (TokenDataset(records, self.tokenizer, cfg.max_length, self.teacher_tokenizers),
+                TokenDataset(val, self.tokenizer, cfg.max_length, self.teacher_tokenizers))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None or self.val_dataset is None:

@@ -47,12 +47,15 @@ class Distiller(L.LightningModule):
         teacher_names: labels for logs and purifiers (default ``teacher0``, ``teacher1``, …).
         teacher_weights: ensemble weights (default all 1).
         total_steps: planned optimizer steps (for schedules); defaults to ``trainer.max_steps``.
+        student_tokenizer: the student's tokenizer, for purifiers that align vocabularies (cross-base).
+        teacher_tokenizers: one tokenizer (or ``None``) per teacher, for the same purifiers.
     """
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], *, loss: LossConfig | None = None,
                  purifiers: Sequence[Purifier] = (), optim: OptimConfig | None = None,
                  scheduler: SchedulerConfig | None = None, teacher_names: Sequence[str] | None = None,
-                 teacher_weights: Sequence[float] | None = None, total_steps: int | None = None) -> None:
+                 teacher_weights: Sequence[float] | None = None, total_steps: int | None = None,
+                 student_tokenizer: Any | None = None, teacher_tokenizers: Sequence[Any] | None = None) -> None:
         super().__init__()
         if not teachers:
             raise ValueError("Distiller needs at least one teacher")
@@ -65,6 +68,8 @@ class Distiller(L.LightningModule):
         self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
         self.teacher_weights = list(teacher_weights or [1.0] * len(teachers))
         self.total_steps = total_steps
+        self.tokenizers = {"student_tokenizer": student_tokenizer,
+                           "teacher_tokenizers": list(teacher_tokenizers or [None] * len(teachers))}
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
@@ -85,7 +90,7 @@ class Distiller(L.LightningModule):
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
                               total_steps=self._planned_steps(),
-                              extra={"logit_slice": self.loss_config.logit_slice})
+                              extra={"logit_slice": self.loss_config.logit_slice, **self.tokenizers})
         for p in self.purifiers:
             p.setup(ctx)
         self._ready = True
@@ -105,16 +110,27 @@ class Distiller(L.LightningModule):
     def _of_kind(self, kind: type) -> list[Any]:
         return [p for p in self.purifiers if isinstance(p, kind)]
 
+    @staticmethod
+    def teacher_batch(i: int, batch: Batch) -> Batch:
+        """Teacher ``i``'s inputs: its own tokenization of the text (``batch["teacher_batches"][i]``, built for a
+        teacher whose tokenizer differs from the student's) or the student's batch."""
+        return batch.get("teacher_batches", {}).get(i, batch)
+
+    def teacher_targets(self, batch: Batch, dtype: torch.dtype) -> Targets:
+        """Run every teacher on its inputs and apply the target-side purifiers in order."""
+        with torch.no_grad():
+            t_outs = [self.run_model(t, self.teacher_batch(i, batch)) for i, t in enumerate(self.teachers)]
+        targets = Targets(logits=t_outs[0].logits, weight=batch["target_mask"].to(dtype))
+        for p in self._of_kind(TargetPurifier):
+            targets = p.transform_targets(batch, t_outs, targets)
+        return targets
+
     def compute_loss(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The training objective on one micro-batch; returns the loss and its logged parts."""
         self.setup_purifiers()
         student_purifiers = self._of_kind(StudentPurifier)
         s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
-        with torch.no_grad():
-            t_outs = [self.run_model(t, batch) for t in self.teachers]
-        targets = Targets(logits=t_outs[0].logits, weight=batch["target_mask"].to(s_out.logits.dtype))
-        for p in self._of_kind(TargetPurifier):
-            targets = p.transform_targets(batch, t_outs, targets)
+        targets = self.teacher_targets(batch, s_out.logits.dtype)
         num_items = batch.get("num_items")
         if num_items is not None:  # global normalisation; undo Lightning's /accumulate and DDP's mean over ranks
             trainer = self._trainer
@@ -153,11 +169,18 @@ class Distiller(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         s_out = self.run_model(self.student, batch)
-        t_out = self.run_model(self.teachers[0], batch)
         labels = batch.get("labels") if self.loss_config.logit_slice is None else None
-        self.val_fidelity.update(s_out.logits, t_out.logits, batch["target_mask"], labels)
+        if 0 in batch.get("teacher_batches", {}):  # a cross-base primary: compare in the student's space
+            targets = self.teacher_targets(batch, s_out.logits.dtype)
+            t_logits, mask = targets.logits, targets.weight
+        else:
+            t_logits, mask = self.run_model(self.teachers[0], batch).logits, batch["target_mask"]
+        self.val_fidelity.update(s_out.logits, t_logits, mask, labels)
 
     def on_validation_epoch_end(self) -> None:
+        if not self.val_fidelity.count:  # no comparable positions (e.g. a primary teacher aligned by ULD only)
+            self.val_fidelity.reset()
+            return
         values = self.val_fidelity.compute()
         for key, value in values.items():
             if not math.isnan(float(value)):

@@ -23,11 +23,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from purify.config import Recipe, RecipeError, to_dict, to_yaml, validate
-from purify.data import DistillDataModule
+from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import atomic_write_text, build_lineage, write_lineage
 from purify.models import LoadedModel, build_model, same_tokenizer, state_sha256
 from purify.module import Distiller
 from purify.purifiers import build_purifier
+from purify.purifiers.cross_base import resolve_teachers
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,17 +70,15 @@ def build_run(recipe: Recipe) -> Run:
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     student = build_model(recipe.student, recipe.seed)
     teachers = [build_model(spec, recipe.seed) for spec in recipe.teachers]
-    cross_base = any(c.name == "cross_base" for c in purifier_configs)
-    for i, teacher in enumerate(teachers):
-        if not cross_base and not same_tokenizer(student.tokenizer, teacher.tokenizer):
-            raise RecipeError(f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same "
-                              "tokenizer or add a cross_base purifier to align vocabularies")
+    cross = _cross_base_teachers(purifier_configs, student, teachers)
     purifiers = [build_purifier(c) for c in purifier_configs]
     distiller = Distiller(student.module, [t.module for t in teachers], loss=recipe.loss, purifiers=purifiers,
                           optim=recipe.optim, scheduler=recipe.scheduler,
                           teacher_names=[t.name for t in teachers],
-                          teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps)
-    datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches)
+                          teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps,
+                          student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers])
+    datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
+                                   teacher_tokenizers=cross or None)
     lineage = build_lineage(
         student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
                  "init_sha256": state_sha256(student.module)},
@@ -90,6 +89,28 @@ def build_run(recipe: Recipe) -> Run:
         recipe=to_dict(recipe),
     )
     return Run(recipe, distiller, datamodule, student, teachers, lineage)
+
+
+def _cross_base_teachers(purifier_configs: list[Any], student: LoadedModel,
+                         teachers: list[LoadedModel]) -> dict[int, TeacherTokenizer]:
+    """The teachers whose tokenizer differs from the student's, each with its tokenizer and position limit.
+
+    Raises:
+        RecipeError: if such a teacher is not aligned by a ``cross_base`` purifier.
+    """
+    differing = [i for i, t in enumerate(teachers) if not same_tokenizer(student.tokenizer, t.tokenizer)]
+    where = next((k for k, c in enumerate(purifier_configs) if c.name == "cross_base"), None)
+    for i in differing:
+        if where is None:
+            raise RecipeError(f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same "
+                              "tokenizer or add a cross_base purifier to align vocabularies")
+        if i not in resolve_teachers(purifier_configs[where].teachers, [t.name for t in teachers], differing):
+            raise RecipeError(f"teachers[{i}].tokenizer: differs from the student's tokenizer but purifiers[{where}] "
+                              f"(cross_base) does not align it; add {i} to purifiers[{where}].teachers or leave "
+                              "teachers unset to align every such teacher")
+    limits = {i: getattr(getattr(teachers[i].module, "config", None), "max_position_embeddings", None)
+              for i in differing}
+    return {i: TeacherTokenizer(teachers[i].tokenizer, limits[i]) for i in differing}
 
 
 class LineageCallback(Callback):

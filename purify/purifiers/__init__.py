@@ -35,6 +35,9 @@ PURIFIERS["adversary"] = (AdversaryConfig, Adversary)
 PURIFIERS["anchor"] = (AnchorConfig, Anchor)
 PURIFIERS["delta_projection"] = (DeltaProjectionConfig, DeltaProjection)
 # --- cross-base ---
+from purify.purifiers.cross_base import CrossBase, CrossBaseConfig  # noqa: E402
+
+PURIFIERS["cross_base"] = (CrossBaseConfig, CrossBase)
 
 
 def build_purifier(config: Any) -> Purifier:
