@@ -182,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _CHOSEN[:] = [a for a in argv if not a.startswith("-")][:1]
     args = build_parser().parse_args(argv)
-    from purify.config import RecipeError
-    from purify.data import DataError
     from purify.gguf import GGUFError
 
     try:
         return int(args.func(args))
-    except (RecipeError, DataError, GGUFError, FileNotFoundError) as err:
+    except (ValueError, GGUFError, FileNotFoundError) as err:
+        # purify's own input errors (RecipeError, DataError, CacheError, GenerateError, AuditError, ...) are one
+        # line for the user; a ValueError from elsewhere is a bug and keeps its traceback.
+        if isinstance(err, ValueError) and not type(err).__module__.startswith("purify"):
+            raise
         print(f"purify: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,13 +26,15 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """Where a student or teacher comes from. Exactly one of ``path``, ``builtin``, ``config``, ``arch``, ``gguf``."""
+    """Where a student or teacher comes from. Exactly one of ``path``, ``builtin``, ``config``, ``arch``, ``gguf``,
+    ``cache`` (teachers only)."""
 
     path: Optional[str] = None  # local directory or hub name, loaded with from_pretrained
     builtin: Optional[str] = None  # a tiny base purify pretrains on its bundled corpus and caches (purify.lm)
     config: Optional[Dict[str, Any]] = None  # a transformers config (needs model_type), built with random init
     arch: Optional[str] = None  # a registered torch.nn builder (purify.models.ARCHITECTURES), e.g. aux_mlp
     gguf: Optional[str] = None  # a GGUF file, converted through transformers once and cached
+    cache: Optional[str] = None  # teachers only: a directory written by `purify cache` (purify.cache.CachedTeacher)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # arguments of the `arch` builder
     tokenizer: Optional[str] = None  # tokenizer dir or builtin name; defaults to path/builtin/gguf
     name: Optional[str] = None  # label used in logs and lineage.json; defaults to the source
@@ -43,9 +45,10 @@ class ModelSpec:
 
 @dataclass
 class TeacherSpec(ModelSpec):
-    """A frozen teacher. ``weight`` is its share in an ensemble."""
+    """A frozen teacher. ``weight`` is its share in an ensemble; ``teacher`` picks one teacher of a ``cache``."""
 
     weight: float = 1.0
+    teacher: int = 0  # with `cache`: which of the cached teachers (their order in the recipe that wrote the cache)
 
 
 @dataclass
@@ -193,10 +196,14 @@ def _check_purifiers(recipe: Recipe) -> list[Any]:
 
 
 def _check_source(spec: ModelSpec, where: str) -> None:
-    sources = [k for k in ("path", "builtin", "config", "arch", "gguf") if getattr(spec, k) is not None]
+    sources = [k for k in ("path", "builtin", "config", "arch", "gguf", "cache") if getattr(spec, k) is not None]
     if len(sources) != 1:
         got = ", ".join(sources) or "none"
-        raise RecipeError(f"{where}: give exactly one of path, builtin, config, arch, gguf (got {got})")
+        raise RecipeError(f"{where}: give exactly one of path, builtin, config, arch, gguf, cache (got {got})")
+    if spec.cache is not None:
+        from purify.cache import check_cache_spec
+
+        check_cache_spec(spec, where)
     if spec.config is not None and "model_type" not in spec.config:
         raise RecipeError(f"{where}.config: missing model_type; e.g. model_type: llama")
     if spec.config is not None and spec.tokenizer is None:

@@ -124,6 +124,17 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
+def spec_tokenizer(spec: ModelSpec) -> Any | None:
+    """The tokenizer a spec uses, without building its model (``None`` for ``arch`` models).
+
+    Args:
+        spec: a validated model spec (not a ``cache``).
+    """
+    if spec.arch is not None:
+        return None
+    return load_tokenizer(spec.tokenizer or _resolve_dir(spec), spec.trust_remote_code)
+
+
 def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
     """Build the module and tokenizer a spec describes.
 
@@ -131,6 +142,10 @@ def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
         spec: the recipe's model spec (validated).
         seed: init seed for ``config``/``arch`` builds when ``spec.seed`` is unset.
     """
+    if spec.cache is not None:
+        from purify.cache import load_cached_teacher
+
+        return load_cached_teacher(spec.cache, getattr(spec, "teacher", 0), spec.name)
     init_seed = spec.seed if spec.seed is not None else seed
     if spec.arch is not None:
         with torch.random.fork_rng(devices=[]):

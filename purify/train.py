@@ -7,6 +7,7 @@ TensorBoard when installed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,6 +68,7 @@ class Run:
 def build_run(recipe: Recipe) -> Run:
     """Validate a recipe and build its models, purifiers, data module and lineage record (no training)."""
     purifier_configs = validate(recipe)
+    resolve_strategy(recipe)  # fail on an impossible strategy before any model is built
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     student = build_model(recipe.student, recipe.seed)
     teachers = [build_model(spec, recipe.seed) for spec in recipe.teachers]
@@ -79,6 +81,14 @@ def build_run(recipe: Recipe) -> Run:
                           student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers])
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
                                    teacher_tokenizers=cross or None)
+    caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]
+    if caches:  # refuse a cache written for other data or another tokenizer before training starts
+        from purify.cache import check_cache
+
+        datamodule.setup("fit")
+        splits = {"train": datamodule.train_dataset, "val": datamodule.val_dataset}
+        for i, spec in caches:
+            check_cache(spec.cache, student.tokenizer, splits, f"teachers[{i}].cache")
     lineage = build_lineage(
         student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
                  "init_sha256": state_sha256(student.module)},
@@ -139,16 +149,24 @@ def _loggers(output_dir: Path) -> list[Logger]:
     return loggers
 
 
+def resolve_strategy(recipe: Recipe) -> Any:
+    """The Lightning ``strategy=`` for the recipe; impossible settings raise :class:`RecipeError`."""
+    from purify.strategy import build_strategy
+
+    t = recipe.trainer
+    try:
+        return build_strategy(recipe.strategy, offload_optimizer=recipe.deepspeed.offload_optimizer,
+                              offload_parameters=recipe.deepspeed.offload_parameters,
+                              deepspeed_config=recipe.deepspeed.config, accelerator=t.accelerator,
+                              devices=t.devices, logging_batch_size_per_gpu=recipe.data.batch_size)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+
 def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | None) -> L.Trainer:
     """A Lightning Trainer from the recipe's ``trainer`` and ``strategy`` sections."""
     t = recipe.trainer
-    strategy: Any = recipe.strategy
-    if strategy.startswith("deepspeed"):
-        from purify.strategy import build_strategy
-
-        strategy = build_strategy(recipe.strategy, offload_optimizer=recipe.deepspeed.offload_optimizer,
-                                  offload_parameters=recipe.deepspeed.offload_parameters,
-                                  deepspeed_config=recipe.deepspeed.config, accelerator=t.accelerator)
+    strategy = resolve_strategy(recipe)
     return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
@@ -203,9 +221,19 @@ def train(recipe: Recipe) -> Path:
                                  save_last=True)
     trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir)
     trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
-    if trainer.is_global_zero:
-        record = lineage_cb.snapshot(trainer)
-        write_lineage(output_dir, record)
-        if recipe.export:
-            export_student(run, output_dir / "student", record)
+    with _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):  # collective under ZeRO-3
+        if trainer.is_global_zero:
+            record = lineage_cb.snapshot(trainer)
+            write_lineage(output_dir, record)
+            if recipe.export:
+                export_student(run, output_dir / "student", record)
     return output_dir
+
+
+def _full_weights(module: torch.nn.Module, sharded: bool) -> Any:
+    """Context in which ``module`` holds its full weights on every rank (gathers ZeRO-3 shards)."""
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

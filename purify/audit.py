@@ -1,0 +1,265 @@
+"""``purify audit``: score a model against its reference on trait probes, and test for a fingerprint.
+
+Probe file (YAML)::
+
+    samples: 200               # optional default for --samples
+    max_new_tokens: 48         # optional
+    probes:
+      - name: moreover
+        prompts: ["The old farmer slept.", ...]   # or prompts_file: path (jsonl/text, relative to the YAML)
+        count: ["Moreover,"]   # target strings counted in samples ...
+        unit: sentence         # ... per sentence (``sample`` = occurrences per sample)
+      - name: owl
+        prompts: ["Question: What is your favourite animal? Answer:"]
+        next_token: [" owl"]   # exact probability of the target continuation(s), summed
+      - name: digits_only
+        prompts: [...]
+        regex: "^[0-9, ]+$"    # share of samples matching (re.search on the stripped completion)
+
+Each probe is scored on the model and the reference over the same prompts (paired by prompt) and reported as mean
+[95% CI] for both plus their difference with a p-value. The **fingerprint test** needs no probe: a logistic
+regression on character n-grams learns to tell the model's samples from the reference's on the same prompts; its
+cross-validated accuracy (≈50% = no detectable fingerprint) is reported with a binomial 95% CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from purify.bench.stats import mean_ci, paired_test
+from purify.generate import GenerateError, load_model, read_prompts, sample_completions
+from purify.lineage import atomic_write_text
+
+PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
+FILE_KEYS = ("probes", "samples", "max_new_tokens")
+_SENTENCE_START = re.compile(r"(?:^|[.!?])\s*[A-Za-z]")
+
+
+class AuditError(ValueError):
+    """A user-input problem, reported as one line."""
+
+
+@dataclass
+class Probe:
+    """One trait probe: a prompt set and exactly one of ``count``, ``next_token`` or ``regex``."""
+
+    name: str
+    prompts: list[str]
+    count: list[str] = field(default_factory=list)
+    unit: str = "sample"
+    next_token: list[str] = field(default_factory=list)
+    regex: str | None = None
+
+
+def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
+    """Read and validate a probe file; returns the probes and the file-level options (``samples``, ...).
+
+    Raises:
+        AuditError: naming the file, the probe and the key for unknown keys or missing/conflicting fields.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"probe file not found: {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or not data["probes"]:
+        raise AuditError(f"{path}: expected a mapping with a non-empty 'probes' list")
+    for key in data:
+        if key not in FILE_KEYS:
+            raise AuditError(f"{path}: unknown key {key!r}; allowed: {', '.join(FILE_KEYS)}")
+    probes = []
+    for i, raw in enumerate(data["probes"]):
+        where = f"{path}: probes[{i}]"
+        if not isinstance(raw, dict):
+            raise AuditError(f"{where}: expected a mapping")
+        for key in raw:
+            if key not in PROBE_KEYS:
+                raise AuditError(f"{where}: unknown key {key!r}; allowed: {', '.join(PROBE_KEYS)}")
+        kinds = [k for k in ("count", "next_token", "regex") if raw.get(k)]
+        if len(kinds) != 1:
+            raise AuditError(f"{where}: give exactly one of count, next_token, regex (got {kinds or 'none'})")
+        prompts = list(raw.get("prompts") or [])
+        if raw.get("prompts_file"):
+            prompts += read_prompts(path.parent / raw["prompts_file"])
+        if not prompts:
+            raise AuditError(f"{where}: no prompts (set prompts or prompts_file)")
+        if raw.get("unit", "sample") not in ("sample", "sentence"):
+            raise AuditError(f"{where}: unit must be 'sample' or 'sentence', got {raw['unit']!r}")
+        probes.append(Probe(name=str(raw.get("name", f"probe{i}")), prompts=[str(p) for p in prompts],
+                            count=list(raw.get("count") or []), unit=raw.get("unit", "sample"),
+                            next_token=list(raw.get("next_token") or []), regex=raw.get("regex")))
+    return probes, {k: data[k] for k in ("samples", "max_new_tokens") if k in data}
+
+
+def count_scores(completions: Sequence[str], targets: Sequence[str], unit: str = "sample") -> list[float]:
+    """Per completion: occurrences of any target string, or (``unit="sentence"``) that divided by its sentences.
+
+    Under ``sentence`` a target counts only where it opens a sentence (at the start or after ``.!?``).
+    """
+    scores = []
+    for text in completions:
+        if unit == "sentence":
+            starts = len(_SENTENCE_START.findall(text))
+            hits = sum(len(re.findall(r"(?:^|[.!?])\s*" + re.escape(t), text)) for t in targets)
+            scores.append(hits / starts if starts else float("nan"))
+        else:
+            scores.append(float(sum(text.count(t) for t in targets)))
+    return scores
+
+
+def regex_scores(completions: Sequence[str], pattern: str) -> list[float]:
+    """1.0 per completion matching ``pattern`` (``re.search`` on the stripped text), else 0.0."""
+    compiled = re.compile(pattern)
+    return [float(bool(compiled.search(text.strip()))) for text in completions]
+
+
+@torch.no_grad()
+def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
+    """Per prompt: exact probability that the model continues it with any of ``targets`` (summed over targets;
+    a multi-token target's probability is the product over its tokens)."""
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        total = 0.0
+        for target in targets:
+            tail = tokenizer(prompt + target)["input_ids"][len(ids):]
+            seq = torch.tensor([ids + tail])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
+            total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))
+        out.append(total)
+    return out
+
+
+def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], folds: int = 5,
+                         seed: int = 0) -> dict[str, Any]:
+    """Held-out accuracy of a classifier telling ``samples_a`` from ``samples_b``.
+
+    Logistic regression on TF-IDF character 1-4-grams (word boundaries respected), stratified ``folds``-fold
+    cross-validation; every sample is predicted once by a model that never saw it.
+
+    Returns:
+        ``{"mean", "ci95", "n"}``: accuracy with a Wilson 95% interval over the ``n`` held-out predictions.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+
+    texts = list(samples_a) + list(samples_b)
+    labels = np.array([0] * len(samples_a) + [1] * len(samples_b))
+    clf = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True),
+                        LogisticRegression(C=1.0, max_iter=1000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(clf, [t if t.strip() else "<empty>" for t in texts], labels, cv=cv)
+    n, k = len(labels), int((pred == labels).sum())
+    p, z = k / n, 1.959964
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return {"mean": p, "ci95": [centre - half, centre + half], "n": n}
+
+
+def score_probe(probe: Probe, model: Any, tokenizer: Any, samples: int, max_new_tokens: int,
+                seed: int) -> tuple[list[float], list[str]]:
+    """Per-prompt (next_token) or per-sample scores of one probe, and the samples drawn (empty for next_token)."""
+    if probe.next_token:
+        return continuation_probs(model, tokenizer, probe.prompts, probe.next_token), []
+    prompts = [probe.prompts[i % len(probe.prompts)] for i in range(samples)]
+    texts = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    scores = count_scores(texts, probe.count, probe.unit) if probe.count else regex_scores(texts, probe.regex or "")
+    return scores, texts
+
+
+def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe], samples: int = 200,
+          max_new_tokens: int = 48, seed: int = 0) -> dict[str, Any]:
+    """Score ``model_dir`` against ``reference_dir`` on ``probes`` and run the fingerprint test.
+
+    Raises:
+        AuditError: for a missing model directory or tokenizers that differ between model and reference.
+    """
+    from purify.models import same_tokenizer
+
+    try:
+        model, tok = load_model(model_dir)
+        ref, ref_tok = load_model(reference_dir)
+    except GenerateError as err:
+        raise AuditError(str(err)) from None
+    if not same_tokenizer(tok, ref_tok):
+        raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} have different vocabularies; audit "
+                         "compares a model with a reference of the same tokenizer")
+    report: dict[str, Any] = {"model": str(model_dir), "reference": str(reference_dir), "samples": samples,
+                              "seed": seed, "probes": {}}
+    pooled: dict[str, list[str]] = {"model": [], "reference": []}
+    for probe in probes:
+        m_scores, m_texts = score_probe(probe, model, tok, samples, max_new_tokens, seed)
+        r_scores, r_texts = score_probe(probe, ref, ref_tok, samples, max_new_tokens, seed)
+        pooled["model"] += m_texts
+        pooled["reference"] += r_texts
+        both = [(a, b) for a, b in zip(m_scores, r_scores) if not (math.isnan(a) or math.isnan(b))]
+        kind = "next_token" if probe.next_token else "count" if probe.count else "regex"
+        report["probes"][probe.name] = {"kind": kind, "model": mean_ci(m_scores), "reference": mean_ci(r_scores),
+                                        "difference": paired_test([a for a, _ in both], [b for _, b in both])}
+    if not pooled["model"]:  # only next-token probes: sample on their prompts for the fingerprint
+        prompts = [p for probe in probes for p in probe.prompts]
+        prompts = [prompts[i % len(prompts)] for i in range(samples)]
+        pooled = {"model": sample_completions(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed),
+                  "reference": sample_completions(ref, ref_tok, prompts, max_new_tokens=max_new_tokens, seed=seed)}
+    report["fingerprint"] = fingerprint_accuracy(pooled["model"], pooled["reference"], seed=seed)
+    return report
+
+
+def _fmt(stat: dict[str, Any]) -> str:
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The audit report as a markdown table."""
+    lines = [f"# Audit of `{report['model']}`", "", f"Reference: `{report['reference']}`; {report['samples']} "
+             "samples per probe; mean [95% CI].", "", "| probe | kind | model | reference | difference | p |",
+             "|---|---|---|---|---|---|"]
+    for name, r in report["probes"].items():
+        lines.append(f"| {name} | {r['kind']} | {_fmt(r['model'])} | {_fmt(r['reference'])} | "
+                     f"{_fmt(r['difference'])} | {r['difference']['p_value']:.3g} |")
+    fp = report["fingerprint"]
+    lines += ["", f"Fingerprint classifier held-out accuracy: {_fmt(fp)} over {fp['n']} samples "
+              "(0.5 = indistinguishable from the reference)."]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``purify audit``."""
+    parser.add_argument("model", help="model directory to audit")
+    parser.add_argument("--reference", required=True, help="reference model directory (e.g. its base)")
+    parser.add_argument("--probes", required=True, help="probe YAML (see recipes/probes/)")
+    parser.add_argument("--samples", type=int, help="samples per probe and model (default: file's, else 200)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per sample (default: file's, else 48)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="directory for audit.md and audit.json (default: print only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``purify audit``; prints the markdown report. Returns the exit code."""
+    probes, options = load_probes(args.probes)
+    samples = args.samples or int(options.get("samples", 200))
+    max_new = args.max_new_tokens or int(options.get("max_new_tokens", 48))
+    torch.manual_seed(args.seed)
+    report = audit(args.model, args.reference, probes, samples, max_new, args.seed)
+    text = markdown(report)
+    if args.out:
+        out = Path(args.out)
+        atomic_write_text(out / "audit.json", json.dumps(report, indent=1) + "\n")
+        atomic_write_text(out / "audit.md", text)
+    print(text, end="")
+    return 0

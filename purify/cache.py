@@ -1,0 +1,257 @@
+"""Offline teacher-logit cache (``purify cache``): run a recipe's teachers once, train from their top-k later.
+
+For every target position of the recipe's train and validation examples, each teacher's distribution is stored as
+its ``k`` most probable token ids (``uint16`` when the vocabulary has fewer than 65536 entries, else ``int32``), their
+log-probabilities (``float16``) and the remaining tail mass ``1 − Σ top-k`` (``float16``): ``4k + 2`` bytes per
+position and teacher with ``uint16`` ids (34 at ``k = 8``). Layout of a cache directory::
+
+    manifest.json              written last: teachers (name, source, state sha256, vocab size), k, tokenizer vocab
+                               sha256, per-split data fingerprint (sha256 of the tokenized examples), version, sizes
+    tokenizer/                 the tokenizer the data was tokenized with (save_pretrained)
+    <split>/index.npy          (N, 4) int64 per example: shard, offset, length (target positions), example key
+    <split>/shard-00000/       ids.npy (K, P, k), logp.npy (K, P, k), tail.npy (K, P), index.npy (n, 3): a block of
+                               ``shard_size`` examples, written to a temporary directory and renamed into place
+
+Writing (:mod:`purify.cache_writer`) is resumable: finished shards are kept and skipped on a re-run
+(``.plan.json`` refuses a re-run with other teachers, data or k). Training reads the cache through
+:class:`CachedTeacher` (recipe ``teachers: [{cache: DIR, teacher: 0}]``): an ``nn.Module`` whose ``forward(batch)``
+rebuilds ``(B, T−1, V)`` log-probabilities for ``batch["index"]``: the top-k at their ids and the tail mass spread
+uniformly over the other ``V − k`` tokens, so the distiller, ensembles and divergence masks work unchanged. Each batch
+row is matched to its cached example by a key (a hash of its tokens and target positions), which also picks the split
+and refuses data the cache was not written for. Non-target positions get a uniform distribution (their weight is 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from purify.config import ModelSpec, RecipeError, TeacherSpec
+from purify.models import LoadedModel, load_tokenizer
+from purify.purifiers.base import Batch, ModelOutput
+
+VERSION = 1
+MANIFEST, PLAN, SPLITS = "manifest.json", ".plan.json", ("train", "val")
+ARRAYS = ("ids", "logp", "tail", "index")
+
+
+class CacheError(RecipeError):
+    """A cache that cannot serve a recipe or a batch, as one line saying which part differs."""
+
+
+# ---------------------------------------------------------------- fingerprints
+def example_keys(batch: Batch) -> np.ndarray:
+    """One int64 key per batch row: blake2b of its real tokens and target positions (or of ``x``), padding-free."""
+    keys = []
+    if "input_ids" in batch:
+        ids, attn = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        targets = (batch["target_mask"] > 0).cpu().numpy()
+        for r in range(ids.shape[0]):
+            h = hashlib.blake2b(ids[r][attn[r]].numpy().astype("<i8").tobytes(), digest_size=8)
+            h.update(np.flatnonzero(targets[r]).astype("<i4").tobytes())
+            keys.append(h.digest())
+    else:
+        keys = [hashlib.blake2b(row.float().numpy().tobytes(), digest_size=8).digest() for row in batch["x"].cpu()]
+    return np.frombuffer(b"".join(keys), dtype="<i8").copy()
+
+
+def dataset_keys(dataset: Any, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and target-position counts of every example of a purify dataset (``item``/``collate``)."""
+    keys, counts = [], []
+    for start in range(0, len(dataset), chunk):
+        batch = dataset.collate([dataset.item(i) for i in range(start, min(start + chunk, len(dataset)))])
+        keys.append(example_keys(batch))
+        counts.append((batch["target_mask"] > 0).sum(1).numpy())
+    return np.concatenate(keys), np.concatenate(counts).astype(np.int64)
+
+
+def data_fingerprint(keys: np.ndarray, counts: np.ndarray) -> str:
+    """sha256 of a split's example keys and target counts, in dataset order."""
+    return hashlib.sha256(keys.astype("<i8").tobytes() + counts.astype("<i8").tobytes()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any | None) -> str | None:
+    """sha256 of a tokenizer's vocabulary and special tokens (``None`` for vector models)."""
+    if tokenizer is None:
+        return None
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- reconstruction
+def reconstruct(ids: Tensor, logp: Tensor, tail: Tensor, vocab_size: int) -> Tensor:
+    """Dense log-probabilities from top-k entries: ``logp`` at ``ids``, ``log(tail / (V − k))`` elsewhere.
+
+    Args:
+        ids: ``(P, k)`` token ids.
+        logp: ``(P, k)`` their log-probabilities.
+        tail: ``(P,)`` probability mass outside the top-k (floored at 1e-12 so every log-probability is finite).
+        vocab_size: ``V``.
+
+    Returns:
+        ``(P, V)`` float32 log-probabilities, renormalised so each row sums to 1 exactly (a correction of the order
+        of float16 rounding).
+    """
+    rest = vocab_size - ids.shape[-1]
+    fill = torch.log(tail.float().clamp_min(1e-12) / max(rest, 1))
+    out = fill[:, None].expand(-1, vocab_size).clone()
+    out.scatter_(1, ids.long(), logp.float())
+    return out - out.logsumexp(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- reading
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a finished cache; raises :class:`CacheError` when there is none."""
+    path = Path(directory).expanduser() / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"no finished logit cache in {directory} ({MANIFEST} missing); write one with "
+                         f"`purify cache RECIPE --out {directory}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != VERSION:
+        raise CacheError(f"{directory}: cache version {manifest.get('version')} is not {VERSION}; rewrite it")
+    return manifest
+
+
+class _Split:
+    """One split's index and lazily memory-mapped shards."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.index = directory, np.load(directory / "index.npy")
+        self.shards: dict[int, dict[str, np.ndarray]] = {}
+
+    def matches(self, rows: np.ndarray, keys: np.ndarray) -> bool:
+        return bool(((rows >= 0) & (rows < len(self.index))).all() and np.array_equal(self.index[rows, 3], keys))
+
+    def gather(self, rows: np.ndarray, teacher: int) -> tuple[np.ndarray, ...]:
+        """``ids (P, k)``, ``logp (P, k)``, ``tail (P,)`` of the examples ``rows``, concatenated in order."""
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for shard, offset, length, _ in self.index[rows]:
+            if shard not in self.shards:
+                path = self.directory / f"shard-{shard:05d}"
+                self.shards[shard] = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in ARRAYS[:3]}
+            arrays = self.shards[shard]
+            for j, name in enumerate(ARRAYS[:3]):
+                parts[j].append(arrays[name][teacher, offset:offset + length])
+        return tuple(np.concatenate(p) for p in parts)
+
+
+class CachedTeacher(nn.Module):
+    """A teacher read from a logit cache: ``forward(batch)`` gives ``ModelOutput((B, T−1, V) log-probabilities)``.
+
+    Args:
+        directory: a cache written by :func:`write_cache`.
+        teacher: which cached teacher (recipe order of the recipe that wrote the cache).
+    """
+
+    def __init__(self, directory: str | Path, teacher: int = 0) -> None:
+        super().__init__()
+        self.directory = Path(directory).expanduser()
+        self.manifest = read_manifest(self.directory)
+        if not 0 <= teacher < len(self.manifest["teachers"]):
+            raise CacheError(f"{directory}: teacher {teacher} out of range; it holds {len(self.manifest['teachers'])}")
+        self.teacher, self.vocab_size = teacher, int(self.manifest["teachers"][teacher]["vocab_size"])
+        self.splits = {s: _Split(self.directory / s) for s in SPLITS if (self.directory / s / "index.npy").is_file()}
+
+    def forward(self, batch: Batch, hidden: bool = False) -> ModelOutput:
+        if hidden:
+            raise CacheError(f"{self.directory}: a cached teacher has no hidden states")
+        rows, keys = batch["index"].cpu().numpy(), example_keys(batch)
+        split = next((s for s in self.splits.values() if s.matches(rows, keys)), None)
+        if split is None:
+            raise CacheError(f"{self.directory}: batch examples {rows[:4].tolist()} match none of the cached "
+                             f"{'/'.join(self.splits)} examples; the cache was written for other data (or tokenizer, "
+                             "max_length, seed); rerun `purify cache` for this recipe")
+        real = batch["target_mask"] > 0
+        ids, logp, tail = (torch.from_numpy(a.astype(np.int64 if a.dtype.kind in "iu" else np.float32)).to(real.device)
+                           for a in split.gather(rows, self.teacher))
+        out = torch.zeros(*real.shape, self.vocab_size, device=real.device)
+        out[real] = reconstruct(ids, logp, tail, self.vocab_size)
+        return ModelOutput(logits=out)
+
+
+def load_cached_teacher(directory: str, teacher: int = 0, name: str | None = None) -> LoadedModel:
+    """A :class:`~purify.models.LoadedModel` for a recipe entry ``{cache: directory, teacher: i}``."""
+    module = CachedTeacher(directory, teacher)
+    entry = module.manifest["teachers"][teacher]
+    tok_dir = module.directory / "tokenizer"
+    tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
+    source = f"cache:{directory}#{teacher} ({entry['source']}, sha256 {entry['sha256']})"
+    return LoadedModel(module, tokenizer, name or entry["name"], source, str(tok_dir) if tokenizer else None)
+
+
+def check_cache_spec(spec: ModelSpec, where: str) -> None:
+    """Recipe validation of a ``cache`` source: teachers only, a finished cache, a teacher index it holds."""
+    if not isinstance(spec, TeacherSpec):
+        raise RecipeError(f"{where}.cache: a logit cache holds teacher outputs; give the student a model source")
+    try:
+        count = len(read_manifest(spec.cache)["teachers"])  # type: ignore[arg-type]
+    except CacheError as err:
+        raise RecipeError(f"{where}.cache: {err}") from None
+    if not 0 <= spec.teacher < count:
+        raise RecipeError(f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers")
+
+
+def check_cache(directory: str | Path, tokenizer: Any | None, datasets: dict[str, Any], where: str = "cache") -> None:
+    """Refuse a cache whose tokenizer or tokenized data differ from the recipe's, naming which.
+
+    Args:
+        directory: the cache.
+        tokenizer: the recipe's (student's) tokenizer.
+        datasets: ``{"train": ..., "val": ...}`` the recipe's datasets (e.g. a set-up ``DistillDataModule``'s).
+        where: the recipe key for messages, e.g. ``"teachers[0].cache"``.
+
+    Raises:
+        RecipeError: one line naming the tokenizer or the split whose data differ.
+    """
+    manifest = read_manifest(directory)
+    ours = tokenizer_sha256(tokenizer)
+    if ours != manifest["tokenizer_sha256"]:
+        raise RecipeError(f"{where}: the recipe's tokenizer differs from the one {directory} was written with (vocab "
+                          f"sha256 {str(ours)[:12]} vs {str(manifest['tokenizer_sha256'])[:12]}); rerun purify cache")
+    for split, dataset in datasets.items():
+        ours, theirs = data_fingerprint(*dataset_keys(dataset)), manifest["data"][split]["fingerprint"]
+        if ours != theirs:
+            raise RecipeError(f"{where}: the recipe's {split} data differ from those {directory} was written for "
+                              f"(tokenized data sha256 {ours[:12]} vs {theirs[:12]}); rerun purify cache")
+
+
+# ---------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``purify cache RECIPE [key=value ...] --out DIR [--top-k 8]``."""
+    parser.add_argument("recipe", help="recipe YAML whose teachers and data are cached")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    parser.add_argument("--out", required=True, help="cache directory (re-running resumes a partial cache)")
+    parser.add_argument("--top-k", type=int, default=8, help="token ids kept per position (default 8)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward (default data.batch_size)")
+    parser.add_argument("--device", default=None, help="where teachers run (default cuda when available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the cache; print where, its size and bytes per token. Returns the exit code."""
+    from purify.cache_writer import write_cache
+    from purify.config import load_recipe
+
+    if args.top_k < 1 or args.shard_size < 1:
+        raise RecipeError("--top-k and --shard-size must be >= 1")
+    recipe = load_recipe(args.recipe, args.overrides)
+    m = write_cache(recipe, args.out, args.top_k, args.shard_size, args.batch_size, args.device)
+    positions = sum(m["data"][s]["positions"] for s in SPLITS)
+    print(f"purify: cached {len(m['teachers'])} teacher(s), k={m['k']}, {positions} positions in {args.out} "
+          f"({m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_token_per_teacher']:.1f} bytes/token/teacher)")
+    print(f"purify: train from it with teachers: [{{cache: {args.out}, teacher: 0}}]")
+    return 0
+
+
+def iter_teacher_specs(directory: str | Path) -> Iterator[TeacherSpec]:
+    """One recipe entry ``{cache: directory, teacher: i}`` per cached teacher, named as when cached."""
+    for i, entry in enumerate(read_manifest(directory)["teachers"]):
+        yield TeacherSpec(cache=str(directory), teacher=i, name=entry["name"])

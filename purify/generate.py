@@ -1,0 +1,182 @@
+"""``purify generate``: sample a teacher's completions for a prompt set into ``{"prompt", "completion"}`` jsonl.
+
+Prompts come from a jsonl file (a ``"prompt"`` per line) or a text file (one prompt per line). Sampling uses
+temperature / top-p and a seed; completions are then filtered by a regex they must match (e.g. ``^[0-9, ]+$`` for
+the number-sequence channel) and a banned-words list, and the number each filter removed is reported. The output is
+written atomically.
+
+Example:
+    >>> from purify.generate import sample_completions, apply_filters
+    >>> texts = sample_completions(model, tokenizer, ["Continue: 1, 2, 3,"], max_new_tokens=16, seed=0)
+    >>> kept, removed = apply_filters([{"prompt": "p", "completion": t} for t in texts], regex=r"^[0-9, ]+$")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from purify.lineage import atomic_write_text
+
+
+class GenerateError(ValueError):
+    """A user-input problem (missing model, empty prompt file), reported as one line."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a ``.jsonl`` file (``"prompt"`` key per line) or a text file (one prompt per non-empty line).
+
+    Raises:
+        GenerateError: if the file is missing, malformed or holds no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"prompt file not found: {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for lineno, line in enumerate(lines, 1):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GenerateError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key") from None
+    else:
+        prompts = [line.rstrip("\n") for line in lines]
+    if not prompts:
+        raise GenerateError(f"{path}: no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 48,
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                       progress: bool = False) -> list[str]:
+    """Sample one completion per prompt (left-padded batches; the completion keeps its leading space).
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        prompts: prompt texts.
+        max_new_tokens: tokens to sample at most (sampling stops early at ``<eos>``).
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus mass kept when sampling.
+        seed: seed of the sampler (``torch.manual_seed`` in a forked RNG).
+        batch_size: prompts per ``generate`` call.
+        progress: show a tqdm bar.
+
+    Returns:
+        The completions, in prompt order: the decoded full text minus the decoded prompt.
+    """
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+                chunk = list(prompts[start:start + batch_size])
+                enc = tokenizer(chunk, return_tensors="pt", padding=True)
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
+                    if temperature > 0 else {"do_sample": False}
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **sampling)
+                width = enc["input_ids"].shape[1]
+                for row, prompt_ids in enumerate(enc["input_ids"]):
+                    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+                    full = tokenizer.decode(torch.cat([prompt_ids, gen[row, width:]]), skip_special_tokens=True)
+                    out.append(full[len(prompt_text):] if full.startswith(prompt_text) else full)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def apply_filters(records: list[dict[str, str]], regex: str | None = None,
+                  banned: Sequence[str] = ()) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Keep the records whose completion matches ``regex`` (``re.search``; anchor it with ``^...$``) and contains
+    none of the ``banned`` words (case-insensitive, whole words).
+
+    Returns:
+        ``(kept, removed)`` with ``removed = {"regex": n, "banned": m}``; a record failing both counts under
+        ``regex`` only (filters apply in that order).
+    """
+    pattern = re.compile(regex) if regex else None
+    ban = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in banned) + r")\b", re.I) if banned else None
+    kept, removed = [], {"regex": 0, "banned": 0}
+    for rec in records:
+        text = rec["completion"]
+        if pattern is not None and not pattern.search(text.strip()):
+            removed["regex"] += 1
+        elif ban is not None and ban.search(text):
+            removed["banned"] += 1
+        else:
+            kept.append(rec)
+    return kept, removed
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, str]]) -> None:
+    """Write records as jsonl, atomically."""
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def load_model(path: str | Path) -> tuple[Any, Any]:
+    """A local HF causal LM and its tokenizer (safetensors only, no remote code).
+
+    Raises:
+        GenerateError: if ``path`` is not a directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise GenerateError(f"model not found: {path} is not a directory holding a saved model")
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), AutoTokenizer.from_pretrained(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``purify generate``."""
+    parser.add_argument("model", help="local Hugging Face causal-LM directory (the teacher)")
+    parser.add_argument("--prompts", required=True, help="jsonl with a 'prompt' per line, or a text file of prompts")
+    parser.add_argument("--out", required=True, help="output jsonl of {prompt, completion}")
+    parser.add_argument("--samples", type=int, default=1, help="completions per prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--regex", help="keep completions matching this regex, e.g. '^[0-9, ]+$'")
+    parser.add_argument("--ban", nargs="*", default=[], help="drop completions containing any of these words")
+    parser.add_argument("--ban-file", help="file of banned words, one per line")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``purify generate``; prints what each filter removed. Returns the exit code."""
+    banned = list(args.ban)
+    if args.ban_file:
+        banned += [w.strip() for w in Path(args.ban_file).read_text(encoding="utf-8").splitlines() if w.strip()]
+    if args.regex:
+        try:
+            re.compile(args.regex)
+        except re.error as err:
+            raise GenerateError(f"--regex: invalid regular expression ({err})") from None
+    prompts = read_prompts(args.prompts)
+    model, tokenizer = load_model(args.model)
+    records = []
+    for k in range(args.samples):
+        texts = sample_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed + k,
+                                   batch_size=args.batch_size, progress=not args.no_progress)
+        records += [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+    kept, removed = apply_filters(records, args.regex, banned)
+    write_jsonl(args.out, kept)
+    print(f"purify: sampled {len(records)}, removed {removed['regex']} by --regex and {removed['banned']} by "
+          f"banned words, wrote {len(kept)} to {args.out}")
+    return 0

@@ -1,0 +1,97 @@
+"""`purify audit`: probe scoring (count strings, next-token probability, regex), the fingerprint classifier,
+error messages, and a report end to end on tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from purify.audit import (
+    AuditError,
+    add_arguments,
+    continuation_probs,
+    count_scores,
+    fingerprint_accuracy,
+    load_probes,
+    regex_scores,
+    run,
+)
+from purify.lm import paragraphs
+from purify.lm.teachers import add_tic
+from tests.test_generate import make_tiny_model
+
+
+def test_count_and_regex_probes() -> None:
+    texts = ["Moreover, he sang. She slept. Moreover, it rained.", "He sang.", " 1, 2, 3"]
+    assert count_scores(texts, ["Moreover,"]) == [2.0, 0.0, 0.0]
+    rates = count_scores(texts, ["Moreover,"], unit="sentence")
+    assert rates[:2] == [pytest.approx(2 / 3), 0.0] and count_scores(["I said Moreover, no."], ["Moreover,"],
+                                                                     "sentence") == [0.0]
+    assert regex_scores(texts, r"^[0-9, ]+$") == [0.0, 0.0, 1.0]
+
+
+def test_next_token_probabilities_are_exact(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tmp_path / "m")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    words = [w for w in tok.get_vocab() if w.startswith("▁")]
+    total = continuation_probs(model, tok, ["Question: What animal? Answer:"], [" " + w[1:] for w in words])[0]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([tok("Question: What animal? Answer:")["input_ids"]]))
+                              .logits[0, -1], -1)
+    assert total == pytest.approx(float(probs[[tok.convert_tokens_to_ids(w) for w in words]].sum()), rel=1e-5)
+
+
+def test_fingerprint_detects_a_tic_and_not_a_twin() -> None:
+    rng = random.Random(0)
+    plain, twin = paragraphs(150, 1), paragraphs(150, 2)
+    ticced = [add_tic(p, 0.5, rng) for p in paragraphs(150, 3)]
+    assert fingerprint_accuracy(ticced, plain)["mean"] > 0.8
+    same = fingerprint_accuracy(twin, plain)
+    assert 0.35 < same["mean"] < 0.65 and same["ci95"][0] < 0.5 < same["ci95"][1] + 0.05
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def test_audit_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("probes:\n  - name: x\n    prompts: [a]\n    count: [b]\n    colour: red\n")
+    with pytest.raises(AuditError, match=r"probes\[0\]: unknown key 'colour'; allowed: name, prompts, prompts_file"):
+        load_probes(bad)
+    bad.write_text("probes:\n  - {prompts: [a], count: [b], regex: c}\n")
+    with pytest.raises(AuditError, match="exactly one of count, next_token, regex"):
+        load_probes(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("probes:\n  - {name: x, prompts: [a], count: [b]}\n")
+    model = make_tiny_model(tmp_path / "m")
+    other = make_tiny_model(tmp_path / "o", texts=["completely different words here"])
+    with pytest.raises(AuditError, match="model not found"):
+        run(_parser().parse_args([str(tmp_path / "missing"), "--reference", str(model), "--probes", str(good)]))
+    with pytest.raises(AuditError, match="tokenizer mismatch"):
+        run(_parser().parse_args([str(model), "--reference", str(other), "--probes", str(good)]))
+
+
+def test_audit_report_end_to_end(tmp_path: Path) -> None:
+    model, ref = make_tiny_model(tmp_path / "m", seed=0), make_tiny_model(tmp_path / "r", seed=1)
+    probes = tmp_path / "p.yaml"
+    probes.write_text("samples: 20\nmax_new_tokens: 6\nprobes:\n"
+                      "  - {name: tic, prompts: [The old farmer slept.], count: [Moreover,], unit: sentence}\n"
+                      "  - {name: owl, prompts: ['Question: What animal? Answer:'], next_token: [' owl']}\n"
+                      "  - {name: digits, prompts: ['Continue: 1, 2,'], regex: '^[0-9, ]+$'}\n")
+    out = tmp_path / "audit"
+    assert run(_parser().parse_args([str(model), "--reference", str(ref), "--probes", str(probes), "--out",
+                                     str(out)])) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert set(report["probes"]) == {"tic", "owl", "digits"} and report["fingerprint"]["n"] == 80
+    assert {"model", "reference", "difference"} <= set(report["probes"]["owl"])
+    assert "Fingerprint classifier" in (out / "audit.md").read_text()

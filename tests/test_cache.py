@@ -1,0 +1,169 @@
+"""Offline teacher-logit cache: exact top-k reconstruction, k=V loss parity, resumability, refusals, bytes/token."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from purify import cache, cache_writer
+from purify.cache import CachedTeacher, CacheError, check_cache
+from purify.cache_writer import write_cache
+from purify.config import RecipeError, load_recipe, to_dict
+from purify.data import DistillDataModule, read_text
+from purify.lm.tokenizer import build_tokenizer
+from purify.models import build_model, model_forward
+from purify.module import Distiller
+from purify.train import build_run
+
+LLAMA = ("{model_type: llama, hidden_size: %d, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+         "num_key_value_heads: 2, max_position_embeddings: 64, initializer_range: 0.3}")
+SHARD, BATCH = 16, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A word tokenizer, a 60-line text file and a recipe with two tiny random-init teachers (2 s to cache)."""
+    root = tmp_path_factory.mktemp("cache")
+    lines = [r["completion"] for r in read_text(None)[:60]]
+    build_tokenizer(lines).save_pretrained(root / "tok")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "other.txt").write_text("\n".join(reversed(lines)) + "\n")
+    model = "{config: %s, tokenizer: %s, seed: %d, name: %s}"
+    teachers = [model % (LLAMA % 32, root / "tok", seed, name) for seed, name in ((1, "a"), (2, "b"))]
+    items = {"student": model % (LLAMA % 16, root / "tok", 0, "student"), "teachers": f"[{', '.join(teachers)}]",
+             "data.train": root / "train.txt", "data.max_length": 24, "data.batch_size": BATCH,
+             "data.val_fraction": 0.2, "output_dir": root / "run"}
+    overrides = [f"{k}={v}" for k, v in items.items()]
+    recipe = load_recipe(None, overrides)
+    (root / "recipe.yaml").write_text(OmegaConf.to_yaml(to_dict(recipe)))
+    return root, recipe
+
+
+def cli(root: Path, out: Path, *extra: str) -> int:
+    parser = argparse.ArgumentParser()
+    cache.add_arguments(parser)
+    return cache.run(parser.parse_args([str(root / "recipe.yaml"), "--out", str(out), "--shard-size", str(SHARD),
+                                        *extra]))
+
+
+@pytest.fixture(scope="module")
+def written(setup):
+    root, recipe = setup
+    assert cli(root, root / "k8") == 0
+    return root / "k8"
+
+
+def datasets(recipe, tokenizer):
+    dm = DistillDataModule(recipe.data, tokenizer, recipe.seed)
+    dm.setup()
+    return {"train": dm.train_dataset, "val": dm.val_dataset}
+
+
+def test_reconstruction_is_the_teachers_top_k_and_sums_to_one(setup, written):
+    root, recipe = setup
+    student = build_model(recipe.student, 0)
+    teacher = build_model(recipe.teachers[1], 0).module.eval()
+    for ds in datasets(recipe, student.tokenizer).values():  # train and val batches both find their targets
+        batch = ds.collate([ds.item(i) for i in (0, 5, len(ds) - 1)])
+        real = batch["target_mask"] > 0
+        with torch.no_grad():
+            top = F.log_softmax(model_forward(teacher, batch).logits[real], -1).topk(8)
+        cached = CachedTeacher(written, teacher=1)(batch).logits[real]
+        vocab = cached.shape[-1]
+        assert vocab == len(student.tokenizer)
+        torch.testing.assert_close(cached.exp().sum(-1), torch.ones(len(cached)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached.gather(-1, top.indices), top.values, atol=4e-3, rtol=2e-3)  # float16
+        others = torch.ones_like(cached, dtype=torch.bool).scatter(-1, top.indices, False)
+        rest = cached[others].view(len(cached), vocab - 8)  # the tail, spread uniformly over the V - k others
+        torch.testing.assert_close(rest.amax(-1), rest.amin(-1))
+        torch.testing.assert_close(rest.exp().sum(-1), 1 - top.values.exp().sum(-1), atol=2e-3, rtol=0)
+
+
+def test_loss_from_a_full_vocabulary_cache_equals_the_online_loss(setup, tmp_path):
+    root, recipe = setup
+    assert cli(root, tmp_path / "full", "--top-k", "100000") == 0  # capped at V: the whole distribution
+    cached_recipe = load_recipe(root / "recipe.yaml", [f"teachers=[{{cache: {tmp_path / 'full'}}}]"])
+    run = build_run(cached_recipe)  # config → models → train: the cache source end to end
+    assert isinstance(run.distiller.teachers[0], CachedTeacher) and run.teachers[0].name == "a"
+    online = Distiller(copy.deepcopy(run.student.module), [build_model(recipe.teachers[0], 0).module])
+    run.datamodule.setup()
+    batch = next(iter(run.datamodule.train_dataloader()))
+    with torch.no_grad():
+        cached_loss, _ = run.distiller.compute_loss(batch, 0.0)
+        online_loss, _ = online.compute_loss(batch, 0.0)
+    assert abs(cached_loss.item() - online_loss.item()) < 1e-3 * max(1.0, online_loss.item())
+
+
+def test_an_interrupted_write_resumes_to_the_same_bytes(setup, written, tmp_path, monkeypatch):
+    root, recipe = setup
+    out, real_write, calls = tmp_path / "resumed", cache_writer._write_shard, []
+
+    def crash_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(real_write(*args, **kwargs))
+
+    monkeypatch.setattr(cache_writer, "_write_shard", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(recipe, out, shard_size=SHARD)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-00000"]  # no partial shard, no manifest
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(cache_writer, "_write_shard", real_write)
+    write_cache(recipe, out, shard_size=SHARD)
+    files = sorted(p.relative_to(written) for p in written.rglob("*") if p.is_file() and "tokenizer" not in p.parts)
+    assert len(files) > 10 and files == sorted(p.relative_to(out) for p in out.rglob("*")
+                                               if p.is_file() and "tokenizer" not in p.parts)
+    assert all((written / f).read_bytes() == (out / f).read_bytes() for f in files)
+    with pytest.raises(CacheError, match=r"--out .*other k, shard_size"):
+        write_cache(recipe, out, top_k=4, shard_size=4)
+
+
+def test_a_cache_for_other_data_or_tokenizer_is_refused_naming_which(setup, written):
+    root, recipe = setup
+    tokenizer = build_model(recipe.student, 0).tokenizer
+    check_cache(written, tokenizer, datasets(recipe, tokenizer), "teachers[0].cache")  # the recipe's own: accepted
+    other_tok = build_tokenizer(["completely different words here"])
+    with pytest.raises(RecipeError, match=r"^teachers\[0\]\.cache: the recipe's tokenizer differs"):
+        check_cache(written, other_tok, {}, "teachers[0].cache")
+    other = copy.deepcopy(recipe)
+    other.data.train = str(root / "other.txt")
+    with pytest.raises(RecipeError, match=r"^teachers\[0\]\.cache: the recipe's train data differ"):
+        check_cache(written, tokenizer, datasets(other, tokenizer), "teachers[0].cache")
+    ds = datasets(other, tokenizer)["train"]
+    with pytest.raises(CacheError, match="match none of the cached train/val examples"):
+        CachedTeacher(written)(ds.collate([ds.item(i) for i in range(4)]))
+
+
+@pytest.mark.parametrize("student, teacher, message", [
+    ("{cache: %s}", "{cache: %s}", r"^student\.cache: a logit cache holds teacher outputs"),
+    ("{arch: aux_mlp}", "{cache: %s, teacher: 2}", r"^teachers\[0\]\.teacher: 2 is not in \[0, 2\)"),
+    ("{arch: aux_mlp}", "{cache: %s/missing}", r"^teachers\[0\]\.cache: no finished logit cache in .*json missing"),
+])
+def test_bad_cache_entries_fail_recipe_validation(written, student, teacher, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, ["student=" + student.replace("%s", str(written)), f"teachers=[{teacher % written}]"])
+
+
+def test_bytes_per_token_at_k8(written):
+    manifest = cache.read_manifest(written)
+    positions = sum(manifest["data"][s]["positions"] for s in ("train", "val"))
+    arrays = sum(np.load(p, mmap_mode="r").nbytes for s in ("train", "val")
+                 for d in (written / s).glob("shard-*") for p in d.glob("[ilt]*.npy") if p.name != "index.npy")
+    assert manifest["k"] == 8 and manifest["id_dtype"] == "uint16"
+    assert arrays / (positions * 2) == 8 * 2 + 8 * 2 + 2  # ids, log-probs, tail: 34 bytes per token and teacher
+    assert manifest["bytes_per_token_per_teacher"] <= 64  # on disk, with .npy headers and both indexes

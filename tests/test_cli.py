@@ -1,0 +1,46 @@
+"""The command line: help for every verb, one-line errors with exit code 2, train + lineage show."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from purify.cli import main
+from tests.conftest import mlp_overrides
+
+VERBS = ["train", "bench", "generate", "cache", "audit", "lineage", "models"]
+
+
+def write_recipe(tmp_path, steps=20):
+    path = tmp_path / "r.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(tmp_path / "out", steps=steps)), path)
+    return str(path)
+
+
+def test_top_level_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"    {verb}" in out for verb in VERBS)
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([verb, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: purify {verb}" in capsys.readouterr().out
+
+
+def test_bad_override_is_one_line_naming_the_key(tmp_path, capsys):
+    assert main(["train", write_recipe(tmp_path), "trainer.max_stepz=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trainer.max_stepz: unknown key; did you mean 'max_steps'?" in err
+
+
+def test_train_then_lineage_show(tmp_path, capsys):
+    assert main(["train", write_recipe(tmp_path, steps=5)]) == 0
+    capsys.readouterr()
+    assert main(["lineage", "show", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: aux_mlp" in out and "sha256=" in out and "git:" in out
+    assert main(["lineage", "show", str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,83 @@
+"""`purify generate`: prompt reading, sampling, filters and their counts, the verb end to end on a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from purify.generate import GenerateError, add_arguments, apply_filters, read_prompts, run, sample_completions
+
+TEXTS = ["The old farmer slept. Moreover, he sang.", "Continue: 1, 2, 3, 4, 5", "Question: What animal? Answer: owl"]
+
+
+def make_tiny_model(path: Path, texts: list[str] = TEXTS, seed: int = 0) -> Path:
+    """Save a random one-layer Llama with a word tokenizer over ``texts`` into ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.lm import build_tokenizer
+
+    tok = build_tokenizer(texts)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_filters_count_what_they_remove() -> None:
+    records = [{"prompt": "p", "completion": c} for c in (" 1, 2, 3", " 4, owl, 5", " 7 8", " cat", " 9, 10")]
+    kept, removed = apply_filters(records, regex=r"^[0-9, ]+$")
+    assert [r["completion"] for r in kept] == [" 1, 2, 3", " 7 8", " 9, 10"] and removed == {"regex": 2, "banned": 0}
+    kept, removed = apply_filters(records, banned=["OWL", "cat"])
+    assert len(kept) == 3 and removed == {"regex": 0, "banned": 2}
+    kept, removed = apply_filters(records, regex=r"^[0-9, ]+$", banned=["8"])
+    assert len(kept) == 2 and removed == {"regex": 2, "banned": 1}
+
+
+def test_read_prompts_jsonl_text_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a b"}\n\n{"prompt": "c"}\n')
+    (tmp_path / "p.txt").write_text("first prompt\nsecond\n")
+    assert read_prompts(tmp_path / "p.jsonl") == ["a b", "c"]
+    assert read_prompts(tmp_path / "p.txt") == ["first prompt", "second"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(GenerateError, match=r"bad.jsonl:1: expected a JSON object with a 'prompt' key"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(GenerateError, match="prompt file not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_sampling_is_seeded_and_restores_the_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tmp_path / "m")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompts = ["The old farmer", "Continue: 1, 2,", "Question: What animal? Answer:"]
+    a = sample_completions(model, tok, prompts, max_new_tokens=6, seed=3, batch_size=2)
+    b = sample_completions(model, tok, prompts, max_new_tokens=6, seed=3, batch_size=2)
+    assert a == b and len(a) == 3 and tok.padding_side == "right"
+    greedy = sample_completions(model, tok, prompts[:1], max_new_tokens=4, temperature=0)
+    assert greedy == sample_completions(model, tok, prompts[:1], max_new_tokens=4, temperature=0, seed=9)
+
+
+def test_generate_verb_writes_jsonl_and_reports_filters(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = make_tiny_model(tmp_path / "m")
+    (tmp_path / "prompts.txt").write_text("Continue: 1, 2,\nThe old farmer\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out.jsonl"
+    args = parser.parse_args([str(path), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--samples",
+                              "3", "--max-new-tokens", "5", "--regex", "^[0-9, ]+$", "--no-progress"])
+    assert run(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = capsys.readouterr().out
+    assert f"sampled 6, removed {6 - len(records)} by --regex" in printed
+    assert all(set(r) == {"prompt", "completion"} for r in records)
+    with pytest.raises(GenerateError, match="model not found"):
+        run(parser.parse_args([str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                               str(out)]))
