@@ -264,7 +264,7 @@ def validate(recipe: Recipe) -> list[Any]:
         close = difflib.get_close_matches(recipe.strategy, STRATEGIES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise RecipeError(f"strategy: unknown strategy {recipe.strategy!r}; {hint}allowed: {', '.join(STRATEGIES)}")
-    if recipe.resume is not None and not Path(recipe.resume).is_file():
+    if recipe.resume is not None and not Path(recipe.resume).exists():  # a file, or a DeepSpeed checkpoint dir
         raise RecipeError(f"resume: checkpoint not found: {recipe.resume}")
     return _check_purifiers(recipe)
 
