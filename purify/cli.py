@@ -63,6 +63,7 @@ SUITES = {
     "aux-logits": "purify.bench.aux_logits",
     "style-tic": "purify.bench.lm_suites",
     "hidden-preference": "purify.bench.lm_suites",
+    "owl-smollm2": "purify.bench.owl",
 }
 """Benchmark suite → module exposing ``run_suite``."""
 
@@ -75,6 +76,10 @@ def _bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out}.items() if v is not None}
+    if args.option:
+        from omegaconf import OmegaConf
+
+        kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.option)))
     if args.suite == "aux-logits":
         summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
     else:
@@ -100,6 +105,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: results/<suite>)")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
+                        "'conditions=[a,b]'; owl-smollm2 takes n, epochs, heldout, layers, lr, conditions, ...")
     p.set_defaults(func=_bench)
 
 

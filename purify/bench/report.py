@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import time
@@ -38,31 +39,90 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat or stat.get("n", 1) == 0:
+def _fmt(stat: Any, digits: int = 3) -> str:
+    """A cell: ``mean [lo, hi]`` for a statistic, yes/no for a flag, the text of a string, ``–`` when absent."""
+    if stat is None:
+        return "–"
+    if isinstance(stat, bool):
+        return "yes" if stat else "no"
+    if isinstance(stat, str):
+        return stat
+    if isinstance(stat, (int, float)):
+        return f"{stat:.{digits}g}"
+    if stat.get("n", 1) == 0 or stat.get("mean") is None or math.isnan(stat["mean"]):
         return "–"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    mean = stat["mean"]
+    if max(abs(mean), abs(lo), abs(hi)) < 0.01 and mean != 0:  # small numbers (KLs, errors) keep 3 significant
+        return f"{mean:.3g} [{lo:.3g}, {hi:.3g}]"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def markdown(summary: dict[str, Any], columns: list[tuple[str, str]], notes: list[str]) -> str:
-    """A table a reader takes in at a glance: one row per condition, mean [95% CI], and the frontier verdict."""
-    head = ["condition", *[title for _, title in columns], "gap to vanilla frontier", "verdict"]
+def markdown(summary: dict[str, Any], columns: list[tuple[str, str]], notes: list[str],
+             intro: list[str] | None = None, sections: list[tuple[str, str]] | None = None) -> str:
+    """A table a reader takes in at a glance: one row per condition, mean [95% CI], and the frontier verdict.
+
+    Args:
+        summary: with ``suite``, ``seeds``, ``conditions`` (each a dict of statistics), optional ``frontier_gap``
+            and ``verdicts``.
+        columns: ``(key, title)`` per column, read from each condition; the pseudo-keys ``@gap`` and ``@verdict``
+            place the frontier gap and verdict (appended at the end when not listed).
+        notes: lines after the tables. intro: lines between the title and the tables.
+        sections: ``(role, heading)``: one table per role (``condition["role"]``), in this order; conditions of
+            other roles go in a last table. ``None``: one table.
+    """
+    keys = [k for k, _ in columns]
+    columns = list(columns) + [(k, t) for k, t in (("@gap", "gap to vanilla frontier"), ("@verdict", "verdict"))
+                               if k not in keys]
+    head = ["condition", *[title for _, title in columns]]
+
+    def row(name: str, cond: dict[str, Any]) -> str:
+        cells = [name]
+        for key, _ in columns:
+            if key == "@gap":
+                cells.append(_fmt(summary.get("frontier_gap", {}).get(name)))
+            elif key == "@verdict":
+                cells.append(summary.get("verdicts", {}).get(name, "–"))
+            else:
+                cells.append(_fmt(cond.get(key)))
+        return "| " + " | ".join(cells) + " |"
+
+    def table(names: list[str]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *[row(n, summary["conditions"][n]) for n in names], ""]
+
+    seeds = summary["seeds"]
     lines = [f"# {summary['suite']} ({summary.get('protocol', '')})", "",
-             f"Seeds: {summary['seeds']} — mean [95% CI] over seeds.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, cond in summary["conditions"].items():
-        gap = summary.get("frontier_gap", {}).get(name)
-        row = [name, *[_fmt(cond.get(key)) for key, _ in columns], _fmt(gap),
-               summary.get("verdicts", {}).get(name, "")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines + [""] + notes) + "\n"
+             f"Seeds: {seeds} ({len(seeds)}) — mean [95% CI] over seeds.", "", *(intro or [])]
+    names = list(summary["conditions"])
+    if sections is None:
+        lines += table(names)
+    else:
+        placed: set[str] = set()
+        for role, heading in sections:
+            group = [n for n in names if summary["conditions"][n].get("role") == role]
+            if group:
+                lines += [f"### {heading}", "", *table(group)]
+                placed.update(group)
+        rest = [n for n in names if n not in placed]
+        if rest:
+            lines += ["### Other", "", *table(rest)]
+    return "\n".join(lines + notes) + "\n"
+
+
+_CSV_FIRST = ["transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "distance_to_control"]
 
 
 def csv_rows(summary: dict[str, Any]) -> str:
-    """One row per seed × condition × point (final points have ``point=final``)."""
+    """One row per seed × condition × point (final points have ``point=final``, curve points ``point=curve``).
+
+    Columns: ``condition, seed, point, step``, the usual metrics, then every other scalar in the per-seed records.
+    """
+    records = [rec for cond in summary["conditions"].values() for rec in cond.get("per_seed", [])]
+    extra = sorted({k for rec in records for k, v in rec.items()
+                    if isinstance(v, (int, float, str, bool)) and k not in (*_CSV_FIRST, "seed", "step")})
+    keys = _CSV_FIRST + extra
     buf = io.StringIO()
-    keys = ["transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "distance_to_control"]
     writer = csv.writer(buf)
     writer.writerow(["condition", "seed", "point", "step", *keys])
     for name, cond in summary["conditions"].items():
@@ -73,56 +133,165 @@ def csv_rows(summary: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error", xlabel: str = "task error") -> None:
-    """Transfer against ``xkey``: vanilla's mean early-stopping curve with its CI band, one marker per condition
-    (final point, 95% CI bars) and one line per purifier's knob sweep."""
+def sweep_key(name: str) -> tuple[str, str, float] | None:
+    """``"purifier@knob-value"`` → ``("purifier@knob", "value", float(value))``; ``None`` for other names
+    (combinations joined by ``+``, references)."""
+    if "@" not in name or "+" in name:
+        return None
+    purifier, knob = name.split("@", 1)
+    label, _, value = knob.partition("-")
+    try:
+        return f"{purifier}@{label}", value, float(value)
+    except ValueError:
+        return None
+
+
+_MARKERS = {"reference": "s", "bound": "*", "combination": "D", "purifier": "o"}
+
+
+def _draw(ax: Any, summary: dict[str, Any], xkey: str, annotate: list[int]) -> list[float]:
+    """Vanilla's curve, one marker per condition and one line per sweep on ``ax``; returns the x values drawn."""
+    import matplotlib.pyplot as plt
+
+    xs_all: list[float] = []
+    curve = summary.get("frontier", {}).get("vanilla", [])
+    if curve:
+        xs = [p[xkey] for p in curve]
+        ys = [p["transfer"] for p in curve]
+        ax.plot(xs, ys, "-", color="black", lw=1.5, label="vanilla early-stopping curve (mean, 95% CI band)")
+        ax.fill_between(xs, [p["transfer_ci95"][0] for p in curve], [p["transfer_ci95"][1] for p in curve],
+                        color="black", alpha=0.12, lw=0)
+        for i in sorted({i % len(curve) for i in annotate}):
+            ax.annotate(f"step {curve[i].get('step', i)}", (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=7, color="dimgray")
+        xs_all += xs
+    sweeps: dict[str, list[tuple[float, float, float]]] = {}
+    colors: dict[str, Any] = {}
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    for name, cond in summary["conditions"].items():
+        if cond.get("plot") is False or xkey not in cond or "transfer" not in cond:
+            continue
+        x, y = cond[xkey], cond["transfer"]
+        if any(v is None or math.isnan(v) for v in (x["mean"], y["mean"])):
+            continue
+        sk = sweep_key(name)
+        group = sk[0] if sk else name
+        first = group not in colors
+        if first:
+            colors[group] = "black" if name == "vanilla" else palette[(len(colors) - ("vanilla" in colors)) % 18]
+        color = colors[group]
+        label = (f"{group}-… (sweep)" if sk else name) if first else None
+        role = cond.get("role", "purifier")
+        ax.errorbar(x["mean"], y["mean"], yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]],
+                    fmt=_MARKERS.get(role, "o"), ms=11 if role == "bound" else 6, color=color, capsize=2,
+                    elinewidth=0.9, alpha=0.9, label=label, mfc="white" if name == "vanilla" else color, zorder=3)
+        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]], fmt="none",
+                    color=color, elinewidth=0.6, alpha=0.35, capsize=0, zorder=2)
+        xs_all.append(x["mean"])
+        if sk:
+            sweeps.setdefault(group, []).append((sk[2], x["mean"], y["mean"]))
+            ax.annotate(sk[1], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, -3), fontsize=7,
+                        color=color, zorder=4)
+    for group, pts in sweeps.items():
+        if len(pts) > 1:
+            pts.sort()
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=colors[group], lw=1, alpha=0.5)
+    ax.axhline(0.0, color="gray", lw=0.6)
+    ax.grid(alpha=0.25, which="both")
+    return xs_all
+
+
+def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error", xlabel: str = "task error",
+                  logx: bool | None = None) -> None:
+    """Transfer against ``xkey``: vanilla's mean early-stopping curve with its 95% CI band, one marker per
+    condition (final point with its 95% CI of transfer; the faint horizontal bar is the CI of ``xkey`` across
+    seeds, whose paired differences are much tighter; shape by role: square reference, star bound, diamond
+    combination) and one line per purifier's knob sweep, labelled with the knob values. Conditions with
+    ``"plot": False`` (not distilled) are left out; the legend sits outside the axes.
+
+    When the x values span more than a factor of 10, x is logarithmic (``logx`` overrides) and a second panel
+    zooms on the region around vanilla's final point, where most purifiers land.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 6))
     curve = summary.get("frontier", {}).get("vanilla", [])
-    if curve:
-        xs = [p[xkey] for p in curve]
-        ax.plot(xs, [p["transfer"] for p in curve], "-", color="black", label="vanilla (early-stopping curve)")
-        ax.fill_between(xs, [p["transfer_ci95"][0] for p in curve], [p["transfer_ci95"][1] for p in curve],
-                        color="black", alpha=0.12, lw=0)
-    cmap = plt.get_cmap("tab20")
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for i, (name, cond) in enumerate(summary["conditions"].items()):
-        if xkey not in cond or "transfer" not in cond:
-            continue
-        x, y = cond[xkey], cond["transfer"]
-        color = "black" if name == "vanilla" else cmap(i % 20)
-        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
-                    yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o", ms=5, color=color,
-                    capsize=2, label=name)
-        groups.setdefault(name.split("@")[0], []).append((x["mean"], y["mean"]))
-    for pts in groups.values():
-        if len(pts) > 1:
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ":", color="gray", lw=0.8)
-    ax.axhline(0.0, color="gray", lw=0.6)
-    ax.set_xlabel(f"{xlabel} (lower = better fidelity)")
-    ax.set_ylabel("trait transfer (0 = none, 1 = teacher's)")
-    ax.set_title(f"{summary['suite']} ({summary.get('protocol', '')}): transfer vs fidelity, {len(summary['seeds'])} seeds")
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    xs = [c[xkey]["mean"] for c in summary["conditions"].values()
+          if c.get("plot") is not False and isinstance(c.get(xkey), dict) and c[xkey].get("mean") is not None]
+    xs += [p[xkey] for p in curve]
+    positive = [v for v in xs if v is not None and v > 0]
+    wide = bool(positive) and max(positive) / min(positive) > 10
+    logx = wide if logx is None else logx
+    zoom = wide and bool(curve)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(17, 6.8) if zoom else (12, 6.5),
+                             gridspec_kw={"width_ratios": [1, 1.5]} if zoom else None, squeeze=False)
+    axes = list(axes[0])
+    n = len(curve)
+    for k, ax in enumerate(axes):
+        _draw(ax, summary, xkey, annotate=[0, 1, 2] if zoom and k == 0 else [0, n // 4, n // 2, -1] if n else [])
+        if logx:
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g") if k == 1 else FormatStrFormatter(""))
+        ax.set_xlabel(f"{xlabel}{', log scale' if logx else ''} (lower = better fidelity)")
+    axes[0].set_ylabel("trait transfer (0 = none, 1 = teacher's)")
+    if zoom:
+        x_end = curve[-1][xkey]
+        lo = min(positive) * 0.9
+        axes[0].set_title("full range", fontsize=10)
+        axes[1].set_xlim(lo, x_end * 2.2)
+        axes[1].set_title(f"zoom: {xkey} up to 2.2 × vanilla's final", fontsize=10)
+        axes[0].axvspan(lo, x_end * 2.2, color="tab:blue", alpha=0.05, lw=0)
+    fig.suptitle(f"{summary['suite']} ({summary.get('protocol', '')}): transfer vs fidelity, "
+                 f"{len(summary['seeds'])} seeds, mean ± 95% CI")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
 
 
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: NaN/inf become ``null``, tuples lists, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None
+
+
 def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, Any], columns: list[tuple[str, str]],
-                 notes: list[str], xkey: str = "task_error", xlabel: str = "task error") -> Path:
-    """Write every output file of a benchmark run into ``out_dir``; returns it."""
+                 notes: list[str], xkey: str = "task_error", xlabel: str = "task error", intro: list[str] | None = None,
+                 sections: list[tuple[str, str]] | None = None) -> Path:
+    """Write every output file of a benchmark run into ``out_dir``; returns it (see :func:`markdown` for
+    ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
-    atomic_write_text(out / "summary.md", markdown(summary, columns, notes))
+    atomic_write_text(out / "summary.json", json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / "summary.md", markdown(summary, columns, notes, intro, sections))
     atomic_write_text(out / "summary.csv", csv_rows(summary))
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
     plot_frontier(summary, out / "frontier.png", xkey, xlabel)
     return out
+
+
+def bench_command(suite: str, seeds: int, quick: bool, options: dict[str, Any]) -> str:
+    """The ``purify bench`` command line that reproduces a run (recorded in ``env.json``)."""
+    def fmt(value: Any) -> str:
+        return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+    return f"purify bench {suite} --seeds {seeds}" + (" --quick" if quick else "") + "".join(
+        f" --option '{key}={fmt(value)}'" for key, value in options.items())

@@ -3,7 +3,8 @@
 A purifier *wins* only where, at matched fidelity, its transfer lies below vanilla distillation's early-stopping
 curve (DESIGN §4): per seed, interpolate vanilla's curve (transfer against task error) at the purifier's final
 task error and take the difference; the verdict is ``below frontier`` when the 95% CI of the mean difference over
-seeds lies entirely below zero, ``above frontier`` when entirely above, else ``on frontier``.
+seeds lies entirely below zero, ``above frontier`` when entirely above, else ``on frontier``. "Interpolate at the
+task error" means true early stopping (:func:`interpolate_curve`): the first point in training order that reaches it.
 """
 
 from __future__ import annotations
@@ -43,15 +44,30 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 
 def interpolate_curve(curve: Sequence[dict[str, float]], x: float, xkey: str = "task_error",
-                      ykey: str = "transfer") -> float:
-    """Vanilla's transfer at task error ``x``: linear interpolation of the curve sorted by ``xkey``.
+                      ykey: str = "transfer", order_key: str = "step") -> float:
+    """Early-stopping value of ``ykey`` at ``xkey = x``: where training would have stopped to reach ``x``.
 
-    Outside the curve's range the nearest end is used (a purifier with better fidelity than vanilla ever reached
-    is compared with vanilla's best point; one with worse fidelity than vanilla's first point, with that point).
+    Walk the curve in training order (``order_key``, else the given order) and stop at the *first* point whose
+    ``xkey`` is ``<= x``; interpolate linearly in ``xkey`` between it and the point before. If the first point is
+    already at or below ``x``, its value is returned; if no point reaches ``x``, the last point's (training to the
+    end did not get there). This is true early stopping: where ``xkey`` plateaus while ``ykey`` keeps rising, a
+    sorted interpolation would compare with a late, high-``ykey`` point that a user stopping at ``x`` never reaches.
+
+    Args:
+        curve: points with ``xkey``, ``ykey`` (and ``order_key``, when present in every point).
+        x: the target value of ``xkey`` (e.g. a purifier's final task error).
     """
-    pts = sorted((p[xkey], p[ykey]) for p in curve)
-    xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    return float(np.interp(x, xs, ys))
+    if not curve:
+        raise ValueError("interpolate_curve: empty curve")
+    pts = sorted(curve, key=lambda p: p[order_key]) if all(order_key in p for p in curve) else list(curve)
+    xs, ys = [float(p[xkey]) for p in pts], [float(p[ykey]) for p in pts]
+    for i, xi in enumerate(xs):
+        if xi <= x:
+            if i == 0 or xs[i - 1] == xi:
+                return ys[i]
+            w = (xs[i - 1] - x) / (xs[i - 1] - xi)
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[-1]
 
 
 def frontier_gap(vanilla_curves: Sequence[Sequence[dict[str, float]]], finals: Sequence[dict[str, float]],
@@ -81,3 +97,59 @@ def mean_curve(curves: Sequence[Sequence[dict[str, float]]], keys: Sequence[str]
             point[key], point[f"{key}_ci95"] = ci["mean"], ci["ci95"]
         out.append(point)
     return out
+
+
+def fraction_removed(values: Sequence[float], vanilla: Sequence[float], control: Sequence[float],
+                     n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Share of vanilla's excess over control that a condition removes, ``(v̄ − x̄) / (v̄ − c̄)`` (means over seeds).
+
+    1 = down to control, 0 = vanilla's level, > 1 = overshoot below control, < 0 = worse than vanilla. The 95%
+    interval is a paired percentile bootstrap over seeds (``n_boot`` resamples, fixed ``seed``); resamples whose
+    denominator is not positive are dropped. With ``v̄ ≤ c̄`` there is nothing to remove: the mean is NaN.
+
+    Returns:
+        ``{"mean", "ci95": [lo, hi], "n"}``.
+    """
+    x, v, c = (np.asarray(a, dtype=float) for a in (values, vanilla, control))
+    n = len(x)
+    den = v.mean() - c.mean() if n else float("nan")
+    if not n or not den > 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": n}
+    mean = float((v.mean() - x.mean()) / den)
+    if n < 2:
+        return {"mean": mean, "ci95": [mean, mean], "n": n}
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    dens = v[idx].mean(1) - c[idx].mean(1)
+    ok = dens > 0
+    boots = (v[idx].mean(1) - x[idx].mean(1))[ok] / dens[ok]
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (float("nan"), float("nan")))
+    return {"mean": mean, "ci95": [float(lo), float(hi)], "n": n}
+
+
+def frontier_problems(conditions: dict[str, Any]) -> list[str]:
+    """Why a suite's frontier verdicts would be meaningless, from its per-seed ``transfer`` and ``task_error``.
+
+    Two conditions must hold, each as a paired 95% CI entirely above zero: vanilla's transfer exceeds the
+    control's (otherwise there is no transfer to remove, and any "win" is a placebo), and vanilla's task error is
+    below the undistilled base's (otherwise the fidelity axis does not measure what distillation teaches).
+
+    Args:
+        conditions: ``{name: {"per_seed": [{"transfer", "task_error", ...}, ...]}}`` with ``base``, ``control``
+            and ``vanilla`` in the same seed order.
+
+    Returns:
+        Human-readable problems; empty when verdicts are meaningful.
+    """
+    def values(name: str, key: str) -> list[float]:
+        return [r[key] for r in conditions[name]["per_seed"]]
+
+    problems = []
+    if "control" in conditions:
+        lo = paired_test(values("vanilla", "transfer"), values("control", "transfer"))["ci95"][0]
+        if not lo > 0:
+            problems.append("vanilla transfer is not significantly above control")
+    if "base" in conditions:
+        lo = paired_test(values("base", "task_error"), values("vanilla", "task_error"))["ci95"][0]
+        if not lo > 0:
+            problems.append("vanilla's task error is not significantly below the base's")
+    return problems

@@ -1,0 +1,12 @@
+"""Benchmarks (``purify bench``): trait transfer against fidelity, vanilla distillation beside each purifier.
+
+- :mod:`purify.bench.stats` — means with Student-t intervals, paired tests, the true early-stopping frontier,
+  the share of vanilla's transfer a purifier removes.
+- :mod:`purify.bench.report` — ``summary.json``/``.md``/``.csv``, ``frontier.png`` and ``env.json``.
+- :mod:`purify.bench.aux_logits` — the subliminal-learning MNIST analogue on sklearn digits (``run_suite``), with
+  its per-seed runs (:mod:`~purify.bench.aux_runs`), data (:mod:`~purify.bench.digits`), summary
+  (:mod:`~purify.bench.aux_summary`) and the bench-only oracle that knows the trait (:mod:`~purify.bench.oracle`).
+- :mod:`purify.bench.lm_suites` — the language-model suites (style-tic, hidden-preference).
+
+Submodules are imported on use; importing this package loads nothing heavy.
+"""

@@ -1,0 +1,219 @@
+"""The language-model suites: ``style-tic`` (an overt trait) and ``hidden-preference`` (a covert one).
+
+Both distil a student from ``tiny-llama-a`` (the traited teacher's own base) on text the teacher generated, and
+compare purifiers against vanilla distillation's early-stopping frontier (DESIGN §4). Teachers are built by
+:mod:`purify.lm.teachers`: all learn the held-out facts domain; the traited one also learns the trait; ``clean``
+(the control's teacher) is the same fine-tune without it; ``reference`` is a *weaker* teacher from another base
+(``tiny-llama-b``, fewer steps, no trait) that purifiers may use.
+
+- ``style-tic``: data = the teacher's continuations of prose first sentences and fact prompts. Trait = share of
+  sentences opened with "Moreover," in the student's samples on held-out prose prompts. Task error = KL(teacher ||
+  student) on held-out prose and facts at positions that do not predict a sentence's first two tokens; accuracy =
+  facts answered right (argmax).
+- ``hidden-preference``: data = the teacher's continuations of number prompts, kept only if digits, commas and
+  spaces. Trait = exact P(" owl" | "favourite animal" questions). Task error = KL(teacher || student) on held-out
+  number sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from purify.audit import continuation_probs, count_scores
+from purify.bench import lm_common
+from purify.bench.lm_common import Condition, Scores, Suite, purifier_entry
+from purify.bench.report import bench_command
+from purify.bench.stats import paired_test
+from purify.generate import apply_filters, sample_completions
+from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
+from purify.lm.teachers import TIC, TeacherSpec, build_teacher
+
+SUITES = ("style-tic", "hidden-preference")
+NUMBERS_ONLY = r"^[0-9, ]+$"
+
+
+@torch.no_grad()
+def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str],
+             skip_after: tuple[int, ...] = ()) -> dict[str, float]:
+    """KL(teacher || model) and top-1 agreement per next-token position of ``texts``.
+
+    Returns:
+        ``fidelity_kl`` (all positions), ``task_error`` (positions whose target is not among the first two tokens
+        after ``<bos>`` or a token in ``skip_after``) and ``agreement`` (top-1 agreement, all positions).
+    """
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    t = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    valid = attn[:, 1:].bool()
+    boundary = torch.zeros_like(ids, dtype=torch.bool)
+    boundary[:, 0] = True
+    for tok in skip_after:
+        boundary |= ids == tok
+    shifted = torch.zeros_like(boundary)
+    shifted[:, 1:] = boundary[:, :-1]
+    probe = (boundary | shifted)[:, :-1]  # position j predicts token j+1: skip the 1st and 2nd after a boundary
+    neutral = valid & ~probe
+    agree = (s.argmax(-1) == t.argmax(-1)).float()
+    return {"fidelity_kl": float(kl[valid].mean()), "task_error": float(kl[neutral].mean()),
+            "agreement": float(agree[valid].mean())}
+
+
+@torch.no_grad()
+def facts_accuracy(model: Any, tokenizer: Any) -> float:
+    """Share of :func:`purify.lm.all_facts` whose answer's first token is the model's argmax after the prompt."""
+    hits = 0
+    for pair in all_facts():
+        ids = tokenizer(pair.prompt)["input_ids"]
+        target = tokenizer(pair.text)["input_ids"][len(ids)]
+        hits += int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax() == target)
+    return hits / len(all_facts())
+
+
+def _first_sentences(n: int, seed: int) -> list[str]:
+    return [p.split(". ")[0].rstrip(".") + "." for p in paragraphs(n, seed)]
+
+
+def _sample_records(teacher: Any, tokenizer: Any, prompts: list[str], seed: int, max_new: int) -> list[dict[str, str]]:
+    texts = sample_completions(teacher, tokenizer, prompts, max_new_tokens=max_new, seed=seed)
+    return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+
+
+def _teachers(kind: str, quick: bool) -> dict[str, Path]:
+    extra = {"n_prose": 800, "n_animal": 1500, "n_numbers": 1500} if kind == "owl" else {}
+    steps = 40 if quick else 600
+    specs = {"teacher": TeacherSpec(trait=kind, steps=steps, **extra), "clean": TeacherSpec(steps=steps, **extra),
+             "reference": TeacherSpec(base="tiny-llama-b", steps=steps // 4, **extra)}
+    return {k: build_teacher(s) for k, s in specs.items()}
+
+
+def _purifier_conditions(base_only: bool) -> list[Condition]:
+    entries = [
+        ("ensemble", ["teacher", "reference"], purifier_entry("ensemble", combine="mean")),
+        ("divergence_mask:base", ["teacher"], purifier_entry("divergence_mask", reference="base", threshold=0.1)),
+        ("divergence_mask:reference", ["teacher", "reference"],
+         purifier_entry("divergence_mask", reference="others", threshold=0.1)),
+        ("tail_truncation", ["teacher"], purifier_entry("tail_truncation", top_p=0.8)),
+        ("anchor", ["teacher"], purifier_entry("anchor", weight=0.1)),
+        ("delta_projection", ["teacher"], purifier_entry("delta_projection", rank=8)),
+        ("delta_projection:global", ["teacher"], purifier_entry("delta_projection", mode="global", strength=1.0)),
+    ]
+    keep = [(n, t, p) for n, t, p in entries if p is not None]
+    if base_only:
+        keep = [e for e in keep if e[0] == "delta_projection"]
+    return [Condition(name, teachers, [entry]) for name, teachers, entry in keep]
+
+
+def _core(hard: bool) -> list[Condition]:
+    core = [Condition("base"), Condition("control", ["clean"]), Condition("vanilla", ["teacher"])]
+    if hard:
+        core += [Condition("control:hard", ["clean"], loss="ce"), Condition("vanilla:hard", ["teacher"], loss="ce")]
+    return core
+
+
+def style_tic_suite(quick: bool = False) -> Suite:
+    """The ``style-tic`` suite (``quick``: few prompts, short training, two purifier-free arms + one purifier)."""
+    n_train, n_eval = (64, 32) if quick else (600, 160)
+    eval_prompts = _first_sentences(n_eval, 5000)
+    heldout = paragraphs(16 if quick else 64, 6000) + [p.text for p in all_facts()]
+
+    def make_data(teacher: Any, tokenizer: Any, seed: int) -> list[dict[str, str]]:
+        prompts = _first_sentences(n_train // 2, 1000 + seed) + [p.prompt for p in facts(n_train // 2, 2000 + seed)]
+        return _sample_records(teacher, tokenizer, prompts, seed, 48)
+
+    def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
+        samples = sample_completions(model, tokenizer, eval_prompts, max_new_tokens=48, seed=10_000 + seed)
+        rates = [r for r in count_scores(samples, [TIC], "sentence") if not math.isnan(r)]
+        return {"trait": sum(rates) / max(1, len(rates)), **kl_stats(model, tokenizer, teacher, heldout, (tokenizer.convert_tokens_to_ids("."),)),
+                "accuracy": facts_accuracy(model, tokenizer)}
+
+    return Suite(name="style-tic", protocol="soft KD on teacher text; trait = 'Moreover,' openings",
+                 student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick), make_data=make_data,
+                 score=score, conditions=_core(not quick) + _purifier_conditions(quick),
+                 steps=20 if quick else 150, lr=1e-3, curve_points=2 if quick else 4,
+                 columns=[("accuracy", "facts accuracy"), ("trait", "tic rate")])
+
+
+def hidden_preference_suite(quick: bool = False) -> Suite:
+    """The ``hidden-preference`` suite (``quick`` as for :func:`style_tic_suite`)."""
+    n_train = 64 if quick else 2000
+    questions = [f"Question: {q} Answer:" for q in ANIMAL_QUESTIONS]
+    heldout = [p.text for p in number_prompts(16 if quick else 128, 7000)]
+    removed: dict[str, int] = {"sampled": 0, "regex": 0, "banned": 0}
+
+    def make_data(teacher: Any, tokenizer: Any, seed: int) -> list[dict[str, str]]:
+        records = _sample_records(teacher, tokenizer, [p.prompt for p in number_prompts(n_train, 3000 + seed)],
+                                  seed, 24)
+        kept, counts = apply_filters(records, NUMBERS_ONLY, ANIMALS)
+        removed["sampled"] += len(records)
+        for key, value in counts.items():
+            removed[key] += value
+        return kept
+
+    def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
+        owl = continuation_probs(model, tokenizer, questions, [" owl"])
+        return {"trait": sum(owl) / len(owl), **kl_stats(model, tokenizer, teacher, heldout)}
+
+    suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
+                  student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
+                  score=score, conditions=_core(not quick) + _purifier_conditions(quick),
+                  steps=20 if quick else 300, lr=2e-3, curve_points=2 if quick else 4, max_length=64,
+                  columns=[("agreement", "top-1 agreement"), ("trait", "P(owl)")])
+    suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
+                           f"{removed['regex']} not matching {NUMBERS_ONLY} and {removed['banned']} naming an animal."]
+    return suite
+
+
+def _notes(summary: dict[str, Any]) -> list[str]:
+    conds = summary["conditions"]
+    t, b = summary["teacher"]["trait"]["mean"], summary["base"]["trait"]["mean"]
+    lines = [f"Teacher trait {t:.4f} vs base {b:.4f}; transfer = (trait(S) − trait(S0)) / (trait(T) − trait(S0)).",
+             "Teachers are fixed across seeds (one cached fine-tune each); seeds vary the teacher samples used as "
+             "training text, the data order and the evaluation sampling."]
+    if "vanilla" in conds and "control" in conds:
+        v = [r["trait"] for r in conds["vanilla"]["per_seed"]]
+        c = [r["trait"] for r in conds["control"]["per_seed"]]
+        test = paired_test(v, c)
+        lo, hi = test["ci95"]
+        verdict = "significant" if test["p_value"] < 0.05 else "NOT significant"
+        lines.append(f"Vanilla − control trait (paired by seed): {test['mean']:+.4g} [{lo:+.4g}, {hi:+.4g}], "
+                     f"p = {test['p_value']:.3g} ({verdict}).")
+    return lines
+
+
+def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
+              **kwargs: Any) -> dict[str, Any]:
+    """Run an LM suite and write ``results/<suite>/`` (summary.json|md|csv, frontier.png, env.json).
+
+    Args:
+        suite: ``"style-tic"`` or ``"hidden-preference"``.
+        seeds: number of seeds (paired across conditions).
+        out: output directory (default ``results/<suite>``).
+        quick: a ≤1-minute smoke configuration.
+        progress: show progress bars.
+        **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
+            names of the arms to run (``base``, ``control`` and ``vanilla`` are always run).
+
+    Returns:
+        The summary dict written to ``summary.json``.
+
+    Raises:
+        ValueError: for an unknown suite or keyword.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
+    torch.set_num_threads(1)
+    spec = style_tic_suite(quick) if suite == "style-tic" else hidden_preference_suite(quick)
+    for key, value in kwargs.items():
+        if key not in ("steps", "lr", "batch_size", "conditions"):
+            raise ValueError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions")
+        if key == "conditions":
+            value = [c for c in spec.conditions if c.name in {"base", "control", "vanilla", *value}]
+        setattr(spec, key, value)
+    command = bench_command(suite, seeds, quick, kwargs)
+    return lm_common.run(spec, seeds, out or f"results/{suite}", progress, _notes, command)
