@@ -11,6 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Two shared cores: one torch thread per test process is steadier and faster than two that contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp_overrides(out_dir, steps: int = 20, **extra: object) -> list[str]:
     """Dotlist for a tiny aux-MLP distillation on noise (no tokenizer, no files)."""
     spec = "{arch: aux_mlp, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}"

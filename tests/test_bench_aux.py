@@ -23,13 +23,6 @@ from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionCo
 from tests.conftest import mlp_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------ the suite end to end (quick)
 @pytest.fixture(scope="module")

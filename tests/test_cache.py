@@ -27,13 +27,6 @@ LLAMA = ("{model_type: llama, hidden_size: %d, intermediate_size: 32, num_hidden
 SHARD, BATCH = 16, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

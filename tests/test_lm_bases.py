@@ -18,14 +18,6 @@ TINY = BaseSpec(arch="llama", seed=0, tokenizer="word", hidden=32, layers=1, hea
 """A few-second base: enough steps to beat its initial loss by a wide margin."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one thread is several times faster than two that contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
