@@ -85,7 +85,12 @@ def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], da
     """
     files = []
     for item in data:
-        if Path(str(item)).is_file():
+        if str(item) == "bundled":  # the package's synthetic corpus
+            from importlib import resources
+
+            bundled = resources.files("purify").joinpath("data/tiny_corpus.txt")
+            files.append({"path": "bundled", "sha256": hashlib.sha256(bundled.read_bytes()).hexdigest()})
+        elif Path(str(item)).is_file():
             files.append({"path": str(item), "sha256": file_sha256(item)})
         else:
             files.append({"path": str(item), "sha256": None})
