@@ -26,13 +26,6 @@ WORD_SPANS = [(0, 0), (0, 3), (3, 7), (7, 11), (11, 12), (12, 13), (13, 14), (14
 CHAR_SPANS = [(0, 0)] + [(i, i + 1) for i in range(15)] + [(15, 15)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
