@@ -323,3 +323,20 @@ def test_each_purifier_trains_end_to_end_and_logs(tmp_path, monkeypatch, name, e
     for key in keys:
         assert f"purify/0_{name}/{key}" in metrics
     assert metrics.get(f"purify/0_{name}/projected_norm", 1.0) > 0
+
+
+def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
+    from purify.config import RecipeError, load_recipe
+    from tests.conftest import mlp_overrides
+
+    two = ("[{arch: aux_mlp, seed: 7, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}, "
+           "{arch: aux_mlp, seed: 8, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}]")
+    ok = load_recipe(None, mlp_overrides(tmp_path, teachers=two,
+                                         purifiers="[{name: adversary, target: lineage}, {name: anchor}]"))
+    assert [p["name"] for p in ok.purifiers] == ["adversary", "anchor"]
+    with pytest.raises(RecipeError, match=r"purifiers\[1\]\.target: 'lineage' .* must be the first purifier"):
+        load_recipe(None, mlp_overrides(tmp_path, teachers=two,
+                                        purifiers="[{name: anchor}, {name: adversary, target: lineage}]"))
+    with pytest.raises(RecipeError, match=r"purifiers\[0\]\.target: 'lineage' .* ensemble"):
+        load_recipe(None, mlp_overrides(tmp_path, teachers=two,
+                                        purifiers="[{name: adversary, target: lineage}, {name: ensemble}]"))

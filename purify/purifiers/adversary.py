@@ -68,6 +68,13 @@ class AdversaryConfig:
         if self.target == "lineage" and len(recipe.teachers) < 2:
             raise RecipeError(f"target: 'lineage' needs at least 2 teachers, got {len(recipe.teachers)}; add a "
                               "teacher, or use target: source with data records carrying a 'source' field")
+        names = [entry.get("name") for entry in recipe.purifiers]
+        if self.target == "lineage" and "ensemble" in names:
+            raise RecipeError("target: 'lineage' gives each example one teacher's targets, which an ensemble purifier "
+                              "would overwrite; drop the ensemble or use target: source")
+        if self.target == "lineage" and names.index("adversary") > 0:
+            raise RecipeError("target: 'lineage' sets each example's teacher, so the adversary must be the first "
+                              f"purifier (it is at position {names.index('adversary')}); move it to the front")
         if self.target == "source" and self.num_sources < 2:
             raise RecipeError(f"num_sources: must be >= 2, got {self.num_sources}")
 
