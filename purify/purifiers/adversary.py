@@ -15,8 +15,8 @@ Labels (``target``):
   assignment must be a function of the inputs: the head only sees the student's features of the inputs, so a
   label that changed with batch order would be unreadable by construction. A student that imitates teacher A on
   some inputs and teacher B on others has to represent which one it is imitating; the reversal removes that, which
-  leaves what the teachers share. List the adversary before other target-side purifiers (it picks raw teacher
-  logits) and not together with ``ensemble`` (which would recombine all teachers).
+  leaves what the teachers share. Recipe validation requires it to be the first purifier (it picks raw teacher
+  logits) and refuses it beside ``ensemble`` (which would recombine all teachers).
 
 The loss term returned to the distiller is ``CE - CE.detach()``: zero in value (the student maximises what the head
 minimises, so the game has no value to add to the objective and ``train/loss`` stays comparable with vanilla), with
