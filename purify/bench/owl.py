@@ -29,7 +29,7 @@ from purify.bench.lm_common import Condition, Scores, Suite
 from purify.bench.report import bench_command, environment, write_report
 from purify.config import LossConfig, OptimConfig
 from purify.generate import apply_filters, load_model, sample_completions
-from purify.lm.cache import cache_root
+from purify.storage import cache_root
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 from purify.purifiers.base import ModelOutput

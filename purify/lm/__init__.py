@@ -13,7 +13,8 @@ Example:
 """
 
 from purify.lm.bases import BASES, BaseSpec, base_tokenizer, resolve_base
-from purify.lm.cache import cache_root, read_meta
+from purify.lm.cache import read_meta
+from purify.storage import cache_root
 from purify.lm.corpus import (
     ANIMAL_QUESTIONS,
     ANIMALS,

@@ -29,7 +29,8 @@ from transformers import (
 )
 
 from purify.lm import corpus
-from purify.lm.cache import atomic_dir, cache_root, digest, write_meta
+from purify.lm.cache import atomic_dir, digest, write_meta
+from purify.storage import cache_root
 from purify.lm.tokenizer import TokenizerKind, build_tokenizer
 from purify.lm.training import eval_loss, pack, train_causal_lm
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,17 +20,6 @@ from typing import Any
 META_FILE = "purify_lm.json"
 """Name of the metadata file written beside every cached model."""
 
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache root: ``cache_dir`` if given, else ``$PURIFY_CACHE``, else ``~/.cache/purify``.
-
-    Args:
-        cache_dir: explicit root, overriding the environment.
-
-    Returns:
-        The root path, ``~`` expanded (not created).
-    """
-    return Path(cache_dir or os.environ.get("PURIFY_CACHE") or "~/.cache/purify").expanduser()
 
 
 def digest(obj: Any) -> str:
@@ -45,21 +33,6 @@ def digest(obj: Any) -> str:
     """
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes.
-
-    Args:
-        path: the file.
-
-    Returns:
-        64 hex characters.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:

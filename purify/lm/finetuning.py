@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from purify.lm.cache import atomic_dir, cache_root, digest, file_digest, read_meta, write_meta
+from purify.lm.cache import atomic_dir, digest, read_meta, write_meta
+from purify.storage import cache_root, file_sha256
 from purify.lm.training import eval_loss, pack, train_causal_lm
 
 _EVAL_BLOCKS = 64
@@ -21,7 +22,7 @@ _EVAL_BLOCKS = 64
 
 def _weights_digest(model_dir: Path) -> str:
     files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "tokenizer.json"]
-    return digest([file_digest(f) for f in files])
+    return digest([file_sha256(f) for f in files])
 
 
 def finetune(
