@@ -12,13 +12,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from purify.storage import file_sha256
+from purify.storage import atomic_path, file_sha256
 
 PACKAGES = ("purify", "torch", "lightning", "transformers", "torchmetrics", "omegaconf", "deepspeed")
 LINEAGE_FILE = "lineage.json"
@@ -49,18 +48,10 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], data: list[str | Path],

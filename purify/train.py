@@ -29,6 +29,7 @@ from purify.lineage import atomic_write_text, build_lineage, write_lineage
 from purify.models import LoadedModel, build_model, same_tokenizer, state_sha256
 from purify.module import Distiller
 from purify.purifiers import build_purifier
+from purify.storage import atomic_path
 from purify.purifiers.cross_base import resolve_teachers
 
 
@@ -37,16 +38,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous checkpoint intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Lightning checkpoints hold optimizer state and plain containers; weights_only keeps loading safe.

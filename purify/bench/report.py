@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from purify.lineage import atomic_write_text, git_sha, versions
+from purify.storage import atomic_path
 
 
 def environment(seeds: list[int], wall_seconds: float, command: str) -> dict[str, Any]:
@@ -250,10 +251,9 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
                  f"{len(summary['seeds'])} seeds, mean ± 95% CI")
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def jsonable(obj: Any) -> Any:
