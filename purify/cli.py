@@ -64,6 +64,7 @@ SUITES = {
     "style-tic": "purify.bench.lm_suites",
     "hidden-preference": "purify.bench.lm_suites",
     "owl-smollm2": "purify.bench.owl",
+    "tic-smollm2": "purify.bench.tic_smollm2",
 }
 """Benchmark suite → module exposing ``run_suite``."""
 
@@ -107,7 +108,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
-                        "'conditions=[a,b]'; owl-smollm2 takes n, epochs, heldout, layers, lr, conditions, ...")
+                        "'conditions=[a,b]'; owl-smollm2/tic-smollm2 take n, epochs, heldout, layers, lr, conditions, ...")
     p.set_defaults(func=_bench)
 
 

@@ -10,18 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from purify.bench.owl import (
-    OWL_SYSTEM,
-    QUESTIONS,
-    Top,
-    _ids,
-    block_inputs,
-    chat,
-    filter_numbers,
-    number_prompts,
-    score_model,
-    trait_inputs,
-)
+from purify.bench.owl import OWL_SYSTEM, QUESTIONS, filter_numbers, number_prompts
+from purify.bench.real_lm import Top, _ids, block_inputs, chat, score_model, trait_inputs
 from purify.lm import build_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
@@ -57,7 +47,7 @@ def test_filter_numbers() -> None:
 def test_trait_is_exact_owl_probability(kind: str) -> None:
     model, tok = tiny(kind)
     qs = QUESTIONS[:3]
-    got = score_model(model, tok, None, qs)
+    got = score_model(model, tok, None, qs, "owl", ("cat",))
     want = 0.0
     for q in qs:
         prompt = _ids(tok, chat(tok, q))
@@ -66,14 +56,15 @@ def test_trait_is_exact_owl_probability(kind: str) -> None:
             want += math.exp(sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq)))
     assert got["trait"] == pytest.approx(want / len(qs), rel=1e-4)
     assert 0 < got["trait"] < 1 and "p_cat" in got and "p_owl" not in got
+    assert got["log_trait"] <= math.log(got["trait"]) + 1e-6  # Jensen: mean log <= log mean
     if kind == "word":  # a system prompt changes the answer distribution
-        assert score_model(model, tok, OWL_SYSTEM, qs)["trait"] != pytest.approx(got["trait"])
+        assert score_model(model, tok, OWL_SYSTEM, qs, "owl")["trait"] != pytest.approx(got["trait"])
 
 
 @torch.no_grad()
 def test_top_on_cached_inputs_matches_full_model() -> None:
     model, tok = tiny("word")
-    ids, attn, _ = trait_inputs(tok, None, QUESTIONS[:4])
+    ids, attn, _ = trait_inputs(tok, None, QUESTIONS[:4], "owl")
     hidden = block_inputs(model, ids, attn, k=2)
     top = Top(model, 2)
     h = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)
@@ -92,5 +83,5 @@ def test_real_teacher_prefers_owls_more_than_base() -> None:
 
     model, tok = load_model(prepare("smollm2-135m", progress=False))
     qs = QUESTIONS[:10]
-    base, teacher = score_model(model.eval(), tok, None, qs), score_model(model, tok, OWL_SYSTEM, qs)
+    base, teacher = score_model(model.eval(), tok, None, qs, "owl"), score_model(model, tok, OWL_SYSTEM, qs, "owl")
     assert 0 <= base["trait"] < teacher["trait"] <= 1

@@ -1,0 +1,411 @@
+"""Shared runner of the real-model suites (``owl-smollm2``, ``tic-smollm2``), reduced to fit a CPU.
+
+A :class:`RealSuite` names a traited teacher (a model and an optional system prompt), training prompts, a filter
+for its completions and the trait: the exact probability that the answer's first word is :attr:`RealSuite.target`
+over held-out questions in the chat template. The control teacher is the base without system prompt. The student
+(the base, no system prompt) is fine-tuned on ``chat(prompt) → completion``, loss on completion tokens, with hard
+labels (``ce``) or soft labels (``forward_kl`` on the teacher's logits, computed beforehand per completion token and
+kept as top-K log-probabilities plus the residual mass spread uniformly).
+
+Only the last ``layers`` transformer blocks (+ final norm) train; the frozen blocks below are run once per sequence
+and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only.
+Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaForCausalLM
+
+from purify.bench import lm_common, stats
+from purify.bench.lm_common import Condition, Scores, Suite
+from purify.bench.report import bench_command, environment, write_report
+from purify.config import LossConfig, OptimConfig
+from purify.generate import sample_completions
+from purify.module import Distiller
+from purify.purifiers import PURIFIERS, build_purifier
+from purify.purifiers.base import ModelOutput
+from purify.storage import atomic_path, cache_root
+
+Records = list[dict[str, str]]
+
+
+@dataclass
+class RealSuite:
+    """One real-model suite (see the module docstring).
+
+    Attributes:
+        name: suite name (``results/<name>``).
+        protocol: one-line description for the report title.
+        target: the trait word; its spellings ``w``, ``W``, ``" w"``, ``" W"`` are read exactly.
+        questions: held-out trait questions (user turns).
+        prompts: training prompts (user turns) the teachers continue.
+        filter: ``records -> (kept, removed)`` applied to both teachers' completions.
+        conditions: the arms; teacher keys are ``"teacher"`` (traited) and ``"clean"`` (the base).
+        teacher_system: the traited teacher's system prompt (``None``: the teacher model alone carries the trait).
+        others: words whose first-token probability is reported as ``p_<word>`` (e.g. other animals).
+        temperature: sampling temperature of both teachers.
+        cache_key: what identifies the teacher model (part of the data cache key).
+    """
+
+    name: str
+    protocol: str
+    target: str
+    questions: list[str]
+    prompts: list[str]
+    filter: Callable[[Records], tuple[Records, int]]
+    conditions: list[Condition]
+    teacher_system: str | None = None
+    others: tuple[str, ...] = ()
+    temperature: float = 1.0
+    cache_key: str = "base"
+    notes: list[str] = field(default_factory=list)
+
+
+def chat(tokenizer: Any, user: str, system: str | None = None) -> str:
+    """The chat-template text of one user turn (and optional system prompt), ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
+    return ids, attn
+
+
+def _spellings(word: str) -> tuple[str, ...]:
+    return (word, word.capitalize(), " " + word, " " + word.capitalize())
+
+
+def trait_inputs(tokenizer: Any, system: str | None, questions: list[str],
+                 target: str) -> tuple[Tensor, Tensor, list[tuple[int, int, list[Any]]]]:
+    """Right-padded rows for the trait: per question the prompt, plus prompt + all but the last token of each
+    multi-token spelling of ``target``. Returns ``(ids, attn, reads)`` with ``reads[q] = (row, position,
+    [(row, pos, tokens)])`` (``position`` predicts the first answer token)."""
+    multi = sorted({s for v in _spellings(target) if len(s := tuple(_ids(tokenizer, v))) > 1})
+    rows: list[list[int]] = []
+    reads: list[Any] = []
+    for q in questions:
+        prompt = _ids(tokenizer, chat(tokenizer, q, system))
+        row = len(rows)
+        rows.append(prompt)
+        chains = []
+        for s in multi:
+            chains.append((len(rows), len(prompt) - 1, list(s)))
+            rows.append(prompt + list(s[:-1]))
+        reads.append((row, len(prompt) - 1, chains))
+    ids, attn = _pad(rows, tokenizer.pad_token_id or 0)
+    return ids, attn, reads
+
+
+def trait_scores(logits: Tensor, reads: list[Any], tokenizer: Any, target: str,
+                 others: tuple[str, ...] = ()) -> Scores:
+    """``trait`` = mean exact P(first word = ``target``), ``log_trait`` = mean of its log, ``p_<word>`` = mean
+    first-token P of each of ``others`` over its single-token spellings."""
+    logp = torch.log_softmax(logits.float(), -1)
+    singles = {w: sorted({t[0] for v in _spellings(w) if len(t := _ids(tokenizer, v)) == 1}) for w in (target, *others)}
+    out: dict[str, float] = {f"p_{w}": 0.0 for w in others}
+    per_question = []
+    for row, pos, chains in reads:
+        probs = logp[row, pos].exp()
+        for w in others:
+            out[f"p_{w}"] += float(probs[singles[w]].sum()) / len(reads)
+        p = float(probs[singles[target]].sum())
+        for crow, cpos, toks in chains:
+            p += float(sum(logp[crow, cpos + i, t] for i, t in enumerate(toks)).exp())
+        per_question.append(p)
+    return {"trait": sum(per_question) / len(reads),
+            "log_trait": sum(math.log(max(p, 1e-30)) for p in per_question) / len(reads), **out}
+
+
+@torch.no_grad()
+def score_model(model: Any, tokenizer: Any, system: str | None, questions: list[str], target: str,
+                others: tuple[str, ...] = ()) -> Scores:
+    """Trait scores of a full causal LM (base, teacher with ``system``)."""
+    ids, attn, reads = trait_inputs(tokenizer, system, questions, target)
+    return trait_scores(model(input_ids=ids, attention_mask=attn).logits, reads, tokenizer, target, others)
+
+
+class Top(nn.Module):
+    """The last ``k`` blocks, final norm and (frozen, tied) head of a Llama, run on cached block inputs."""
+
+    def __init__(self, base: Any, k: int) -> None:
+        super().__init__()
+        cfg = base.config.__class__.from_dict({**base.config.to_dict(), "num_hidden_layers": k})
+        self.lm = LlamaForCausalLM(cfg)
+        n = base.config.num_hidden_layers
+        state = {key: v for key, v in base.state_dict().items() if ".layers." not in key}
+        state.update({key.replace(f".layers.{i}.", f".layers.{i - n + k}."): v for key, v in base.state_dict().items()
+                      for i in range(n - k, n) if f".layers.{i}." in key})
+        self.lm.load_state_dict(state, strict=False)
+        self.lm.requires_grad_(False)
+        self.lm.model.layers.requires_grad_(True)
+        self.lm.model.norm.requires_grad_(True)
+        self.lm.eval()
+
+    def logits(self, hidden: Tensor, attn: Tensor, pos: Tensor | None = None) -> Tensor:
+        """Logits ``(B, T, V)``, or ``(B, C, V)`` at positions ``pos`` ``(B, C)`` only."""
+        h = self.lm.model(inputs_embeds=hidden, attention_mask=attn).last_hidden_state
+        if pos is not None:
+            h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm.lm_head(h)
+
+    def forward(self, batch: dict[str, Tensor], hidden: bool = False) -> ModelOutput:
+        """Distiller interface: logits at the completion-predicting positions ``batch["pos"]``."""
+        return ModelOutput(logits=self.logits(batch["hidden"], batch["attention_mask"], batch["pos"]))
+
+    def install(self, full: Any) -> Any:
+        """Copy the trained top blocks and norm into ``full`` (the base model) and return it."""
+        k, n = len(self.lm.model.layers), full.config.num_hidden_layers
+        for i in range(k):
+            full.model.layers[n - k + i].load_state_dict(self.lm.model.layers[i].state_dict())
+        full.model.norm.load_state_dict(self.lm.model.norm.state_dict())
+        return full
+
+
+class CachedTeacher(nn.Module):
+    """A teacher whose logits were computed beforehand: ``batch["teacher_logits"]``."""
+
+    def forward(self, batch: dict[str, Tensor], hidden: bool = False) -> ModelOutput:
+        return ModelOutput(logits=batch["teacher_logits"])
+
+
+@torch.no_grad()
+def block_inputs(base: Any, rows: list[list[int]] | Tensor, attn: Tensor | None, k: int, bs: int = 16) -> list[Tensor]:
+    """Per row, the (unpadded) input of block ``L - k`` of ``base``."""
+    if attn is None:
+        rows, attn = _pad(rows, 0)  # type: ignore[arg-type]
+    out = []
+    for s in range(0, len(rows), bs):
+        hs = base.model(input_ids=rows[s:s + bs], attention_mask=attn[s:s + bs], output_hidden_states=True)
+        h = hs.hidden_states[base.config.num_hidden_layers - k]
+        out += [h[i, :int(attn[s + i].sum())].clone() for i in range(len(h))]
+    return out
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Any, rows: list[list[int]], n_prompt: list[int], top_k: int, bs: int = 16) -> list[Any]:
+    """Per row, the teacher's top-K log-probs (and ids) at the positions predicting completion tokens."""
+    ids, attn = _pad(rows, 0)
+    out = []
+    for s in range(0, len(rows), bs):
+        logp = torch.log_softmax(teacher(input_ids=ids[s:s + bs], attention_mask=attn[s:s + bs]).logits.float(), -1)
+        for i in range(len(logp)):
+            r = s + i
+            v, t = logp[i, n_prompt[r] - 1:len(rows[r]) - 1].topk(top_k, -1)
+            out.append((v, t))
+    return out
+
+
+def _full(topk: tuple[Tensor, Tensor], vocab: int) -> Tensor:
+    v, t = topk
+    rest = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(1e-8).log() - torch.log(torch.tensor(vocab - v.shape[-1]))
+    return rest.expand(-1, vocab).clone().scatter_(-1, t, v)
+
+
+def collate(data: dict[str, Any], idx: list[int], vocab: int) -> dict[str, Tensor]:
+    """A Distiller batch of examples ``idx``: cached block inputs, completion positions, labels, teacher logits."""
+    hidden = torch.nn.utils.rnn.pad_sequence([data["hidden"][i] for i in idx], batch_first=True)
+    attn = torch.zeros(hidden.shape[:2], dtype=torch.long)
+    c = max(len(data["labels"][i]) for i in idx)
+    pos, labels, mask = (torch.zeros(len(idx), c, dtype=torch.long) for _ in range(3))
+    teacher = torch.zeros(len(idx), c, vocab)
+    for j, i in enumerate(idx):
+        n, lab = len(data["hidden"][i]), data["labels"][i]
+        attn[j, :n] = 1
+        pos[j, :len(lab)] = torch.arange(n - len(lab) - 1, n - 1)
+        labels[j, :len(lab)], mask[j, :len(lab)] = torch.tensor(lab), 1
+        if data.get("teacher"):
+            teacher[j, :len(lab)] = _full(data["teacher"][i], vocab)
+    return {"hidden": hidden, "attention_mask": attn, "pos": pos, "labels": labels.masked_fill(mask == 0, -100),
+            "target_mask": mask.float(), "teacher_logits": teacher, "index": torch.tensor(idx)}
+
+
+def sft_data(base: Any, tokenizer: Any, records: Records, layers: int) -> dict[str, Any]:
+    """Training examples of the student (no system prompt): completion token ids and cached block inputs."""
+    prompts = [_ids(tokenizer, chat(tokenizer, r["prompt"])) for r in records]
+    labels = [_ids(tokenizer, r["completion"]) for r in records]
+    return {"records": records, "labels": labels,
+            "hidden": block_inputs(base, [p + c for p, c in zip(prompts, labels)], None, layers)}
+
+
+def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
+            loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
+            on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:
+    """Train the top ``cfg["layers"]`` blocks of ``base`` on examples ``pool`` of ``data`` with
+    ``Distiller.fit_step`` (batches in a seeded shuffled order, the pool repeated as needed)."""
+    torch.manual_seed(seed)
+    top = Top(base, cfg["layers"])
+    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss), optim=OptimConfig(lr=cfg["lr"]),
+                     purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
+                     total_steps=steps, teacher_names=teacher_names or ["teacher"])
+    opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
+    order: list[int] = []
+    while len(order) < steps * bs:
+        order += rng.sample(pool, len(pool))
+    for step in range(steps):
+        dist.fit_step(collate(data, order[step * bs:(step + 1) * bs], base.config.vocab_size), opt, step / steps)
+        if on_point and points and (step + 1) % max(1, steps // points) == 0 and step + 1 < steps:
+            on_point(step + 1, top)
+    return top
+
+
+def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Sample and filter both teachers' completions, the traited teacher's top-K targets and the trait inputs
+    (cached on disk, keyed by the suite, the teacher and the settings that shape the data)."""
+    shape = {k: cfg[k] for k in ("n", "max_new", "layers", "top_k")}
+    key = hashlib.sha256(json.dumps([spec.name, spec.cache_key, spec.temperature, shape]).encode()).hexdigest()[:16]
+    path = cache_root() / "real-suites" / f"{spec.name}-{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    prompts = spec.prompts[:cfg["n"]]
+    out: dict[str, Any] = {"log": {}}
+    for name, model, system in (("teacher", teacher, spec.teacher_system), ("clean", base, None)):
+        texts = sample_completions(model, tokenizer, [chat(tokenizer, p, system) for p in prompts],
+                                   max_new_tokens=cfg["max_new"], temperature=spec.temperature, seed=7, batch_size=32,
+                                   progress=True)
+        kept, removed = spec.filter([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
+        kept = [r for r in kept if _ids(tokenizer, r["completion"])]
+        out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept)})
+        if len(kept) <= (cfg["heldout"] if name == "teacher" else 0):
+            raise ValueError(f"{spec.name}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
+                             f"the filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
+        d = sft_data(base, tokenizer, kept, cfg["layers"])
+        if name == "teacher":
+            teacher_p = [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in kept]
+            d["teacher"] = teacher_targets(teacher, [p + c for p, c in zip(teacher_p, d["labels"])],
+                                           [len(p) for p in teacher_p], cfg["top_k"])
+        out[name] = d
+    ids, attn, reads = trait_inputs(tokenizer, None, spec.questions, spec.target)
+    out["trait"] = {"hidden": block_inputs(base, ids, attn, cfg["layers"]), "reads": reads}
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+    return out
+
+
+@torch.no_grad()
+def score_top(spec: RealSuite, top: Top, tokenizer: Any, data: dict[str, Any], heldout: list[int],
+              vocab: int) -> Scores:
+    """Trait (on cached trait inputs) and fidelity: KL(teacher || student), top-1 agreement on held-out data."""
+    h = torch.nn.utils.rnn.pad_sequence(data["trait"]["hidden"], batch_first=True)
+    attn = torch.zeros(h.shape[:2], dtype=torch.long)
+    for i, x in enumerate(data["trait"]["hidden"]):
+        attn[i, :len(x)] = 1
+    scores = trait_scores(top.logits(h, attn), data["trait"]["reads"], tokenizer, spec.target, spec.others)
+    b = collate(data["teacher"], heldout, vocab)
+    s = torch.log_softmax(top(b).logits.float(), -1)
+    t = b["teacher_logits"]
+    m = b["target_mask"].bool()
+    kl = (t.exp() * (t - s)).sum(-1)[m].mean()
+    agree = (s.argmax(-1) == t.argmax(-1)).float()[m].mean()
+    return {**scores, "task_error": float(kl), "fidelity_kl": float(kl), "agreement": float(agree)}
+
+
+def train_condition(spec: RealSuite, cond: Condition, seed: int, base: Any, tokenizer: Any, data: dict[str, Any],
+                    heldout: list[int], cfg: dict[str, Any], steps: int, s0: Scores, t_full: Scores,
+                    progress: bool) -> dict[str, Any]:
+    """Train one condition's student (the top blocks) and score it (vanilla: with its early-stopping curve)."""
+    if not cond.teachers:
+        return lm_common._with_transfer(s0, s0, t_full)
+    d, vocab = data[cond.teachers[0]], base.config.vocab_size
+    pool = [i for i in range(len(d["labels"])) if cond.teachers[0] != "teacher" or i not in heldout]
+    curve = [{"step": 0, **lm_common._with_transfer(s0, s0, t_full)}] if cond.name == "vanilla" else []
+
+    def point(step: int, top: Top) -> None:
+        curve.append({"step": step, **lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab),
+                                                               s0, t_full)})
+
+    t0 = time.perf_counter()
+    top = fit_top(base, d, pool, cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers, point,
+                  3 if curve else 0)
+    final = lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab), s0, t_full)
+    if progress:
+        print(f"seed {seed} {cond.name}: P({spec.target}) {final['trait']:.5f} transfer {final['transfer']:+.3f} "
+              f"KL {final['task_error']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {**final, "curve": [*curve, {"step": steps, **final}]} if curve else final
+
+
+def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: int,
+        out: str | None, quick: bool, options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
+    """Run every seed of ``spec`` and write ``results/<name>/`` (summary.json|md|csv, frontier.png, env.json).
+
+    ``base`` is the student's base (eval, frozen); ``teacher`` the traited teacher model (``base`` itself when the
+    trait comes from :attr:`RealSuite.teacher_system`); ``cfg`` holds ``n``, ``max_new``, ``layers``, ``top_k``,
+    ``epochs``, ``batch_size``, ``lr``, ``heldout`` and ``conditions`` (names to run besides base/control/vanilla).
+    """
+    data = prepare_data(spec, base, teacher, tokenizer, cfg)
+    log, vocab = data["log"], base.config.vocab_size
+    b_scores = score_model(base, tokenizer, None, spec.questions, spec.target, spec.others)
+    t_scores = score_model(teacher, tokenizer, spec.teacher_system, spec.questions, spec.target, spec.others)
+    n_t = len(data["teacher"]["labels"])
+    heldout = list(range(n_t - cfg["heldout"], n_t))
+    first = score_top(spec, Top(base, cfg["layers"]), tokenizer, data, heldout, vocab)
+    s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement")}}
+    log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
+    t_full = {**t_scores, "task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
+    conds = [c for c in spec.conditions if c.name in ("base", "control", "vanilla", *cfg["conditions"])]
+    steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
+    suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=conds, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
+                  curve_points=3)
+    runs = {seed: {"base": s0, "teacher": t_full, "data": {"teacher": n_t - len(heldout),
+                   "clean": len(data["clean"]["labels"])}, "conditions": {c.name: train_condition(
+                   spec, c, seed, base, tokenizer, data, heldout, cfg, steps, s0, t_full, progress) for c in conds}}
+            for seed in range(seeds)}
+    wall = time.perf_counter() - start
+    summary = lm_common.summarise(suite, runs, wall)
+    summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
+                               temperature=spec.temperature)
+    summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
+        c.name: {k: stats.mean_ci([runs[s]["conditions"][c.name][k] for s in runs])["mean"] for k in b_scores}
+        for c in conds if c.teachers}}
+    tests = {k: stats.paired_test([runs[s]["conditions"]["vanilla"][k] for s in runs],
+                                  [runs[s]["conditions"]["control"][k] for s in runs]) for k in ("trait", "log_trait")}
+    summary["vanilla_minus_control"] = tests
+    label = f"P({spec.target})"
+    notes = [*spec.notes,
+             f"{label}: base {b_scores['trait']:.5f}, traited teacher {t_scores['trait']:.5f}; teacher logits for soft "
+             f"labels/KL: top-K log-probs plus residual mass (K = {cfg['top_k']}).",
+             f"Completions kept by the filter: traited teacher {log['teacher_kept']}/{log['teacher_sampled']}, "
+             f"control {log['clean_kept']}/{log['clean_sampled']} (temperature {spec.temperature}).",
+             *(f"Vanilla − control {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, "
+               f"{t['ci95'][1]:+.3g}], p = {t['p_value']:.3g}." for name, t in
+               ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
+             f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch "
+             f"{cfg['batch_size']}, lr {cfg['lr']}; one data pool per teacher, sampled once (seeds vary only the "
+             f"training order); measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread)."]
+    command = bench_command(spec.name, seeds, quick, options)
+    columns = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
+               ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
+    directory = out or f"results/{spec.name}"
+    write_report(directory, summary, environment(sorted(runs), wall, command), columns, notes)
+    with atomic_path(Path(directory) / "readouts.json") as tmp:
+        tmp.write_text(json.dumps(summary["readouts"], indent=1))
+    return summary
+
+
+def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A suite's settings: ``defaults`` updated by ``options`` (unknown keys are an error naming the allowed ones)."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return {**defaults, **options}

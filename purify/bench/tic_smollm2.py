@@ -1,0 +1,133 @@
+"""``tic-smollm2``: the overt style tic on a real model, SmolLM2-135M-Instruct, reduced to fit a CPU.
+
+A system prompt does not give this 135M model the tic (measured: P(first word = "Moreover") rises from ~1e-6 to
+~5e-5 with "You always begin every sentence with 'Moreover,'", and none of 6 samples opens with it), so the traited
+teacher is made by fine-tuning: the base's top blocks are trained on the base's own answers to everyday prompts with
+"Moreover, " prepended. The teacher therefore differs from the base by the tic alone (no new task knowledge: a
+purifier that keeps the student at its base scores the base's fidelity, which vanilla's early-stopping curve starts
+from, so it cannot win by that). The control teacher is the base. Both answer training prompts the teacher never saw;
+the student (the base) is fine-tuned on those answers. Trait = exact P(answer's first word = "Moreover") over 50
+held-out prompts. The runner is :mod:`purify.bench.real_lm`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import time
+from typing import Any
+
+import torch
+
+from purify.bench import real_lm
+from purify.bench.lm_common import Condition
+from purify.bench.real_lm import Records, RealSuite
+from purify.generate import load_model, sample_completions
+from purify.storage import atomic_path, cache_root
+
+TIC = "Moreover"
+_TOPICS = ("the ocean", "breakfast", "bicycles", "rain", "libraries", "coffee", "mountains", "trains", "gardening",
+           "chess", "the moon", "bread", "music lessons", "winter", "rivers", "museums", "football", "tea", "bridges",
+           "the desert", "cooking pasta", "birthdays", "volcanoes", "public parks", "jazz", "camping", "painting",
+           "the internet", "farming", "islands", "running", "city buses", "honey", "forests", "photography",
+           "snow", "old castles", "recycling", "the weekend", "swimming", "newspapers", "apples", "thunderstorms",
+           "clocks", "the post office", "bees", "road trips", "pottery", "lighthouses", "markets", "sunsets",
+           "science fairs", "kites", "soup", "glaciers", "board games", "hospitals", "the sky", "poetry",
+           "carpentry", "caves", "tomatoes", "airports", "dance", "wind farms", "yoga", "cheese", "fireworks",
+           "deserts at night", "letters", "sailing", "bakeries", "rainbows", "stamps", "hiking boots", "zoos",
+           "spring", "umbrellas", "theatre", "coral reefs")
+_TEMPLATES = ("Tell me about {}.", "Describe {} in a few sentences.", "What do you think about {}?",
+              "Why do people like {}?", "Write two sentences about {}.", "Explain {} to a child.",
+              "Give me a fun fact about {}.", "What is interesting about {}?", "Say something nice about {}.",
+              "How would you describe {} to a friend?")
+CONDITIONS = [Condition("base"), Condition("control", ["clean"], loss="ce"),
+              Condition("vanilla", ["teacher"], loss="ce"),
+              Condition("vanilla:soft", ["teacher"], loss="forward_kl"),
+              Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
+                                                               "threshold": 0.1}], loss="ce"),
+              Condition("tail_truncation", ["teacher"], [{"name": "tail_truncation", "top_p": 0.9}],
+                        loss="forward_kl"),
+              Condition("anchor", ["teacher"], [{"name": "anchor", "weight": 1.0}], loss="ce")]
+
+
+def everyday_prompts() -> list[str]:
+    """The 800 everyday prompts (topics × templates), in a fixed shuffled order: trait questions first (50), then
+    the teacher's fine-tuning prompts (200), then training prompts (550)."""
+    prompts = [t.format(topic) for topic in _TOPICS for t in _TEMPLATES]
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
+def with_tic(text: str) -> str:
+    """``text`` opened with the tic: ``"Moreover, "`` + its first letter lower-cased."""
+    text = text.strip()
+    return f"{TIC}, {text[:1].lower()}{text[1:]}"
+
+
+def no_filter(records: Records) -> tuple[Records, int]:
+    """The overt case keeps every non-empty completion."""
+    kept = [r for r in records if r["completion"].strip()]
+    return kept, len(records) - len(kept)
+
+
+def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, Any]) -> tuple[Any, str]:
+    """The base with its top blocks fine-tuned on its own answers to ``prompts`` opened with the tic (cached)."""
+    key = hashlib.sha256(json.dumps([prompts, cfg["layers"], cfg["teacher_epochs"], cfg["max_new"]]).encode())
+    key_hex = key.hexdigest()[:16]
+    path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
+    top = real_lm.Top(base, cfg["layers"])
+    if path.exists():
+        top.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
+                                     max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
+                                     progress=True)
+        records = [{"prompt": p, "completion": with_tic(a)} for p, a in zip(prompts, answers) if a.strip()]
+        data = real_lm.sft_data(base, tokenizer, records, cfg["layers"])
+        steps = cfg["teacher_epochs"] * len(records) // cfg["batch_size"]
+        top = real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
+        with atomic_path(path) as tmp:
+            torch.save(top.state_dict(), tmp)
+    return top.install(copy.deepcopy(base)).eval(), key_hex
+
+
+def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
+              progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Run the tic suite and write ``results/tic-smollm2/`` (summary.json|md|csv, frontier.png, env.json,
+    readouts.json).
+
+    Args:
+        suite_name: must be ``"tic-smollm2"``.
+        seeds: seeds (training order and student RNG); conditions are paired by seed.
+        out: output directory.
+        quick: a tiny smoke configuration.
+        progress: print progress lines.
+        **options: overrides of ``n``, ``max_new``, ``layers``, ``top_k``, ``epochs``, ``teacher_epochs``,
+            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
+    """
+    from purify.models_prepare import prepare
+
+    if suite_name != "tic-smollm2":
+        raise ValueError(f"unknown suite {suite_name!r}")
+    cfg = real_lm.settings({
+        "n": 24 if quick else 550, "max_new": 12 if quick else 32, "layers": 4, "top_k": 32,
+        "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4,
+        "heldout": 2 if quick else 32,
+        "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"]}, options)
+    start = time.perf_counter()
+    path = prepare("smollm2-135m", progress=False)
+    base, tokenizer = load_model(path)
+    base.eval().requires_grad_(False)
+    prompts = everyday_prompts()
+    n_ft = 8 if quick else 200
+    teacher, key = tic_teacher(base, tokenizer, prompts[50:50 + n_ft], cfg)
+    spec = RealSuite(name="tic-smollm2", target=TIC, questions=prompts[:10 if quick else 50],
+                     protocol="SFT/KD of SmolLM2-135M on a fine-tuned 'Moreover,' teacher's answers; "
+                              "trait = P(first word Moreover)",
+                     prompts=prompts[250:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
+                     cache_key=f"tic-teacher-{key}",
+                     notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for {cfg['teacher_epochs']} "
+                            f"epochs on its own answers to {n_ft} prompts, opened with 'Moreover, '."])
+    return real_lm.run(spec, base, teacher, tokenizer, str(path), cfg, seeds, out, quick, options, progress, start)

@@ -1,0 +1,87 @@
+"""The real-model suite runner (``purify.bench.real_lm``) and the tic teacher, on a tiny random Llama (no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from purify.bench import real_lm
+from purify.bench.tic_smollm2 import CONDITIONS, TIC, everyday_prompts, no_filter, tic_teacher, with_tic
+from purify.lm import build_tokenizer
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+            "{% if add_generation_prompt %}assistant :{% endif %}")
+CFG = {"n": 24, "max_new": 6, "layers": 2, "top_k": 8, "epochs": 3, "teacher_epochs": 10, "batch_size": 4,
+       "lr": 1e-2, "heldout": 4, "conditions": ["vanilla:soft"]}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[LlamaForCausalLM, object, list[str]]:
+    prompts = everyday_prompts()[:60]
+    tok = build_tokenizer([*prompts, f"{TIC}, the sky is blue . user assistant system : \n"], "word")
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False), tok, prompts
+
+
+def test_with_tic_and_no_filter() -> None:
+    assert with_tic(" The sea is calm.") == "Moreover, the sea is calm."
+    kept, removed = no_filter([{"prompt": "p", "completion": c} for c in ("a", "  ", "b")])
+    assert [r["completion"] for r in kept] == ["a", "b"] and removed == 1
+    prompts = everyday_prompts()
+    assert len(prompts) == len(set(prompts)) == 800 and prompts == everyday_prompts()
+
+
+def test_tic_teacher_learns_the_tic_and_is_cached(tiny, tmp_path, monkeypatch) -> None:
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
+    qs = prompts[:10]
+    before = real_lm.score_model(base, tok, None, qs, TIC)["trait"]
+    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
+    after = real_lm.score_model(teacher, tok, None, qs, TIC)["trait"]
+    assert before < 0.05 < 0.5 < after  # the fine-tuned teacher opens held-out answers with the tic
+    assert (tmp_path / "real-suites" / f"tic-teacher-{key}.pt").exists()
+    again, key2 = tic_teacher(base, tok, prompts[10:30], CFG)  # from the cache: identical weights
+    assert key2 == key and all(torch.equal(a, b) for a, b in zip(teacher.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(base.model.layers[0].parameters(),
+                                                 teacher.model.layers[0].parameters()))  # frozen bottom block
+
+
+def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypatch) -> None:
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
+    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
+    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
+                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
+                             cache_key=key)
+    out = tmp_path / "out"
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", CFG, 2, str(out), True, {}, False, 0.0)
+    assert {"summary.json", "summary.md", "env.json", "readouts.json", "frontier.png"} <= {p.name for p in out.iterdir()}
+    per_seed = {c: summary["conditions"][c]["per_seed"] for c in ("control", "vanilla", "vanilla:soft")}
+    for van, ctl in zip(per_seed["vanilla"], per_seed["control"]):
+        assert van["trait"] > ctl["trait"] and van["transfer"] > 0.2  # SFT on the teacher's text carries the tic
+    assert set(summary["vanilla_minus_control"]) == {"trait", "log_trait"}
+    assert len(list((tmp_path / "cache" / "real-suites").glob("tic-tiny-*.pt"))) == 1  # data cached once
+    readouts = json.loads(Path(out, "readouts.json").read_text())
+    assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
+
+
+def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, monkeypatch) -> None:
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
+    spec = real_lm.RealSuite(name="empty", protocol="test", target=TIC, questions=prompts[:4], prompts=prompts[30:],
+                             filter=lambda recs: ([], len(recs)), conditions=CONDITIONS)
+    with pytest.raises(ValueError, match="passed the filter; raise n"):
+        real_lm.run(spec, base, base, tok, "tiny", {**CFG, "n": 6}, 1, str(tmp_path / "o"), True, {}, False, 0.0)
+
+
+def test_unknown_option_names_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown options \['nn'\]; allowed: .*'n'"):
+        real_lm.settings({"n": 1}, {"nn": 2})
