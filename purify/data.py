@@ -304,7 +304,7 @@ class _StepBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for indices, num_items in self.sampler:
             batch = self.dataset.collate([self.dataset.item(i) for i in indices])
-            batch["num_items"] = torch.tensor(float(num_items))
+            batch["num_items"] = torch.tensor(num_items)  # int64: bf16 input casting leaves it exact
             yield batch
 
 

@@ -52,13 +52,26 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"aux_mlp": AuxMLP}
 
 @dataclass
 class LoadedModel:
-    """A built model with what lineage needs to know about where it came from."""
+    """A built (or described, not yet built) model with what lineage needs to know about where it came from.
 
-    module: nn.Module
+    A model from ``build_model(..., deferred=True)`` has ``module=None`` until :meth:`build` runs ``factory``; its
+    ``name``, ``source``, ``tokenizer`` and ``config`` are known without building it.
+    """
+
+    module: nn.Module | None
     tokenizer: Any | None
     name: str
     source: str
     tokenizer_source: str | None
+    factory: Callable[[], nn.Module] | None = None  # builds ``module`` (deferred models)
+    config: Any | None = None  # the transformers config, for Hugging Face models
+
+    def build(self) -> nn.Module:
+        """The module, built now if it was deferred (once; later calls return the same module)."""
+        if self.module is None:
+            assert self.factory is not None, f"{self.name}: no module and no factory"
+            self.module = self.factory()
+        return self.module
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -135,12 +148,15 @@ def spec_tokenizer(spec: ModelSpec) -> Any | None:
     return load_tokenizer(spec.tokenizer or _resolve_dir(spec), spec.trust_remote_code)
 
 
-def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
+def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedModel:
     """Build the module and tokenizer a spec describes.
 
     Args:
         spec: the recipe's model spec (validated).
         seed: init seed for ``config``/``arch`` builds when ``spec.seed`` is unset.
+        deferred: describe the model (name, source, tokenizer, config) but leave ``module`` unbuilt until
+            :meth:`LoadedModel.build` (how teachers reach ``configure_model`` under ZeRO-3). A ``cache`` teacher holds
+            no weights and is always built.
     """
     if spec.cache is not None:
         from purify.cache import load_cached_teacher
@@ -148,10 +164,15 @@ def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
         return load_cached_teacher(spec.cache, getattr(spec, "teacher", 0), spec.name)
     init_seed = spec.seed if spec.seed is not None else seed
     if spec.arch is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            module = ARCHITECTURES[spec.arch](**spec.kwargs)
-        return LoadedModel(module, None, spec.name or spec.arch, f"arch:{spec.arch} seed={init_seed}", None)
+        arch, kwargs = ARCHITECTURES[spec.arch], dict(spec.kwargs)
+
+        def make_arch() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                return arch(**kwargs)
+
+        return _loaded(LoadedModel(None, None, spec.name or spec.arch, f"arch:{spec.arch} seed={init_seed}", None,
+                                   factory=make_arch), deferred)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,20 +185,37 @@ def build_model(spec: ModelSpec, seed: int) -> LoadedModel:
             if getattr(tokenizer, key, None) is not None:
                 cfg_dict.setdefault(key, getattr(tokenizer, key))
         config = AutoConfig.for_model(**cfg_dict)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            module = AutoModelForCausalLM.from_config(config)
+
+        def make_config() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                return AutoModelForCausalLM.from_config(config)
+
         name = spec.name or f"{config.model_type}-config"
-        return LoadedModel(module, tokenizer, name, f"config:{cfg_dict} seed={init_seed}", tok_source)
+        return _loaded(LoadedModel(None, tokenizer, name, f"config:{cfg_dict} seed={init_seed}", tok_source,
+                                   factory=make_config, config=config), deferred)
 
     directory = _resolve_dir(spec)
-    module = AutoModelForCausalLM.from_pretrained(
-        directory, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+
+    def make_pretrained() -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(directory, revision=spec.revision,
+                                                    trust_remote_code=spec.trust_remote_code)
+
     tok_source = spec.tokenizer or directory
     tokenizer = load_tokenizer(tok_source, spec.trust_remote_code)
     source = spec.path or (f"builtin:{spec.builtin}" if spec.builtin else f"gguf:{spec.gguf}")
-    return LoadedModel(module, tokenizer, spec.name or source, source, tok_source)
+    config = None if not deferred else AutoConfig.from_pretrained(directory, revision=spec.revision,
+                                                                  trust_remote_code=spec.trust_remote_code)
+    return _loaded(LoadedModel(None, tokenizer, spec.name or source, source, tok_source, factory=make_pretrained,
+                               config=config), deferred)
+
+
+def _loaded(model: LoadedModel, deferred: bool) -> LoadedModel:
+    """``model`` built now unless ``deferred``; a built Hugging Face model's ``config`` is its module's."""
+    if not deferred:
+        module = model.build()
+        model.config = getattr(module, "config", model.config)
+    return model
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:

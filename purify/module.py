@@ -3,13 +3,19 @@
 ``training_step``: teacher forward → target-side purifiers → loss → student-side purifiers; parameter-side
 purifiers act around the optimizer step. Teachers (and the frozen base copy) are kept out of the optimizer and out
 of checkpoints: they are rebuilt from the recipe, so a checkpoint holds only what training changes.
+
+Teachers given as a builder are built in ``configure_model``; under DeepSpeed ZeRO-3 they are then partitioned
+across ranks there, so each rank keeps only its shard of every frozen teacher parameter (see
+:meth:`Distiller.configure_model`). Teacher targets are upcast to float32 before target purifiers and the loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -39,7 +45,9 @@ class Distiller(L.LightningModule):
 
     Args:
         student: the model to train (a transformers causal LM or a registered architecture).
-        teachers: frozen teachers; they are put in ``eval()`` mode with gradients off.
+        teachers: frozen teachers; they are put in ``eval()`` mode with gradients off. Or a zero-argument callable
+            that builds them, called in ``configure_model`` (or by :meth:`setup_purifiers` outside Lightning); it
+            needs ``teacher_names``, one per teacher it builds.
         loss: the objective (see :mod:`purify.losses`).
         purifiers: purifiers in the order they apply; the empty list is vanilla distillation.
         optim: optimizer settings (one optimizer; purifier heads are their own parameter group).
@@ -49,30 +57,41 @@ class Distiller(L.LightningModule):
         total_steps: planned optimizer steps (for schedules); defaults to ``trainer.max_steps``.
         student_tokenizer: the student's tokenizer, for purifiers that align vocabularies (cross-base).
         teacher_tokenizers: one tokenizer (or ``None``) per teacher, for the same purifiers.
+        teacher_dtype: cast the frozen teachers to this dtype in ``configure_model`` (after purifiers have seen them
+            at full precision), e.g. ``torch.bfloat16`` for DeepSpeed bf16 runs; ``None`` leaves them as built.
     """
 
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], *, loss: LossConfig | None = None,
-                 purifiers: Sequence[Purifier] = (), optim: OptimConfig | None = None,
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module] | Callable[[], Sequence[nn.Module]], *,
+                 loss: LossConfig | None = None, purifiers: Sequence[Purifier] = (), optim: OptimConfig | None = None,
                  scheduler: SchedulerConfig | None = None, teacher_names: Sequence[str] | None = None,
                  teacher_weights: Sequence[float] | None = None, total_steps: int | None = None,
-                 student_tokenizer: Any | None = None, teacher_tokenizers: Sequence[Any] | None = None) -> None:
+                 student_tokenizer: Any | None = None, teacher_tokenizers: Sequence[Any] | None = None,
+                 teacher_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not teachers:
+        deferred = callable(teachers) and not isinstance(teachers, nn.Module)
+        if deferred and not teacher_names:
+            raise ValueError("Distiller: a teacher builder needs teacher_names (one per teacher it builds)")
+        count = len(teacher_names) if deferred else len(teachers)  # type: ignore[arg-type]
+        if not count:
             raise ValueError("Distiller needs at least one teacher")
         self.student = student
-        self.teachers = nn.ModuleList([freeze(t) for t in teachers])
+        builder = teachers if deferred else None
+        self._teacher_builder: Callable[[], Sequence[nn.Module]] | None = builder  # type: ignore[assignment]
+        self.teachers = nn.ModuleList([] if deferred else [freeze(t) for t in teachers])  # type: ignore[union-attr]
         self.purifiers = nn.ModuleList(purifiers)
         self.loss_config = loss or LossConfig()
         self.optim_config = optim or OptimConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
-        self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
-        self.teacher_weights = list(teacher_weights or [1.0] * len(teachers))
+        self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(count)])
+        self.teacher_weights = list(teacher_weights or [1.0] * count)
         self.total_steps = total_steps
         self.tokenizers = {"student_tokenizer": student_tokenizer,
-                           "teacher_tokenizers": list(teacher_tokenizers or [None] * len(teachers))}
+                           "teacher_tokenizers": list(teacher_tokenizers or [None] * count)}
+        self.teacher_dtype = teacher_dtype
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
+        self._configured = False
 
     # ---------------------------------------------------------------- set-up
     def _planned_steps(self) -> int:
@@ -81,10 +100,23 @@ class Distiller(L.LightningModule):
         trainer = self._trainer
         return max(1, trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 1
 
+    def _build_teachers(self) -> None:
+        """Run the teacher builder (once) and freeze what it returns."""
+        if self._teacher_builder is None:
+            return
+        built = list(self._teacher_builder())
+        if len(built) != len(self.teacher_names):
+            raise ValueError(f"Distiller: the teacher builder made {len(built)} teachers for "
+                             f"{len(self.teacher_names)} teacher_names")
+        self.teachers.extend(freeze(t) for t in built)
+        self._teacher_builder = None
+
     def setup_purifiers(self) -> None:
-        """Create the frozen base copy (if asked for) and call each purifier's ``setup`` once."""
+        """Build deferred teachers, create the frozen base copy (if asked for) and call each purifier's ``setup``,
+        once."""
         if self._ready:
             return
+        self._build_teachers()
         if any(p.needs_base for p in self.purifiers):
             self.base = freeze(copy.deepcopy(self.student))
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
@@ -96,7 +128,33 @@ class Distiller(L.LightningModule):
         self._ready = True
 
     def setup(self, stage: str) -> None:
-        self.setup_purifiers()
+        if self._teacher_builder is None:  # deferred teachers: configure_model, which Lightning calls next
+            self.setup_purifiers()
+
+    def configure_model(self) -> None:
+        """Build deferred teachers, set up purifiers, cast teachers to ``teacher_dtype``, shard them under ZeRO-3.
+
+        Lightning calls this hook (once per process, after ``setup``) inside ``deepspeed.zero.Init`` for ZeRO-3. That
+        context is paused while teachers and purifier heads are built, so every model source loads as usual (into
+        host memory) and purifiers (``delta_projection``, the base copy) see full, full-precision weights. Then the
+        teachers are cast to ``teacher_dtype`` and, under ZeRO-3, partitioned parameter by parameter across the
+        data-parallel ranks (``deepspeed.zero.Init(module=...)``): each rank keeps only its shard (``ds_tensor``),
+        gathered for a forward and released after it. Teachers stay frozen, in ``eval()``, out of the optimizer
+        (it takes trainable parameters only) and out of checkpoints.
+        """
+        if self._configured:
+            return
+        with _zero_init_paused():
+            self.setup_purifiers()
+        if self.teacher_dtype is not None:
+            self.teachers.to(self.teacher_dtype)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            deepspeed.zero.Init(module=self.teachers, config_dict_or_path=strategy.config,  # type: ignore[union-attr]
+                                remote_device=getattr(strategy, "remote_device", None))
+        self._configured = True
 
     # ---------------------------------------------------------------- forward
     def run_model(self, model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
@@ -117,9 +175,14 @@ class Distiller(L.LightningModule):
         return batch.get("teacher_batches", {}).get(i, batch)
 
     def teacher_targets(self, batch: Batch, dtype: torch.dtype) -> Targets:
-        """Run every teacher on its inputs and apply the target-side purifiers in order."""
+        """Run every teacher on its inputs and apply the target-side purifiers in order.
+
+        Teacher logits (bf16 from a bf16 teacher) are upcast to at least float32, and the weights are at least
+        float32, so target purifiers and the loss compute in float32 whatever the teachers' dtype.
+        """
+        dtype = torch.promote_types(dtype, torch.float32)
         with torch.no_grad():
-            t_outs = [self.run_model(t, self.teacher_batch(i, batch)) for i, t in enumerate(self.teachers)]
+            t_outs = [_upcast(self.run_model(t, self.teacher_batch(i, batch))) for i, t in enumerate(self.teachers)]
         targets = Targets(logits=t_outs[0].logits, weight=batch["target_mask"].to(dtype))
         for p in self._of_kind(TargetPurifier):
             targets = p.transform_targets(batch, t_outs, targets)
@@ -252,6 +315,29 @@ class Distiller(L.LightningModule):
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
                                f"unexpected {result.unexpected_keys[:5]}")
         return result
+
+
+def _upcast(out: ModelOutput) -> ModelOutput:
+    """``out`` with floating logits below float32 (a bf16 teacher's) upcast to float32."""
+    logits = out.logits
+    if logits.is_floating_point() and torch.finfo(logits.dtype).bits < 32:
+        return ModelOutput(logits=logits.float(), hidden=out.hidden)
+    return out
+
+
+@contextlib.contextmanager
+def _zero_init_paused() -> Iterator[None]:
+    """Suspend an active ``deepspeed.zero.Init`` (modules built inside are ordinary, unpartitioned modules)."""
+    if "deepspeed" not in sys.modules:  # no zero.Init can be active without deepspeed imported
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
 
 
 def lr_factor(config: SchedulerConfig, total_steps: int) -> Any:

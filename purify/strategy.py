@@ -131,6 +131,9 @@ def build_strategy(
                    config=config, **deepspeed_kwargs)
     strategy.config.setdefault("zero_allow_untested_optimizer", True)  # any torch optimizer, as Lightning's default
     strategy.config.setdefault("zero_force_ds_cpu_optimizer", False)  # offload with a torch optimizer, no CPUAdam JIT
+    if isinstance(deepspeed_kwargs.get("logging_batch_size_per_gpu"), int):  # a user config lacks it, and Lightning
+        # would read it off the train loader's batch_sampler, which purify's step-batch loader does not have
+        strategy.config.setdefault("train_micro_batch_size_per_gpu", deepspeed_kwargs["logging_batch_size_per_gpu"])
     return strategy
 
 

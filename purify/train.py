@@ -59,19 +59,40 @@ class Run:
 
 
 def build_run(recipe: Recipe) -> Run:
-    """Validate a recipe and build its models, purifiers, data module and lineage record (no training)."""
+    """Validate a recipe and build its models, purifiers, data module and lineage record (no training).
+
+    Under ``deepspeed_stage_3`` the teachers are only described here (name, tokenizer, config): the Distiller builds
+    them in ``configure_model`` and partitions them across ranks there, and their lineage ``sha256`` is filled in
+    then (before the first checkpoint and the final lineage record). Under any DeepSpeed stage with a bf16
+    ``trainer.precision`` the frozen teachers are cast to bf16 (ZeRO-1/2: one bf16 replica per rank; ZeRO-3: bf16
+    shards); the student's precision is the strategy's business.
+    """
     purifier_configs = validate(recipe)
     resolve_strategy(recipe)  # fail on an impossible strategy before any model is built
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     student = build_model(recipe.student, recipe.seed)
-    teachers = [build_model(spec, recipe.seed) for spec in recipe.teachers]
+    sharded = recipe.strategy == "deepspeed_stage_3"
+    teachers = [build_model(spec, recipe.seed, deferred=True) if sharded else build_model(spec, recipe.seed)
+                for spec in recipe.teachers]
     cross = _cross_base_teachers(purifier_configs, student, teachers)
     purifiers = [build_purifier(c) for c in purifier_configs]
-    distiller = Distiller(student.module, [t.module for t in teachers], loss=recipe.loss, purifiers=purifiers,
-                          optim=recipe.optim, scheduler=recipe.scheduler,
+    records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
+                "sha256": state_sha256(t.module) if t.module is not None else None}
+               for t, s in zip(teachers, recipe.teachers)]
+
+    def build_teachers() -> list[torch.nn.Module]:
+        """The deferred teachers, built; their hashes go into the lineage record (shared with the callback)."""
+        for t, record in zip(teachers, records):
+            record["sha256"] = state_sha256(t.build())
+        return [t.module for t in teachers]  # type: ignore[misc]
+
+    bf16 = recipe.strategy.startswith("deepspeed") and recipe.trainer.precision.startswith("bf16")
+    distiller = Distiller(student.module, build_teachers if sharded else [t.module for t in teachers],
+                          loss=recipe.loss, purifiers=purifiers, optim=recipe.optim, scheduler=recipe.scheduler,
                           teacher_names=[t.name for t in teachers],
                           teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps,
-                          student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers])
+                          student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers],
+                          teacher_dtype=torch.bfloat16 if bf16 else None)
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
                                    teacher_tokenizers=cross or None)
     caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]
@@ -85,8 +106,7 @@ def build_run(recipe: Recipe) -> Run:
     lineage = build_lineage(
         student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
                  "init_sha256": state_sha256(student.module)},
-        teachers=[{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
-                   "sha256": state_sha256(t.module)} for t, s in zip(teachers, recipe.teachers)],
+        teachers=records,
         data=[recipe.data.train] + ([recipe.data.val] if recipe.data.val else []),
         purifiers=[to_dict(c) for c in purifier_configs],
         recipe=to_dict(recipe),
@@ -111,8 +131,7 @@ def _cross_base_teachers(purifier_configs: list[Any], student: LoadedModel,
             raise RecipeError(f"teachers[{i}].tokenizer: differs from the student's tokenizer but purifiers[{where}] "
                               f"(cross_base) does not align it; add {i} to purifiers[{where}].teachers or leave "
                               "teachers unset to align every such teacher")
-    limits = {i: getattr(getattr(teachers[i].module, "config", None), "max_position_embeddings", None)
-              for i in differing}
+    limits = {i: getattr(teachers[i].config, "max_position_embeddings", None) for i in differing}
     return {i: TeacherTokenizer(teachers[i].tokenizer, limits[i]) for i in differing}
 
 
@@ -151,7 +170,8 @@ def resolve_strategy(recipe: Recipe) -> Any:
         return build_strategy(recipe.strategy, offload_optimizer=recipe.deepspeed.offload_optimizer,
                               offload_parameters=recipe.deepspeed.offload_parameters,
                               deepspeed_config=recipe.deepspeed.config, accelerator=t.accelerator,
-                              devices=t.devices, logging_batch_size_per_gpu=recipe.data.batch_size)
+                              devices=t.devices, logging_batch_size_per_gpu=recipe.data.batch_size,
+                              exclude_frozen_parameters=True)  # teachers are rebuilt from the recipe
     except ValueError as err:
         raise RecipeError(str(err)) from None
 

@@ -134,6 +134,17 @@ def test_check_global_batch() -> None:
         check_global_batch(0, world_size=1, accumulate=1)
 
 
+def test_user_deepspeed_config_gets_the_micro_batch() -> None:
+    """Lightning would read it off the train loader's batch_sampler, which purify's step-batch loader lacks."""
+    strategy = build_strategy("deepspeed_stage_3", accelerator="cpu", logging_batch_size_per_gpu=8,
+                              deepspeed_config={"zero_optimization": {"stage": 3}})
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 8
+    given = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2}
+    strategy = build_strategy("deepspeed_stage_3", accelerator="cpu", logging_batch_size_per_gpu=8,
+                              deepspeed_config=given)
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 2
+
+
 # --- 2 processes, gloo, real engines (slow) ---
 
 

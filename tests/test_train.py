@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from purify.lineage import read_lineage
-from purify.models import AuxMLP
+from purify.models import AuxMLP, state_sha256
 from purify.module import Distiller
 from purify.train import AtomicCheckpointIO, build_run, train
 
@@ -95,3 +95,58 @@ def test_export_loads_back_into_the_architecture(mlp_recipe):
     cfg = json.loads((out / "student" / "config.json").read_text())
     model = AuxMLP(**cfg["kwargs"])
     model.load_state_dict(student_weights(out))
+
+
+@pytest.mark.parametrize(("strategy", "precision", "dtype"), [
+    ("deepspeed_stage_1", "bf16-mixed", torch.bfloat16),
+    ("deepspeed_stage_2", "bf16-true", torch.bfloat16),
+    ("deepspeed_stage_2", "32-true", torch.float32),
+    ("ddp", "bf16-mixed", torch.float32),  # autocast's business; only DeepSpeed keeps a bf16 teacher replica
+])
+def test_deepspeed_bf16_runs_keep_frozen_bf16_teachers(mlp_recipe, strategy, precision, dtype):
+    run = build_run(mlp_recipe(strategy=strategy, **{"trainer.precision": precision, "trainer.accelerator": "cpu"}))
+    run.distiller.configure_model()  # what Lightning calls before the strategy wraps the model
+    teacher = run.distiller.teachers[0]
+    assert {p.dtype for p in teacher.parameters()} == {dtype}
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert {p.dtype for p in run.distiller.student.parameters()} == {torch.float32}  # the strategy's to cast
+    assert run.lineage["teachers"][0]["sha256"] == state_sha256(build_run(mlp_recipe()).teachers[0].module)
+
+
+def test_bf16_teacher_targets_and_loss_are_float32():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.losses import forward_kl
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    distiller = Distiller(student, [teacher], teacher_dtype=torch.bfloat16)
+    distiller.configure_model()
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 32, (3, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": torch.ones(3, 8),
+             "num_items": torch.tensor(24)}
+    targets = distiller.teacher_targets(batch, torch.bfloat16)  # the dtype of a bf16 student's logits
+    assert targets.logits.dtype == torch.float32 and targets.weight.dtype == torch.float32
+    loss, _ = distiller.compute_loss(batch, progress=0.0)
+    assert loss.dtype == torch.float32
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits[:, :-1]  # bf16 logits (upcast exactly inside forward_kl)
+        s = student(input_ids=ids).logits[:, :-1]
+    assert t.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.detach(), forward_kl(s, t).sum() / 24, atol=1e-6, rtol=1e-6)
+
+
+def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    from purify.data import DistillDataModule
+
+    recipe = mlp_recipe(**{"data.batch_size": 257})  # 257 targets: not a bf16 number (it rounds to 256)
+    data = DistillDataModule(recipe.data, None, recipe.seed)
+    data.setup("fit")
+    batch = DeepSpeedPrecision("bf16-mixed").convert_input(next(iter(data.train_dataloader())))  # as Lightning does
+    assert batch["x"].dtype == torch.bfloat16
+    assert batch["num_items"].item() == 257

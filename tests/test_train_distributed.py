@@ -2,32 +2,56 @@
 
 Each run is a real subprocess of the CLI (Lightning re-executes it for rank 1), with the same global batch:
 1 process × 16 examples vs 2 processes × 8. DeepSpeed runs its real engine on CPU (DS_ACCELERATOR=cpu, gloo).
+The ZeRO-3 run goes through tests/_train_probe.py, the same train path with a probe that records, on every rank,
+where the frozen teachers live.
 """
 
+import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from purify.models import AuxMLP
 from tests.conftest import mlp_overrides
 
 pytest.importorskip("deepspeed")
 
+PROBE = Path(__file__).with_name("_train_probe.py")
+NO_PERSISTENCE = "deepspeed.config={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}"
+"""ZeRO-3 keeps parameters below 1e5 elements whole on every rank after their first use (all of this toy's); with
+the threshold at 0 every teacher parameter is released after each forward, as a large teacher's are."""
 
-def run(tmp_path, name, *extra):
+
+def run(tmp_path, name, *extra, probe=False):
     recipe = tmp_path / "recipe.yaml"
     if not recipe.exists():
         OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(tmp_path / "unused", steps=10)), recipe)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "purify", "train", str(recipe), f"output_dir={tmp_path / name}",
+    entry = [str(PROBE)] if probe else ["-m", "purify", "train"]
+    cmd = [sys.executable, *entry, str(recipe), f"output_dir={tmp_path / name}",
            "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=5", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(tmp_path / name / "student" / "model.safetensors")
+
+
+def stored_teacher_tensors(ckpt):
+    """Names of teacher tensors in a DeepSpeed checkpoint directory's module-state files (any rank)."""
+    files = sorted((ckpt / "checkpoint").glob("*model_states.pt"))
+    assert files, f"no module states in {ckpt}"
+    names = []
+    for f in files:
+        state = torch.load(f, map_location="cpu", weights_only=False)  # DeepSpeed's own file (config objects)
+        names += [k for k in state["module"] if k.startswith("teachers.")]
+        names += list(state.get("frozen_param_fragments") or {})  # ZeRO-3 stores frozen shards here
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +60,44 @@ def single(tmp_path_factory):
     return tmp, run(tmp, "single", "data.batch_size=16")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
 def test_two_processes_equal_one(single, strategy):
     tmp, ref = single
     got = run(tmp, strategy, f"strategy={strategy}", "trainer.devices=2", "data.batch_size=8")
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-4)
+
+
+ZERO3 = ("strategy=deepspeed_stage_3", "trainer.devices=2", "data.batch_size=8", NO_PERSISTENCE)
+
+
+@pytest.fixture(scope="module")
+def zero3(single):
+    tmp, _ = single
+    return run(tmp, "zero3", *ZERO3, probe=True)
+
+
+def test_zero3_shards_teachers_in_configure_model_and_equals_one_process(single, zero3):
+    tmp, ref = single
+    got = zero3
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-4)
+    teacher = AuxMLP(in_dim=16, hidden=[32, 32], n_aux=3)  # the recipe's teacher architecture
+    full = sum(p.numel() for p in teacher.parameters())
+    half = sum(math.ceil(p.numel() / 2) for p in teacher.parameters())  # each parameter padded to 2 equal shards
+    for rank in (0, 1):
+        info = json.loads((tmp / "zero3" / f"teachers.rank{rank}.json").read_text())
+        # partitioned when configure_model returns, i.e. before DeepSpeed's engine (or the device) sees the model
+        assert info["configure_model"] == {"teachers": 1, "local_numel": 0, "partitioned": True}
+        assert info["numel"] == full  # ds_numel: the full size, known to every rank
+        assert info["shard_numel"] == half  # this rank's ds_tensor: its half, not a replica
+        assert info["local_numel"] == 0  # between forwards the module holds empty placeholders
+        assert info["dtypes"] == ["torch.float32"]
+        assert not info["requires_grad"] and not info["training"]
+        assert info["student_in_optimizer"] and not info["in_optimizer"]
+    lineage = [json.loads((tmp / name / "lineage.json").read_text())["teachers"][0]["sha256"]
+               for name in ("single", "zero3")]
+    assert lineage[0] == lineage[1]  # hashed from the full weights, built in configure_model
 
 
 def test_zero2_resume_from_sharded_checkpoint_continues_exactly(single):
@@ -50,6 +106,17 @@ def test_zero2_resume_from_sharded_checkpoint_continues_exactly(single):
     full = run(tmp, "z2full", *args)
     ckpt = tmp / "z2full" / "checkpoints" / "step5.ckpt"
     assert ckpt.is_dir()  # DeepSpeed's sharded checkpoint directory
+    assert stored_teacher_tensors(ckpt) == []  # the frozen teacher is rebuilt from the recipe, not stored
     resumed = run(tmp, "z2resumed", *args, f"resume={ckpt}")
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
+
+
+def test_zero3_resume_rebuilds_sharded_teachers_and_continues_exactly(single, zero3):
+    tmp, _ = single
+    ckpt = tmp / "zero3" / "checkpoints" / "step5.ckpt"
+    assert ckpt.is_dir()  # DeepSpeed's sharded checkpoint directory
+    assert stored_teacher_tensors(ckpt) == []  # neither placeholders nor shards: rebuilt from the recipe on resume
+    resumed = run(tmp, "z3resumed", *ZERO3, f"resume={ckpt}")
+    for key in zero3:
+        torch.testing.assert_close(resumed[key], zero3[key], atol=1e-6, rtol=0)
