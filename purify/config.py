@@ -61,6 +61,9 @@ class DataConfig:
     val_fraction: float = 0.1
     max_length: int = 64  # tokens per example (longer examples are truncated)
     batch_size: int = 8  # micro-batch per process
+    # samples per optimizer step over all processes; when set, batch_size is derived from it (validation fails when
+    # trainer.devices × trainer.num_nodes × trainer.accumulate_grad_batches does not divide it)
+    global_batch_size: Optional[int] = None
     noise_dim: int = 64  # input size for train=noise
     num_samples: int = 4096  # examples for train=noise
 
@@ -224,6 +227,24 @@ def _check_source(spec: ModelSpec, where: str) -> None:
             raise RecipeError(f"{where}.builtin: unknown base {spec.builtin!r}; allowed: {', '.join(BASES)}")
 
 
+def _derive_batch_size(recipe: Recipe) -> None:
+    """Set ``data.batch_size`` (per process) from ``data.global_batch_size``: the global batch over the world size
+    (``trainer.devices × trainer.num_nodes``) and ``trainer.accumulate_grad_batches``, which must divide it."""
+    from purify.strategy import check_global_batch, world_size
+
+    t = recipe.trainer
+    try:
+        world = world_size(t.accelerator, t.devices, t.num_nodes)
+    except (TypeError, ValueError):
+        raise RecipeError(f"trainer.devices: cannot count processes for {t.devices!r}; give a count, a list of "
+                          "device indices, 'auto' or -1") from None
+    try:
+        recipe.data.batch_size = check_global_batch(recipe.data.global_batch_size,  # type: ignore[arg-type]
+                                                    world, t.accumulate_grad_batches)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1
 
@@ -260,6 +281,8 @@ def validate(recipe: Recipe) -> list[Any]:
         raise RecipeError(f"trainer.max_steps: must be >= 1, got {recipe.trainer.max_steps}")
     if recipe.trainer.accumulate_grad_batches < 1:
         raise RecipeError("trainer.accumulate_grad_batches: must be >= 1")
+    if data.global_batch_size is not None:
+        _derive_batch_size(recipe)
     if recipe.strategy not in STRATEGIES:
         close = difflib.get_close_matches(recipe.strategy, STRATEGIES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""

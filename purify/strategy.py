@@ -170,25 +170,46 @@ def _check_gpu_devices(devices: int | str | list[int]) -> None:
         )
 
 
-def check_global_batch(global_batch: int, world_size: int, accumulate: int) -> int:
+def world_size(accelerator: str = "auto", devices: int | str | list[int] = 1, num_nodes: int = 1) -> int:
+    """Processes a run starts: ``trainer.devices`` (a count, ``"0,1"``, ``[0, 1]``, ``"auto"`` or ``-1``) on each of
+    ``num_nodes`` nodes; ``"auto"``/``-1`` count the visible CUDA devices, or 1 on CPU (as Lightning does)."""
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    elif devices in ("auto", -1, "-1"):
+        on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
+        per_node = 1 if on_cpu else torch.cuda.device_count()
+    else:
+        per_node = int(devices)
+    return per_node * num_nodes
+
+
+def check_global_batch(global_batch: int, world_size: int, accumulate: int,
+                       key: str = "data.global_batch_size") -> int:
     """The per-device micro-batch size that makes ``global_batch`` exact.
 
     Args:
         global_batch: Samples per optimizer step, over all processes.
         world_size: Number of processes (``devices × num_nodes``).
         accumulate: ``trainer.accumulate_grad_batches``.
+        key: The recipe key that gave ``global_batch``, for the message.
 
     Returns:
         ``global_batch // (world_size * accumulate)``.
 
     Raises:
-        ValueError: When ``world_size × accumulate`` does not divide ``global_batch``.
+        ValueError: When ``world_size × accumulate`` does not divide ``global_batch`` (one line: the key, the numbers
+            and the fix).
     """
     per_step = world_size * accumulate
     if global_batch <= 0 or per_step <= 0 or global_batch % per_step:
+        below = global_batch // max(per_step, 1) * per_step
+        near = sorted({max(per_step, below), max(per_step, below + per_step)})
         raise ValueError(
-            f"global_batch={global_batch} is not a positive multiple of world_size ({world_size}) × "
-            f"trainer.accumulate_grad_batches ({accumulate}) = {per_step}; make it a multiple of {per_step} or change "
-            "trainer.devices/num_nodes or trainer.accumulate_grad_batches"
+            f"{key}: {global_batch} is not a positive multiple of world size {world_size} (trainer.devices × "
+            f"trainer.num_nodes) × trainer.accumulate_grad_batches {accumulate} = {per_step}; set {key} to a "
+            f"multiple of {per_step} (e.g. {' or '.join(map(str, near))}) or change trainer.devices, "
+            "trainer.num_nodes or trainer.accumulate_grad_batches"
         )
     return global_batch // per_step

@@ -59,3 +59,28 @@ def test_overrides_need_key_value_and_recipe_file_must_exist(tmp_path):
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.trainer.max_steps >= 1
+
+
+@pytest.mark.parametrize(("overrides", "per_step"), [
+    ({"trainer.devices": 2}, 2),
+    ({"trainer.devices": 2, "trainer.accumulate_grad_batches": 4}, 8),
+    ({"trainer.devices": "0,1", "trainer.num_nodes": 3}, 6),
+])
+def test_global_batch_not_divided_by_world_size_fails_naming_the_key_and_fix(tmp_path, overrides, per_step):
+    bad = per_step * 5 + 1
+    message = rf"^data.global_batch_size: {bad} is not a positive multiple of .* = {per_step}; set "
+    message += rf"data.global_batch_size to a multiple of {per_step}"
+    with pytest.raises(RecipeError, match=message) as err:
+        load(tmp_path, **{"data.global_batch_size": bad, "trainer.accelerator": "cpu", **overrides})
+    assert "\n" not in str(err.value)
+
+
+def test_global_batch_sets_the_per_process_batch_of_the_sampler(tmp_path):
+    from purify.data import GlobalBatchSampler
+
+    recipe = load(tmp_path, **{"data.global_batch_size": 48, "trainer.devices": 2, "trainer.accumulate_grad_batches": 3,
+                              "trainer.accelerator": "cpu"})
+    assert recipe.data.batch_size == 8
+    sampler = GlobalBatchSampler([1] * 100, recipe.data.batch_size, accumulate=3, world_size=2)
+    assert sampler.step_size == 48
+    assert load(tmp_path, **{"data.global_batch_size": 48, "trainer.accelerator": "cpu"}).data.batch_size == 48

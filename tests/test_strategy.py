@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from purify.strategy import STRATEGIES, CPUDeepSpeedStrategy, build_strategy, check_global_batch
+from purify.strategy import STRATEGIES, CPUDeepSpeedStrategy, build_strategy, check_global_batch, world_size
 
 TOY = Path(__file__).with_name("_dist_toy.py")
 TOL = {"rtol": 0, "atol": 1e-4}
@@ -128,10 +128,24 @@ def test_deepspeed_config_checks(config: object, message: str) -> None:
 
 def test_check_global_batch() -> None:
     assert check_global_batch(32, world_size=2, accumulate=4) == 4
-    with pytest.raises(ValueError, match=r"global_batch=10 .* world_size \(2\) × .*accumulate_grad_batches \(4\)"):
+    message = r"^data.global_batch_size: 10 .* world size 2 .*\.accumulate_grad_batches 4 = 8; set "
+    message += r"data.global_batch_size to a multiple of 8 \(e.g. 8 or 16\)"
+    with pytest.raises(ValueError, match=message):
         check_global_batch(10, world_size=2, accumulate=4)
     with pytest.raises(ValueError, match="positive multiple"):
         check_global_batch(0, world_size=1, accumulate=1)
+
+
+@pytest.mark.parametrize(("devices", "num_nodes", "expected"),
+                         [(2, 1, 2), ("3", 1, 3), ("0,1", 2, 4), ([0, 3], 1, 2), ("auto", 2, 2), (-1, 1, 1)])
+def test_world_size_counts_processes_on_cpu(devices: object, num_nodes: int, expected: int) -> None:
+    assert world_size("cpu", devices, num_nodes) == expected
+
+
+def test_world_size_auto_counts_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert world_size("gpu", "auto", 2) == 8
 
 
 def test_user_deepspeed_config_gets_the_micro_batch() -> None:
