@@ -3,8 +3,11 @@
 Usage::
 
     python scripts/bench_speed.py [--rounds 40] [--warmup 4] [--threads 1] [--out results]
+    python scripts/bench_speed.py --only processes [--process-repeats 3] [--process-steps 100]
 
-Writes ``results/speed.md`` and ``results/speed.json``. One process; every condition is a training step on the same
+Writes ``results/speed.md`` and ``results/speed.json``; ``--only processes`` runs just the "1 vs 2 processes" section
+below and merges it into the existing files. In-process conditions: one process; every condition is a training step on
+the same
 quickstart batches (random-init Llama student, hidden 64, 2 layers), timed interleaved in a shuffled order each round
 (see bench_overhead.py), and each comparison is the median over rounds of the per-round ratio. Conditions:
 
@@ -17,6 +20,13 @@ quickstart batches (random-init Llama student, hidden 64, 2 layers), timed inter
   against purify's ``Distiller.fit_step`` (``online_k1``): the framework's overhead.
 
 The caches are written first (``purify.cache_writer.write_cache``); their size and write time are reported. CPU only.
+
+1 vs 2 processes: ``purify train``'s own path (``build_run`` → ``make_trainer`` → ``Trainer.fit``) on the quickstart
+recipe with ``data.global_batch_size`` fixed, so both runs see the same examples at every step: 1 process of 1 torch
+thread against 2 DDP processes of 1 thread each on the CPU gloo path, each run a fresh subprocess (Lightning re-executes
+this script for rank 1), runs alternated over repeats. Step time is the median interval between consecutive optimizer
+steps after warmup (data loading, forward, backward, all-reduce, optimizer step); tokens/s is target tokens over the
+measured steps divided by their total time.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +138,130 @@ def conditions(directory: Path) -> tuple[dict[str, Any], int]:
     return steps, int(sum(b["target_mask"].sum() for b in batches) / len(batches))
 
 
+PROCESS_RUNS = ((1, 1), (2, 1))
+"""(processes, torch threads per process) of the 1 vs 2 processes section. 1 process × 2 threads is left out: on 2
+cores shared with another job its OpenMP threads contend with that job (a dry run took about 3 s per step, 150× the
+1-thread step), which measures the neighbour rather than purify."""
+PROCESS_BATCHES = (16, 64)
+"""Global batches (sequences per optimizer step) of that section: the quickstart's 16, and 4× that."""
+PROCESSES_HEADING = "## 1 vs 2 processes"
+
+
+def process_worker(args: argparse.Namespace) -> None:
+    """One ``purify train``-path run of the quickstart recipe (every rank runs this); rank 0 writes the step times."""
+    import lightning as L
+
+    from purify.config import load_recipe
+    from purify.train import build_run, make_trainer
+
+    class StepClock(L.Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.tokens: list[int] = []
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            self.ends.append(time.perf_counter())
+            self.tokens.append(int(batch["num_items"]))
+
+    torch.set_num_threads(args.threads)
+    overrides = [f"trainer.devices={args.devices}", f"strategy={'ddp' if args.devices > 1 else 'auto'}",
+                 "trainer.accelerator=cpu", f"data.global_batch_size={args.global_batch}",
+                 f"trainer.max_steps={args.process_warmup + args.process_steps}", "trainer.limit_val_batches=0",
+                 "trainer.enable_progress_bar=false", "export=false"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    run = build_run(recipe)
+    clock = StepClock()
+    trainer = make_trainer(recipe, [clock], None)
+    trainer.fit(run.distiller, datamodule=run.datamodule)
+    if trainer.is_global_zero:
+        ends = np.asarray(clock.ends[args.process_warmup - 1:])  # the interval before step w+1 onward
+        intervals = np.diff(ends)
+        tokens = clock.tokens[args.process_warmup:]
+        Path(args.worker_out).write_text(json.dumps({
+            "median_ms": 1e3 * float(np.median(intervals)), "tokens_per_s": sum(tokens) / float(ends[-1] - ends[0]),
+            "tokens_per_step": float(np.mean(tokens)), "micro_batch": recipe.data.batch_size,
+            "world_size": trainer.world_size}))
+
+
+def measure_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (global batch, processes, threads) run ``args.process_repeats`` times, alternated; medians over repeats."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.process_repeats):
+            for batch in PROCESS_BATCHES:
+                order = PROCESS_RUNS if repeat % 2 == 0 else PROCESS_RUNS[::-1]
+                for processes, threads in order:
+                    out = Path(tmp) / f"{batch}-{processes}-{threads}-{repeat}.json"
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--devices", str(processes),
+                           "--threads", str(threads), "--global-batch", str(batch), "--worker-out", str(out),
+                           "--process-steps", str(args.process_steps), "--process-warmup", str(args.process_warmup)]
+                    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                           "PYTHONWARNINGS": "ignore"}
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+                    if proc.returncode:
+                        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+                    name = f"global{batch}_p{processes}_t{threads}"
+                    runs.setdefault(name, []).append(json.loads(out.read_text()))
+                    print(f"{name} repeat {repeat}: {runs[name][-1]}", flush=True)
+    table = {}
+    for name, rows in runs.items():
+        table[name] = {"median_ms": float(np.median([r["median_ms"] for r in rows])),
+                       "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+                       "tokens_per_s_runs": [r["tokens_per_s"] for r in rows],
+                       **{k: rows[0][k] for k in ("tokens_per_step", "micro_batch", "world_size")}}
+    for batch in PROCESS_BATCHES:
+        one, two = table[f"global{batch}_p1_t1"], table[f"global{batch}_p2_t1"]
+        table[f"global{batch}_speedup_2p_vs_1p"] = {"ratio": two["tokens_per_s"] / one["tokens_per_s"],
+                                                    "meaning": "2 processes / 1 process (1 thread each) tokens/s"}
+    return {"command": " ".join(["python scripts/bench_speed.py", *sys.argv[1:]]), "repeats": args.process_repeats,
+            "steps": args.process_steps, "warmup": args.process_warmup, "runs": table,
+            "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}}
+
+
+def processes_section(info: dict[str, Any], result: dict[str, Any]) -> str:
+    """The "1 vs 2 processes" section of speed.md."""
+    runs = result["runs"]
+    lines = [PROCESSES_HEADING, "",
+             f"Written by `{result['command']}`. Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch "
+             f"{info['torch']}, no GPU; **the 2 cores were shared with another job while this ran**, so absolute "
+             "numbers are noisy and 2 processes can only gain what the other job leaves idle (1-minute load average "
+             f"{result['load_average_1min']['before']:.1f} before the runs, {result['load_average_1min']['after']:.1f} "
+             "after). `purify train`'s path "
+             "(build_run → make_trainer → Trainer.fit) on the quickstart recipe (tiny-llama-a teacher, hidden-64 "
+             "student) with `data.global_batch_size` fixed: every run sees the same examples at every step. DDP runs "
+             f"on the CPU gloo backend. Each run is a fresh process group: {result['warmup']} warmup steps, then "
+             f"{result['steps']} timed; {result['repeats']} repeats, alternated; medians over repeats (tokens/s of "
+             "each repeat in the last column). 1 process × 2 threads is not in the table: on these shared cores its "
+             "OpenMP threads contend with the other job (about 3 s per step in a dry run), which measures the "
+             "neighbour, not purify.", "",
+             "| global batch | processes × threads | micro-batch per process | median step (ms) | target tokens/s | "
+             "runs (tokens/s) |", "|---|---|---|---|---|---|"]
+    for batch in PROCESS_BATCHES:
+        for processes, threads in PROCESS_RUNS:
+            r = runs[f"global{batch}_p{processes}_t{threads}"]
+            each = ", ".join(f"{v:,.0f}" for v in r["tokens_per_s_runs"])
+            lines.append(f"| {batch} | {processes} × {threads} | {r['micro_batch']} | {r['median_ms']:.1f} | "
+                         f"{r['tokens_per_s']:,.0f} | {each} |")
+    speedups = ", ".join(f"{runs[f'global{b}_speedup_2p_vs_1p']['ratio']:.2f}× at global batch {b}"
+                         for b in PROCESS_BATCHES)
+    lines += ["", f"2 processes vs 1 (1 thread each), tokens/s: {speedups} (ideal 2×). Where the second process "
+              "loses is not separated here (the other job's share of the cores, gloo's all-reduce of the student's "
+              "gradients, DDP's per-step synchronisation)."]
+    return "\n".join(lines) + "\n"
+
+
+def merge_processes(out: Path, info: dict[str, Any], result: dict[str, Any]) -> None:
+    """Put the section into ``speed.json`` (key ``processes``) and ``speed.md`` (replacing an earlier one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "speed.json", out / "speed.md"
+    data = json.loads(json_path.read_text()) if json_path.is_file() else {"machine": info}
+    data["processes"] = result
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md = md_path.read_text().split(PROCESSES_HEADING)[0].rstrip() + "\n\n" if md_path.is_file() else ""
+    md_path.write_text(md + processes_section(info, result))
+
+
 def report(info: dict[str, Any], result: dict[str, Any], args: argparse.Namespace) -> str:
     caches = result["caches"]
     four = caches["four"]["manifest"]
@@ -173,7 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--only", choices=["processes"], help="run only this section and merge it into --out")
+    parser.add_argument("--skip-processes", action="store_true", help="leave out the 1 vs 2 processes section")
+    parser.add_argument("--process-repeats", type=int, default=3)
+    parser.add_argument("--process-steps", type=int, default=100)
+    parser.add_argument("--process-warmup", type=int, default=10)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one run of the section
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--global-batch", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        process_worker(args)
+        return 0
+    if args.only == "processes":
+        info = machine()
+        merge_processes(args.out, info, measure_processes(args))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "speed.md").write_text(report(info, {**result, "caches": caches}, args))
+    if not args.skip_processes:
+        merge_processes(args.out, info, measure_processes(args))
     print(json.dumps(comps, indent=2))
     return 0
 
