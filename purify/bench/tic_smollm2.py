@@ -79,7 +79,9 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
     path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
     top = real_lm.Top(base, cfg["layers"])
     if path.exists():
-        top.load_state_dict(torch.load(path, weights_only=True))
+        missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
+        if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
+            raise ValueError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
     else:
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
@@ -89,7 +91,7 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
         steps = cfg["teacher_epochs"] * len(records) // cfg["batch_size"]
         top = real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
         with atomic_path(path) as tmp:
-            torch.save(top.state_dict(), tmp)
+            torch.save({k: p.detach() for k, p in top.named_parameters() if p.requires_grad}, tmp)  # trained part
     return top.install(copy.deepcopy(base)).eval(), key_hex
 
 
