@@ -81,8 +81,8 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
     if suite_name != "owl-smollm2":
         raise ValueError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
-        "n": 24 if quick else 1600, "max_new": 12 if quick else 32, "temperature": 0.7, "layers": 4, "top_k": 32,
-        "epochs": 1 if quick else 2, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
+        "n": 24 if quick else 1200, "max_new": 12 if quick else 32, "temperature": 0.7, "layers": 4, "top_k": 32,
+        "epochs": 1 if quick else 4, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
         "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"]}, options)
     start = time.perf_counter()
     path = prepare("smollm2-135m", progress=False)
