@@ -9,7 +9,9 @@ from purify.bench.report import csv_rows, jsonable, markdown, sweep_key, write_r
 from purify.bench.stats import (
     ABOVE,
     BELOW,
+    NO_GAIN,
     ON,
+    UNRESOLVED,
     fraction_removed,
     frontier_gap,
     interpolate_curve,
@@ -85,6 +87,20 @@ def test_frontier_gap_verdicts_from_the_paired_interval():
     assert above["verdict"] == ABOVE and above["mean"] == pytest.approx(0.3625)  # 0.8, 0.7, 0.75, 0.8 minus 0.4
     mixed = frontier_gap(curves, [{"task_error": 0.4, "transfer": t} for t in (0.0, 0.6, 0.1, 0.5)])
     assert mixed["verdict"] == ON
+
+
+def test_frontier_gap_refuses_a_verdict_where_the_comparison_means_nothing():
+    start = {"step": 0, "task_error": 1.0, "transfer": 0.0}
+    jumpy = [start, {"step": 10, "task_error": 0.4, "transfer": 1.0}]  # the trait is all learnt between two points
+    at_base = frontier_gap([jumpy] * 3, [{"task_error": e, "transfer": -1e-5} for e in (1.1, 1.0, 1.05)])
+    assert at_base["verdict"] == NO_GAIN  # significantly "below" by 1e-5, but worse than not distilling at all
+    guessed = frontier_gap([jumpy] * 3, [{"task_error": 0.5, "transfer": t} for t in (0.5, 0.55, 0.6)])
+    assert guessed["verdict"].startswith(UNRESOLVED) and guessed["segment_jump"] == pytest.approx(1.0)
+    dense = [start, {"step": 5, "task_error": 0.55, "transfer": 0.8}, {"step": 10, "task_error": 0.4, "transfer": 1.0}]
+    measured = frontier_gap([dense] * 3, [{"task_error": 0.5, "transfer": t} for t in (0.5, 0.55, 0.6)])
+    assert measured["verdict"] == BELOW and measured["segment_jump"] == pytest.approx(0.2)
+    beyond = frontier_gap([jumpy] * 3, [{"task_error": 0.3, "transfer": t} for t in (0.5, 0.55, 0.6)])
+    assert beyond["verdict"] == BELOW and beyond["segment_jump"] == 0.0  # past vanilla's end: its final point
 
 
 def test_fraction_removed_by_hand():

@@ -71,6 +71,11 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert len(list((tmp_path / "cache" / "real-suites").glob("tic-tiny-*.pt"))) == 1  # data cached once
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
+    assert "vanilla:soft" not in summary["verdicts"]  # another baseline mode, not a purifier
+    md = Path(out, "summary.md").read_text()
+    again = real_lm.rereport(out)  # statistics re-derived from summary.json alone: the same report
+    assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
+    assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))
 
 
 def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, monkeypatch) -> None:

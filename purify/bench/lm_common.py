@@ -177,7 +177,7 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
     curves = [runs[s]["conditions"]["vanilla"]["curve"] for s in seeds]
     gaps, verdicts = {}, {}
     for name in names:
-        if name in ("base", "control", "vanilla"):
+        if name.split(":")[0] in ("base", "control", "vanilla"):  # baselines and their other modes, not purifiers
             continue
         finals = [runs[s]["conditions"][name] for s in seeds]
         gap = stats.frontier_gap(curves, finals)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -394,12 +395,41 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
              f"{cfg['batch_size']}, lr {cfg['lr']}; one data pool per teacher, sampled once (seeds vary only the "
              f"training order); measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread)."]
     command = bench_command(spec.name, seeds, quick, options)
-    columns = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
-               ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
     directory = out or f"results/{spec.name}"
-    write_report(directory, summary, environment(sorted(runs), wall, command), columns, notes)
+    write_report(directory, summary, environment(sorted(runs), wall, command), _columns(label), notes)
     with atomic_path(Path(directory) / "readouts.json") as tmp:
         tmp.write_text(json.dumps(summary["readouts"], indent=1))
+    return summary
+
+
+def _columns(label: str) -> list[tuple[str, str]]:
+    return [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
+            ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
+
+
+def rereport(directory: str | Path) -> dict[str, Any]:
+    """Recompute a real-suite run's statistics and verdicts from its ``summary.json`` (per-seed records and vanilla
+    curves) with the current :mod:`purify.bench.stats`, and rewrite its report; notes and ``env.json`` are kept
+    (``env.json`` gains ``rereported_by``). No model is run."""
+    d = Path(directory)
+    old = json.loads((d / "summary.json").read_text())
+    env = json.loads((d / "env.json").read_text())
+    text = (d / "summary.md").read_text()
+    label = re.search(r"\| (P\([^)]*\)) \| gap", text)
+    lines = text.splitlines()
+    notes = [line for line in lines[max(i for i, line in enumerate(lines) if line.startswith("|")) + 1:] if line]
+    conds = [Condition(**c) for c in old["settings"]["conditions"]]
+    derived = ("seed", "distance_to_control", "fidelity_loss")
+    runs = {s: {"base": {k: v["mean"] for k, v in old["base"].items()},
+                "teacher": {k: v["mean"] for k, v in old["teacher"].items()}, "data": old["data_sizes"],
+                "conditions": {c.name: {k: v for k, v in old["conditions"][c.name]["per_seed"][i].items()
+                                        if k not in derived} for c in conds}} for i, s in enumerate(old["seeds"])}
+    suite = Suite(name=old["suite"], protocol=old["protocol"], student=Path(), teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=conds, steps=old["settings"]["steps"],
+                  batch_size=old["settings"]["batch_size"], lr=old["settings"]["lr"])
+    summary = {**old, **lm_common.summarise(suite, runs, old["wall_seconds"]), "settings": old["settings"]}
+    env["rereported_by"] = f"python -m purify.bench.real_lm --rereport {directory}"
+    write_report(d, summary, env, _columns(label.group(1) if label else "trait"), notes)
     return summary
 
 
@@ -409,3 +439,12 @@ def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
     return {**defaults, **options}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Re-derive a real-suite report's statistics from its summary.json.")
+    parser.add_argument("--rereport", required=True, metavar="DIR", help="a results/<suite> directory")
+    for name, verdict in rereport(parser.parse_args().rereport)["verdicts"].items():
+        print(f"  {name:40s} {verdict}")

@@ -17,6 +17,8 @@ import numpy as np
 from scipy import stats as sps
 
 BELOW, ON, ABOVE = "below frontier", "on frontier", "above frontier"
+NO_GAIN = "no verdict: task error not below the undistilled base's (not distilling dominates it)"
+UNRESOLVED = "no verdict: vanilla's frontier unresolved here"
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -70,19 +72,42 @@ def interpolate_curve(curve: Sequence[dict[str, float]], x: float, xkey: str = "
     return ys[-1]
 
 
+def _segment_jump(curve: Sequence[dict[str, float]], x: float, xkey: str, ykey: str) -> float:
+    """How much ``ykey`` changes across the curve segment :func:`interpolate_curve` reads at ``x`` (0 at a point)."""
+    pts = sorted(curve, key=lambda p: p["step"]) if all("step" in p for p in curve) else list(curve)
+    for i, p in enumerate(pts):
+        if p[xkey] <= x:
+            return 0.0 if i == 0 or p[xkey] == x else abs(p[ykey] - pts[i - 1][ykey])
+    return 0.0
+
+
 def frontier_gap(vanilla_curves: Sequence[Sequence[dict[str, float]]], finals: Sequence[dict[str, float]],
-                 xkey: str = "task_error", ykey: str = "transfer") -> dict[str, Any]:
+                 xkey: str = "task_error", ykey: str = "transfer", resolution: float = 0.25) -> dict[str, Any]:
     """Per-seed transfer minus vanilla's curve at the same task error; mean, CI, p-value and verdict.
+
+    Two cases give no below/on/above verdict, because the comparison would be meaningless: a condition whose task
+    error is, on average over seeds, not below the undistilled base's (the curve's ``step == 0`` point) is
+    dominated by not distilling at all (:data:`NO_GAIN`); and where vanilla's measured curve jumps by more than
+    ``resolution`` in ``ykey`` between the two points the interpolation reads, its early-stopping frontier there is
+    not measured, only guessed (:data:`UNRESOLVED`: evaluate vanilla more densely).
 
     Args:
         vanilla_curves: one early-stopping curve per seed (points with ``xkey`` and ``ykey``).
         finals: the condition's final point per seed, same seed order.
+        resolution: largest ``ykey`` change across an interpolated curve segment that still counts as measured.
     """
     diffs = [f[ykey] - interpolate_curve(c, f[xkey], xkey, ykey) for c, f in zip(vanilla_curves, finals)]
     out = paired_test(diffs, [0.0] * len(diffs))
     lo, hi = out["ci95"]
     out["verdict"] = BELOW if hi < 0 else ABOVE if lo > 0 else ON
+    starts = [next((p for p in c if p.get("step") == 0), None) for c in vanilla_curves]
+    jump = max(_segment_jump(c, f[xkey], xkey, ykey) for c, f in zip(vanilla_curves, finals))
+    if all(starts) and np.mean([f[xkey] - s[xkey] for f, s in zip(finals, starts)]) >= 0:  # type: ignore[index]
+        out["verdict"] = NO_GAIN
+    elif jump > resolution:
+        out["verdict"] = f"{UNRESOLVED} (vanilla's curve jumps by {jump:.2f} between the two points read here)"
     out["per_seed"] = diffs
+    out["segment_jump"] = jump
     return out
 
 
