@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -247,8 +248,9 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
         axes[1].set_xlim(lo, x_end * 2.2)
         axes[1].set_title(f"zoom: {xkey} up to 2.2 × vanilla's final", fontsize=10)
         axes[0].axvspan(lo, x_end * 2.2, color="tab:blue", alpha=0.05, lw=0)
-    fig.suptitle(f"{summary['suite']} ({summary.get('protocol', '')}): transfer vs fidelity, "
-                 f"{len(summary['seeds'])} seeds, mean ± 95% CI")
+    title = (f"{summary['suite']} ({summary.get('protocol', '')}): transfer vs fidelity, "
+             f"{len(summary['seeds'])} seeds, mean ± 95% CI")
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)))
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
