@@ -29,3 +29,10 @@ def test_unknown_suite_or_option() -> None:
         run_suite("nope")
     with pytest.raises(ValueError, match="unknown option 'colour'"):
         run_suite("style-tic", quick=True, colour=1)
+
+
+def test_vanilla_is_scored_at_halving_steps_dense_early() -> None:
+    from purify.bench.lm_common import curve_steps
+
+    assert curve_steps(150, 6) == [5, 10, 19, 38, 75, 150]
+    assert curve_steps(20, 2) == [10, 20] and curve_steps(3, 4) == [1, 2, 3]

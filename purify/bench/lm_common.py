@@ -11,6 +11,7 @@ early-stopping frontier. Statistics and files come from :mod:`purify.bench.stats
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,7 +66,8 @@ class Suite:
         score: ``(model, tokenizer, teacher model, seed) -> Scores``.
         conditions: the arms, ``base``/``control``/``vanilla`` included.
         steps, batch_size, lr, max_length: distillation settings.
-        curve_points: how many vanilla evaluations during training (plus step 0 = the base).
+        curve_points: how many vanilla evaluations during training (plus step 0 = the base), at
+            :func:`curve_steps`.
         columns: extra ``(key, title)`` report columns.
         notes: extra report notes, rendered after the run (e.g. filter counts gathered while making data).
     """
@@ -84,6 +86,13 @@ class Suite:
     curve_points: int = 4
     columns: list[tuple[str, str]] = field(default_factory=list)
     notes: Callable[[], list[str]] = list
+
+
+def curve_steps(steps: int, points: int) -> list[int]:
+    """The training steps at which vanilla is scored: ``steps``, ``steps/2``, ``steps/4``, … (``points`` of them,
+    rounded up). Halving puts the points where a trait is learnt fastest, early, so the early-stopping frontier is
+    measured there rather than interpolated across a jump (see :func:`purify.bench.stats.frontier_gap`)."""
+    return sorted({max(1, math.ceil(steps / 2 ** k)) for k in range(points)})
 
 
 def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
@@ -106,11 +115,11 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizer: An
     optimizer = distiller.build_optimizer()
     data = TokenDataset(records, tokenizer, suite.max_length)
     generator = torch.Generator().manual_seed(seed)
-    every = max(1, suite.steps // suite.curve_points)
+    marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):
         idx = torch.randint(len(data), (suite.batch_size,), generator=generator).tolist()
         distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps)
-        if on_point is not None and (step + 1) % every == 0:
+        if on_point is not None and step + 1 in marks:
             on_point(step + 1, student)
     student.eval()
     return student

@@ -260,12 +260,13 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
                      purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
                      total_steps=steps, teacher_names=teacher_names or ["teacher"])
     opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
+    marks = set(lm_common.curve_steps(steps, points)) if points else set()
     order: list[int] = []
     while len(order) < steps * bs:
         order += rng.sample(pool, len(pool))
     for step in range(steps):
         dist.fit_step(collate(data, order[step * bs:(step + 1) * bs], base.config.vocab_size), opt, step / steps)
-        if on_point and points and (step + 1) % max(1, steps // points) == 0 and step + 1 < steps:
+        if on_point and step + 1 in marks and step + 1 < steps:
             on_point(step + 1, top)
     return top
 
@@ -337,7 +338,7 @@ def train_condition(spec: RealSuite, cond: Condition, seed: int, base: Any, toke
 
     t0 = time.perf_counter()
     top = fit_top(base, d, pool, cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers, point,
-                  3 if curve else 0)
+                  5 if curve else 0)
     final = lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab), s0, t_full)
     if progress:
         print(f"seed {seed} {cond.name}: P({spec.target}) {final['trait']:.5f} transfer {final['transfer']:+.3f} "
@@ -367,7 +368,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), teachers={}, make_data=lambda *a: [],
                   score=lambda *a: {}, conditions=conds, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  curve_points=3)
+                  curve_points=5)
     runs = {seed: {"base": s0, "teacher": t_full, "data": {"teacher": n_t - len(heldout),
                    "clean": len(data["clean"]["labels"])}, "conditions": {c.name: train_condition(
                    spec, c, seed, base, tokenizer, data, heldout, cfg, steps, s0, t_full, progress) for c in conds}}
