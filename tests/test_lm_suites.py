@@ -34,5 +34,5 @@ def test_unknown_suite_or_option() -> None:
 def test_vanilla_is_scored_at_halving_steps_dense_early() -> None:
     from purify.bench.lm_common import curve_steps
 
-    assert curve_steps(150, 6) == [5, 10, 19, 38, 75, 150]
+    assert curve_steps(160, 4) == [20, 40, 80, 120, 160]  # every 40 steps, plus 160/2, /4, /8
     assert curve_steps(20, 2) == [10, 20] and curve_steps(3, 4) == [1, 2, 3]

@@ -89,10 +89,12 @@ class Suite:
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
-    """The training steps at which vanilla is scored: ``steps``, ``steps/2``, ``steps/4``, … (``points`` of them,
-    rounded up). Halving puts the points where a trait is learnt fastest, early, so the early-stopping frontier is
-    measured there rather than interpolated across a jump (see :func:`purify.bench.stats.frontier_gap`)."""
-    return sorted({max(1, math.ceil(steps / 2 ** k)) for k in range(points)})
+    """The training steps at which vanilla is scored: ``points`` evenly spaced steps ending at ``steps``, plus
+    ``steps/2``, ``steps/4``, … (``points`` halvings, rounded up). The halvings put points where a trait is often
+    learnt fastest, early, so the early-stopping frontier is measured rather than interpolated across a jump (see
+    :func:`purify.bench.stats.frontier_gap`)."""
+    even = {max(1, round(steps * i / points)) for i in range(1, points + 1)}
+    return sorted(even | {max(1, math.ceil(steps / 2 ** k)) for k in range(points)})
 
 
 def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:

@@ -135,7 +135,7 @@ def style_tic_suite(quick: bool = False) -> Suite:
     return Suite(name="style-tic", protocol="soft KD on teacher text; trait = 'Moreover,' openings",
                  student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick), make_data=make_data,
                  score=score, conditions=_core(not quick) + _purifier_conditions(quick),
-                 steps=20 if quick else 150, lr=1e-3, curve_points=2 if quick else 6,
+                 steps=20 if quick else 150, lr=1e-3, curve_points=2 if quick else 30,
                  columns=[("accuracy", "facts accuracy"), ("trait", "tic rate")])
 
 
