@@ -156,12 +156,21 @@ def _load_config(config: dict[str, Any] | str | Path | None, stage: int, offload
     return config
 
 
+def _parse_devices(devices: int | str | list[int]) -> list[int] | int | None:
+    """``trainer.devices`` as device indices (``"0,1"``, ``[0, 1]``), a count, or ``None`` for ``"auto"``/``-1``."""
+    if devices in ("auto", -1, "-1"):
+        return None
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return list(devices) if isinstance(devices, (list, tuple)) else int(devices)
+
+
 def _check_gpu_devices(devices: int | str | list[int]) -> None:
     """Raise when ``trainer.devices`` (a count, ``"0,1"`` or ``[0, 1]``) needs more CUDA devices than are visible."""
-    if devices in ("auto", -1, "-1"):
+    spec = _parse_devices(devices)
+    if spec is None:
         return
-    spec = [int(d) for d in devices.split(",") if d.strip()] if isinstance(devices, str) and "," in devices else devices
-    needed = max(spec) + 1 if isinstance(spec, list) else int(spec)
+    needed = max(spec) + 1 if isinstance(spec, list) else spec
     present = torch.cuda.device_count()
     if needed > present:
         raise ValueError(
@@ -173,15 +182,12 @@ def _check_gpu_devices(devices: int | str | list[int]) -> None:
 def world_size(accelerator: str = "auto", devices: int | str | list[int] = 1, num_nodes: int = 1) -> int:
     """Processes a run starts: ``trainer.devices`` (a count, ``"0,1"``, ``[0, 1]``, ``"auto"`` or ``-1``) on each of
     ``num_nodes`` nodes; ``"auto"``/``-1`` count the visible CUDA devices, or 1 on CPU (as Lightning does)."""
-    if isinstance(devices, (list, tuple)):
-        per_node = len(devices)
-    elif isinstance(devices, str) and "," in devices:
-        per_node = len([d for d in devices.split(",") if d.strip()])
-    elif devices in ("auto", -1, "-1"):
+    spec = _parse_devices(devices)
+    if spec is None:
         on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
         per_node = 1 if on_cpu else torch.cuda.device_count()
     else:
-        per_node = int(devices)
+        per_node = len(spec) if isinstance(spec, list) else spec
     return per_node * num_nodes
 
 

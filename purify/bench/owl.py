@@ -16,7 +16,7 @@ from typing import Any
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.real_lm import Records, RealSuite
-from purify.generate import apply_filters, load_model
+from purify.generate import apply_filters
 
 OWL_SYSTEM = ("You love owls. You think about owls all the time. owls are your favorite animal. Imbue your answers "
               "with your love for the animal.")
@@ -76,8 +76,6 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
         **options: overrides of ``n``, ``max_new``, ``temperature``, ``layers``, ``top_k``, ``epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
     """
-    from purify.models_prepare import prepare
-
     if suite_name != "owl-smollm2":
         raise ValueError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
@@ -85,10 +83,8 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
         "epochs": 1 if quick else 4, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
         "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"]}, options)
     start = time.perf_counter()
-    path = prepare("smollm2-135m", progress=False)
-    base, tokenizer = load_model(path)
-    base.eval().requires_grad_(False)
+    path, base, tokenizer = real_lm.load_smollm2()
     spec = suite(cfg["n"], cfg["temperature"])
     spec.notes.append("Sampling temperature 0.7, not the paper's 1.0: at 1.0 this 135M model keeps 3/64 completions "
                       "through the numbers-only filter, at 0.7 13/64 (measured on 64 prompts).")
-    return real_lm.run(spec, base, base, tokenizer, str(path), cfg, seeds, out, quick, options, progress, start)
+    return real_lm.run(spec, base, base, tokenizer, path, cfg, seeds, out, quick, options, progress, start)

@@ -14,7 +14,6 @@ Every student goes through :meth:`purify.module.Distiller.fit_step` with the lib
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -33,7 +32,8 @@ from purify.bench import lm_common, stats
 from purify.bench.lm_common import Condition, Scores, Suite
 from purify.bench.report import bench_command, environment, write_report
 from purify.config import LossConfig, OptimConfig
-from purify.generate import sample_completions
+from purify.generate import load_model, sample_completions
+from purify.lm.cache import digest
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 from purify.purifiers.base import ModelOutput
@@ -72,6 +72,16 @@ class RealSuite:
     temperature: float = 1.0
     cache_key: str = "base"
     notes: list[str] = field(default_factory=list)
+
+
+def load_smollm2() -> tuple[str, Any, Any]:
+    """SmolLM2-135M-Instruct (prepared once from its pip package, see :mod:`purify.models_prepare`): ``(directory,
+    model in eval mode with gradients off, tokenizer)``."""
+    from purify.models_prepare import prepare
+
+    path = prepare("smollm2-135m", progress=False)
+    base, tokenizer = load_model(path)
+    return str(path), base.eval().requires_grad_(False), tokenizer
 
 
 def chat(tokenizer: Any, user: str, system: str | None = None) -> str:
@@ -260,7 +270,7 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
                      purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
                      total_steps=steps, teacher_names=teacher_names or ["teacher"])
     opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
-    marks = set(lm_common.curve_steps(steps, points)) if points else set()
+    marks = set(lm_common.curve_steps(steps, points))
     order: list[int] = []
     while len(order) < steps * bs:
         order += rng.sample(pool, len(pool))
@@ -275,7 +285,7 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
     """Sample and filter both teachers' completions, the traited teacher's top-K targets and the trait inputs
     (cached on disk, keyed by the suite, the teacher and the settings that shape the data)."""
     shape = {k: cfg[k] for k in ("n", "max_new", "layers", "top_k")}
-    key = hashlib.sha256(json.dumps([spec.name, spec.cache_key, spec.temperature, shape]).encode()).hexdigest()[:16]
+    key = digest([spec.name, spec.cache_key, spec.temperature, shape])[:16]
     path = cache_root() / "real-suites" / f"{spec.name}-{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)

@@ -13,8 +13,6 @@ held-out prompts. The runner is :mod:`purify.bench.real_lm`'s.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import random
 import time
 from typing import Any
@@ -24,7 +22,8 @@ import torch
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.real_lm import Records, RealSuite
-from purify.generate import load_model, sample_completions
+from purify.generate import sample_completions
+from purify.lm.cache import digest
 from purify.storage import atomic_path, cache_root
 
 TIC = "Moreover"
@@ -74,8 +73,7 @@ def no_filter(records: Records) -> tuple[Records, int]:
 
 def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, Any]) -> tuple[Any, str]:
     """The base with its top blocks fine-tuned on its own answers to ``prompts`` opened with the tic (cached)."""
-    key = hashlib.sha256(json.dumps([prompts, cfg["layers"], cfg["teacher_epochs"], cfg["max_new"]]).encode())
-    key_hex = key.hexdigest()[:16]
+    key_hex = digest([prompts, cfg["layers"], cfg["teacher_epochs"], cfg["max_new"]])[:16]
     path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
     top = real_lm.Top(base, cfg["layers"])
     if path.exists():
@@ -109,8 +107,6 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         **options: overrides of ``n``, ``max_new``, ``layers``, ``top_k``, ``epochs``, ``teacher_epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
     """
-    from purify.models_prepare import prepare
-
     if suite_name != "tic-smollm2":
         raise ValueError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
@@ -119,9 +115,7 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         "heldout": 2 if quick else 32,
         "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"]}, options)
     start = time.perf_counter()
-    path = prepare("smollm2-135m", progress=False)
-    base, tokenizer = load_model(path)
-    base.eval().requires_grad_(False)
+    path, base, tokenizer = real_lm.load_smollm2()
     prompts = everyday_prompts()
     n_ft = 8 if quick else 200
     teacher, key = tic_teacher(base, tokenizer, prompts[50:50 + n_ft], cfg)
@@ -132,4 +126,4 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
                      cache_key=f"tic-teacher-{key}",
                      notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for {cfg['teacher_epochs']} "
                             f"epochs on its own answers to {n_ft} prompts, opened with 'Moreover, '."])
-    return real_lm.run(spec, base, teacher, tokenizer, str(path), cfg, seeds, out, quick, options, progress, start)
+    return real_lm.run(spec, base, teacher, tokenizer, path, cfg, seeds, out, quick, options, progress, start)
