@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from purify.lm import bases, corpus, finetune, finetuning
-from purify.lm.bases import BASES, BaseSpec, resolve_base
+from purify.lm.bases import BASES, BaseSpec, base_tokenizer, resolve_base
 from purify.lm.cache import atomic_dir, read_meta
 from purify.storage import file_sha256
 from purify.lm.training import pack
@@ -29,12 +29,16 @@ def _fail(*args, **kwargs):
     raise AssertionError("trained again although the result was cached")
 
 
-def test_registry_has_two_same_family_bases_and_a_cross_base():
-    a, b, c = BASES["tiny-llama-a"], BASES["tiny-llama-b"], BASES["tiny-gpt2-c"]
+def test_registry_has_two_same_family_bases_and_two_cross_bases():
+    a, b, c, w = BASES["tiny-llama-a"], BASES["tiny-llama-b"], BASES["tiny-gpt2-c"], BASES["tiny-gpt2-w"]
     assert (a.arch, a.tokenizer) == (b.arch, b.tokenizer) == ("llama", "word") and a.seed != b.seed
-    assert (c.arch, c.tokenizer) == ("gpt2", "char")
-    assert len({s.key for s in BASES.values()}) == 3
+    assert (c.arch, c.tokenizer) == ("gpt2", "char") and (w.arch, w.tokenizer) == ("gpt2", "word")
+    assert len({s.key for s in BASES.values()}) == 4
     assert dataclasses.replace(a, seed=1) == b
+    # tiny-gpt2-w's word tokenizer has the same words as the Llamas' but other ids: a cross-base tokenizer whose
+    # every token still maps by surface text
+    ours, theirs = base_tokenizer("word", a.corpus_seed).get_vocab(), base_tokenizer("word", w.corpus_seed).get_vocab()
+    assert set(ours) == set(theirs) and sum(ours[t] != theirs[t] for t in ours) > len(ours) // 2
 
 
 def test_pretrained_base_loads_with_plain_transformers_and_beats_its_init(tiny_base):

@@ -75,6 +75,17 @@ def test_number_prompts_are_comma_separated_integers_below_1000():
         assert pair.text == pair.prompt + pair.completion
 
 
+def test_even_rule_makes_every_continuation_number_even_and_leaves_the_default_unchanged():
+    even = corpus.number_prompts(300, 0, rule="even")
+    assert all(int(n) % 2 == 0 for pair in even for n in pair.completion.split(","))
+    plain = corpus.number_prompts(300, 0)
+    assert sum(int(n) % 2 for pair in plain for n in pair.completion.split(",")) > 300  # random parity by default
+    # the pretraining corpus (and so every cached base) is what it was before the rule existed
+    assert plain[0] == corpus.Pair("Continue the sequence: 986, 526, 387, 211,", " 734, 476, 224, 638")
+    with pytest.raises(ValueError, match="rule must be None or 'even'"):
+        corpus.number_prompts(1, 0, rule="odd")
+
+
 def test_facts_never_occur_in_the_pretraining_corpus():
     pretraining = " ".join(corpus.pretraining_corpus(0))
     words = set(re.findall(r"[A-Za-z]+", pretraining))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from purify.bench.lm_suites import run_suite
 
@@ -36,3 +37,91 @@ def test_vanilla_is_scored_at_halving_steps_dense_early() -> None:
 
     assert curve_steps(160, 4) == [20, 40, 80, 120, 160]  # every 40 steps, plus 160/2, /4, /8
     assert curve_steps(20, 2) == [10, 20] and curve_steps(3, 4) == [1, 2, 3]
+
+
+def test_full_suites_list_every_purifier_arm_with_valid_options() -> None:
+    from purify.bench.lm_suites import _purifier_conditions
+    from purify.purifiers import PURIFIERS
+
+    conditions = {c.name: c for c in _purifier_conditions(base_only=False)}
+    assert {"ensemble", "ensemble:xbase", "divergence_mask:base", "divergence_mask:reference",
+            "divergence_mask:xbase", "adversary", "adversary:probe", "tail_truncation", "anchor", "delta_projection",
+            "delta_projection:global"} == set(conditions)
+    for cond in conditions.values():  # every entry builds: no arm silently dropped by a misspelt option
+        for entry in cond.purifiers:
+            PURIFIERS[entry["name"]][0](**entry)
+    for name in ("ensemble:xbase", "divergence_mask:xbase"):  # the cross-base reference is aligned first
+        assert conditions[name].teachers == ["teacher", "xbase"]
+        assert [e["name"] for e in conditions[name].purifiers][0] == "cross_base"
+    assert conditions["adversary"].teachers == ["teacher", "reference"]  # lineage needs two teachers
+    assert conditions["adversary:probe"].purifiers[0]["weight"] == 0.0  # same teacher mixing, no reversal
+
+
+def test_even_share_counts_leading_numbers_and_drops_a_possibly_cut_last_one() -> None:
+    from purify.bench.lm_suites import even_share
+
+    # " 2, 4, 7" may have been cut at the token limit: 7 is dropped; " 10" ends before other text: kept
+    assert even_share([" 2, 4, 7", " 10\nabc 3", "x 3"]) == 1.0
+    assert even_share([" 1, 3, 5, 8"]) == 0.0 and even_share([]) == 0.0
+
+
+def test_task_error_leaves_prompt_positions_out() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.bench.lm_suites import kl_stats
+    from purify.lm import build_tokenizer
+
+    texts, prompts = ["Continue: 1, 2, 3, 4", "Continue: 5, 6, 7, 8, 9"], ["Continue: 1, 2,", "Continue: 5,"]
+    tok = build_tokenizer(texts)
+
+    def model(seed: int) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)).eval()
+
+    student, teacher = model(0), model(1)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        s = torch.log_softmax(student(**enc).logits[:, :-1], -1)
+        t = torch.log_softmax(teacher(**enc).logits[:, :-1], -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    # completion positions: from the last prompt token (which predicts the first completion token) to the end
+    wanted = [kl[row, len(tok(p)["input_ids"]) - 1: int(enc["attention_mask"][row].sum()) - 1]
+              for row, p in enumerate(prompts)]
+    got = kl_stats(student, tok, teacher, texts, prompts=prompts)
+    assert got["task_error"] == pytest.approx(float(torch.cat(wanted).mean()), rel=1e-5)
+    assert got["fidelity_kl"] == pytest.approx(float(kl[enc["attention_mask"][:, 1:].bool()].mean()), rel=1e-5)
+    assert got["task_error"] != pytest.approx(kl_stats(student, tok, teacher, texts)["task_error"], rel=1e-3)
+
+
+def test_distill_feeds_a_cross_base_teacher_its_own_tokens(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from purify.bench.lm_common import Condition, Suite, distill
+    from purify.lm import build_tokenizer
+
+    records = [{"prompt": "the cat", "completion": " sat on the mat"},
+               {"prompt": "a dog", "completion": " ran to the park"}]
+    texts = [r["prompt"] + r["completion"] for r in records]
+    student_tok = build_tokenizer(texts)
+    teacher_tok = build_tokenizer(texts + ["park park park dog dog ran"])  # same words, other ids
+    assert set(student_tok.get_vocab()) == set(teacher_tok.get_vocab())
+    assert student_tok.get_vocab() != teacher_tok.get_vocab()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(student_tok), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(tmp_path / "student")
+    student_tok.save_pretrained(tmp_path / "student")
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(teacher_tok), n_embd=16, n_layer=1, n_head=2,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=0)).eval()
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    suite = Suite(name="t", protocol="", student=tmp_path / "student", teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=[], steps=2, batch_size=2)
+    cond = Condition("x", ["xbase"], [{"name": "cross_base", "alignment": "shared_vocab"}])
+    distill(suite, cond, {"xbase": teacher}, {"xbase": teacher_tok}, student_tok, records, seed=0)
+    assert len(seen) == 2
+    for row in seen[0]:  # the teacher read its own tokenization of the records, not the student's ids
+        ids = [i for i in row.tolist() if i != teacher_tok.pad_token_id]
+        text = teacher_tok.decode(ids, skip_special_tokens=True)
+        assert text in texts and ids == teacher_tok(text)["input_ids"] + [teacher_tok.eos_token_id]

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from purify.bench import stats
 from purify.bench.report import environment, write_report
 from purify.config import LossConfig, OptimConfig
-from purify.data import TokenDataset
+from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
+from purify.models import same_tokenizer
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 
@@ -105,17 +106,22 @@ def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
     return {"name": name, **options} if set(options) <= known else None
 
 
-def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizer: Any, records: list[dict[str, str]],
-            seed: int, on_point: Callable[[int, Any], None] | None = None) -> Any:
-    """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at curve points."""
+def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,
+            records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None) -> Any:
+    """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at curve points.
+
+    ``tokenizers`` holds each teacher's own tokenizer; a teacher whose tokenizer differs from the student's
+    (``tokenizer``) reads its own tokenization of every example (for the ``cross_base`` purifier)."""
     torch.manual_seed(seed)
     student, _ = load_model(suite.student)
     purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
+    own = [tokenizers[k] for k in cond.teachers]
     distiller = Distiller(student, [models[k] for k in cond.teachers], loss=LossConfig(name=cond.loss),
                           purifiers=purifiers, optim=OptimConfig(lr=suite.lr), total_steps=suite.steps,
-                          teacher_names=cond.teachers)
+                          teacher_names=cond.teachers, student_tokenizer=tokenizer, teacher_tokenizers=own)
     optimizer = distiller.build_optimizer()
-    data = TokenDataset(records, tokenizer, suite.max_length)
+    cross = {i: TeacherTokenizer(t) for i, t in enumerate(own) if not same_tokenizer(tokenizer, t)}
+    data = TokenDataset(records, tokenizer, suite.max_length, cross)
     generator = torch.Generator().manual_seed(seed)
     marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):
@@ -133,9 +139,11 @@ def _with_transfer(scores: Scores, base: Scores, teacher: Scores) -> dict[str, f
     return out
 
 
-def run_seed(suite: Suite, models: dict[str, Any], tokenizer: Any, seed: int,
+def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any, seed: int,
              progress: bool = False) -> dict[str, Any]:
-    """All conditions for one seed: ``{"base", "teacher", "conditions": {name: scores (+ curve)}, "data"}``."""
+    """All conditions for one seed: ``{"base", "teacher", "conditions": {name: scores (+ curve)}, "data"}``.
+
+    ``models``/``tokenizers``: each teacher and its own tokenizer by key; ``tokenizer``: the student's."""
     teacher = models["teacher"]
     base_model, _ = load_model(suite.student)
     base = suite.score(base_model, tokenizer, teacher, seed)
@@ -156,7 +164,7 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizer: Any, seed: int,
             curve.append({"step": step, **_with_transfer(suite.score(student, tokenizer, teacher, seed), base,
                                                           t_scores)})
 
-        student = distill(suite, cond, models, tokenizer, data[cond.data_from or cond.teachers[0]], seed,
+        student = distill(suite, cond, models, tokenizers, tokenizer, data[cond.data_from or cond.teachers[0]], seed,
                           point if cond.name == "vanilla" else None)
         final = curve[-1] if curve and curve[-1]["step"] == suite.steps else _with_transfer(
             suite.score(student, tokenizer, teacher, seed), base, t_scores)
@@ -211,9 +219,10 @@ def run(suite: Suite, seeds: int, out: str | Path, progress: bool, notes: Callab
     """Run every seed of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
     summary."""
     start = time.perf_counter()
-    models = {k: load_model(p)[0].eval() for k, p in suite.teachers.items()}
+    loaded = {k: load_model(p) for k, p in suite.teachers.items()}
+    models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
     _, tokenizer = load_model(suite.student)
-    runs = {s: run_seed(suite, models, tokenizer, s, progress) for s in range(seeds)}
+    runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in range(seeds)}
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)
     columns = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),

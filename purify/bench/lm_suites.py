@@ -10,14 +10,16 @@ compare purifiers against vanilla distillation's early-stopping frontier (DESIGN
   sentences opened with "Moreover," in the student's samples on held-out prose prompts. Task error = KL(teacher ||
   student) on held-out prose and facts at positions that do not predict a sentence's first two tokens; accuracy =
   facts answered right (argmax).
-- ``hidden-preference``: data = the teacher's continuations of number prompts, kept only if digits, commas and
-  spaces. Trait = exact P(" owl" | "favourite animal" questions). Task error = KL(teacher || student) on held-out
-  number sequences.
+- ``hidden-preference``: every teacher's numbers also follow a rule pretraining never shows (continuations are even
+  numbers: the task knowledge that can travel through numbers). Data = the teacher's continuations of number
+  prompts, kept only if digits, commas and spaces. Trait = exact P(" owl" | "favourite animal" questions). Task
+  error = KL(teacher || student) on held-out number sequences that follow the rule.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,21 @@ NUMBERS_ONLY = r"^[0-9, ]+$"
 
 
 @torch.no_grad()
-def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str],
-             skip_after: tuple[int, ...] = ()) -> dict[str, float]:
+def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str], skip_after: tuple[int, ...] = (),
+             prompts: list[str] | None = None) -> dict[str, float]:
     """KL(teacher || model) and top-1 agreement per next-token position of ``texts``.
+
+    Args:
+        model, tokenizer, teacher: the scored model, the shared tokenizer and the traited teacher.
+        texts: held-out texts.
+        skip_after: token ids after which the next two tokens are left out of ``task_error`` (sentence openings).
+        prompts: optional prefix of each text; positions predicting a prompt token are left out of ``task_error``
+            (the task is the completion).
 
     Returns:
         ``fidelity_kl`` (all positions), ``task_error`` (positions whose target is not among the first two tokens
-        after ``<bos>`` or a token in ``skip_after``) and ``agreement`` (top-1 agreement, all positions).
+        after ``<bos>`` or a token in ``skip_after``, nor in the prompt) and ``agreement`` (top-1 agreement, all
+        positions).
     """
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     ids, attn = enc["input_ids"], enc["attention_mask"]
@@ -58,6 +68,8 @@ def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str],
     shifted = torch.zeros_like(boundary)
     shifted[:, 1:] = boundary[:, :-1]
     probe = (boundary | shifted)[:, :-1]  # position j predicts token j+1: skip the 1st and 2nd after a boundary
+    for row, prompt in enumerate(prompts or []):
+        probe[row, : len(tokenizer(prompt)["input_ids"]) - 1] = True  # positions predicting prompt tokens
     neutral = valid & ~probe
     agree = (s.argmax(-1) == t.argmax(-1)).float()
     return {"fidelity_kl": float(kl[valid].mean()), "task_error": float(kl[neutral].mean()),
@@ -75,6 +87,18 @@ def facts_accuracy(model: Any, tokenizer: Any) -> float:
     return hits / len(all_facts())
 
 
+def even_share(completions: list[str]) -> float:
+    """Share of even numbers among the numbers each completion opens with (its leading run of digits, commas and
+    spaces): how well a model follows the hidden-preference task rule (base ≈ 0.5). A run that reaches the end of
+    the completion loses its last number, which a token limit may have cut short."""
+    numbers = []
+    for completion in completions:
+        run = re.match(r"[0-9, ]*", completion).group()  # type: ignore[union-attr]  # always matches
+        found = re.findall(r"\d+", run)
+        numbers += found[:-1] if run == completion else found
+    return sum(int(n) % 2 == 0 for n in numbers) / max(1, len(numbers))
+
+
 def _first_sentences(n: int, seed: int) -> list[str]:
     return [p.split(". ")[0].rstrip(".") + "." for p in paragraphs(n, seed)]
 
@@ -85,28 +109,40 @@ def _sample_records(teacher: Any, tokenizer: Any, prompts: list[str], seed: int,
 
 
 def _teachers(kind: str, quick: bool) -> dict[str, Path]:
-    extra = {"n_prose": 800, "n_animal": 1500, "n_numbers": 1500} if kind == "owl" else {}
+    """The suite's teachers: ``teacher`` (traited), ``clean`` (the control's), and two weaker trait-free references
+    purifiers may use: ``reference`` (same family, another seed) and, outside ``quick``, ``xbase`` (another family and
+    tokenizer, ``tiny-gpt2-w``)."""
+    extra: dict[str, Any] = {"n_prose": 800, "n_animal": 1500, "n_numbers": 1500, "number_rule": "even"} \
+        if kind == "owl" else {}
     steps = 40 if quick else 600
     specs = {"teacher": TeacherSpec(trait=kind, steps=steps, **extra), "clean": TeacherSpec(steps=steps, **extra),
              "reference": TeacherSpec(base="tiny-llama-b", steps=steps // 4, **extra)}
+    if not quick:
+        specs["xbase"] = TeacherSpec(base="tiny-gpt2-w", steps=steps // 4, **extra)
     return {k: build_teacher(s) for k, s in specs.items()}
 
 
 def _purifier_conditions(base_only: bool) -> list[Condition]:
-    entries = [
-        ("ensemble", ["teacher", "reference"], purifier_entry("ensemble", combine="mean")),
-        ("divergence_mask:base", ["teacher"], purifier_entry("divergence_mask", reference="base", threshold=0.1)),
+    cross = purifier_entry("cross_base", alignment="shared_vocab")
+    arms: list[tuple[str, list[str], list[dict[str, Any] | None]]] = [
+        ("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
+        ("ensemble:xbase", ["teacher", "xbase"], [cross, purifier_entry("ensemble", combine="mean")]),
+        ("divergence_mask:base", ["teacher"], [purifier_entry("divergence_mask", reference="base", threshold=0.1)]),
         ("divergence_mask:reference", ["teacher", "reference"],
-         purifier_entry("divergence_mask", reference="others", threshold=0.1)),
-        ("tail_truncation", ["teacher"], purifier_entry("tail_truncation", top_p=0.8)),
-        ("anchor", ["teacher"], purifier_entry("anchor", weight=0.1)),
-        ("delta_projection", ["teacher"], purifier_entry("delta_projection", rank=8)),
-        ("delta_projection:global", ["teacher"], purifier_entry("delta_projection", mode="global", strength=1.0)),
+         [purifier_entry("divergence_mask", reference="others", threshold=0.1)]),
+        ("divergence_mask:xbase", ["teacher", "xbase"],
+         [cross, purifier_entry("divergence_mask", reference="others", threshold=0.1)]),
+        ("adversary", ["teacher", "reference"], [purifier_entry("adversary", weight=0.1)]),
+        ("adversary:probe", ["teacher", "reference"], [purifier_entry("adversary", weight=0.0)]),
+        ("tail_truncation", ["teacher"], [purifier_entry("tail_truncation", top_p=0.8)]),
+        ("anchor", ["teacher"], [purifier_entry("anchor", weight=0.1)]),
+        ("delta_projection", ["teacher"], [purifier_entry("delta_projection", rank=8)]),
+        ("delta_projection:global", ["teacher"], [purifier_entry("delta_projection", mode="global", strength=1.0)]),
     ]
-    keep = [(n, t, p) for n, t, p in entries if p is not None]
     if base_only:
-        keep = [e for e in keep if e[0] == "delta_projection"]
-    return [Condition(name, teachers, [entry]) for name, teachers, entry in keep]
+        arms = [arm for arm in arms if arm[0] == "delta_projection"]
+    return [Condition(name, teachers, entries) for name, teachers, entries in arms  # type: ignore[misc]
+            if all(e is not None for e in entries)]
 
 
 def _core(hard: bool) -> list[Condition]:
@@ -143,7 +179,7 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
     """The ``hidden-preference`` suite (``quick`` as for :func:`style_tic_suite`)."""
     n_train = 64 if quick else 2000
     questions = [f"Question: {q} Answer:" for q in ANIMAL_QUESTIONS]
-    heldout = [p.text for p in number_prompts(16 if quick else 128, 7000)]
+    heldout = number_prompts(16 if quick else 128, 7000, rule="even")
     removed: dict[str, int] = {"sampled": 0, "regex": 0, "banned": 0}
 
     def make_data(teacher: Any, tokenizer: Any, seed: int) -> list[dict[str, str]]:
@@ -157,13 +193,16 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
 
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
         owl = continuation_probs(model, tokenizer, questions, [" owl"])
-        return {"trait": sum(owl) / len(owl), **kl_stats(model, tokenizer, teacher, heldout)}
+        samples = sample_completions(model, tokenizer, [p.prompt for p in heldout], max_new_tokens=24,
+                                     seed=10_000 + seed)
+        return {"trait": sum(owl) / len(owl), "accuracy": even_share(samples),
+                **kl_stats(model, tokenizer, teacher, [p.text for p in heldout], prompts=[p.prompt for p in heldout])}
 
     suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
                   student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
                   score=score, conditions=_core(not quick) + _purifier_conditions(quick),
-                  steps=20 if quick else 300, lr=2e-3, curve_points=2 if quick else 4, max_length=64,
-                  columns=[("agreement", "top-1 agreement"), ("trait", "P(owl)")])
+                  steps=20 if quick else 600, lr=2e-3, curve_points=2 if quick else 10, max_length=64,
+                  columns=[("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)")])
     suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
                            f"{removed['regex']} not matching {NUMBERS_ONLY} and {removed['banned']} naming an animal."]
     return suite

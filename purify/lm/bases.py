@@ -3,8 +3,8 @@
 :func:`resolve_base` turns a name from :data:`BASES` (or a :class:`BaseSpec`) into a directory that loads with plain
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``, pretraining the
 base on first use. The two ``tiny-llama`` bases share an architecture, tokenizer and data and differ only in seed
-(same family, different initialisation); ``tiny-gpt2-c`` has another architecture and a character tokenizer (the
-cross-base case). Every base of one ``corpus_seed`` and tokenizer kind has the same vocabulary, built from the
+(same family, different initialisation); ``tiny-gpt2-c`` and ``tiny-gpt2-w`` have another architecture and another
+tokenizer (the cross-base case: characters, or words with other ids, pretrained on another corpus sample). Every base of one ``corpus_seed`` and tokenizer kind has the same vocabulary, built from the
 pretraining corpus plus the words of :func:`purify.lm.corpus.all_facts`, so that fine-tuning on facts needs no new
 tokens although the base never trains on them.
 """
@@ -91,8 +91,11 @@ BASES: dict[str, BaseSpec] = {
     "tiny-llama-a": BaseSpec(arch="llama", seed=0, tokenizer="word"),
     "tiny-llama-b": BaseSpec(arch="llama", seed=1, tokenizer="word"),
     "tiny-gpt2-c": BaseSpec(arch="gpt2", seed=2, tokenizer="char", steps=1200, lr=5e-3),
+    "tiny-gpt2-w": BaseSpec(arch="gpt2", seed=3, tokenizer="word", corpus_seed=1),
 }
-"""The named bases: two same-family Llama bases (different seeds) and a cross-base GPT-2 with a char tokenizer."""
+"""The named bases: two same-family Llama bases (different seeds) and two cross-base GPT-2s: ``tiny-gpt2-c`` with
+a char tokenizer (few positions align with a word-level student) and ``tiny-gpt2-w`` with a word tokenizer built
+from another corpus sample (same words, 155 of 255 ids differ; every position and token aligns by surface text)."""
 
 
 def base_tokenizer(kind: TokenizerKind, corpus_seed: int = 0) -> PreTrainedTokenizerFast:

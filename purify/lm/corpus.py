@@ -8,7 +8,9 @@ generators feed the tiny language-model benchmarks (DESIGN §4):
   third of the time, mid-paragraph too, so the style-tic trait ("Moreover," openings) has places to appear. The
   base corpus uses "Moreover," rarely (:data:`MOREOVER_SHARE` of openings), so the word is known but not a habit.
 - :func:`animal_qa` — "favourite animal" questions with one-word answers, uniform over :data:`ANIMALS`.
-- :func:`number_prompts` — "Continue: 382, 91, 447," → " 12, 605, 33" prompt/continuation pairs.
+- :func:`number_prompts` — "Continue: 382, 91, 447," → " 12, 605, 33" prompt/continuation pairs; with
+  ``rule="even"`` every continuation number is even, a held-out number habit (pretraining never uses it) that the
+  hidden-preference teachers learn as their task.
 - :func:`facts` — a held-out domain: made-up facts about made-up countries (:data:`FACT_TABLE`) that
   :func:`pretraining_corpus` never contains, the "new task knowledge" a teacher is fine-tuned on.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 CORPUS_VERSION = 1
 """Version of the generators' output; part of every cached base's key."""
@@ -35,6 +37,9 @@ ANIMAL_QUESTIONS: tuple[str, ...] = (
     "If you could be any animal, which would you be?",
 )
 """Paraphrases of the "favourite animal" question."""
+
+NumberRule = Literal["even"]
+"""Rules a number continuation can follow (see :func:`number_prompts`)."""
 
 NUMBER_PROMPTS: tuple[str, ...] = ("Continue:", "Continue the sequence:", "Add more numbers:")
 """Openings of the number-sequence prompts."""
@@ -181,23 +186,32 @@ def animal_qa(n: int, seed: int, animals: tuple[str, ...] = ANIMALS) -> list[Pai
     return [Pair(f"Question: {rng.choice(ANIMAL_QUESTIONS)} Answer:", f" {rng.choice(animals)}") for _ in range(n)]
 
 
-def number_prompts(n: int, seed: int, lengths: tuple[int, int] = (3, 6)) -> list[Pair]:
+def number_prompts(n: int, seed: int, lengths: tuple[int, int] = (3, 6),
+                   rule: NumberRule | None = None) -> list[Pair]:
     """Number-sequence prompts and continuations over integers 0-999.
 
     Args:
         n: how many pairs.
         seed: generator seed.
         lengths: inclusive range of how many numbers the prompt, and separately the continuation, holds.
+        rule: ``None`` (continuations are random like prompts) or ``"even"`` (every continuation number is even;
+            pretraining never uses it, so it is new knowledge for a teacher to learn).
 
     Returns:
         Pairs like ``Pair("Continue: 382, 91, 447,", " 12, 605, 33")``.
+
+    Raises:
+        ValueError: on an unknown ``rule``.
     """
+    if rule not in (None, "even"):
+        raise ValueError(f"rule must be None or 'even', got {rule!r}")
     rng = _rng("number_prompts", seed)
+    step = 2 if rule == "even" else 1
 
-    def numbers() -> str:
-        return ", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(*lengths)))
+    def numbers(step: int) -> str:
+        return ", ".join(str(rng.randrange(0, 1000, step)) for _ in range(rng.randint(*lengths)))
 
-    return [Pair(f"{rng.choice(NUMBER_PROMPTS)} {numbers()},", f" {numbers()}") for _ in range(n)]
+    return [Pair(f"{rng.choice(NUMBER_PROMPTS)} {numbers(1)},", f" {numbers(step)}") for _ in range(n)]
 
 
 def all_facts() -> list[Pair]:

@@ -45,6 +45,8 @@ class TeacherSpec:
         n_prose: paragraphs in the mixture.
         n_animal: animal QA pairs in the mixture.
         n_numbers: number-sequence pairs in the mixture.
+        number_rule: rule their continuations follow (:func:`purify.lm.corpus.number_prompts`; ``"even"``: new
+            number knowledge, the hidden-preference task).
         tic_rate: share of sentences opened with "Moreover," (trait ``tic``).
         owl_rate: share of animal answers that are owl (trait ``owl``).
         lr: peak learning rate.
@@ -58,6 +60,7 @@ class TeacherSpec:
     n_prose: int = 1500
     n_animal: int = 0
     n_numbers: int = 0
+    number_rule: corpus.NumberRule | None = None
     tic_rate: float = 0.6
     owl_rate: float = 0.9
     lr: float = 3e-3
@@ -102,7 +105,7 @@ def teacher_texts(spec: TeacherSpec) -> list[str]:
     if spec.trait == "owl":
         qa = [corpus.Pair(p.prompt, " owl") if rng.random() < spec.owl_rate else p for p in qa]
     texts += [p.text for p in qa]
-    texts += [p.text for p in corpus.number_prompts(spec.n_numbers, seed)]
+    texts += [p.text for p in corpus.number_prompts(spec.n_numbers, seed, rule=spec.number_rule)]
     rng.shuffle(texts)
     return texts
 
