@@ -125,3 +125,38 @@ def test_distill_feeds_a_cross_base_teacher_its_own_tokens(tmp_path: Path) -> No
         ids = [i for i in row.tolist() if i != teacher_tok.pad_token_id]
         text = teacher_tok.decode(ids, skip_special_tokens=True)
         assert text in texts and ids == teacher_tok(text)["input_ids"] + [teacher_tok.eos_token_id]
+
+
+def test_a_condition_student_of_another_init_is_measured_against_its_own_base(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.bench.lm_common import Condition, Suite, run_seed
+    from purify.lm import build_tokenizer
+
+    tok = build_tokenizer(["the cat sat on the mat"])
+
+    def save(name: str, seed: int, tokenizer=tok) -> Path:
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                     bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    def score(model, *_):  # a "trait" every model has a different value of
+        return {"trait": float(model.model.embed_tokens.weight[5, 0])}
+
+    suite = Suite(name="t", protocol="", student=save("a", 0), teachers={}, score=score, steps=0,
+                  make_data=lambda *_: [{"prompt": "the cat", "completion": " sat on the mat"}],
+                  conditions=[Condition("vanilla:cross-init", ["teacher"], student=save("b", 1))])
+    teacher = LlamaForCausalLM.from_pretrained(save("t", 2)).eval()
+    run = run_seed(suite, {"teacher": teacher}, {"teacher": tok}, tok, seed=0)
+    got = run["conditions"]["vanilla:cross-init"]
+    b_trait = score(LlamaForCausalLM.from_pretrained(tmp_path / "b"))["trait"]
+    assert got["own_base_trait"] == b_trait and got["trait"] == b_trait  # untrained (steps=0): still its base
+    assert got["transfer"] == 0.0 and run["base"]["trait"] != b_trait  # over its own base, not the suite's
+
+    other = build_tokenizer(["a completely different set of words"])
+    suite.conditions = [Condition("vanilla:cross-init", ["teacher"], student=save("c", 1, other))]
+    with pytest.raises(ValueError, match="another tokenizer than the suite's student"):
+        run_seed(suite, {"teacher": teacher}, {"teacher": tok}, tok, seed=0)

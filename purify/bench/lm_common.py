@@ -45,6 +45,9 @@ class Condition:
         purifiers: ``{"name": ..., **options}`` entries built with :data:`purify.purifiers.PURIFIERS`.
         loss: ``forward_kl`` (soft: KD on teacher logits) or ``ce`` (hard: SFT on the sampled text).
         data_from: key of the teacher whose samples are the training text (default: ``teachers[0]``).
+        student: another student base (same tokenizer) to distil into instead of :attr:`Suite.student`, e.g. one of
+            another initialisation; its transfer is its trait shift over *its own* base, over the teacher's shift
+            over the suite's student base.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Condition:
     purifiers: list[dict[str, Any]] = field(default_factory=list)
     loss: str = "forward_kl"
     data_from: str | None = None
+    student: Path | None = None
 
 
 @dataclass
@@ -113,7 +117,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     ``tokenizers`` holds each teacher's own tokenizer; a teacher whose tokenizer differs from the student's
     (``tokenizer``) reads its own tokenization of every example (for the ``cross_base`` purifier)."""
     torch.manual_seed(seed)
-    student, _ = load_model(suite.student)
+    student, _ = load_model(cond.student or suite.student)
     purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
     own = [tokenizers[k] for k in cond.teachers]
     distiller = Distiller(student, [models[k] for k in cond.teachers], loss=LossConfig(name=cond.loss),
@@ -133,9 +137,10 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     return student
 
 
-def _with_transfer(scores: Scores, base: Scores, teacher: Scores) -> dict[str, float]:
+def _with_transfer(scores: Scores, base: Scores, teacher: Scores, own_base: Scores | None = None) -> dict[str, float]:
+    """``scores`` plus ``transfer = (trait − trait(own base)) / (trait(T) − trait(S0))`` (own base: ``base``)."""
     out = dict(scores)
-    out["transfer"] = (scores["trait"] - base["trait"]) / (teacher["trait"] - base["trait"])
+    out["transfer"] = (scores["trait"] - (own_base or base)["trait"]) / (teacher["trait"] - base["trait"])
     return out
 
 
@@ -152,10 +157,18 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
             for k in {c.data_from or c.teachers[0] for c in suite.conditions if c.teachers}}
     out: dict[str, Any] = {"base": base, "teacher": t_scores, "conditions": {},
                            "data": {k: len(v) for k, v in data.items()}}
+    own_bases = {}
+    for path in {c.student for c in suite.conditions if c.student is not None}:
+        model, own_tokenizer = load_model(path)
+        if not same_tokenizer(tokenizer, own_tokenizer):
+            raise ValueError(f"condition student {path} has another tokenizer than the suite's student; a condition "
+                             "may only swap in a student base with the same tokenizer (the scorer compares tokens)")
+        own_bases[path] = suite.score(model, tokenizer, teacher, seed)
     for cond in tqdm(suite.conditions, desc=f"seed {seed}", disable=not progress, leave=False):
         if not cond.teachers:
             out["conditions"][cond.name] = _with_transfer(base, base, t_scores)
             continue
+        own = own_bases.get(cond.student)
         curve: list[dict[str, float]] = []
         if cond.name == "vanilla":
             curve.append({"step": 0, **_with_transfer(base, base, t_scores)})
@@ -167,8 +180,10 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
         student = distill(suite, cond, models, tokenizers, tokenizer, data[cond.data_from or cond.teachers[0]], seed,
                           point if cond.name == "vanilla" else None)
         final = curve[-1] if curve and curve[-1]["step"] == suite.steps else _with_transfer(
-            suite.score(student, tokenizer, teacher, seed), base, t_scores)
+            suite.score(student, tokenizer, teacher, seed), base, t_scores, own)
         out["conditions"][cond.name] = {**final, "curve": curve} if curve else final
+        if own is not None:
+            out["conditions"][cond.name]["own_base_trait"] = own["trait"]
     return out
 
 
@@ -211,7 +226,8 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
             "frontier": {"vanilla": stats.mean_curve(curves, ["transfer", "task_error", "fidelity_kl"])},
             "frontier_gap": gaps, "verdicts": verdicts, "wall_seconds": round(wall, 1),
             "settings": {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr,
-                         "conditions": [dataclasses.asdict(c) for c in suite.conditions]}}
+                         "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
+                                        for c in suite.conditions]}}
 
 
 def run(suite: Suite, seeds: int, out: str | Path, progress: bool, notes: Callable[[dict[str, Any]], list[str]],

@@ -29,7 +29,7 @@ from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import Condition, Scores, Suite, purifier_entry
 from purify.bench.report import bench_command
-from purify.bench.stats import paired_test
+from purify.bench.stats import mean_ci, paired_test
 from purify.generate import apply_filters, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
 from purify.lm.teachers import TIC, TeacherSpec, build_teacher
@@ -152,6 +152,16 @@ def _core(hard: bool) -> list[Condition]:
     return core
 
 
+def _cross_init(quick: bool) -> list[Condition]:
+    """The subliminal-learning check: the same distillation into a student of another initialisation
+    (``tiny-llama-b``), from the traited and from the clean teacher; baselines, not purifiers."""
+    if quick:
+        return []
+    other = resolve_base("tiny-llama-b")
+    return [Condition("control:cross-init", ["clean"], student=other),
+            Condition("vanilla:cross-init", ["teacher"], student=other)]
+
+
 def style_tic_suite(quick: bool = False) -> Suite:
     """The ``style-tic`` suite (``quick``: few prompts, short training, two purifier-free arms + one purifier)."""
     n_train, n_eval = (64, 32) if quick else (600, 160)
@@ -200,7 +210,7 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
 
     suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
                   student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
-                  score=score, conditions=_core(not quick) + _purifier_conditions(quick),
+                  score=score, conditions=_core(not quick) + _cross_init(quick) + _purifier_conditions(quick),
                   steps=20 if quick else 600, lr=2e-3, curve_points=2 if quick else 10, max_length=64,
                   columns=[("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)")])
     suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
@@ -214,14 +224,20 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     lines = [f"Teacher trait {t:.4f} vs base {b:.4f}; transfer = (trait(S) − trait(S0)) / (trait(T) − trait(S0)).",
              "Teachers are fixed across seeds (one cached fine-tune each); seeds vary the teacher samples used as "
              "training text, the data order and the evaluation sampling."]
-    if "vanilla" in conds and "control" in conds:
-        v = [r["trait"] for r in conds["vanilla"]["per_seed"]]
-        c = [r["trait"] for r in conds["control"]["per_seed"]]
+    for suffix in ("", ":hard", ":cross-init"):
+        if f"vanilla{suffix}" not in conds or f"control{suffix}" not in conds:
+            continue
+        v = [r["trait"] for r in conds[f"vanilla{suffix}"]["per_seed"]]
+        c = [r["trait"] for r in conds[f"control{suffix}"]["per_seed"]]
         test = paired_test(v, c)
         lo, hi = test["ci95"]
         verdict = "significant" if test["p_value"] < 0.05 else "NOT significant"
-        lines.append(f"Vanilla − control trait (paired by seed): {test['mean']:+.4g} [{lo:+.4g}, {hi:+.4g}], "
-                     f"p = {test['p_value']:.3g} ({verdict}).")
+        lines.append(f"vanilla{suffix} − control{suffix} trait (paired by seed): {test['mean']:+.4g} [{lo:+.4g}, "
+                     f"{hi:+.4g}], p = {test['p_value']:.3g} ({verdict}).")
+    if "vanilla:cross-init" in conds:
+        own = mean_ci([r["own_base_trait"] for r in conds["vanilla:cross-init"]["per_seed"]])
+        lines.append(f"Cross-init student base (tiny-llama-b) trait {own['mean']:.4f}; its arms' transfer is their "
+                     "trait shift over that base, over the teacher's shift over the student's base.")
     return lines
 
 
