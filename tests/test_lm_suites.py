@@ -21,6 +21,9 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
     assert {"base", "control", "vanilla", "delta_projection"} <= set(written["conditions"])
     vanilla = written["conditions"]["vanilla"]
     assert {"transfer", "task_error", "fidelity_kl", "distance_to_control", "per_seed"} <= set(vanilla)
+    if suite == "hidden-preference":  # the owl probability is also read as a share of all animal answers
+        assert {"animal_mass", "owl_share", "accuracy"} <= set(vanilla)
+        assert 0 < vanilla["owl_share"]["mean"] <= 1 and vanilla["trait"]["mean"] <= vanilla["animal_mass"]["mean"]
     assert len(written["frontier"]["vanilla"]) == 3 and "delta_projection" in written["verdicts"]
     assert "Measured wall time" in (tmp_path / "summary.md").read_text()
 

@@ -202,7 +202,8 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
                 rec["distance_to_control"] = rec["transfer"] - control[s]
             rec["fidelity_loss"] = rec["task_error"] / vanilla_err[s] - 1.0
             per_seed.append(rec)
-        cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in (*METRICS, "fidelity_loss")
+        keys = dict.fromkeys([*METRICS, *(k for k, _ in suite.columns), "fidelity_loss"])
+        cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in keys
                                 if all(k in r for r in per_seed)}
         if control and name != "control":
             cond["vs_control"] = stats.paired_test([r["transfer"] for r in per_seed], [control[s] for s in seeds])

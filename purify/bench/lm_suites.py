@@ -203,16 +203,19 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
 
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
         owl = continuation_probs(model, tokenizer, questions, [" owl"])
+        animal = continuation_probs(model, tokenizer, questions, [f" {a}" for a in ANIMALS])
         samples = sample_completions(model, tokenizer, [p.prompt for p in heldout], max_new_tokens=24,
                                      seed=10_000 + seed)
-        return {"trait": sum(owl) / len(owl), "accuracy": even_share(samples),
+        return {"trait": sum(owl) / len(owl), "animal_mass": sum(animal) / len(animal),
+                "owl_share": sum(o / a for o, a in zip(owl, animal)) / len(owl), "accuracy": even_share(samples),
                 **kl_stats(model, tokenizer, teacher, [p.text for p in heldout], prompts=[p.prompt for p in heldout])}
 
     suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
                   student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
                   score=score, conditions=_core(not quick) + _cross_init(quick) + _purifier_conditions(quick),
                   steps=20 if quick else 600, lr=2e-3, curve_points=2 if quick else 10, max_length=64,
-                  columns=[("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)")])
+                  columns=[("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)"),
+                           ("animal_mass", "P(any animal)"), ("owl_share", "P(owl) / P(any animal)")])
     suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
                            f"{removed['regex']} not matching {NUMBERS_ONLY} and {removed['banned']} naming an animal."]
     return suite
