@@ -202,8 +202,9 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
         return kept
 
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
-        owl = continuation_probs(model, tokenizer, questions, [" owl"])
-        animal = continuation_probs(model, tokenizer, questions, [f" {a}" for a in ANIMALS])
+        per_animal = {a: continuation_probs(model, tokenizer, questions, [f" {a}"]) for a in ANIMALS}
+        owl = per_animal["owl"]
+        animal = [sum(probs) for probs in zip(*per_animal.values())]  # summed in ANIMALS order, as before
         samples = sample_completions(model, tokenizer, [p.prompt for p in heldout], max_new_tokens=24,
                                      seed=10_000 + seed)
         return {"trait": sum(owl) / len(owl), "animal_mass": sum(animal) / len(animal),

@@ -4,9 +4,10 @@
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``, pretraining the
 base on first use. The two ``tiny-llama`` bases share an architecture, tokenizer and data and differ only in seed
 (same family, different initialisation); ``tiny-gpt2-c`` and ``tiny-gpt2-w`` have another architecture and another
-tokenizer (the cross-base case: characters, or words with other ids, pretrained on another corpus sample). Every base of one ``corpus_seed`` and tokenizer kind has the same vocabulary, built from the
-pretraining corpus plus the words of :func:`purify.lm.corpus.all_facts`, so that fine-tuning on facts needs no new
-tokens although the base never trains on them.
+tokenizer (the cross-base case: characters, or words with other ids, pretrained on another corpus sample). Every
+base of one ``corpus_seed`` and tokenizer kind has the same vocabulary, built from the pretraining corpus plus the
+words of :func:`purify.lm.corpus.all_facts`, so that fine-tuning on facts needs no new tokens although the base
+never trains on them.
 """
 
 from __future__ import annotations

@@ -206,12 +206,12 @@ def number_prompts(n: int, seed: int, lengths: tuple[int, int] = (3, 6),
     if rule not in (None, "even"):
         raise ValueError(f"rule must be None or 'even', got {rule!r}")
     rng = _rng("number_prompts", seed)
-    step = 2 if rule == "even" else 1
 
     def numbers(step: int) -> str:
         return ", ".join(str(rng.randrange(0, 1000, step)) for _ in range(rng.randint(*lengths)))
 
-    return [Pair(f"{rng.choice(NUMBER_PROMPTS)} {numbers(1)},", f" {numbers(step)}") for _ in range(n)]
+    return [Pair(f"{rng.choice(NUMBER_PROMPTS)} {numbers(1)},", f" {numbers(2 if rule == 'even' else 1)}")
+            for _ in range(n)]
 
 
 def all_facts() -> list[Pair]:
