@@ -163,3 +163,162 @@ def test_frontier_problems_flag_a_suite_without_transfer_or_fidelity_gain():
     assert frontier_problems(no_transfer) == ["vanilla transfer is not significantly above control"]
     no_fidelity = {**sound, "vanilla": cond([0.4, 0.5, 0.45, 0.42], [1.2, 1.0, 1.1, 1.3])}
     assert frontier_problems(no_fidelity) == ["vanilla's task error is not significantly below the base's"]
+
+
+# ------------------------------------------------------------------ two-sided verdicts (purify.bench.verdicts)
+NOISE = [0.01, -0.02, 0.015, -0.005, 0.0]
+ARM = [0.0, 0.01, -0.01, 0.02, -0.015]  # arms vary otherwise than the control
+DENSE = [{"step": i, "task_error": e, "transfer": t}
+         for i, (e, t) in enumerate([(1.0, 0.0), (0.8, 0.2), (0.6, 0.4), (0.4, 0.6), (0.2, 0.8)])]
+
+
+def _runs(transfers, errors, **extra):
+    return [{"seed": s, "transfer": t, "task_error": e, **{k: v[i] for k, v in extra.items()}}
+            for i, (s, t, e) in enumerate(zip(range(len(transfers)), transfers, errors))]
+
+
+def _world(n=5, curve=DENSE, vanilla_shift=0.0):
+    """Base (task error 1.0), control (~0 transfer) and vanilla (~0.8 + shift, its curve) for ``n`` seeds."""
+    base = _runs([0.0] * n, [1.0] * n, animal_mass=[0.9] * n, accuracy=[0.5] * n)
+    control = _runs([e for e in NOISE[:n]], [0.2] * n, animal_mass=[0.9] * n, accuracy=[0.5 + e for e in NOISE[:n]])
+    vanilla = [{**r, "curve": curve} for r in _runs([0.8 + vanilla_shift - e for e in NOISE[:n]], [0.2] * n)]
+    return base, control, vanilla
+
+
+def _verdict(arm, n=5, guards=(), **kw):
+    from purify.bench.verdicts import verdict
+
+    base, control, vanilla = _world(n, **kw)
+    return verdict(arm, vanilla, control, base, guards)
+
+
+def test_verdict_below_and_purified_by_hand():
+    below = _verdict(_runs([0.3 + e for e in ARM], [0.4] * 5))  # frontier at a measured point: 0.6
+    assert below.startswith("below frontier (gap -0.299, p_adj = ")
+    # at the control's level, task error ×1.05 vanilla's: |transfer − control| = 0.001 < m = 0.1 × 0.8
+    purified = _verdict(_runs([e + 0.001 * (-1) ** i for i, e in enumerate(NOISE)], [0.21] * 5))
+    assert purified.startswith("purified (transfer − control") and "×1.05" in purified
+    costly = _verdict(_runs([e + 0.001 * (-1) ** i for i, e in enumerate(NOISE)], [0.3] * 5))
+    assert costly.startswith("below frontier")  # 1.5 × vanilla's task error: not purified
+
+
+def test_verdict_needs_three_finite_seeds_and_names_the_dropped_ones():
+    one = _verdict(_runs([0.3], [0.4]), n=1)
+    assert one.startswith("no verdict: 1 seed(s) with finite values, 3 needed")
+    nan = float("nan")
+    two_nan = _verdict(_runs([0.3, nan, nan], [0.4, 0.4, 0.4]), n=3)
+    assert two_nan.startswith("no verdict: 1 seed(s)") and "seed 1: arm transfer NaN" in two_nan \
+        and "seed 2: arm transfer NaN" in two_nan
+    # a NaN task error drops its seed (it does not switch the "no gain over the base" check off)
+    one_nan = _verdict(_runs([0.3 + e for e in ARM], [nan, 0.4, 0.4, 0.4, 0.4]))
+    assert one_nan.startswith("below frontier") and "dropped seed 0: arm task_error NaN" in one_nan
+    from purify.bench.verdicts import verdict
+
+    base, control, vanilla = _world()
+    no_base = verdict(_runs([0.3 + e for e in ARM], [0.4] * 5), vanilla, control,
+                      [{**r, "task_error": nan} for r in base])
+    assert no_base.startswith("no verdict: 0 seed(s)") and "base task_error NaN" in no_base
+
+
+def test_verdict_zero_variance_overshoot_damage_and_no_gain():
+    from purify.bench.verdicts import Guard
+
+    flat = _verdict(_runs([0.1 + e for e in NOISE], [0.4] * 5))  # transfer − control = 0.1 on every seed
+    assert flat.startswith("no verdict: zero variance across seeds in transfer − control")
+    overshoot = _verdict(_runs([-0.3 + 2 * e for e in NOISE], [0.2] * 5))
+    assert overshoot.startswith("anti-trait (transfer − control")  # far below −m = −0.08: a failure, not a win
+    guard = Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)
+    broken = _verdict(_runs([0.3 + e for e in ARM], [0.4] * 5, animal_mass=[0.1] * 5), guards=[guard])
+    assert broken.startswith("damaged: P(any animal) (0.1 < 0.5 × the base's 0.9)")
+    intact = _verdict(_runs([0.3 + e for e in ARM], [0.4] * 5, animal_mass=[0.6] * 5), guards=[guard])
+    assert intact.startswith("below frontier")
+    unmeasured = _verdict(_runs([e + 0.001 for e in ARM], [0.21] * 5), guards=[guard])  # purified, if measured
+    assert unmeasured.startswith("below frontier") and "guard P(any animal) not measured" in unmeasured
+    facts = Guard("accuracy", "facts accuracy", not_below_control_ci=True)
+    assert _verdict(_runs([0.3 + e for e in ARM], [0.4] * 5, accuracy=[0.4] * 5), guards=[facts]).startswith(
+        "damaged: facts accuracy (0.4 below the control's 95% CI")
+    worse = _verdict(_runs([0.3 + e for e in ARM], [1.1] * 5))
+    assert worse.startswith("no verdict: task error 1.1 not below the undistilled base's 1")
+    assert _verdict([{**r, "diverged_at": 7} for r in _runs([0.3] * 5, [0.4] * 5)]) == \
+        "no verdict: diverged at step 7 (seed 0)"
+
+
+def test_verdict_jump_larger_than_the_gap_is_unresolved():
+    sparse = [{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 1, "task_error": 0.3, "transfer": 0.8},
+              {"step": 2, "task_error": 0.2, "transfer": 0.8}]
+    # at task error 0.5 the interpolation reads 0.571 (gap −0.12) inside a 0.8 jump: lower end 0 (gap +0.45, above),
+    # upper end 0.8 (gap −0.35, below) — the verdict would depend on where in the jump the frontier is
+    arm = _runs([0.45 + e for e in ARM], [0.5] * 5)
+    out = _verdict(arm, curve=sparse)
+    assert out.startswith("no verdict: frontier unresolved") and "jumps by up to 0.8" in out
+    # on a denser curve a 0.2 jump is at least half a 0.3 gap: read at the lower end (0.4), still below
+    assert _verdict(_runs([0.2 + e for e in ARM], [0.5] * 5)).startswith("below frontier (gap -0.199")
+    # ... and under half a 0.5 gap: the interpolation (0.5) is read
+    assert _verdict(_runs([0.0 + e for e in ARM], [0.5] * 5)).startswith("below frontier (gap -0.499")
+
+
+def test_holm_by_hand():
+    from purify.bench.verdicts import holm
+
+    out = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005, "e": float("nan")})
+    # sorted d .005, a .01, c .03, b .04 (m = 4): ×4, ×3, ×2, ×1 = .02, .03, .06, .04 → monotone: b = .06
+    assert out["d"] == pytest.approx(0.02) and out["a"] == pytest.approx(0.03)
+    assert out["c"] == pytest.approx(0.06) and out["b"] == pytest.approx(0.06) and math.isnan(out["e"])
+    assert holm({"x": 0.6, "y": 0.7}) == {"x": 1.0, "y": 1.0}
+
+
+def test_judge_pairs_each_arm_with_the_vanilla_of_its_loss_mode_and_skips_baselines():
+    from purify.bench.verdicts import judge
+
+    base, control, vanilla = _world()
+    hard_vanilla = [{**r, "transfer": e} for r, e in zip(vanilla, [0.0, 0.01, -0.01, 0.02, 0.0])]  # no transfer
+    arm = _runs([0.3 + e for e in ARM], [0.4] * 5)
+    conds = {
+        "base": {"per_seed": base, "baseline": True, "kind": "base"},
+        "control": {"per_seed": control, "baseline": True, "kind": "control", "mode": "soft"},
+        "vanilla": {"per_seed": vanilla, "baseline": True, "kind": "vanilla", "mode": "soft"},
+        "ctl-h": {"per_seed": control, "baseline": True, "kind": "control", "mode": "hard"},
+        "van-h": {"per_seed": hard_vanilla, "baseline": True, "kind": "vanilla", "mode": "hard"},
+        "vanilla:looks-like-a-baseline": {"per_seed": arm, "mode": "soft"},  # judged: the field decides, not the name
+        "hard-arm": {"per_seed": arm, "mode": "hard"},
+        "kl-arm": {"per_seed": arm, "mode": "kl"},
+    }
+    out = judge(conds)
+    assert set(out["verdicts"]) == {"vanilla:looks-like-a-baseline", "hard-arm", "kl-arm"}
+    assert out["verdicts"]["vanilla:looks-like-a-baseline"].startswith("below frontier")
+    assert out["verdicts"]["hard-arm"].startswith("no verdict: vanilla not significantly above control")
+    assert out["verdicts"]["kl-arm"] == "no verdict: this run has no control or vanilla of loss mode kl"
+    assert out["against"]["hard-arm"] == {"base": "base", "control": "ctl-h", "vanilla": "van-h"}
+    assert set(out["p_adjusted"]) == {"vanilla:looks-like-a-baseline"}
+
+
+def test_judge_holm_adjusts_across_arms():
+    from purify.bench.verdicts import assess, judge
+
+    base, control, vanilla = _world()
+    arms = {f"arm{i}": _runs([0.55 + (1 + i) * e for e in ARM], [0.4] * 5) for i in range(4)}
+    conds = {"base": {"per_seed": base, "baseline": True, "kind": "base"},
+             "control": {"per_seed": control, "baseline": True, "kind": "control", "mode": "soft"},
+             "vanilla": {"per_seed": vanilla, "baseline": True, "kind": "vanilla", "mode": "soft"},
+             **{k: {"per_seed": v, "mode": "soft"} for k, v in arms.items()}}
+    out = judge(conds)
+    raw = {k: assess(v, vanilla, control, base).p_lower for k, v in arms.items()}
+    order = sorted(raw, key=raw.get)  # arm0 has the smallest noise, so the smallest p
+    expected, running = {}, 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (4 - i) * raw[k]))
+        expected[k] = running
+    assert order[0] == "arm0" and out["p_adjusted"] == pytest.approx(expected)
+    assert out["p_adjusted"]["arm0"] == pytest.approx(4 * raw["arm0"])
+
+
+def test_seed_caveats_follow_the_facts():
+    from purify.bench.verdicts import seed_caveats
+
+    tuned = [{"seeds": list(range(10)), "what": "delta_projection α = 0.3", "trait": True}]
+    fresh = seed_caveats(list(range(20, 50)), tuned)
+    assert fresh == ["- delta_projection α = 0.3 was chosen by looking at the trait on seeds 0–9; this run's seeds "
+                     "20–49 are disjoint from them (never looked at for that choice)."]
+    stale = seed_caveats(list(range(5, 15)), tuned)
+    assert stale[0].startswith("- **Reported on tuning seeds:**") and "of which 5–9 were used there" in stale[0]
+    assert "never looked at" not in stale[0]
