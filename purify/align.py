@@ -187,3 +187,10 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Te
     p, q = F.pad(p, (0, width - p.shape[-1])), F.pad(q, (0, width - q.shape[-1]))
     w1 = (p - q).abs().sum(-1)
     return (w1 * mask).sum() / mask.sum().clamp_min(1e-12)
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map every string to the same ids (same vocabulary and special tokens)."""
+    if a is None or b is None:
+        return a is b
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens

@@ -38,7 +38,7 @@ import torch
 
 from purify.bench.stats import mean_ci, paired_test
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
-from purify.lineage import atomic_write_text
+from purify.storage import atomic_write_text
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
@@ -188,7 +188,7 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
     Raises:
         AuditError: for a missing model directory or tokenizers that differ between model and reference.
     """
-    from purify.models import same_tokenizer
+    from purify.align import same_tokenizer
 
     try:
         model, tok = load_model(model_dir)

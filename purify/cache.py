@@ -23,7 +23,6 @@ and refuses data the cache was not written for. Non-target positions get a unifo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from collections.abc import Iterator
@@ -34,9 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from purify.config import ModelSpec, RecipeError, TeacherSpec
-from purify.models import LoadedModel, load_tokenizer
-from purify.purifiers.base import Batch, ModelOutput
+from purify.config import ModelSpec, TeacherSpec
+from purify.types import Batch, ModelOutput, RecipeError
 
 VERSION = 1
 MANIFEST, PLAN, SPLITS = "manifest.json", ".plan.json", ("train", "val")
@@ -177,26 +175,17 @@ class CachedTeacher(nn.Module):
         return ModelOutput(logits=out)
 
 
-def load_cached_teacher(directory: str, teacher: int = 0, name: str | None = None) -> LoadedModel:
-    """A :class:`~purify.models.LoadedModel` for a recipe entry ``{cache: directory, teacher: i}``."""
-    module = CachedTeacher(directory, teacher)
-    entry = module.manifest["teachers"][teacher]
-    tok_dir = module.directory / "tokenizer"
-    tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
-    source = f"cache:{directory}#{teacher} ({entry['source']}, sha256 {entry['sha256']})"
-    return LoadedModel(module, tokenizer, name or entry["name"], source, str(tok_dir) if tokenizer else None)
-
-
-def check_cache_spec(spec: ModelSpec, where: str) -> None:
+def cache_spec_problems(spec: ModelSpec, where: str) -> list[str]:
     """Recipe validation of a ``cache`` source: teachers only, a finished cache, a teacher index it holds."""
     if not isinstance(spec, TeacherSpec):
-        raise RecipeError(f"{where}.cache: a logit cache holds teacher outputs; give the student a model source")
+        return [f"{where}.cache: a logit cache holds teacher outputs; give the student a model source"]
     try:
         count = len(read_manifest(spec.cache)["teachers"])  # type: ignore[arg-type]
     except CacheError as err:
-        raise RecipeError(f"{where}.cache: {err}") from None
+        return [f"{where}.cache: {err}"]
     if not 0 <= spec.teacher < count:
-        raise RecipeError(f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers")
+        return [f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers"]
+    return []
 
 
 def check_cache(directory: str | Path, tokenizer: Any | None, datasets: dict[str, Any], where: str = "cache") -> None:
@@ -221,34 +210,6 @@ def check_cache(directory: str | Path, tokenizer: Any | None, datasets: dict[str
         if ours != theirs:
             raise RecipeError(f"{where}: the recipe's {split} data differ from those {directory} was written for "
                               f"(tokenized data sha256 {ours[:12]} vs {theirs[:12]}); rerun purify cache")
-
-
-# ---------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``purify cache RECIPE [key=value ...] --out DIR [--top-k 8]``."""
-    parser.add_argument("recipe", help="recipe YAML whose teachers and data are cached")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
-    parser.add_argument("--out", required=True, help="cache directory (re-running resumes a partial cache)")
-    parser.add_argument("--top-k", type=int, default=8, help="token ids kept per position (default 8)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard (default 1024)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward (default data.batch_size)")
-    parser.add_argument("--device", default=None, help="where teachers run (default cuda when available, else cpu)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the cache; print where, its size and bytes per token. Returns the exit code."""
-    from purify.cache_writer import write_cache
-    from purify.config import load_recipe
-
-    if args.top_k < 1 or args.shard_size < 1:
-        raise RecipeError("--top-k and --shard-size must be >= 1")
-    recipe = load_recipe(args.recipe, args.overrides)
-    m = write_cache(recipe, args.out, args.top_k, args.shard_size, args.batch_size, args.device)
-    positions = sum(m["data"][s]["positions"] for s in SPLITS)
-    print(f"purify: cached {len(m['teachers'])} teacher(s), k={m['k']}, {positions} positions in {args.out} "
-          f"({m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_token_per_teacher']:.1f} bytes/token/teacher)")
-    print(f"purify: train from it with teachers: [{{cache: {args.out}, teacher: 0}}]")
-    return 0
 
 
 def iter_teacher_specs(directory: str | Path) -> Iterator[TeacherSpec]:

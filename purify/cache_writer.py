@@ -7,10 +7,9 @@ The layout, the reading side and the command line are in :mod:`purify.cache`. A 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from purify.align import same_tokenizer
+from purify.assembly import load_recipe
 from purify.cache import (
     ARRAYS,
     MANIFEST,
@@ -33,8 +34,9 @@ from purify.cache import (
     tokenizer_sha256,
 )
 from purify.config import Recipe
-from purify.lineage import atomic_write_text
-from purify.models import LoadedModel, build_model, freeze, model_forward, same_tokenizer, spec_tokenizer, state_sha256
+from purify.models import LoadedModel, build_model, freeze, model_forward, spec_tokenizer, state_sha256
+from purify.storage import atomic_dir, atomic_path, atomic_write_text
+from purify.types import RecipeError
 
 
 def _top_k(logits: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,14 +50,9 @@ def _top_k(logits: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor, T
 
 def _save_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``.npy`` files into a temporary directory beside ``directory`` and rename it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_shard(directory: Path, teachers: Sequence[nn.Module], dataset: Any, indices: range, k: int,
@@ -144,9 +141,8 @@ def write_cache(recipe: Recipe, out: str | Path, top_k: int = 8, shard_size: int
     out.mkdir(parents=True, exist_ok=True)
     _claim(out, plan)
     if tokenizer is not None and not (out / "tokenizer").is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out))
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(out / "tokenizer")
+        with atomic_dir(out / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
     for split, dataset in datasets.items():
         for shard in range(math.ceil(len(dataset) / shard_size)):
             directory = out / split / f"shard-{shard:05d}"
@@ -170,7 +166,30 @@ def _write_index(directory: Path, keys: np.ndarray) -> None:
     index = np.concatenate(rows).astype(np.int64)
     if not np.array_equal(index[:, 3], keys):
         raise CacheError(f"{directory}: its shards do not match the recipe's examples; remove the directory")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index.", suffix=".npy")
-    with open(fd, "wb") as fh:
+    with atomic_path(directory / "index.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, index)
-    Path(tmp).replace(directory / "index.npy")
+
+
+# ---------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``purify cache RECIPE [key=value ...] --out DIR [--top-k 8]``."""
+    parser.add_argument("recipe", help="recipe YAML whose teachers and data are cached")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    parser.add_argument("--out", required=True, help="cache directory (re-running resumes a partial cache)")
+    parser.add_argument("--top-k", type=int, default=8, help="token ids kept per position (default 8)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward (default data.batch_size)")
+    parser.add_argument("--device", default=None, help="where teachers run (default cuda when available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the cache; print where, its size and bytes per token. Returns the exit code."""
+    if args.top_k < 1 or args.shard_size < 1:
+        raise RecipeError("--top-k and --shard-size must be >= 1")
+    recipe = load_recipe(args.recipe, args.overrides)
+    m = write_cache(recipe, args.out, args.top_k, args.shard_size, args.batch_size, args.device)
+    positions = sum(m["data"][s]["positions"] for s in SPLITS)
+    print(f"purify: cached {len(m['teachers'])} teacher(s), k={m['k']}, {positions} positions in {args.out} "
+          f"({m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_token_per_teacher']:.1f} bytes/token/teacher)")
+    print(f"purify: train from it with teachers: [{{cache: {args.out}, teacher: 0}}]")
+    return 0

@@ -17,7 +17,7 @@ EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
 
 
 def _train(args: argparse.Namespace) -> int:
-    from purify.config import load_recipe
+    from purify.assembly import load_recipe
     from purify.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -139,7 +139,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_cache(sub: argparse._SubParsersAction) -> None:
-    _add_module_verb(sub, "cache", "purify.cache",
+    _add_module_verb(sub, "cache", "purify.cache_writer",
                      "run a recipe's teachers once and store top-k logits in memory-mapped shards")
 
 

@@ -8,20 +8,24 @@ execute code: there are no import strings or ``_target_`` keys, and ``trust_remo
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional  # noqa: UP035 - omegaconf needs typing generics
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from purify.types import RecipeError
+
+__all__ = ["STRATEGIES", "Recipe", "RecipeError", "parse_recipe", "recipe_problems", "structured", "to_dict", "to_yaml"]
+
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
-
-
-class RecipeError(ValueError):
-    """A recipe problem, reported as ``"<dotted.key>: <what is wrong>; <how to fix>"``."""
+"""Recipe ``strategy`` values (built into Lightning strategies by :mod:`purify.strategy`)."""
 
 
 @dataclass
@@ -146,8 +150,11 @@ def _closest(key: str, allowed: list[str]) -> str:
 
 def _allowed_keys(cfg: DictConfig, dotted: str) -> list[str]:
     node: Any = cfg
-    for part in [p for p in dotted.replace("]", "").replace("[", ".").split(".")[:-1] if p]:
-        node = node[int(part)] if part.isdigit() else node[part]
+    try:
+        for part in [p for p in dotted.replace("]", "").replace("[", ".").split(".")[:-1] if p]:
+            node = node[int(part)] if part.isdigit() else node[part]
+    except (OmegaConfBaseException, KeyError, IndexError, TypeError):
+        return []
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
@@ -176,156 +183,200 @@ def structured(schema: type, data: Any, prefix: str = "") -> Any:
         raise _explain(err, base, prefix) from None
 
 
-def _check_purifiers(recipe: Recipe) -> list[Any]:
-    from purify.purifiers import PURIFIERS
-
-    built = []
-    for i, entry in enumerate(recipe.purifiers):
-        where = f"purifiers[{i}]"
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in PURIFIERS:
-            close = difflib.get_close_matches(str(name), list(PURIFIERS), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise RecipeError(f"{where}.name: unknown purifier {name!r}; {hint}allowed: {', '.join(sorted(PURIFIERS))}")
-        cfg = structured(PURIFIERS[name][0], entry, prefix=f"{where}.")
-        check = getattr(cfg, "validate", None)
-        if check is not None:
-            try:
-                check(recipe)
-            except RecipeError as err:
-                raise RecipeError(f"{where}.{err}") from None
-        built.append(cfg)
-    return built
-
-
-def _check_source(spec: ModelSpec, where: str) -> None:
+def _source_problems(spec: ModelSpec, where: str) -> list[str]:
+    """Checks of one model source that need nothing but the spec and the file system."""
     sources = [k for k in ("path", "builtin", "config", "arch", "gguf", "cache") if getattr(spec, k) is not None]
     if len(sources) != 1:
         got = ", ".join(sources) or "none"
-        raise RecipeError(f"{where}: give exactly one of path, builtin, config, arch, gguf, cache (got {got})")
-    if spec.cache is not None:
-        from purify.cache import check_cache_spec
-
-        check_cache_spec(spec, where)
+        return [f"{where}: give exactly one of path, builtin, config, arch, gguf, cache (got {got})"]
+    out = []
     if spec.config is not None and "model_type" not in spec.config:
-        raise RecipeError(f"{where}.config: missing model_type; e.g. model_type: llama")
+        out.append(f"{where}.config: missing model_type; e.g. model_type: llama")
     if spec.config is not None and spec.tokenizer is None:
-        raise RecipeError(f"{where}.tokenizer: a model built from `config` needs a tokenizer dir or builtin name")
+        out.append(f"{where}.tokenizer: a model built from `config` needs a tokenizer dir or builtin name")
     if spec.gguf is not None and not Path(spec.gguf).is_file():
-        raise RecipeError(f"{where}.gguf: file not found: {spec.gguf}")
+        out.append(f"{where}.gguf: file not found: {spec.gguf}")
     if spec.path is not None and _looks_local(spec.path) and not Path(spec.path).exists():
-        raise RecipeError(f"{where}.path: directory not found: {spec.path}")
-    if spec.arch is not None:
-        from purify.models import ARCHITECTURES
-
-        if spec.arch not in ARCHITECTURES:
-            raise RecipeError(f"{where}.arch: unknown architecture {spec.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
-    if spec.builtin is not None:
-        from purify.lm.bases import BASES
-
-        if spec.builtin not in BASES:
-            raise RecipeError(f"{where}.builtin: unknown base {spec.builtin!r}; allowed: {', '.join(BASES)}")
-
-
-def _derive_batch_size(recipe: Recipe) -> None:
-    """Set ``data.batch_size`` (per process) from ``data.global_batch_size``: the global batch over the world size
-    (``trainer.devices × trainer.num_nodes``) and ``trainer.accumulate_grad_batches``, which must divide it."""
-    from purify.strategy import check_global_batch, world_size
-
-    t = recipe.trainer
-    try:
-        world = world_size(t.accelerator, t.devices, t.num_nodes)
-    except (TypeError, ValueError):
-        raise RecipeError(f"trainer.devices: cannot count processes for {t.devices!r}; give a count, a list of "
-                          "device indices, 'auto' or -1") from None
-    try:
-        recipe.data.batch_size = check_global_batch(recipe.data.global_batch_size,  # type: ignore[arg-type]
-                                                    world, t.accumulate_grad_batches)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
+        out.append(f"{where}.path: directory not found: {spec.path}")
+    return out
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1
 
 
-def validate(recipe: Recipe) -> list[Any]:
-    """Check a converted recipe; return the validated purifier configs. Raises RecipeError."""
-    _check_source(recipe.student, "student")
+def recipe_problems(recipe: Recipe) -> list[str]:
+    """Every problem of a converted recipe that the config alone can see, one line each (empty when none).
+
+    Checks that need other parts of purify (model architectures, built-in bases, logit caches, purifier configs
+    and contracts, strategies) are :func:`purify.assembly.validate`'s.
+    """
+    out = _source_problems(recipe.student, "student")
     if not recipe.teachers:
-        raise RecipeError("teachers: at least one teacher is needed")
+        out.append("teachers: at least one teacher is needed")
     for i, teacher in enumerate(recipe.teachers):
-        _check_source(teacher, f"teachers[{i}]")
-    if sum(t.weight for t in recipe.teachers) <= 0 or any(t.weight < 0 for t in recipe.teachers):
-        raise RecipeError("teachers[*].weight: weights must be >= 0 and sum to a positive number")
+        out += _source_problems(teacher, f"teachers[{i}]")
+    if recipe.teachers and (sum(t.weight for t in recipe.teachers) <= 0 or any(t.weight < 0 for t in recipe.teachers)):
+        out.append("teachers[*].weight: weights must be >= 0 and sum to a positive number")
     data = recipe.data
     if data.train not in ("bundled", "noise") and not Path(data.train).is_file():
-        raise RecipeError(f"data.train: file not found: {data.train}; give a .jsonl/.txt path, 'bundled' or 'noise'")
+        out.append(f"data.train: file not found: {data.train}; give a .jsonl/.txt path, 'bundled' or 'noise'")
     if data.val is not None and not Path(data.val).is_file():
-        raise RecipeError(f"data.val: file not found: {data.val}")
+        out.append(f"data.val: file not found: {data.val}")
     if not 0.0 <= data.val_fraction < 1.0:
-        raise RecipeError(f"data.val_fraction: {data.val_fraction} is not in [0, 1)")
-    for key in ("max_length", "batch_size", "num_samples", "noise_dim"):
-        if getattr(data, key) < 1:
-            raise RecipeError(f"data.{key}: must be >= 1, got {getattr(data, key)}")
+        out.append(f"data.val_fraction: {data.val_fraction} is not in [0, 1)")
+    out += [f"data.{key}: must be >= 1, got {getattr(data, key)}"
+            for key in ("max_length", "batch_size", "num_samples", "noise_dim") if getattr(data, key) < 1]
     if not 0.0 <= recipe.loss.beta <= 1.0:
-        raise RecipeError(f"loss.beta: {recipe.loss.beta} is not in [0, 1]")
+        out.append(f"loss.beta: {recipe.loss.beta} is not in [0, 1]")
     if recipe.loss.temperature <= 0:
-        raise RecipeError(f"loss.temperature: must be > 0, got {recipe.loss.temperature}")
+        out.append(f"loss.temperature: must be > 0, got {recipe.loss.temperature}")
     sl = recipe.loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
-        raise RecipeError(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
-    if recipe.optim.lr <= 0:
-        raise RecipeError(f"optim.lr: must be > 0, got {recipe.optim.lr}")
+        out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
+    if not recipe.optim.lr > 0:
+        out.append(f"optim.lr: must be > 0, got {recipe.optim.lr}")
     if recipe.trainer.max_steps < 1:
-        raise RecipeError(f"trainer.max_steps: must be >= 1, got {recipe.trainer.max_steps}")
+        out.append(f"trainer.max_steps: must be >= 1, got {recipe.trainer.max_steps}")
     if recipe.trainer.accumulate_grad_batches < 1:
-        raise RecipeError("trainer.accumulate_grad_batches: must be >= 1")
-    if data.global_batch_size is not None:
-        _derive_batch_size(recipe)
+        out.append("trainer.accumulate_grad_batches: must be >= 1")
     if recipe.strategy not in STRATEGIES:
         close = difflib.get_close_matches(recipe.strategy, STRATEGIES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise RecipeError(f"strategy: unknown strategy {recipe.strategy!r}; {hint}allowed: {', '.join(STRATEGIES)}")
+        out.append(f"strategy: unknown strategy {recipe.strategy!r}; {hint}allowed: {', '.join(STRATEGIES)}")
     if recipe.resume is not None and not Path(recipe.resume).exists():  # a file, or a DeepSpeed checkpoint dir
-        raise RecipeError(f"resume: checkpoint not found: {recipe.resume}")
-    return _check_purifiers(recipe)
+        out.append(f"resume: checkpoint not found: {recipe.resume}")
+    out_dir = Path(recipe.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
+    return out
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe, apply ``key=value`` dotlist overrides, convert and validate.
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[str]:
+    """Keys of ``data`` (a plain dict) that the dataclass ``cls`` does not have, recursively, one line each."""
+    if not isinstance(data, dict):
+        return []
+    hints, out = _field_types(cls), []
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            out.append(f"{where}: unknown key; {_closest(str(key), list(hints))}")
+            continue
+        tp = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp):
+            out += _unknown_keys(tp, value, f"{where}.")
+        elif typing.get_origin(tp) in (list, List) and isinstance(value, list):
+            (item,) = typing.get_args(tp) or (Any,)
+            if dataclasses.is_dataclass(item):
+                for i, entry in enumerate(value):
+                    out += _unknown_keys(item, entry, f"{where}[{i}].")
+    return out
+
+
+def _unknown_path(cls: type, key: str) -> list[str]:
+    """The problem with a dotted override key (``purifiers.0.threshold``) that the dataclass ``cls`` lacks."""
+    tp: Any = cls
+    done: list[str] = []
+    for part in key.split("."):
+        tp = _strip_optional(tp)
+        if typing.get_origin(tp) in (list, List) and part.isdigit():
+            (tp,) = typing.get_args(tp) or (Any,)
+        elif dataclasses.is_dataclass(tp):
+            hints = _field_types(tp)
+            if part not in hints:
+                return [f"{'.'.join([*done, part])}: unknown key; {_closest(part, list(hints))}"]
+            tp = hints[part]
+        else:
+            return []
+        done.append(part)
+    return []
+
+
+def _leaves(cls: type, data: dict[str, Any], node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for each value of ``data``, descending into nested dataclass sections that the schema
+    ``node`` holds (a section still ``MISSING`` there, like ``student``, is one value)."""
+    hints, out = _field_types(cls), []
+    for key, value in data.items():
+        tp = _strip_optional(hints.get(key, Any))
+        if (dataclasses.is_dataclass(tp) and isinstance(value, dict) and isinstance(node, DictConfig)
+                and key in node and not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig)):
+            out += _leaves(tp, value, node[key], f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _load_yaml(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise RecipeError(f"recipe: file not found: {path}")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"recipe: cannot parse {path}{where}: {err.problem}; fix the YAML syntax there") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe: cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: {path} holds a {type(data).__name__}, not a mapping of recipe keys")
+    return data
+
+
+def parse_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe, apply ``key=value`` dotlist overrides and convert to :class:`Recipe`.
+
+    Every unknown key and every value of the wrong type is reported, not only the first: the error's message has
+    one ``"<dotted.key>: <problem>; <fix>"`` line per problem. Only the schema is checked here;
+    :func:`purify.assembly.load_recipe` also runs every cross-domain check.
 
     Args:
         path: YAML file, or ``None`` for the defaults alone.
         overrides: omegaconf dotlist, e.g. ``["trainer.max_steps=20", "loss.name=jsd"]``.
 
     Raises:
-        RecipeError: with the dotted key, the bad value and the allowed values.
+        RecipeError: listing every problem found.
     """
+    data = _load_yaml(path) if path is not None else {}
+    problems = _unknown_keys(Recipe, data, "")
     schema = OmegaConf.structured(Recipe)
-    layers: list[Any] = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise RecipeError(f"recipe: file not found: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as err:  # yaml syntax errors
-            raise RecipeError(f"recipe: cannot parse {path}: {str(err).splitlines()[0]}") from None
+    items: list[tuple[str, Any]] = [(k, v) for k, v in _leaves(Recipe, data, schema)
+                                    if not any(p.startswith(f"{k}:") or p.startswith(f"{k}.") or p.startswith(f"{k}[")
+                                               for p in problems)]
     for item in overrides or []:
         if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected key=value (e.g. trainer.max_steps=20)")
+            problems.append(f"override {item!r}: expected key=value (e.g. trainer.max_steps=20)")
+            continue
+        key, value = item.split("=", 1)
+        unknown = _unknown_path(Recipe, key)
+        problems += unknown
+        if not unknown:
+            items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
+    merged = OmegaConf.merge(schema)
+    for key, value in items:
+        try:  # update() also reaches into list items: purifiers.0.threshold=0.1
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as err:
+            problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
+                            f"{str(getattr(err, 'msg', err)).splitlines()[0]}")
+        except (TypeError, ValueError, IndexError, KeyError) as err:
+            problems.append(f"{key}: {str(err).splitlines()[0]}")
+    if problems:
+        raise RecipeError(problems)
     try:
-        merged = OmegaConf.merge(schema, *layers)
-        for item in overrides or []:  # update() also reaches into list items: purifiers.0.threshold=0.1
-            key, value = item.split("=", 1)
-            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-        recipe = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise _explain(err, schema) from None
-    except (TypeError, ValueError, IndexError) as err:
-        raise RecipeError(f"override: {str(err).splitlines()[0]}") from None
-    validate(recipe)
-    return recipe  # type: ignore[return-value]
+        raise RecipeError(_explain(err, schema).problems) from None
 
 
 def to_yaml(obj: Any) -> str:

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from purify.config import DataConfig
-from purify.losses import IGNORE_INDEX
+from purify.types import IGNORE_INDEX
 
 
 class DataError(ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.lineage import atomic_write_text
+from purify.storage import atomic_write_text
 
 
 class GenerateError(ValueError):

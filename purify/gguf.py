@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from purify.storage import cache_root, file_sha256
+from purify.storage import atomic_dir, cache_root, file_sha256
 
 __all__ = [
     "GGUF_MAGIC",
@@ -172,8 +170,9 @@ def load_gguf(
     parent = cache_root(cache_dir) / "gguf"
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / digest
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=parent))
-    try:
+    if target.exists() and not (target / MARKER_FILE).is_file():
+        shutil.rmtree(target)  # stale entry from an older, interrupted layout
+    with atomic_dir(target) as tmp:  # a concurrent conversion that finishes first is kept
         try:
             info = _convert(path, tmp)
         except Exception as exc:
@@ -184,16 +183,4 @@ def load_gguf(
 
         info["transformers"] = transformers.__version__
         (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache entry should read like any directory
-        if target.exists() and not (target / MARKER_FILE).is_file():
-            shutil.rmtree(target)  # stale entry from an older, interrupted layout
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if (target / MARKER_FILE).is_file():  # a concurrent conversion finished first
-                return target
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

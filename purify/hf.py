@@ -23,9 +23,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purify.config import LossConfig
-from purify.losses import IGNORE_INDEX
 from purify.module import Distiller
 from purify.purifiers.base import Purifier
+from purify.types import IGNORE_INDEX
 
 
 def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -47,10 +47,10 @@ class _ParameterPurifierCallback(TrainerCallback):
         self.distiller = distiller
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.distiller.on_before_optimizer_step(None)  # type: ignore[arg-type]
+        self.distiller.on_before_optimizer_step()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.distiller._after_optimizer_step()
+        self.distiller.after_optimizer_step()
 
 
 class PurifyTrainer(Trainer):

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from purify.storage import atomic_path, file_sha256
+from purify.storage import atomic_write_text, file_sha256
 
 PACKAGES = ("purify", "torch", "lightning", "transformers", "torchmetrics", "omegaconf", "deepspeed")
 LINEAGE_FILE = "lineage.json"
@@ -44,14 +44,6 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], data: list[str | Path],

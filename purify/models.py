@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from purify.cache import CachedTeacher
 from purify.config import ModelSpec
-from purify.purifiers.base import Batch, ModelOutput
+from purify.types import Batch, ModelOutput
 
 
 class AuxMLP(nn.Module):
@@ -159,8 +160,6 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
             no weights and is always built.
     """
     if spec.cache is not None:
-        from purify.cache import load_cached_teacher
-
         return load_cached_teacher(spec.cache, getattr(spec, "teacher", 0), spec.name)
     init_seed = spec.seed if spec.seed is not None else seed
     if spec.arch is not None:
@@ -218,8 +217,11 @@ def _loaded(model: LoadedModel, deferred: bool) -> LoadedModel:
     return model
 
 
-def same_tokenizer(a: Any, b: Any) -> bool:
-    """Whether two tokenizers map every string to the same ids (same vocabulary and special tokens)."""
-    if a is None or b is None:
-        return a is b
-    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+def load_cached_teacher(directory: str, teacher: int = 0, name: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` for a recipe entry ``{cache: directory, teacher: i}`` (see :mod:`purify.cache`)."""
+    module = CachedTeacher(directory, teacher)
+    entry = module.manifest["teachers"][teacher]
+    tok_dir = module.directory / "tokenizer"
+    tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
+    source = f"cache:{directory}#{teacher} ({entry['source']}, sha256 {entry['sha256']})"
+    return LoadedModel(module, tokenizer, name or entry["name"], source, str(tok_dir) if tokenizer else None)

@@ -26,16 +26,8 @@ from purify.config import LossConfig, OptimConfig, SchedulerConfig
 from purify.losses import distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import freeze, model_forward
-from purify.purifiers.base import (
-    Batch,
-    ModelOutput,
-    ParameterPurifier,
-    Purifier,
-    PurifierContext,
-    StudentPurifier,
-    Targets,
-    TargetPurifier,
-)
+from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
+from purify.types import Batch, ModelOutput, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -121,8 +113,9 @@ class Distiller(L.LightningModule):
             self.base = freeze(copy.deepcopy(self.student))
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
-                              total_steps=self._planned_steps(),
-                              extra={"logit_slice": self.loss_config.logit_slice, **self.tokenizers})
+                              total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
+                              student_tokenizer=self.tokenizers["student_tokenizer"],
+                              teacher_tokenizers=self.tokenizers["teacher_tokenizers"])
         for p in self.purifiers:
             p.setup(ctx)
         self._ready = True
@@ -250,15 +243,17 @@ class Distiller(L.LightningModule):
                 self.log(f"val/{key}", value, prog_bar=key == "kl")
         self.val_fidelity.reset()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Run the parameter-side purifiers' ``before_step`` on the accumulated gradients."""
         for p in self._of_kind(ParameterPurifier):
             p.before_step(self.student)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self._after_optimizer_step()
+        self.after_optimizer_step()
 
-    def _after_optimizer_step(self) -> None:
+    def after_optimizer_step(self) -> None:
+        """Run the parameter-side purifiers' ``after_step`` (called after every optimizer step)."""
         for p in self._of_kind(ParameterPurifier):
             p.after_step(self.student)
 
@@ -273,7 +268,7 @@ class Distiller(L.LightningModule):
         loss.backward()
         self.on_before_optimizer_step(optimizer)
         optimizer.step()
-        self._after_optimizer_step()
+        self.after_optimizer_step()
         return {"loss": loss.detach(), **parts}
 
     def build_optimizer(self) -> torch.optim.Optimizer:

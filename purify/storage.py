@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +34,24 @@ def file_sha256(path: str | Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Give a temporary file (0600) or directory (0700) the mode a plain ``open``/``mkdir`` would: the umask's."""
+    path.chmod((0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; it replaces ``path`` only if the block completes.
 
     On any exception (a kill included) the temporary file is removed and ``path`` keeps its previous content, so a
-    crash mid-write never leaves a half-written checkpoint, result or record.
+    crash mid-write never leaves a half-written checkpoint, result or record. The file gets the mode the umask
+    gives a new file (``mkstemp`` would leave it private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +59,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if Path(tmp).exists():
+            _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextmanager
+def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``final`` that becomes ``final`` when the block exits without error.
+
+    On an exception the temporary directory is removed and the exception propagates; ``final`` is untouched. The
+    directory gets the mode the umask gives a new directory (``mkdtemp`` would leave it private).
+
+    Args:
+        final: the directory to create; its parent is created if missing.
+        replace: replace an existing ``final`` (an export written again). Without it, a ``final`` that exists by
+            the end (another process built the same cache entry) is kept and the new copy discarded.
+
+    Yields:
+        The temporary directory to write into.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _publish_mode(tmp, directory=True)
+        if replace and final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

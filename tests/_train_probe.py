@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from purify.config import load_recipe
+from purify.assembly import load_recipe
 from purify.module import Distiller
 from purify.train import train
 

@@ -40,7 +40,7 @@ def mlp_overrides(out_dir, steps: int = 20, **extra: object) -> list[str]:
 
 @pytest.fixture
 def mlp_recipe(tmp_path):
-    from purify.config import load_recipe
+    from purify.assembly import load_recipe
 
     def make(steps: int = 20, sub: str = "run", **extra: object):
         return load_recipe(None, mlp_overrides(tmp_path / sub, steps, **extra))

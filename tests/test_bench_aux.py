@@ -15,7 +15,8 @@ from purify.bench.aux_runs import Condition, Settings, build_world, run_conditio
 from purify.bench.digits import read_arrays
 from purify.bench.oracle import TraitGradientOracle
 from purify.bench.stats import ABOVE, BELOW, ON
-from purify.config import RecipeError, load_recipe
+from purify.config import RecipeError
+from purify.assembly import load_recipe
 from purify.models import AuxMLP
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierContext
@@ -176,9 +177,8 @@ def _finetuned(student, seed=1):
 
 
 def _ctx(student, teacher, logit_slice=None):
-    extra = {} if logit_slice is None else {"logit_slice": logit_slice}
     return PurifierContext(student=student, teachers=[teacher], teacher_names=["t"], teacher_weights=[1.0],
-                           base=copy.deepcopy(student), extra=extra)
+                           base=copy.deepcopy(student), logit_slice=logit_slice)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])

@@ -15,12 +15,13 @@ from omegaconf import OmegaConf
 from purify import cache, cache_writer
 from purify.cache import CachedTeacher, CacheError, check_cache
 from purify.cache_writer import write_cache
-from purify.config import RecipeError, load_recipe, to_dict
+from purify.config import RecipeError, to_dict
+from purify.assembly import load_recipe
 from purify.data import DistillDataModule, read_text
 from purify.lm.tokenizer import build_tokenizer
 from purify.models import build_model, model_forward
 from purify.module import Distiller
-from purify.train import build_run
+from purify.assembly import build_run
 
 LLAMA = ("{model_type: llama, hidden_size: %d, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
          "num_key_value_heads: 2, max_position_embeddings: 64, initializer_range: 0.3}")
@@ -49,8 +50,8 @@ def setup(tmp_path_factory):
 
 def cli(root: Path, out: Path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
-    cache.add_arguments(parser)
-    return cache.run(parser.parse_args([str(root / "recipe.yaml"), "--out", str(out), "--shard-size", str(SHARD),
+    cache_writer.add_arguments(parser)
+    return cache_writer.run(parser.parse_args([str(root / "recipe.yaml"), "--out", str(out), "--shard-size", str(SHARD),
                                         *extra]))
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from purify.config import RecipeError, load_recipe
+from purify.config import RecipeError
+from purify.assembly import load_recipe
 from tests.conftest import mlp_overrides
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))

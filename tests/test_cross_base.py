@@ -11,14 +11,16 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from purify.align import VocabMap, align_positions, map_logprobs, target_positions, uld_loss, vocab_map
-from purify.config import RecipeError, load_recipe
+from purify.config import RecipeError
+from purify.assembly import load_recipe
 from purify.data import TeacherTokenizer, TokenDataset, read_text
 from purify.lineage import read_lineage
 from purify.lm import build_tokenizer
 from purify.module import Distiller
 from purify.purifiers.cross_base import CrossBase, CrossBaseConfig
 from purify.purifiers.ensemble import Ensemble, EnsembleConfig
-from purify.train import build_run, train
+from purify.assembly import build_run
+from purify.train import train
 
 HAND_TEXT = "the cat sat. 12"
 # word tokens: <bos> ▁the ▁cat ▁sat . ▁ 1 2 <eos>; char tokens: <bos> t h e ␣ c a t ␣ s a t . ␣ 1 2 <eos>
@@ -242,8 +244,8 @@ def test_other_tokenizer_without_cross_base_is_refused(saved, tmp_path):
 @pytest.mark.parametrize("purifiers, extra, message", [
     ("[{name: anchor}, {name: cross_base}]", {}, r"purifiers\[1\].name: cross_base must be the first purifier"),
     ("[{name: cross_base, teachers: [nosuch]}]", {}, r"purifiers\[0\].teachers: unknown teacher 'nosuch'"),
-    ("[{name: cross_base}]", {"loss.name": "reverse_kl"}, r"purifiers\[0\].alignment: shared_vocab .* reverse_kl"),
-    ("[{name: cross_base, alignment: uld}, {name: ensemble}]", {}, r"purifiers\[0\].alignment: uld .*'ensemble'"),
+    ("[{name: cross_base}]", {"loss.name": "reverse_kl"}, r"purifiers\[0\].name: cross_base gives some tokens zero target mass, which loss.name: reverse_kl"),
+    ("[{name: cross_base, alignment: uld}, {name: ensemble}]", {}, r"purifiers\[1\].name: ensemble reads teacher outputs .* purifiers\[0\] \(cross_base with alignment: uld\)"),
     ("[{name: cross_base, alignment: uld, weight: -1}]", {}, r"purifiers\[0\].weight: must be >= 0"),
 ])
 def test_bad_cross_base_settings_fail_at_load(saved, tmp_path, purifiers, extra, message):

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import purify.train
-from purify.config import OptimConfig, RecipeError, load_recipe
+import purify.assembly
+from purify.config import OptimConfig, RecipeError
+from purify.assembly import load_recipe
 from purify.lineage import read_lineage
 from purify.models import AuxMLP, build_model
 from purify.module import Distiller
@@ -304,7 +305,7 @@ def _perturb_finetuned_teachers(monkeypatch):
             loaded.module = finetuned(loaded.module)
         return loaded
 
-    monkeypatch.setattr(purify.train, "build_model", build)
+    monkeypatch.setattr(purify.assembly, "build_model", build)
 
 
 @pytest.mark.parametrize("name, extra, keys", [
@@ -326,7 +327,8 @@ def test_each_purifier_trains_end_to_end_and_logs(tmp_path, monkeypatch, name, e
 
 
 def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
-    from purify.config import RecipeError, load_recipe
+    from purify.config import RecipeError
+    from purify.assembly import load_recipe
     from tests.conftest import mlp_overrides
 
     two = ("[{arch: aux_mlp, seed: 7, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}, "
@@ -334,9 +336,10 @@ def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
     ok = load_recipe(None, mlp_overrides(tmp_path, teachers=two,
                                          purifiers="[{name: adversary, target: lineage}, {name: anchor}]"))
     assert [p["name"] for p in ok.purifiers] == ["adversary", "anchor"]
-    with pytest.raises(RecipeError, match=r"purifiers\[1\]\.target: 'lineage' .* must be the first purifier"):
+    with pytest.raises(RecipeError, match=r"purifiers\[1\]\.name: adversary must be the first purifier"):
         load_recipe(None, mlp_overrides(tmp_path, teachers=two,
                                         purifiers="[{name: anchor}, {name: adversary, target: lineage}]"))
-    with pytest.raises(RecipeError, match=r"purifiers\[0\]\.target: 'lineage' .* ensemble"):
+    with pytest.raises(RecipeError, match=r"purifiers\[1\]\.name: ensemble rebuilds the targets .* discard what "
+                                          r"adversary \(purifiers\[0\]\)"):
         load_recipe(None, mlp_overrides(tmp_path, teachers=two,
                                         purifiers="[{name: adversary, target: lineage}, {name: ensemble}]"))

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from purify.config import LossConfig, RecipeError, load_recipe
+from purify.config import LossConfig, RecipeError
+from purify.assembly import load_recipe
 from purify.lineage import read_lineage
 from purify.losses import distillation_loss, forward_kl
 from purify.models import AuxMLP
@@ -237,8 +238,8 @@ def test_forward_kl_on_the_truncated_target_is_finite_with_the_right_gradient():
     ("[{name: tail_truncation, top_k: 0}]", {}, "purifiers[0].top_k: must be >= 1, got 0"),
     ("[{name: tail_truncation, top_p: 1.5}]", {}, "purifiers[0].top_p: 1.5 is not in (0, 1]"),
     ("[{name: tail_truncation, top_p: 0}]", {}, "purifiers[0].top_p: 0.0 is not in (0, 1]"),
-    ("[{name: tail_truncation, top_k: 2}]", {"loss.name": "mse"}, "purifiers[0].name: tail_truncation gives the tail "
-     "zero target mass, which loss.name: mse cannot use"),
+    ("[{name: tail_truncation, top_k: 2}]", {"loss.name": "mse"}, "purifiers[0].name: tail_truncation gives some "
+     "tokens zero target mass, which loss.name: mse cannot use"),
     ("[{name: tail_truncation, top_k: 2}]", {"loss.name": "reverse_kl"}, "loss.name: reverse_kl cannot use"),
 ])
 def test_tail_truncation_config_errors(tmp_path, purifiers, extra, message):

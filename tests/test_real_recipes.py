@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from purify.config import Recipe, RecipeError, load_recipe, validate
+from purify.config import Recipe, RecipeError
+from purify.assembly import load_recipe, validate
 from purify.data import read_text
 from purify.lm.tokenizer import build_tokenizer
 from purify.purifiers import PURIFIERS
 from purify.strategy import build_strategy
-from purify.train import build_run
+from purify.assembly import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(ROOT.joinpath("recipes", "real").glob("*.yaml"))

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from purify.lineage import read_lineage
 from purify.models import AuxMLP, state_sha256
 from purify.module import Distiller
-from purify.train import AtomicCheckpointIO, build_run, train
+from purify.assembly import build_run
+from purify.train import AtomicCheckpointIO, train
 
 
 def student_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from purify.bench.report import environment, write_report
 from purify.config import LossConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
-from purify.models import same_tokenizer
+from purify.align import same_tokenizer
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 

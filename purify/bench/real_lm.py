@@ -36,7 +36,7 @@ from purify.generate import load_model, sample_completions
 from purify.lm.cache import digest
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
-from purify.purifiers.base import ModelOutput
+from purify.types import ModelOutput
 from purify.storage import atomic_path, cache_root
 
 Records = list[dict[str, str]]

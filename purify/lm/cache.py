@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from purify.storage import atomic_dir
+
+__all__ = ["META_FILE", "atomic_dir", "digest", "read_meta", "write_meta"]
+
 META_FILE = "purify_lm.json"
 """Name of the metadata file written beside every cached model."""
-
 
 
 def digest(obj: Any) -> str:
@@ -55,31 +54,3 @@ def write_meta(model_dir: str | Path, meta: dict[str, Any]) -> None:
         meta: JSON-serialisable metadata.
     """
     (Path(model_dir) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``final`` when the block exits without error.
-
-    On an exception the temporary directory is removed and the exception propagates. If ``final`` appeared in the
-    meantime (another process built it), the new copy is discarded and the existing one kept.
-
-    Args:
-        final: the directory to create; its parent is created if missing.
-
-    Yields:
-        The temporary directory to write into.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; a cached model should be readable like any other directory
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

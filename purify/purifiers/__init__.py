@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from purify.purifiers.base import (
-    ModelOutput,
+    Contract,
     ParameterPurifier,
     Purifier,
+    PurifierConfig,
     PurifierContext,
     StudentPurifier,
     TargetPurifier,
-    Targets,
 )
+from purify.types import ModelOutput, Targets
 
 PURIFIERS: dict[str, tuple[type, type[Purifier]]] = {}
 """Recipe name → (config dataclass, purifier class). The class is built as ``cls(config)``. Filled explicitly
@@ -47,9 +48,11 @@ def build_purifier(config: Any) -> Purifier:
 
 __all__ = [
     "PURIFIERS",
+    "Contract",
     "ModelOutput",
     "ParameterPurifier",
     "Purifier",
+    "PurifierConfig",
     "PurifierContext",
     "StudentPurifier",
     "TargetPurifier",

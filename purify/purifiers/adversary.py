@@ -33,22 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from purify.config import RecipeError
-from purify.purifiers.base import (
-    Batch,
-    ModelOutput,
-    PurifierContext,
-    StudentPurifier,
-    TargetPurifier,
-    Targets,
-)
+from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, StudentPurifier, TargetPurifier
 from purify.purifiers.grl import dann_lambda, reverse_gradient
+from purify.types import Batch, ModelOutput, Targets
 
 _PRIME = 2_147_483_647
 
 
 @dataclass
-class AdversaryConfig:
+class AdversaryConfig(PurifierConfig):
     """Recipe entry ``{name: adversary, ...}``."""
 
     name: str = "adversary"
@@ -59,24 +52,28 @@ class AdversaryConfig:
     ramp: Literal["dann", "constant"] = "dann"  # λ(p) = 2/(1+exp(-10p)) - 1, or λ = 1
     num_sources: int = 2  # classes for target: source (labels 0 .. num_sources-1)
 
-    def validate(self, recipe: Any) -> None:
-        """Raise :class:`RecipeError` ``"<key>: <problem>; <fix>"`` for settings that cannot work."""
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one ``"<key>: <problem>; <fix>"`` line each."""
+        out = []
         if self.weight < 0:
-            raise RecipeError(f"weight: must be >= 0, got {self.weight}; 0 trains the head as a probe only")
+            out.append(f"weight: must be >= 0, got {self.weight}; 0 trains the head as a probe only")
         if self.hidden_dim < 1:
-            raise RecipeError(f"hidden_dim: must be >= 1, got {self.hidden_dim}")
-        if self.target == "lineage" and len(recipe.teachers) < 2:
-            raise RecipeError(f"target: 'lineage' needs at least 2 teachers, got {len(recipe.teachers)}; add a "
-                              "teacher, or use target: source with data records carrying a 'source' field")
-        names = [entry.get("name") for entry in recipe.purifiers]
-        if self.target == "lineage" and "ensemble" in names:
-            raise RecipeError("target: 'lineage' gives each example one teacher's targets, which an ensemble purifier "
-                              "would overwrite; drop the ensemble or use target: source")
-        if self.target == "lineage" and names.index("adversary") > 0:
-            raise RecipeError("target: 'lineage' sets each example's teacher, so the adversary must be the first "
-                              f"purifier (it is at position {names.index('adversary')}); move it to the front")
+            out.append(f"hidden_dim: must be >= 1, got {self.hidden_dim}")
         if self.target == "source" and self.num_sources < 2:
-            raise RecipeError(f"num_sources: must be >= 2, got {self.num_sources}")
+            out.append(f"num_sources: must be >= 2, got {self.num_sources}")
+        return out
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """``target: lineage`` needs at least two teachers."""
+        if self.target == "lineage" and len(recipe.teachers) < 2:
+            return [f"target: 'lineage' needs at least 2 teachers, got {len(recipe.teachers)}; add a teacher, or use "
+                    "target: source with data records carrying a 'source' field"]
+        return []
+
+    def contract(self) -> Contract:
+        """With ``target: lineage`` it sets each example's teacher: first, and it edits and reads the targets."""
+        lineage = self.target == "lineage"
+        return Contract(first=lineage, edits_targets=lineage, reads_teachers=lineage)
 
 
 class DiscriminatorHead(nn.Module):
@@ -136,8 +133,7 @@ class Adversary(StudentPurifier, TargetPurifier):
     needs_hidden = True
 
     def __init__(self, config: AdversaryConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.head: DiscriminatorHead | None = None
         self.num_classes = 0
 

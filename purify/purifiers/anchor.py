@@ -10,26 +10,26 @@ student near ``θ₀``, where a small imitation step follows the teacher's own u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from purify.config import RecipeError
-from purify.purifiers.base import Batch, ModelOutput, PurifierContext, StudentPurifier
+from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier
+from purify.types import Batch, ModelOutput
 
 
 @dataclass
-class AnchorConfig:
+class AnchorConfig(PurifierConfig):
     """Recipe entry ``{name: anchor, weight: ...}``."""
 
     name: str = "anchor"
     weight: float = 0.01  # strength of the pull: the gradient is weight·(θ − θ₀)
 
-    def validate(self, recipe: Any) -> None:
-        """Raise :class:`RecipeError` for a negative weight."""
+    def problems(self) -> list[str]:
+        """A negative weight pushes away from the base."""
         if self.weight < 0:
-            raise RecipeError(f"weight: must be >= 0, got {self.weight}; a negative weight pushes away from the base")
+            return [f"weight: must be >= 0, got {self.weight}; a negative weight pushes away from the base"]
+        return []
 
 
 def squared_distance(student: nn.Module, base: nn.Module) -> Tensor:
@@ -63,8 +63,7 @@ class Anchor(StudentPurifier):
     needs_base = True
 
     def __init__(self, config: AnchorConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self._models: tuple[nn.Module, nn.Module] | None = None  # a tuple, so they are not registered as submodules
 
     def setup(self, ctx: PurifierContext) -> None:

@@ -21,38 +21,66 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-Batch = dict[str, Any]
-"""A collated batch: ``target_mask`` ``(B, T)`` and ``labels`` ``(B, T)`` aligned with the model outputs, plus the
-model inputs (``input_ids``/``attention_mask`` for language models, ``x`` for vector models) and optional
-``source`` ``(B,)`` lineage labels and ``num_items`` (global target count)."""
+from purify.types import Batch, ModelOutput, RecipeError, Targets
 
 
-@dataclass
-class ModelOutput:
-    """What a model gives the distiller at the target positions.
+@dataclass(frozen=True)
+class Contract:
+    """How a purifier composes with the others and with the recipe, declared as data.
 
-    Attributes:
-        logits: ``(B, T, V)`` logits aligned with ``batch["target_mask"]`` (for causal LMs: predictions of the next
-            token, already shifted).
-        hidden: ``(B, T, H)`` last hidden states at the same positions, when asked for.
-    """
-
-    logits: Tensor
-    hidden: Tensor | None = None
-
-
-@dataclass
-class Targets:
-    """The distillation target after purification.
+    :mod:`purify.assembly` checks every recipe's purifier list against these facts once, so no purifier needs to
+    know another by name.
 
     Attributes:
-        logits: ``(B, T, V)`` target logits (or log-probabilities) in the student's vocabulary.
-        weight: ``(B, T)`` per-position weight: the 0/1 target mask times any purifier weights in ``[0, 1]``.
+        first: must be the first purifier (e.g. cross-base alignment: later ones read aligned outputs).
+        edits_targets: changes the targets (its change is lost if a later purifier rebuilds them).
+        rebuilds_targets: builds the targets afresh from the raw teacher outputs, discarding earlier edits.
+        reads_teachers: reads the teachers' outputs in the student's vocabulary.
+        keeps_own_vocab: leaves some teacher outputs in their own vocabulary, which readers cannot use.
+        needs_teacher_weights: needs a teacher as a model with weights (not a logit cache, not an API).
+        needs_tokenizer: needs language models with tokenizers (not vector models, no ``loss.logit_slice``).
+        needs_full_support: gives some vocabulary entries zero target mass, which only losses that allow it
+            (forward KL, JSD with beta < 1) can use.
     """
 
-    logits: Tensor
-    weight: Tensor
+    first: bool = False
+    edits_targets: bool = False
+    rebuilds_targets: bool = False
+    reads_teachers: bool = False
+    keeps_own_vocab: bool = False
+    needs_teacher_weights: bool = False
+    needs_tokenizer: bool = False
+    needs_full_support: bool = False
 
+
+class PurifierConfig:
+    """Mixin of every purifier's config dataclass: its checks and its :class:`Contract`.
+
+    Subclasses override :meth:`problems` (checks of the config alone), :meth:`recipe_problems` (checks against the
+    recipe it sits in) and :meth:`contract`. Problems are ``"<key>: <what is wrong>; <how to fix>"`` lines with keys
+    relative to the purifier's entry.
+    """
+
+    name: str
+
+    def problems(self) -> list[str]:
+        """What is wrong with this config on its own (empty when it can work)."""
+        return []
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """What is wrong with this config inside ``recipe`` (teacher count, loss, …)."""
+        return []
+
+    def contract(self) -> Contract:
+        """How this purifier composes with others."""
+        return Contract()
+
+
+def require_valid(config: Any) -> None:
+    """Raise :class:`RecipeError` listing every problem of a purifier config (library use validates here)."""
+    problems = config.problems() if hasattr(config, "problems") else []
+    if problems:
+        raise RecipeError([f"{getattr(config, 'name', type(config).__name__)}.{p}" for p in problems])
 
 @dataclass
 class PurifierContext:
@@ -66,6 +94,9 @@ class PurifierContext:
         base: frozen copy of the student's initial weights, when some purifier asked for it (``needs_base``).
         forward: ``forward(model, batch, hidden=False) -> ModelOutput``, the distiller's way to run any model.
         total_steps: planned optimizer steps (for schedules such as the gradient-reversal ramp).
+        logit_slice: ``[start, stop)`` of the logits the loss distils (``loss.logit_slice``), or ``None``.
+        student_tokenizer: the student's tokenizer (``None`` for vector models), for vocabulary alignment.
+        teacher_tokenizers: one tokenizer (or ``None``) per teacher.
     """
 
     student: nn.Module
@@ -75,7 +106,9 @@ class PurifierContext:
     base: nn.Module | None = None
     forward: Callable[..., ModelOutput] | None = None
     total_steps: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    logit_slice: list[int] | None = None
+    student_tokenizer: Any | None = None
+    teacher_tokenizers: list[Any] = field(default_factory=list)
 
 
 class Purifier(nn.Module):
@@ -87,8 +120,11 @@ class Purifier(nn.Module):
     needs_hidden: ClassVar[bool] = False
     """Ask the distiller to compute the student's hidden states (``ModelOutput.hidden``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any = None) -> None:
         super().__init__()
+        if config is not None:
+            require_valid(config)
+        self.config = config
         self.last_metrics: dict[str, float | Tensor] = {}
 
     def setup(self, ctx: PurifierContext) -> None:  # noqa: B027 - optional hook

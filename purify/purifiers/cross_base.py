@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.align import VocabMap, map_logprobs, target_positions, uld_loss, vocab_map
-from purify.config import RecipeError
-from purify.purifiers.base import Batch, ModelOutput, PurifierContext, StudentPurifier, TargetPurifier, Targets
+from purify.align import VocabMap, map_logprobs, same_tokenizer, target_positions, uld_loss, vocab_map
+from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, StudentPurifier, TargetPurifier
+from purify.types import Batch, ModelOutput, Targets
 
 Alignment = Literal["shared_vocab", "uld"]
 
 
 @dataclass
-class CrossBaseConfig:
+class CrossBaseConfig(PurifierConfig):
     """Recipe entry ``{name: cross_base, alignment: shared_vocab}``; it must be the first purifier."""
 
     name: str = "cross_base"
@@ -50,34 +50,26 @@ class CrossBaseConfig:
     teachers: Optional[List[Any]] = None  # indices or teachers[i].name; null = every teacher whose tokenizer differs
     weight: float = 1.0  # uld: weight of the W1 term
 
-    def validate(self, recipe: Any) -> None:
-        """Check the entry against the recipe; raises RecipeError naming the key."""
-        if recipe.purifiers[0].get("name") != self.name:
-            raise RecipeError("name: cross_base must be the first purifier: later target-side purifiers read the "
-                              "teachers' outputs once they are aligned to the student's tokens")
-        if recipe.student.arch is not None or recipe.loss.logit_slice is not None:
-            raise RecipeError("name: cross_base aligns tokenizers of language models; the student has no tokenizer "
-                              "or loss.logit_slice is set")
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one line each."""
+        if self.alignment == "uld" and self.weight < 0:
+            return [f"weight: must be >= 0, got {self.weight}"]
+        return []
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """Teacher references must name teachers of the recipe."""
         names = [t.name for t in recipe.teachers if t.name is not None]
-        for ref in self.teachers or []:
-            if not (isinstance(ref, int) and 0 <= ref < len(recipe.teachers)) and not (isinstance(ref, str)
-                                                                                        and ref in names):
-                raise RecipeError(f"teachers: unknown teacher {ref!r}; give an index below {len(recipe.teachers)} or "
-                                  f"one of {names} (set teachers[i].name to refer to a teacher)")
-        loss = recipe.loss
-        if self.alignment == "shared_vocab" and (loss.name in ("mse", "reverse_kl")
-                                                 or (loss.name == "jsd" and loss.beta == 1.0)):
-            raise RecipeError(f"alignment: shared_vocab gives unmatched student tokens zero target mass, which "
-                              f"loss.name: {loss.name} cannot use; use forward_kl or jsd with beta < 1")
-        if self.alignment == "uld":
-            if self.weight < 0:
-                raise RecipeError(f"weight: must be >= 0, got {self.weight}")
-            readers = [e.get("name") for e in recipe.purifiers[1:]
-                       if e.get("name") in ("ensemble", "divergence_mask")
-                       or (e.get("name") == "adversary" and e.get("target", "lineage") == "lineage")]
-            if readers:
-                raise RecipeError(f"alignment: uld keeps a teacher in its own vocabulary, which {readers} cannot "
-                                  "read; use alignment: shared_vocab")
+        return [f"teachers: unknown teacher {ref!r}; give an index below {len(recipe.teachers)} or one of {names} "
+                "(set teachers[i].name to refer to a teacher)"
+                for ref in self.teachers or []
+                if not (isinstance(ref, int) and 0 <= ref < len(recipe.teachers))
+                and not (isinstance(ref, str) and ref in names)]
+
+    def contract(self) -> Contract:
+        """First: it aligns the teacher outputs in place, which later purifiers read; shared_vocab zeroes unmatched
+        tokens, uld keeps a teacher in its own vocabulary."""
+        return Contract(first=True, needs_tokenizer=True,
+                        needs_full_support=self.alignment == "shared_vocab", keeps_own_vocab=self.alignment == "uld")
 
 
 def resolve_teachers(refs: list[Any] | None, names: list[str], differing: list[int]) -> list[int]:
@@ -103,8 +95,7 @@ class CrossBase(TargetPurifier, StudentPurifier):
     kind = "target"
 
     def __init__(self, config: CrossBaseConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.aligned: list[int] = []
         self.names: list[str] = []
         self.vmaps: dict[int, VocabMap] = {}
@@ -114,9 +105,7 @@ class CrossBase(TargetPurifier, StudentPurifier):
     def setup(self, ctx: PurifierContext) -> None:
         """Pick the aligned teachers (warning about named ones that share the student's tokenizer) and build the
         vocabulary maps."""
-        from purify.models import same_tokenizer  # purify.models imports the purifier package
-
-        student_tok, teacher_toks = ctx.extra.get("student_tokenizer"), ctx.extra.get("teacher_tokenizers")
+        student_tok, teacher_toks = ctx.student_tokenizer, ctx.teacher_tokenizers
         if student_tok is None or not teacher_toks or len(teacher_toks) != len(ctx.teachers):
             raise ValueError("cross_base: needs the student's tokenizer and one tokenizer per teacher; pass "
                              "Distiller(student_tokenizer=..., teacher_tokenizers=[...])")

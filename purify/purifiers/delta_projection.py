@@ -32,7 +32,7 @@ and ``α ≥ 0.5`` overshot into an anti-trait; that value was tuned there, on t
 point and report the student's distance to a control, not only its transfer.
 
 Distilled outputs only: when the distiller trains on a slice of the logits (``loss.logit_slice``, passed to
-purifiers as ``ctx.extra["logit_slice"]``), the teacher's delta on the output layer's rows *outside* the slice is
+purifiers as ``ctx.logit_slice``), the teacher's delta on the output layer's rows *outside* the slice is
 set to 0 before any subspace or direction is computed (every mode). Those rows never receive a distillation
 gradient, yet the teacher's update is often largest there (e.g. a classifier head the teacher was trained on);
 projecting onto them would write an anti-copy of that update into rows no loss sees. This uses only which outputs
@@ -70,15 +70,14 @@ from typing import Any, List, Literal, Optional  # noqa: UP035 - omegaconf needs
 import torch
 from torch import Tensor, nn
 
-from purify.config import RecipeError
-from purify.purifiers.base import ParameterPurifier, PurifierContext
+from purify.purifiers.base import Contract, ParameterPurifier, PurifierConfig, PurifierContext
 
 RowRanges = dict[str, tuple[int, int]]
 """Parameter name → ``[start, stop)`` of the rows (dim 0) the loss distils; rows outside get a zero teacher delta."""
 
 
 @dataclass
-class DeltaProjectionConfig:
+class DeltaProjectionConfig(PurifierConfig):
     """Recipe entry ``{name: delta_projection, ...}``."""
 
     name: str = "delta_projection"
@@ -93,18 +92,28 @@ class DeltaProjectionConfig:
     output_layer: Optional[str] = None  # module whose rows outside loss.logit_slice are left out of Δθ_T; default:
     # get_output_embeddings() or `head`
 
-    def validate(self, recipe: Any) -> None:
-        """Raise :class:`RecipeError` ``"<key>: <problem>; <fix>"``."""
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one ``"<key>: <problem>; <fix>"`` line each."""
+        out = []
         if self.rank < 0:
-            raise RecipeError(f"rank: must be >= 0, got {self.rank}")
+            out.append(f"rank: must be >= 0, got {self.rank}")
         if not 0.0 <= self.strength <= 1.0:
-            raise RecipeError(f"strength: {self.strength} is not in [0, 1]; it is the fraction of the gradient's "
-                              "component along the teacher's delta that is removed")
-        if not 0 <= self.teacher_index < len(recipe.teachers):
-            raise RecipeError(f"teacher_index: {self.teacher_index} is out of range; the recipe has "
-                              f"{len(recipe.teachers)} teacher(s)")
+            out.append(f"strength: {self.strength} is not in [0, 1]; it is the fraction of the gradient's component "
+                       "along the teacher's delta that is removed")
         if self.max_relative_delta <= 0:
-            raise RecipeError(f"max_relative_delta: must be > 0, got {self.max_relative_delta}")
+            out.append(f"max_relative_delta: must be > 0, got {self.max_relative_delta}")
+        return out
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """``teacher_index`` must name a teacher of the recipe."""
+        if not 0 <= self.teacher_index < len(recipe.teachers):
+            return [f"teacher_index: {self.teacher_index} is out of range; the recipe has {len(recipe.teachers)} "
+                    "teacher(s)"]
+        return []
+
+    def contract(self) -> Contract:
+        """Reads the teacher's weights (Δθ_T), so the teacher cannot be a logit cache."""
+        return Contract(needs_teacher_weights=True)
 
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -286,8 +295,7 @@ class DeltaProjection(ParameterPurifier):
     needs_base = True
 
     def __init__(self, config: DeltaProjectionConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self._names: list[str] = []
         self._origin: dict[str, Tensor] = {}  # base parameters (a dict, so they are not registered here)
         self.live_rows: RowRanges = {}
@@ -296,7 +304,7 @@ class DeltaProjection(ParameterPurifier):
         cfg = self.config
         if ctx.base is None:
             raise ValueError("delta_projection: needs the frozen base copy of the student (PurifierContext.base)")
-        self.live_rows = output_rows(ctx.student, ctx.extra.get("logit_slice"), cfg.output_layer)
+        self.live_rows = output_rows(ctx.student, ctx.logit_slice, cfg.output_layer)
         teacher = ctx.teachers[cfg.teacher_index]
         if cfg.mode == "global":
             deltas = teacher_delta(ctx.base, teacher, cfg.include, cfg.exclude, cfg.max_relative_delta,

@@ -21,17 +21,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from purify.config import RecipeError
 from purify.losses import generalized_jsd
-from purify.purifiers.base import Batch, ModelOutput, PurifierContext, TargetPurifier, Targets
+from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, TargetPurifier
 from purify.purifiers.ensemble import combine
+from purify.types import Batch, ModelOutput, Targets
 
 Metric = Literal["jsd", "top1"]
 Mode = Literal["drop", "soft"]
 
 
 @dataclass
-class DivergenceMaskConfig:
+class DivergenceMaskConfig(PurifierConfig):
     """Recipe entry ``{name: divergence_mask, reference: others, metric: jsd, threshold: 0.1}``."""
 
     name: str = "divergence_mask"
@@ -40,21 +40,26 @@ class DivergenceMaskConfig:
     threshold: float = 0.1  # positions with divergence > threshold are masked
     mode: Mode = "drop"  # drop: weight 0 | soft: weight * (1 - d / max d)
 
-    def validate(self, recipe: Any) -> None:
-        """Check the entry against the recipe; raises RecipeError naming the key."""
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one line each."""
+        return [f"threshold: must be >= 0, got {self.threshold}"] if self.threshold < 0 else []
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """The reference must exist: other teachers with weight, the base, or a named non-primary teacher."""
         names = [t.name for t in recipe.teachers[1:] if t.name is not None]
         if self.reference == "others" and len(recipe.teachers) < 2:
-            raise RecipeError("reference: 'others' needs at least 2 teachers (got 1); add a teacher or use "
-                              "reference: base")
+            return ["reference: 'others' needs at least 2 teachers (got 1); add a teacher or use reference: base"]
         if self.reference == "others" and sum(t.weight for t in recipe.teachers[1:]) <= 0:
-            raise RecipeError("reference: 'others' needs teachers[1:] with a positive total weight; raise one of "
-                              "their weights")
+            return ["reference: 'others' needs teachers[1:] with a positive total weight; raise one of their weights"]
         if self.reference not in ("others", "base", *names):
             primary = " (that is teachers[0], the primary teacher)" if self.reference == recipe.teachers[0].name else ""
-            raise RecipeError(f"reference: unknown reference {self.reference!r}{primary}; allowed: "
-                              f"{', '.join(['others', 'base', *names])} (set teachers[i].name to refer to a teacher)")
-        if self.threshold < 0:
-            raise RecipeError(f"threshold: must be >= 0, got {self.threshold}")
+            return [f"reference: unknown reference {self.reference!r}{primary}; allowed: "
+                    f"{', '.join(['others', 'base', *names])} (set teachers[i].name to refer to a teacher)"]
+        return []
+
+    def contract(self) -> Contract:
+        """Reads the teachers' outputs and reweights the targets."""
+        return Contract(edits_targets=True, reads_teachers=True)
 
 
 def divergence(p_logits: Tensor, q_logits: Tensor, metric: Metric = "jsd") -> Tensor:
@@ -104,8 +109,7 @@ class DivergenceMask(TargetPurifier):
     """
 
     def __init__(self, config: DivergenceMaskConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.needs_base = config.reference == "base"  # type: ignore[misc] - per instance, read by the Distiller
         self.ctx: PurifierContext | None = None  # not a submodule: the base must stay out of checkpoints
         self.ref_index: int | None = None

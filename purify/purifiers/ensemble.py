@@ -24,35 +24,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.config import RecipeError
 from purify.losses import forward_kl
-from purify.purifiers.base import Batch, ModelOutput, PurifierContext, TargetPurifier, Targets
+from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, TargetPurifier
+from purify.types import Batch, ModelOutput, Targets
 
 CombineMode = Literal["mean", "logmean", "min", "logits"]
 
 
 @dataclass
-class EnsembleConfig:
+class EnsembleConfig(PurifierConfig):
     """Recipe entry ``{name: ensemble, combine: mean}``."""
 
     name: str = "ensemble"
     combine: CombineMode = "mean"  # mean | logmean | min | logits (see the module docstring)
     weights: Optional[List[float]] = None  # one per teacher, overriding teachers[i].weight; normalised to sum 1
 
-    def validate(self, recipe: Any) -> None:
-        """Check the entry against the recipe; raises RecipeError naming the key."""
-        k = len(recipe.teachers)
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one line each."""
+        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            return [f"weights: {list(self.weights)} must be >= 0 and sum to a positive number"]
+        return []
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """At least two teachers, one weight per teacher, and a loss that reads log-probabilities."""
+        k, out = len(recipe.teachers), []
         if k < 2:
-            raise RecipeError(f"teachers: ensemble needs at least 2 teachers (got {k}); add teachers or remove "
-                              "the ensemble purifier")
+            out.append(f"teachers: ensemble needs at least 2 teachers (got {k}); add teachers or remove the ensemble "
+                       "purifier")
         if self.combine != "logits" and recipe.loss.name == "mse":
-            raise RecipeError(f"combine: {self.combine!r} gives log-probabilities but loss.name: mse compares raw "
-                              "logits; use combine: logits or a KL/JSD loss")
-        if self.weights is not None:
-            if len(self.weights) != k:
-                raise RecipeError(f"weights: got {len(self.weights)} weights for {k} teachers; give one per teacher")
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise RecipeError(f"weights: {list(self.weights)} must be >= 0 and sum to a positive number")
+            out.append(f"combine: {self.combine!r} gives log-probabilities but loss.name: mse compares raw logits; use "
+                       "combine: logits or a KL/JSD loss")
+        if self.weights is not None and len(self.weights) != k:
+            out.append(f"weights: got {len(self.weights)} weights for {k} teachers; give one per teacher")
+        return out
+
+    def contract(self) -> Contract:
+        """Builds the targets afresh from every teacher's raw outputs."""
+        return Contract(rebuilds_targets=True, reads_teachers=True)
 
 
 def normalise_weights(weights: Tensor | list[float]) -> Tensor:
@@ -100,8 +108,7 @@ class Ensemble(TargetPurifier):
     """
 
     def __init__(self, config: EnsembleConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.weights: Tensor | None = None
 
     def setup(self, ctx: PurifierContext) -> None:

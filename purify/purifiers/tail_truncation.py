@@ -17,18 +17,18 @@ gradient on a student logit is ``q_v − p'_v`` (``q_v`` on dropped tokens: they
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional  # noqa: UP035 - omegaconf needs typing generics
+from typing import Optional  # noqa: UP035 - omegaconf needs typing generics
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.config import RecipeError
-from purify.purifiers.base import Batch, ModelOutput, TargetPurifier, Targets
+from purify.purifiers.base import Contract, PurifierConfig, TargetPurifier
+from purify.types import Batch, ModelOutput, Targets
 
 
 @dataclass
-class TailTruncationConfig:
+class TailTruncationConfig(PurifierConfig):
     """Recipe entry ``{name: tail_truncation, top_k: 20, top_p: 0.95}``; set at least one knob."""
 
     name: str = "tail_truncation"
@@ -36,21 +36,22 @@ class TailTruncationConfig:
     top_p: Optional[float] = None  # keep the nucleus holding this much mass, in (0, 1]
     min_prob: Optional[float] = None  # keep tokens with at least this probability (the top-1 is always kept)
 
-    def validate(self, recipe: Any) -> None:
-        """Check the entry against the recipe; raises RecipeError naming the key."""
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one line each."""
+        out = []
         if self.top_k is None and self.top_p is None and self.min_prob is None:
-            raise RecipeError("top_k: set at least one of top_k, top_p, min_prob")
+            out.append("top_k: set at least one of top_k, top_p, min_prob")
         if self.top_k is not None and self.top_k < 1:
-            raise RecipeError(f"top_k: must be >= 1, got {self.top_k}")
+            out.append(f"top_k: must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise RecipeError(f"top_p: {self.top_p} is not in (0, 1]")
+            out.append(f"top_p: {self.top_p} is not in (0, 1]")
         if self.min_prob is not None and not 0.0 <= self.min_prob <= 1.0:
-            raise RecipeError(f"min_prob: {self.min_prob} is not in [0, 1]")
-        loss = recipe.loss
-        if loss.name in ("mse", "reverse_kl") or (loss.name == "jsd" and loss.beta == 1.0):
-            used = "jsd with beta 1" if loss.name == "jsd" else loss.name
-            raise RecipeError(f"name: tail_truncation gives the tail zero target mass, which loss.name: {used} "
-                              "cannot use; use loss.name: forward_kl or jsd with beta < 1")
+            out.append(f"min_prob: {self.min_prob} is not in [0, 1]")
+        return out
+
+    def contract(self) -> Contract:
+        """Edits the targets and gives the tail zero mass."""
+        return Contract(edits_targets=True, needs_full_support=True)
 
 
 def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None,
@@ -106,8 +107,7 @@ class TailTruncation(TargetPurifier):
     """
 
     def __init__(self, config: TailTruncationConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
 
     def transform_targets(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
         cfg = self.config

@@ -1,0 +1,264 @@
+"""From recipe to run: every cross-domain check and all construction, in one place.
+
+:func:`load_recipe` parses a recipe (:mod:`purify.config`) and :func:`validate` checks it against the rest of
+purify — model architectures and built-in bases, logit caches, each purifier's config and its
+:class:`~purify.purifiers.Contract` with the others, the strategy and the global batch — collecting *every* problem
+into one :class:`~purify.types.RecipeError` (one ``"<key>: <problem>; <fix>"`` line each). :func:`build_run` then
+builds the student, teachers, purifiers, data module, Distiller and lineage record. ``purify train``, ``purify
+cache``, the scripts and the benchmark's conditions all come through here, so a recipe is judged the same way
+everywhere.
+
+Layering: types → config → models / data / purifiers / cache / strategy → **assembly** → train / bench / cli.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from purify.align import same_tokenizer
+from purify.cache import cache_spec_problems, check_cache
+from purify.config import Recipe, parse_recipe, recipe_problems, structured, to_dict
+from purify.data import DistillDataModule, TeacherTokenizer
+from purify.lineage import build_lineage
+from purify.lm.bases import BASES
+from purify.models import ARCHITECTURES, LoadedModel, build_model, state_sha256
+from purify.module import Distiller
+from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
+from purify.purifiers.cross_base import resolve_teachers
+from purify.strategy import build_strategy, check_global_batch, world_size
+from purify.types import RecipeError
+
+__all__ = ["Run", "build_run", "contract_problems", "load_recipe", "resolve_strategy", "validate"]
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe with ``key=value`` overrides, convert and validate it completely.
+
+    Raises:
+        RecipeError: every problem found, one line each.
+    """
+    recipe = parse_recipe(path, overrides)
+    validate(recipe)
+    return recipe
+
+
+def _source_problems(spec: Any, where: str) -> list[str]:
+    """Checks of a model source against what purify provides (architectures, built-in bases, caches)."""
+    if spec.arch is not None and spec.arch not in ARCHITECTURES:
+        return [f"{where}.arch: unknown architecture {spec.arch!r}; allowed: {', '.join(ARCHITECTURES)}"]
+    if spec.builtin is not None and spec.builtin not in BASES:
+        close = difflib.get_close_matches(spec.builtin, list(BASES), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return [f"{where}.builtin: unknown base {spec.builtin!r}; {hint}allowed: {', '.join(BASES)}"]
+    if spec.cache is not None:
+        return cache_spec_problems(spec, where)
+    return []
+
+
+def _purifier_configs(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
+    """Each ``purifiers[i]`` entry as its config dataclass, and every problem of the entries on their own."""
+    configs, problems = [], []
+    for i, entry in enumerate(recipe.purifiers):
+        where = f"purifiers[{i}]"
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in PURIFIERS:
+            close = difflib.get_close_matches(str(name), list(PURIFIERS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"{where}.name: unknown purifier {name!r}; {hint}allowed: {', '.join(sorted(PURIFIERS))}")
+            continue
+        try:
+            cfg = structured(PURIFIERS[name][0], entry, prefix=f"{where}.")
+        except RecipeError as err:
+            problems += err.problems
+            continue
+        problems += [f"{where}.{p}" for p in cfg.problems() + cfg.recipe_problems(recipe)]
+        configs.append(cfg)
+    return configs, problems
+
+
+def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
+    """Purifier combinations that cannot work or would silently lose a purifier's effect, from their contracts.
+
+    Args:
+        configs: the validated purifier configs, in recipe order.
+        recipe: the recipe (loss, student, teachers).
+    """
+    contracts = [c.contract() for c in configs]
+    loss, out = recipe.loss, []
+    partial_ok = loss.name == "forward_kl" or (loss.name == "jsd" and loss.beta < 1.0) or loss.name == "ce"
+    for i, (cfg, ct) in enumerate(zip(configs, contracts)):
+        where = f"purifiers[{i}].name"
+        if ct.first and i > 0:
+            out.append(f"{where}: {cfg.name} must be the first purifier (it is at position {i}): later purifiers "
+                       "read what it sets; move it to the front")
+        editors = [f"{configs[j].name} (purifiers[{j}])" for j in range(i) if contracts[j].edits_targets]
+        if ct.rebuilds_targets and editors:
+            out.append(f"{where}: {cfg.name} rebuilds the targets from the raw teacher outputs, which would silently "
+                       f"discard what {', '.join(editors)} did; put {cfg.name} before them")
+        own_vocab = [f"purifiers[{j}]" for j in range(i) if contracts[j].keeps_own_vocab]
+        if ct.reads_teachers and own_vocab:
+            out.append(f"{where}: {cfg.name} reads teacher outputs in the student's vocabulary, but {own_vocab[0]} "
+                       "(cross_base with alignment: uld) keeps a teacher in its own; use alignment: shared_vocab")
+        if ct.needs_full_support and not partial_ok:
+            used = "jsd with beta 1" if loss.name == "jsd" else loss.name
+            out.append(f"{where}: {cfg.name} gives some tokens zero target mass, which loss.name: {used} cannot use; "
+                       "use loss.name: forward_kl or jsd with beta < 1")
+        if ct.needs_tokenizer and (recipe.student.arch is not None or loss.logit_slice is not None):
+            out.append(f"{where}: {cfg.name} aligns tokenizers of language models; the student has no tokenizer "
+                       "or loss.logit_slice is set")
+        index = getattr(cfg, "teacher_index", 0)
+        if ct.needs_teacher_weights and 0 <= index < len(recipe.teachers) and recipe.teachers[index].cache:
+            out.append(f"{where}: {cfg.name} needs teachers[{index}]'s weights, but it is a logit cache; give the "
+                       "teacher as a model (path, builtin, gguf, config)")
+    return out
+
+
+def _batch_problems(recipe: Recipe) -> list[str]:
+    """Derive ``data.batch_size`` from ``data.global_batch_size`` (world size × accumulation must divide it)."""
+    t = recipe.trainer
+    if recipe.data.global_batch_size is None:
+        return []
+    try:
+        world = world_size(t.accelerator, t.devices, t.num_nodes)
+    except (TypeError, ValueError):
+        return [f"trainer.devices: cannot count processes for {t.devices!r}; give a count, a list of device indices, "
+                "'auto' or -1"]
+    try:
+        recipe.data.batch_size = check_global_batch(recipe.data.global_batch_size, world, t.accumulate_grad_batches)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
+def resolve_strategy(recipe: Recipe) -> Any:
+    """The Lightning ``strategy=`` for the recipe; impossible settings raise :class:`RecipeError`."""
+    t = recipe.trainer
+    try:
+        return build_strategy(recipe.strategy, offload_optimizer=recipe.deepspeed.offload_optimizer,
+                              offload_parameters=recipe.deepspeed.offload_parameters,
+                              deepspeed_config=recipe.deepspeed.config, accelerator=t.accelerator,
+                              devices=t.devices, logging_batch_size_per_gpu=recipe.data.batch_size,
+                              exclude_frozen_parameters=True)  # teachers are rebuilt from the recipe
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+
+def validate(recipe: Recipe) -> list[PurifierConfig]:
+    """Check a converted recipe against everything purify knows; return the validated purifier configs.
+
+    Raises:
+        RecipeError: every problem found (config values, sources, purifier entries and contracts, batch, strategy).
+    """
+    problems = recipe_problems(recipe)
+    problems += _source_problems(recipe.student, "student")
+    for i, teacher in enumerate(recipe.teachers):
+        problems += _source_problems(teacher, f"teachers[{i}]")
+    configs, purifier_problems = _purifier_configs(recipe)
+    problems += purifier_problems
+    if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
+        problems += contract_problems(configs, recipe)
+    problems += _batch_problems(recipe)
+    if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
+        try:
+            resolve_strategy(recipe)
+        except RecipeError as err:
+            problems += err.problems
+    if problems:
+        raise RecipeError(problems)
+    return configs
+
+
+@dataclass
+class Run:
+    """Everything built from a recipe, before training."""
+
+    recipe: Recipe
+    distiller: Distiller
+    datamodule: DistillDataModule
+    student: LoadedModel
+    teachers: list[LoadedModel]
+    lineage: dict[str, Any]
+
+
+def cross_base_teachers(configs: list[PurifierConfig], student: LoadedModel,
+                        teachers: list[LoadedModel]) -> dict[int, TeacherTokenizer]:
+    """The teachers whose tokenizer differs from the student's, each with its tokenizer and position limit.
+
+    Raises:
+        RecipeError: if such a teacher is not aligned by a ``cross_base`` purifier.
+    """
+    differing = [i for i, t in enumerate(teachers) if not same_tokenizer(student.tokenizer, t.tokenizer)]
+    where = next((k for k, c in enumerate(configs) if c.name == "cross_base"), None)
+    problems = []
+    for i in differing:
+        if where is None:
+            problems.append(f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same tokenizer "
+                            "or add a cross_base purifier to align vocabularies")
+        elif i not in resolve_teachers(configs[where].teachers, [t.name for t in teachers],  # type: ignore[attr-defined]
+                                       differing):
+            problems.append(f"teachers[{i}].tokenizer: differs from the student's tokenizer but purifiers[{where}] "
+                            f"(cross_base) does not align it; add {i} to purifiers[{where}].teachers or leave "
+                            "teachers unset to align every such teacher")
+    if problems:
+        raise RecipeError(problems)
+    limits = {i: getattr(teachers[i].config, "max_position_embeddings", None) for i in differing}
+    return {i: TeacherTokenizer(teachers[i].tokenizer, limits[i]) for i in differing}
+
+
+def build_run(recipe: Recipe) -> Run:
+    """Validate a recipe and build its models, purifiers, data module and lineage record (no training).
+
+    Under ``deepspeed_stage_3`` the teachers are only described here (name, tokenizer, config): the Distiller builds
+    them in ``configure_model`` and partitions them across ranks there, and their lineage ``sha256`` is filled in
+    then (before the first checkpoint and the final lineage record). Under any DeepSpeed stage with a bf16
+    ``trainer.precision`` the frozen teachers are cast to bf16 (ZeRO-1/2: one bf16 replica per rank; ZeRO-3: bf16
+    shards); the student's precision is the strategy's business.
+    """
+    configs = validate(recipe)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    student = build_model(recipe.student, recipe.seed)
+    sharded = recipe.strategy == "deepspeed_stage_3"
+    teachers = [build_model(spec, recipe.seed, deferred=True) if sharded else build_model(spec, recipe.seed)
+                for spec in recipe.teachers]
+    cross = cross_base_teachers(configs, student, teachers)
+    purifiers = [build_purifier(c) for c in configs]
+    records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
+                "sha256": state_sha256(t.module) if t.module is not None else None}
+               for t, s in zip(teachers, recipe.teachers)]
+
+    def build_teachers() -> list[torch.nn.Module]:
+        """The deferred teachers, built; their hashes go into the lineage record (shared with the callback)."""
+        for t, record in zip(teachers, records):
+            record["sha256"] = state_sha256(t.build())
+        return [t.module for t in teachers]  # type: ignore[misc]
+
+    bf16 = recipe.strategy.startswith("deepspeed") and recipe.trainer.precision.startswith("bf16")
+    distiller = Distiller(student.module, build_teachers if sharded else [t.module for t in teachers],
+                          loss=recipe.loss, purifiers=purifiers, optim=recipe.optim, scheduler=recipe.scheduler,
+                          teacher_names=[t.name for t in teachers],
+                          teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps,
+                          student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers],
+                          teacher_dtype=torch.bfloat16 if bf16 else None)
+    datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
+                                   teacher_tokenizers=cross or None)
+    caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]
+    if caches:  # refuse a cache written for other data or another tokenizer before training starts
+        datamodule.setup("fit")
+        splits = {"train": datamodule.train_dataset, "val": datamodule.val_dataset}
+        for i, spec in caches:
+            check_cache(spec.cache, student.tokenizer, splits, f"teachers[{i}].cache")
+    lineage = build_lineage(
+        student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
+                 "init_sha256": state_sha256(student.module)},
+        teachers=records,
+        data=[recipe.data.train] + ([recipe.data.val] if recipe.data.val else []),
+        purifiers=[to_dict(c) for c in configs],
+        recipe=to_dict(recipe),
+    )
+    return Run(recipe, distiller, datamodule, student, teachers, lineage)

@@ -1,0 +1,60 @@
+"""Shared types: the leaf of purify's import graph (it imports nothing of purify).
+
+Every layer speaks these: :data:`Batch` (a collated batch), :class:`ModelOutput` (what a model gives the distiller),
+:class:`Targets` (the distillation target after purification), :class:`RecipeError` (a user-input problem) and
+:data:`IGNORE_INDEX`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label value that marks a position as not a target (the Hugging Face convention)."""
+
+Batch = dict[str, Any]
+"""A collated batch: ``target_mask`` ``(B, T)`` and ``labels`` ``(B, T)`` aligned with the model outputs, plus the
+model inputs (``input_ids``/``attention_mask`` for language models, ``x`` for vector models) and optional
+``source`` ``(B,)`` lineage labels and ``num_items`` (global target count)."""
+
+
+class RecipeError(ValueError):
+    """A problem with user input, reported as ``"<dotted.key>: <what is wrong>; <how to fix>"``.
+
+    Several problems found together are one error whose message has one such line per problem
+    (:attr:`problems` keeps them as a list).
+    """
+
+    def __init__(self, message: str | list[str]) -> None:
+        self.problems = [message] if isinstance(message, str) else list(message)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class ModelOutput:
+    """What a model gives the distiller at the target positions.
+
+    Attributes:
+        logits: ``(B, T, V)`` logits aligned with ``batch["target_mask"]`` (for causal LMs: predictions of the next
+            token, already shifted).
+        hidden: ``(B, T, H)`` last hidden states at the same positions, when asked for.
+    """
+
+    logits: Tensor
+    hidden: Tensor | None = None
+
+
+@dataclass
+class Targets:
+    """The distillation target after purification.
+
+    Attributes:
+        logits: ``(B, T, V)`` target logits (or log-probabilities) in the student's vocabulary.
+        weight: ``(B, T)`` per-position weight: the 0/1 target mask times any purifier weights in ``[0, 1]``.
+    """
+
+    logits: Tensor
+    weight: Tensor
