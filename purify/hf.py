@@ -56,6 +56,13 @@ class _ParameterPurifierCallback(TrainerCallback):
 class PurifyTrainer(Trainer):
     """``transformers.Trainer`` whose loss is purify's distillation objective.
 
+    Behaves like ``Trainer`` for a causal-LM fine-tune: gradient accumulation is normalised by the token count of
+    the whole accumulated (and, with ``average_tokens_across_devices``, all-device) batch — transformers'
+    ``num_items_in_batch`` — so ``8 × 1`` and ``4 × 2`` give the same update; ``evaluate()`` and ``eval_strategy``
+    report the distillation objective on the evaluation set as ``eval_loss`` (and pass the student's logits to
+    ``compute_metrics`` unless ``prediction_loss_only``). Student-side purifier terms are averaged over the
+    accumulation steps, as under ``purify train``.
+
     Args:
         teachers: frozen teachers sharing the student's tokenizer (``teachers[0]`` is the primary target).
         purifiers: purifiers in order; empty = vanilla distillation.
@@ -69,7 +76,11 @@ class PurifyTrainer(Trainer):
         self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
                                    total_steps=max(1, self.args.max_steps))
         self.distiller.to(self.args.device)
-        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer scale for accumulation
+        # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
+        # loss by the accumulation steps: the distillation term is normalised by that count instead.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.loss_is_scaled_for_ga = True  # compute_loss does the accumulation scaling itself
         self.add_callback(_ParameterPurifierCallback(self.distiller))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -83,5 +94,14 @@ class PurifyTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
-        loss, _ = self.distiller.compute_loss(hf_batch(inputs), progress)
-        return (loss, None) if return_outputs else loss
+        batch = hf_batch(inputs)
+        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if model.training else 1
+        if num_items_in_batch is not None:
+            batch["num_items"] = num_items_in_batch
+        loss, _, s_out = self.distiller.compute_loss_and_output(
+            batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0)
+        if num_items_in_batch is None and model.training:
+            loss = loss / steps  # no token count: a mean per micro-batch, averaged over the accumulation steps
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
+        return (loss, {"logits": s_out.logits}) if return_outputs else loss

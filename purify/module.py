@@ -183,6 +183,21 @@ class Distiller(L.LightningModule):
 
     def compute_loss(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The training objective on one micro-batch; returns the loss and its logged parts."""
+        loss, parts, _ = self.compute_loss_and_output(batch, progress)
+        return loss, parts
+
+    def compute_loss_and_output(self, batch: Batch, progress: float,
+                                extra_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
+        """The objective on one micro-batch, its logged parts and the student's output.
+
+        Args:
+            batch: the micro-batch; ``batch["num_items"]`` (the global target count), when present, normalises the
+                distillation term over the whole accumulated (and data-parallel) batch.
+            progress: training progress in ``[0, 1]`` (purifier schedules).
+            extra_scale: factor on the student-side purifier terms (``1 / accumulation steps`` where the caller
+                does not divide the whole loss by the accumulation steps itself, as Hugging Face's Trainer with
+                ``num_items_in_batch``).
+        """
         self.setup_purifiers()
         student_purifiers = self._of_kind(StudentPurifier)
         s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
@@ -200,8 +215,8 @@ class Distiller(L.LightningModule):
         for p in student_purifiers:
             extra = p.extra_loss(batch, s_out, progress)
             parts[type(p).__name__] = extra.detach()
-            loss = loss + extra
-        return loss, parts
+            loss = loss + extra_scale * extra
+        return loss, parts, s_out
 
     # ---------------------------------------------------------------- lightning hooks
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

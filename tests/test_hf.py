@@ -1,0 +1,85 @@
+"""PurifyTrainer behaves like transformers.Trainer: evaluate() reports eval_loss, accumulation is token-normalised."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from purify import PurifyTrainer
+from purify.lm import build_tokenizer
+from purify.losses import distillation_loss
+from purify.models import model_forward
+
+SENTENCES = ["the cat sat on the mat", "a dog ran", "birds sing at dawn in the tall trees", "ok", "we go home now",
+             "rain", "the mat is red and the cat is grey", "a b c"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tokenizer(SENTENCES, kind="char")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    student, teacher = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    rows = []
+    for text in SENTENCES:  # ragged: 1 to 36 target tokens per row
+        ids = tok(text)["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+    return tok, student, teacher, rows
+
+
+def _trainer(setup, tmp_path, student, batch, accumulate, **kwargs):
+    tok, _, teacher, rows = setup
+    args = TrainingArguments(str(tmp_path / f"b{batch}a{accumulate}"), max_steps=1, per_device_train_batch_size=batch,
+                             per_device_eval_batch_size=4, gradient_accumulation_steps=accumulate, learning_rate=0.1,
+                             optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                             use_cpu=True, dataloader_drop_last=False, **kwargs)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    return PurifyTrainer(model=student, teachers=[teacher], args=args, train_dataset=rows, eval_dataset=rows,
+                         data_collator=collator)
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (1, 8)])
+def test_accumulated_step_equals_one_large_batch_on_ragged_data(setup, tmp_path, shape):
+    """8×1 vs 4×2 vs 1×8: one SGD step from the same weights lands on the same weights (the old per-micro-batch
+    mean differed by ~21% here, because short and long sentences weighed the same)."""
+    _, student, _, _ = setup
+    ref = copy.deepcopy(student)
+    _trainer(setup, tmp_path, ref, 8, 1).train()
+    other = copy.deepcopy(student)
+    _trainer(setup, tmp_path, other, *shape).train()
+    moved = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), student.parameters()))
+    gap = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), other.parameters()))
+    assert moved > 1e-3  # the step did something
+    assert gap < 1e-5 * max(1.0, moved)
+
+
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_evaluate_returns_the_distillation_objective_as_eval_loss(setup, tmp_path, loss_only):
+    tok, student, teacher, rows = setup
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, prediction_loss_only=loss_only)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    # the same objective by hand: forward KL per target token, averaged per eval batch of 4, then over batches
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    losses = []
+    for i in range(0, len(rows), 4):
+        inputs = collator(rows[i:i + 4])
+        labels = inputs["labels"][:, 1:]
+        mask = (labels != -100).float()
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "target_mask": mask}
+        with torch.no_grad():
+            s, t = model_forward(student, batch).logits, model_forward(teacher, batch).logits
+        losses.append(distillation_loss(s, t, mask, name="forward_kl").item())
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_eval_strategy_steps_logs_eval_loss_during_training(setup, tmp_path):
+    _, student, _, _ = setup
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, eval_strategy="steps", eval_steps=1)
+    trainer.train()
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
