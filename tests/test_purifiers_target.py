@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
-from purify.config import LossConfig, RecipeError
 from purify.assembly import load_recipe
+from purify.config import LossConfig, RecipeError
 from purify.lineage import read_lineage
 from purify.losses import distillation_loss, forward_kl
 from purify.models import AuxMLP
@@ -191,6 +192,84 @@ def test_divergence_mask_config_errors(tmp_path, purifiers, extra, message):
 def test_missing_reference_name_at_setup():
     with pytest.raises(ValueError, match="no teacher named 'c'"):
         DivergenceMask(DivergenceMaskConfig(reference="c")).setup(ctx(2))
+
+
+# ------------------------------------------------------------------ label replacement (divergence_mask mode: replace)
+def test_replace_puts_the_references_distribution_exactly_at_flagged_positions():
+    primary, ref = [SAME, FAR, SAME, NEAR], [NEAR, SAME, SAME, SAME]  # JSD: pos 0 ~0.03, pos 1 ~0.22, pos 2 0
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="b", threshold=0.1, mode="replace"))
+    purifier.setup(ctx(2, names=["a", "b"]))
+    raw = torch.tensor([[[2.0, 1.0, 0.0], [5.0, -1.0, 3.0], [0.0, 0.0, 1.0], [1.0, 2.0, 3.0]]])  # unnormalised
+    batch = {"target_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0]])}  # position 3 diverges but is not a target
+    got = purifier.transform_targets(batch, outs(primary, ref), Targets(raw, batch["target_mask"]))
+    torch.testing.assert_close(got.logits[0, 1], torch.tensor(SAME).log())  # the reference's log-probabilities
+    for i in (0, 2, 3):
+        assert torch.equal(got.logits[0, i], raw[0, i])  # untouched, bit for bit
+    assert torch.equal(got.weight, batch["target_mask"])  # replaced, not dropped
+    assert purifier.last_metrics["flagged_fraction"].item() == pytest.approx(1 / 3)
+    assert "masked_fraction" not in purifier.last_metrics
+
+
+def test_replace_with_the_others_mixture_and_random_flags_at_the_requested_rate():
+    torch.manual_seed(0)
+    teachers = [ModelOutput(logits=torch.randn(4, 50, 6)) for _ in range(3)]
+    mask = torch.ones(4, 50)
+    mask[:, 40:] = 0  # 160 real positions
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="others", mode="replace", flag="random", rate=0.25))
+    purifier.setup(ctx(3, [1.0, 1.0, 3.0]))
+    mix = combine(torch.stack([teachers[1].logits, teachers[2].logits]), torch.tensor([1.0, 3.0]), "mean")
+    seen = []
+    for _ in range(2):
+        got = purifier.transform_targets({"target_mask": mask}, teachers, Targets(teachers[0].logits, mask))
+        flagged = (got.logits != teachers[0].logits).any(-1)
+        assert int(flagged.sum()) == 40 and not flagged[mask == 0].any()  # round(0.25 × 160), real positions only
+        torch.testing.assert_close(got.logits[flagged], mix[flagged].log_softmax(-1))
+        assert purifier.last_metrics["flagged_fraction"].item() == pytest.approx(0.25)
+        seen.append(flagged)
+    assert not torch.equal(*seen)  # fresh draws each batch
+    drop = DivergenceMask(DivergenceMaskConfig(reference="others", flag="random", rate=0.5))
+    drop.setup(ctx(3))
+    weight = drop.transform_targets({"target_mask": mask}, teachers, Targets(teachers[0].logits, mask)).weight
+    assert weight.sum().item() == 80.0 and drop.last_metrics["masked_fraction"].item() == pytest.approx(0.5)
+
+
+def test_logratio_flags_the_positions_where_the_teacher_most_outbelieves_the_base():
+    teacher = [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25]]
+    base = [[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.05, 0.5, 0.45]]
+    # log p_T(top) − log p_base(top): 0, log 6, log(4/3), log 10 → the top half is positions 3 and 1
+    base_out = outs(base)[0]
+    context = PurifierContext(student=nn.Identity(), teachers=[nn.Identity()], teacher_names=["t"],
+                              teacher_weights=[1.0], base=nn.Identity(), forward=lambda model, batch: base_out)
+    purifier = DivergenceMask(DivergenceMaskConfig(reference="base", mode="replace", flag="logratio", rate=0.5))
+    assert purifier.needs_base
+    purifier.setup(context)
+    got = apply(purifier, outs(teacher))
+    torch.testing.assert_close(got.logits.exp(), torch.tensor([[teacher[0], base[1], teacher[2], base[3]]]))
+    assert DivergenceMask(DivergenceMaskConfig(reference="others", flag="logratio")).needs_base  # the flag reads it
+
+
+@pytest.mark.parametrize("purifiers, extra, message", [
+    ("[{name: divergence_mask, flag: random, rate: 0}]", {"teachers": TWO}, "purifiers[0].rate: 0.0 is not in (0, 1]"),
+    ("[{name: divergence_mask, flag: logratio, mode: soft}]", {"teachers": TWO},
+     "purifiers[0].mode: soft scales weights by the divergence"),
+    ("[{name: divergence_mask, mode: replace}]", {"teachers": TWO, "loss.name": "mse"},
+     "purifiers[0].mode: replace puts the reference's log-probabilities in the target, but loss.name: mse"),
+    ("[{name: divergence_mask, flag: sometimes}]", {"teachers": TWO}, "purifiers[0].flag: Invalid value 'sometimes'"),
+])
+def test_label_replacement_config_errors(tmp_path, purifiers, extra, message):
+    assert message in recipe_error(tmp_path, purifiers, **extra)
+
+
+def test_label_replacement_trains_from_a_recipe_with_purify_train(tmp_path):
+    from purify.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    entry = "[{name: divergence_mask, reference: base, mode: replace, flag: random, rate: 0.25}]"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(tmp_path / "out", steps=4, purifiers=entry, export=False,
+                                                        **{"trainer.log_every_n_steps": 1})), recipe)
+    assert main(["train", str(recipe)]) == 0
+    metrics = read_lineage(tmp_path / "out")["metrics"]
+    assert metrics["purify/0_divergence_mask/flagged_fraction"] == pytest.approx(0.25)  # 16 positions, 4 flagged
 
 
 # ------------------------------------------------------------------ tail truncation

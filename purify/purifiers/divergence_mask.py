@@ -1,4 +1,4 @@
-"""Divergence mask: drop or down-weight the positions where the primary teacher departs from a reference.
+"""Divergence mask: drop, down-weight or *replace* the targets where the primary teacher departs from a reference.
 
 A teacher's fingerprint concentrates on the few "divergence tokens" where it disagrees with other models (Schrodi
 et al., ICLR 2026). Per position, with ``p`` the primary teacher's distribution and ``q`` the reference's:
@@ -6,15 +6,31 @@ et al., ICLR 2026). Per position, with ``p`` the primary teacher's distribution 
 - ``jsd``:  ``d = ½ KL(p || m) + ½ KL(q || m)``, ``m = ½ (p + q)`` (nats, symmetric, in ``[0, log 2]``),
 - ``top1``: ``d = 1[argmax p ≠ argmax q]``.
 
-Positions with ``d > threshold`` are masked. ``drop`` sets their weight to 0; ``soft`` multiplies it by
-``clamp(1 − d / d_max, 0, 1)`` where ``d_max`` is the largest divergence over the batch's real target positions (so
-the most divergent position gets 0, and positions at or below the threshold keep their weight). The reference is
-``others`` (the weight-averaged distribution of ``teachers[1:]``), ``base`` (the student's frozen initial copy) or
-one teacher by name. Nothing here knows the trait; the targets themselves are left unchanged.
+Which positions are *flagged* (``flag``):
+
+- ``divergence`` (default): ``d > threshold``.
+- ``logratio``: the top ``rate`` share of the batch's real target positions by ``log p(a) − log p_base(a)``, ``a =
+  argmax p`` (how much more the teacher believes its own top token than the student's frozen base does: a
+  trait-agnostic detector in the spirit of the log p_student − log p_base ranking of "Can Data Attribution Filter Out
+  Subliminal Learning? Not Reliably", NeurIPS 2026 submission).
+- ``random``: ``round(rate × n)`` of the ``n`` real target positions drawn uniformly: the honest placebo of the other
+  two at the same rate.
+
+What happens at flagged positions (``mode``): ``drop`` sets their weight to 0; ``soft`` (``flag: divergence`` only)
+multiplies it by ``clamp(1 − d / d_max, 0, 1)``, ``d_max`` the largest divergence over the batch's real target
+positions; ``replace`` keeps the weight and sets the target to the reference's distribution (its log-probabilities),
+so the student is taught what the reference would say there instead of nothing — replacing flagged labels beat
+masking them in the data-attribution study above (0.189 vs 0.362 trait rate from 0.648). Unflagged positions are
+left exactly as they were. The reference is ``others`` (the weight-averaged distribution of ``teachers[1:]``),
+``base`` (the student's frozen initial copy) or one teacher by name.
+
+Nothing here knows the trait, and nothing needs a teacher's weights: only output distributions (a logit cache or an
+API teacher's log-probabilities will do), which is the setting of API teachers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,22 +43,35 @@ from purify.purifiers.ensemble import combine
 from purify.types import Batch, ModelOutput, Targets
 
 Metric = Literal["jsd", "top1"]
-Mode = Literal["drop", "soft"]
+Mode = Literal["drop", "soft", "replace"]
+Flag = Literal["divergence", "logratio", "random"]
 
 
 @dataclass
 class DivergenceMaskConfig(PurifierConfig):
-    """Recipe entry ``{name: divergence_mask, reference: others, metric: jsd, threshold: 0.1}``."""
+    """Recipe entry ``{name: divergence_mask, reference: others, metric: jsd, threshold: 0.1}``.
+
+    Label replacement: ``{name: divergence_mask, mode: replace, reference: base, flag: logratio, rate: 0.1}``.
+    """
 
     name: str = "divergence_mask"
     reference: str = "others"  # others | base | the name of a teacher other than teachers[0]
     metric: Metric = "jsd"  # jsd (nats, <= log 2 = 0.693) | top1 (argmax disagreement, 0 or 1)
-    threshold: float = 0.1  # positions with divergence > threshold are masked
-    mode: Mode = "drop"  # drop: weight 0 | soft: weight * (1 - d / max d)
+    threshold: float = 0.1  # flag: divergence: positions with divergence > threshold are flagged
+    mode: Mode = "drop"  # drop: weight 0 | soft: weight * (1 - d / max d) | replace: target := reference's distribution
+    flag: Flag = "divergence"  # divergence (d > threshold) | logratio (top `rate` by log p_T − log p_base) | random
+    rate: float = 0.1  # flag: logratio | random: share of each batch's real target positions flagged
+    seed: int = 0  # flag: random: seed of the purifier's own generator
 
     def problems(self) -> list[str]:
         """Settings that cannot work, one line each."""
-        return [f"threshold: must be >= 0, got {self.threshold}"] if self.threshold < 0 else []
+        out = [f"threshold: must be >= 0, got {self.threshold}"] if self.threshold < 0 else []
+        if self.flag != "divergence" and not 0.0 < self.rate <= 1.0:
+            out.append(f"rate: {self.rate} is not in (0, 1]; it is the share of positions flag: {self.flag} flags")
+        if self.mode == "soft" and self.flag != "divergence":
+            out.append(f"mode: soft scales weights by the divergence, which flag: {self.flag} does not threshold; use "
+                       "mode: drop or replace, or flag: divergence")
+        return out
 
     def recipe_problems(self, recipe: Any) -> list[str]:
         """The reference must exist: other teachers with weight, the base, or a named non-primary teacher."""
@@ -55,10 +84,14 @@ class DivergenceMaskConfig(PurifierConfig):
             primary = " (that is teachers[0], the primary teacher)" if self.reference == recipe.teachers[0].name else ""
             return [f"reference: unknown reference {self.reference!r}{primary}; allowed: "
                     f"{', '.join(['others', 'base', *names])} (set teachers[i].name to refer to a teacher)"]
+        if self.mode == "replace" and recipe.loss.name in ("mse", "ce"):
+            why = "compares raw logits" if recipe.loss.name == "mse" else "trains on the data's tokens, not the targets"
+            return [f"mode: replace puts the reference's log-probabilities in the target, but loss.name: "
+                    f"{recipe.loss.name} {why}; use loss.name: forward_kl, reverse_kl or jsd"]
         return []
 
     def contract(self) -> Contract:
-        """Reads the teachers' outputs and reweights the targets."""
+        """Reads the teachers' outputs and reweights (or replaces) the targets; never needs teacher weights."""
         return Contract(edits_targets=True, reads_teachers=True)
 
 
@@ -102,23 +135,53 @@ def mask_weights(div: Tensor, real: Tensor, threshold: float, mode: Mode = "drop
     return torch.where(masked, soft, torch.ones_like(soft))
 
 
-class DivergenceMask(TargetPurifier):
-    """Weight down the positions where ``teachers[0]`` diverges from the reference (see the module docstring).
+def top_fraction(score: Tensor, real: Tensor, rate: float) -> Tensor:
+    """Flag the ``round(rate × n)`` real positions with the highest ``score`` (``n`` = number of real positions).
 
-    Logs ``masked_fraction`` (share of real target positions above the threshold) and ``mean_divergence``.
+    Args:
+        score: ``(...)`` per-position score.
+        real: ``(...)`` bool, the positions that may be flagged.
+        rate: share in ``[0, 1]``.
+
+    Returns:
+        ``(...)`` bool, ``True`` at exactly ``round(rate × n)`` real positions (ties broken by position).
+    """
+    flat, ok = score.reshape(-1).float(), real.reshape(-1)
+    k = int(round(rate * int(ok.sum())))
+    flags = torch.zeros_like(ok)
+    if k > 0:
+        flags[torch.where(ok, flat, torch.full_like(flat, -math.inf)).topk(k).indices] = True
+    return flags.view_as(real)
+
+
+def logratio(teacher_logits: Tensor, base_logits: Tensor) -> Tensor:
+    """``log p_T(a) − log p_base(a)`` with ``a = argmax p_T`` per position (``(..., V)`` → ``(...)``, float32)."""
+    t, b = torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(base_logits.float(), -1)
+    top = t.argmax(-1, keepdim=True)
+    return (t.gather(-1, top) - b.gather(-1, top)).squeeze(-1)
+
+
+class DivergenceMask(TargetPurifier):
+    """Drop, down-weight or replace the targets where ``teachers[0]`` departs from the reference (module docstring).
+
+    Needs no teacher weights. Logs ``flagged_fraction`` (share of real target positions flagged; also under its older
+    name ``masked_fraction`` in the drop and soft modes) and, where the divergence is computed, ``mean_divergence``.
     """
 
     def __init__(self, config: DivergenceMaskConfig) -> None:
         super().__init__(config)
-        self.needs_base = config.reference == "base"  # type: ignore[misc] - per instance, read by the Distiller
+        # per instance, read by the Distiller: the base is a reference or scores the log-ratio flag
+        self.needs_base = config.reference == "base" or config.flag == "logratio"  # type: ignore[misc]
         self.ctx: PurifierContext | None = None  # not a submodule: the base must stay out of checkpoints
         self.ref_index: int | None = None
+        self.generator = torch.Generator().manual_seed(config.seed)  # flag: random
 
     def setup(self, ctx: PurifierContext) -> None:
         """Resolve the reference: a teacher index, all other teachers, or the frozen base."""
         ref = self.config.reference
-        if ref == "base" and (ctx.base is None or ctx.forward is None):
-            raise ValueError("divergence_mask: reference 'base' needs ctx.base and ctx.forward")
+        if self.needs_base and (ctx.base is None or ctx.forward is None):
+            why = "reference 'base'" if ref == "base" else "flag 'logratio'"
+            raise ValueError(f"divergence_mask: {why} needs ctx.base and ctx.forward")
         if ref == "others" and len(ctx.teachers) < 2:
             raise ValueError("divergence_mask: reference 'others' needs at least 2 teachers")
         if ref not in ("others", "base"):
@@ -129,24 +192,61 @@ class DivergenceMask(TargetPurifier):
         self.ctx = ctx
 
     @torch.no_grad()
-    def reference_logits(self, batch: Batch, teacher_outputs: list[ModelOutput]) -> Tensor:
-        """``(B, T, V)`` logits (or log-probabilities) of the reference on this batch."""
+    def base_logits(self, batch: Batch) -> Tensor:
+        """``(B, T, V)`` logits of the student's frozen base on this batch."""
+        if self.ctx is None:
+            raise RuntimeError("divergence_mask: call setup(ctx) before transform_targets")
+        return self.ctx.forward(self.ctx.base, batch).logits  # type: ignore[misc]
+
+    @torch.no_grad()
+    def reference_logits(self, batch: Batch, teacher_outputs: list[ModelOutput], base: Tensor | None = None) -> Tensor:
+        """``(B, T, V)`` logits (or log-probabilities) of the reference on this batch (``base``: the base's logits,
+        when already computed)."""
         if self.ctx is None:
             raise RuntimeError("divergence_mask: call setup(ctx) before transform_targets")
         if self.config.reference == "base":
-            return self.ctx.forward(self.ctx.base, batch).logits  # type: ignore[misc]
+            return base if base is not None else self.base_logits(batch)
         if self.ref_index is not None:
             return teacher_outputs[self.ref_index].logits
         others = torch.stack([out.logits for out in teacher_outputs[1:]])
         return combine(others, torch.as_tensor(self.ctx.teacher_weights[1:]), "mean")
 
+    @torch.no_grad()
+    def flags(self, batch: Batch, teacher_outputs: list[ModelOutput]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(flagged, divergence or None, reference logits or None)`` for this batch (the reference is computed only
+        when the flag or the mode reads it)."""
+        cfg = self.config
+        real = batch["target_mask"] > 0
+        primary = teacher_outputs[0].logits
+        base = self.base_logits(batch) if self.needs_base else None
+        ref = self.reference_logits(batch, teacher_outputs, base) \
+            if cfg.flag == "divergence" or cfg.mode == "replace" else None
+        div = divergence(primary, ref, cfg.metric) if ref is not None else None
+        if cfg.flag == "divergence":
+            flagged = (div > cfg.threshold) & real  # type: ignore[operator]
+        elif cfg.flag == "logratio":
+            flagged = top_fraction(logratio(primary, base), real, cfg.rate)  # type: ignore[arg-type]
+        else:
+            noise = torch.rand(real.shape, generator=self.generator).to(real.device)
+            flagged = top_fraction(noise, real, cfg.rate)
+        return flagged, div, ref
+
     def transform_targets(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
         cfg = self.config
         with torch.no_grad():
-            div = divergence(teacher_outputs[0].logits, self.reference_logits(batch, teacher_outputs), cfg.metric)
+            flagged, div, ref = self.flags(batch, teacher_outputs)
             real = batch["target_mask"] > 0
-            factor = mask_weights(div, real, cfg.threshold, cfg.mode)
             n = real.sum().clamp_min(1)
-            self.last_metrics = {"masked_fraction": ((div > cfg.threshold) & real).sum() / n,
-                                 "mean_divergence": (div * real).sum() / n}
+            self.last_metrics = {"flagged_fraction": flagged.sum() / n}
+            if div is not None:
+                self.last_metrics["mean_divergence"] = (div * real).sum() / n
+        if cfg.mode == "replace":
+            ref_logp = torch.log_softmax(ref.float(), -1).to(targets.logits.dtype)  # type: ignore[union-attr]
+            logits = torch.where(flagged.unsqueeze(-1), ref_logp, targets.logits)
+            return Targets(logits=logits, weight=targets.weight)
+        self.last_metrics["masked_fraction"] = self.last_metrics["flagged_fraction"]
+        if cfg.mode == "soft":
+            factor = mask_weights(div, real, cfg.threshold, "soft")  # type: ignore[arg-type]
+        else:
+            factor = (~flagged).float()
         return Targets(logits=targets.logits, weight=targets.weight * factor.to(targets.weight.dtype))
