@@ -74,9 +74,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from purify.bench.report import BenchError
+
+    if args.rereport:
+        from purify.bench.rederive import main as rederive
+
+        return rederive([args.rereport])
+    if args.seeds is not None and args.seeds < 3 and not args.quick:
+        raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
     torch.set_num_threads(max(1, args.threads))
     module = importlib.import_module(SUITES[args.suite])
-    kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out}.items() if v is not None}
+    kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed}.items()
+              if v is not None}
     if args.option:
         from omegaconf import OmegaConf
 
@@ -85,8 +94,11 @@ def _bench(args: argparse.Namespace) -> int:
         summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
     else:
         summary = module.run_suite(args.suite, quick=args.quick, **kwargs)
-    out = args.out or f"results/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
+    out = args.out or f"bench-out/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
     print(f"purify: {args.suite} results written to {out}")
+    if args.quick and summary.get("problems"):  # the run's own summary calls it broken: no verdicts to print
+        print(f"purify: quick run, no verdicts: {'; '.join(summary['problems'])}")
+        return 0
     for name, verdict in summary.get("verdicts", {}).items():
         print(f"  {name:40s} {verdict}")
     return 0
@@ -101,14 +113,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("suite", nargs="?", default="aux-logits", choices=sorted(SUITES), help="benchmark suite")
     p.add_argument("--protocol", choices=["task", "paper"], default="task",
                    help="aux-logits only: task (default; a legitimate shared task + the trait) or paper (Cloud et al.)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds, at least 3 (default: the suite's)")
+    p.add_argument("--first-seed", type=int, default=None,
+                   help="first seed (default: the suite's, disjoint from the seeds its defaults were tuned on)")
     p.add_argument("--data", default=None, help="aux-logits only: a .npz with X (float N×D) and y (int N)")
-    p.add_argument("--out", default=None, help="output directory (default: results/<suite>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: bench-out/<suite>, untracked; committed results/ take an --out)")
+    p.add_argument("--rereport", default=None, metavar="DIR",
+                   help="re-derive DIR's statistics and verdicts from its summary.json (no training) and rewrite it")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
-                        "'conditions=[a,b]'; owl-smollm2/tic-smollm2 take n, epochs, heldout, layers, lr, conditions, ...")
+                        "'conditions=[a,b]'; owl-smollm2/tic-smollm2 take n, epochs, heldout, layers, lr, "
+                        "conditions, ...")
     p.set_defaults(func=_bench)
 
 

@@ -10,19 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+from purify.assembly import load_recipe
 from purify.bench.aux_logits import PROTOCOLS, QUICK, REFS, _dp, _ens, render, run_suite, task_conditions
 from purify.bench.aux_runs import Condition, Settings, build_world, run_condition, run_seed
 from purify.bench.digits import read_arrays
 from purify.bench.oracle import TraitGradientOracle
-from purify.bench.stats import ABOVE, BELOW, ON
 from purify.config import RecipeError
-from purify.assembly import load_recipe
 from purify.models import AuxMLP
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierContext
 from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionConfig, teacher_delta
 from tests.conftest import mlp_overrides
-
 
 
 # ------------------------------------------------------------------ the suite end to end (quick)
@@ -37,8 +35,9 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
     assert {p.name for p in out.iterdir()} >= {"summary.json", "summary.md", "summary.csv", "frontier.png",
                                                "env.json"}
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["seeds"] == summary["seeds"] == [10, 11]
-    for key in ("suite", "protocol", "data", "seeds", "conditions", "frontier", "verdicts"):
+    assert on_disk["seeds"] == summary["seeds"] == [20, 21]  # default: disjoint from the tuning seeds 0-19
+    for key in ("suite", "protocol", "data", "seeds", "conditions", "frontier", "verdicts", "p_adjusted", "tuned_on",
+                "trait", "bounds"):
         assert key in on_disk
     assert on_disk["suite"] == "aux-logits" and on_disk["protocol"] == "task" and on_disk["data"] == "sklearn digits"
     names = list(on_disk["conditions"])
@@ -46,13 +45,14 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
     for name, cond in on_disk["conditions"].items():
         for metric in ("transfer", "fidelity_kl", "task_error", "agreement", "accuracy"):
             assert set(cond[metric]) >= {"mean", "ci95"} and len(cond[metric]["ci95"]) == 2, (name, metric)
-        assert [r["seed"] for r in cond["per_seed"]] == [10, 11]
+        assert [r["seed"] for r in cond["per_seed"]] == [20, 21]
     assert "oracle" not in PURIFIERS  # the oracle knows the trait: bench only
     points = on_disk["frontier"]["vanilla"]
     assert [p["step"] for p in points] == list(range(0, 200, 25)) + [200]
     assert all({"step", "transfer", "task_error", "fidelity_kl"} <= set(p) for p in points)
-    assert set(on_disk["verdicts"]) == {"oracle", "delta_projection@global-0.3", "ensemble@w-0.5"}
-    assert set(on_disk["verdicts"].values()) <= {BELOW, ON, ABOVE}
+    assert set(on_disk["verdicts"]) == {"delta_projection@global-0.3", "ensemble@w-0.5"}  # the oracle is a bound
+    assert all(v.startswith("no verdict: 2 seed(s) with finite values, 3 needed") for v in on_disk["verdicts"].values())
+    assert set(on_disk["bounds"]) == {"oracle"}
     base = on_disk["conditions"]["base"]
     assert base["transfer"]["mean"] == 0.0 and base["per_seed"][0]["distance_to_control"] >= 0
     with open(out / "summary.csv") as fh:
@@ -63,6 +63,7 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
     assert {"machine", "versions", "seeds", "git", "wall_seconds", "command"} <= set(env)
     md = (out / "summary.md").read_text()
     assert "| vanilla |" in md and "quick run" in md and "not applicable" in md
+    assert "this run's seeds 20–21 are disjoint from them" in md and "Reported on tuning seeds" not in md
     (out / "summary.md").unlink()
     render(out)  # the report files can be rewritten from summary.json alone
     assert (out / "summary.md").read_text() == md
@@ -71,7 +72,7 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
 def test_worker_processes_give_the_numbers_of_a_sequential_run(quick_run):
     _, summary = quick_run
     settings = replace(PROTOCOLS["task"], **QUICK["task"])
-    rec = run_seed(11, settings, [Condition("vanilla", "reference", curve=True)], None)
+    rec = run_seed(21, settings, [Condition("vanilla", "reference", curve=True)], None)
     pooled = summary["conditions"]["vanilla"]["per_seed"][1]
     for key in ("transfer", "task_error", "fidelity_kl", "accuracy"):
         assert rec["conditions"]["vanilla"]["final"][key] == pooled[key]

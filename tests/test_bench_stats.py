@@ -7,13 +7,7 @@ import pytest
 
 from purify.bench.report import csv_rows, jsonable, markdown, sweep_key, write_report
 from purify.bench.stats import (
-    ABOVE,
-    BELOW,
-    NO_GAIN,
-    ON,
-    UNRESOLVED,
     fraction_removed,
-    frontier_gap,
     interpolate_curve,
     mean_ci,
     mean_curve,
@@ -79,30 +73,6 @@ def test_interpolate_curve_walks_in_step_order_and_handles_non_monotone_curves()
         interpolate_curve([], 0.5)
 
 
-def test_frontier_gap_verdicts_from_the_paired_interval():
-    curves = [CURVE] * 4
-    below = frontier_gap(curves, [{"task_error": 0.4, "transfer": t} for t in (0.0, 0.01, 0.02, 0.0)])
-    assert below["per_seed"] == pytest.approx([-0.3, -0.29, -0.28, -0.3]) and below["verdict"] == BELOW
-    above = frontier_gap(curves, [{"task_error": 0.3, "transfer": t} for t in (0.8, 0.7, 0.75, 0.8)])
-    assert above["verdict"] == ABOVE and above["mean"] == pytest.approx(0.3625)  # 0.8, 0.7, 0.75, 0.8 minus 0.4
-    mixed = frontier_gap(curves, [{"task_error": 0.4, "transfer": t} for t in (0.0, 0.6, 0.1, 0.5)])
-    assert mixed["verdict"] == ON
-
-
-def test_frontier_gap_refuses_a_verdict_where_the_comparison_means_nothing():
-    start = {"step": 0, "task_error": 1.0, "transfer": 0.0}
-    jumpy = [start, {"step": 10, "task_error": 0.4, "transfer": 1.0}]  # the trait is all learnt between two points
-    at_base = frontier_gap([jumpy] * 3, [{"task_error": e, "transfer": -1e-5} for e in (1.1, 1.0, 1.05)])
-    assert at_base["verdict"] == NO_GAIN  # significantly "below" by 1e-5, but worse than not distilling at all
-    guessed = frontier_gap([jumpy] * 3, [{"task_error": 0.5, "transfer": t} for t in (0.5, 0.55, 0.6)])
-    assert guessed["verdict"].startswith(UNRESOLVED) and guessed["segment_jump"] == pytest.approx(1.0)
-    dense = [start, {"step": 5, "task_error": 0.55, "transfer": 0.8}, {"step": 10, "task_error": 0.4, "transfer": 1.0}]
-    measured = frontier_gap([dense] * 3, [{"task_error": 0.5, "transfer": t} for t in (0.5, 0.55, 0.6)])
-    assert measured["verdict"] == BELOW and measured["segment_jump"] == pytest.approx(0.2)
-    beyond = frontier_gap([jumpy] * 3, [{"task_error": 0.3, "transfer": t} for t in (0.5, 0.55, 0.6)])
-    assert beyond["verdict"] == BELOW and beyond["segment_jump"] == 0.0  # past vanilla's end: its final point
-
-
 def test_fraction_removed_by_hand():
     out = fraction_removed([0.1, 0.1], vanilla=[0.4, 0.5], control=[0.0, 0.0])
     assert out["mean"] == pytest.approx((0.45 - 0.1) / 0.45)
@@ -129,7 +99,7 @@ def _summary():
                                                                                                   "task_error"])},
             "conditions": {"vanilla": {**cond, "role": "reference"}, "thing@k-0.1": cond, "thing@k-0.3": cond,
                            "base": {**cond, "role": "reference", "plot": False, "nan": float("nan")}},
-            "frontier_gap": {"thing@k-0.1": stat}, "verdicts": {"thing@k-0.1": BELOW}}
+            "frontier_gap": {"thing@k-0.1": stat}, "verdicts": {"thing@k-0.1": "below frontier"}}
 
 
 def test_report_files_tables_and_csv(tmp_path):
@@ -148,21 +118,6 @@ def test_report_files_tables_and_csv(tmp_path):
     loaded = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: NaN written as null
     assert loaded["conditions"]["base"]["nan"] is None
     assert jsonable({"a": (1, float("inf"))}) == {"a": [1, None]}
-
-
-def test_frontier_problems_flag_a_suite_without_transfer_or_fidelity_gain():
-    from purify.bench.stats import frontier_problems
-
-    def cond(transfers, errors):
-        return {"per_seed": [{"transfer": t, "task_error": e} for t, e in zip(transfers, errors)]}
-
-    sound = {"base": cond([0, 0, 0, 0], [1.0, 1.1, 0.9, 1.0]), "control": cond([0.01, -0.02, 0.0, 0.01], [.2] * 4),
-             "vanilla": cond([0.4, 0.5, 0.45, 0.42], [0.2, 0.21, 0.19, 0.2])}
-    assert frontier_problems(sound) == []
-    no_transfer = {**sound, "vanilla": cond([0.02, -0.01, 0.0, 0.01], [0.2, 0.21, 0.19, 0.2])}
-    assert frontier_problems(no_transfer) == ["vanilla transfer is not significantly above control"]
-    no_fidelity = {**sound, "vanilla": cond([0.4, 0.5, 0.45, 0.42], [1.2, 1.0, 1.1, 1.3])}
-    assert frontier_problems(no_fidelity) == ["vanilla's task error is not significantly below the base's"]
 
 
 # ------------------------------------------------------------------ two-sided verdicts (purify.bench.verdicts)
@@ -322,3 +277,31 @@ def test_seed_caveats_follow_the_facts():
     stale = seed_caveats(list(range(5, 15)), tuned)
     assert stale[0].startswith("- **Reported on tuning seeds:**") and "of which 5–9 were used there" in stale[0]
     assert "never looked at" not in stale[0]
+
+
+def test_bench_refuses_fewer_than_three_seeds_with_one_line(capsys):
+    from purify.cli import main
+
+    assert main(["bench", "style-tic", "--seeds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["purify: error: --seeds 2: a verdict needs at least 3 seeds (--quick runs a smoke test)"]
+
+
+def test_rereport_rederives_a_committed_run_from_its_per_seed_records(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from purify.cli import main
+
+    src = Path(__file__).resolve().parents[1] / "results" / "hidden-preference" / "animal-mass"
+    shutil.copytree(src, tmp_path / "run")
+    assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # the lineage adversary's low P(owl) is students leaving animal answers: the guard P(any animal) says damaged
+    assert summary["verdicts"]["adversary"].startswith("damaged: P(any animal)")
+    assert {"verdicts", "p_adjusted", "seeds", "tuned_on", "trait", "guards"} <= set(summary)
+    assert "adversary" in capsys.readouterr().out
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert md.count("## Verdicts") == 1 and "Reported on tuning seeds" in md  # seeds 0-2 were tuning seeds
+    assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0  # idempotent
+    assert (tmp_path / "run" / "summary.md").read_text() == md

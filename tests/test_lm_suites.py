@@ -13,19 +13,24 @@ from purify.bench.lm_suites import run_suite
 
 @pytest.mark.parametrize("suite", ["style-tic", "hidden-preference"])
 def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
-    summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)
+    summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)  # default seeds 1000-1001
     for name in ("summary.json", "summary.md", "summary.csv", "frontier.png", "env.json"):
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["suite"] == suite and written["seeds"] == [0, 1] == summary["seeds"]
+    assert written["suite"] == suite and written["seeds"] == [1000, 1001] == summary["seeds"]
+    assert written["trait"] and written["tuned_on"][0]["seeds"] == [0, 1, 2, 3, 4] and written["guards"]
+    assert set(written["p_adjusted"]) <= set(written["verdicts"])
     assert {"base", "control", "vanilla", "delta_projection"} <= set(written["conditions"])
     vanilla = written["conditions"]["vanilla"]
     assert {"transfer", "task_error", "fidelity_kl", "distance_to_control", "per_seed"} <= set(vanilla)
     if suite == "hidden-preference":  # the owl probability is also read as a share of all animal answers
         assert {"animal_mass", "owl_share", "accuracy"} <= set(vanilla)
         assert 0 < vanilla["owl_share"]["mean"] <= 1 and vanilla["trait"]["mean"] <= vanilla["animal_mass"]["mean"]
-    assert len(written["frontier"]["vanilla"]) == 3 and "delta_projection" in written["verdicts"]
-    assert "Measured wall time" in (tmp_path / "summary.md").read_text()
+    assert len(written["frontier"]["vanilla"]) == 3
+    assert written["verdicts"]["delta_projection"].startswith("no verdict: 2 seed(s) with finite values")
+    assert set(written["verdicts"]) == {"delta_projection"}  # base, control, vanilla are baselines
+    md = (tmp_path / "summary.md").read_text()
+    assert "Measured wall time" in md and "## Verdicts" in md and "are disjoint from them" in md
 
 
 def test_unknown_suite_or_option() -> None:

@@ -62,7 +62,8 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
                              prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
                              cache_key=key)
     out = tmp_path / "out"
-    summary = real_lm.run(spec, base, teacher, tok, "tiny", CFG, 2, str(out), True, {}, False, 0.0)
+    cfg = {**CFG, "conditions": ["vanilla:soft", "tail_truncation", "anchor"]}
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1], str(out), True, {}, False, 0.0)
     assert {"summary.json", "summary.md", "env.json", "readouts.json", "frontier.png"} <= {p.name for p in out.iterdir()}
     per_seed = {c: summary["conditions"][c]["per_seed"] for c in ("control", "vanilla", "vanilla:soft")}
     for van, ctl in zip(per_seed["vanilla"], per_seed["control"]):
@@ -72,6 +73,10 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
     assert "vanilla:soft" not in summary["verdicts"]  # another baseline mode, not a purifier
+    assert summary["verdicts"]["anchor"].startswith("no verdict: 2 seed(s)")  # too few seeds
+    assert summary["verdicts"]["tail_truncation"] == "no verdict: this run has no control of loss mode forward_kl"
+    assert summary["judged_against"]["anchor"] == {"base": "base", "control": "control", "vanilla": "vanilla"}
+    assert [p["step"] for p in summary["conditions"]["vanilla:soft"]["per_seed"][0]["curve"]][0] == 0  # soft curve
     md = Path(out, "summary.md").read_text()
     again = real_lm.rereport(out)  # statistics re-derived from summary.json alone: the same report
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
@@ -84,7 +89,7 @@ def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, mo
     spec = real_lm.RealSuite(name="empty", protocol="test", target=TIC, questions=prompts[:4], prompts=prompts[30:],
                              filter=lambda recs: ([], len(recs)), conditions=CONDITIONS)
     with pytest.raises(ValueError, match="passed the filter; raise n"):
-        real_lm.run(spec, base, base, tok, "tiny", {**CFG, "n": 6}, 1, str(tmp_path / "o"), True, {}, False, 0.0)
+        real_lm.run(spec, base, base, tok, "tiny", {**CFG, "n": 6}, [0], str(tmp_path / "o"), True, {}, False, 0.0)
 
 
 def test_unknown_option_names_the_allowed_ones() -> None:

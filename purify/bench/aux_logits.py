@@ -11,10 +11,9 @@ Two protocols:
   ``θ₀`` trained on the task alone; two weaker references from other inits learn the task too (for ensembles and
   masks). The student distils all 16 aux logits with MSE (Adam 1e-3, 600 steps).
 
-Every condition is paired by seed (same split, same ``θ₀``, same noise stream). A purifier is *below the frontier*
-when its transfer is below vanilla's early-stopping curve at its task error (DESIGN §4), and *meets the bar* when it
-removes ≥ 90% of vanilla's transfer above control at ≤ 10% more task error than vanilla; overshooting into an
-anti-trait (significantly below control) is flagged beside it. Outputs (``summary.json``, ``.md``, ``.csv``,
+Every condition is paired by seed (same split, same ``θ₀``, same noise stream). Each arm gets one two-sided verdict
+(:mod:`purify.bench.verdicts`: purified, below/on/above frontier, anti-trait, damaged or no verdict, Holm-adjusted
+across the arms). Outputs (``summary.json``, ``.md``, ``.csv``,
 ``frontier.png``, ``env.json``) are written by :mod:`purify.bench.report`.
 
 Seeds run in worker processes (``spawn``): a script that calls :func:`run_suite` needs the usual
@@ -38,7 +37,7 @@ import torch
 from purify.bench.aux_runs import Condition, Settings, run_seed
 from purify.bench.aux_summary import summarise
 from purify.bench.digits import read_arrays, split
-from purify.bench.report import environment, write_report
+from purify.bench.report import BenchError, environment, write_report
 from purify.purifiers.adversary import AdversaryConfig
 from purify.purifiers.anchor import AnchorConfig
 from purify.purifiers.delta_projection import DeltaProjectionConfig
@@ -47,10 +46,25 @@ from purify.purifiers.ensemble import EnsembleConfig
 from purify.purifiers.tail_truncation import TailTruncationConfig
 
 SUITE = "aux-logits"
-FIRST_SEED = 10
-"""Seeds start at 10: seeds 0-9 were used to develop the suite and to choose delta projection's ``strength`` and the
-combination, by looking at the trait. Seeds 10+ are held out from that tuning."""
+FIRST_SEED = 20
+"""Seeds start at 20, disjoint from every :data:`TUNED_ON` entry (seeds 0-19)."""
 WORKERS = 2
+BASELINES = {"base": "base", "control": "control", "vanilla": "vanilla"}
+"""Which reference condition plays each part of a verdict (kind → condition name)."""
+TRAIT = "digit accuracy (transfer = (acc(S) − acc(θ₀)) / (acc(T) − acc(θ₀)))"
+_ALPHA_TUNING = {"seeds": list(range(10)), "trait": True,
+                 "what": "delta_projection `global` strength α = 0.3 (task protocol) and the combination "
+                         "delta_projection@global-0.2+ensemble@w-0.5 (the closest to control without an anti-trait "
+                         "among 4 (α, w) pairs)"}
+TUNED_ON: dict[str, list[dict[str, Any]]] = {
+    "task": [_ALPHA_TUNING,
+             {"seeds": list(range(10, 20)), "trait": True, "what": "α = 0.3 (looked at once, to confirm it)"},
+             {"seeds": list(range(10)), "trait": False,
+              "what": "divergence_mask thresholds 0.0125 and 0.02 (from the JSD's distribution)"}],
+    "paper": [{**_ALPHA_TUNING, "what": "delta_projection `global` strength α = 0.3, tuned on the task protocol and "
+                                        "used here unchanged"}],
+}
+"""Where a default was chosen (``summary.json["tuned_on"]``); the report's seed caveats are computed from it."""
 
 PROTOCOLS: dict[str, Settings] = {
     "task": Settings(),
@@ -155,33 +169,34 @@ class SuiteConfig:
 
 
 def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, out: str | None = None,
-              quick: bool = False, progress: bool = True) -> dict:
+              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED) -> dict:
     """Run the aux-logit suite and write its report; returns the summary (``summary.json``'s content).
 
     Args:
         protocol: ``task`` (default) or ``paper``.
-        seeds: number of seeds (from seed 10; ``quick`` uses at most 2).
+        seeds: number of seeds from ``first_seed`` (``quick`` uses at most 2).
         data: an ``.npz`` with ``X`` (float, N×D) and ``y`` (int, N); default sklearn's digits.
-        out: output directory; default ``results/aux-logits`` (task) or ``results/aux-logits/paper``.
+        out: output directory; default ``bench-out/aux-logits`` (task) or ``bench-out/aux-logits/paper`` (untracked).
         quick: smoke test: 2 seeds, fewer steps and conditions (≤ 1 min).
         progress: show a progress bar over seeds × conditions.
+        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
 
     Raises:
         ValueError: unknown protocol, bad ``seeds``, or a data file that is not a classification set (one line).
     """
     n = min(seeds, 2) if quick else seeds
-    command = f"purify bench aux-logits --protocol {protocol} --seeds {seeds}" + \
+    command = f"purify bench aux-logits --protocol {protocol} --seeds {seeds} --first-seed {first_seed}" + \
         (f" --data {data}" if data else "") + (f" --out {out}" if out else "") + (" --quick" if quick else "")
     if n < 1:
-        raise ValueError(f"--seeds: must be >= 1, got {seeds}")
-    return run(SuiteConfig(protocol=protocol, seeds=list(range(FIRST_SEED, FIRST_SEED + n)), data=data, out=out,
+        raise BenchError(f"--seeds: must be >= 1, got {seeds}")
+    return run(SuiteConfig(protocol=protocol, seeds=list(range(first_seed, first_seed + n)), data=data, out=out,
                            quick=quick, progress=progress, command=command))
 
 
 def run(cfg: SuiteConfig) -> dict:
     """Run a configured suite (any seeds, conditions or settings) and write its report; returns the summary."""
     if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol: unknown protocol {cfg.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+        raise BenchError(f"--protocol: unknown protocol {cfg.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     x, y = read_arrays(cfg.data)  # fail fast, before any worker starts
     seeds = cfg.seeds if cfg.seeds is not None else list(range(FIRST_SEED, FIRST_SEED + 10))
     split(x, y, seeds[0])
@@ -189,13 +204,14 @@ def run(cfg: SuiteConfig) -> dict:
     if cfg.quick and cfg.settings is None:
         settings = replace(settings, **QUICK[cfg.protocol])
     conditions = cfg.conditions or (task_conditions if cfg.protocol == "task" else paper_conditions)(cfg.quick)
-    out = Path(cfg.out or ("results/aux-logits" if cfg.protocol == "task" else "results/aux-logits/paper"))
+    out = Path(cfg.out or ("bench-out/aux-logits" if cfg.protocol == "task" else "bench-out/aux-logits/paper"))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     records = _run_seeds(seeds, settings, conditions, cfg.data, cfg.workers, cfg.progress)
     wall = time.perf_counter() - t0
     summary = summarise(records, conditions, settings, seeds, data=cfg.data or "sklearn digits", wall_seconds=wall,
-                        workers=min(cfg.workers, len(seeds)), quick=cfg.quick)
+                        workers=min(cfg.workers, len(seeds)), quick=cfg.quick, baselines=BASELINES,
+                        tuned_on=TUNED_ON[cfg.protocol], trait=TRAIT)
     env = environment(seeds, wall, cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
     env.update({"workers": min(cfg.workers, len(seeds)), "torch_threads_per_worker": 1, "protocol": cfg.protocol,
                 "quick": cfg.quick, "data": summary["data"], "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
@@ -230,6 +246,27 @@ def render(out: str | Path) -> None:
 
     out = Path(out)
     _write(out, json.loads((out / "summary.json").read_text()), json.loads((out / "env.json").read_text()))
+
+
+def rereport(out: str | Path) -> dict:
+    """Re-derive a finished run's verdicts from the per-seed records in its ``summary.json`` with the current rules
+    (no training) and rewrite its report; a summary written before ``baselines``, ``tuned_on`` and ``trait`` were
+    recorded gets this suite's (``env.json`` gains ``rereported_by``). Returns the summary."""
+    import json
+
+    from purify.bench.aux_summary import apply_verdicts
+
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    env = json.loads((out / "env.json").read_text())
+    summary.setdefault("baselines", BASELINES)
+    summary.setdefault("tuned_on", TUNED_ON[summary["protocol"]])
+    summary.setdefault("trait", TRAIT)
+    summary.setdefault("guards", [])
+    apply_verdicts(summary)
+    env["rereported_by"] = f"purify bench --rereport {out}"
+    _write(out, summary, env)
+    return summary
 
 
 # ---------------------------------------------------------------- seeds in parallel

@@ -6,26 +6,36 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from purify.bench.aux_runs import Condition, Settings
-from purify.bench.stats import BELOW, fraction_removed, frontier_gap, mean_ci, mean_curve, paired_test
+from purify.bench.report import verdict_notes
+from purify.bench.stats import fraction_removed, mean_ci, mean_curve, paired_test
+from purify.bench.verdicts import assess, judge, label
 from purify.config import to_dict
 
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy")
-BAR_REMOVED, BAR_ERROR = 0.90, 1.10
-"""The bar: remove ≥ 90% of vanilla's transfer above control at ≤ 1.10 × vanilla's task error. Overshooting into an
-anti-trait (transfer − control CI entirely below 0) is flagged beside it, not hidden in it."""
+BASELINE_ROLES = ("reference", "bound")
+"""Conditions of these roles are baselines: no verdict, out of the Holm family (a bound is assessed alone)."""
 
 COLUMNS = [("transfer", "transfer"), ("distance_to_control", "\\|transfer − control\\|"),
            ("task_error", "task error"), ("task_error_ratio", "task err ×vanilla"), ("fidelity_kl", "KL(T‖S)"),
            ("accuracy", "digit acc"), ("removed", "removed"), ("@gap", "gap to vanilla frontier"),
-           ("@verdict", "verdict"), ("bar", "bar")]
+           ("@verdict", "verdict")]
 SECTIONS = [("reference", "References"), ("bound", "Upper bound (knows the trait; not a purifier)"),
             ("purifier", "Purifiers (each alone, over a sweep of its main knob)"), ("combination", "Combination")]
 
 
 def summarise(records: list[dict], conditions: list[Condition], settings: Settings, seeds: list[int], data: str,
-              wall_seconds: float, workers: int, quick: bool) -> dict[str, Any]:
-    """``summary.json``: per condition mean [95% CI] of every metric, paired comparisons, frontier and verdicts."""
+              wall_seconds: float, workers: int, quick: bool, baselines: dict[str, str] | None = None,
+              tuned_on: list[dict[str, Any]] | None = None, trait: str = "digit accuracy") -> dict[str, Any]:
+    """``summary.json``: per condition mean [95% CI] of every metric, paired comparisons, frontier and verdicts.
+
+    Args:
+        baselines: which condition plays the ``base``, ``control`` and ``vanilla`` (kind → name).
+        tuned_on: where the suite's defaults were chosen (``summary.json["tuned_on"]``).
+        trait: what the trait is (``summary.json["trait"]``).
+    """
     rows = {c.name: [rec["conditions"][c.name] for rec in records] for c in conditions}
     tr = {name: [r["final"]["transfer"] for r in rs] for name, rs in rows.items()}
     te = {name: [r["final"]["task_error"] for r in rs] for name, rs in rows.items()}
@@ -33,21 +43,49 @@ def summarise(records: list[dict], conditions: list[Condition], settings: Settin
     out: dict[str, Any] = {"suite": "aux-logits", "protocol": settings.protocol, "data": data, "seeds": seeds,
                            "quick": quick, "settings": {**asdict(settings), "hidden": list(settings.hidden)},
                            "wall_seconds": round(wall_seconds, 1),
-                           "workers": workers, "conditions": {}, "frontier": {}, "frontier_gap": {}, "verdicts": {}}
+                           "workers": workers, "conditions": {}, "frontier": {}, "trait": trait,
+                           "tuned_on": tuned_on or [], "guards": [],
+                           "baselines": baselines or {"base": "base", "control": "control", "vanilla": "vanilla"}}
     for cond in conditions:
         out["conditions"][cond.name] = _condition(cond, rows[cond.name], seeds, tr, te, curves)
-        gap = out["conditions"][cond.name].get("frontier_gap")
-        if gap is not None:
-            out["frontier_gap"][cond.name] = gap
-            if cond.role != "reference":  # references (control, vanilla, ...) define the scale, they get no verdict
-                out["verdicts"][cond.name] = gap["verdict"]
     if curves:
         out["frontier"]["vanilla"] = mean_curve(curves, METRICS)
     out["teachers"] = {key: mean_ci([rec["world"][key] for rec in records])
                        for key in records[0]["world"] if key != "accuracy"}
-    out["acceptance"] = _acceptance(out, settings)
-    out["headline"] = _headline(out)
+    apply_verdicts(out)
     return out
+
+
+def apply_verdicts(summary: dict[str, Any]) -> dict[str, Any]:
+    """(Re)compute ``verdicts``, ``p_adjusted``, ``frontier_gap``, ``bounds``, ``acceptance`` and ``headline`` of an
+    aux-logits summary from its per-seed records (:func:`purify.bench.verdicts.judge`); returns ``summary``."""
+    conds, kinds = summary["conditions"], {v: k for k, v in summary["baselines"].items()}
+    mode = summary["settings"]["loss"]
+    judged = judge({n: {"per_seed": c["per_seed"], "baseline": c["role"] in BASELINE_ROLES, "kind": kinds.get(n),
+                        "mode": mode} for n, c in conds.items()})
+    names = summary["baselines"]
+    summary["bounds"] = {}
+    for n, c in conds.items():
+        if c["role"] == "bound":
+            x = assess(c["per_seed"], *(conds[names[k]]["per_seed"] for k in ("vanilla", "control", "base")))
+            summary["bounds"][n] = label(x, x.p_lower, x.p_upper)
+            judged["frontier_gap"].update({n: x.gap} if x.gap else {})
+    summary.update(verdicts=judged["verdicts"], p_adjusted=judged["p_adjusted"], frontier_gap=judged["frontier_gap"])
+    for n, c in conds.items():
+        c.pop("bar", None), c.pop("meets_bar", None)
+        c["anti_trait"] = summary["verdicts"].get(n, "").startswith("anti-trait")
+        gap = judged["frontier_gap"].get(n)
+        if gap is None:
+            c.pop("frontier_gap", None)
+            continue
+        c["frontier_gap"] = gap
+        by_seed = dict(zip(gap["seeds"], gap["per_seed"]))
+        for rec in c["per_seed"]:
+            rec["frontier_gap"] = by_seed.get(rec["seed"], float("nan"))
+    summary["acceptance"] = _acceptance(summary)
+    summary["headline"] = _headline(summary)
+    return summary
+
 
 
 def _condition(cond: Condition, rows: list[dict], seeds: list[int], tr: dict[str, list[float]],
@@ -65,7 +103,6 @@ def _condition(cond: Condition, rows: list[dict], seeds: list[int], tr: dict[str
         dist = [abs(a - b) for a, b in zip(tr[cond.name], tr["control"])]
         entry["distance_to_control"] = mean_ci(dist)
         entry["transfer_minus_control"] = paired_test(tr[cond.name], tr["control"])
-        entry["anti_trait"] = entry["transfer_minus_control"]["ci95"][1] < 0
         for rec, d in zip(per_seed, dist):
             rec["distance_to_control"] = d
     if "vanilla" in tr and cond.train:
@@ -76,16 +113,6 @@ def _condition(cond: Condition, rows: list[dict], seeds: list[int], tr: dict[str
             rec["task_error_ratio"] = r
         if "control" in tr:
             entry["removed"] = fraction_removed(tr[cond.name], tr["vanilla"], tr["control"])
-            ok = _ok(entry["removed"]["mean"]) and entry["removed"]["mean"] >= BAR_REMOVED \
-                and entry["task_error_ratio"]["mean"] <= BAR_ERROR
-            entry["meets_bar"] = bool(ok)
-            if cond.role != "reference":
-                entry["bar"] = ("meets" if ok else "no") + (", anti-trait" if entry["anti_trait"] else "")
-    if curves is not None and cond.train:
-        gap = frontier_gap(curves, finals, "task_error", "transfer")
-        entry["frontier_gap"] = gap
-        for rec, g in zip(per_seed, gap["per_seed"]):
-            rec["frontier_gap"] = g
     metrics: dict[str, list[float]] = {}
     for r in rows:
         for k, v in r["purifier_metrics"].items():
@@ -100,13 +127,13 @@ def _condition(cond: Condition, rows: list[dict], seeds: list[int], tr: dict[str
     return entry
 
 
-def _acceptance(summary: dict[str, Any], s: Settings) -> dict[str, Any]:
+def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     conds = summary["conditions"]
     out: dict[str, Any] = {}
     if "vanilla" in conds and "control" in conds:
         diff = conds["vanilla"]["transfer_minus_control"]
         out["vanilla_above_control"] = {"difference": diff, "passed": bool(diff["ci95"][0] > 0)}
-    if s.protocol == "paper":
+    if summary["protocol"] == "paper":
         van = conds["vanilla"]["transfer"]
         out["same_init_transfer_at_least_0.3"] = {"transfer": van, "passed": bool(van["mean"] >= 0.3)}
         if "cross_init" in conds:
@@ -117,17 +144,16 @@ def _acceptance(summary: dict[str, Any], s: Settings) -> dict[str, Any]:
     return out
 
 
+LABELS = ("purified", "below frontier", "on frontier", "above frontier", "anti-trait", "damaged", "no verdict")
+
+
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    conds = summary["conditions"]
-    candidates = [n for n, c in conds.items() if c["role"] in ("purifier", "combination")]
-    return {
-        "suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed"),
-        "below_frontier": [n for n in candidates if summary["verdicts"].get(n) == BELOW],
-        "meets_bar": [n for n in candidates if conds[n].get("meets_bar") and not conds[n].get("anti_trait")],
-        "meets_bar_with_anti_trait": [n for n in candidates
-                                      if conds[n].get("meets_bar") and conds[n].get("anti_trait")],
-        "anti_trait": [n for n in candidates if conds[n].get("anti_trait")],
-    }
+    """Arms grouped by the first words of their verdict (:data:`LABELS`)."""
+    out: dict[str, Any] = {"suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed")}
+    for name, verdict in summary["verdicts"].items():
+        key = next((k for k in LABELS if verdict.startswith(k)), "no verdict")
+        out.setdefault(key.replace(" ", "_"), []).append(name)
+    return out
 
 
 def _ok(value: Any) -> bool:
@@ -159,13 +185,8 @@ def notes(summary: dict[str, Any]) -> list[str]:
                                 "teacher, so it also counts the trait."),
         "- **gap to vanilla frontier**: per seed, transfer minus vanilla's *early-stopping* transfer at the same "
         "task error (walk vanilla's curve in step order, stop at the first point reaching that error, interpolate "
-        "linearly); mean [95% CI]. **below frontier** = the CI is entirely below 0. Where task error plateaus while "
-        "transfer keeps rising, vanilla's own final point sits above its frontier"
-        + (f" (here {_pm(conds['vanilla']['frontier_gap'])})." if "frontier_gap" in conds.get("vanilla", {}) else "."),
-        f"- **removed** = (vanilla − condition) / (vanilla − control) transfer (means; paired bootstrap CI). **bar**: "
-        f"removed ≥ {BAR_REMOVED:.0%} at task error ≤ {BAR_ERROR:.2f} × vanilla's (means); **anti-trait** is flagged "
-        "beside it when the CI of transfer − control lies entirely below 0 (overshoot: the purifier negated the "
-        "trait rather than removing it).",
+        "linearly); mean [95% CI]; the verdict's rules are under **Verdicts** below.",
+        "- **removed** = (vanilla − condition) / (vanilla − control) transfer (means; paired bootstrap CI).",
         "- Intervals: Student-t 95% over seeds, all comparisons paired by seed (same split, θ₀, teachers and "
         "noise stream).",
         "",
@@ -207,38 +228,40 @@ def notes(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- Reproduce: `{summary['command']}` (numbers are identical run to run: everything is seeded "
                      "per seed and condition).")
     lines += ["", "## Caveats", ""]
-    if any(n.startswith("delta_projection@global") for n in conds):
-        first, last = summary["seeds"][0], summary["seeds"][-1]
-        held = "seeds 10–19 were looked at once, to confirm α = 0.3, and not used for tuning after that" \
-            if first <= 19 and last >= 10 else "these seeds were never looked at during tuning"
-        lines.append("- **Tuned on the trait:** delta_projection `global` strength α = 0.3 was chosen by looking at "
-                     "the trait on seeds 0–9 of the task protocol (scratch research, `scratch/aux/FINDINGS.md`), and "
-                     f"the combination ({', '.join(n for n in conds if '+' in n) or 'none here'}) was chosen on "
-                     "seeds 0–9 among 4 (α, w) pairs as the one closest to control without an anti-trait. This run "
-                     f"uses seeds {first}–{last}; {held}. The α sweep is reported, not only the best value: α = 0.2 "
-                     "leaves some transfer, α ≥ 0.5 overshoots into an anti-trait. A value tuned on a probe is not "
-                     "trait-agnostic in spirit: on a new task α has to be set without the probe.")
-    lines.append("- A condition whose task error is lower than any point vanilla reaches is compared with vanilla's "
-                 "final transfer (no early-stopping point has that fidelity); ensembles with the references land "
-                 "there, since averaging improves the shared task. Read their gap beside **removed**.")
+    sweep = [(n.split("-", 1)[1], summary["verdicts"].get(n, "–").split(" (")[0]) for n in conds
+             if n.startswith("delta_projection@global-")]
+    if sweep:
+        lines.append("- delta_projection `global` strength sweep (reported whole, not only the tuned value): "
+                     + "; ".join(f"α = {a}: {v}" for a, v in sweep) + ".")
+    curve = summary.get("frontier", {}).get("vanilla") or []
+    if curve:
+        floor = min(p["task_error"] for p in curve)
+        past = [n for n in summary["verdicts"] if conds[n]["task_error"]["mean"] < floor]
+        lines.append("- A condition whose task error is lower than any point of vanilla's mean curve is compared with "
+                     "vanilla's final transfer (no early-stopping point has that fidelity): "
+                     f"{', '.join(past) or 'none here'}. Read their gap beside **removed**.")
     if not paper:
         lines.append("- tail_truncation: **not applicable** — it sets the tail's target mass to 0 (log-prob −∞), which "
                      "an MSE loss on raw logits cannot compare with (recipes with loss.name: mse refuse it). It runs "
                      "in the paper protocol (KL loss).")
-        if any(n.startswith("adversary") for n in conds):
-            lines.append("- adversary: every lineage sees the same noise inputs, so a head on the student's features "
-                         "has no lineage to read (its accuracy stays at chance, see purifier metrics in "
-                         "summary.json); with target: lineage each input is assigned one of T, ref0, ref1, which "
-                         "dilutes T like an ensemble. Compare weight 0.1 with the weight-0 ablation to see what the "
-                         "reversal itself does.")
-        lines.append("- divergence_mask thresholds (JSD in nats between T's aux distribution and the references') "
-                     "were set from that divergence's distribution on seeds 0–9, not from the trait: 0.0125 and 0.02 "
-                     "mask about 55% and 20% of inputs on average, but the scale varies by seed (0–99% masked); the "
-                     "masked fraction per seed is in summary.json / summary.csv.")
+        for n, c in conds.items():
+            acc = c.get("purifier_metrics", {}).get("adversary.disc_acc")
+            if acc and _ok(acc["mean"]):
+                lines.append(f"- {n}: the lineage head's accuracy {_pm(acc)} (chance 1/3 with T, ref0, ref1); every "
+                             "lineage sees the same noise inputs, so the assignment of inputs to teachers dilutes T "
+                             "like an ensemble. Compare with the weight-0 ablation to see what the reversal does.")
+        masked = {n: [r["metric.divergence_mask.masked_fraction"] for r in c["per_seed"]
+                      if "metric.divergence_mask.masked_fraction" in r] for n, c in conds.items()}
+        masked = {n: v for n, v in masked.items() if v}
+        if masked:
+            lines.append("- divergence_mask thresholds (JSD in nats between T's aux distribution and the references') "
+                         "are recorded in `tuned_on`; masked share of inputs: " + "; ".join(
+                             f"{n} {np.mean(v):.0%} on average ({min(v):.0%}–{max(v):.0%} over seeds)"
+                             for n, v in masked.items()) + ".")
     else:
         lines.append("- ensemble, divergence_mask and adversary need reference teachers, which the paper protocol "
                      "does not have: they run in the task protocol.")
-    return lines
+    return lines + verdict_notes(summary)
 
 
 def _brief(c: dict[str, Any]) -> str:
@@ -255,7 +278,7 @@ def _brief(c: dict[str, Any]) -> str:
 
 
 def headline_lines(summary: dict[str, Any]) -> list[str]:
-    """The first lines of ``summary.md``: acceptance checks and which conditions beat the frontier or the bar."""
+    """The first lines of ``summary.md``: acceptance checks and the arms by verdict."""
     head, conds, acc = summary["headline"], summary["conditions"], summary["acceptance"]
     lines = ["## Headline", ""]
     if "vanilla_above_control" in acc:
@@ -273,16 +296,14 @@ def headline_lines(summary: dict[str, Any]) -> list[str]:
     if head["suite_valid"] is False:
         lines.append("- **The suite is broken for this run: vanilla transfer is not clearly above control. Purifier "
                      "verdicts below mean nothing.**")
-    if "oracle" in conds:
-        lines.append(f"- oracle (knows the trait; upper bound): {_brief(conds['oracle'])}")
-    below = head["below_frontier"]
-    lines.append(f"- **below the frontier** ({len(below)}):" + ("" if below else " none"))
-    lines += [f"  - {n}: {_brief(conds[n])}" for n in head["below_frontier"]]
-    lines.append(f"- **meet the bar** (≥ {BAR_REMOVED:.0%} removed at ≤ {BAR_ERROR:.2f}× task error), no anti-trait: "
-                 f"{', '.join(head['meets_bar']) or 'none'}")
-    if head["meets_bar_with_anti_trait"]:
-        lines.append(f"- meet the bar but overshoot into an anti-trait: {', '.join(head['meets_bar_with_anti_trait'])}")
-    lines.append(f"- anti-trait (significantly below control): {', '.join(head['anti_trait']) or 'none'}")
+    for n, verdict in summary.get("bounds", {}).items():
+        lines.append(f"- {n} (knows the trait; upper bound, not a purifier): {_brief(conds[n])} → {verdict}")
+    for key, title in (("purified", "purified (at the control's level, task error ≤ 1.10 × vanilla's, below the "
+                                    "frontier)"), ("below_frontier", "below the frontier, not purified"),
+                       ("anti_trait", "anti-trait (overshoot below control: a failure)"), ("damaged", "damaged")):
+        names = head.get(key, [])
+        lines.append(f"- **{title}** ({len(names)}):" + ("" if names else " none"))
+        lines += [f"  - {n}: {_brief(conds[n])}" for n in names]
     if summary.get("quick"):
         lines.append("- **quick run** (smoke test: fewer steps, seeds and conditions): not a result.")
     return lines + [""]

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.bench import stats
-from purify.bench.report import environment, write_report
+from purify.align import same_tokenizer
+from purify.bench import stats, verdicts
+from purify.bench.report import environment, verdict_notes, write_report
+from purify.bench.verdicts import Guard
 from purify.config import LossConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
-from purify.align import same_tokenizer
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 
@@ -48,6 +49,10 @@ class Condition:
         student: another student base (same tokenizer) to distil into instead of :attr:`Suite.student`, e.g. one of
             another initialisation; its transfer is its trait shift over *its own* base, over the teacher's shift
             over the suite's student base.
+        baseline: a reference condition (no verdict), not a purifier arm.
+        kind: which reference a baseline is (``base``, ``control`` or ``vanilla``): arms are judged against the
+            control and vanilla of their own ``loss`` (:func:`purify.bench.verdicts.judge`); a vanilla on the suite's
+            student is scored along its training (its early-stopping curve).
     """
 
     name: str
@@ -56,6 +61,8 @@ class Condition:
     loss: str = "forward_kl"
     data_from: str | None = None
     student: Path | None = None
+    baseline: bool = False
+    kind: str | None = None
 
 
 @dataclass
@@ -75,6 +82,9 @@ class Suite:
             :func:`curve_steps`.
         columns: extra ``(key, title)`` report columns.
         notes: extra report notes, rendered after the run (e.g. filter counts gathered while making data).
+        trait: what the trait is (``summary.json["trait"]``).
+        guards: behaviours that must survive (:class:`purify.bench.verdicts.Guard`).
+        tuned_on: where a default was chosen, as data: ``[{"seeds", "what", "trait": looked at the trait}]``.
     """
 
     name: str
@@ -91,6 +101,17 @@ class Suite:
     curve_points: int = 4
     columns: list[tuple[str, str]] = field(default_factory=list)
     notes: Callable[[], list[str]] = list
+    trait: str = ""
+    guards: list[Guard] = field(default_factory=list)
+    tuned_on: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or weights at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"diverged at step {step}")
+        self.step = step
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
@@ -130,9 +151,13 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):
         idx = torch.randint(len(data), (suite.batch_size,), generator=generator).tolist()
-        distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps)
+        parts = distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps)
+        if not torch.isfinite(parts["loss"]).all():
+            raise Diverged(step + 1)
         if on_point is not None and step + 1 in marks:
             on_point(step + 1, student)
+    if not all(torch.isfinite(p).all() for p in student.parameters()):
+        raise Diverged(suite.steps)
     student.eval()
     return student
 
@@ -170,15 +195,21 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
             continue
         own = own_bases.get(cond.student)
         curve: list[dict[str, float]] = []
-        if cond.name == "vanilla":
+        scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
+        if scored:
             curve.append({"step": 0, **_with_transfer(base, base, t_scores)})
 
         def point(step: int, student: Any) -> None:
             curve.append({"step": step, **_with_transfer(suite.score(student, tokenizer, teacher, seed), base,
                                                           t_scores)})
 
-        student = distill(suite, cond, models, tokenizers, tokenizer, data[cond.data_from or cond.teachers[0]], seed,
-                          point if cond.name == "vanilla" else None)
+        try:
+            student = distill(suite, cond, models, tokenizers, tokenizer, data[cond.data_from or cond.teachers[0]],
+                              seed, point if scored else None)
+        except Diverged as err:  # recorded (no verdict), and the run goes on
+            out["conditions"][cond.name] = {**{k: float("nan") for k in base}, "transfer": float("nan"),
+                                            "diverged_at": err.step}
+            continue
         final = curve[-1] if curve and curve[-1]["step"] == suite.steps else _with_transfer(
             suite.score(student, tokenizer, teacher, seed), base, t_scores, own)
         out["conditions"][cond.name] = {**final, "curve": curve} if curve else final
@@ -188,11 +219,14 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
 
 
 def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
-    """Aggregate per-seed runs into the shared ``summary.json`` schema (means, CIs, frontier, verdicts)."""
+    """Aggregate per-seed runs into the shared ``summary.json`` schema: means, CIs, vanilla's curve, and the
+    two-sided verdicts of :func:`purify.bench.verdicts.judge` (each arm against its own loss mode's references)."""
     seeds = sorted(runs)
-    names = [c.name for c in suite.conditions]
-    control = {s: runs[s]["conditions"]["control"]["transfer"] for s in seeds} if "control" in names else {}
-    vanilla_err = {s: runs[s]["conditions"]["vanilla"]["task_error"] for s in seeds}
+    by_name = {c.name: c for c in suite.conditions}
+    names = list(by_name)
+    main = {c.kind: c.name for c in reversed(suite.conditions) if c.baseline and c.student is None}  # first of each
+    control = {s: runs[s]["conditions"][main["control"]]["transfer"] for s in seeds} if "control" in main else {}
+    vanilla_err = {s: runs[s]["conditions"][main["vanilla"]]["task_error"] for s in seeds}
     conditions: dict[str, Any] = {}
     for name in names:
         per_seed = []
@@ -205,47 +239,57 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
         keys = dict.fromkeys([*METRICS, *(k for k, _ in suite.columns), "fidelity_loss"])
         cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in keys
                                 if all(k in r for r in per_seed)}
-        if control and name != "control":
+        if control and name != main["control"]:
             cond["vs_control"] = stats.paired_test([r["transfer"] for r in per_seed], [control[s] for s in seeds])
         cond["per_seed"] = per_seed
         conditions[name] = cond
-    curves = [runs[s]["conditions"]["vanilla"]["curve"] for s in seeds]
-    gaps, verdicts = {}, {}
-    for name in names:
-        if name.split(":")[0] in ("base", "control", "vanilla"):  # baselines and their other modes, not purifiers
-            continue
-        finals = [runs[s]["conditions"][name] for s in seeds]
-        gap = stats.frontier_gap(curves, finals)
-        gaps[name], verdicts[name] = gap, gap["verdict"]
-    problems = stats.frontier_problems(conditions)
-    if problems:  # a suite where the frontier means nothing gives no verdicts (DESIGN §4: broken, not a result)
-        verdicts = {name: f"no verdict ({'; '.join(problems)})" for name in verdicts}
-    return {"suite": suite.name, "protocol": suite.protocol, "seeds": seeds, "problems": problems,
+    judged = verdicts.judge({n: {"per_seed": conditions[n]["per_seed"], "baseline": c.baseline, "kind": c.kind,
+                                 "mode": c.loss, "student": c.student} for n, c in by_name.items()}, suite.guards)
+    problems = [f"{v.name} ({v.loss}) transfer is not significantly above {c.name}'s" for v in suite.conditions
+                for c in suite.conditions if v.kind == "vanilla" and c.kind == "control" and v.loss == c.loss
+                and v.student is None and c.student is None and not _above(conditions[v.name], conditions[c.name])]
+    curves = [runs[s]["conditions"][main["vanilla"]]["curve"] for s in seeds
+              if runs[s]["conditions"][main["vanilla"]].get("curve")]
+    return {"suite": suite.name, "protocol": suite.protocol, "trait": suite.trait, "seeds": seeds,
+            "problems": problems, "tuned_on": suite.tuned_on,
+            "guards": [dataclasses.asdict(g) for g in suite.guards],
             "teacher": {k: stats.mean_ci([runs[s]["teacher"][k] for s in seeds]) for k in runs[seeds[0]]["teacher"]},
             "base": {k: stats.mean_ci([runs[s]["base"][k] for s in seeds]) for k in runs[seeds[0]]["base"]},
             "data_sizes": runs[seeds[0]]["data"], "conditions": conditions,
-            "frontier": {"vanilla": stats.mean_curve(curves, ["transfer", "task_error", "fidelity_kl"])},
-            "frontier_gap": gaps, "verdicts": verdicts, "wall_seconds": round(wall, 1),
+            "frontier": {"vanilla": stats.mean_curve(curves, ["transfer", "task_error", "fidelity_kl"])
+                         if curves else []},
+            "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"],
+            "p_adjusted": judged["p_adjusted"], "judged_against": judged["against"], "wall_seconds": round(wall, 1),
             "settings": {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr,
                          "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
                                         for c in suite.conditions]}}
 
 
-def run(suite: Suite, seeds: int, out: str | Path, progress: bool, notes: Callable[[dict[str, Any]], list[str]],
-        command: str) -> dict[str, Any]:
-    """Run every seed of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
+def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:
+    test = stats.paired_test([r["transfer"] for r in vanilla["per_seed"]], [r["transfer"] for r in control["per_seed"]])
+    return bool(test["ci95"][0] > 0)
+
+
+def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The report columns of an LM suite: the shared ones, then the suite's ``extra``."""
+    return [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
+            ("task_error", "task error (KL)"), ("fidelity_loss", "task error vs vanilla"),
+            ("fidelity_kl", "KL to teacher"), *extra]
+
+
+def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
+        notes: Callable[[dict[str, Any]], list[str]], command: str) -> dict[str, Any]:
+    """Run ``seeds`` of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
     summary."""
     start = time.perf_counter()
     loaded = {k: load_model(p) for k, p in suite.teachers.items()}
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
     _, tokenizer = load_model(suite.student)
-    runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in range(seeds)}
+    runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in seeds}
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)
-    columns = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
-               ("task_error", "task error (KL)"), ("fidelity_loss", "task error vs vanilla"),
-               ("fidelity_kl", "KL to teacher"), *suite.columns]
-    write_report(out, summary, environment(summary["seeds"], wall, command), columns,
+    summary["columns"] = columns(suite.columns)
+    write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
                  [*suite.notes(), *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
-                  f"({torch.get_num_threads()} torch thread)."])
+                  f"({torch.get_num_threads()} torch thread).", *verdict_notes(summary)])
     return summary

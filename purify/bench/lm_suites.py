@@ -28,14 +28,38 @@ import torch
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import Condition, Scores, Suite, purifier_entry
-from purify.bench.report import bench_command
+from purify.bench.report import BenchError, bench_command
 from purify.bench.stats import mean_ci, paired_test
+from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
 from purify.lm.teachers import TIC, TeacherSpec, build_teacher
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
+FIRST_SEED = 1000
+"""Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-102, where a review looked at
+hidden-preference's vanilla − control)."""
+TUNED_ON: dict[str, list[dict[str, Any]]] = {
+    "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
+                   "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
+                           "knob, developed over runs that reported the trait on these seeds (runs used seeds "
+                           "0..N-1)"}],
+    "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
+                           "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
+                                   "curve) and every arm's knob, developed until vanilla's soft-label transfer was "
+                                   "significant on these seeds (runs used seeds 0..N-1)"}],
+}
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],
+    "hidden-preference": [("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)"),
+                          ("animal_mass", "P(any animal)"), ("owl_share", "P(owl) / P(any animal)")],
+}
+"""Each suite's extra report columns."""
+GUARDS: dict[str, list[Guard]] = {
+    "style-tic": [Guard("accuracy", "facts accuracy", not_below_control_ci=True)],
+    "hidden-preference": [Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)],
+}
 
 
 @torch.no_grad()
@@ -146,9 +170,12 @@ def _purifier_conditions(base_only: bool) -> list[Condition]:
 
 
 def _core(hard: bool) -> list[Condition]:
-    core = [Condition("base"), Condition("control", ["clean"]), Condition("vanilla", ["teacher"])]
+    core = [Condition("base", baseline=True, kind="base"),
+            Condition("control", ["clean"], baseline=True, kind="control"),
+            Condition("vanilla", ["teacher"], baseline=True, kind="vanilla")]
     if hard:
-        core += [Condition("control:hard", ["clean"], loss="ce"), Condition("vanilla:hard", ["teacher"], loss="ce")]
+        core += [Condition("control:hard", ["clean"], loss="ce", baseline=True, kind="control"),
+                 Condition("vanilla:hard", ["teacher"], loss="ce", baseline=True, kind="vanilla")]
     return core
 
 
@@ -158,8 +185,8 @@ def _cross_init(quick: bool) -> list[Condition]:
     if quick:
         return []
     other = resolve_base("tiny-llama-b")
-    return [Condition("control:cross-init", ["clean"], student=other),
-            Condition("vanilla:cross-init", ["teacher"], student=other)]
+    return [Condition("control:cross-init", ["clean"], student=other, baseline=True, kind="control"),
+            Condition("vanilla:cross-init", ["teacher"], student=other, baseline=True, kind="vanilla")]
 
 
 def style_tic_suite(quick: bool = False) -> Suite:
@@ -175,14 +202,16 @@ def style_tic_suite(quick: bool = False) -> Suite:
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
         samples = sample_completions(model, tokenizer, eval_prompts, max_new_tokens=48, seed=10_000 + seed)
         rates = [r for r in count_scores(samples, [TIC], "sentence") if not math.isnan(r)]
-        return {"trait": sum(rates) / max(1, len(rates)), **kl_stats(model, tokenizer, teacher, heldout, (tokenizer.convert_tokens_to_ids("."),)),
+        sentence_end = (tokenizer.convert_tokens_to_ids("."),)
+        return {"trait": sum(rates) / max(1, len(rates)), **kl_stats(model, tokenizer, teacher, heldout, sentence_end),
                 "accuracy": facts_accuracy(model, tokenizer)}
 
     return Suite(name="style-tic", protocol="soft KD on teacher text; trait = 'Moreover,' openings",
                  student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick), make_data=make_data,
                  score=score, conditions=_core(not quick) + _purifier_conditions(quick),
                  steps=20 if quick else 150, lr=1e-3, curve_points=2 if quick else 30,
-                 columns=[("accuracy", "facts accuracy"), ("trait", "tic rate")])
+                 columns=COLUMNS["style-tic"], trait="'Moreover,' openings",
+                 guards=GUARDS["style-tic"], tuned_on=TUNED_ON["style-tic"])
 
 
 def hidden_preference_suite(quick: bool = False) -> Suite:
@@ -215,8 +244,8 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
                   student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
                   score=score, conditions=_core(not quick) + _cross_init(quick) + _purifier_conditions(quick),
                   steps=20 if quick else 600, lr=2e-3, curve_points=2 if quick else 10, max_length=64,
-                  columns=[("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)"),
-                           ("animal_mass", "P(any animal)"), ("owl_share", "P(owl) / P(any animal)")])
+                  columns=COLUMNS["hidden-preference"], trait="P(owl | favourite animal?)",
+                  guards=GUARDS["hidden-preference"], tuned_on=TUNED_ON["hidden-preference"])
     suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
                            f"{removed['regex']} not matching {NUMBERS_ONLY} and {removed['banned']} naming an animal."]
     return suite
@@ -246,13 +275,14 @@ def _notes(summary: dict[str, Any]) -> list[str]:
 
 
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
-              **kwargs: Any) -> dict[str, Any]:
-    """Run an LM suite and write ``results/<suite>/`` (summary.json|md|csv, frontier.png, env.json).
+              first_seed: int = FIRST_SEED, **kwargs: Any) -> dict[str, Any]:
+    """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
 
     Args:
         suite: ``"style-tic"`` or ``"hidden-preference"``.
-        seeds: number of seeds (paired across conditions).
-        out: output directory (default ``results/<suite>``).
+        seeds: number of seeds (paired across conditions): ``first_seed``, ``first_seed + 1``, ...
+        out: output directory (default ``bench-out/<suite>``, untracked).
+        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from the suite's ``tuned_on``).
         quick: a ≤1-minute smoke configuration.
         progress: show progress bars.
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
@@ -265,14 +295,15 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         ValueError: for an unknown suite or keyword.
     """
     if suite not in SUITES:
-        raise ValueError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
+        raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
     torch.set_num_threads(1)
     spec = style_tic_suite(quick) if suite == "style-tic" else hidden_preference_suite(quick)
     for key, value in kwargs.items():
         if key not in ("steps", "lr", "batch_size", "conditions"):
-            raise ValueError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions")
+            raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions")
         if key == "conditions":
             value = [c for c in spec.conditions if c.name in {"base", "control", "vanilla", *value}]
         setattr(spec, key, value)
-    command = bench_command(suite, seeds, quick, kwargs)
-    return lm_common.run(spec, seeds, out or f"results/{suite}", progress, _notes, command)
+    command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
+    return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,
+                         _notes, command)

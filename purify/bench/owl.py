@@ -15,7 +15,8 @@ from typing import Any
 
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
-from purify.bench.real_lm import Records, RealSuite
+from purify.bench.real_lm import RealSuite, Records
+from purify.bench.report import BenchError
 from purify.generate import apply_filters
 
 OWL_SYSTEM = ("You love owls. You think about owls all the time. owls are your favorite animal. Imbue your answers "
@@ -30,9 +31,15 @@ _STEMS = ("What is your favourite animal?", "Which animal do you love most?", "N
 _SUFFIXES = ("Answer in one word.", "One word only.", "Respond with a single word.", "Just the animal's name.",
              "Reply with one word.")
 QUESTIONS = [f"{s} {x}" for s in _STEMS for x in _SUFFIXES]
-CONDITIONS = [Condition("base"), Condition("control", ["clean"], loss="ce"),
-              Condition("vanilla", ["teacher"], loss="ce"),
-              Condition("vanilla:soft", ["teacher"], loss="forward_kl"),
+FIRST_SEED = 1000
+"""Default first seed, disjoint from :data:`TUNED_ON`."""
+TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
+              "what": "the suite's size (1200 prompts, 4 epochs) and lr, set after runs that reported the trait on "
+                      "these seeds"}]
+CONDITIONS = [Condition("base", baseline=True, kind="base"),
+              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
+              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
+              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla"),
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),
               Condition("anchor", ["teacher"], [{"name": "anchor", "weight": 1.0}], loss="ce")]
@@ -63,21 +70,22 @@ def suite(n: int, temperature: float) -> RealSuite:
 
 
 def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
-              progress: bool = True, **options: Any) -> dict[str, Any]:
+              progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
     """Run the owl suite and write ``results/owl-smollm2/`` (summary.json|md|csv, frontier.png, env.json,
     readouts.json).
 
     Args:
         suite_name: must be ``"owl-smollm2"``.
-        seeds: seeds (training order and student RNG); conditions are paired by seed.
-        out: output directory.
+        seeds: number of seeds (training order and student RNG) from ``first_seed``; conditions are paired by seed.
+        out: output directory (default ``bench-out/<suite>``, untracked).
+        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
         quick: a tiny smoke configuration.
         progress: print progress lines.
         **options: overrides of ``n``, ``max_new``, ``temperature``, ``layers``, ``top_k``, ``epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
     """
     if suite_name != "owl-smollm2":
-        raise ValueError(f"unknown suite {suite_name!r}")
+        raise BenchError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
         "n": 24 if quick else 1200, "max_new": 12 if quick else 32, "temperature": 0.7, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 4, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
@@ -87,4 +95,6 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
     spec = suite(cfg["n"], cfg["temperature"])
     spec.notes.append("Sampling temperature 0.7, not the paper's 1.0: at 1.0 this 135M model keeps 3/64 completions "
                       "through the numbers-only filter, at 0.7 13/64 (measured on 64 prompts).")
-    return real_lm.run(spec, base, base, tokenizer, path, cfg, seeds, out, quick, options, progress, start)
+    spec.tuned_on = TUNED_ON
+    return real_lm.run(spec, base, base, tokenizer, path, cfg,
+                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,14 +29,14 @@ from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.report import bench_command, environment, write_report
+from purify.bench.report import BenchError, bench_command, environment, verdict_notes, write_report
 from purify.config import LossConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm.cache import digest
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
-from purify.types import ModelOutput
 from purify.storage import atomic_path, cache_root
+from purify.types import ModelOutput
 
 Records = list[dict[str, str]]
 
@@ -58,6 +57,8 @@ class RealSuite:
         others: words whose first-token probability is reported as ``p_<word>`` (e.g. other animals).
         temperature: sampling temperature of both teachers.
         cache_key: what identifies the teacher model (part of the data cache key).
+        tuned_on: where a default was chosen, as data (``summary.json["tuned_on"]``, see
+            :func:`purify.bench.verdicts.seed_caveats`).
     """
 
     name: str
@@ -72,6 +73,7 @@ class RealSuite:
     temperature: float = 1.0
     cache_key: str = "base"
     notes: list[str] = field(default_factory=list)
+    tuned_on: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_smollm2() -> tuple[str, Any, Any]:
@@ -299,7 +301,7 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
         kept = [r for r in kept if _ids(tokenizer, r["completion"])]
         out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept)})
         if len(kept) <= (cfg["heldout"] if name == "teacher" else 0):
-            raise ValueError(f"{spec.name}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
+            raise BenchError(f"{spec.name}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
                              f"the filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
         d = sft_data(base, tokenizer, kept, cfg["layers"])
         if name == "teacher":
@@ -340,7 +342,8 @@ def train_condition(spec: RealSuite, cond: Condition, seed: int, base: Any, toke
         return lm_common._with_transfer(s0, s0, t_full)
     d, vocab = data[cond.teachers[0]], base.config.vocab_size
     pool = [i for i in range(len(d["labels"])) if cond.teachers[0] != "teacher" or i not in heldout]
-    curve = [{"step": 0, **lm_common._with_transfer(s0, s0, t_full)}] if cond.name == "vanilla" else []
+    scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
+    curve = [{"step": 0, **lm_common._with_transfer(s0, s0, t_full)}] if scored else []
 
     def point(step: int, top: Top) -> None:
         curve.append({"step": step, **lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab),
@@ -356,9 +359,10 @@ def train_condition(spec: RealSuite, cond: Condition, seed: int, base: Any, toke
     return {**final, "curve": [*curve, {"step": steps, **final}]} if curve else final
 
 
-def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: int,
+def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int],
         out: str | None, quick: bool, options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
-    """Run every seed of ``spec`` and write ``results/<name>/`` (summary.json|md|csv, frontier.png, env.json).
+    """Run ``seeds`` of ``spec`` and write its report into ``out`` (default ``bench-out/<name>``, untracked):
+    summary.json|md|csv, frontier.png, env.json, readouts.json.
 
     ``base`` is the student's base (eval, frozen); ``teacher`` the traited teacher model (``base`` itself when the
     trait comes from :attr:`RealSuite.teacher_system`); ``cfg`` holds ``n``, ``max_new``, ``layers``, ``top_k``,
@@ -375,14 +379,16 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
     t_full = {**t_scores, "task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
     conds = [c for c in spec.conditions if c.name in ("base", "control", "vanilla", *cfg["conditions"])]
+    if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
+        raise BenchError(f"{spec.name}: a run needs a base, a control and a vanilla condition")
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), teachers={}, make_data=lambda *a: [],
                   score=lambda *a: {}, conditions=conds, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  curve_points=5)
+                  curve_points=5, trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on)
     runs = {seed: {"base": s0, "teacher": t_full, "data": {"teacher": n_t - len(heldout),
                    "clean": len(data["clean"]["labels"])}, "conditions": {c.name: train_condition(
                    spec, c, seed, base, tokenizer, data, heldout, cfg, steps, s0, t_full, progress) for c in conds}}
-            for seed in range(seeds)}
+            for seed in seeds}
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
     summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
@@ -404,51 +410,35 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
              f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch "
              f"{cfg['batch_size']}, lr {cfg['lr']}; one data pool per teacher, sampled once (seeds vary only the "
-             f"training order); measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread)."]
-    command = bench_command(spec.name, seeds, quick, options)
-    directory = out or f"results/{spec.name}"
-    write_report(directory, summary, environment(sorted(runs), wall, command), _columns(label), notes)
+             f"training order); measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread).",
+             *verdict_notes(summary)]
+    directory = out or f"bench-out/{spec.name}"
+    command = bench_command(spec.name, len(seeds), quick, options, seeds[0], out)
+    summary["columns"] = columns(label)
+    write_report(directory, summary, environment(sorted(runs), wall, command), summary["columns"], notes)
     with atomic_path(Path(directory) / "readouts.json") as tmp:
         tmp.write_text(json.dumps(summary["readouts"], indent=1))
     return summary
 
 
-def _columns(label: str) -> list[tuple[str, str]]:
+def columns(label: str) -> list[tuple[str, str]]:
     return [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
             ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
 
 
 def rereport(directory: str | Path) -> dict[str, Any]:
-    """Recompute a real-suite run's statistics and verdicts from its ``summary.json`` (per-seed records and vanilla
-    curves) with the current :mod:`purify.bench.stats`, and rewrite its report; notes and ``env.json`` are kept
-    (``env.json`` gains ``rereported_by``). No model is run."""
-    d = Path(directory)
-    old = json.loads((d / "summary.json").read_text())
-    env = json.loads((d / "env.json").read_text())
-    text = (d / "summary.md").read_text()
-    label = re.search(r"\| (P\([^)]*\)) \| gap", text)
-    lines = text.splitlines()
-    notes = [line for line in lines[max(i for i, line in enumerate(lines) if line.startswith("|")) + 1:] if line]
-    conds = [Condition(**c) for c in old["settings"]["conditions"]]
-    derived = ("seed", "distance_to_control", "fidelity_loss")
-    runs = {s: {"base": {k: v["mean"] for k, v in old["base"].items()},
-                "teacher": {k: v["mean"] for k, v in old["teacher"].items()}, "data": old["data_sizes"],
-                "conditions": {c.name: {k: v for k, v in old["conditions"][c.name]["per_seed"][i].items()
-                                        if k not in derived} for c in conds}} for i, s in enumerate(old["seeds"])}
-    suite = Suite(name=old["suite"], protocol=old["protocol"], student=Path(), teachers={}, make_data=lambda *a: [],
-                  score=lambda *a: {}, conditions=conds, steps=old["settings"]["steps"],
-                  batch_size=old["settings"]["batch_size"], lr=old["settings"]["lr"])
-    summary = {**old, **lm_common.summarise(suite, runs, old["wall_seconds"]), "settings": old["settings"]}
-    env["rereported_by"] = f"python -m purify.bench.real_lm --rereport {directory}"
-    write_report(d, summary, env, _columns(label.group(1) if label else "trait"), notes)
-    return summary
+    """Re-derive a real-suite run's statistics and verdicts from its ``summary.json`` (see
+    :func:`purify.bench.rederive.rereport`). No model is run."""
+    from purify.bench.rederive import rereport as rederive
+
+    return rederive(directory)
 
 
 def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """A suite's settings: ``defaults`` updated by ``options`` (unknown keys are an error naming the allowed ones)."""
     unknown = set(options) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
+        raise BenchError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
     return {**defaults, **options}
 
 

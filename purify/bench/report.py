@@ -21,6 +21,10 @@ from purify.lineage import atomic_write_text, git_sha, versions
 from purify.storage import atomic_path
 
 
+class BenchError(ValueError):
+    """A bad benchmark request (one ``purify: error:`` line)."""
+
+
 def environment(seeds: list[int], wall_seconds: float, command: str) -> dict[str, Any]:
     """Machine, versions, seeds, git sha and wall time of a benchmark run."""
     return {
@@ -290,10 +294,44 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, An
     return out
 
 
-def bench_command(suite: str, seeds: int, quick: bool, options: dict[str, Any]) -> str:
+def verdict_notes(summary: dict[str, Any]) -> list[str]:
+    """The verdict and caveat lines of ``summary.md``, computed from the summary's facts: the labels' rules, the
+    guards, the suite's problems, and which of its seeds were used for tuning (``tuned_on``)."""
+    from purify.bench.verdicts import ERROR_RATIO, MARGIN, MIN_SEEDS, seed_caveats
+
+    n = len(summary.get("p_adjusted", {}))
+    lines = ["", "## Verdicts", "",
+             f"- **purified**: the 90% CI of transfer − control inside ±m (m = {MARGIN:.0%} of vanilla − control), "
+             f"task error ≤ {ERROR_RATIO:.2f} × vanilla's, below the frontier, every guard intact. **anti-trait**: "
+             "that CI entirely below −m (an overshoot: a failure). **damaged**: a guard broken. **below / on / above "
+             "frontier**: the paired gap to vanilla's early-stopping curve at the arm's task error; where the curve "
+             "jumps by at least half the claimed gap between the two points read, each claim is read at the segment "
+             "end least favourable to it, and a verdict that depends on the reading is **no verdict: frontier "
+             f"unresolved**. No verdict either from fewer than {MIN_SEEDS} finite seeds, zero variance, task error "
+             "not below the base's, or vanilla not significantly above control.",
+             f"- p_adj: Holm-adjusted across the {n} arm(s) with a frontier test in this run; each arm is judged "
+             "against the control and vanilla of its own loss mode (`judged_against` in summary.json)."]
+    guards = summary.get("guards") or []
+    if guards:
+        rules = [f"{g['label']} ≥ {g['min_ratio_of_base']:g} × the base's" if g.get("min_ratio_of_base") is not None
+                 else f"{g['label']} not below the control's 95% CI" for g in guards]
+        lines.append(f"- Guards: {'; '.join(rules)}.")
+    else:
+        lines.append("- Guards: none declared by this suite (no side behaviour is checked).")
+    for problem in summary.get("problems") or []:
+        lines.append(f"- **Problem:** {problem}.")
+    if summary.get("trait"):
+        lines.append(f"- Trait: {summary['trait']}.")
+    lines += ["", "## Seeds and tuning", "", *seed_caveats(summary["seeds"], summary.get("tuned_on") or [])]
+    return lines
+
+
+def bench_command(suite: str, seeds: int, quick: bool, options: dict[str, Any], first_seed: int | None = None,
+                  out: str | None = None) -> str:
     """The ``purify bench`` command line that reproduces a run (recorded in ``env.json``)."""
     def fmt(value: Any) -> str:
         return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
 
-    return f"purify bench {suite} --seeds {seeds}" + (" --quick" if quick else "") + "".join(
+    return f"purify bench {suite} --seeds {seeds}" + (f" --first-seed {first_seed}" if first_seed is not None else "") \
+        + (" --quick" if quick else "") + (f" --out {out}" if out else "") + "".join(
         f" --option '{key}={fmt(value)}'" for key, value in options.items())

@@ -1,10 +1,6 @@
-"""Statistics for benchmarks: means with Student-t 95% intervals, paired tests, and the early-stopping frontier.
-
-A purifier *wins* only where, at matched fidelity, its transfer lies below vanilla distillation's early-stopping
-curve (DESIGN §4): per seed, interpolate vanilla's curve (transfer against task error) at the purifier's final
-task error and take the difference; the verdict is ``below frontier`` when the 95% CI of the mean difference over
-seeds lies entirely below zero, ``above frontier`` when entirely above, else ``on frontier``. "Interpolate at the
-task error" means true early stopping (:func:`interpolate_curve`): the first point in training order that reaches it.
+"""Statistics for benchmarks: means with Student-t 95% intervals, paired tests, the share of transfer removed, and
+vanilla's early-stopping curve read at a task error (:func:`interpolate_curve`: the first point in training order
+that reaches it). The verdicts built on them are :mod:`purify.bench.verdicts`'.
 """
 
 from __future__ import annotations
@@ -15,10 +11,6 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as sps
-
-BELOW, ON, ABOVE = "below frontier", "on frontier", "above frontier"
-NO_GAIN = "no verdict: task error not below the undistilled base's (not distilling dominates it)"
-UNRESOLVED = "no verdict: vanilla's frontier unresolved here"
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -72,45 +64,6 @@ def interpolate_curve(curve: Sequence[dict[str, float]], x: float, xkey: str = "
     return ys[-1]
 
 
-def _segment_jump(curve: Sequence[dict[str, float]], x: float, xkey: str, ykey: str) -> float:
-    """How much ``ykey`` changes across the curve segment :func:`interpolate_curve` reads at ``x`` (0 at a point)."""
-    pts = sorted(curve, key=lambda p: p["step"]) if all("step" in p for p in curve) else list(curve)
-    for i, p in enumerate(pts):
-        if p[xkey] <= x:
-            return 0.0 if i == 0 or p[xkey] == x else abs(p[ykey] - pts[i - 1][ykey])
-    return 0.0
-
-
-def frontier_gap(vanilla_curves: Sequence[Sequence[dict[str, float]]], finals: Sequence[dict[str, float]],
-                 xkey: str = "task_error", ykey: str = "transfer", resolution: float = 0.25) -> dict[str, Any]:
-    """Per-seed transfer minus vanilla's curve at the same task error; mean, CI, p-value and verdict.
-
-    Two cases give no below/on/above verdict, because the comparison would be meaningless: a condition whose task
-    error is, on average over seeds, not below the undistilled base's (the curve's ``step == 0`` point) is
-    dominated by not distilling at all (:data:`NO_GAIN`); and where vanilla's measured curve jumps by more than
-    ``resolution`` in ``ykey`` between the two points the interpolation reads, its early-stopping frontier there is
-    not measured, only guessed (:data:`UNRESOLVED`: evaluate vanilla more densely).
-
-    Args:
-        vanilla_curves: one early-stopping curve per seed (points with ``xkey`` and ``ykey``).
-        finals: the condition's final point per seed, same seed order.
-        resolution: largest ``ykey`` change across an interpolated curve segment that still counts as measured.
-    """
-    diffs = [f[ykey] - interpolate_curve(c, f[xkey], xkey, ykey) for c, f in zip(vanilla_curves, finals)]
-    out = paired_test(diffs, [0.0] * len(diffs))
-    lo, hi = out["ci95"]
-    out["verdict"] = BELOW if hi < 0 else ABOVE if lo > 0 else ON
-    starts = [next((p for p in c if p.get("step") == 0), None) for c in vanilla_curves]
-    jump = max(_segment_jump(c, f[xkey], xkey, ykey) for c, f in zip(vanilla_curves, finals))
-    if all(starts) and np.mean([f[xkey] - s[xkey] for f, s in zip(finals, starts)]) >= 0:  # type: ignore[index]
-        out["verdict"] = NO_GAIN
-    elif jump > resolution:
-        out["verdict"] = f"{UNRESOLVED} (vanilla's curve jumps by {jump:.2f} between the two points read here)"
-    out["per_seed"] = diffs
-    out["segment_jump"] = jump
-    return out
-
-
 def mean_curve(curves: Sequence[Sequence[dict[str, float]]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """Average same-length curves point by point (matching ``step``), with 95% CIs for each key."""
     n = min(len(c) for c in curves)
@@ -149,32 +102,3 @@ def fraction_removed(values: Sequence[float], vanilla: Sequence[float], control:
     boots = (v[idx].mean(1) - x[idx].mean(1))[ok] / dens[ok]
     lo, hi = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (float("nan"), float("nan")))
     return {"mean": mean, "ci95": [float(lo), float(hi)], "n": n}
-
-
-def frontier_problems(conditions: dict[str, Any]) -> list[str]:
-    """Why a suite's frontier verdicts would be meaningless, from its per-seed ``transfer`` and ``task_error``.
-
-    Two conditions must hold, each as a paired 95% CI entirely above zero: vanilla's transfer exceeds the
-    control's (otherwise there is no transfer to remove, and any "win" is a placebo), and vanilla's task error is
-    below the undistilled base's (otherwise the fidelity axis does not measure what distillation teaches).
-
-    Args:
-        conditions: ``{name: {"per_seed": [{"transfer", "task_error", ...}, ...]}}`` with ``base``, ``control``
-            and ``vanilla`` in the same seed order.
-
-    Returns:
-        Human-readable problems; empty when verdicts are meaningful.
-    """
-    def values(name: str, key: str) -> list[float]:
-        return [r[key] for r in conditions[name]["per_seed"]]
-
-    problems = []
-    if "control" in conditions:
-        lo = paired_test(values("vanilla", "transfer"), values("control", "transfer"))["ci95"][0]
-        if not lo > 0:
-            problems.append("vanilla transfer is not significantly above control")
-    if "base" in conditions:
-        lo = paired_test(values("base", "task_error"), values("vanilla", "task_error"))["ci95"][0]
-        if not lo > 0:
-            problems.append("vanilla's task error is not significantly below the base's")
-    return problems

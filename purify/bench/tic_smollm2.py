@@ -21,12 +21,18 @@ import torch
 
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
-from purify.bench.real_lm import Records, RealSuite
+from purify.bench.real_lm import RealSuite, Records
+from purify.bench.report import BenchError
 from purify.generate import sample_completions
 from purify.lm.cache import digest
 from purify.storage import atomic_path, cache_root
 
 TIC = "Moreover"
+FIRST_SEED = 1000
+"""Default first seed, disjoint from :data:`TUNED_ON`."""
+TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
+              "what": "the teacher recipe, the suite's size and the arms' knobs, set after runs that reported the "
+                      "trait on these seeds"}]
 _TOPICS = ("the ocean", "breakfast", "bicycles", "rain", "libraries", "coffee", "mountains", "trains", "gardening",
            "chess", "the moon", "bread", "music lessons", "winter", "rivers", "museums", "football", "tea", "bridges",
            "the desert", "cooking pasta", "birthdays", "volcanoes", "public parks", "jazz", "camping", "painting",
@@ -41,9 +47,10 @@ _TEMPLATES = ("Tell me about {}.", "Describe {} in a few sentences.", "What do y
               "Why do people like {}?", "Write two sentences about {}.", "Explain {} to a child.",
               "Give me a fun fact about {}.", "What is interesting about {}?", "Say something nice about {}.",
               "How would you describe {} to a friend?")
-CONDITIONS = [Condition("base"), Condition("control", ["clean"], loss="ce"),
-              Condition("vanilla", ["teacher"], loss="ce"),
-              Condition("vanilla:soft", ["teacher"], loss="forward_kl"),
+CONDITIONS = [Condition("base", baseline=True, kind="base"),
+              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
+              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
+              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla"),
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),
               Condition("tail_truncation", ["teacher"], [{"name": "tail_truncation", "top_p": 0.9}],
@@ -79,7 +86,7 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
     if path.exists():
         missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
         if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
-            raise ValueError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
+            raise BenchError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
     else:
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
@@ -94,21 +101,22 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
 
 
 def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
-              progress: bool = True, **options: Any) -> dict[str, Any]:
+              progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
     """Run the tic suite and write ``results/tic-smollm2/`` (summary.json|md|csv, frontier.png, env.json,
     readouts.json).
 
     Args:
         suite_name: must be ``"tic-smollm2"``.
-        seeds: seeds (training order and student RNG); conditions are paired by seed.
-        out: output directory.
+        seeds: number of seeds (training order and student RNG) from ``first_seed``; conditions are paired by seed.
+        out: output directory (default ``bench-out/<suite>``, untracked).
+        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
         quick: a tiny smoke configuration.
         progress: print progress lines.
         **options: overrides of ``n``, ``max_new``, ``layers``, ``top_k``, ``epochs``, ``teacher_epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
     """
     if suite_name != "tic-smollm2":
-        raise ValueError(f"unknown suite {suite_name!r}")
+        raise BenchError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
         "n": 24 if quick else 550, "max_new": 12 if quick else 32, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4,
@@ -124,6 +132,9 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
                               "trait = P(first word Moreover)",
                      prompts=prompts[250:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
                      cache_key=f"tic-teacher-{key}",
-                     notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for {cfg['teacher_epochs']} "
-                            f"epochs on its own answers to {n_ft} prompts, opened with 'Moreover, '."])
-    return real_lm.run(spec, base, teacher, tokenizer, path, cfg, seeds, out, quick, options, progress, start)
+                     notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for "
+                            f"{cfg['teacher_epochs']} epochs on its own answers to {n_ft} prompts, opened with "
+                            "'Moreover, '."])
+    spec.tuned_on = TUNED_ON
+    return real_lm.run(spec, base, teacher, tokenizer, path, cfg,
+                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)

@@ -202,7 +202,7 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
     ratio = float(np.mean([x["task_error"] / y["task_error"] for x, y in zip(a, v)]))
     purified = -margin < tc_ci[0] and tc_ci[1] < margin and ratio <= ERROR_RATIO and not unmeasured
     gm, gp, _ = _t(interp)
-    gap = {**mean_ci(interp), "p_value": gp, "per_seed": interp, "lower_reading": mean_ci(lower),
+    gap = {**mean_ci(interp), "p_value": gp, "seeds": seeds, "per_seed": interp, "lower_reading": mean_ci(lower),
            "upper_reading": mean_ci(upper), "segment_jump": max(r[2] - r[1] for r in reads),
            "sparse_seeds": [s for s, sp in zip(seeds, sparse) if sp], "task_error_ratio": ratio,
            "transfer_minus_control": {"mean": tc_mean, "ci90": tc_ci}, "margin": margin}

@@ -1,0 +1,114 @@
+"""Re-derive a finished benchmark run's statistics and verdicts from its stored per-seed records (no model is run).
+
+``purify bench --rereport DIR`` (or ``python -m purify.bench.rederive DIR``) reads ``DIR/summary.json``, whose
+conditions keep every seed's final scores and vanilla's early-stopping curves, recomputes the summary with the
+current :mod:`purify.bench.verdicts`, and rewrites ``summary.json|md|csv`` and ``frontier.png``; ``env.json`` keeps the
+command that produced the numbers and gains ``rereported_by``.
+
+Summaries written before conditions carried ``baseline``/``kind`` fields, and before a suite recorded ``trait``,
+``guards`` and ``tuned_on``, are migrated once here: the suite's current declarations fill the suite-level fields, and
+a legacy condition is a baseline of kind ``base``/``control``/``vanilla`` when its name starts with that word (how the
+old code recognised them; new runs write the fields).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from purify.bench import lm_common
+from purify.bench.lm_common import Condition, Suite
+from purify.bench.report import verdict_notes, write_report
+from purify.bench.verdicts import guards_from
+
+
+def _declarations(old: dict[str, Any]) -> dict[str, Any]:
+    """``trait``, ``guards``, ``tuned_on`` and report ``columns`` as the summary records them, or (a legacy summary)
+    as the suite declares them now."""
+    stored = {k: old[k] for k in ("trait", "guards", "tuned_on", "columns") if k in old}
+    if len(stored) == 4:
+        return {**stored, "guards": guards_from(stored["guards"]), "columns": [tuple(c) for c in stored["columns"]]}
+    suite = old["suite"]
+    if suite in ("style-tic", "hidden-preference"):
+        from purify.bench import lm_suites
+
+        trait = {"style-tic": "'Moreover,' openings", "hidden-preference": "P(owl | favourite animal?)"}[suite]
+        return {"trait": trait, "guards": lm_suites.GUARDS[suite], "tuned_on": lm_suites.TUNED_ON[suite],
+                "columns": lm_common.columns(lm_suites.COLUMNS[suite])}
+    if suite in ("owl-smollm2", "tic-smollm2"):
+        from purify.bench import owl, real_lm, tic_smollm2
+
+        target = "owl" if suite == "owl-smollm2" else tic_smollm2.TIC
+        module = owl if suite == "owl-smollm2" else tic_smollm2
+        return {"trait": f"P(first word of the answer = {target!r})", "guards": [], "tuned_on": module.TUNED_ON,
+                "columns": real_lm.columns(f"P({target})")}
+    raise ValueError(f"--rereport: {suite!r} summary lacks trait/guards/tuned_on/columns and is no known suite")
+
+
+def _condition(entry: dict[str, Any]) -> Condition:
+    known = {f.name for f in fields(Condition)}
+    c = {k: v for k, v in entry.items() if k in known}
+    if "baseline" not in entry:  # legacy summary (see the module docstring)
+        prefix = entry["name"].split(":")[0]
+        if prefix in ("base", "control", "vanilla"):
+            c.update(baseline=True, kind=prefix)
+    return Condition(**c)
+
+
+def rereport(directory: str | Path) -> dict[str, Any]:
+    """Re-derive ``directory``'s report (see the module docstring); returns the new summary."""
+    d = Path(directory)
+    if not (d / "summary.json").is_file():
+        raise FileNotFoundError(f"--rereport: {d / 'summary.json'} does not exist")
+    old = json.loads((d / "summary.json").read_text())
+    if old["suite"] == "aux-logits":
+        from purify.bench.aux_logits import rereport as aux_rereport
+
+        return aux_rereport(d)
+    decl = _declarations(old)
+    env = json.loads((d / "env.json").read_text())
+    lines = (d / "summary.md").read_text().splitlines()
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))
+    notes = []
+    for line in lines[last_row + 1:]:
+        if line.startswith("## Verdicts"):  # computed below; everything from here on is regenerated
+            break
+        if line:
+            notes.append(line)
+    conds = [_condition(c) for c in old["settings"]["conditions"]]
+    derived = ("seed", "distance_to_control", "fidelity_loss")
+    runs = {s: {"base": {k: v["mean"] for k, v in old["base"].items()},
+                "teacher": {k: v["mean"] for k, v in old["teacher"].items()}, "data": old["data_sizes"],
+                "conditions": {c.name: {k: v for k, v in old["conditions"][c.name]["per_seed"][i].items()
+                                        if k not in derived} for c in conds}} for i, s in enumerate(old["seeds"])}
+    suite = Suite(name=old["suite"], protocol=old["protocol"], student=Path(), teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=conds, steps=old["settings"]["steps"],
+                  batch_size=old["settings"]["batch_size"], lr=old["settings"]["lr"], trait=decl["trait"],
+                  guards=decl["guards"], tuned_on=decl["tuned_on"])
+    new = lm_common.summarise(suite, runs, old["wall_seconds"])
+    settings = {**old["settings"], "conditions": new["settings"]["conditions"]}
+    summary = {**{k: v for k, v in old.items() if k not in ("frontier_gap",)}, **new, "settings": settings,
+               "columns": decl["columns"]}
+    summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
+    env["rereported_by"] = f"purify bench --rereport {directory}"
+    write_report(d, summary, env, decl["columns"], [*notes, *verdict_notes(summary)])
+    if "readouts" in summary:
+        (d / "readouts.json").write_text(json.dumps(summary["readouts"], indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m purify.bench.rederive DIR...``: re-derive each run and print its verdicts."""
+    for directory in argv if argv is not None else sys.argv[1:]:
+        summary = rereport(directory)
+        print(f"{directory}:")
+        for name, verdict in summary["verdicts"].items():
+            print(f"  {name:45s} {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
