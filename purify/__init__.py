@@ -15,12 +15,15 @@ _EXPORTS = {
     # losses
     "forward_kl": "purify.losses", "reverse_kl": "purify.losses", "generalized_jsd": "purify.losses",
     "logit_mse": "purify.losses", "hard_label_ce": "purify.losses", "reduce_loss": "purify.losses",
-    "distillation_loss": "purify.losses", "IGNORE_INDEX": "purify.losses",
+    "distillation_loss": "purify.losses",
+    # shared types
+    "IGNORE_INDEX": "purify.types", "Batch": "purify.types", "ModelOutput": "purify.types", "Targets": "purify.types",
+    "RecipeError": "purify.types", "DivergedError": "purify.types",
     # purifier protocol
     "Purifier": "purify.purifiers.base", "TargetPurifier": "purify.purifiers.base",
     "StudentPurifier": "purify.purifiers.base", "ParameterPurifier": "purify.purifiers.base",
-    "Targets": "purify.purifiers.base", "ModelOutput": "purify.purifiers.base",
-    "PurifierContext": "purify.purifiers.base", "PURIFIERS": "purify.purifiers",
+    "PurifierContext": "purify.purifiers.base", "PurifierConfig": "purify.purifiers.base",
+    "Contract": "purify.purifiers.base", "PURIFIERS": "purify.purifiers",
     "build_purifier": "purify.purifiers",
     # purifiers (each also usable as a plain nn.Module / function)
     "Ensemble": "purify.purifiers.ensemble", "EnsembleConfig": "purify.purifiers.ensemble",
@@ -41,8 +44,8 @@ _EXPORTS = {
     "PurifyTrainer": "purify.hf",
     # training
     "Distiller": "purify.module", "FidelityMetrics": "purify.metrics",
-    "Recipe": "purify.config", "load_recipe": "purify.config", "RecipeError": "purify.config",
-    "train": "purify.train", "build_run": "purify.train",
+    "Recipe": "purify.config", "load_recipe": "purify.assembly", "validate": "purify.assembly",
+    "train": "purify.train", "build_run": "purify.assembly", "CheckpointError": "purify.checkpoint",
     "AuxMLP": "purify.models", "model_forward": "purify.models",
 }
 

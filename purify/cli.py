@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure trait transfer vs fidelity, vanilla beside each purifier",
                        description="Run a benchmark suite: base, control, vanilla with its early-stopping curve, each "
-                                   "purifier and the oracle, over seeds, paired by seed, with 95%% CIs; writes "
+                                   "purifier and the oracle, over seeds, paired by seed, with 95% CIs; writes "
                                    "summary.json|md|csv, frontier.png and env.json.",
                        epilog="Default: purify bench  (= aux-logits, task protocol, 10 seeds, <=10 min on 2 cores)")
     p.add_argument("suite", nargs="?", default="aux-logits", choices=sorted(SUITES), help="benchmark suite")
@@ -213,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (ValueError, GGUFError, FileNotFoundError) as err:
-        # purify's own input errors (RecipeError, DataError, CacheError, GenerateError, AuditError, ...) are one
-        # line for the user; a ValueError from elsewhere is a bug and keeps its traceback.
-        if isinstance(err, ValueError) and not type(err).__module__.startswith("purify"):
+    except (ValueError, ArithmeticError, GGUFError, FileNotFoundError) as err:
+        # purify's own errors (RecipeError with one line per problem, DataError, CacheError, CheckpointError,
+        # DivergedError, GenerateError, AuditError, ...) are `purify: error:` lines for the user; a ValueError or
+        # ArithmeticError from elsewhere is a bug and keeps its traceback.
+        if isinstance(err, (ValueError, ArithmeticError)) and not type(err).__module__.startswith("purify"):
             raise
-        print(f"purify: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"purify: error: {line}", file=sys.stderr)
         return 2
 
 

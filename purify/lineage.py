@@ -109,6 +109,8 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
 def format_lineage(record: dict[str, Any]) -> str:
     """Human-readable summary of a lineage record."""
     lines = [f"lineage ({record.get('format')}) created {record.get('created')} at step {record.get('step')}"]
+    if record.get("status"):
+        lines.append(f"status: {record['status']}" + (f"  ({record['error']})" if record.get("error") else ""))
     s = record["student"]
     lines.append(f"student: {s.get('name')}  source={s.get('source')}  init_sha256={s.get('init_sha256')}")
     for t in record["teachers"]:

@@ -27,7 +27,7 @@ from purify.losses import distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import freeze, model_forward
 from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
-from purify.types import Batch, ModelOutput, Targets
+from purify.types import Batch, DivergedError, ModelOutput, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -222,7 +222,7 @@ class Distiller(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, parts = self.compute_loss(batch, progress=min(1.0, self.global_step / self._planned_steps()))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
+            raise DivergedError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
                                      "for this step. Lower optim.lr or check the data.")
         bs = int(batch["target_mask"].shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -311,6 +311,10 @@ class Distiller(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(_NOT_SAVED)]:
             del state[key]
+
+    def trained_state(self) -> dict[str, Tensor]:
+        """What a checkpoint of this module holds: its state without the frozen teachers and the base copy."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(_NOT_SAVED)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -17,25 +17,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from purify.assembly import Run, build_run, resolve_strategy
+from purify.checkpoint import VerifiedCheckpointIO
 from purify.config import Recipe, to_yaml
 from purify.lineage import write_lineage
-from purify.storage import atomic_dir, atomic_path, atomic_write_text
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes to a temporary file and renames it, so a crash mid-save leaves the
-    previous checkpoint intact."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        # Lightning checkpoints hold optimizer state and plain containers; weights_only keeps loading safe.
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+from purify.storage import atomic_dir, atomic_write_text
 
 
 class LineageCallback(Callback):
@@ -50,7 +37,7 @@ class LineageCallback(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.is_global_zero:
-            write_lineage(self.directory, self.snapshot(trainer))
+            write_lineage(self.directory, {**self.snapshot(trainer), "status": "checkpoint"})
 
 
 def _loggers(output_dir: Path) -> list[Logger]:
@@ -64,8 +51,17 @@ def _loggers(output_dir: Path) -> list[Logger]:
     return loggers
 
 
-def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | None) -> L.Trainer:
-    """A Lightning Trainer from the recipe's ``trainer`` and ``strategy`` sections."""
+def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | None,
+                 expected: Any = None) -> L.Trainer:
+    """A Lightning Trainer from the recipe's ``trainer`` and ``strategy`` sections.
+
+    Args:
+        recipe: the validated recipe.
+        callbacks: Lightning callbacks.
+        output_dir: where logs and checkpoints go (``None``: neither).
+        expected: zero-argument callable giving the ``{name: tensor}`` a resumed checkpoint must fit
+            (:class:`~purify.checkpoint.VerifiedCheckpointIO`).
+    """
     t = recipe.trainer
     strategy = resolve_strategy(recipe)
     return L.Trainer(
@@ -75,14 +71,25 @@ def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | N
         gradient_clip_val=t.gradient_clip_val, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
         strategy=strategy, callbacks=callbacks, logger=_loggers(output_dir) if output_dir else False,
-        plugins=[AtomicCheckpointIO()] if recipe.strategy == "auto" or recipe.strategy == "ddp" else None,
+        plugins=[VerifiedCheckpointIO(expected)] if recipe.strategy in ("auto", "ddp") else None,
         enable_checkpointing=output_dir is not None, default_root_dir=output_dir, use_distributed_sampler=False,
         enable_model_summary=False,
     )
 
 
 def export_student(run: Run, directory: Path, record: dict[str, Any]) -> Path:
-    """``save_pretrained`` the student (safetensors) with its tokenizer and lineage, atomically."""
+    """``save_pretrained`` the student (safetensors) with its tokenizer and lineage, atomically.
+
+    A LoRA student (``student.lora``) saves its adapter here, and with ``export_merged`` the merged model into
+    ``<directory>-merged`` (:func:`purify.lora.export_lora`).
+    """
+    lora = run.recipe.student.lora
+    if lora is not None:
+        from purify.lora import export_lora
+
+        merged = directory.with_name(f"{directory.name}-merged") if lora.export_merged else None
+        export_lora(run.student.module, directory, record, run.student.tokenizer, merged)  # type: ignore[arg-type]
+        return directory
     with atomic_dir(directory, replace=True) as tmp:
         module = run.student.module
         if hasattr(module, "save_pretrained"):
@@ -100,26 +107,40 @@ def export_student(run: Run, directory: Path, record: dict[str, Any]) -> Path:
 
 
 def train(recipe: Recipe) -> Path:
-    """Train a recipe end to end; returns the output directory."""
+    """Train a recipe end to end; returns the output directory.
+
+    ``lineage.json`` in ``output_dir`` carries ``status``: ``running`` while training, ``finished`` once the student
+    is exported, ``failed`` (with ``error``, one line) when anything raised — so a run that died never looks
+    finished, to a reader or to ``purify lineage show``. Nothing is written before the recipe is validated and
+    every model built.
+    """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
-    write_lineage(output_dir, run.lineage)
+    record: dict[str, Any] = {**run.lineage, "status": "running"}
+    write_lineage(output_dir, record)
     ckpt_dir = output_dir / "checkpoints"
-    lineage_cb = LineageCallback(run.lineage, ckpt_dir)
+    lineage_cb = LineageCallback(record, ckpt_dir)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
                                  save_last=True)
-    trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir)
-    trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
-    with _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):  # collective under ZeRO-3
+    trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
+    try:
+        trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
+        with _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):  # collective under ZeRO-3
+            if trainer.is_global_zero:
+                final = {**lineage_cb.snapshot(trainer), "status": "finished"}
+                if recipe.export:
+                    export_student(run, output_dir / "student", final)
+                write_lineage(output_dir, final)
+    except BaseException as err:
         if trainer.is_global_zero:
-            record = lineage_cb.snapshot(trainer)
-            write_lineage(output_dir, record)
-            if recipe.export:
-                export_student(run, output_dir / "student", record)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            failed = {**lineage_cb.snapshot(trainer), "status": "failed", "error": f"{type(err).__name__}: {reason}"}
+            write_lineage(output_dir, failed)
+        raise
     return output_dir
 
 

@@ -33,6 +33,10 @@ class RecipeError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss or weights; the message names the step."""
+
+
 @dataclass
 class ModelOutput:
     """What a model gives the distiller at the target positions.

@@ -12,7 +12,8 @@ from purify.lineage import read_lineage
 from purify.models import AuxMLP, state_sha256
 from purify.module import Distiller
 from purify.assembly import build_run
-from purify.train import AtomicCheckpointIO, train
+from purify.checkpoint import VerifiedCheckpointIO
+from purify.train import train
 
 
 def student_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -61,9 +62,9 @@ def test_lineage_teacher_hash_changes_with_teacher_weights(mlp_recipe):
 
 
 def test_kill_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
+    io = VerifiedCheckpointIO()
     path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
 
     def crash(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"partial")
@@ -71,9 +72,9 @@ def test_kill_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+        io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
-    assert io.load_checkpoint(path)["step"] == 1
+    assert io.load_checkpoint(path)["global_step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 

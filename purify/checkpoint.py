@@ -1,0 +1,126 @@
+"""Checkpoints that are verified before anything is restored.
+
+:class:`VerifiedCheckpointIO` (Lightning's checkpoint IO for ``purify train`` under ``auto``/``ddp``) writes each
+checkpoint atomically with a sha256 of every tensor it holds, and on load refuses — with one
+:class:`CheckpointError` line naming the file and what is wrong — a file that is truncated, has a damaged header or
+damaged tensor bytes, is not a Lightning checkpoint, holds non-finite values, or was written for another model.
+Loading stays ``weights_only`` (safe): the fix for a bad file is another checkpoint, never unsafe loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from purify.storage import atomic_path
+from purify.types import RecipeError
+
+INTEGRITY_KEY = "purify_integrity"
+"""Checkpoint entry holding ``{"sha256": ..., "tensors": n}`` over every tensor of the checkpoint."""
+
+_FIX = "resume from another checkpoint (an earlier step*.ckpt in the same directory) or start afresh"
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint that cannot be restored, as one line naming the file and what is wrong."""
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested checkpoint structure, with a stable path, in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            if key != INTEGRITY_KEY:
+                yield from _tensors(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from _tensors(item, f"{prefix}[{i}]")
+
+
+def tensor_digest(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in ``checkpoint``."""
+    digest, count = hashlib.sha256(), 0
+    for name, t in _tensors(checkpoint):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        count += 1
+    return {"sha256": digest.hexdigest(), "tensors": count}
+
+
+def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = None,
+                  map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint and check it before anyone restores from it.
+
+    Args:
+        path: a ``.ckpt`` file.
+        expected: the model's ``state_dict`` (or any ``{name: tensor}``) the checkpoint must fit: every checkpoint
+            key must exist there with the same shape, and every model key must be in the checkpoint.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        The checkpoint dictionary.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"resume: {path} is not a checkpoint file; {_FIX}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, damaged header, a pickle of foreign objects, not a torch file at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(f"resume: {path} cannot be read as a checkpoint ({type(err).__name__}: {first}); it is "
+                              f"truncated, damaged or not a checkpoint; {_FIX}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+        raise CheckpointError(f"resume: {path} is not a Lightning checkpoint (no state_dict/global_step); give a "
+                              "checkpoints/step*.ckpt or last.ckpt written by purify train")
+    stored = ckpt.get(INTEGRITY_KEY)
+    if stored is not None and tensor_digest(ckpt) != stored:
+        raise CheckpointError(f"resume: {path} is damaged: its tensors do not match the sha256 recorded when it was "
+                              f"written; {_FIX}")
+    weights = {"state_dict": ckpt["state_dict"], "optimizer_states": ckpt.get("optimizer_states", [])}
+    for name, t in _tensors(weights):  # not callbacks' state: a best score may be inf by design
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"resume: {path} holds non-finite values in {name}; {_FIX}")
+    if expected is not None:
+        state = ckpt["state_dict"]
+        foreign = [k for k in state if k not in expected or tuple(state[k].shape) != tuple(expected[k].shape)]
+        missing = [k for k in expected if k not in state]
+        if foreign or missing:
+            what = f"{len(foreign)} tensors it holds do not fit" if foreign else f"{len(missing)} tensors are missing"
+            example = (foreign or missing)[0]
+            raise CheckpointError(f"resume: {path} was written for another model ({what}, e.g. {example}); resume a "
+                                  "checkpoint of this recipe's student and purifiers")
+    return ckpt
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic writes with a tensor sha256, verified loads (see the module docstring).
+
+    Args:
+        expected: a zero-argument callable giving the ``{name: tensor}`` a checkpoint must fit, or ``None``.
+    """
+
+    def __init__(self, expected: Any = None) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        checkpoint = {**checkpoint, INTEGRITY_KEY: tensor_digest(checkpoint)}
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        expected = self.expected() if self.expected is not None else None
+        ckpt = load_verified(path, expected, map_location=map_location or "cpu")
+        ckpt.pop(INTEGRITY_KEY, None)
+        return ckpt
+

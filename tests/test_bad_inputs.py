@@ -1,0 +1,190 @@
+"""The bad-input table: every user mistake ends in `purify: error:` lines naming it, exit 2, no traceback, and no
+directory that looks like a finished run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from purify.cli import main
+from purify.lm import build_tokenizer
+from tests.conftest import mlp_overrides
+
+TEXTS = ["the cat sat on the mat", "a dog ran far", "birds sing at dawn", "we go home now"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny LM recipe's pieces: a saved char tokenizer and a good jsonl."""
+    root = tmp_path_factory.mktemp("lm")
+    build_tokenizer(TEXTS, kind="char").save_pretrained(root / "tok")
+    (root / "good.jsonl").write_text("".join(json.dumps({"prompt": t[:4], "completion": t[4:]}) + "\n" for t in TEXTS))
+    (root / "empty.jsonl").write_text("")
+    (root / "nocompletion.jsonl").write_text('{"prompt": "the cat"}\n')
+    (root / "notjson.jsonl").write_text('{"prompt": "a", "completion": "b"}\nthis is not json\n')
+    return root
+
+
+def lm_args(root: Path, out: Path, **extra: object) -> list[str]:
+    spec = ("{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+            "num_attention_heads: 2, num_key_value_heads: 2}, tokenizer: %s, seed: %d}")
+    items = {"student": spec % (root / "tok", 0), "teachers": f"[{spec % (root / 'tok', 1)}]",
+             "data.train": root / "good.jsonl", "data.batch_size": 2, "data.max_length": 32,
+             "trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.checkpoint_every_n_steps": 2,
+             "trainer.enable_progress_bar": False, "output_dir": out}
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def looks_finished(out: Path) -> bool:
+    """A directory a reader could take for a finished run: an export, or lineage without a failure mark."""
+    lineage = out / "lineage.json"
+    if (out / "student").exists():
+        return True
+    return lineage.is_file() and json.loads(lineage.read_text()).get("status") != "failed"
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    """A real checkpoint of the MLP recipe (trained 4 steps), to damage in several ways."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert main(["train", str(_write_recipe(out.parent, mlp_overrides(out, steps=4)))]) == 0
+    return out / "checkpoints" / "last.ckpt"
+
+
+def _write_recipe(directory: Path, overrides: list[str]) -> Path:
+    from omegaconf import OmegaConf
+
+    path = directory / "recipe.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(overrides), path)
+    return path
+
+
+def _damaged(src: Path, dst: Path, how: str) -> Path:
+    data = bytearray(src.read_bytes())
+    if how == "garbage":  # 4 KB of noise in the middle of the file (inside tensor bytes)
+        mid = len(data) // 2
+        data[mid:mid + 4096] = torch.randint(0, 256, (min(4096, len(data) - mid),), dtype=torch.uint8).numpy().tobytes()
+    elif how == "truncated":
+        data = data[: len(data) // 3]
+    elif how == "header":
+        data[:64] = b"\x00" * 64
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+CASES = {
+    "two bad keys": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_stepz": 3, "data.batchsize": 2}),
+                     [r"trainer\.max_stepz: unknown key; did you mean 'max_steps'",
+                      r"data\.batchsize: unknown key; did you mean 'batch_size'"]),
+    "wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_steps": "abc"}),
+                   [r"trainer\.max_steps: .*'abc'"]),
+    "missing data file": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": tmp / "nope.jsonl"}),
+                          [r"data\.train: file not found: .*nope\.jsonl"]),
+    "empty jsonl": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "empty.jsonl"}),
+                    [r"empty\.jsonl: no records; the data set is empty"]),
+    "record without completion": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "nocompletion.jsonl"}),
+                                  [r"nocompletion\.jsonl:1: expected an object with a string 'completion'"]),
+    "non-JSON line": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "notjson.jsonl"}),
+                      [r"notjson\.jsonl:2: invalid JSON"]),
+    "missing checkpoint": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", resume=tmp / "nope.ckpt"),
+                           [r"resume: checkpoint not found: .*nope\.ckpt"]),
+    "damaged checkpoint": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8,
+                                                             resume=_damaged(ck, tmp / "g.ckpt", "garbage")),
+                           [r"resume: .*g\.ckpt (is damaged|cannot be read|holds non-finite)"]),
+    "truncated checkpoint": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8,
+                                                               resume=_damaged(ck, tmp / "t.ckpt", "truncated")),
+                             [r"resume: .*t\.ckpt cannot be read as a checkpoint .*truncated, damaged or not a checkpoint"]),
+    "corrupted header": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8,
+                                                           resume=_damaged(ck, tmp / "h.ckpt", "header")),
+                         [r"resume: .*h\.ckpt cannot be read as a checkpoint"]),
+    "foreign file": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8, resume=_foreign(tmp)),
+                     [r"resume: .*foreign\.ckpt is not a Lightning checkpoint"]),
+    "other model's checkpoint": (lambda lm, tmp, ck: mlp_overrides(
+        tmp / "o", steps=8, resume=ck, student="{arch: aux_mlp, kwargs: {in_dim: 16, hidden: [64], n_aux: 3}}"),
+        [r"resume: .*last\.ckpt was written for another model"]),
+    "output_dir is a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken")),
+                             [r"output_dir: .*taken is an existing file"]),
+    "huge learning rate": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=6, **{"optim.lr": 1e30}),
+                           [r"non-finite loss .* at step \d+"]),
+    "unknown purifier": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", purifiers="[{name: anchr}]"),
+                         [r"purifiers\[0\]\.name: unknown purifier 'anchr'; did you mean 'anchor'"]),
+}
+
+
+def _foreign(tmp: Path) -> Path:
+    torch.save({"weights": torch.ones(3)}, tmp / "foreign.ckpt")
+    return tmp / "foreign.ckpt"
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a directory")
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_one_line_each_and_no_finished_run(case, lm, good_checkpoint, tmp_path, capsys):
+    make, patterns = CASES[case]
+    code, lines = run_cli(["train", str(_write_recipe(tmp_path, make(lm, tmp_path, good_checkpoint)))], capsys)
+    assert code == 2, lines
+    assert lines and all(line.startswith("purify: error: ") for line in lines), lines
+    assert len(lines) == len(patterns), lines
+    for pattern in patterns:
+        assert any(re.search(pattern, line) for line in lines), (pattern, lines)
+    out = tmp_path / "o"
+    assert not (out.exists() and looks_finished(out))
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("student:\n  arch: aux_mlp\nteachers: [\n  {arch: aux_mlp}\ntrainer: {max_steps: 3\n")
+    code, lines = run_cli(["train", str(path)], capsys)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"purify: error: recipe: cannot parse {path} at line ") and ", column " in lines[0]
+
+
+def test_a_failed_run_is_marked_failed_and_lineage_show_says_so(lm, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _ = run_cli(["train", str(_write_recipe(tmp_path, lm_args(lm, out, **{"data.train": lm / "empty.jsonl"})))],
+                      capsys)
+    assert code == 2
+    record = json.loads((out / "lineage.json").read_text())
+    assert record["status"] == "failed" and "no records" in record["error"]
+    assert main(["lineage", "show", str(out)]) == 0
+    assert "status: failed" in capsys.readouterr().out
+
+
+def test_from_the_command_line_there_is_no_traceback(tmp_path):
+    recipe = _write_recipe(tmp_path, mlp_overrides(tmp_path / "o", **{"trainer.max_stepz": 3, "optim.lrr": 1}))
+    proc = subprocess.run([sys.executable, "-m", "purify", "train", str(recipe)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 2
+    assert all(line.startswith("purify: error: ") for line in lines)
+
+
+def test_garbage_inside_tensor_bytes_is_caught_by_the_recorded_sha256(tmp_path):
+    """torch.load reads such a file without complaint (the bug: NaNs restored silently); the digest refuses it."""
+    from purify.checkpoint import CheckpointError, VerifiedCheckpointIO
+
+    io, path = VerifiedCheckpointIO(), tmp_path / "x.ckpt"
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.full((1024,), 1.2345)}}, path)
+    data = path.read_bytes()
+    needle = torch.tensor([1.2345] * 4).numpy().tobytes()
+    at = data.index(needle)
+    path.write_bytes(data[:at] + b"\xff" * 16 + data[at + 16:])  # NaNs in the middle of the tensor's bytes
+    assert torch.isnan(torch.load(path, weights_only=True)["state_dict"]["w"]).any()  # loads "fine"
+    with pytest.raises(CheckpointError, match=r"x\.ckpt is damaged: its tensors do not match the sha256"):
+        io.load_checkpoint(path)
