@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import purify.assembly
-from purify.config import OptimConfig, RecipeError
 from purify.assembly import load_recipe
+from purify.config import OptimConfig, RecipeError
 from purify.lineage import read_lineage
 from purify.models import AuxMLP, build_model
 from purify.module import Distiller
@@ -17,6 +17,7 @@ from purify.purifiers import ModelOutput, ParameterPurifier, PurifierContext, Ta
 from purify.purifiers.adversary import Adversary, AdversaryConfig, DiscriminatorHead, example_lineage
 from purify.purifiers.anchor import Anchor, AnchorConfig, anchor_penalty
 from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionConfig, delta_subspaces
+from purify.purifiers.function_anchor import FunctionAnchor, FunctionAnchorConfig, kl_to_base
 from purify.purifiers.grl import GradientReversal, dann_lambda
 from purify.train import train
 from tests.conftest import mlp_overrides
@@ -227,6 +228,104 @@ def test_anchor_gradient_is_weight_times_displacement():
     assert list(anchor.parameters()) == []  # the student and base are not registered inside the purifier
 
 
+# ------------------------------------------------------------------ function anchor (off-task KL to the base)
+def anchor_ctx(student: nn.Module, base: nn.Module, tokenizer=None) -> PurifierContext:
+    return PurifierContext(student=student, teachers=[], teacher_names=[], teacher_weights=[], base=base,
+                           student_tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_function_anchor_is_zero_with_zero_gradient_at_the_base_and_pulls_toward_it_otherwise(direction):
+    base = mlp(0)
+    student = copy.deepcopy(base)
+    cfg = FunctionAnchorConfig(weight=2.0, direction=direction, batch_size=32, seed=5)
+    purifier = FunctionAnchor(cfg)
+    purifier.setup(anchor_ctx(student, base))
+    assert purifier.source == "noise"  # auto, for a vector model
+    loss = purifier.extra_loss(batch(0), ModelOutput(logits=torch.zeros(1)), 0.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    # zero up to float rounding (~1e-9; the same student one perturbation away has gradients ~0.2)
+    assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-7
+    student = finetuned(base, scale=0.3)
+    purifier = FunctionAnchor(cfg)
+    purifier.setup(anchor_ctx(student, base))
+    loss = purifier.extra_loss(batch(0), ModelOutput(logits=torch.zeros(1)), 0.0)
+    # by hand: the same uniform draw in [-1, 1], KL over the 13 outputs, mean over the 32 rows, times the weight
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        lp_b, lp_s = base({"x": x}).logits.log_softmax(-1), student({"x": x}).logits.log_softmax(-1)
+    p, q = (lp_b, lp_s) if direction == "forward" else (lp_s, lp_b)
+    expected = 2.0 * (p.exp() * (p - q)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    assert purifier.last_metrics["kl_to_base"].item() == pytest.approx(expected.item() / 2, rel=1e-5)
+    # descending the anchor alone pulls the student's function toward the base's on fresh neutral inputs
+    fresh = {"x": torch.rand(256, 16, generator=torch.Generator().manual_seed(99)) * 2 - 1}
+
+    def drift() -> float:
+        with torch.no_grad():
+            return kl_to_base(student(fresh).logits, base(fresh).logits).item()
+
+    before = drift()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+    for _ in range(20):
+        optimizer.zero_grad()
+        purifier.extra_loss(batch(0), ModelOutput(logits=torch.zeros(1)), 0.0).backward()
+        optimizer.step()
+    assert drift() < 0.7 * before
+
+
+def test_function_anchor_reads_neutral_text_with_the_students_tokenizer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.lm import build_tokenizer
+    from purify.lm.corpus import paragraphs
+
+    texts = paragraphs(8, 31)
+    tok = build_tokenizer(texts, "word")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    student = copy.deepcopy(base)
+    purifier = FunctionAnchor(FunctionAnchorConfig(source="prose", num_texts=8, corpus_seed=31, batch_size=3))
+    purifier.setup(anchor_ctx(student, base, tok))
+    dist = {"target_mask": torch.ones(2, 5)}
+    neutral = purifier.neutral_batch(dist)
+    assert neutral["input_ids"].shape[0] == 3
+    encoded = {tuple([tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:64]
+               for t in texts}
+    assert {tuple(r[m.bool()].tolist()) for r, m in zip(neutral["input_ids"], neutral["attention_mask"])} <= encoded
+    assert purifier.extra_loss(dist, ModelOutput(logits=torch.zeros(1)), 0.0).item() == 0.0  # student = base
+    with torch.no_grad():
+        student.lm_head.weight.add_(0.5 * torch.randn_like(student.lm_head.weight))
+    assert purifier.extra_loss(dist, ModelOutput(logits=torch.zeros(1)), 0.0).item() > 0
+    seen = [purifier.neutral_batch(dist)["input_ids"] for _ in range(3)]  # the stream cycles through all 8 texts
+    assert len({tuple(r[r != tok.pad_token_id].tolist()) for b in seen for r in b}) >= 6
+
+
+@pytest.mark.parametrize("purifier, message", [
+    ("{name: function_anchor, weight: -1}", r"purifiers\[0\].weight: must be >= 0"),
+    ("{name: function_anchor, source: bundled}", r"purifiers\[0\].source: 'bundled' is text, but the student is a "
+                                                 "vector model"),
+    ("{name: function_anchor, source: /no/such.txt}", r"purifiers\[0\].source: file not found: /no/such.txt"),
+    ("{name: function_anchor, noise_low: 1, noise_high: 0}", r"purifiers\[0\].noise_low: 1.0 must be below"),
+])
+def test_function_anchor_bad_settings_fail_at_load(tmp_path, purifier, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, mlp_overrides(tmp_path, purifiers=f"[{purifier}]"))
+
+
+def test_function_anchor_refuses_the_distillation_data_as_neutral_inputs():
+    from types import SimpleNamespace
+
+    lm = SimpleNamespace(student=SimpleNamespace(arch=None), data=SimpleNamespace(train="bundled"))
+    assert "is the distillation data" in FunctionAnchorConfig().recipe_problems(lm)[0]  # auto → bundled
+    assert FunctionAnchorConfig(source="prose").recipe_problems(lm) == []
+    assert "needs a vector model" in FunctionAnchorConfig(source="noise").recipe_problems(lm)[0]
+
+
 # ------------------------------------------------------------------ delta projection
 def test_displacement_stays_out_of_the_teachers_update_subspace():
     student = mlp(0)
@@ -314,6 +413,7 @@ def _perturb_finetuned_teachers(monkeypatch):
                    "teachers": f"[{SPEC % (7, '')}, {SPEC % (8, '')}]"}, ["disc_acc", "disc_loss", "grl_scale"]),
     ("delta_projection", {"purifiers": "[{name: delta_projection, rank: 2}]",
                           "teachers": f"[{SPEC % (0, ', name: finetuned')}]"}, ["projected_norm", "displacement_norm"]),
+    ("function_anchor", {"purifiers": "[{name: function_anchor, weight: 1.0}]"}, ["kl_to_base"]),
 ])
 def test_each_purifier_trains_end_to_end_and_logs(tmp_path, monkeypatch, name, extra, keys):
     _perturb_finetuned_teachers(monkeypatch)
@@ -327,8 +427,8 @@ def test_each_purifier_trains_end_to_end_and_logs(tmp_path, monkeypatch, name, e
 
 
 def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
-    from purify.config import RecipeError
     from purify.assembly import load_recipe
+    from purify.config import RecipeError
     from tests.conftest import mlp_overrides
 
     two = ("[{arch: aux_mlp, seed: 7, kwargs: {in_dim: 16, hidden: [32, 32], n_aux: 3}}, "
