@@ -41,8 +41,14 @@ def _umask() -> int:
 
 
 def _publish_mode(path: Path, directory: bool) -> None:
-    """Give a temporary file (0600) or directory (0700) the mode a plain ``open``/``mkdir`` would: the umask's."""
-    path.chmod((0o777 if directory else 0o666) & ~_umask())
+    """Give a temporary file (0600) or directory (0700) — and, for a directory, everything written into it by
+    libraries that make private files — the mode a plain ``open``/``mkdir`` would: the umask's."""
+    mask = _umask()
+    path.chmod((0o777 if directory else 0o666) & ~mask)
+    if directory:
+        for inner in path.rglob("*"):
+            if not inner.is_symlink():
+                inner.chmod((0o777 if inner.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager

@@ -188,3 +188,33 @@ def test_garbage_inside_tensor_bytes_is_caught_by_the_recorded_sha256(tmp_path):
     assert torch.isnan(torch.load(path, weights_only=True)["state_dict"]["w"]).any()  # loads "fine"
     with pytest.raises(CheckpointError, match=r"x\.ckpt is damaged: its tensors do not match the sha256"):
         io.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("purify").TailTruncation(__import__("purify").TailTruncationConfig(top_k=0)),
+     r"tail_truncation\.top_k: must be >= 1, got 0"),
+    (lambda: __import__("purify").TailTruncation(__import__("purify").TailTruncationConfig(top_k=-1, top_p=2.0)),
+     r"tail_truncation\.top_k: must be >= 1, got -1\ntail_truncation\.top_p: 2\.0 is not in \(0, 1\]"),
+    (lambda: __import__("purify").Anchor(__import__("purify").AnchorConfig(weight=-1.0)),
+     r"anchor\.weight: must be >= 0"),
+])
+def test_library_configs_validate_at_construction(make, message):
+    from purify.types import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        make()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main(["train", str(_write_recipe(tmp_path, mlp_overrides(out, steps=2)))]) == 0
+    finally:
+        os.umask(old)
+    for path in [out / "lineage.json", out / "checkpoints" / "last.ckpt", out / "student" / "model.safetensors"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((out / "student").stat().st_mode) == 0o755
