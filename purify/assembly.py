@@ -23,7 +23,7 @@ import torch
 
 from purify.align import same_tokenizer
 from purify.cache import cache_spec_problems, check_cache
-from purify.config import Recipe, parse_recipe, recipe_problems, structured, to_dict
+from purify.config import Recipe, parse_recipe_problems, recipe_problems, structured, to_dict
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
@@ -43,8 +43,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     Raises:
         RecipeError: every problem found, one line each.
     """
-    recipe = parse_recipe(path, overrides)
-    validate(recipe)
+    recipe, problems = parse_recipe_problems(path, overrides)
+    if recipe is not None:
+        problems += _problems(recipe)[1]
+    if problems or recipe is None:
+        raise RecipeError(problems)
     return recipe
 
 
@@ -116,6 +119,9 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
         if ct.needs_teacher_weights and 0 <= index < len(recipe.teachers) and recipe.teachers[index].cache:
             out.append(f"{where}: {cfg.name} needs teachers[{index}]'s weights, but it is a logit cache; give the "
                        "teacher as a model (path, builtin, gguf, config)")
+        if ct.edits_weights and recipe.student.lora is not None:
+            out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
+                       "adapter trains); remove the purifier or student.lora")
     return out
 
 
@@ -155,6 +161,14 @@ def validate(recipe: Recipe) -> list[PurifierConfig]:
     Raises:
         RecipeError: every problem found (config values, sources, purifier entries and contracts, batch, strategy).
     """
+    configs, problems = _problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+    return configs
+
+
+def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
+    """The validated purifier configs and every problem of a converted recipe."""
     problems = recipe_problems(recipe)
     problems += _source_problems(recipe.student, "student")
     for i, teacher in enumerate(recipe.teachers):
@@ -169,9 +183,7 @@ def validate(recipe: Recipe) -> list[PurifierConfig]:
             resolve_strategy(recipe)
         except RecipeError as err:
             problems += err.problems
-    if problems:
-        raise RecipeError(problems)
-    return configs
+    return configs, problems
 
 
 @dataclass

@@ -22,10 +22,31 @@ from omegaconf.errors import OmegaConfBaseException
 
 from purify.types import RecipeError
 
-__all__ = ["STRATEGIES", "Recipe", "RecipeError", "parse_recipe", "recipe_problems", "structured", "to_dict", "to_yaml"]
+__all__ = ["STRATEGIES", "LoraSpec", "Recipe", "RecipeError", "parse_recipe", "parse_recipe_problems", "recipe_problems",
+           "structured", "to_dict", "to_yaml"]
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 """Recipe ``strategy`` values (built into Lightning strategies by :mod:`purify.strategy`)."""
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA adapter on a Hugging Face causal-LM student (``student.lora``; built with peft's ``LoraConfig``).
+
+    The base weights are frozen and only the adapter trains: ``W x + (alpha / r) · B A x`` with ``A`` ``(r, n)``
+    random and ``B`` ``(m, r)`` zero at the start (``alpha / √r`` with ``use_rslora``). ``purify train`` exports the
+    adapter into ``student/`` and, with ``export_merged``, the merged model into ``student-merged/``.
+    """
+
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scale numerator: the update is (alpha / r) · B A
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: Optional[List[str]] = None  # module-name suffixes (q_proj, v_proj, ...) or [all-linear];
+    # null = peft's default for the model type (q_proj, v_proj for Llama)
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train too
+    modules_to_save: Optional[List[str]] = None  # modules trained in full and saved with the adapter (e.g. lm_head)
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    export_merged: bool = False  # also save the merged model (plain transformers) into output_dir/student-merged
 
 
 @dataclass
@@ -45,6 +66,7 @@ class ModelSpec:
     seed: Optional[int] = None  # init seed for `config`/`arch` builds; defaults to the recipe seed
     revision: Optional[str] = None  # hub revision to pin
     trust_remote_code: bool = False  # never true unless the recipe says so
+    lora: Optional[LoraSpec] = None  # students only: train a LoRA adapter on frozen pretrained weights
 
 
 @dataclass
@@ -249,6 +271,35 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     out_dir = Path(recipe.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
+    out += _lora_problems(recipe)
+    return out
+
+
+def _lora_problems(recipe: Recipe) -> list[str]:
+    """``student.lora`` values, and LoRA only where it can work: a pretrained Hugging Face student, no teacher."""
+    out = [f"teachers[{i}].lora: teachers are frozen, so an adapter on one would never train; LoRA applies to the "
+           "student only, remove it" for i, t in enumerate(recipe.teachers) if t.lora is not None]
+    lora, student = recipe.student.lora, recipe.student
+    if lora is None:
+        return out
+    kinds = {"arch": "a plain torch module (a vector model)", "cache": "a logit cache",
+             "config": "a random initialisation whose weights are never saved, so the adapter could not be loaded"}
+    kind = next((k for k in kinds if getattr(student, k) is not None), None)
+    if kind is not None:
+        out.append(f"student.lora: LoRA adapts a pretrained Hugging Face causal LM, but student.{kind} is "
+                   f"{kinds[kind]}; give the student as path, builtin or gguf, or remove student.lora")
+    if lora.r < 1:
+        out.append(f"student.lora.r: must be >= 1, got {lora.r}")
+    if not lora.alpha > 0:
+        out.append(f"student.lora.alpha: must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        out.append(f"student.lora.dropout: {lora.dropout} is not in [0, 1)")
+    for key in ("target_modules", "modules_to_save"):
+        names = getattr(lora, key)
+        if names is not None and (not names or any(not str(n).strip() for n in names)):
+            out.append(f"student.lora.{key}: give module names (e.g. [q_proj, v_proj]) or null, got {list(names)}")
+    if lora.target_modules is not None and "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
+        out.append("student.lora.target_modules: all-linear stands alone; give [all-linear] or a list of names")
     return out
 
 
@@ -336,16 +387,32 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
 def parse_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe, apply ``key=value`` dotlist overrides and convert to :class:`Recipe`.
 
-    Every unknown key and every value of the wrong type is reported, not only the first: the error's message has
-    one ``"<dotted.key>: <problem>; <fix>"`` line per problem. Only the schema is checked here;
-    :func:`purify.assembly.load_recipe` also runs every cross-domain check.
+    Raises:
+        RecipeError: listing every schema problem found (see :func:`parse_recipe_problems`).
+    """
+    recipe, problems = parse_recipe_problems(path, overrides)
+    if problems or recipe is None:
+        raise RecipeError(problems)
+    return recipe
+
+
+def parse_recipe_problems(path: str | Path | None = None,
+                          overrides: list[str] | None = None) -> tuple[Recipe | None, list[str]]:
+    """Parse a recipe and list every schema problem, not only the first.
+
+    Unknown keys and values of the wrong type are skipped and reported (one ``"<dotted.key>: <problem>; <fix>"``
+    line each); the rest is still converted, so later checks can report their problems too. Only the schema is
+    checked here; :func:`purify.assembly.load_recipe` also runs every cross-domain check.
 
     Args:
         path: YAML file, or ``None`` for the defaults alone.
         overrides: omegaconf dotlist, e.g. ``["trainer.max_steps=20", "loss.name=jsd"]``.
 
+    Returns:
+        The recipe (``None`` when it cannot be converted at all) and the problems.
+
     Raises:
-        RecipeError: listing every problem found.
+        RecipeError: when the YAML file is missing or cannot be parsed.
     """
     data = _load_yaml(path) if path is not None else {}
     problems = _unknown_keys(Recipe, data, "")
@@ -371,12 +438,10 @@ def parse_recipe(path: str | Path | None = None, overrides: list[str] | None = N
                             f"{str(getattr(err, 'msg', err)).splitlines()[0]}")
         except (TypeError, ValueError, IndexError, KeyError) as err:
             problems.append(f"{key}: {str(err).splitlines()[0]}")
-    if problems:
-        raise RecipeError(problems)
     try:
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return OmegaConf.to_object(merged), problems  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise RecipeError(_explain(err, schema).problems) from None
+        return None, problems + _explain(err, schema).problems
 
 
 def to_yaml(obj: Any) -> str:

@@ -76,16 +76,19 @@ class LoadedModel:
 
 
 def _is_hf(model: nn.Module) -> bool:
+    """A transformers model, or a peft model (a LoRA student) around one."""
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel)
+    from purify.lora import is_lora
+
+    return isinstance(model, PreTrainedModel) or is_lora(model)
 
 
 def model_forward(model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
     """Run a student or teacher on a batch; causal-LM logits are shifted to predict the next token.
 
     Args:
-        model: a transformers causal LM or a registered architecture.
+        model: a transformers causal LM (a peft LoRA model included) or a registered architecture.
         batch: collated batch (``input_ids``/``attention_mask`` or ``x``).
         hidden: also return the last hidden states.
     """
@@ -153,8 +156,9 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
     """Build the module and tokenizer a spec describes.
 
     Args:
-        spec: the recipe's model spec (validated).
-        seed: init seed for ``config``/``arch`` builds when ``spec.seed`` is unset.
+        spec: the recipe's model spec (validated). With ``lora`` the module is a peft LoRA model around the built
+            one (:func:`purify.lora.apply_lora`), its adapter seeded like a ``config`` build.
+        seed: init seed for ``config``/``arch`` builds (and a LoRA adapter) when ``spec.seed`` is unset.
         deferred: describe the model (name, source, tokenizer, config) but leave ``module`` unbuilt until
             :meth:`LoadedModel.build` (how teachers reach ``configure_model`` under ZeRO-3). A ``cache`` teacher holds
             no weights and is always built.
@@ -171,7 +175,7 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
                 return arch(**kwargs)
 
         return _loaded(LoadedModel(None, None, spec.name or spec.arch, f"arch:{spec.arch} seed={init_seed}", None,
-                                   factory=make_arch), deferred)
+                                   factory=_with_lora(make_arch, spec, init_seed)), deferred)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -192,7 +196,7 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
 
         name = spec.name or f"{config.model_type}-config"
         return _loaded(LoadedModel(None, tokenizer, name, f"config:{cfg_dict} seed={init_seed}", tok_source,
-                                   factory=make_config, config=config), deferred)
+                                   factory=_with_lora(make_config, spec, init_seed), config=config), deferred)
 
     directory = _resolve_dir(spec)
 
@@ -205,8 +209,22 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
     source = spec.path or (f"builtin:{spec.builtin}" if spec.builtin else f"gguf:{spec.gguf}")
     config = None if not deferred else AutoConfig.from_pretrained(directory, revision=spec.revision,
                                                                   trust_remote_code=spec.trust_remote_code)
-    return _loaded(LoadedModel(None, tokenizer, spec.name or source, source, tok_source, factory=make_pretrained,
-                               config=config), deferred)
+    return _loaded(LoadedModel(None, tokenizer, spec.name or source, source, tok_source,
+                               factory=_with_lora(make_pretrained, spec, init_seed), config=config), deferred)
+
+
+def _with_lora(factory: Callable[[], nn.Module], spec: ModelSpec, seed: int) -> Callable[[], nn.Module]:
+    """``factory``, wrapped in the LoRA adapter ``spec.lora`` describes (seeded by ``seed``) when it is set."""
+    lora = getattr(spec, "lora", None)
+    if lora is None:
+        return factory
+
+    def make_lora() -> nn.Module:
+        from purify.lora import apply_lora
+
+        return apply_lora(factory(), lora, seed, revision=spec.revision)
+
+    return make_lora
 
 
 def _loaded(model: LoadedModel, deferred: bool) -> LoadedModel:

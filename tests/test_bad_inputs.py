@@ -89,6 +89,10 @@ CASES = {
     "two bad keys": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_stepz": 3, "data.batchsize": 2}),
                      [r"trainer\.max_stepz: unknown key; did you mean 'max_steps'",
                       r"data\.batchsize: unknown key; did you mean 'batch_size'"]),
+    "schema and semantic problems together": (
+        lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_stepz": 3, "optim.lr": -1,
+                                                        "purifiers": "[{name: anchr}]"}),
+        [r"trainer\.max_stepz: unknown key", r"optim\.lr: must be > 0, got -1", r"purifiers\[0\]\.name: unknown purifier"]),
     "wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_steps": "abc"}),
                    [r"trainer\.max_steps: .*'abc'"]),
     "missing data file": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": tmp / "nope.jsonl"}),

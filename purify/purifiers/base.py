@@ -41,6 +41,8 @@ class Contract:
         needs_tokenizer: needs language models with tokenizers (not vector models, no ``loss.logit_slice``).
         needs_full_support: gives some vocabulary entries zero target mass, which only losses that allow it
             (forward KL, JSD with beta < 1) can use.
+        edits_weights: edits the student's full weight matrices (or their gradients), which a LoRA student
+            (``student.lora``) keeps frozen.
     """
 
     first: bool = False
@@ -51,6 +53,7 @@ class Contract:
     needs_teacher_weights: bool = False
     needs_tokenizer: bool = False
     needs_full_support: bool = False
+    edits_weights: bool = False
 
 
 class PurifierConfig:

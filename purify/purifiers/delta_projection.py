@@ -112,8 +112,9 @@ class DeltaProjectionConfig(PurifierConfig):
         return []
 
     def contract(self) -> Contract:
-        """Reads the teacher's weights (Δθ_T), so the teacher cannot be a logit cache."""
-        return Contract(needs_teacher_weights=True)
+        """Reads the teacher's weights (Δθ_T), so the teacher cannot be a logit cache; projects the student's full
+        weight matrices, so the student cannot be a LoRA adapter on frozen weights."""
+        return Contract(needs_teacher_weights=True, edits_weights=True)
 
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
