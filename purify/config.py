@@ -20,7 +20,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from purify.types import RecipeError
+from purify.types import LossName, RecipeError
 
 __all__ = ["STRATEGIES", "LoraSpec", "Recipe", "RecipeError", "parse_recipe", "parse_recipe_problems", "recipe_problems",
            "structured", "to_dict", "to_yaml"]
@@ -98,7 +98,7 @@ class DataConfig:
 class LossConfig:
     """Distillation objective: ``soft(name) + hard_label_weight * CE``. See purify.losses for conventions."""
 
-    name: Literal["forward_kl", "reverse_kl", "jsd", "mse", "ce"] = "forward_kl"
+    name: LossName = "forward_kl"
     beta: float = 0.5  # JSD interpolation (0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # divides both logits; the loss is multiplied by T^2
     hard_label_weight: float = 0.0  # weight of CE on the data's tokens

@@ -8,12 +8,15 @@ Every layer speaks these: :data:`Batch` (a collated batch), :class:`ModelOutput`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
 IGNORE_INDEX = -100
 """Label value that marks a position as not a target (the Hugging Face convention)."""
+
+LossName = Literal["forward_kl", "reverse_kl", "jsd", "mse", "ce"]
+"""The distillation objectives (:mod:`purify.losses`), by recipe name."""
 
 Batch = dict[str, Any]
 """A collated batch: ``target_mask`` ``(B, T)`` and ``labels`` ``(B, T)`` aligned with the model outputs, plus the
