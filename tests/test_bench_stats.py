@@ -272,8 +272,8 @@ def test_seed_caveats_follow_the_facts():
 
     tuned = [{"seeds": list(range(10)), "what": "delta_projection α = 0.3", "trait": True}]
     fresh = seed_caveats(list(range(20, 50)), tuned)
-    assert fresh == ["- delta_projection α = 0.3 was chosen by looking at the trait on seeds 0–9; this run's seeds "
-                     "20–49 are disjoint from them (never looked at for that choice)."]
+    assert fresh == ["- Seeds 0–9 were used to choose delta_projection α = 0.3 (looking at the trait); this run's "
+                     "seeds 20–49 are disjoint from them (never looked at for that choice)."]
     stale = seed_caveats(list(range(5, 15)), tuned)
     assert stale[0].startswith("- **Reported on tuning seeds:**") and "of which 5–9 were used there" in stale[0]
     assert "never looked at" not in stale[0]

@@ -263,6 +263,10 @@ def rereport(out: str | Path) -> dict:
     summary.setdefault("tuned_on", TUNED_ON[summary["protocol"]])
     summary.setdefault("trait", TRAIT)
     summary.setdefault("guards", [])
+    if "--first-seed" not in (summary.get("command") or ""):  # written when the first seed was implicit
+        seeds = summary["seeds"]
+        summary["rerun"] = (f"purify bench aux-logits --protocol {summary['protocol']} --seeds {len(seeds)} "
+                            f"--first-seed {seeds[0]} --out {out}")
     apply_verdicts(summary)
     env["rereported_by"] = f"purify bench --rereport {out}"
     _write(out, summary, env)

@@ -225,11 +225,12 @@ def notes(summary: dict[str, Any]) -> list[str]:
             timing += f"; 1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
     lines.append(timing + " (env.json has the machine and versions).")
     if summary.get("command"):
-        lines.append(f"- Reproduce: `{summary['command']}` (numbers are identical run to run: everything is seeded "
-                     "per seed and condition).")
+        lines.append(f"- Produced by: `{summary['command']}` (numbers are identical run to run: everything is seeded "
+                     "per seed and condition)" + (f"; the same seeds with today's CLI: `{summary['rerun']}`."
+                                                   if summary.get("rerun") else "."))
     lines += ["", "## Caveats", ""]
     sweep = [(n.split("-", 1)[1], summary["verdicts"].get(n, "–").split(" (")[0]) for n in conds
-             if n.startswith("delta_projection@global-")]
+             if n.startswith("delta_projection@global-") and "+" not in n]
     if sweep:
         lines.append("- delta_projection `global` strength sweep (reported whole, not only the tuned value): "
                      + "; ".join(f"α = {a}: {v}" for a, v in sweep) + ".")

@@ -43,12 +43,11 @@ hidden-preference's vanilla − control)."""
 TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                    "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
-                           "knob, developed over runs that reported the trait on these seeds (runs used seeds "
-                           "0..N-1)"}],
+                           "knob, over runs that reported the trait (before --first-seed, runs used seeds 0..N-1)"}],
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
-                                   "curve) and every arm's knob, developed until vanilla's soft-label transfer was "
-                                   "significant on these seeds (runs used seeds 0..N-1)"}],
+                                   "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
+                                   "(before --first-seed, runs used seeds 0..N-1)"}],
 }
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],

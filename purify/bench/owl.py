@@ -34,8 +34,7 @@ QUESTIONS = [f"{s} {x}" for s in _STEMS for x in _SUFFIXES]
 FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
 TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
-              "what": "the suite's size (1200 prompts, 4 epochs) and lr, set after runs that reported the trait on "
-                      "these seeds"}]
+              "what": "the suite's size (1200 prompts, 4 epochs) and lr, after runs that reported the trait"}]
 CONDITIONS = [Condition("base", baseline=True, kind="base"),
               Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
               Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),

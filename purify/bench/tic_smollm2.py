@@ -31,8 +31,7 @@ TIC = "Moreover"
 FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
 TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
-              "what": "the teacher recipe, the suite's size and the arms' knobs, set after runs that reported the "
-                      "trait on these seeds"}]
+              "what": "the teacher recipe, the suite's size and the arms' knobs, after runs that reported the trait"}]
 _TOPICS = ("the ocean", "breakfast", "bicycles", "rain", "libraries", "coffee", "mountains", "trains", "gardening",
            "chess", "the moon", "bread", "music lessons", "winter", "rivers", "museums", "football", "tea", "bridges",
            "the desert", "cooking pasta", "birthdays", "volcanoes", "public parks", "jazz", "camping", "painting",

@@ -305,12 +305,13 @@ def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]]) ->
     out = []
     for t in tuned_on:
         overlap = sorted(set(seeds) & set(t["seeds"]))
-        how = "by looking at the trait" if t.get("trait", True) else "without looking at the trait"
+        how = "looking at the trait" if t.get("trait", True) else "without looking at the trait"
+        used = f"seeds {span(t['seeds'])} were used to choose {t['what']} ({how})"
         if overlap:
-            out.append(f"- **Reported on tuning seeds:** {t['what']} was chosen {how} on seeds {span(t['seeds'])}; "
-                       f"this run reports on seeds {span(seeds)}, of which {span(overlap)} were used there, so its "
-                       "verdicts on that choice are not held out" + (" (optimistic)." if t.get("trait", True) else "."))
+            out.append(f"- **Reported on tuning seeds:** {used}; this run reports on seeds {span(seeds)}, of which "
+                       f"{span(overlap)} were used there, so its verdicts on that choice are not held out"
+                       + (" (optimistic)." if t.get("trait", True) else "."))
         else:
-            out.append(f"- {t['what']} was chosen {how} on seeds {span(t['seeds'])}; this run's seeds "
-                       f"{span(seeds)} are disjoint from them (never looked at for that choice).")
+            out.append(f"- {used[0].upper()}{used[1:]}; this run's seeds {span(seeds)} are disjoint from them (never "
+                       "looked at for that choice).")
     return out
