@@ -27,6 +27,7 @@ from purify.config import Recipe, parse_recipe_problems, recipe_problems, struct
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
+from purify.models_prepare import KNOWN_MODELS
 from purify.models import ARCHITECTURES, LoadedModel, build_model, state_sha256
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
@@ -55,6 +56,8 @@ def _source_problems(spec: Any, where: str) -> list[str]:
     """Checks of a model source against what purify provides (architectures, built-in bases, caches)."""
     if spec.arch is not None and spec.arch not in ARCHITECTURES:
         return [f"{where}.arch: unknown architecture {spec.arch!r}; allowed: {', '.join(ARCHITECTURES)}"]
+    if spec.packaged is not None and spec.packaged not in KNOWN_MODELS:
+        return [f"{where}.packaged: unknown packaged model {spec.packaged!r}; allowed: {', '.join(KNOWN_MODELS)}"]
     if spec.builtin is not None and spec.builtin not in BASES:
         close = difflib.get_close_matches(spec.builtin, list(BASES), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""

@@ -52,6 +52,7 @@ class LoraSpec:
 @dataclass
 class ModelSpec:
     """Where a student or teacher comes from. Exactly one of ``path``, ``builtin``, ``config``, ``arch``, ``gguf``,
+    ``packaged``,
     ``cache`` (teachers only)."""
 
     path: Optional[str] = None  # local directory or hub name, loaded with from_pretrained
@@ -59,6 +60,7 @@ class ModelSpec:
     config: Optional[Dict[str, Any]] = None  # a transformers config (needs model_type), built with random init
     arch: Optional[str] = None  # a registered torch.nn builder (purify.models.ARCHITECTURES), e.g. aux_mlp
     gguf: Optional[str] = None  # a GGUF file, converted through transformers once and cached
+    packaged: Optional[str] = None  # a real model shipped in pip packages (`purify models list`), prepared once
     cache: Optional[str] = None  # teachers only: a directory written by `purify cache` (purify.cache.CachedTeacher)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # arguments of the `arch` builder
     tokenizer: Optional[str] = None  # tokenizer dir or builtin name; defaults to path/builtin/gguf
@@ -207,10 +209,11 @@ def structured(schema: type, data: Any, prefix: str = "") -> Any:
 
 def _source_problems(spec: ModelSpec, where: str) -> list[str]:
     """Checks of one model source that need nothing but the spec and the file system."""
-    sources = [k for k in ("path", "builtin", "config", "arch", "gguf", "cache") if getattr(spec, k) is not None]
+    sources = [k for k in ("path", "builtin", "config", "arch", "gguf", "packaged", "cache")
+               if getattr(spec, k) is not None]
     if len(sources) != 1:
         got = ", ".join(sources) or "none"
-        return [f"{where}: give exactly one of path, builtin, config, arch, gguf, cache (got {got})"]
+        return [f"{where}: give exactly one of path, builtin, config, arch, gguf, packaged, cache (got {got})"]
     out = []
     if spec.config is not None and "model_type" not in spec.config:
         out.append(f"{where}.config: missing model_type; e.g. model_type: llama")

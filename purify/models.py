@@ -117,6 +117,10 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def _resolve_dir(spec: ModelSpec) -> str:
+    if spec.packaged is not None:
+        from purify.models_prepare import prepare
+
+        return str(prepare(spec.packaged))
     if spec.builtin is not None:
         from purify.lm.bases import resolve_base
 
@@ -206,7 +210,8 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
 
     tok_source = spec.tokenizer or directory
     tokenizer = load_tokenizer(tok_source, spec.trust_remote_code)
-    source = spec.path or (f"builtin:{spec.builtin}" if spec.builtin else f"gguf:{spec.gguf}")
+    source = spec.path or (f"builtin:{spec.builtin}" if spec.builtin else
+                           f"packaged:{spec.packaged}" if spec.packaged else f"gguf:{spec.gguf}")
     config = None if not deferred else AutoConfig.from_pretrained(directory, revision=spec.revision,
                                                                   trust_remote_code=spec.trust_remote_code)
     return _loaded(LoadedModel(None, tokenizer, spec.name or source, source, tok_source,

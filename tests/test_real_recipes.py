@@ -152,3 +152,15 @@ def test_slurm_launcher_takes_rendezvous_and_sizes_from_slurm(tmp_path):
     stub(tmp_path, "srun", 'echo "srun $MASTER_ADDR $MASTER_PORT"')
     port = str(15000 + 123456 % 20000)
     assert run_script("launch_slurm.sbatch", ["r.yaml"], env, tmp_path) == ["srun", "node-07", port]
+
+
+PACKAGED = sorted(ROOT.joinpath("recipes", "real", "packaged").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PACKAGED, ids=[p.stem for p in PACKAGED])
+def test_packaged_model_recipes_validate_without_fetching(path):
+    """Recipes naming pip-packaged models (`packaged:`) validate offline: the names are known, nothing is fetched."""
+    recipe = load_recipe(path)
+    assert recipe.student.packaged and all(t.packaged for t in recipe.teachers)
+    with pytest.raises(RecipeError, match=r"student\.packaged: unknown packaged model 'nosuch'; allowed: smollm2-135m"):
+        load_recipe(path, ["student.packaged=nosuch"])
