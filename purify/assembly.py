@@ -27,8 +27,8 @@ from purify.config import Recipe, parse_recipe_problems, recipe_problems, struct
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
-from purify.models_prepare import KNOWN_MODELS
 from purify.models import ARCHITECTURES, LoadedModel, build_model, state_sha256
+from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
 from purify.purifiers.cross_base import resolve_teachers

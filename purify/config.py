@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from purify.types import LossName, RecipeError
 
-__all__ = ["STRATEGIES", "LoraSpec", "Recipe", "RecipeError", "parse_recipe", "parse_recipe_problems", "recipe_problems",
-           "structured", "to_dict", "to_yaml"]
+__all__ = ["STRATEGIES", "LoraSpec", "Recipe", "RecipeError", "parse_recipe", "parse_recipe_problems",
+           "recipe_problems", "structured", "to_dict", "to_yaml"]
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 """Recipe ``strategy`` values (built into Lightning strategies by :mod:`purify.strategy`)."""
