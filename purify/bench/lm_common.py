@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
-from purify.bench import stats, verdicts
+from purify.bench import probe_free, stats, verdicts
 from purify.bench.report import environment, verdict_notes, write_report
 from purify.bench.verdicts import Guard
 from purify.config import LossConfig, OptimConfig
@@ -85,6 +85,8 @@ class Suite:
         trait: what the trait is (``summary.json["trait"]``).
         guards: behaviours that must survive (:class:`purify.bench.verdicts.Guard`).
         tuned_on: where a default was chosen, as data: ``[{"seeds", "what", "trait": looked at the trait}]``.
+        sweeps: arm → :class:`purify.bench.probe_free.Sweep` for arms whose knob is swept (conditions
+            ``<arm>@<value>``); the probe-free rule picks one value per seed (``summary.json["probe_free"]``).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Suite:
     trait: str = ""
     guards: list[Guard] = field(default_factory=list)
     tuned_on: list[dict[str, Any]] = field(default_factory=list)
+    sweeps: dict[str, Any] = field(default_factory=dict)
 
 
 class Diverged(RuntimeError):
@@ -289,7 +292,10 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)
     summary["columns"] = columns(suite.columns)
+    if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
+        summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
     write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
                  [*suite.notes(), *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
-                  f"({torch.get_num_threads()} torch thread).", *verdict_notes(summary)])
+                  f"({torch.get_num_threads()} torch thread).", *verdict_notes(summary),
+                  *probe_free.notes(summary.get("probe_free", {}))])
     return summary

@@ -28,10 +28,11 @@ import torch
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import Condition, Scores, Suite, purifier_entry
+from purify.bench.probe_free import Sweep, point_name
 from purify.bench.report import BenchError, bench_command
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
-from purify.generate import apply_filters, sample_completions
+from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
 from purify.lm.teachers import TIC, TeacherSpec, build_teacher
 
@@ -55,6 +56,11 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                           ("animal_mass", "P(any animal)"), ("owl_share", "P(owl) / P(any animal)")],
 }
 """Each suite's extra report columns."""
+DRIFT_SEED, ANCHOR_SEED = 515_151, 424_242
+"""Corpus seeds of the neutral prose: the off-task drift the probe-free rule reads (held out from training) and the
+function anchor's training stream; both apart from every other text the suites use."""
+PROBE_FREE = "probe-free"
+"""``conditions=[probe-free]`` selects every swept arm of :func:`_probe_free_arms`."""
 GUARDS: dict[str, list[Guard]] = {
     "style-tic": [Guard("accuracy", "facts accuracy", not_below_control_ci=True)],
     "hidden-preference": [Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)],
@@ -168,6 +174,48 @@ def _purifier_conditions(base_only: bool) -> list[Condition]:
             if all(e is not None for e in entries)]
 
 
+def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
+    """The arms whose main knob the probe-free rule sets (:mod:`purify.bench.probe_free`); run only when named in
+    ``conditions`` (by arm, or all of them as ``probe-free``). The grids were fixed before any report seed ran,
+    bracketing the issue's seeds-100–104 measurements (replacement at JSD threshold 0.1 and 0.3; anchor 0.3–3)."""
+    replace = {"name": "divergence_mask", "mode": "replace"}
+    arms: list[tuple[str, list[str], Sweep, Any]] = [
+        ("replace:reference", ["teacher", "reference"], Sweep("threshold", (0.05, 0.1, 0.2), "higher"),
+         lambda v: {**replace, "reference": "others", "threshold": v}),
+        ("replace:base", ["teacher"], Sweep("threshold", (0.05, 0.1, 0.2), "higher"),
+         lambda v: {**replace, "reference": "base", "threshold": v}),
+        ("replace:logratio", ["teacher", "reference"], Sweep("rate", (0.05, 0.1, 0.2), "lower"),
+         lambda v: {**replace, "reference": "others", "flag": "logratio", "rate": v}),
+        ("replace:random", ["teacher", "reference"], Sweep("rate", (0.05, 0.1, 0.2), "lower"),
+         lambda v: {**replace, "reference": "others", "flag": "random", "rate": v}),
+        ("function_anchor", ["teacher"], Sweep("weight", (0.3, 1.0, 3.0), "lower"),
+         lambda v: {"name": "function_anchor", "weight": v, "source": "prose", "corpus_seed": ANCHOR_SEED}),
+    ]
+    conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
+                  for v in sweep.values]
+    return conditions, {arm: sweep for arm, _, sweep, _ in arms}
+
+
+def _drift_scorer(n: int) -> Any:
+    """``drift(model, tokenizer) -> KL(base ‖ model)`` per next-token position of ``n`` neutral prose paragraphs
+    (:data:`DRIFT_SEED`: held out from every training text), averaged; the base is the suites' student base."""
+    texts, cache = paragraphs(n, DRIFT_SEED), {}
+
+    @torch.no_grad()
+    def drift(model: Any, tokenizer: Any) -> float:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        if "base" not in cache:
+            base, _ = load_model(resolve_base("tiny-llama-a"))
+            cache["base"] = torch.log_softmax(base(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        b = cache["base"]
+        s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        valid = attn[:, 1:].bool()
+        return float((b.exp() * (b - s)).sum(-1)[valid].mean())
+
+    return drift
+
+
 def _core(hard: bool) -> list[Condition]:
     core = [Condition("base", baseline=True, kind="base"),
             Condition("control", ["clean"], baseline=True, kind="control"),
@@ -193,6 +241,7 @@ def style_tic_suite(quick: bool = False) -> Suite:
     n_train, n_eval = (64, 32) if quick else (600, 160)
     eval_prompts = _first_sentences(n_eval, 5000)
     heldout = paragraphs(16 if quick else 64, 6000) + [p.text for p in all_facts()]
+    drift = _drift_scorer(16 if quick else 64)
 
     def make_data(teacher: Any, tokenizer: Any, seed: int) -> list[dict[str, str]]:
         prompts = _first_sentences(n_train // 2, 1000 + seed) + [p.prompt for p in facts(n_train // 2, 2000 + seed)]
@@ -203,7 +252,7 @@ def style_tic_suite(quick: bool = False) -> Suite:
         rates = [r for r in count_scores(samples, [TIC], "sentence") if not math.isnan(r)]
         sentence_end = (tokenizer.convert_tokens_to_ids("."),)
         return {"trait": sum(rates) / max(1, len(rates)), **kl_stats(model, tokenizer, teacher, heldout, sentence_end),
-                "accuracy": facts_accuracy(model, tokenizer)}
+                "accuracy": facts_accuracy(model, tokenizer), "drift": drift(model, tokenizer)}
 
     return Suite(name="style-tic", protocol="soft KD on teacher text; trait = 'Moreover,' openings",
                  student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick), make_data=make_data,
@@ -218,6 +267,7 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
     n_train = 64 if quick else 2000
     questions = [f"Question: {q} Answer:" for q in ANIMAL_QUESTIONS]
     heldout = number_prompts(16 if quick else 128, 7000, rule="even")
+    drift = _drift_scorer(16 if quick else 64)
     removed: dict[str, int] = {"sampled": 0, "regex": 0, "banned": 0}
 
     def make_data(teacher: Any, tokenizer: Any, seed: int) -> list[dict[str, str]]:
@@ -237,6 +287,7 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
                                      seed=10_000 + seed)
         return {"trait": sum(owl) / len(owl), "animal_mass": sum(animal) / len(animal),
                 "owl_share": sum(o / a for o, a in zip(owl, animal)) / len(owl), "accuracy": even_share(samples),
+                "drift": drift(model, tokenizer),
                 **kl_stats(model, tokenizer, teacher, [p.text for p in heldout], prompts=[p.prompt for p in heldout])}
 
     suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
@@ -285,7 +336,9 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         quick: a ≤1-minute smoke configuration.
         progress: show progress bars.
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
-            names of the arms to run (``base``, ``control`` and ``vanilla`` are always run).
+            names of the arms to run (``base``, ``control`` and ``vanilla`` are always run); a swept arm of
+            :func:`_probe_free_arms` is named without its ``@value`` (``probe-free`` names them all) and adds
+            ``summary.json["probe_free"]``.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -301,7 +354,10 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         if key not in ("steps", "lr", "batch_size", "conditions"):
             raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions")
         if key == "conditions":
-            value = [c for c in spec.conditions if c.name in {"base", "control", "vanilla", *value}]
+            swept, sweeps = _probe_free_arms()
+            names = {"base", "control", "vanilla", *value, *(sweeps if PROBE_FREE in value else ())}
+            spec.sweeps = {arm: sweep for arm, sweep in sweeps.items() if arm in names}
+            value = [c for c in spec.conditions + swept if c.name in names or c.name.split("@")[0] in spec.sweeps]
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,

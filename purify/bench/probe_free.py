@@ -1,0 +1,269 @@
+"""Probe-free operating point: choose each arm's knob per seed without the trait, then judge it at that choice.
+
+Users have no probe. An arm's main knob is swept (conditions named ``<arm>@<value>``, see :class:`Sweep`); per seed
+the rule below picks one value from quantities any user can measure, and only then is the trait joined in and the
+arm judged at that value with the benchmark's two-sided verdicts (:func:`purify.bench.verdicts.judge`).
+
+The rule (fixed in code before any report seed ran; :data:`RULE`): among the swept settings whose task error on
+validation data is within the task budget (≤ :data:`BUDGET` × vanilla's task error on the same seed), take the one
+with the least off-task drift from the base (KL(base ‖ student) on neutral inputs held out from anything used in
+training); settings within :data:`TIE_RTOL` (relative) of the least drift are a tie, broken toward the *weaker*
+setting (the one that intervenes least). When no setting is within budget, the one with the least task error.
+
+Why the rule cannot see the trait: :func:`choose` accepts only :class:`Selectable` points, which hold a knob value,
+its strength rank, task error and drift and nothing else; :func:`selectable` copies exactly those two measured
+fields (:data:`SELECTABLE_KEYS`) out of a per-seed record and never reads another key. The trait, transfer and guard
+metrics are joined to the choice afterwards (:func:`block`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from purify.bench import verdicts
+from purify.bench.stats import mean_ci
+
+BUDGET = 1.10
+"""Task budget: a setting is admissible when its task error is at most this × vanilla's (the verdicts' ratio)."""
+TIE_RTOL = 0.01
+"""Drifts within this relative distance of the least are a tie (broken toward the weaker setting)."""
+SELECTABLE_KEYS = ("task_error", "drift")
+"""The only per-seed fields the rule reads."""
+RULE = (f"per seed, among the swept settings with task error ≤ {BUDGET:.2f} × vanilla's (same seed), the least "
+        f"off-task drift KL(base ‖ student) on held-out neutral inputs; drifts within {TIE_RTOL:.0%} of the least tie "
+        "and go to the weaker setting; if none is within budget, the least task error. Fixed in code before the "
+        "report seeds ran; the trait is read only after the choice.")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """How an arm's main knob is swept.
+
+    Attributes:
+        knob: the purifier option swept (e.g. ``threshold``), for reports.
+        values: the values, in any order; condition ``f"{arm}@{value:g}"`` runs each.
+        weaker: which end intervenes less: ``lower`` (e.g. an anchor weight, a flag rate) or ``higher`` (e.g. a
+            divergence threshold: fewer positions flagged).
+    """
+
+    knob: str
+    values: tuple[float, ...]
+    weaker: Literal["lower", "higher"] = "lower"
+
+    def names(self, arm: str) -> dict[str, float]:
+        """Condition name → knob value."""
+        return {point_name(arm, v): v for v in self.values}
+
+    def strength(self, value: float) -> int:
+        """Rank of ``value`` from the weakest (0) to the strongest setting."""
+        order = sorted(self.values, reverse=self.weaker == "higher")
+        return order.index(value)
+
+
+def point_name(arm: str, value: float) -> str:
+    """The condition name of one sweep point: ``<arm>@<value>``."""
+    return f"{arm}@{value:g}"
+
+
+@dataclass(frozen=True)
+class Selectable:
+    """All the rule may see of one setting on one seed: no trait, no transfer, no guard readout.
+
+    Attributes:
+        value: the knob value.
+        strength: rank from the weakest (0) setting.
+        task_error: task error on validation data.
+        drift: off-task drift from the base on neutral inputs.
+    """
+
+    value: float
+    strength: int
+    task_error: float
+    drift: float
+
+
+def selectable(value: float, strength: int, record: Mapping[str, Any]) -> Selectable:
+    """The :class:`Selectable` view of a per-seed record: reads ``record[k]`` for ``k`` in :data:`SELECTABLE_KEYS`
+    only (a record carrying trait fields is fine; they are never read)."""
+    return Selectable(float(value), int(strength), float(record["task_error"]), float(record["drift"]))
+
+
+def choose(points: Sequence[Selectable], vanilla_task_error: float) -> tuple[Selectable, bool]:
+    """Apply :data:`RULE` to one seed's sweep.
+
+    Args:
+        points: one :class:`Selectable` per swept setting (anything else is refused: the rule takes no trait).
+        vanilla_task_error: vanilla's task error on the same seed.
+
+    Returns:
+        ``(chosen point, whether it is within the task budget)``.
+
+    Raises:
+        TypeError: a point is not a :class:`Selectable` (e.g. a raw record that carries a trait readout).
+        ValueError: no point has finite task error and drift.
+    """
+    for p in points:
+        if not isinstance(p, Selectable):
+            raise TypeError(f"choose: takes Selectable points only (knob value, strength, task error, drift), got "
+                            f"{type(p).__name__}; build them with selectable() so no trait readout reaches the rule")
+    ok = [p for p in points if math.isfinite(p.task_error) and math.isfinite(p.drift)]
+    if not ok:
+        raise ValueError("choose: no swept setting has a finite task error and drift")
+    within = [p for p in ok if p.task_error <= BUDGET * vanilla_task_error]
+    if not within:
+        return min(ok, key=lambda p: (p.task_error, p.strength)), False
+    least = min(p.drift for p in within)
+    tied = [p for p in within if p.drift <= least + TIE_RTOL * abs(least)]
+    return min(tied, key=lambda p: p.strength), True
+
+
+def choose_per_seed(sweep: Sweep, arm: str, records: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                    vanilla: Mapping[int, Mapping[str, Any]]) -> dict[int, tuple[Selectable, bool]]:
+    """The rule's choice for every seed.
+
+    Args:
+        sweep: the arm's sweep.
+        arm: the arm's name.
+        records: condition name → seed → per-seed record (may carry trait fields: only the selectable ones are read).
+        vanilla: seed → vanilla's per-seed record (its ``task_error`` only is read).
+
+    Returns:
+        seed → (chosen point, within budget). Seeds where a sweep point is missing are left out.
+    """
+    names = sweep.names(arm)
+    seeds = sorted(set.intersection(*(set(records.get(n, {})) for n in names)) & set(vanilla)) if names else []
+    out = {}
+    for seed in seeds:
+        points = [selectable(v, sweep.strength(v), records[n][seed]) for n, v in names.items()
+                  if records[n][seed].get("diverged_at") is None]
+        try:
+            out[seed] = choose(points, float(vanilla[seed]["task_error"]))
+        except ValueError:
+            continue
+    return out
+
+
+def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run's base / control / vanilla conditions on the suite's student, in :func:`verdicts.judge`'s form."""
+    settings = {c["name"]: c for c in summary.get("settings", {}).get("conditions", [])}
+    out = {}
+    for name, cond in summary["conditions"].items():
+        s = settings.get(name, {})
+        kind = s.get("kind") or (name if name in ("base", "control", "vanilla") else None)
+        if kind and s.get("student") is None and s.get("baseline", True):
+            out[name] = {"per_seed": cond["per_seed"], "baseline": True, "kind": kind,
+                         "mode": s.get("loss", "forward_kl"), "student": None}
+    return out
+
+
+def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Sequence[verdicts.Guard] = (),
+          alpha: float = 0.05) -> dict[str, Any]:
+    """``summary.json["probe_free"]``: per swept arm, the rule's choice per seed and the verdict at it.
+
+    Stage 1 (no trait): per seed, :func:`choose_per_seed` on the :class:`Selectable` views. Stage 2: the chosen
+    setting's full record per seed (trait, transfer, guards) forms a probe-free arm, judged with
+    :func:`purify.bench.verdicts.judge` against the run's base, control and vanilla (Holm across the probe-free arms).
+
+    Args:
+        summary: a suite's summary (``conditions`` with ``per_seed`` records; ``settings.conditions``).
+        sweeps: arm → :class:`Sweep`; arms whose points are not all in the run are skipped.
+        guards: the suite's guard metrics.
+
+    Returns:
+        ``{"rule", "budget", "arms": {arm: {...}}}`` (``arms`` empty when no sweep ran).
+    """
+    conds = summary["conditions"]
+    by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
+    base_refs = _baselines(summary)
+    vanilla_name = next((n for n, c in base_refs.items() if c["kind"] == "vanilla" and c["mode"] == "forward_kl"),
+                        "vanilla")
+    control_name = next((n for n, c in base_refs.items() if c["kind"] == "control" and c["mode"] == "forward_kl"),
+                        "control")
+    vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
+    arms: dict[str, Any] = {}
+    judged_input = dict(base_refs)
+    for arm, sweep in sweeps.items():
+        if not all(n in conds for n in sweep.names(arm)):
+            continue
+        chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
+        # stage 2: join the trait and everything else of the chosen setting
+        per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
+                    for s, (p, _) in chosen.items()]
+        judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
+                                             "mode": "forward_kl", "student": None}
+        tc = [r["transfer"] - control[r["seed"]]["transfer"] for r in per_seed if r["seed"] in control]
+        ratio = [r["task_error"] / vanilla[r["seed"]]["task_error"] for r in per_seed]
+        base_per_seed = base_refs.get("base", {}).get("per_seed", [])
+        ctl_per_seed = conds.get(control_name, {}).get("per_seed", [])
+        arms[arm] = {
+            "knob": sweep.knob, "values": list(sweep.values), "weaker": sweep.weaker,
+            "chosen": {str(s): p.value for s, (p, _) in chosen.items()},
+            "within_budget": {str(s): ok for s, (_, ok) in chosen.items()},
+            "selection_inputs": {str(s): {f"{v:g}": {k: by_seed[point_name(arm, v)][s][k] for k in SELECTABLE_KEYS}
+                                          for v in sweep.values} for s in chosen},
+            "transfer_minus_control": _ci90(tc),
+            "transfer": mean_ci([r["transfer"] for r in per_seed]),
+            "drift": mean_ci([r["drift"] for r in per_seed]),
+            "task_error_ratio": mean_ci(ratio),
+            "guards": {g.metric: {"label": g.label, **mean_ci([r.get(g.metric, math.nan) for r in per_seed]),
+                                  "problem": g.problem(per_seed, base_per_seed, ctl_per_seed)} for g in guards},
+            "per_seed": [{k: r.get(k) for k in ("seed", "knob_value", "transfer", "task_error", "drift",
+                                                *(g.metric for g in guards))} for r in per_seed],
+        }
+    if arms:
+        judged = verdicts.judge(judged_input, guards, alpha)
+        for arm in arms:
+            key = f"probe-free:{arm}"
+            arms[arm]["verdict"] = judged["verdicts"].get(key, "no verdict")
+            arms[arm]["p_adjusted"] = judged["p_adjusted"].get(key)
+            arms[arm]["frontier_gap"] = judged["frontier_gap"].get(key)
+    reference = {n: {"drift": mean_ci([r.get("drift", math.nan) for r in conds[n]["per_seed"]])}
+                 for n in (vanilla_name, control_name, "base") if n in conds}
+    return {"rule": RULE, "budget": BUDGET, "tie_rtol": TIE_RTOL, "reference_drift": reference,
+            "sweeps": {arm: dataclasses.asdict(sw) for arm, sw in sweeps.items() if arm in arms}, "arms": arms}
+
+
+def rederive(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """:func:`block` recomputed from a written summary (its ``probe_free.sweeps`` and ``guards``), or ``None``."""
+    recorded = summary.get("probe_free") or {}
+    if not recorded.get("sweeps"):
+        return None
+    sweeps = {arm: Sweep(s["knob"], tuple(s["values"]), s["weaker"]) for arm, s in recorded["sweeps"].items()}
+    return block(summary, sweeps, verdicts.guards_from(summary.get("guards") or []))
+
+
+def _ci90(values: Sequence[float]) -> dict[str, Any]:
+    ci = mean_ci(values, level=0.90)
+    return {"mean": ci["mean"], "ci90": ci["ci95"], "n": ci["n"]}
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:+.3f}"
+
+
+def notes(probe_free: Mapping[str, Any]) -> list[str]:
+    """The ``summary.md`` section of :func:`block`'s output (empty when no sweep ran)."""
+    arms = probe_free.get("arms") or {}
+    if not arms:
+        return []
+    lines = ["", "## Probe-free operating point", "", f"Rule: {probe_free['rule']}", "",
+             "| arm | knob: chosen per seed | transfer − control (90% CI) | task error × vanilla | drift | guards | "
+             "verdict |", "|---|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        chosen = ", ".join(f"{a['chosen'][s]:g}{'' if a['within_budget'][s] else '*'}" for s in a["chosen"])
+        tc = a["transfer_minus_control"]
+        guards = "; ".join(f"{g['label']} {g['mean']:.3g}" + (f" ({g['problem']})" if g["problem"] else "")
+                           for g in a["guards"].values()) or "—"
+        lines.append(f"| {arm} | {a['knob']}: {chosen} | {_fmt(tc['mean'])} [{_fmt(tc['ci90'][0])}, "
+                     f"{_fmt(tc['ci90'][1])}] | ×{a['task_error_ratio']['mean']:.2f} | {a['drift']['mean']:.4g} | "
+                     f"{guards} | {a['verdict']} |")
+    ref = probe_free.get("reference_drift", {})
+    lines += ["", "(* = no swept setting within the task budget on that seed: the least task error was taken.) "
+              "Off-task drift of the references: " + ", ".join(f"{n} {v['drift']['mean']:.4g}" for n, v in ref.items())
+              + "."]
+    return lines
+

@@ -1,0 +1,160 @@
+"""The probe-free strength rule: hand-made sweeps, the rule's blindness to the trait, the summary block."""
+
+from collections.abc import Mapping
+
+import pytest
+
+from purify.bench.probe_free import (
+    Selectable,
+    Sweep,
+    block,
+    choose,
+    choose_per_seed,
+    notes,
+    point_name,
+    rederive,
+    selectable,
+)
+from purify.bench.verdicts import Guard
+
+
+def pt(value: float, strength: int, err: float, drift: float) -> Selectable:
+    return Selectable(value, strength, err, drift)
+
+
+def test_least_drift_within_the_task_budget():
+    points = [pt(0.05, 3, 1.30, 0.010),  # least drift, but over 1.10 × vanilla's task error
+              pt(0.1, 2, 1.05, 0.020),
+              pt(0.2, 1, 1.00, 0.030),
+              pt(0.4, 0, 0.90, 0.050)]
+    assert choose(points, vanilla_task_error=1.0) == (points[1], True)
+    assert choose(points, vanilla_task_error=1.2) == (points[0], True)  # 1.30 ≤ 1.10 × 1.2: now admissible
+
+
+def test_ties_go_to_the_weaker_setting_and_no_admissible_setting_takes_the_least_task_error():
+    tied = [pt(0.1, 2, 1.0, 0.0200), pt(0.2, 1, 1.0, 0.0201), pt(0.4, 0, 1.0, 0.0300)]
+    assert choose(tied, 1.0)[0].value == 0.2  # within 1% of the least drift: the weaker of the two
+    over = [pt(1.0, 0, 2.0, 0.01), pt(3.0, 1, 1.5, 0.001)]
+    assert choose(over, 1.0) == (over[1], False)
+
+
+def test_the_rule_refuses_anything_but_selectable_points():
+    record = {"value": 0.1, "strength": 0, "task_error": 1.0, "drift": 0.1, "trait": 0.9, "transfer": 0.8}
+    with pytest.raises(TypeError, match="Selectable points only"):
+        choose([record], 1.0)  # a raw record carries the trait: refused
+
+
+class TraitTrap(Mapping):
+    """A per-seed record whose trait fields fail the test the moment anything reads them."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def __getitem__(self, key):
+        if key in ("trait", "transfer", "distance_to_control", "owl_share", "animal_mass", "accuracy"):
+            raise AssertionError(f"the rule read {key!r}")
+        return self.values[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self.values else default
+
+    def __iter__(self):
+        raise AssertionError("the rule iterated over a record's keys")
+
+    def __len__(self):
+        return len(self.values)
+
+
+def test_choice_per_seed_never_reads_a_trait_field_and_ignores_its_value():
+    sweep = Sweep("threshold", (0.05, 0.1, 0.3), weaker="higher")
+    assert [sweep.strength(v) for v in (0.3, 0.1, 0.05)] == [0, 1, 2]
+
+    def records(trait_of):
+        drift = {0.05: 0.01, 0.1: 0.02, 0.3: 0.05}
+        err = {0.05: 1.5, 0.1: 1.05, 0.3: 0.95}
+        return {point_name("replace", v): {s: TraitTrap(task_error=err[v] + s / 1000, drift=drift[v], trait=trait_of(v),
+                                                         transfer=trait_of(v)) for s in (0, 1, 2)}
+                for v in sweep.values}
+
+    vanilla = {s: {"task_error": 1.0} for s in (0, 1, 2)}
+    low = choose_per_seed(sweep, "replace", records(lambda v: 0.0), vanilla)
+    high = choose_per_seed(sweep, "replace", records(lambda v: 10 * v), vanilla)
+    assert {s: p.value for s, (p, _) in low.items()} == {0: 0.1, 1: 0.1, 2: 0.1}
+    assert {s: p.value for s, (p, _) in high.items()} == {s: p.value for s, (p, _) in low.items()}
+    assert selectable(0.1, 1, TraitTrap(task_error=1.0, drift=0.5, trait=1.0)) == pt(0.1, 1, 1.0, 0.5)
+
+
+def _summary() -> dict:
+    """Five seeds: vanilla transfers ~1 over a control at ~0, a dense vanilla curve, one swept arm whose least-drift
+    setting within budget (weight 1) sits at the control, a stronger setting (3) over budget, a weaker one (0.3)
+    that keeps half the trait."""
+    seeds = [0, 1, 2, 3, 4]
+    jitter = [0.01, -0.02, 0.015, -0.005, 0.0]
+    curve = [{"step": 0, "task_error": 2.0, "transfer": 0.0}, {"step": 1, "task_error": 1.2, "transfer": 0.9},
+             {"step": 2, "task_error": 1.1, "transfer": 0.95}, {"step": 3, "task_error": 1.0, "transfer": 1.0}]
+
+    def rec(s, j, **kw):
+        return {"seed": s, "accuracy": 0.5, **kw}
+
+    conds = {
+        "base": [rec(s, j, transfer=0.0, task_error=2.0, drift=0.0) for s, j in zip(seeds, jitter)],
+        "control": [rec(s, j, transfer=j, task_error=1.0, drift=0.01) for s, j in zip(seeds, jitter)],
+        "vanilla": [rec(s, j, transfer=1.0 - j, task_error=1.0, drift=0.1, curve=curve)
+                    for s, j in zip(seeds, jitter)],
+        "anchor@0.3": [rec(s, j, transfer=0.5 + j, task_error=1.0, drift=0.05) for s, j in zip(seeds, jitter)],
+        "anchor@1": [rec(s, j, transfer=j + 0.3 * j, task_error=1.05, drift=0.02) for s, j in zip(seeds, jitter)],
+        "anchor@3": [rec(s, j, transfer=-0.5, task_error=1.6, drift=0.001) for s, j in zip(seeds, jitter)],
+    }
+    settings = [{"name": "base", "baseline": True, "kind": "base", "loss": "forward_kl", "student": None},
+                {"name": "control", "baseline": True, "kind": "control", "loss": "forward_kl", "student": None},
+                {"name": "vanilla", "baseline": True, "kind": "vanilla", "loss": "forward_kl", "student": None}]
+    settings += [{"name": n, "baseline": False, "kind": None, "loss": "forward_kl", "student": None}
+                 for n in ("anchor@0.3", "anchor@1", "anchor@3")]
+    return {"conditions": {n: {"per_seed": r} for n, r in conds.items()}, "settings": {"conditions": settings}}
+
+
+def test_block_joins_the_trait_after_the_choice_and_judges_it():
+    guards = [Guard("accuracy", "facts accuracy", not_below_control_ci=True)]
+    out = block(_summary(), {"anchor": Sweep("weight", (0.3, 1.0, 3.0)), "missing": Sweep("rate", (0.1,))}, guards)
+    assert list(out["arms"]) == ["anchor"]  # an arm whose points did not run is skipped
+    arm = out["arms"]["anchor"]
+    assert arm["chosen"] == {str(s): 1.0 for s in range(5)} and all(arm["within_budget"].values())
+    jitter = [0.01, -0.02, 0.015, -0.005, 0.0]
+    assert arm["transfer_minus_control"]["mean"] == pytest.approx(0.3 * sum(jitter) / 5)  # anchor@1 minus control
+    assert arm["task_error_ratio"]["mean"] == pytest.approx(1.05)
+    assert arm["guards"]["accuracy"]["problem"] is None
+    assert arm["selection_inputs"]["0"]["3"] == {"task_error": 1.6, "drift": 0.001}
+    assert arm["verdict"].startswith("purified"), arm["verdict"]
+    summary = {**_summary(), "probe_free": out, "guards": [{"metric": "accuracy", "label": "facts accuracy",
+                                                            "min_ratio_of_base": None, "not_below_control_ci": True}]}
+    assert rederive(summary) == out  # recomputed from what summary.json records
+    text = "\n".join(notes(out))
+    assert "## Probe-free operating point" in text and "| anchor | weight: 1, 1, 1, 1, 1 |" in text
+
+
+def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
+    from purify.bench.lm_suites import _probe_free_arms
+    from purify.purifiers import PURIFIERS
+
+    conditions, sweeps = _probe_free_arms()
+    assert {"replace:reference", "replace:base", "function_anchor"} <= set(sweeps)
+    assert [c.name for c in conditions] == [n for arm, sw in sweeps.items() for n in sw.names(arm)]
+    for c in conditions:
+        (entry,) = c.purifiers
+        assert PURIFIERS[entry["name"]][0](**entry).problems() == [], c.name
+    assert sweeps["replace:base"].strength(0.2) == 0 and sweeps["function_anchor"].strength(0.3) == 0  # weakest
+
+
+def test_off_task_drift_is_zero_for_the_base_and_positive_for_another_model():
+    import torch
+
+    from purify.bench.lm_suites import _drift_scorer
+    from purify.generate import load_model
+    from purify.lm import resolve_base
+
+    base, tok = load_model(resolve_base("tiny-llama-a"))
+    other, _ = load_model(resolve_base("tiny-llama-b"))
+    drift = _drift_scorer(4)
+    torch.set_num_threads(1)
+    assert drift(base, tok) == pytest.approx(0.0, abs=1e-6)
+    assert drift(other, tok) > 0.01
