@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-"""Label value that marks a position as not a target (the Hugging Face convention)."""
+from purify.losses_chunked import LossSpec, chunked_loss, kl_from_log_probs, reduce_rows, upcast
+from purify.types import IGNORE_INDEX, LossName
 
-LossName = Literal["forward_kl", "reverse_kl", "jsd", "mse", "ce"]
+__all__ = [
+    "IGNORE_INDEX", "LossName", "SOFT_LOSSES", "distillation_loss", "forward_kl", "generalized_jsd", "hard_label_ce",
+    "logit_mse", "reduce_loss", "reverse_kl",
+]
 
-
-def _kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
-    """``KL(p || q)`` over the last dimension, from log-probabilities; 0·log 0 counted as 0."""
-    p = p_logp.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (p_logp - q_logp)).sum(-1)
+_kl = kl_from_log_probs
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -49,15 +47,15 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     Returns:
         ``(...)`` divergence per position.
     """
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(upcast(student_logits) / temperature, -1)
+    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
     return _kl(t, s) * temperature**2
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Reverse KL ``T² · KL(p_s || p_t)`` per position (mode-seeking). Shapes as :func:`forward_kl`."""
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(upcast(student_logits) / temperature, -1)
+    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
     return _kl(s, t) * temperature**2
 
 
@@ -84,8 +82,8 @@ def generalized_jsd(
         return forward_kl(student_logits, teacher_logits, temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, temperature)
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(upcast(student_logits) / temperature, -1)
+    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
     m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), dim=0)
     return (beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)) * temperature**2
 
@@ -93,7 +91,7 @@ def generalized_jsd(
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean squared error between raw logits, averaged over the last dimension. ``temperature`` is ignored."""
     del temperature
-    return (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    return (upcast(student_logits) - upcast(teacher_logits)).pow(2).mean(-1)
 
 
 def hard_label_ce(student_logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
@@ -105,7 +103,7 @@ def hard_label_ce(student_logits: Tensor, labels: Tensor, temperature: float = 1
         temperature: ignored (hard labels have no temperature).
     """
     del temperature
-    flat = student_logits.float().reshape(-1, student_logits.shape[-1])
+    flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
     out = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     return out.reshape(labels.shape)
 
@@ -131,11 +129,12 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
             when every micro-batch has the same number of targets.
 
     Returns:
-        Scalar loss. Down-weighted positions lower the loss rather than re-scaling the others up.
+        Scalar loss. Down-weighted positions lower the loss rather than re-scaling the others up; positions with
+        weight 0 are left out of the sum, so a NaN or ``inf`` there does not poison it.
     """
     if num_items is None:
         num_items = (weight > 0).sum().clamp_min(1)
-    return (per_position * weight).sum() / num_items
+    return reduce_rows(per_position, weight, num_items)
 
 
 def distillation_loss(
@@ -149,11 +148,19 @@ def distillation_loss(
     labels: Tensor | None = None,
     hard_label_weight: float = 0.0,
     num_items: float | Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Weighted sum of one soft loss and (optionally) hard-label cross-entropy, reduced over the global batch.
 
     ``loss = soft(student, teacher) + hard_label_weight · CE(student, labels)``; with ``name="ce"`` only the
     cross-entropy term is used (plain SFT on the teacher's text), with weight 1.
+
+    By default the loss and its gradient are computed ``chunk_size`` positions at a time
+    (:mod:`purify.losses_chunked`): the same value and gradient as the per-position functions, with about one
+    logits tensor of extra peak memory instead of 6-12. The exact autograd path (``chunk_size=0``) is used when
+    asked, or when the teacher logits, the weights or ``num_items`` require grad, or shapes only broadcast. Either
+    way a position with weight 0 (for ``ce``: or label ``IGNORE_INDEX``) gives loss 0 and gradient 0 whatever its
+    logits hold, NaN and ``-inf`` included.
 
     Args:
         student_logits: ``(..., V)``.
@@ -165,15 +172,57 @@ def distillation_loss(
         labels: ``(...)`` hard labels, needed when ``name="ce"`` or ``hard_label_weight > 0``.
         hard_label_weight: weight of the cross-entropy term.
         num_items: global count of target positions (see :func:`reduce_loss`).
+        chunk_size: positions per chunk; ``None`` picks about 8 MiB of float32 per temporary, ``0`` the exact
+            (unchunked) autograd path.
     """
-    if name == "ce" or hard_label_weight > 0:
-        if labels is None:
-            raise ValueError("distillation_loss: hard-label cross-entropy needs `labels`")
+    uses_ce = name == "ce" or hard_label_weight > 0
+    if uses_ce and labels is None:
+        raise ValueError("distillation_loss: hard-label cross-entropy needs `labels`")
+    if name != "ce" and name not in SOFT_LOSSES:
+        raise ValueError(f"distillation_loss: unknown loss name {name!r}; expected one of {[*SOFT_LOSSES, 'ce']}")
+    if name == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
+    if num_items is None:
+        num_items = (weight > 0).sum().clamp_min(1)
+    lab = labels if uses_ce else None
+    teacher = None if name == "ce" else teacher_logits
+    if chunk_size != 0 and _chunkable(student_logits, teacher, weight, lab, num_items):
+        spec = LossSpec(name=name, beta=beta, temperature=temperature, ignore_index=IGNORE_INDEX,
+                        ce_weight=hard_label_weight if name != "ce" else 1.0)
+        return chunked_loss(student_logits, teacher, weight, lab, num_items, spec, chunk_size)
+    return _exact_loss(student_logits, teacher_logits, weight, name, beta, temperature, lab, hard_label_weight,
+                       num_items)
+
+
+def _chunkable(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,
+               num_items: float | Tensor) -> bool:
+    """Whether the chunked path computes the same thing: gradients flow to the student only, shapes match."""
+    grads = torch.is_grad_enabled() and any(
+        isinstance(x, Tensor) and x.requires_grad for x in (teacher, weight, num_items))
+    prefix = student.shape[:-1]
+    return (not grads and student.is_floating_point() and student.dim() >= 1
+            and (teacher is None or teacher.shape == student.shape)
+            and (labels is None or labels.shape == prefix) and weight.shape == prefix)
+
+
+def _exact_loss(student: Tensor, teacher: Tensor, weight: Tensor, name: str, beta: float, temperature: float,
+                labels: Tensor | None, hard_label_weight: float, num_items: float | Tensor) -> Tensor:
+    """The unchunked autograd path; rows that do not count are zeroed first so NaN/-inf there stay harmless."""
+    active = weight != 0
     if name == "ce":
-        per_position = hard_label_ce(student_logits, labels)  # type: ignore[arg-type]
+        active = active & (labels != IGNORE_INDEX)  # type: ignore[operator]
+    if not bool(active.all()):
+        keep = active[..., None]
+        student = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
+        if name != "ce":
+            teacher = torch.where(keep, teacher, torch.zeros((), dtype=teacher.dtype, device=teacher.device))
+    if name == "ce":
+        per_position = hard_label_ce(student, labels)  # type: ignore[arg-type]
     else:
         kwargs = {"beta": beta} if name == "jsd" else {}
-        per_position = SOFT_LOSSES[name](student_logits, teacher_logits, temperature=temperature, **kwargs)
+        per_position = SOFT_LOSSES[name](student, teacher, temperature=temperature, **kwargs)
         if hard_label_weight > 0:
-            per_position = per_position + hard_label_weight * hard_label_ce(student_logits, labels)  # type: ignore[arg-type]
+            per_position = per_position + hard_label_weight * hard_label_ce(student, labels)  # type: ignore[arg-type]
     return reduce_loss(per_position, weight, num_items)
