@@ -108,3 +108,125 @@ def test_gradient_of_forward_kl_points_student_toward_teacher():
     forward_kl(s, T).sum().backward()
     # d KL(t||s) / d s_logits = p_s - p_t
     torch.testing.assert_close(s.grad, F.softmax(S, -1) - F.softmax(T, -1), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- chunked path (issue #17) and masked NaNs (#14)
+def _loss_and_grad(student, teacher, weight, **kw):
+    x = student.clone().requires_grad_(True)
+    loss = distillation_loss(x, teacher, weight, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _ragged(seed=0, b=3, t=7, v=11):
+    """float64 logits with a wide spread, ragged weights (whole rows, a tail, fractional weights) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    te = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    w = torch.rand(b, t, generator=g, dtype=torch.float64)
+    w[0, 4:] = 0  # a padded tail
+    w[1, 0] = 0  # a prompt position
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[2, 3] = IGNORE_INDEX
+    return s, te, w, labels
+
+
+@pytest.mark.parametrize("name,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5),
+                                       ("jsd", 1.0), ("mse", 0.5), ("ce", 0.5)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.3])
+def test_chunked_equals_unchunked_values_and_grads(name, beta, temperature, hard_label_weight):
+    s, te, w, labels = _ragged()
+    kw = dict(name=name, beta=beta, temperature=temperature, labels=labels, hard_label_weight=hard_label_weight)
+    want, want_grad = _loss_and_grad(s, te, w, chunk_size=0, **kw)
+    # chunk sizes 1, 4 (does not divide the 21 positions nor the 17 active ones), all at once, and the default
+    for chunk in (1, 4, 64, None):
+        got, got_grad = _loss_and_grad(s, te, w, chunk_size=chunk, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert want_grad[0, 4:].abs().sum() == 0 and want_grad.abs().sum() > 0
+
+
+def test_chunked_matches_per_position_functions_float32_and_global_count():
+    """float32, the default chunking, a global num_items: same value and gradient as reduce_loss over the
+    per-position function (tolerance 1e-6 relative: float32 rounding of two summation orders)."""
+    s, te, w, _ = (x.float() if x.is_floating_point() else x for x in _ragged(seed=1, t=9, v=257))
+    for fn, kw in ((forward_kl, {}), (reverse_kl, {}), (generalized_jsd, {"beta": 0.3})):
+        x = s.clone().requires_grad_(True)
+        want = reduce_loss(fn(x, te, temperature=1.5, **kw), w, num_items=40)
+        want.backward()
+        name = {forward_kl: "forward_kl", reverse_kl: "reverse_kl", generalized_jsd: "jsd"}[fn]
+        got, grad = _loss_and_grad(s, te, w, name=name, temperature=1.5, num_items=40, **kw)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_gradient_is_closed_form_forward_kl():
+    # d/ds [ sum_i w_i * T^2 KL(p_t || p_s) / n ] = w_i * T * (softmax(s/T) - softmax(t/T)) / n
+    s, te, w, _ = _ragged(seed=2)
+    _, grad = _loss_and_grad(s, te, w, name="forward_kl", temperature=2.0, num_items=10.0, chunk_size=2)
+    want = w[..., None] * 2.0 * (F.softmax(s / 2, -1) - F.softmax(te / 2, -1)) / 10.0
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "mse", "ce"])
+@pytest.mark.parametrize("chunk", [0, None, 3])
+def test_nan_and_inf_at_masked_positions_give_finite_loss_and_zero_grad(name, chunk):
+    s, te, w, labels = _ragged(seed=3)
+    clean, clean_grad = _loss_and_grad(s, te, w, name=name, labels=labels, chunk_size=chunk)
+    bad_s, bad_t = s.clone(), te.clone()
+    bad_s[0, 4:] = float("nan")  # weight 0
+    bad_s[1, 0, :3] = float("-inf")
+    bad_t[1, 0] = float("nan")
+    bad_t[0, 5] = float("inf")
+    got, grad = _loss_and_grad(bad_s, bad_t, w, name=name, labels=labels, chunk_size=chunk)
+    assert torch.isfinite(got) and torch.isfinite(grad).all()
+    torch.testing.assert_close(got, clean)
+    torch.testing.assert_close(grad, clean_grad)
+    assert grad[0, 4:].abs().sum() == 0 and grad[1, 0].abs().sum() == 0
+
+
+def test_ce_ignores_nan_logits_where_the_label_is_ignore_index():
+    s, te, _, labels = _ragged(seed=4)
+    w = torch.ones(labels.shape, dtype=s.dtype)
+    s[2, 3] = float("nan")  # labels[2, 3] is IGNORE_INDEX
+    for chunk in (0, None):
+        loss, grad = _loss_and_grad(s, te, w, name="ce", labels=labels, chunk_size=chunk)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[2, 3].abs().sum() == 0
+
+
+def test_a_real_target_with_nan_logits_still_fails_loudly():
+    s, te, w, _ = _ragged(seed=5)
+    s[2, 1, 0] = float("nan")  # weight > 0 there
+    assert torch.isnan(distillation_loss(s, te, w))
+
+
+def test_chunked_scales_by_incoming_gradient_and_refuses_a_second_backward():
+    s, te, w, _ = _ragged(seed=6)
+    _, once = _loss_and_grad(s, te, w, name="jsd")
+    x = s.clone().requires_grad_(True)
+    loss = distillation_loss(x, te, w, name="jsd")
+    (loss * 3.0).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 3.0 * once)
+    with pytest.raises(RuntimeError, match="chunk_size=0"):
+        loss.backward()
+
+
+def test_chunked_path_falls_back_when_teacher_needs_grad_and_without_grad_mode():
+    s, te, w, _ = _ragged(seed=7)
+    t = te.clone().requires_grad_(True)
+    distillation_loss(s, t, w, name="reverse_kl").backward()  # exact path: the teacher gets a gradient too
+    assert t.grad is not None and t.grad.abs().sum() > 0
+    with torch.no_grad():
+        val = distillation_loss(s, te, w, name="jsd")
+    torch.testing.assert_close(val, distillation_loss(s, te, w, name="jsd", chunk_size=0))
+
+
+def test_bad_arguments_name_themselves():
+    s, te, w, _ = _ragged(seed=8)
+    with pytest.raises(ValueError, match="beta"):
+        distillation_loss(s, te, w, name="jsd", beta=-0.1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        distillation_loss(s, te, w, chunk_size=-1)
+    with pytest.raises(ValueError, match="'kl'"):
+        distillation_loss(s, te, w, name="kl")  # type: ignore[arg-type]
