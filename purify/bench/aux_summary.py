@@ -70,7 +70,8 @@ def apply_verdicts(summary: dict[str, Any]) -> dict[str, Any]:
             x = assess(c["per_seed"], *(conds[names[k]]["per_seed"] for k in ("vanilla", "control", "base")))
             summary["bounds"][n] = label(x, x.p_lower, x.p_upper)
             judged["frontier_gap"].update({n: x.gap} if x.gap else {})
-    summary.update(verdicts=judged["verdicts"], p_adjusted=judged["p_adjusted"], frontier_gap=judged["frontier_gap"])
+    summary.update(verdicts=judged["verdicts"], p_adjusted=judged["p_adjusted"], frontier_gap=judged["frontier_gap"],
+                   judged_against=judged["against"])
     for n, c in conds.items():
         c.pop("bar", None), c.pop("meets_bar", None)
         c["anti_trait"] = summary["verdicts"].get(n, "").startswith("anti-trait")

@@ -1,0 +1,107 @@
+"""Regenerate (or check) README.md's benchmark result tables from the committed ``results/**/summary.json``.
+
+Each table sits between two markers naming its summary and, optionally, the rows to show (default: every condition)::
+
+    <!-- results-table: results/aux-logits/summary.json rows=control,vanilla,anchor@weight-2e-3 -->
+    ...generated...
+    <!-- /results-table -->
+
+Usage::
+
+    python scripts/check_readme.py          # rewrite the tables in README.md
+    python scripts/check_readme.py --check  # exit 1 (naming the tables) when README.md differs from the summaries
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- results-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /results-table -->)", re.S)
+
+
+def _ci(stat: dict[str, Any] | None) -> str:
+    """``mean [lo, hi]``: 3 decimals, or 3 significant digits when every number is below 0.01 in size."""
+    if not stat or stat.get("mean") is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
+        return ""
+    nums = [stat["mean"], *[v for v in stat["ci95"] if v is not None]]
+    fmt = (lambda x: f"{x:.3g}") if max(abs(v) for v in nums) < 0.01 and stat["mean"] != 0 else \
+        (lambda x: f"{x:.3f}")
+    lo, hi = stat["ci95"]
+    return fmt(stat["mean"]) if lo is None or hi is None or lo == hi else f"{fmt(stat['mean'])} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _signed(x: float) -> str:
+    text = f"{x:+.3f}"
+    return "+0.000" if text == "-0.000" else text
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def table(summary: dict[str, Any], rows: list[str] | None = None) -> str:
+    """The markdown table of ``summary``'s conditions ``rows`` (default: all): transfer, transfer − control and task
+    error relative to the vanilla each arm is judged against, the gap to vanilla's frontier and the verdict label."""
+    conds, verdicts = summary["conditions"], summary.get("verdicts", {})
+    bounds, against = summary.get("bounds", {}), summary.get("judged_against", {})
+    lines = ["| condition | transfer [95% CI] | transfer − control | task error × vanilla | gap to vanilla's frontier "
+             "[95% CI] | verdict |", "|---|---|---|---|---|---|"]
+    for name in rows or list(conds):
+        c = conds[name]
+        ref = against.get(name, {"control": "control", "vanilla": "vanilla"})
+        ctl, van = ({r["seed"]: r for r in conds[ref[k]]["per_seed"]} for k in ("control", "vanilla"))
+        per = c["per_seed"]
+        minus = _mean([r["transfer"] - ctl[r["seed"]]["transfer"] for r in per]) if name != ref["control"] else 0.0
+        ratio = _mean([r["task_error"] / van[r["seed"]]["task_error"] for r in per])
+        verdict = verdicts.get(name) or (f"bound: {bounds[name]}" if name in bounds else "baseline")
+        label = verdict.split(" (")[0]
+        lines.append(f"| {name} | {_ci(c.get('transfer'))} | {_signed(minus)} | {ratio:.2f} | "
+                     f"{_ci(summary.get('frontier_gap', {}).get(name))} | {label} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(readme: str) -> tuple[str, list[str]]:
+    """README text with every marked table regenerated, and the summaries whose table changed."""
+    changed: list[str] = []
+
+    def fill(m: re.Match[str]) -> str:
+        summary = json.loads((ROOT / m.group(2)).read_text())
+        body = table(summary, m.group(3).split(",") if m.group(3) else None)
+        if body != m.group(4):
+            changed.append(m.group(2))
+        return m.group(1) + body + m.group(5)
+
+    return BLOCK.sub(fill, readme), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite README.md's tables, or with ``--check`` report the stale ones (exit 1)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when a table differs")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    text, changed = render(path.read_text())
+    if not BLOCK.search(text):
+        print(f"check_readme: no results-table markers in {path}", file=sys.stderr)
+        return 1
+    if args.check:
+        for name in changed:
+            print(f"check_readme: README table from {name} differs from the summary (run scripts/check_readme.py)",
+                  file=sys.stderr)
+        return 1 if changed else 0
+    path.write_text(text)
+    print(f"check_readme: {len(changed)} table(s) rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
