@@ -426,14 +426,6 @@ def columns(label: str) -> list[tuple[str, str]]:
             ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
 
 
-def rereport(directory: str | Path) -> dict[str, Any]:
-    """Re-derive a real-suite run's statistics and verdicts from its ``summary.json`` (see
-    :func:`purify.bench.rederive.rereport`). No model is run."""
-    from purify.bench.rederive import rereport as rederive
-
-    return rederive(directory)
-
-
 def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """A suite's settings: ``defaults`` updated by ``options`` (unknown keys are an error naming the allowed ones)."""
     unknown = set(options) - set(defaults)
@@ -441,11 +433,3 @@ def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any
         raise BenchError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
     return {**defaults, **options}
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Re-derive a real-suite report's statistics from its summary.json.")
-    parser.add_argument("--rereport", required=True, metavar="DIR", help="a results/<suite> directory")
-    for name, verdict in rereport(parser.parse_args().rereport)["verdicts"].items():
-        print(f"  {name:40s} {verdict}")
