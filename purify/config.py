@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from purify.types import LossName, RecipeError
 
-__all__ = ["STRATEGIES", "LoraSpec", "Recipe", "RecipeError", "parse_recipe", "parse_recipe_problems",
-           "recipe_problems", "structured", "to_dict", "to_yaml"]
+__all__ = ["STRATEGIES", "LoraSpec", "OnPolicyConfig", "Recipe", "RecipeError", "parse_recipe",
+           "parse_recipe_problems", "recipe_problems", "structured", "to_dict", "to_yaml"]
 
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 """Recipe ``strategy`` values (built into Lightning strategies by :mod:`purify.strategy`)."""
@@ -108,6 +108,18 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (Agarwal et al. 2024, GKD; :mod:`purify.on_policy`): with probability ``lam`` per
+    optimizer step the batch's completions are replaced by the student's own samples from each prompt, and the
+    teachers score those. The objective is ``loss`` (``name: jsd`` with ``beta`` is the paper's generalized JSD)."""
+
+    lam: float = 0.5  # probability that an optimizer step trains on student samples (0 = off-policy, 1 = always)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass (1 = the full distribution)
+    max_new_tokens: int = 32  # tokens sampled per prompt (fewer when the student ends the text)
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
@@ -155,6 +167,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     purifiers: List[Dict[str, Any]] = field(default_factory=list)  # e.g. [{name: anchor, weight: 0.01}]
+    on_policy: Optional[OnPolicyConfig] = None  # null = off-policy (the data's completions only)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -275,6 +288,35 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     if out_dir.exists() and not out_dir.is_dir():
         out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
     out += _lora_problems(recipe)
+    out += _on_policy_problems(recipe)
+    return out
+
+
+def _on_policy_problems(recipe: Recipe) -> list[str]:
+    """``on_policy`` values, and on-policy only where it can work: a language-model student sampling its own text
+    that every teacher scores in the student's tokenization."""
+    op = recipe.on_policy
+    if op is None:
+        return []
+    out = []
+    if not 0.0 <= op.lam <= 1.0:
+        out.append(f"on_policy.lam: {op.lam} is not in [0, 1]; 0 = off-policy, 1 = every step on student samples")
+    if not op.temperature > 0:
+        out.append(f"on_policy.temperature: must be > 0, got {op.temperature}; 1.0 samples the student as it is")
+    if not 0.0 < op.top_p <= 1.0:
+        out.append(f"on_policy.top_p: {op.top_p} is not in (0, 1]; 1.0 keeps the full distribution")
+    if op.max_new_tokens < 1:
+        out.append(f"on_policy.max_new_tokens: must be >= 1, got {op.max_new_tokens}")
+    if recipe.student.arch is not None:
+        out.append("on_policy: the student samples its own text, but student.arch is a vector model with no "
+                   "tokenizer; give a language-model student or remove on_policy")
+    cached = [i for i, t in enumerate(recipe.teachers) if t.cache is not None]
+    if cached:
+        out.append(f"on_policy: teachers[{cached[0]}] is a logit cache, which holds scores for the data's text only, "
+                   "not the student's samples; give the teacher as a model or remove on_policy")
+    if any(isinstance(p, dict) and p.get("name") == "cross_base" for p in recipe.purifiers):
+        out.append("on_policy: cross-base teachers would need the student's samples re-tokenised (not supported "
+                   "yet); use teachers sharing the student's tokenizer or remove on_policy")
     return out
 
 
@@ -435,6 +477,7 @@ def parse_recipe_problems(path: str | Path | None = None,
     merged = OmegaConf.merge(schema)
     for key, value in items:
         try:  # update() also reaches into list items: purifiers.0.threshold=0.1
+            _open_optional_section(merged, key)
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as err:
             problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
@@ -445,6 +488,16 @@ def parse_recipe_problems(path: str | Path | None = None,
         return OmegaConf.to_object(merged), problems  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         return None, problems + _explain(err, schema).problems
+
+
+def _open_optional_section(cfg: DictConfig, key: str) -> None:
+    """Give a null optional section (``on_policy``) its defaults when a dotted override reaches into it
+    (``on_policy.lam=0.5``)."""
+    head, _, rest = key.partition(".")
+    if rest and head in cfg and cfg[head] is None:
+        tp = _strip_optional(_field_types(Recipe).get(head, Any))
+        if dataclasses.is_dataclass(tp):
+            cfg[head] = tp()
 
 
 def to_yaml(obj: Any) -> str:

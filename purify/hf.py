@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from purify.config import LossConfig
+from purify.config import LossConfig, OnPolicyConfig
 from purify.module import Distiller
+from purify.on_policy import sampler_for
 from purify.purifiers.base import Purifier
 from purify.types import IGNORE_INDEX
 
@@ -67,15 +68,20 @@ class PurifyTrainer(Trainer):
         teachers: frozen teachers sharing the student's tokenizer (``teachers[0]`` is the primary target).
         purifiers: purifiers in order; empty = vanilla distillation.
         loss: the objective (default forward KL).
+        on_policy: on-policy distillation (:mod:`purify.on_policy`): with probability ``lam`` per optimizer step the
+            student's own samples (pad/eos ids from ``processing_class``, else the model's config; seeded by
+            ``args.seed``) replace the batch's completions; ``None`` = off-policy. Sampled micro-batches are
+            normalised by their own sampled-token count (then averaged over accumulation steps and devices).
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
     """
 
     def __init__(self, *args: Any, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier] = (),
-                 loss: LossConfig | None = None, **kwargs: Any) -> None:
+                 loss: LossConfig | None = None, on_policy: OnPolicyConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
                                    total_steps=max(1, self.args.max_steps))
         self.distiller.to(self.args.device)
+        self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model)
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
         self.model_accepts_loss_kwargs = True
@@ -98,6 +104,10 @@ class PurifyTrainer(Trainer):
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if model.training else 1
         if num_items_in_batch is not None:
             batch["num_items"] = num_items_in_batch
+        if model.training and self.distiller.on_policy is not None:
+            devices = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
+                                                   rank=self.args.process_index)
         loss, _, s_out = self.distiller.compute_loss_and_output(
             batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0)
         if num_items_in_batch is None and model.training:

@@ -22,10 +22,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from purify.config import LossConfig, OptimConfig, SchedulerConfig
+from purify.config import LossConfig, OnPolicyConfig, OptimConfig, SchedulerConfig
 from purify.losses import distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import freeze, model_forward
+from purify.on_policy import sampler_for
 from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
 from purify.types import Batch, DivergedError, ModelOutput, Targets
 
@@ -51,6 +52,9 @@ class Distiller(L.LightningModule):
         teacher_tokenizers: one tokenizer (or ``None``) per teacher, for the same purifiers.
         teacher_dtype: cast the frozen teachers to this dtype in ``configure_model`` (after purifiers have seen them
             at full precision), e.g. ``torch.bfloat16`` for DeepSpeed bf16 runs; ``None`` leaves them as built.
+        on_policy: on-policy distillation (:mod:`purify.on_policy`): with probability ``lam`` per optimizer step
+            the student's own samples replace the batch's completions; ``None`` = off-policy.
+        seed: keys the on-policy step decisions and samples.
     """
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module] | Callable[[], Sequence[nn.Module]], *,
@@ -58,7 +62,8 @@ class Distiller(L.LightningModule):
                  scheduler: SchedulerConfig | None = None, teacher_names: Sequence[str] | None = None,
                  teacher_weights: Sequence[float] | None = None, total_steps: int | None = None,
                  student_tokenizer: Any | None = None, teacher_tokenizers: Sequence[Any] | None = None,
-                 teacher_dtype: torch.dtype | None = None) -> None:
+                 teacher_dtype: torch.dtype | None = None, on_policy: OnPolicyConfig | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         deferred = callable(teachers) and not isinstance(teachers, nn.Module)
         if deferred and not teacher_names:
@@ -80,6 +85,7 @@ class Distiller(L.LightningModule):
         self.tokenizers = {"student_tokenizer": student_tokenizer,
                            "teacher_tokenizers": list(teacher_tokenizers or [None] * count)}
         self.teacher_dtype = teacher_dtype
+        self.on_policy = sampler_for(on_policy, seed, student_tokenizer, student)
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
@@ -181,6 +187,14 @@ class Distiller(L.LightningModule):
             targets = p.transform_targets(batch, t_outs, targets)
         return targets
 
+    def on_policy_batch(self, batch: Batch, step: int, count_scale: float = 1.0, rank: int | None = None) -> Batch:
+        """The micro-batch to train on at optimizer step ``step``: ``batch``, or on an on-policy step the batch
+        rebuilt on the student's own samples (:class:`purify.on_policy.OnPolicySampler`; ``count_scale`` is what the
+        loss divides ``num_items`` by). Off-policy (``on_policy=None``): ``batch`` itself."""
+        if self.on_policy is None:
+            return batch
+        return self.on_policy(self.student, batch, step, self.global_rank if rank is None else rank, count_scale)
+
     def compute_loss(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The training objective on one micro-batch; returns the loss and its logged parts."""
         loss, parts, _ = self.compute_loss_and_output(batch, progress)
@@ -220,6 +234,13 @@ class Distiller(L.LightningModule):
 
     # ---------------------------------------------------------------- lightning hooks
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.on_policy is not None:
+            trainer = self._trainer
+            scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
+            batch = self.on_policy_batch(batch, self.global_step, count_scale=scale)
+            for key in ("on_policy_fraction", "sampled_tokens_per_s"):
+                if key in self.on_policy.last_metrics:
+                    self.log(f"train/{key}", self.on_policy.last_metrics[key], batch_size=len(batch["target_mask"]))
         loss, parts = self.compute_loss(batch, progress=min(1.0, self.global_step / self._planned_steps()))
         if not torch.isfinite(loss):
             raise DivergedError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
@@ -272,12 +293,19 @@ class Distiller(L.LightningModule):
         for p in self._of_kind(ParameterPurifier):
             p.after_step(self.student)
 
-    def fit_step(self, batch: Batch, optimizer: torch.optim.Optimizer, progress: float) -> dict[str, Tensor]:
+    def fit_step(self, batch: Batch, optimizer: torch.optim.Optimizer, progress: float,
+                 step: int | None = None) -> dict[str, Tensor]:
         """One optimizer step without Lightning (plain PyTorch loops, benchmarks).
 
-        Same objective and purifier hooks as ``training_step`` under Lightning: loss → backward → parameter
-        purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step``. Returns the detached loss parts.
+        Same objective and purifier hooks as ``training_step`` under Lightning: (on-policy batch) → loss → backward →
+        parameter purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step``. ``step`` (the optimizer
+        step's index) keys the on-policy decision and samples; an on-policy Distiller needs it. Returns the detached
+        loss parts.
         """
+        if self.on_policy is not None:
+            if step is None:
+                raise ValueError("Distiller.fit_step: an on-policy Distiller needs step= (the optimizer step index)")
+            batch = self.on_policy_batch(batch, step)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = self.compute_loss(batch, progress)
         loss.backward()

@@ -15,7 +15,7 @@ LAYERS = [
     ("types",),
     ("storage", "config"),
     ("losses", "losses_chunked", "align", "lineage", "metrics", "strategy", "gguf", "models_prepare", "lm", "cache",
-     "purifiers", "data", "models", "generate", "lora"),
+     "purifiers", "data", "models", "generate", "lora", "on_policy"),
     ("module",),
     ("assembly",),
     ("checkpoint", "train", "hf", "cache_writer", "audit", "bench", "cli", "__main__", "__init__"),

@@ -1,0 +1,343 @@
+"""On-policy distillation (purify.on_policy): λ = 0 is the off-policy step, λ = 1 trains on the student's own samples
+only, the loss is TRL's generalized JSD on the sampled tokens, samples are seeded (exact resume), PurifyTrainer and
+bad recipes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from purify import PurifyTrainer
+from purify.assembly import load_recipe
+from purify.cli import main
+from purify.config import LossConfig, OnPolicyConfig, OptimConfig
+from purify.data import TokenDataset
+from purify.hf import hf_batch
+from purify.lm import build_tokenizer
+from purify.module import Distiller
+from purify.on_policy import OnPolicySampler, is_on_policy_step, prompt_lengths, prompt_rows
+from purify.train import train
+from purify.types import IGNORE_INDEX
+from tests.conftest import mlp_overrides
+
+TEXTS = ["the cat sat on the mat", "a dog ran far away", "birds sing at dawn", "we go home now", "rain falls",
+         "the mat is red", "a cat and a dog", "dawn is grey"]
+RECORDS = [{"prompt": t[:5], "completion": t[5:]} for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TEXTS, kind="char")
+
+
+def llama(tok, seed: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    return TokenDataset(RECORDS, tok, max_length=32)
+
+
+def collate(data, rows=range(4)):
+    return data.collate([data.item(i) for i in rows])
+
+
+def distiller(tok, lam: float | None, seed: int = 0, beta: float = 0.5, **op) -> Distiller:
+    config = None if lam is None else OnPolicyConfig(lam=lam, max_new_tokens=op.pop("max_new_tokens", 8), **op)
+    return Distiller(llama(tok, 0), [llama(tok, 1)], loss=LossConfig(name="jsd", beta=beta),
+                     optim=OptimConfig(name="sgd", lr=0.5), student_tokenizer=tok, on_policy=config, seed=seed)
+
+
+# ------------------------------------------------------------------ λ = 0 is today's off-policy step
+def test_lam_zero_is_exactly_the_off_policy_step(tok, data):
+    off, zero = distiller(tok, None), distiller(tok, 0.0)
+    opt_off, opt_zero = off.build_optimizer(), zero.build_optimizer()
+    for step in range(3):
+        batch = collate(data, range(2 * step, 2 * step + 4))
+        a = off.fit_step(batch, opt_off, step / 3)
+        b = zero.fit_step(batch, opt_zero, step / 3, step=step)
+        assert torch.equal(a["loss"], b["loss"])
+    for p, q in zip(off.student.parameters(), zero.student.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(off.student.parameters(), llama(tok, 0).parameters()))
+
+
+def test_step_decisions_follow_lam(tok):
+    assert not any(is_on_policy_step(0, s, 0.0) for s in range(200))
+    assert all(is_on_policy_step(0, s, 1.0) for s in range(200))
+    share = sum(is_on_policy_step(3, s, 0.3) for s in range(2000)) / 2000
+    assert 0.26 < share < 0.34
+    sampler = OnPolicySampler(OnPolicyConfig(lam=0.5), seed=3, pad_id=0, eos_id=None)
+    assert sampler.fraction(99) == sum(is_on_policy_step(3, s, 0.5) for s in range(100)) / 100
+    assert sampler.fraction(9) == sum(is_on_policy_step(3, s, 0.5) for s in range(10)) / 10  # after a "resume"
+
+
+# ------------------------------------------------------------------ λ = 1: the student's samples only
+def test_lam_one_replaces_completions_keeps_prompts_and_targets_only_sampled_tokens(tok, data):
+    dist = distiller(tok, 1.0)
+    batch = collate(data)
+    out = dist.on_policy_batch(batch, step=0)
+    counts = out["attention_mask"].sum(1)
+    for row in range(4):
+        p = int(prompt_lengths(batch["target_mask"])[row])
+        assert p == 1 + len(tok(RECORDS[row]["prompt"], add_special_tokens=False)["input_ids"])  # <bos> + prompt
+        assert torch.equal(out["input_ids"][row, :p], batch["input_ids"][row, :p])
+        n = int(counts[row])
+        expected = torch.zeros(out["target_mask"].shape[1])
+        expected[p - 1:n - 1] = 1  # target j predicts token j + 1: exactly the sampled tokens p .. n-1
+        assert torch.equal(out["target_mask"][row], expected)
+        assert torch.equal(out["labels"][row, p - 1:n - 1], out["input_ids"][row, p:n])
+        assert (out["labels"][row, :p - 1] == IGNORE_INDEX).all() and (out["labels"][row, n - 1:] == IGNORE_INDEX).all()
+        assert (out["input_ids"][row, n:] == tok.pad_token_id).all()
+        sampled = out["input_ids"][row, p:n]
+        assert 1 <= len(sampled) <= 8 and (sampled[:-1] != tok.eos_token_id).all()  # stops at its first eos
+    assert not torch.equal(out["input_ids"], batch["input_ids"])  # the data's completions are gone
+    assert out["index"] is batch["index"]
+
+    # the data's completions play no part: other completions after the same prompts give the same batch and loss
+    other = data.collate([(i, copy.deepcopy(data[i])) for i in range(4)])
+    for row in range(4):
+        p = int(prompt_lengths(other["target_mask"])[row])
+        other["input_ids"][row, p:] = torch.where(other["attention_mask"][row, p:] > 0, tok.unk_token_id,
+                                                  other["input_ids"][row, p:])
+    out2 = distiller(tok, 1.0).on_policy_batch(other, step=0)
+    assert torch.equal(out["input_ids"], out2["input_ids"])
+    assert torch.equal(dist.compute_loss(out, 0.0)[0], dist.compute_loss(out2, 0.0)[0])
+
+
+def test_left_padded_batch_samples_from_the_same_prompts(tok, data):
+    right = collate(data)
+    width = right["input_ids"].shape[1]
+    left = {k: v.clone() for k, v in right.items()}
+    for row in range(4):
+        n = int(right["attention_mask"][row].sum())
+        for key, pad in (("input_ids", tok.pad_token_id), ("attention_mask", 0)):
+            left[key][row] = torch.cat([torch.full((width - n,), pad), right[key][row, :n]])
+        for key, pad in (("target_mask", 0), ("labels", IGNORE_INDEX)):
+            left[key][row] = torch.cat([torch.full((width - n,), pad, dtype=right[key].dtype), right[key][row, :n - 1]])
+    a = prompt_rows(right, prompt_lengths(right["target_mask"]))
+    b = prompt_rows(left, prompt_lengths(left["target_mask"]))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(distiller(tok, 1.0).on_policy_batch(right, 0)["input_ids"],
+                       distiller(tok, 1.0).on_policy_batch(left, 0)["input_ids"])
+
+
+def _jsd_by_hand(s_logits, t_logits, beta):
+    """TRL's GKD convention: M = β p_t + (1-β) p_s; β KL(p_t‖M) + (1-β) KL(p_s‖M), in float64 probabilities."""
+    p_s, p_t = s_logits.double().softmax(-1), t_logits.double().softmax(-1)
+    m = beta * p_t + (1 - beta) * p_s
+    kl_t = (p_t * (p_t / m).log()).sum(-1)
+    kl_s = (p_s * (p_s / m).log()).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_on_policy_loss_is_generalized_jsd_on_sampled_tokens(tok, data, beta):
+    dist = distiller(tok, 1.0, beta=beta)
+    out = dist.on_policy_batch(collate(data), step=0)
+    loss, _ = dist.compute_loss(out, 0.0)
+    with torch.no_grad():
+        s = dist.student(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :-1]
+        t = dist.teachers[0](input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :-1]
+    mask = out["target_mask"] > 0
+    expected = _jsd_by_hand(s, t, beta)[mask].mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) > 0
+
+
+def test_gradient_comes_from_sampled_positions_only(tok, data):
+    dist = distiller(tok, 1.0)
+    out = dist.on_policy_batch(collate(data), step=0)
+    emb = dist.student.get_input_embeddings().weight
+    loss, _ = dist.compute_loss(out, 0.0)
+    (grad,) = torch.autograd.grad(loss, emb)
+    # the student's gradient equals the hand loss's gradient over the sampled target positions
+    s = dist.student(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = dist.teachers[0](input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :-1]
+    hand = _jsd_by_hand(s, t, 0.5)[out["target_mask"] > 0].mean()
+    (hand_grad,) = torch.autograd.grad(hand, emb)
+    torch.testing.assert_close(grad, hand_grad.float(), atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ determinism
+def test_same_seed_same_samples_other_seed_or_step_other_samples(tok, data):
+    batch = collate(data)
+    a = distiller(tok, 1.0, seed=5).on_policy_batch(batch, step=2)["input_ids"]
+    b = distiller(tok, 1.0, seed=5).on_policy_batch(batch, step=2)["input_ids"]
+    c = distiller(tok, 1.0, seed=6).on_policy_batch(batch, step=2)["input_ids"]
+    d = distiller(tok, 1.0, seed=5).on_policy_batch(batch, step=3)["input_ids"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    state = torch.get_rng_state()
+    distiller(tok, 1.0, seed=5).on_policy_batch(batch, step=2)
+    assert torch.equal(state, torch.get_rng_state())  # sampling leaves the training RNG stream alone
+
+
+def test_sampling_ignores_the_models_generation_defaults(tok, data):
+    """Sampling is the student's own distribution (temperature / top_p of the recipe only): a repetition penalty or
+    top-k in the model's generation_config does not change the samples."""
+    batch = collate(data)
+    plain = distiller(tok, 1.0).on_policy_batch(batch, 0)["input_ids"]
+    dist = distiller(tok, 1.0)
+    dist.student.generation_config.repetition_penalty = 5.0
+    dist.student.generation_config.top_k = 2
+    assert torch.equal(dist.on_policy_batch(batch, 0)["input_ids"], plain)
+
+
+def test_temperature_changes_samples_and_sampling_leaves_train_mode(tok, data):
+    batch = collate(data)
+    dist = distiller(tok, 1.0)
+    dist.student.train()
+    hot = dist.on_policy_batch(batch, 0)["input_ids"]
+    assert dist.student.training
+    cold = distiller(tok, 1.0, temperature=0.05).on_policy_batch(batch, 0)["input_ids"]
+    assert not torch.equal(hot, cold)
+
+
+# ------------------------------------------------------------------ Lightning runs: `purify train` / the train API
+@pytest.fixture(scope="module")
+def lm_root(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("lm")
+    tok.save_pretrained(root / "tok")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return root
+
+
+def lm_overrides(root: Path, out: Path, **extra: object) -> list[str]:
+    spec = ("{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+            "num_attention_heads: 2, num_key_value_heads: 2}, tokenizer: %s, seed: %d}")
+    items = {"student": spec % (root / "tok", 0), "teachers": f"[{spec % (root / 'tok', 1)}]",
+             "data.train": root / "train.jsonl", "data.val_fraction": 0.25, "data.batch_size": 2,
+             "data.max_length": 32, "loss.name": "jsd", "trainer.max_steps": 6, "trainer.val_check_interval": 3,
+             "trainer.checkpoint_every_n_steps": 3, "trainer.log_every_n_steps": 1,
+             "trainer.enable_progress_bar": False, "export": True, "output_dir": out}
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def recipe_file(directory: Path, overrides: list[str]) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "recipe.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(overrides), path)
+    return str(path)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "student" / "model.safetensors")
+
+
+def test_resumed_on_policy_run_equals_uninterrupted_run(lm_root, tmp_path):
+    on = {"on_policy.lam": 0.5, "on_policy.max_new_tokens": 6}
+    steps = [is_on_policy_step(0, s, 0.5) for s in range(6)]
+    assert any(steps[:3]) and any(steps[3:]) and not all(steps)  # both kinds of step, on both sides of the resume
+    full = train(load_recipe(None, lm_overrides(lm_root, tmp_path / "full", **on)))
+    resumed = train(load_recipe(None, lm_overrides(lm_root, tmp_path / "resumed", **on,
+                                                   resume=full / "checkpoints" / "step3.ckpt")))
+    off = train(load_recipe(None, lm_overrides(lm_root, tmp_path / "off")))
+    zero = train(load_recipe(None, lm_overrides(lm_root, tmp_path / "zero", **{"on_policy.lam": 0.0})))
+    a, b, c, z = weights(full), weights(resumed), weights(off), weights(zero)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        assert torch.equal(c[key], z[key])  # λ = 0 under Lightning: today's run, bit for bit
+    assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)  # the on-policy steps changed the run
+    metrics = (full / "logs" / "metrics.csv").read_text()
+    assert "train/on_policy_fraction" in metrics and "train/sampled_tokens_per_s" in metrics
+
+
+def test_purify_train_cli_with_accumulation(lm_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    recipe = recipe_file(tmp_path, lm_overrides(lm_root, out, **{"trainer.accumulate_grad_batches": 2,
+                                                                 "trainer.max_steps": 2}))
+    assert main(["train", recipe, "on_policy.lam=1", "on_policy.max_new_tokens=4"]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["recipe"]["on_policy"]["lam"] == 1.0 and lineage["metrics"]["train/on_policy_fraction"] == 1.0
+
+
+# ------------------------------------------------------------------ PurifyTrainer
+def _hf_trainer(tok, tmp_path, student, teacher, on_policy, accumulate=1, steps=2):
+    rows = []
+    for r in RECORDS:
+        p = tok(r["prompt"])["input_ids"]
+        c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": p + c, "attention_mask": [1] * len(p + c), "labels": [-100] * len(p) + c})
+    args = TrainingArguments(str(tmp_path / "hf"), max_steps=steps, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accumulate, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, seed=3)
+    return PurifyTrainer(model=student, teachers=[teacher], args=args, train_dataset=rows, processing_class=tok,
+                         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+                         loss=LossConfig(name="jsd"), on_policy=on_policy)
+
+
+def test_purify_trainer_on_policy_trains_on_samples(tok, tmp_path):
+    student, teacher = llama(tok, 0), llama(tok, 1)
+    before = copy.deepcopy(student)
+    trainer = _hf_trainer(tok, tmp_path, student, teacher, OnPolicyConfig(lam=1.0, max_new_tokens=6), accumulate=2)
+    seen = []
+    original = trainer.distiller.on_policy_batch
+    trainer.distiller.on_policy_batch = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(seen) == 4  # 2 steps × 2 accumulated micro-batches
+    assert all(trainer.distiller.on_policy.last_metrics["on_policy"] == 1.0 for _ in seen)
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), before.parameters()))
+    assert trainer.distiller.on_policy.seed == 3  # args.seed
+
+
+def test_purify_trainer_sampled_batch_is_a_mean_over_its_own_tokens(tok, tmp_path):
+    """HF's num_items_in_batch counts the data's completion tokens; a sampled micro-batch is normalised by its own
+    sampled-token count instead (× accumulation steps, which the Trainer sums over)."""
+    student, teacher = llama(tok, 0), llama(tok, 1)
+    trainer = _hf_trainer(tok, tmp_path, student, teacher, OnPolicyConfig(lam=1.0, max_new_tokens=6))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    student.train()
+    trainer.current_gradient_accumulation_steps = 2
+    loss = trainer.compute_loss(student, inputs, num_items_in_batch=torch.tensor(1000))
+    ref = distiller(tok, 1.0, seed=3, max_new_tokens=6)
+    ref.student.load_state_dict(student.state_dict())
+    ref.teachers[0].load_state_dict(teacher.state_dict())
+    rebuilt = ref.on_policy_batch(hf_batch(inputs), 0)
+    mean, _ = ref.compute_loss(rebuilt, 0.0)  # no num_items: mean over the sampled targets
+    assert float(loss.detach()) == pytest.approx(float(mean.detach()) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------ bad recipes
+@pytest.mark.parametrize(("extra", "message"), [
+    (["on_policy.lam=2"], r"on_policy.lam: 2.0 is not in \[0, 1\]"),
+    (["on_policy.temperature=0"], r"on_policy.temperature: must be > 0"),
+    (["on_policy.top_p=0"], r"on_policy.top_p: 0.0 is not in \(0, 1\]"),
+    (["on_policy.max_new_tokens=0"], r"on_policy.max_new_tokens: must be >= 1"),
+    (["on_policy.lam=0.5", "purifiers=[{name: cross_base}]"], r"on_policy: cross-base teachers"),
+])
+def test_bad_on_policy_recipe_is_one_error_line(lm_root, tmp_path, capsys, extra, message):
+    code = main(["train", recipe_file(tmp_path, lm_overrides(lm_root, tmp_path / "bad")), *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("purify: error: ") and re.search(message, err[0]), err
+    assert not (tmp_path / "bad" / "student").exists()
+
+
+def test_on_policy_with_a_vector_student_or_a_logit_cache_is_refused(tmp_path, capsys, lm_root):
+    code = main(["train", recipe_file(tmp_path / "m", mlp_overrides(tmp_path / "mlp")), "on_policy.lam=0.5"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("purify: error: on_policy: the student samples"), err
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    recipe = recipe_file(tmp_path / "c", lm_overrides(lm_root, tmp_path / "c", teachers=f"[{{cache: {cache}}}]"))
+    code = main(["train", recipe, "on_policy.lam=0.5"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    # (the empty cache directory is a second problem of its own, on its own line)
+    assert code == 2 and all(line.startswith("purify: error: ") for line in err), err
+    assert err[0].startswith("purify: error: on_policy: teachers[0] is a logit cache"), err
