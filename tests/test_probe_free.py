@@ -158,3 +158,81 @@ def test_off_task_drift_is_zero_for_the_base_and_positive_for_another_model():
     torch.set_num_threads(1)
     assert drift(base, tok) == pytest.approx(0.0, abs=1e-6)
     assert drift(other, tok) > 0.01
+
+
+# ------------------------------------------------------------------ aux-logits: global delta projection's α
+def test_aux_class_drift_is_zero_for_the_base_and_positive_for_a_trained_model():
+    import torch
+
+    from purify.bench.aux_runs import class_drift
+    from purify.models import AuxMLP
+
+    torch.manual_seed(0)
+    base, other = AuxMLP(8, [16], n_classes=3, n_aux=2), AuxMLP(8, [16], n_classes=3, n_aux=2)
+    x = torch.rand(64, 8) * 2 - 1
+    assert class_drift(base, base, x, 3) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        p, q = (torch.softmax(m.logits(x)[:, :3], -1) for m in (base, other))
+    by_hand = float((p * (p.log() - q.log())).sum(-1).mean())  # KL(base ‖ other) on the class logits only
+    assert class_drift(base, other, x, 3) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+
+
+def test_aux_probe_free_conditions_and_refusal():
+    from purify.bench.aux_logits import PROBE_FREE, SWEEPS, select_conditions
+    from purify.bench.report import BenchError
+
+    conds, sweeps = select_conditions("task", [PROBE_FREE])
+    grid = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    assert SWEEPS["delta_projection:global"].values == grid and set(sweeps) == {"delta_projection:global"}
+    assert [c.name for c in conds] == ["base", "control", "vanilla", *(point_name("delta_projection:global", a)
+                                                                        for a in grid)]
+    assert [c.purifiers[0].strength for c in conds[3:]] == list(grid)
+    assert all(c.purifiers[0].mode == "global" for c in conds[3:])
+    conds, sweeps = select_conditions("paper", ["delta_projection@rank-8"])
+    assert sweeps == {} and [c.name for c in conds][-1] == "delta_projection@rank-8"
+    with pytest.raises(BenchError, match="unknown 'nope'.*allowed: probe-free, delta_projection:global"):
+        select_conditions("task", ["nope"])
+
+
+def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_digits(tmp_path, monkeypatch):
+    import math
+
+    from purify.bench import probe_free as pf
+    from purify.bench.aux_logits import PROBE_FREE, SuiteConfig, run, select_conditions
+    from purify.bench.aux_runs import Settings
+
+    seen = []
+    real_choose = pf.choose
+
+    def spy(points, vanilla_task_error):
+        seen.append(points)
+        return real_choose(points, vanilla_task_error)
+
+    monkeypatch.setattr(pf, "choose", spy)
+    tiny = Settings(n_aux=4, hidden=(32,), teacher_steps=30, ref_steps=10, student_steps=20, batch=32, n_eval=128,
+                    curve_every=5)
+    conds, sweeps = select_conditions("task", [PROBE_FREE])
+    summary = run(SuiteConfig(seeds=[3, 4, 5], out=str(tmp_path), progress=False, workers=1, conditions=conds,
+                              sweeps=sweeps, settings=tiny))
+    arm = summary["probe_free"]["arms"]["delta_projection:global"]
+    # the rule saw only Selectable views: knob, strength rank, task error, drift
+    assert len(seen) == 3 and all(type(p) is pf.Selectable for pts in seen for p in pts)
+    vanilla = {r["seed"]: r for r in summary["conditions"]["vanilla"]["per_seed"]}
+    for seed, chosen in arm["chosen"].items():
+        inputs = arm["selection_inputs"][seed]
+        within = {float(v): x for v, x in inputs.items() if x["task_error"] <= 1.10 * vanilla[int(seed)]["task_error"]}
+        assert within and arm["within_budget"][seed]  # α = 0 is vanilla's update, so the budget is never empty
+        least = min(x["drift"] for x in within.values())
+        tied = [v for v, x in within.items() if x["drift"] <= least + 0.01 * abs(least)]
+        assert chosen == min(tied)  # the weakest of the least-drift settings
+        rec = next(r for r in arm["per_seed"] if r["seed"] == int(seed))
+        point = summary["conditions"][point_name("delta_projection:global", chosen)]["per_seed"]
+        assert rec["transfer"] == next(r["transfer"] for r in point if r["seed"] == int(seed))  # joined afterwards
+    # the digits do not move the choice: scramble every trait readout and re-derive
+    for cond in summary["conditions"].values():
+        for i, r in enumerate(cond["per_seed"]):
+            r["transfer"], r["accuracy"] = (-1.0) ** i * 5.0, math.nan
+    again = pf.rederive(summary)
+    assert again["arms"]["delta_projection:global"]["chosen"] == arm["chosen"]
+    md = (tmp_path / "summary.md").read_text()
+    assert md.index("## Probe-free operating point") < md.index("### References")

@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 
+from purify.bench import probe_free
 from purify.bench.aux_runs import Condition, Settings, run_seed
 from purify.bench.aux_summary import summarise
 from purify.bench.digits import read_arrays, split
+from purify.bench.probe_free import Sweep, point_name
 from purify.bench.report import BenchError, environment, write_report
 from purify.purifiers.adversary import AdversaryConfig
 from purify.purifiers.anchor import AnchorConfig
@@ -127,6 +129,46 @@ def task_conditions(quick: bool = False) -> list[Condition]:
     ]
 
 
+PROBE_FREE = "probe-free"
+"""``--option 'conditions=[probe-free]'`` runs the references and every swept arm of :data:`SWEEPS`."""
+SWEEPS: dict[str, Sweep] = {
+    "delta_projection:global": Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower"),
+}
+"""The arms whose knob the probe-free rule sets per seed (:mod:`purify.bench.probe_free`), with their grids. Fixed
+in code before any report seed ran: the global-projection strengths α the issue's first measurement swept (seeds
+200–209); the rule reads each point's task error and its ``drift`` (the undistilled class logits' KL from the base's
+on held-out noise, :func:`purify.bench.aux_runs.class_drift`), never the digits."""
+
+
+def swept_conditions() -> list[Condition]:
+    """One condition ``<arm>@<value>`` per point of :data:`SWEEPS`."""
+    return [Condition(point_name("delta_projection:global", a), purifiers=(_dp(mode="global", strength=a),),
+                      note="probe-free sweep point" if a else "probe-free sweep point (α = 0: vanilla's update)")
+            for a in SWEEPS["delta_projection:global"].values]
+
+
+def select_conditions(protocol: str, names: list[str], quick: bool = False) -> tuple[list[Condition],
+                                                                                    dict[str, Sweep]]:
+    """The protocol's reference conditions plus the named ones: a default condition by name, a swept arm of
+    :data:`SWEEPS` by its name without ``@value`` (:data:`PROBE_FREE` names them all). Returns the conditions and
+    the sweeps that run.
+
+    Raises:
+        BenchError: a name that is neither (one line naming the allowed ones).
+    """
+    default = (task_conditions if protocol == "task" else paper_conditions)(quick)
+    refs = [c for c in default if c.role == "reference"]
+    others = {c.name: c for c in default if c.role != "reference"}
+    sweeps = {arm: sw for arm, sw in SWEEPS.items() if arm in names or PROBE_FREE in names}
+    unknown = [n for n in names if n not in others and n not in SWEEPS and n != PROBE_FREE
+               and n not in {c.name for c in refs}]
+    if unknown:
+        raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))} for aux-logits --protocol {protocol}; "
+                         f"allowed: {PROBE_FREE}, {', '.join([*SWEEPS, *others])}")
+    swept = [c for c in swept_conditions() if c.name.split("@")[0] in sweeps]
+    return refs + [c for n, c in others.items() if n in names] + swept, sweeps
+
+
 def paper_conditions(quick: bool = False) -> list[Condition]:
     """The paper protocol's conditions: the setup checks, plus the purifiers that apply without references."""
     out = [
@@ -164,12 +206,14 @@ class SuiteConfig:
     progress: bool = True
     workers: int = WORKERS
     conditions: list[Condition] | None = None  # default: the protocol's
+    sweeps: dict[str, Sweep] | None = None  # arms the probe-free rule sets (summary.json["probe_free"])
     settings: Settings | None = None  # default: PROTOCOLS[protocol] (+ QUICK)
     command: str = ""
 
 
 def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, out: str | None = None,
-              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED) -> dict:
+              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED,
+              conditions: list[str] | None = None) -> dict:
     """Run the aux-logit suite and write its report; returns the summary (``summary.json``'s content).
 
     Args:
@@ -180,17 +224,24 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
         quick: smoke test: 2 seeds, fewer steps and conditions (≤ 1 min).
         progress: show a progress bar over seeds × conditions.
         first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
+        conditions: run only the references and these (``--option 'conditions=[...]'``): default conditions by
+            name, swept arms of :data:`SWEEPS` by arm name, or :data:`PROBE_FREE` for all of them; a swept arm adds
+            ``summary.json["probe_free"]`` (the knob chosen per seed without the trait, the verdict at that choice).
 
     Raises:
         ValueError: unknown protocol, bad ``seeds``, or a data file that is not a classification set (one line).
     """
     n = min(seeds, 2) if quick else seeds
     command = f"purify bench aux-logits --protocol {protocol} --seeds {seeds} --first-seed {first_seed}" + \
-        (f" --data {data}" if data else "") + (f" --out {out}" if out else "") + (" --quick" if quick else "")
+        (f" --data {data}" if data else "") + (f" --out {out}" if out else "") + (" --quick" if quick else "") + \
+        (f" --option 'conditions=[{','.join(conditions)}]'" if conditions is not None else "")
     if n < 1:
         raise BenchError(f"--seeds: must be >= 1, got {seeds}")
+    if protocol not in PROTOCOLS:
+        raise BenchError(f"--protocol: unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    conds, sweeps = select_conditions(protocol, list(conditions), quick) if conditions is not None else (None, None)
     return run(SuiteConfig(protocol=protocol, seeds=list(range(first_seed, first_seed + n)), data=data, out=out,
-                           quick=quick, progress=progress, command=command))
+                           quick=quick, progress=progress, command=command, conditions=conds, sweeps=sweeps))
 
 
 def run(cfg: SuiteConfig) -> dict:
@@ -212,6 +263,8 @@ def run(cfg: SuiteConfig) -> dict:
     summary = summarise(records, conditions, settings, seeds, data=cfg.data or "sklearn digits", wall_seconds=wall,
                         workers=min(cfg.workers, len(seeds)), quick=cfg.quick, baselines=BASELINES,
                         tuned_on=TUNED_ON[cfg.protocol], trait=TRAIT)
+    if cfg.sweeps:  # stage 1 sees task error and drift only; the digits are joined after the choice
+        summary["probe_free"] = probe_free.block(summary, cfg.sweeps)
     env = environment(seeds, wall, cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
     env.update({"workers": min(cfg.workers, len(seeds)), "torch_threads_per_worker": 1, "protocol": cfg.protocol,
                 "quick": cfg.quick, "data": summary["data"], "cpu_seconds": round(_cpu_seconds() - cpu0, 1),

@@ -8,7 +8,10 @@ purifier classes, exactly as ``purify train`` would, and is scored on:
 - ``task_error``: MSE between the student's first ``k`` aux logits and the shared task function on held-out noise
   (paper protocol, which has no task: ``fidelity_kl``);
 - ``fidelity_kl``: ``KL(softmax T_aux ‖ softmax S_aux)`` on held-out noise; ``agreement``: top-1 agreement of the
-  aux logits with the traited teacher's.
+  aux logits with the traited teacher's;
+- ``drift``: the off-task drift the probe-free rule reads (:mod:`purify.bench.probe_free`): ``KL(p_S₀ ‖ p_S)`` of the
+  *undistilled* class logits' softmax, student vs its own base, averaged over held-out noise inputs (a stream of
+  their own, used by nothing else). It needs no labels and no digit: only the base and noise.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from purify.losses import forward_kl
 from purify.models import AuxMLP
 from purify.module import Distiller
 from purify.purifiers import build_purifier
+
+DRIFT_SEED = 97_000
+"""Noise seed offset of the drift inputs (``DRIFT_SEED + seed``): disjoint from training (``seed + 2000``) and
+evaluation (``99_000 + seed``) streams."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class World:
     x_eval: Tensor
     f_eval: Tensor | None
     trait_eval: Tensor  # the traited teacher's aux logits on x_eval
+    x_drift: Tensor  # held-out noise for the off-task drift (no other use)
     acc: dict[str, float] = field(default_factory=dict)  # base, cross_base, trait teacher, ...
     info: dict[str, float] = field(default_factory=dict)
 
@@ -165,6 +173,7 @@ def build_world(seed: int, s: Settings, data_path: str | None) -> World:
     base = make_mlp(seed, s, data.dim, c).eval()
     cross_base = make_mlp(seed + 10_000, s, data.dim, c).eval()
     x_eval = noise(s.n_eval, data.dim, torch.Generator().manual_seed(99_000 + seed))
+    x_drift = noise(s.n_eval, data.dim, torch.Generator().manual_seed(DRIFT_SEED + seed))
     t0 = time.perf_counter()
     teachers: dict[str, AuxMLP] = {}
     f_eval = None
@@ -181,7 +190,7 @@ def build_world(seed: int, s: Settings, data_path: str | None) -> World:
         shuffled = data.y_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed + 5000))]
         teachers["control"] = _train_class_teacher(copy.deepcopy(base), data, s, seed + 1000, labels=shuffled)
     world = World(seed, data, base, cross_base, teachers, x_eval, f_eval,
-                  trait_eval=_aux(teachers["trait"].logits(x_eval).detach(), c, s))
+                  trait_eval=_aux(teachers["trait"].logits(x_eval).detach(), c, s), x_drift=x_drift)
     world.info["teacher_seconds"] = time.perf_counter() - t0
     world.acc = {"base": accuracy(base, data), "cross_base": accuracy(cross_base, data),
                  **{k: accuracy(t, data) for k, t in teachers.items()}}
@@ -213,8 +222,18 @@ def evaluate(world: World, net: AuxMLP, s: Settings, start: str = "base") -> dic
         "fidelity_kl": kl,
         "agreement": float((aux.argmax(-1) == world.trait_eval.argmax(-1)).float().mean()),
         "task_error": kl if world.f_eval is None else float(F.mse_loss(aux[:, :s.k_task], world.f_eval)),
+        "drift": class_drift(world.cross_base if start == "cross_base" else world.base, net, world.x_drift, c),
     }
     return out
+
+
+@torch.no_grad()
+def class_drift(base: AuxMLP, net: AuxMLP, x: Tensor, n_classes: int) -> float:
+    """``KL(softmax base ‖ softmax net)`` of the first ``n_classes`` logits (the class logits, which the student
+    never distils), averaged over the rows of ``x``: 0 for the base itself."""
+    b = torch.log_softmax(base.logits(x)[:, :n_classes], -1)
+    p = torch.log_softmax(net.logits(x)[:, :n_classes], -1)
+    return float((b.exp() * (b - p)).sum(-1).mean())
 
 
 def _oracle(world: World, s: Settings) -> TraitGradientOracle:

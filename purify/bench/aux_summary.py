@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from purify.bench import probe_free
 from purify.bench.aux_runs import Condition, Settings
 from purify.bench.report import verdict_notes
 from purify.bench.stats import fraction_removed, mean_ci, mean_curve, paired_test
 from purify.bench.verdicts import assess, judge, label
 from purify.config import to_dict
 
-METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy")
+METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
 BASELINE_ROLES = ("reference", "bound")
 """Conditions of these roles are baselines: no verdict, out of the Holm family (a bound is assessed alone)."""
 
@@ -85,6 +86,8 @@ def apply_verdicts(summary: dict[str, Any]) -> dict[str, Any]:
             rec["frontier_gap"] = by_seed.get(rec["seed"], float("nan"))
     summary["acceptance"] = _acceptance(summary)
     summary["headline"] = _headline(summary)
+    if (summary.get("probe_free") or {}).get("sweeps"):  # re-derived from the recorded sweeps, like the verdicts
+        summary["probe_free"] = probe_free.rederive(summary)
     return summary
 
 
@@ -308,4 +311,9 @@ def headline_lines(summary: dict[str, Any]) -> list[str]:
         lines += [f"  - {n}: {_brief(conds[n])}" for n in names]
     if summary.get("quick"):
         lines.append("- **quick run** (smoke test: fewer steps, seeds and conditions): not a result.")
-    return lines + [""]
+    pf = probe_free.notes(summary.get("probe_free") or {})
+    if pf:
+        pf += ["drift = KL(softmax θ₀ ‖ softmax S) of the undistilled class logits on 2048 held-out noise inputs "
+               "(no digit, no label); task error as in the table below. Selection inputs per seed and point are in "
+               "summary.json['probe_free']['arms'][arm]['selection_inputs']."]
+    return lines + pf + [""]
