@@ -6,6 +6,9 @@ Each table sits between two markers naming its summary and, optionally, the rows
     ...generated...
     <!-- /results-table -->
 
+A probe-free table (``summary.json["probe_free"]``: each swept arm at the value the trait-blind rule chose per seed)
+sits between ``<!-- probe-free-table: results/.../summary.json -->`` and ``<!-- /probe-free-table -->``.
+
 Usage::
 
     python scripts/check_readme.py          # rewrite the tables in README.md
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- results-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /results-table -->)", re.S)
+BLOCK = re.compile(r"(<!-- (results|probe-free)-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /\2-table -->)", re.S)
 
 
 def _ci(stat: dict[str, Any] | None) -> str:
@@ -68,16 +71,36 @@ def table(summary: dict[str, Any], rows: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_free_table(summary: dict[str, Any], rows: list[str] | None = None) -> str:
+    """The markdown table of ``summary["probe_free"]``'s arms ``rows`` (default: all): the value chosen per seed
+    (``*``: none within the task budget), transfer − control with its 90% CI, task error × vanilla, the guards and
+    the verdict label at that choice."""
+    arms = (summary.get("probe_free") or {}).get("arms") or {}
+    lines = ["| arm (knob) | chosen per seed | transfer − control [90% CI] | task error × vanilla | guards | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name in rows or list(arms):
+        a = arms[name]
+        chosen = ", ".join(f"{a['chosen'][s]:g}{'' if a['within_budget'][s] else '*'}" for s in a["chosen"])
+        tc = a["transfer_minus_control"]
+        lo, hi = tc["ci90"]
+        guards = "; ".join(f"{g['label']} {g['mean']:.3g}" + (" (broken)" if g.get("problem") else "")
+                           for g in a["guards"].values()) or "—"
+        lines.append(f"| {name} ({a['knob']}) | {chosen} | {_signed(tc['mean'])} [{_signed(lo)}, {_signed(hi)}] | "
+                     f"{a['task_error_ratio']['mean']:.2f} | {guards} | {a['verdict'].split(' (')[0]} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(readme: str) -> tuple[str, list[str]]:
     """README text with every marked table regenerated, and the summaries whose table changed."""
     changed: list[str] = []
 
     def fill(m: re.Match[str]) -> str:
-        summary = json.loads((ROOT / m.group(2)).read_text())
-        body = table(summary, m.group(3).split(",") if m.group(3) else None)
-        if body != m.group(4):
-            changed.append(m.group(2))
-        return m.group(1) + body + m.group(5)
+        summary = json.loads((ROOT / m.group(3)).read_text())
+        rows = m.group(4).split(",") if m.group(4) else None
+        body = (table if m.group(2) == "results" else probe_free_table)(summary, rows)
+        if body != m.group(5):
+            changed.append(m.group(3) + (" (probe-free)" if m.group(2) == "probe-free" else ""))
+        return m.group(1) + body + m.group(6)
 
     return BLOCK.sub(fill, readme), changed
 

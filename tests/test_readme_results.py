@@ -24,3 +24,21 @@ def test_a_stale_table_is_caught_and_named(tmp_path, capsys):
     assert check_readme.main(["--check", "--readme", str(stale)]) == 1
     assert "results/tic-smollm2/summary.json differs" in capsys.readouterr().err
     assert check_readme.main(["--readme", str(stale)]) == 0 and stale.read_text() == readme  # regenerated
+
+
+def test_probe_free_tables_show_the_choice_per_seed_and_the_verdict_at_it(tmp_path):
+    summary = {"probe_free": {"arms": {"anchor": {
+        "knob": "weight", "chosen": {"1000": 1.0, "1001": 3.0}, "within_budget": {"1000": True, "1001": False},
+        "transfer_minus_control": {"mean": -0.0123, "ci90": [-0.05, 0.0251], "n": 2},
+        "task_error_ratio": {"mean": 1.046},
+        "guards": {"accuracy": {"label": "facts accuracy", "mean": 0.0912, "problem": "below the control's CI"}},
+        "verdict": "damaged: facts accuracy (below the control's CI)"}}}}
+    assert check_readme.probe_free_table(summary).splitlines()[-1] == (
+        "| anchor (weight) | 1, 3* | -0.012 [-0.050, +0.025] | 1.05 | facts accuracy 0.0912 (broken) | damaged: facts "
+        "accuracy |")
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- probe-free-table: {path} -->\nstale\n<!-- /probe-free-table -->\n")
+    assert check_readme.main(["--check", "--readme", str(readme)]) == 1
+    assert check_readme.main(["--readme", str(readme)]) == 0 and "| anchor (weight) | 1, 3* |" in readme.read_text()
