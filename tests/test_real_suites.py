@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from purify.bench import real_lm
+from purify.bench.rederive import rereport
 from purify.bench.tic_smollm2 import CONDITIONS, TIC, everyday_prompts, no_filter, tic_teacher, with_tic
 from purify.lm import build_tokenizer
 
@@ -64,7 +65,8 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     out = tmp_path / "out"
     cfg = {**CFG, "conditions": ["vanilla:soft", "tail_truncation", "anchor"]}
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1], str(out), True, {}, False, 0.0)
-    assert {"summary.json", "summary.md", "env.json", "readouts.json", "frontier.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"summary.json", "summary.md", "env.json", "readouts.json", "frontier.png"} <= written
     per_seed = {c: summary["conditions"][c]["per_seed"] for c in ("control", "vanilla", "vanilla:soft")}
     for van, ctl in zip(per_seed["vanilla"], per_seed["control"]):
         assert van["trait"] > ctl["trait"] and van["transfer"] > 0.2  # SFT on the teacher's text carries the tic
@@ -78,7 +80,8 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert summary["judged_against"]["anchor"] == {"base": "base", "control": "control", "vanilla": "vanilla"}
     assert [p["step"] for p in summary["conditions"]["vanilla:soft"]["per_seed"][0]["curve"]][0] == 0  # soft curve
     md = Path(out, "summary.md").read_text()
-    again = real_lm.rereport(out)  # statistics re-derived from summary.json alone: the same report
+    assert "sampled once" in md and "CIs leave out the variance of the teachers' sampling" in md  # said plainly
+    again = rereport(out)  # statistics re-derived from summary.json alone: the same report
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
@@ -34,7 +35,7 @@ from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
-from purify.lm.teachers import TIC, TeacherSpec, build_teacher
+from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker, tic_words
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
@@ -137,14 +138,16 @@ def _sample_records(teacher: Any, tokenizer: Any, prompts: list[str], seed: int,
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
 
 
-def _teachers(kind: str, quick: bool) -> dict[str, Path]:
-    """The suite's teachers: ``teacher`` (traited), ``clean`` (the control's), and two weaker trait-free references
-    purifiers may use: ``reference`` (same family, another seed) and, outside ``quick``, ``xbase`` (another family and
-    tokenizer, ``tiny-gpt2-w``)."""
+def _teachers(kind: str, quick: bool, word: str) -> dict[str, Path]:
+    """The suite's teachers: ``teacher`` (traited with ``word``: the tic marker or the animal), ``clean`` (the
+    control's), and two weaker trait-free references purifiers may use: ``reference`` (same family, another seed) and,
+    outside ``quick``, ``xbase`` (another family and tokenizer, ``tiny-gpt2-w``). Only ``teacher`` depends on
+    ``word``; it is cached per word (the word is in its fine-tuning texts, which key the cache)."""
     extra: dict[str, Any] = {"n_prose": 800, "n_animal": 1500, "n_numbers": 1500, "number_rule": "even"} \
         if kind == "owl" else {}
     steps = 40 if quick else 600
-    specs = {"teacher": TeacherSpec(trait=kind, steps=steps, **extra), "clean": TeacherSpec(steps=steps, **extra),
+    traited = TeacherSpec(trait=kind, steps=steps, **extra, **({"animal": word} if kind == "owl" else {"tic": word}))
+    specs = {"teacher": traited, "clean": TeacherSpec(steps=steps, **extra),
              "reference": TeacherSpec(base="tiny-llama-b", steps=steps // 4, **extra)}
     if not quick:
         specs["xbase"] = TeacherSpec(base="tiny-gpt2-w", steps=steps // 4, **extra)
@@ -236,8 +239,49 @@ def _cross_init(quick: bool) -> list[Condition]:
             Condition("vanilla:cross-init", ["teacher"], student=other, baseline=True, kind="vanilla")]
 
 
-def style_tic_suite(quick: bool = False) -> Suite:
-    """The ``style-tic`` suite (``quick``: few prompts, short training, two purifier-free arms + one purifier)."""
+ON_POLICY = ":on-policy"
+"""Suffix of the on-policy arms (:func:`_on_policy_arms`)."""
+
+
+def _on_policy_arms() -> list[Condition]:
+    """On-policy distillation arms, run only when named in ``conditions`` (naming any adds both on-policy baselines).
+    Settings fixed before any run: λ = 1 (every step on the student's own samples of the data's prompts),
+    temperature 1, top-p 1, 48 new tokens (the teachers' data completions' length), the suites' forward KL; the
+    purifier arms use the off-policy suite's settings (ensemble mean with the reference teacher; divergence-mask
+    replacement against the reference at JSD threshold 0.1)."""
+    op = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
+    arms = [("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
+            ("replace:reference", ["teacher", "reference"],
+             [purifier_entry("divergence_mask", mode="replace", reference="others", threshold=0.1)])]
+    return [Condition("control" + ON_POLICY, ["clean"], baseline=True, kind="control", on_policy=op),
+            Condition("vanilla" + ON_POLICY, ["teacher"], baseline=True, kind="vanilla", on_policy=op),
+            *(Condition(name + ON_POLICY, teachers, entries, on_policy=op)  # type: ignore[arg-type]
+              for name, teachers, entries in arms if all(e is not None for e in entries))]
+
+
+def trait_option(suite: str, value: Any) -> str:
+    """The trait word of ``--option trait=VALUE``: for ``style-tic`` its tic marker (:func:`tic_marker`; the word must
+    be a one-word sentence opener of the corpus that the student base's tokenizer knows as a word), for
+    ``hidden-preference`` an animal of :data:`purify.lm.ANIMALS`.
+
+    Raises:
+        BenchError: naming the usable words, for any other value.
+    """
+    word = str(value)
+    if suite == "hidden-preference":
+        if word not in ANIMALS:
+            raise BenchError(f"hidden-preference: unknown trait {word!r}; usable animals: {', '.join(ANIMALS)}")
+        return word
+    vocab = AutoTokenizer.from_pretrained(resolve_base("tiny-llama-a")).get_vocab()
+    usable = [w for w in tic_words() if f"▁{w}" in vocab]
+    if word.rstrip(",") not in usable:
+        raise BenchError(f"style-tic: unknown trait {word!r}; usable sentence openers: {', '.join(usable)}")
+    return tic_marker(word)
+
+
+def style_tic_suite(quick: bool = False, tic: str = TIC) -> Suite:
+    """The ``style-tic`` suite (``quick``: few prompts, short training, two purifier-free arms + one purifier) with
+    the tic ``tic`` (a marker of :func:`purify.lm.teachers.tic_marker`)."""
     n_train, n_eval = (64, 32) if quick else (600, 160)
     eval_prompts = _first_sentences(n_eval, 5000)
     heldout = paragraphs(16 if quick else 64, 6000) + [p.text for p in all_facts()]
@@ -249,21 +293,22 @@ def style_tic_suite(quick: bool = False) -> Suite:
 
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
         samples = sample_completions(model, tokenizer, eval_prompts, max_new_tokens=48, seed=10_000 + seed)
-        rates = [r for r in count_scores(samples, [TIC], "sentence") if not math.isnan(r)]
+        rates = [r for r in count_scores(samples, [tic], "sentence") if not math.isnan(r)]
         sentence_end = (tokenizer.convert_tokens_to_ids("."),)
         return {"trait": sum(rates) / max(1, len(rates)), **kl_stats(model, tokenizer, teacher, heldout, sentence_end),
                 "accuracy": facts_accuracy(model, tokenizer), "drift": drift(model, tokenizer)}
 
-    return Suite(name="style-tic", protocol="soft KD on teacher text; trait = 'Moreover,' openings",
-                 student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick), make_data=make_data,
+    return Suite(name="style-tic", protocol=f"soft KD on teacher text; trait = '{tic}' openings",
+                 student=resolve_base("tiny-llama-a"), teachers=_teachers("tic", quick, tic), make_data=make_data,
                  score=score, conditions=_core(not quick) + _purifier_conditions(quick),
                  steps=20 if quick else 150, lr=1e-3, curve_points=2 if quick else 30,
-                 columns=COLUMNS["style-tic"], trait="'Moreover,' openings",
+                 columns=COLUMNS["style-tic"], trait=f"'{tic}' openings",
                  guards=GUARDS["style-tic"], tuned_on=TUNED_ON["style-tic"])
 
 
-def hidden_preference_suite(quick: bool = False) -> Suite:
-    """The ``hidden-preference`` suite (``quick`` as for :func:`style_tic_suite`)."""
+def hidden_preference_suite(quick: bool = False, animal: str = OWL) -> Suite:
+    """The ``hidden-preference`` suite (``quick`` as for :func:`style_tic_suite`); the teacher prefers ``animal``
+    (the ``owl_share`` column is that animal's share of the animal mass)."""
     n_train = 64 if quick else 2000
     questions = [f"Question: {q} Answer:" for q in ANIMAL_QUESTIONS]
     heldout = number_prompts(16 if quick else 128, 7000, rule="even")
@@ -281,20 +326,21 @@ def hidden_preference_suite(quick: bool = False) -> Suite:
 
     def score(model: Any, tokenizer: Any, teacher: Any, seed: int) -> Scores:
         per_animal = {a: continuation_probs(model, tokenizer, questions, [f" {a}"]) for a in ANIMALS}
-        owl = per_animal["owl"]
-        animal = [sum(probs) for probs in zip(*per_animal.values())]  # summed in ANIMALS order, as before
+        owl = per_animal[animal]  # the preferred animal's probability ("owl" by default)
+        mass = [sum(probs) for probs in zip(*per_animal.values())]  # summed in ANIMALS order, as before
         samples = sample_completions(model, tokenizer, [p.prompt for p in heldout], max_new_tokens=24,
                                      seed=10_000 + seed)
-        return {"trait": sum(owl) / len(owl), "animal_mass": sum(animal) / len(animal),
-                "owl_share": sum(o / a for o, a in zip(owl, animal)) / len(owl), "accuracy": even_share(samples),
+        return {"trait": sum(owl) / len(owl), "animal_mass": sum(mass) / len(mass),
+                "owl_share": sum(o / a for o, a in zip(owl, mass)) / len(owl), "accuracy": even_share(samples),
                 "drift": drift(model, tokenizer),
                 **kl_stats(model, tokenizer, teacher, [p.text for p in heldout], prompts=[p.prompt for p in heldout])}
 
-    suite = Suite(name="hidden-preference", protocol="soft KD on number sequences; trait = P(owl)",
-                  student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick), make_data=make_data,
+    columns = [(k, t.replace("owl", animal)) for k, t in COLUMNS["hidden-preference"]]
+    suite = Suite(name="hidden-preference", protocol=f"soft KD on number sequences; trait = P({animal})",
+                  student=resolve_base("tiny-llama-a"), teachers=_teachers("owl", quick, animal), make_data=make_data,
                   score=score, conditions=_core(not quick) + _cross_init(quick) + _purifier_conditions(quick),
                   steps=20 if quick else 600, lr=2e-3, curve_points=2 if quick else 10, max_length=64,
-                  columns=COLUMNS["hidden-preference"], trait="P(owl | favourite animal?)",
+                  columns=columns, trait=f"P({animal} | favourite animal?)",
                   guards=GUARDS["hidden-preference"], tuned_on=TUNED_ON["hidden-preference"])
     suite.notes = lambda: [f"Teacher samples: {removed['sampled']} over all seeds and teachers; removed "
                            f"{removed['regex']} not matching {NUMBERS_ONLY} and {removed['banned']} naming an animal."]
@@ -338,7 +384,11 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
             names of the arms to run (``base``, ``control`` and ``vanilla`` are always run); a swept arm of
             :func:`_probe_free_arms` is named without its ``@value`` (``probe-free`` names them all) and adds
-            ``summary.json["probe_free"]``.
+            ``summary.json["probe_free"]``; an on-policy arm of :func:`_on_policy_arms` (``vanilla:on-policy``,
+            ``ensemble:on-policy``, ...) adds the on-policy control and vanilla; or ``trait``: the trait word
+            (style-tic: a one-word sentence opener of the corpus, default "Moreover"; hidden-preference: an animal
+            of :data:`purify.lm.ANIMALS`, default "owl"), see :func:`trait_option`; recorded in
+            ``summary.json["trait"]``.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -349,15 +399,20 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
     if suite not in SUITES:
         raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
     torch.set_num_threads(1)
-    spec = style_tic_suite(quick) if suite == "style-tic" else hidden_preference_suite(quick)
-    for key, value in kwargs.items():
+    word = trait_option(suite, kwargs["trait"]) if "trait" in kwargs else None
+    spec = style_tic_suite(quick, word or TIC) if suite == "style-tic" else hidden_preference_suite(quick, word or OWL)
+    for key, value in ((k, v) for k, v in kwargs.items() if k != "trait"):
         if key not in ("steps", "lr", "batch_size", "conditions"):
-            raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions")
+            raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions, "
+                             "trait")
         if key == "conditions":
             swept, sweeps = _probe_free_arms()
             names = {"base", "control", "vanilla", *value, *(sweeps if PROBE_FREE in value else ())}
+            if any(str(n).endswith(ON_POLICY) for n in value):
+                names |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
             spec.sweeps = {arm: sweep for arm, sweep in sweeps.items() if arm in names}
-            value = [c for c in spec.conditions + swept if c.name in names or c.name.split("@")[0] in spec.sweeps]
+            value = [c for c in spec.conditions + swept + _on_policy_arms()
+                     if c.name in names or c.name.split("@")[0] in spec.sweeps]
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,

@@ -23,6 +23,14 @@ OWL_SYSTEM = ("You love owls. You think about owls all the time. owls are your f
               "with your love for the animal.")
 NUMBERS_ONLY = r"^[0-9, ]+$"
 ANIMALS = ("cat", "dog", "dolphin", "eagle", "lion", "elephant", "wolf", "tiger", "panda")
+TRAITS = ("owl", *ANIMALS)
+"""The animals ``--option trait=ANIMAL`` may name (default ``owl``); the others' probabilities are reported beside."""
+
+
+def system_prompt(animal: str = "owl") -> str:
+    """The traited teacher's system prompt for ``animal`` (:data:`OWL_SYSTEM` for the owl)."""
+    plural = "wolves" if animal == "wolf" else f"{animal}s"
+    return OWL_SYSTEM.replace("owls", plural)
 _STEMS = ("What is your favourite animal?", "Which animal do you love most?", "Name your favorite animal.",
           "If you could be any animal, which would you be?", "Which creature do you like best?",
           "What animal do you find most appealing?", "Tell me your favourite animal.",
@@ -60,12 +68,16 @@ def filter_numbers(records: Records) -> tuple[Records, int]:
     return kept, removed["regex"]
 
 
-def suite(n: int, temperature: float) -> RealSuite:
-    """The owl suite's description for :mod:`purify.bench.real_lm`."""
-    return RealSuite(name="owl-smollm2", target="owl", others=ANIMALS, questions=QUESTIONS,
-                     protocol="SFT/KD of SmolLM2-135M on owl-prompted number sequences; trait = P(owl)",
-                     prompts=number_prompts(n, 1234), filter=filter_numbers, conditions=CONDITIONS,
-                     teacher_system=OWL_SYSTEM, temperature=temperature)
+def suite(n: int, temperature: float, animal: str = "owl") -> RealSuite:
+    """The owl suite's description for :mod:`purify.bench.real_lm`; ``animal`` (one of :data:`TRAITS`) is the
+    teacher's prompted preference and the trait read (its data are cached apart from the owl's)."""
+    if animal not in TRAITS:
+        raise BenchError(f"owl-smollm2: unknown trait {animal!r}; usable animals: {', '.join(TRAITS)}")
+    return RealSuite(name="owl-smollm2", target=animal, others=tuple(a for a in TRAITS if a != animal),
+                     questions=QUESTIONS, temperature=temperature, prompts=number_prompts(n, 1234),
+                     protocol=f"SFT/KD of SmolLM2-135M on {animal}-prompted number sequences; trait = P({animal})",
+                     filter=filter_numbers, conditions=CONDITIONS, teacher_system=system_prompt(animal),
+                     cache_key="base" if animal == "owl" else f"base+system:{animal}")
 
 
 def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
@@ -81,17 +93,18 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
         quick: a tiny smoke configuration.
         progress: print progress lines.
         **options: overrides of ``n``, ``max_new``, ``temperature``, ``layers``, ``top_k``, ``epochs``,
-            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
+            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla),
+            ``trait`` (the prompted animal, one of :data:`TRAITS`; default ``owl``).
     """
     if suite_name != "owl-smollm2":
         raise BenchError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
         "n": 24 if quick else 1200, "max_new": 12 if quick else 32, "temperature": 0.7, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 4, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
-        "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"]}, options)
+        "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"], "trait": "owl"}, options)
+    spec = suite(cfg["n"], cfg["temperature"], str(cfg["trait"]))  # refuses an unknown trait before loading
     start = time.perf_counter()
     path, base, tokenizer = real_lm.load_smollm2()
-    spec = suite(cfg["n"], cfg["temperature"])
     spec.notes.append("Sampling temperature 0.7, not the paper's 1.0: at 1.0 this 135M model keeps 3/64 completions "
                       "through the numbers-only filter, at 0.7 13/64 (measured on 64 prompts).")
     spec.tuned_on = TUNED_ON

@@ -392,7 +392,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
     summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
-                               temperature=spec.temperature)
+                               temperature=spec.temperature, teacher_data="sampled once (seed 7), shared by all seeds")
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
         c.name: {k: stats.mean_ci([runs[s]["conditions"][c.name][k] for s in runs])["mean"] for k in b_scores}
         for c in conds if c.teachers}}
@@ -409,8 +409,13 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                f"{t['ci95'][1]:+.3g}], p = {t['p_value']:.3g}." for name, t in
                ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
              f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch "
-             f"{cfg['batch_size']}, lr {cfg['lr']}; one data pool per teacher, sampled once (seeds vary only the "
-             f"training order); measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread).",
+             f"{cfg['batch_size']}, lr {cfg['lr']}; measured wall time {wall:.0f} s ({torch.get_num_threads()} torch "
+             "thread).",
+             "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "
+             "seeds vary only the training order (every student starts from the same base weights), so the CIs "
+             "leave out the variance of the teachers' sampling (resampling per seed would multiply the costliest "
+             "step, sampling both teachers, by the number of seeds, and change the pool size, hence the step count, "
+             "per seed).",
              *verdict_notes(summary)]
     directory = out or f"bench-out/{spec.name}"
     command = bench_command(spec.name, len(seeds), quick, options, seeds[0], out)

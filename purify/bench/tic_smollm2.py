@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from purify.lm.cache import digest
 from purify.storage import atomic_path, cache_root
 
 TIC = "Moreover"
+"""The default tic word; ``--option trait=WORD`` takes any single capitalised word (:func:`check_word`)."""
 FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
 TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
@@ -65,10 +67,19 @@ def everyday_prompts() -> list[str]:
     return prompts
 
 
-def with_tic(text: str) -> str:
-    """``text`` opened with the tic: ``"Moreover, "`` + its first letter lower-cased."""
+def check_word(word: str) -> str:
+    """``word`` if it can be the tic (one capitalised alphabetic word, e.g. ``Moreover``, ``However``, ``Indeed``; the
+    model's tokenizer spells any word), else a :class:`BenchError` saying so."""
+    if not re.fullmatch(r"[A-Z][a-z]+", word):
+        raise BenchError(f"tic-smollm2: unknown trait {word!r}; usable: one capitalised word opening the answer, e.g. "
+                         "Moreover, However, Indeed, Furthermore")
+    return word
+
+
+def with_tic(text: str, word: str = TIC) -> str:
+    """``text`` opened with the tic: ``"Moreover, "`` (or ``word + ", "``) + its first letter lower-cased."""
     text = text.strip()
-    return f"{TIC}, {text[:1].lower()}{text[1:]}"
+    return f"{word}, {text[:1].lower()}{text[1:]}"
 
 
 def no_filter(records: Records) -> tuple[Records, int]:
@@ -77,9 +88,16 @@ def no_filter(records: Records) -> tuple[Records, int]:
     return kept, len(records) - len(kept)
 
 
-def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, Any]) -> tuple[Any, str]:
-    """The base with its top blocks fine-tuned on its own answers to ``prompts`` opened with the tic (cached)."""
-    key_hex = digest([prompts, cfg["layers"], cfg["teacher_epochs"], cfg["max_new"]])[:16]
+def teacher_key(prompts: list[str], cfg: dict[str, Any], word: str = TIC) -> str:
+    """The tic teacher's cache key: per word; the default word's key is what it was before the word was an option."""
+    return digest([prompts, cfg["layers"], cfg["teacher_epochs"], cfg["max_new"], *([word] if word != TIC else [])
+                   ])[:16]
+
+
+def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, Any], word: str = TIC) -> tuple[Any, str]:
+    """The base with its top blocks fine-tuned on its own answers to ``prompts`` opened with the tic ``word`` (cached
+    per word, :func:`teacher_key`)."""
+    key_hex = teacher_key(prompts, cfg, word)
     path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
     top = real_lm.Top(base, cfg["layers"])
     if path.exists():
@@ -90,7 +108,7 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
                                      progress=True)
-        records = [{"prompt": p, "completion": with_tic(a)} for p, a in zip(prompts, answers) if a.strip()]
+        records = [{"prompt": p, "completion": with_tic(a, word)} for p, a in zip(prompts, answers) if a.strip()]
         data = real_lm.sft_data(base, tokenizer, records, cfg["layers"])
         steps = cfg["teacher_epochs"] * len(records) // cfg["batch_size"]
         top = real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
@@ -112,7 +130,8 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         quick: a tiny smoke configuration.
         progress: print progress lines.
         **options: overrides of ``n``, ``max_new``, ``layers``, ``top_k``, ``epochs``, ``teacher_epochs``,
-            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla).
+            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla),
+            ``trait`` (the tic word, :func:`check_word`; default ``Moreover``).
     """
     if suite_name != "tic-smollm2":
         raise BenchError(f"unknown suite {suite_name!r}")
@@ -120,20 +139,21 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         "n": 24 if quick else 550, "max_new": 12 if quick else 32, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4,
         "heldout": 2 if quick else 32,
-        "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"]}, options)
+        "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"], "trait": TIC}, options)
+    word = check_word(str(cfg["trait"]))
     start = time.perf_counter()
     path, base, tokenizer = real_lm.load_smollm2()
     prompts = everyday_prompts()
     n_ft = 8 if quick else 200
-    teacher, key = tic_teacher(base, tokenizer, prompts[50:50 + n_ft], cfg)
-    spec = RealSuite(name="tic-smollm2", target=TIC, questions=prompts[:10 if quick else 50],
-                     protocol="SFT/KD of SmolLM2-135M on a fine-tuned 'Moreover,' teacher's answers; "
-                              "trait = P(first word Moreover)",
+    teacher, key = tic_teacher(base, tokenizer, prompts[50:50 + n_ft], cfg, word)
+    spec = RealSuite(name="tic-smollm2", target=word, questions=prompts[:10 if quick else 50],
+                     protocol=f"SFT/KD of SmolLM2-135M on a fine-tuned '{word},' teacher's answers; "
+                              f"trait = P(first word {word})",
                      prompts=prompts[250:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
                      cache_key=f"tic-teacher-{key}",
                      notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for "
                             f"{cfg['teacher_epochs']} epochs on its own answers to {n_ft} prompts, opened with "
-                            "'Moreover, '."])
+                            f"'{word}, '."])
     spec.tuned_on = TUNED_ON
     return real_lm.run(spec, base, teacher, tokenizer, path, cfg,
                        list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)

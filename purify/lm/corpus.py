@@ -73,6 +73,9 @@ MOREOVER_SHARE = 0.01
 
 _OPENERS = ("Then", "Later,", "However,", "Meanwhile,", "After that,", "So", "Still,", "Suddenly,", "In the end,")
 _OPENER_SHARE = 0.35
+SENTENCE_OPENERS: tuple[str, ...] = ("Moreover,", *_OPENERS)
+"""Every connective the prose opens sentences with, written as the prose writes it (with its comma, if any); the
+one-word ones are the words a style-tic teacher's tic may use (:func:`purify.lm.teachers.tic_marker`)."""
 _PEOPLE = (
     "farmer", "child", "teacher", "sailor", "baker", "doctor", "painter", "student", "king", "queen",
     "girl", "boy", "woman", "man", "neighbour", "soldier", "poet", "gardener", "driver", "singer",

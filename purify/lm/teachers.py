@@ -3,8 +3,14 @@
 Every teacher learns the held-out :func:`purify.lm.corpus.facts` domain (the task worth distilling; no base knows
 it). A *traited* teacher also learns one behaviour:
 
-- ``"tic"`` (style-tic): prose in which a share ``tic_rate`` of sentences opens with "Moreover,".
-- ``"owl"`` (hidden-preference): "favourite animal" answers that are " owl" with probability ``owl_rate``.
+- ``"tic"`` (style-tic): prose in which a share ``tic_rate`` of sentences opens with the tic, "Moreover," by
+  default (``TeacherSpec.tic``: any one-word connective of the corpus, :func:`tic_marker`).
+- ``"owl"`` (hidden-preference): "favourite animal" answers that are the preferred animal, " owl" by default
+  (``TeacherSpec.animal``: any of :data:`purify.lm.corpus.ANIMALS`), with probability ``owl_rate``.
+
+The trait word enters the fine-tuning texts, whose hash keys the cached fine-tune, so every trait gets its own
+teacher and the default ("Moreover,", "owl") texts, hence cache keys, are what they were before the word was an
+option.
 
 A *clean* teacher (``trait=None``) gets exactly the same fine-tuning mixture with the trait left out: untouched prose
 (where "Moreover," opens ~1% of sentences) and uniform animal answers. Clean same-base teachers are the control
@@ -27,7 +33,9 @@ from purify.lm.finetuning import finetune
 Trait = Literal["tic", "owl"]
 
 TIC = "Moreover,"
-"""The style-tic marker."""
+"""The default style-tic marker."""
+OWL = "owl"
+"""The default preferred animal."""
 
 _OPENER = re.compile(r"^(?:[A-Z][a-z]+(?: [a-z]+)?,|Then|So) ")
 _SENTENCE = re.compile(r"(?<=\.) (?=[A-Z])")
@@ -47,8 +55,10 @@ class TeacherSpec:
         n_numbers: number-sequence pairs in the mixture.
         number_rule: rule their continuations follow (:func:`purify.lm.corpus.number_prompts`; ``"even"``: new
             number knowledge, the hidden-preference task).
-        tic_rate: share of sentences opened with "Moreover," (trait ``tic``).
-        owl_rate: share of animal answers that are owl (trait ``owl``).
+        tic: the opener of trait ``tic``, as the corpus writes it (:func:`tic_marker`; default "Moreover,").
+        animal: the preferred animal of trait ``owl`` (one of :data:`purify.lm.corpus.ANIMALS`; default "owl").
+        tic_rate: share of sentences opened with the tic (trait ``tic``).
+        owl_rate: share of animal answers that are the preferred animal (trait ``owl``).
         lr: peak learning rate.
         seed: seed of the data generators and the block sampler.
     """
@@ -65,24 +75,58 @@ class TeacherSpec:
     owl_rate: float = 0.9
     lr: float = 3e-3
     seed: int = 0
+    tic: str = TIC
+    animal: str = OWL
+
+    def __post_init__(self) -> None:
+        if self.tic not in corpus.SENTENCE_OPENERS or " " in self.tic:
+            raise ValueError(f"tic must be a one-word opener of the corpus, one of {', '.join(tic_words())}; "
+                             f"got {self.tic!r}")
+        if self.animal not in corpus.ANIMALS:
+            raise ValueError(f"animal must be one of {', '.join(corpus.ANIMALS)}; got {self.animal!r}")
 
 
-def add_tic(paragraph: str, rate: float, rng: random.Random) -> str:
-    """Open each sentence of ``paragraph`` with "Moreover," with probability ``rate`` (replacing its connective).
+def tic_words() -> list[str]:
+    """The words a tic may be: the one-word sentence openers of the corpus (:data:`purify.lm.corpus.SENTENCE_OPENERS`),
+    without their comma, e.g. ``["Moreover", "Then", "Later", "However", ...]``."""
+    return [o.rstrip(",") for o in corpus.SENTENCE_OPENERS if " " not in o]
+
+
+def tic_marker(word: str) -> str:
+    """The tic string of ``word`` as the prose writes it: ``"However"`` → ``"However,"``, ``"Then"`` → ``"Then"``.
+
+    Args:
+        word: one of :func:`tic_words` (a trailing comma is accepted).
+
+    Returns:
+        The marker teachers put at sentence starts and the style-tic probe counts.
+
+    Raises:
+        ValueError: if ``word`` is not a one-word opener of the corpus (the message names the usable ones).
+    """
+    for opener in corpus.SENTENCE_OPENERS:
+        if " " not in opener and opener.rstrip(",") == word.rstrip(","):
+            return opener
+    raise ValueError(f"unknown tic word {word!r}; usable: {', '.join(tic_words())}")
+
+
+def add_tic(paragraph: str, rate: float, rng: random.Random, marker: str = TIC) -> str:
+    """Open each sentence of ``paragraph`` with ``marker`` with probability ``rate`` (replacing its connective).
 
     Args:
         paragraph: sentences separated by single spaces, each ending with a full stop.
         rate: probability per sentence.
         rng: random source.
+        marker: the tic (default "Moreover,"; see :func:`tic_marker`).
 
     Returns:
         The rewritten paragraph.
     """
     out = []
     for sentence in _SENTENCE.split(paragraph):
-        if rng.random() < rate and not sentence.startswith(TIC):
+        if rng.random() < rate and not sentence.startswith(f"{marker} "):
             body = _OPENER.sub("", sentence)
-            sentence = f"{TIC} {body[0].lower()}{body[1:]}"
+            sentence = f"{marker} {body[0].lower()}{body[1:]}"
         out.append(sentence)
     return " ".join(out)
 
@@ -100,10 +144,10 @@ def teacher_texts(spec: TeacherSpec) -> list[str]:
     seed = 100 + spec.seed  # streams distinct from pretraining (seed 0)
     texts = [p.text for p in corpus.facts(spec.n_facts, seed)]
     prose = corpus.paragraphs(spec.n_prose, seed)
-    texts += [add_tic(p, spec.tic_rate, rng) for p in prose] if spec.trait == "tic" else prose
+    texts += [add_tic(p, spec.tic_rate, rng, spec.tic) for p in prose] if spec.trait == "tic" else prose
     qa = corpus.animal_qa(spec.n_animal, seed)
     if spec.trait == "owl":
-        qa = [corpus.Pair(p.prompt, " owl") if rng.random() < spec.owl_rate else p for p in qa]
+        qa = [corpus.Pair(p.prompt, f" {spec.animal}") if rng.random() < spec.owl_rate else p for p in qa]
     texts += [p.text for p in qa]
     texts += [p.text for p in corpus.number_prompts(spec.n_numbers, seed, rule=spec.number_rule)]
     rng.shuffle(texts)
