@@ -125,9 +125,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
-                        "'conditions=[a,b]'; aux-logits takes 'conditions=[a,b]' ('probe-free': the swept "
-                        "arms and summary.json['probe_free']); owl-smollm2/tic-smollm2 take n, epochs, heldout, "
-                        "layers, lr, conditions, ...")
+                        "'conditions=[a,b]', trait (style-tic: a sentence opener such as However; "
+                        "hidden-preference: an animal such as fox); aux-logits takes 'conditions=[a,b]' "
+                        "('probe-free': the swept arms and summary.json['probe_free']); owl-smollm2/tic-smollm2 take "
+                        "n, epochs, heldout, layers, lr, conditions, trait (an animal / a capitalised word), ...")
     p.set_defaults(func=_bench)
 
 
