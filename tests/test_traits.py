@@ -169,3 +169,17 @@ def test_real_suites_refuse_an_unknown_trait_before_loading(suite: str, word: st
     assert main(["bench", suite, "--quick", "--option", f"trait={word}"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"purify: error: {suite}: unknown trait '{word}'; usable")
+
+
+def test_notes_say_when_the_trait_is_not_the_one_tuned_on() -> None:
+    def notes(suite: str, trait: str) -> list[str]:
+        summary = {"suite": suite, "trait": trait, "conditions": {}, "teacher": {"trait": {"mean": 0.6}},
+                   "base": {"trait": {"mean": 0.03}}}
+        return lm_suites._notes(summary)
+
+    assert notes("style-tic", "'However,' openings")[-1] == (
+        "Trait 'However,' openings (--option trait): the suite's defaults and knobs in tuned_on were set looking at "
+        "'Moreover,' openings, never at this trait.")
+    assert "never at this trait" in notes("hidden-preference", "P(fox | favourite animal?)")[-1]
+    assert not any("never at this trait" in line for line in notes("style-tic", "'Moreover,' openings"))
+    assert not any("never at this trait" in line for line in notes("hidden-preference", "P(owl | favourite animal?)"))

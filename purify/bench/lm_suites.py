@@ -333,6 +333,10 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     lines = [f"Teacher trait {t:.4f} vs base {b:.4f}; transfer = (trait(S) − trait(S0)) / (trait(T) − trait(S0)).",
              "Teachers are fixed across seeds (one cached fine-tune each); seeds vary the teacher samples used as "
              "training text, the data order and the evaluation sampling."]
+    tuned = {"style-tic": f"'{TIC}' openings", "hidden-preference": f"P({OWL} | favourite animal?)"}[summary["suite"]]
+    if summary["trait"] != tuned:
+        lines.append(f"Trait {summary['trait']} (--option trait): the suite's defaults and knobs in tuned_on were set "
+                     f"looking at {tuned}, never at this trait.")
     for suffix in ("", ":hard", ":cross-init"):
         if f"vanilla{suffix}" not in conds or f"control{suffix}" not in conds:
             continue
