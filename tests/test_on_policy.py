@@ -341,3 +341,18 @@ def test_on_policy_with_a_vector_student_or_a_logit_cache_is_refused(tmp_path, c
     # (the empty cache directory is a second problem of its own, on its own line)
     assert code == 2 and all(line.startswith("purify: error: ") for line in err), err
     assert err[0].startswith("purify: error: on_policy: teachers[0] is a logit cache"), err
+
+
+# ------------------------------------------------------------------ the shipped recipe
+def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
+    recipe = str(Path(__file__).parents[1] / "recipes" / "on_policy.yaml")
+    out = tmp_path / "shipped"
+    assert main(["train", recipe, f"output_dir={out}", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                 "trainer.checkpoint_every_n_steps=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+                 "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.batch_size=4",
+                 "on_policy.max_new_tokens=8"]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["recipe"]["on_policy"]["lam"] == 0.5 and lineage["recipe"]["loss"]["name"] == "jsd"
+    fraction = sum(is_on_policy_step(0, s, 0.5) for s in range(4)) / 4
+    assert lineage["metrics"]["train/on_policy_fraction"] == pytest.approx(fraction)
+    assert (out / "student" / "model.safetensors").is_file()
