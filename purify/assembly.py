@@ -13,6 +13,7 @@ Layering: types → config → models / data / purifiers / cache / strategy → 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,16 @@ import torch
 
 from purify.align import same_tokenizer
 from purify.cache import cache_spec_problems, check_cache
-from purify.config import Recipe, parse_recipe_problems, recipe_problems, structured, to_dict
+from purify.config import (
+    LossConfig,
+    ModelSpec,
+    Recipe,
+    TeacherSpec,
+    parse_recipe_problems,
+    recipe_problems,
+    structured,
+    to_dict,
+)
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
@@ -35,7 +45,8 @@ from purify.purifiers.cross_base import resolve_teachers
 from purify.strategy import build_strategy, check_global_batch, world_size
 from purify.types import RecipeError
 
-__all__ = ["Run", "build_run", "contract_problems", "load_recipe", "resolve_strategy", "validate"]
+__all__ = ["Run", "build_run", "contract_problems", "load_recipe", "purifier_problems", "resolve_strategy",
+           "validate"]
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -126,6 +137,29 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
             out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
                        "adapter trains); remove the purifier or student.lora")
     return out
+
+
+def purifier_problems(entries: list[dict[str, Any] | PurifierConfig], teachers: list[str], *, loss: str = "forward_kl",
+                      vector_student: bool = False, logit_slice: list[int] | None = None) -> list[str]:
+    """The problems ``purify train`` would report for these purifier entries, for code that assembles runs
+    itself (the benchmark's conditions): each entry on its own and the contracts of the list, against a recipe
+    with these teacher names, this loss and this kind of student.
+
+    Args:
+        entries: ``{"name": ..., **options}`` purifier entries or purifier config dataclasses, in order.
+        teachers: teacher names, primary first.
+        loss: the loss name.
+        vector_student: the student is a vector model (``arch``) rather than a language model.
+        logit_slice: ``loss.logit_slice``, where the condition distils only some logits.
+    """
+    source = {"arch": "aux_mlp"} if vector_student else {"builtin": "tiny-llama-a"}
+    items = [e if isinstance(e, dict) else dataclasses.asdict(e) for e in entries]
+    recipe = Recipe(student=ModelSpec(**source), teachers=[TeacherSpec(**source, name=t) for t in teachers],
+                    loss=LossConfig(name=loss, logit_slice=logit_slice), purifiers=items)
+    configs, problems = _purifier_configs(recipe)
+    if len(configs) == len(items):
+        problems += contract_problems(configs, recipe)
+    return problems
 
 
 def _batch_problems(recipe: Recipe) -> list[str]:
@@ -259,8 +293,7 @@ def build_run(recipe: Recipe) -> Run:
                           teacher_names=[t.name for t in teachers],
                           teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps,
                           student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers],
-                          teacher_dtype=torch.bfloat16 if bf16 else None, on_policy=recipe.on_policy,
-                          seed=recipe.seed)
+                          teacher_dtype=torch.bfloat16 if bf16 else None)
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
                                    teacher_tokenizers=cross or None)
     caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]

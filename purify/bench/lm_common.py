@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
 from purify.bench import probe_free, stats, verdicts
-from purify.bench.report import environment, verdict_notes, write_report
+from purify.bench.report import check_conditions, environment, verdict_notes, write_report
 from purify.bench.verdicts import Guard
 from purify.config import LossConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
@@ -284,6 +284,7 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
         notes: Callable[[dict[str, Any]], list[str]], command: str) -> dict[str, Any]:
     """Run ``seeds`` of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
     summary."""
+    check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
     start = time.perf_counter()
     loaded = {k: load_model(p) for k, p in suite.teachers.items()}
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}

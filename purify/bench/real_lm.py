@@ -29,7 +29,7 @@ from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.report import BenchError, bench_command, environment, verdict_notes, write_report
+from purify.bench.report import BenchError, bench_command, check_conditions, environment, verdict_notes, write_report
 from purify.config import LossConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm.cache import digest
@@ -368,6 +368,8 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     trait comes from :attr:`RealSuite.teacher_system`); ``cfg`` holds ``n``, ``max_new``, ``layers``, ``top_k``,
     ``epochs``, ``batch_size``, ``lr``, ``heldout`` and ``conditions`` (names to run besides base/control/vanilla).
     """
+    conds = [c for c in spec.conditions if c.name in ("base", "control", "vanilla", *cfg["conditions"])]
+    check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
     data = prepare_data(spec, base, teacher, tokenizer, cfg)
     log, vocab = data["log"], base.config.vocab_size
     b_scores = score_model(base, tokenizer, None, spec.questions, spec.target, spec.others)
@@ -378,7 +380,6 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement")}}
     log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
     t_full = {**t_scores, "task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
-    conds = [c for c in spec.conditions if c.name in ("base", "control", "vanilla", *cfg["conditions"])]
     if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
         raise BenchError(f"{spec.name}: a run needs a base, a control and a vanilla condition")
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]

@@ -15,14 +15,31 @@ import platform
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
+from purify.assembly import purifier_problems
 from purify.lineage import atomic_write_text, git_sha, versions
 from purify.storage import atomic_path
 
 
 class BenchError(ValueError):
     """A bad benchmark request (one ``purify: error:`` line)."""
+
+
+def check_conditions(arms: Iterable[tuple[str, Sequence[Any], Sequence[str], dict[str, Any]]]) -> None:
+    """Refuse a run any of whose arms ``purify train`` would refuse, before anything trains.
+
+    Args:
+        arms: ``(name, purifier entries, teacher names, keywords of`` :func:`purify.assembly.purifier_problems` ``)``
+            per arm.
+
+    Raises:
+        BenchError: every problem of every arm, one line each (``<arm>: purifiers[i].<key>: ...``).
+    """
+    problems = [f"{name}: {problem}" for name, entries, teachers, kwargs in arms if entries
+                for problem in purifier_problems(list(entries), list(teachers), **kwargs)]
+    if problems:
+        raise BenchError("\n".join(problems))
 
 
 def environment(seeds: list[int], wall_seconds: float, command: str) -> dict[str, Any]:
