@@ -293,7 +293,8 @@ def build_run(recipe: Recipe) -> Run:
                           teacher_names=[t.name for t in teachers],
                           teacher_weights=[s.weight for s in recipe.teachers], total_steps=recipe.trainer.max_steps,
                           student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers],
-                          teacher_dtype=torch.bfloat16 if bf16 else None)
+                          teacher_dtype=torch.bfloat16 if bf16 else None, on_policy=recipe.on_policy,
+                          seed=recipe.seed)
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
                                    teacher_tokenizers=cross or None)
     caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]
