@@ -64,6 +64,7 @@ SUITES = {
     "style-tic": "purify.bench.lm_suites",
     "hidden-preference": "purify.bench.lm_suites",
     "owl-smollm2": "purify.bench.owl",
+    "owl-ft-smollm2": "purify.bench.owl_finetuned",
     "tic-smollm2": "purify.bench.tic_smollm2",
 }
 """Benchmark suite → module exposing ``run_suite``."""
