@@ -356,3 +356,66 @@ def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
     fraction = sum(is_on_policy_step(0, s, 0.5) for s in range(4)) / 4
     assert lineage["metrics"]["train/on_policy_fraction"] == pytest.approx(fraction)
     assert (out / "student" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ benchmark arms
+def test_bench_on_policy_arms_build_and_are_judged_in_their_own_mode() -> None:
+    from purify.bench.lm_common import Condition, Suite, mode, summarise
+    from purify.bench.lm_suites import _on_policy_arms
+    from purify.purifiers import PURIFIERS
+
+    arms = {c.name: c for c in _on_policy_arms()}
+    assert {"control:on-policy", "vanilla:on-policy", "ensemble:on-policy", "replace:reference:on-policy"} == set(arms)
+    for cond in arms.values():
+        assert mode(cond) == "forward_kl:on-policy" and OnPolicyConfig(**cond.on_policy).lam == 1.0
+        for entry in cond.purifiers:  # every entry builds: no arm silently dropped by a misspelt option
+            PURIFIERS[entry["name"]][0](**entry)
+    assert arms["vanilla:on-policy"].kind == "vanilla" and arms["control:on-policy"].kind == "control"
+
+    def rec(transfer: float, error: float, curve: bool = False) -> dict:
+        out = {"trait": transfer, "transfer": transfer, "task_error": error, "fidelity_kl": error}
+        if curve:
+            out["curve"] = [{"step": s, "transfer": transfer * s / 4, "task_error": error * (2 - s / 4),
+                             "fidelity_kl": error} for s in range(5)]
+        return out
+
+    conds = [Condition("base", baseline=True, kind="base"),
+             Condition("control", ["clean"], baseline=True, kind="control"),
+             Condition("vanilla", ["teacher"], baseline=True, kind="vanilla"),
+             arms["control:on-policy"], arms["vanilla:on-policy"], arms["ensemble:on-policy"]]
+    values = {"base": (0.0, 3.0, False), "control": (0.0, 1.0, False), "vanilla": (1.0, 1.0, True),
+              "control:on-policy": (0.0, 1.2, False), "vanilla:on-policy": (0.8, 1.2, True),
+              "ensemble:on-policy": (0.3, 1.3, False)}
+    runs = {s: {"conditions": {n: rec(t + 0.01 * s, e + 0.01 * s, c) for n, (t, e, c) in values.items()},
+                "teacher": {"trait": 1.0}, "base": {"trait": 0.0}, "data": {}} for s in range(5)}
+    suite = Suite(name="t", protocol="", student=Path("."), teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=conds)
+    summary = summarise(suite, runs, 1.0)
+    assert summary["judged_against"]["ensemble:on-policy"] == {"base": "base", "control": "control:on-policy",
+                                                                "vanilla": "vanilla:on-policy"}
+    off = summary["on_policy_vs_off_policy"]
+    assert off["against"] == {"vanilla:on-policy": {"base": "base", "control": "control", "vanilla": "vanilla"}}
+    assert set(off["verdicts"]) == {"vanilla:on-policy"}
+    assert not summary["problems"]  # each vanilla is above the control of its own mode
+
+
+def test_bench_distill_on_policy_condition_trains_on_student_samples(tmp_path: Path, tok) -> None:
+    from purify.bench.lm_common import Condition, Suite, distill
+
+    llama(tok, 0).save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    teacher = llama(tok, 1).eval()
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    suite = Suite(name="t", protocol="", student=tmp_path / "student", teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=[], steps=2, batch_size=4)
+    data_rows = {tuple(tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]) for r in RECORDS}
+    prompts = {tuple(tok(r["prompt"])["input_ids"]) for r in RECORDS}
+    for on_policy, from_data in ((None, True), ({"lam": 1.0, "max_new_tokens": 6}, False)):
+        seen.clear()
+        distill(suite, Condition("x", ["teacher"], on_policy=on_policy), {"teacher": teacher}, {"teacher": tok}, tok,
+                RECORDS, seed=0)
+        rows = [tuple(i for i in row.tolist() if i != tok.pad_token_id) for batch in seen for row in batch]
+        assert len(seen) == 2 and all(row[:6] in prompts for row in rows)  # <bos> + 5 prompt characters
+        assert all(row in data_rows for row in rows) == from_data
+        assert from_data or all(len(row) <= 6 + 6 for row in rows)  # prompt + at most max_new_tokens samples

@@ -25,7 +25,7 @@ from purify.align import same_tokenizer
 from purify.bench import probe_free, stats, verdicts
 from purify.bench.report import check_conditions, environment, verdict_notes, write_report
 from purify.bench.verdicts import Guard
-from purify.config import LossConfig, OptimConfig
+from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
 from purify.module import Distiller
@@ -53,6 +53,9 @@ class Condition:
         kind: which reference a baseline is (``base``, ``control`` or ``vanilla``): arms are judged against the
             control and vanilla of their own ``loss`` (:func:`purify.bench.verdicts.judge`); a vanilla on the suite's
             student is scored along its training (its early-stopping curve).
+        on_policy: on-policy distillation (:class:`purify.config.OnPolicyConfig` fields, e.g. ``{"lam": 1.0}``):
+            the student trains on its own samples of the data's prompts; ``None`` = off-policy. An on-policy arm's
+            loss mode is ``<loss>:on-policy`` (:func:`mode`): it is judged against the on-policy control and vanilla.
     """
 
     name: str
@@ -63,6 +66,12 @@ class Condition:
     student: Path | None = None
     baseline: bool = False
     kind: str | None = None
+    on_policy: dict[str, Any] | None = None
+
+
+def mode(cond: Condition) -> str:
+    """The loss mode a condition is judged in: its ``loss``, with ``:on-policy`` for an on-policy one."""
+    return f"{cond.loss}:on-policy" if cond.on_policy else cond.loss
 
 
 @dataclass
@@ -146,7 +155,8 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     own = [tokenizers[k] for k in cond.teachers]
     distiller = Distiller(student, [models[k] for k in cond.teachers], loss=LossConfig(name=cond.loss),
                           purifiers=purifiers, optim=OptimConfig(lr=suite.lr), total_steps=suite.steps,
-                          teacher_names=cond.teachers, student_tokenizer=tokenizer, teacher_tokenizers=own)
+                          teacher_names=cond.teachers, student_tokenizer=tokenizer, teacher_tokenizers=own,
+                          on_policy=OnPolicyConfig(**cond.on_policy) if cond.on_policy else None, seed=seed)
     optimizer = distiller.build_optimizer()
     cross = {i: TeacherTokenizer(t) for i, t in enumerate(own) if not same_tokenizer(tokenizer, t)}
     data = TokenDataset(records, tokenizer, suite.max_length, cross)
@@ -154,7 +164,8 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):
         idx = torch.randint(len(data), (suite.batch_size,), generator=generator).tolist()
-        parts = distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps)
+        parts = distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps,
+                                   step=step)
         if not torch.isfinite(parts["loss"]).all():
             raise Diverged(step + 1)
         if on_point is not None and step + 1 in marks:
@@ -247,10 +258,11 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
         cond["per_seed"] = per_seed
         conditions[name] = cond
     judged = verdicts.judge({n: {"per_seed": conditions[n]["per_seed"], "baseline": c.baseline, "kind": c.kind,
-                                 "mode": c.loss, "student": c.student} for n, c in by_name.items()}, suite.guards)
-    problems = [f"{v.name} ({v.loss}) transfer is not significantly above {c.name}'s" for v in suite.conditions
-                for c in suite.conditions if v.kind == "vanilla" and c.kind == "control" and v.loss == c.loss
+                                 "mode": mode(c), "student": c.student} for n, c in by_name.items()}, suite.guards)
+    problems = [f"{v.name} ({mode(v)}) transfer is not significantly above {c.name}'s" for v in suite.conditions
+                for c in suite.conditions if v.kind == "vanilla" and c.kind == "control" and mode(v) == mode(c)
                 and v.student is None and c.student is None and not _above(conditions[v.name], conditions[c.name])]
+    off = _on_policy_vs_off_policy(by_name, conditions, suite.guards)
     curves = [runs[s]["conditions"][main["vanilla"]]["curve"] for s in seeds
               if runs[s]["conditions"][main["vanilla"]].get("curve")]
     return {"suite": suite.name, "protocol": suite.protocol, "trait": suite.trait, "seeds": seeds,
@@ -263,9 +275,37 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
                          if curves else []},
             "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"],
             "p_adjusted": judged["p_adjusted"], "judged_against": judged["against"], "wall_seconds": round(wall, 1),
+            **({"on_policy_vs_off_policy": off} if off else {}),
             "settings": {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr,
                          "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
                                         for c in suite.conditions]}}
+
+
+def _on_policy_vs_off_policy(by_name: dict[str, Condition], conditions: dict[str, Any],
+                             guards: list[Guard]) -> dict[str, Any] | None:
+    """Each on-policy vanilla judged as an arm against the off-policy base, control and vanilla (early-stopping
+    frontier) of its loss: does on-policy distillation carry less or more of the trait at equal task error?
+    ``None`` without an on-policy vanilla."""
+    entries = {}
+    for name, c in by_name.items():
+        if c.student is not None or not (c.baseline if not c.on_policy else c.kind == "vanilla"):
+            continue
+        entries[name] = {"per_seed": conditions[name]["per_seed"], "baseline": not c.on_policy,
+                         "kind": None if c.on_policy else c.kind, "mode": c.loss, "student": None}
+    if not any(c.on_policy for c in by_name.values() if c.kind == "vanilla"):
+        return None
+    judged = verdicts.judge(entries, guards)
+    return {k: judged[k] for k in ("verdicts", "p_adjusted", "frontier_gap", "against")}
+
+
+def on_policy_notes(summary: dict[str, Any]) -> list[str]:
+    """Report lines for ``summary["on_policy_vs_off_policy"]`` (empty without on-policy arms)."""
+    off = summary.get("on_policy_vs_off_policy")
+    if not off:
+        return []
+    return [f"On-policy vs off-policy: {name} judged as an arm against the off-policy references "
+            f"({', '.join(f'{k} = {v}' for k, v in off['against'].get(name, {}).items())}): {label}."
+            for name, label in off["verdicts"].items()]
 
 
 def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:
@@ -298,5 +338,5 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
                  [*suite.notes(), *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
                   f"({torch.get_num_threads()} torch thread).", *verdict_notes(summary),
-                  *probe_free.notes(summary.get("probe_free", {}))])
+                  *probe_free.notes(summary.get("probe_free", {})), *on_policy_notes(summary)])
     return summary

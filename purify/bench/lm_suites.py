@@ -239,6 +239,26 @@ def _cross_init(quick: bool) -> list[Condition]:
             Condition("vanilla:cross-init", ["teacher"], student=other, baseline=True, kind="vanilla")]
 
 
+ON_POLICY = ":on-policy"
+"""Suffix of the on-policy arms (:func:`_on_policy_arms`)."""
+
+
+def _on_policy_arms() -> list[Condition]:
+    """On-policy distillation arms, run only when named in ``conditions`` (naming any adds both on-policy baselines).
+    Settings fixed before any run: λ = 1 (every step on the student's own samples of the data's prompts),
+    temperature 1, top-p 1, 48 new tokens (the teachers' data completions' length), the suites' forward KL; the
+    purifier arms use the off-policy suite's settings (ensemble mean with the reference teacher; divergence-mask
+    replacement against the reference at JSD threshold 0.1)."""
+    op = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
+    arms = [("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
+            ("replace:reference", ["teacher", "reference"],
+             [purifier_entry("divergence_mask", mode="replace", reference="others", threshold=0.1)])]
+    return [Condition("control" + ON_POLICY, ["clean"], baseline=True, kind="control", on_policy=op),
+            Condition("vanilla" + ON_POLICY, ["teacher"], baseline=True, kind="vanilla", on_policy=op),
+            *(Condition(name + ON_POLICY, teachers, entries, on_policy=op)  # type: ignore[arg-type]
+              for name, teachers, entries in arms if all(e is not None for e in entries))]
+
+
 def trait_option(suite: str, value: Any) -> str:
     """The trait word of ``--option trait=VALUE``: for ``style-tic`` its tic marker (:func:`tic_marker`; the word must
     be a one-word sentence opener of the corpus that the student base's tokenizer knows as a word), for
@@ -368,9 +388,11 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
             names of the arms to run (``base``, ``control`` and ``vanilla`` are always run); a swept arm of
             :func:`_probe_free_arms` is named without its ``@value`` (``probe-free`` names them all) and adds
-            ``summary.json["probe_free"]``; or ``trait``: the trait word (style-tic: a one-word sentence opener
-            of the corpus, default "Moreover"; hidden-preference: an animal of :data:`purify.lm.ANIMALS`, default
-            "owl"), see :func:`trait_option`; recorded in ``summary.json["trait"]``.
+            ``summary.json["probe_free"]``; an on-policy arm of :func:`_on_policy_arms` (``vanilla:on-policy``,
+            ``ensemble:on-policy``, ...) adds the on-policy control and vanilla; or ``trait``: the trait word
+            (style-tic: a one-word sentence opener of the corpus, default "Moreover"; hidden-preference: an animal
+            of :data:`purify.lm.ANIMALS`, default "owl"), see :func:`trait_option`; recorded in
+            ``summary.json["trait"]``.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -390,8 +412,11 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         if key == "conditions":
             swept, sweeps = _probe_free_arms()
             names = {"base", "control", "vanilla", *value, *(sweeps if PROBE_FREE in value else ())}
+            if any(str(n).endswith(ON_POLICY) for n in value):
+                names |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
             spec.sweeps = {arm: sweep for arm, sweep in sweeps.items() if arm in names}
-            value = [c for c in spec.conditions + swept if c.name in names or c.name.split("@")[0] in spec.sweeps]
+            value = [c for c in spec.conditions + swept + _on_policy_arms()
+                     if c.name in names or c.name.split("@")[0] in spec.sweeps]
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,
