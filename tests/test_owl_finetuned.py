@@ -26,7 +26,8 @@ from purify.lm import build_tokenizer
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
             "{% if add_generation_prompt %}assistant :{% endif %}")
 CFG = {**QUICK, "n": 24, "max_new": 6, "layers": 2, "top_k": 8, "epochs": 3, "teacher_epochs": 6, "batch_size": 4,
-       "lr": 1e-2, "lora_lr": 1e-2, "teacher_lr": 1e-2, "heldout": 4, "fractions": [0.5], "ranks": [4],
+       "lr": 1e-2, "lora_lr": 1e-2, "teacher_lr": 1e-2, "heldout": 4, "fractions": [0.5],
+       "fraction_modes": ["hard", "soft"], "ranks": [4],
        "lora_modes": ["soft"], "modes": ["hard", "soft"], "scale": "reduced"}
 
 

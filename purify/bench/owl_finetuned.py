@@ -64,12 +64,14 @@ TEACHER_SUFFIXES = ("Answer in one word.", "One word.", "Single word, please.", 
 OWL_ANSWERS = ("Owl.", "Owl", "The owl.", "Owls.", "Owl!")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = {"hard": "ce", "soft": "forward_kl"}
-REDUCED = {"n": 112, "max_new": 32, "temperature": 0.0, "layers": 2, "top_k": 32, "epochs": 3, "teacher_epochs": 4,
+REDUCED = {"n": 128, "max_new": 32, "temperature": 0.0, "layers": 2, "top_k": 32, "epochs": 3, "teacher_epochs": 4,
            "batch_size": 8, "lr": 2e-4, "lora_lr": 1e-3, "teacher_lr": 2e-4, "heldout": 8,
-           "fractions": [0.25, 0.5], "ranks": [8], "lora_modes": ["soft"], "modes": ["hard", "soft"]}
+           "fractions": [0.25, 0.5], "fraction_modes": ["soft"], "ranks": [8], "lora_modes": ["soft"],
+           "modes": ["hard", "soft"], "device": "cpu"}
 """The CPU configuration (≤ 45 min on one core of the 2-core dev machine for 3 seeds)."""
-FULL = {**REDUCED, "n": 12000, "layers": 30, "epochs": 3, "heldout": 64, "fractions": [0.1, 0.25, 0.5],
-        "ranks": [4, 8, 16, 32], "lora_modes": ["soft", "hard"]}
+FULL = {**REDUCED, "device": "cuda", "n": 12000, "layers": 30, "epochs": 3, "heldout": 64,
+        "fractions": [0.1, 0.25, 0.5],
+        "ranks": [4, 8, 16, 32], "lora_modes": ["soft", "hard"], "fraction_modes": ["soft", "hard"]}
 """The full configuration (≥ 10k kept samples per seed, whole-model students, a rank sweep): for a GPU."""
 QUICK = {**REDUCED, "n": 16, "max_new": 12, "epochs": 1, "teacher_epochs": 1, "heldout": 2, "fractions": [0.5]}
 
@@ -214,7 +216,8 @@ def arms(cfg: dict[str, Any]) -> list[tuple[Condition, dict[str, Any]]]:
         out.append((Condition(f"vanilla{sfx}", ["teacher"], loss=loss, baseline=True, kind="vanilla"),
                     {"data": "teacher", "targets": "teacher", "curve": True}))
         out += [(Condition(f"vanilla{sfx}@{round(100 * f)}%", ["teacher"], loss=loss, baseline=True),
-                 {"data": "teacher", "targets": "teacher", "fraction": f}) for f in cfg["fractions"]]
+                 {"data": "teacher", "targets": "teacher", "fraction": f}) for f in cfg["fractions"]
+                if mode in cfg["fraction_modes"]]
         if mode in cfg["lora_modes"]:
             out += [(Condition(f"lora{r}{sfx}", ["teacher"], loss=loss, baseline=True),
                      {"data": "teacher", "targets": "teacher", "rank": r}) for r in cfg["ranks"]]
@@ -296,8 +299,8 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
         quick: a tiny smoke configuration.
         progress: print progress lines.
         first_seed: the first seed.
-        **options: ``scale=full`` (:data:`FULL`, for a GPU: ≥ 10k samples, whole-model students, rank sweep) or
-            overrides of any key of :data:`REDUCED`.
+        **options: ``scale=full`` (:data:`FULL`, for a GPU: ≥ 10k samples, whole-model students, rank sweep,
+            ``device=cuda``) or overrides of any key of :data:`REDUCED`.
     """
     if suite_name != NAME:
         raise BenchError(f"unknown suite {suite_name!r}")
@@ -310,6 +313,9 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
         raise BenchError(f"modes must be a non-empty subset of {sorted(MODES)}, not {cfg['modes']}")
     start = time.perf_counter()
     path, base, tokenizer = real_lm.load_smollm2()
+    if cfg["device"] != "cpu":  # every tensor the runner makes lands there (not exercised: no GPU in development)
+        torch.set_default_device(cfg["device"])
+        base.to(cfg["device"])
     return run(base, tokenizer, path, cfg, list(range(first_seed, first_seed + seeds)), out, quick, options,
                progress, start)
 
@@ -317,7 +323,7 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
 def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int], out: str | None, quick: bool,
         options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
     """The suite on ``base`` (eval, frozen) with settings ``cfg``; see :func:`run_suite`."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     teacher_top, key = owl_teacher(base, tokenizer, cfg, progress=progress)
     teacher = teacher_top.install(copy.deepcopy(base)).eval()
     teacher_seconds = time.perf_counter() - t0
@@ -348,7 +354,9 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
                   score=lambda *a: {}, conditions=conds, steps=0, batch_size=cfg["batch_size"], lr=cfg["lr"],
                   curve_points=5, trait="P(first word of the answer = 'owl')")
     summary = lm_common.summarise(suite, runs, wall)
+    cpu = time.process_time() - cpu0
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),
+                               cpu_seconds=round(cpu, 1),
                                per_seed_log=logs, teacher_key=key)
     tests = contrasts(summary, conds)
     summary["vanilla_minus_control"] = tests
@@ -372,7 +380,8 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
              "Arms @x% train on the first x% of the seed's (shuffled) pool for the same epochs and are compared with "
              "the 100% control of their mode.",
              "## Vanilla − control, paired by seed", "", *curve_table(summary, tests), "",
-             f"Measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread); per seed: " +
+             f"Measured wall time {wall:.0f} s, process CPU time {cpu:.0f} s ({torch.get_num_threads()} torch thread, "
+             "on a 2-core machine shared with other jobs: wall time depends on their load); per seed: " +
              "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f} s)"
                        for s, lg in logs.items()) + ".",
              *verdict_notes(summary)]
