@@ -98,3 +98,13 @@ def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, mo
 def test_unknown_option_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown options \['nn'\]; allowed: .*'n'"):
         real_lm.settings({"n": 1}, {"nn": 2})
+
+
+def test_scored_vanilla_is_read_densely_from_step_one(tiny) -> None:
+    assert real_lm.curve_marks(40, 5) == {1, 2, 3, 4, 5, 8, 10, 16, 20, 24, 32, 40}  # even + halvings + powers of 2
+    assert real_lm.curve_marks(40, 0) == set()
+    base, tok, prompts = tiny
+    data = real_lm.sft_data(base, tok, [{"prompt": p, "completion": "the sky is blue ."} for p in prompts[:8]], 2)
+    seen: list[int] = []
+    real_lm.fit_top(base, data, list(range(8)), CFG, 12, 0, on_point=lambda step, top: seen.append(step), points=5)
+    assert seen == [1, 2, 3, 4, 5, 6, 7, 8, 10]  # every mark before the last step (read after training)

@@ -192,7 +192,7 @@ def fit(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], s
     dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss), optim=OptimConfig(lr=lr), purifiers=[],
                      total_steps=steps, teacher_names=["teacher"])
     opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
-    marks = set(lm_common.curve_steps(steps, points)) if points else set()
+    marks = real_lm.curve_marks(steps, points)
     order: list[int] = []
     while len(order) < steps * bs:
         order += rng.sample(pool, len(pool))

@@ -261,6 +261,15 @@ def sft_data(base: Any, tokenizer: Any, records: Records, layers: int) -> dict[s
             "hidden": block_inputs(base, [p + c for p, c in zip(prompts, labels)], None, layers)}
 
 
+def curve_marks(steps: int, points: int) -> set[int]:
+    """The steps at which a scored vanilla is read: :func:`purify.bench.lm_common.curve_steps` plus every power of two
+    from step 1 (a dense early curve: real-model traits are often learnt within the first few steps, and a purifier's
+    frontier verdict must not be read across that jump); none when ``points`` is 0."""
+    if not points:
+        return set()
+    return set(lm_common.curve_steps(steps, points)) | {2 ** k for k in range(steps.bit_length()) if 2 ** k <= steps}
+
+
 def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
             loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
             on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:
@@ -272,7 +281,7 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
                      purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
                      total_steps=steps, teacher_names=teacher_names or ["teacher"])
     opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
-    marks = set(lm_common.curve_steps(steps, points))
+    marks = curve_marks(steps, points)
     order: list[int] = []
     while len(order) < steps * bs:
         order += rng.sample(pool, len(pool))
