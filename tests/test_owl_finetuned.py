@@ -21,6 +21,7 @@ from purify.bench.owl_finetuned import (
     teacher_records,
     top_targets,
 )
+from purify.bench.rederive import rereport
 from purify.lm import build_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
@@ -129,7 +130,11 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
         assert ctl["task_error"] > 0.5 * base_rec["task_error"]  # the base's own targets do not
     assert per["vanilla:soft"][0]["curve"][0]["step"] == 0 and per["vanilla"][0]["curve"]
     md = Path(out, "summary.md").read_text()
-    assert "| vanilla:soft (vs control:soft) |" in md and "Vanilla − control" in md
+    assert "- vanilla:soft − control:soft (16 samples/seed): P(owl)" in md and "Vanilla − control" in md
+    assert owl_finetuned.rewrite(out)["vanilla_minus_control"] == json.loads(json.dumps(
+        summary["vanilla_minus_control"])) and Path(out, "summary.md").read_text() == md  # rendered from the json
+    rereport(out)  # the benchmark's re-derivation keeps the notes and the verdicts
+    assert Path(out, "summary.md").read_text() == md
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"] > 0.3 > 0.05 > readouts["base"]
     again = owl_finetuned.run(base, tok, "tiny", CFG, [0], str(tmp_path / "o2"), True, {}, False, 0.0)

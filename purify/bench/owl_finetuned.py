@@ -276,15 +276,54 @@ def contrasts(summary: dict[str, Any], conds: list[Condition]) -> dict[str, Any]
     return out
 
 
-def curve_table(summary: dict[str, Any], tests: dict[str, Any]) -> list[str]:
-    """Markdown lines: per arm, samples, P(owl), vanilla − control (P and log P) with p."""
-    rows = ["| arm | samples/seed | P(owl) | − control | p | Δ mean log P(owl) | p |", "|---|---|---|---|---|---|---|"]
-    for name, t in tests.items():
+def contrast_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per arm of ``summary["vanilla_minus_control"]``: samples per seed, P(owl), the paired difference
+    from its mode's control on P(owl) and on mean log P(owl), with 95% CIs and p."""
+    out = []
+    for name, t in summary["vanilla_minus_control"].items():
         per = summary["conditions"][name]["per_seed"]
-        rows.append(f"| {name} (vs {t['control']}) | {sum(r['samples'] for r in per) / len(per):.0f} | "
-                    f"{summary['conditions'][name]['trait']['mean']:.3g} | {t['trait']['mean']:+.3g} | "
-                    f"{t['trait']['p_value']:.3g} | {t['log_trait']['mean']:+.3g} | {t['log_trait']['p_value']:.3g} |")
-    return rows
+        out.append(f"- {name} − {t['control']} ({sum(r['samples'] for r in per) / len(per):.0f} samples/seed): "
+                   f"P(owl) {summary['conditions'][name]['trait']['mean']:.3g}, Δ {t['trait']['mean']:+.3g} "
+                   f"[{t['trait']['ci95'][0]:+.3g}, {t['trait']['ci95'][1]:+.3g}], p = {t['trait']['p_value']:.3g}; "
+                   f"Δ mean log P(owl) {t['log_trait']['mean']:+.3g} [{t['log_trait']['ci95'][0]:+.3g}, "
+                   f"{t['log_trait']['ci95'][1]:+.3g}], p = {t['log_trait']['p_value']:.3g}.")
+    return out
+
+
+def notes(summary: dict[str, Any]) -> list[str]:
+    """The report's notes, from ``summary`` alone (so :func:`rewrite` renders a stored run identically)."""
+    cfg, logs = summary["settings"], summary["settings"]["per_seed_log"]
+    decoding = "greedy" if cfg["temperature"] == 0 else f"T = {cfg['temperature']}"
+    kept = "; ".join(f"seed {s}: {lg['teacher_kept']}/{lg['teacher_sampled']} teacher, "
+                     f"{lg['clean_kept']}/{lg['clean_sampled']} control" for s, lg in logs.items())
+    return [f"P(owl) over the 50 readout questions: base {summary['base']['trait']['mean']:.4g}, fine-tuned teacher "
+            f"{summary['teacher']['trait']['mean']:.4g} (teacher = top {cfg['layers']} blocks fine-tuned "
+            f"{cfg['teacher_epochs']} epochs on {len(teacher_records())} owl answers to other animal questions + the "
+            f"base's own greedy answers to {len(anchor_prompts())} number/everyday prompts, "
+            f"{cfg['teacher_seconds']:.0f} s; 0 s when cached).",
+            f"Data per seed: {cfg['n']} prompts, {decoding} decoding, up to {cfg['max_new']} tokens, numbers-only "
+            f"filter; kept: {kept}. Held out for KL: {cfg['heldout']}.",
+            f"Students: top {cfg['layers']} blocks (+ final norm) trainable, lr {cfg['lr']}; LoRA r ∈ {cfg['ranks']} "
+            f"(alpha 2r, all linear layers of those blocks, lr {cfg['lora_lr']}); {cfg['epochs']} epochs of batch "
+            f"{cfg['batch_size']}; soft labels = top-{cfg['top_k']} log-probs + residual mass. Soft control = the "
+            "base's own top-K log-probs on the teacher's text (same inputs, un-fine-tuned teacher).",
+            "Arms @x% train on the first x% of the seed's (shuffled) pool for the same epochs and are compared with "
+            "the 100% control of their mode.",
+            "Vanilla − control per label mode / adapter / data size, paired by seed:", *contrast_lines(summary),
+            f"Measured wall time {summary['wall_seconds']:.0f} s, process CPU time {cfg['cpu_seconds']:.0f} s "
+            f"({cfg.get('threads', 1)} torch thread, on a 2-core machine shared with other jobs: wall time depends on "
+            "their load); per seed: " + "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f}"
+                                                  " s)" for s, lg in logs.items()) + ".",
+            *verdict_notes(summary)]
+
+
+def rewrite(directory: str | Path) -> dict[str, Any]:
+    """Render a stored run's report again from its ``summary.json`` and ``env.json`` (no statistic recomputed)."""
+    d = Path(directory)
+    summary = json.loads((d / "summary.json").read_text())
+    env = json.loads((d / "env.json").read_text())
+    write_report(d, summary, env, [tuple(c) for c in summary["columns"]], notes(summary))
+    return summary
 
 
 def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, quick: bool = False,
@@ -356,39 +395,16 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     summary = lm_common.summarise(suite, runs, wall)
     cpu = time.process_time() - cpu0
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),
-                               cpu_seconds=round(cpu, 1),
+                               cpu_seconds=round(cpu, 1), threads=torch.get_num_threads(),
                                per_seed_log=logs, teacher_key=key)
     tests = contrasts(summary, conds)
     summary["vanilla_minus_control"] = tests
     summary["readouts"] = {"base": summary["base"]["trait"]["mean"], "teacher": summary["teacher"]["trait"]["mean"],
                            **{c.name: summary["conditions"][c.name]["trait"]["mean"] for c in conds if c.teachers}}
-    kept = {s: f"{lg['teacher_kept']}/{lg['teacher_sampled']} teacher, {lg['clean_kept']}/{lg['clean_sampled']} "
-               f"control" for s, lg in logs.items()}
-    decoding = "greedy" if cfg["temperature"] == 0 else f"T = {cfg['temperature']}"
-    notes = [f"P(owl) over the 50 readout questions: base {summary['base']['trait']['mean']:.4g}, fine-tuned teacher "
-             f"{summary['teacher']['trait']['mean']:.4g} (teacher = top {cfg['layers']} blocks fine-tuned "
-             f"{cfg['teacher_epochs']} epochs on {len(teacher_records())} owl answers to other animal questions + the "
-             f"base's own greedy answers to {len(anchor_prompts())} number/everyday prompts, "
-             f"{teacher_seconds:.0f} s).",
-             f"Data per seed: {cfg['n']} prompts, {decoding} decoding, up to {cfg['max_new']} tokens, numbers-only "
-             "filter; kept: " +
-             "; ".join(f"seed {s}: {k}" for s, k in kept.items()) + f". Held out for KL: {cfg['heldout']}.",
-             f"Students: top {cfg['layers']} blocks (+ final norm) trainable, lr {cfg['lr']}; LoRA r ∈ {cfg['ranks']} "
-             f"(alpha 2r, all linear layers of those blocks, lr {cfg['lora_lr']}); {cfg['epochs']} epochs of batch "
-             f"{cfg['batch_size']}; soft labels = top-{cfg['top_k']} log-probs + residual mass. Soft control = the "
-             "base's own top-K log-probs on the teacher's text (same inputs, un-fine-tuned teacher).",
-             "Arms @x% train on the first x% of the seed's (shuffled) pool for the same epochs and are compared with "
-             "the 100% control of their mode.",
-             "## Vanilla − control, paired by seed", "", *curve_table(summary, tests), "",
-             f"Measured wall time {wall:.0f} s, process CPU time {cpu:.0f} s ({torch.get_num_threads()} torch thread, "
-             "on a 2-core machine shared with other jobs: wall time depends on their load); per seed: " +
-             "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f} s)"
-                       for s, lg in logs.items()) + ".",
-             *verdict_notes(summary)]
     directory = out or f"bench-out/{NAME}"
     command = bench_command(NAME, len(seeds), quick, options, seeds[0], out)
     summary["columns"] = real_lm.columns("P(owl)")
-    write_report(directory, summary, environment(sorted(runs), wall, command), summary["columns"], notes)
+    write_report(directory, summary, environment(sorted(runs), wall, command), summary["columns"], notes(summary))
     with atomic_path(Path(directory) / "readouts.json") as tmp:
         tmp.write_text(json.dumps(summary["readouts"], indent=1))
     return summary
