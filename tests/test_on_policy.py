@@ -419,3 +419,18 @@ def test_bench_distill_on_policy_condition_trains_on_student_samples(tmp_path: P
         assert len(seen) == 2 and all(row[:6] in prompts for row in rows)  # <bos> + 5 prompt characters
         assert all(row in data_rows for row in rows) == from_data
         assert from_data or all(len(row) <= 6 + 6 for row in rows)  # prompt + at most max_new_tokens samples
+
+
+def test_curve_gap_reads_the_off_policy_early_stopping_curve_at_equal_task_error() -> None:
+    from purify.bench.lm_common import curve_gap
+
+    def curve(scale_t: float, scale_e: float) -> list[dict]:
+        return [{"step": s, "transfer": scale_t * s / 4, "task_error": scale_e * (2 - s / 4)} for s in range(5)]
+
+    off = [{"seed": s, "curve": curve(1.0, 1.0)} for s in (0, 1)]  # task error 2, 1.75, 1.5, 1.25, 1
+    on = [{"seed": s, "curve": curve(0.8, 1.2)} for s in (0, 1)]  # task error 2.4 (out of range), 2.1 (out), 1.8, ...
+    # by hand: at 1.8 the off curve reads 0.2 (between steps 0 and 1), on has 0.4: +0.2; at 1.5 off 0.5, on 0.6: +0.1;
+    # at 1.2 off 0.8 (between steps 3 and 4), on 0.8: 0
+    got = curve_gap(on, off)
+    assert got["points"] == 6 and got["n"] == 2 and got["mean"] == pytest.approx(0.1)
+    assert curve_gap(off, off)["mean"] == pytest.approx(0.0)

@@ -295,7 +295,30 @@ def _on_policy_vs_off_policy(by_name: dict[str, Condition], conditions: dict[str
     if not any(c.on_policy for c in by_name.values() if c.kind == "vanilla"):
         return None
     judged = verdicts.judge(entries, guards)
-    return {k: judged[k] for k in ("verdicts", "p_adjusted", "frontier_gap", "against")}
+    out = {k: judged[k] for k in ("verdicts", "p_adjusted", "frontier_gap", "against")}
+    out["curve_gap"] = {name: curve_gap(conditions[name]["per_seed"], conditions[pair["vanilla"]]["per_seed"])
+                        for name, pair in judged["against"].items()}
+    return out
+
+
+def curve_gap(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two early-stopping curves compared at equal task error: per seed, the mean over ``on``'s curve points (after
+    step 0) whose task error lies within the range ``off``'s curve measured on that seed of ``on``'s transfer minus
+    ``off``'s early-stopping transfer at that task error (:func:`purify.bench.verdicts.segment`); then the mean over
+    seeds with its 95% CI and a t-test against 0. Negative: ``on`` carries less of the trait at equal task error."""
+    offs = {r["seed"]: r.get("curve") or [] for r in off}
+    per_seed, points = [], 0
+    for rec in on:
+        ref = offs.get(rec["seed"])
+        if not ref or not rec.get("curve"):
+            continue
+        lo, hi = min(p["task_error"] for p in ref), max(p["task_error"] for p in ref)
+        gaps = [p["transfer"] - verdicts.segment(ref, p["task_error"])[0] for p in rec["curve"]
+                if p["step"] > 0 and lo <= p["task_error"] <= hi]
+        if gaps:
+            per_seed.append(float(sum(gaps) / len(gaps)))
+            points += len(gaps)
+    return {**stats.paired_test(per_seed, [0.0] * len(per_seed)), "points": points}
 
 
 def on_policy_notes(summary: dict[str, Any]) -> list[str]:
@@ -303,9 +326,16 @@ def on_policy_notes(summary: dict[str, Any]) -> list[str]:
     off = summary.get("on_policy_vs_off_policy")
     if not off:
         return []
-    return [f"On-policy vs off-policy: {name} judged as an arm against the off-policy references "
-            f"({', '.join(f'{k} = {v}' for k, v in off['against'].get(name, {}).items())}): {label}."
-            for name, label in off["verdicts"].items()]
+    lines = [f"On-policy vs off-policy: {name} judged as an arm against the off-policy references "
+             f"({', '.join(f'{k} = {v}' for k, v in off['against'].get(name, {}).items())}): {label}."
+             for name, label in off["verdicts"].items()]
+    for name, g in off.get("curve_gap", {}).items():
+        lo, hi = g["ci95"]
+        lines.append(f"On-policy vs off-policy along training: {name}'s transfer minus the off-policy vanilla's "
+                     f"early-stopping transfer at the same task error, averaged over its curve points inside the "
+                     f"off-policy curve's task-error range ({g['points']} points, {g['n']} seeds): {g['mean']:+.3g} "
+                     f"[{lo:+.3g}, {hi:+.3g}], p = {g['p_value']:.3g} (negative: less trait at equal task error).")
+    return lines
 
 
 def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:

@@ -94,7 +94,8 @@ def rereport(directory: str | Path) -> dict[str, Any]:
                "columns": decl["columns"]}
     summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
     env["rereported_by"] = f"purify bench --rereport {directory}"
-    write_report(d, summary, env, decl["columns"], [*notes, *verdict_notes(summary)])
+    write_report(d, summary, env, decl["columns"],
+                 [*notes, *verdict_notes(summary), *lm_common.on_policy_notes(summary)])
     if "readouts" in summary:
         (d / "readouts.json").write_text(json.dumps(summary["readouts"], indent=1))
     return summary
