@@ -434,3 +434,30 @@ def test_curve_gap_reads_the_off_policy_early_stopping_curve_at_equal_task_error
     got = curve_gap(on, off)
     assert got["points"] == 6 and got["n"] == 2 and got["mean"] == pytest.approx(0.1)
     assert curve_gap(off, off)["mean"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("entries", [
+    [{"name": "anchor", "weight": 0.1}],
+    [{"name": "adversary", "weight": 0.1}],
+    [{"name": "divergence_mask", "reference": "base", "threshold": 0.01}],
+    [{"name": "divergence_mask", "mode": "replace", "reference": "others", "threshold": 0.01}],
+    [{"name": "ensemble", "combine": "mean"}, {"name": "tail_truncation", "top_p": 0.8}],
+], ids=["anchor", "adversary", "mask-base", "replace-others", "ensemble+tail"])
+def test_purifiers_train_on_the_sampled_batch(tok, data, entries):
+    from purify.purifiers import PURIFIERS, build_purifier
+
+    student, before = llama(tok, 0), llama(tok, 0)
+    dist = Distiller(student, [llama(tok, 1), llama(tok, 2)], loss=LossConfig(name="jsd"),
+                     purifiers=[build_purifier(PURIFIERS[e["name"]][0](**e)) for e in entries],
+                     optim=OptimConfig(name="sgd", lr=0.5), student_tokenizer=tok, seed=0,
+                     on_policy=OnPolicyConfig(lam=1.0, max_new_tokens=6))
+    optimizer = dist.build_optimizer()
+    seen = []
+    original = dist.teacher_targets
+    dist.teacher_targets = lambda batch, dtype: seen.append(batch) or original(batch, dtype)
+    for step in range(2):
+        batch = collate(data, range(2 * step, 2 * step + 4))
+        parts = dist.fit_step(batch, optimizer, step / 2, step=step)
+        assert torch.isfinite(parts["loss"])
+        assert not torch.equal(seen[-1]["input_ids"], batch["input_ids"])  # the purifiers' targets: sampled batch
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), before.parameters()))
