@@ -149,3 +149,17 @@ def test_bad_options_are_one_line_errors() -> None:
         owl_finetuned.run_suite(modes=["medium"])
     with pytest.raises(ValueError, match="unknown suite"):
         owl_finetuned.run_suite("owl-smollm2")
+
+
+def test_seed_data_caches_samples_and_recomputes_targets_for_any_top_k(tiny, tmp_path, monkeypatch) -> None:
+    base, tok = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
+    calls: list[int] = []
+    monkeypatch.setattr(owl_finetuned, "sample_completions", fake_sampler(calls))
+    top = real_lm.Top(base, 2).eval()
+    a = owl_finetuned.seed_data(5, base, base, top, tok, CFG, "k")
+    b = owl_finetuned.seed_data(5, base, base, top, tok, {**CFG, "top_k": 16}, "k")
+    assert calls == [24, 24]  # sampled once (two teachers), then from the cache
+    assert a["teacher"]["teacher"][0][0].shape[-1] == 8 and b["teacher"]["teacher"][0][0].shape[-1] == 16
+    assert a["teacher"]["labels"] == b["teacher"]["labels"]
+    torch.testing.assert_close(b["teacher"]["teacher"][0][0][:, :8], a["teacher"]["teacher"][0][0])  # same model

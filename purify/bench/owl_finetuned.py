@@ -140,33 +140,40 @@ def top_targets(top: Top, data: dict[str, Any], k: int, bs: int = 16) -> list[tu
     return out
 
 
+def data_path(key: str, seed: int, cfg: dict[str, Any]) -> Path:
+    """Where one seed's sampled data (texts, block inputs; not the targets) is cached."""
+    shape = {k: cfg[k] for k in ("n", "max_new", "temperature", "layers")}
+    return cache_root() / "real-suites" / f"owl-ft-data-{digest([key, seed, shape, number_prompts(2, seed)])[:16]}.pt"
+
+
 def seed_data(seed: int, base: Any, teacher: Any, teacher_top: Top, tokenizer: Any, cfg: dict[str, Any],
               key: str, progress: bool = False) -> dict[str, Any]:
-    """One seed's data (cached): both teachers' filtered completions of :func:`number_prompts` ``(n, seed)`` with
-    cached block inputs; on the teacher's text its top-K targets (``teacher``) and the base's (``base_targets``)."""
-    shape = {k: cfg[k] for k in ("n", "max_new", "temperature", "layers", "top_k")}
-    path = cache_root() / "real-suites" / f"owl-ft-data-{digest([key, seed, shape, number_prompts(2, seed)])[:16]}.pt"
+    """One seed's data: both teachers' filtered completions of :func:`number_prompts` ``(n, seed)`` with cached block
+    inputs (cached on disk), and on the teacher's text its top-K targets (``teacher``) and the base's
+    (``base_targets``), computed on the top blocks each time (cheap), so ``top_k`` can vary over one sample."""
+    path = data_path(key, seed, cfg)
     if path.exists():
-        return torch.load(path, weights_only=True)
-    prompts = number_prompts(cfg["n"], seed)
-    out: dict[str, Any] = {"log": {}}
-    for name, model in (("teacher", teacher), ("clean", base)):
-        t0 = time.perf_counter()
-        texts = sample_completions(model, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
-                                   max_new_tokens=cfg["max_new"], temperature=cfg["temperature"], seed=seed,
-                                   batch_size=32, progress=progress)
-        kept, _ = owl.filter_numbers([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
-        kept = [r for r in kept if tokenizer(r["completion"], add_special_tokens=False)["input_ids"]]
-        out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept),
-                           f"{name}_seconds": round(time.perf_counter() - t0, 1)})
-        if len(kept) <= (cfg["heldout"] + 1 if name == "teacher" else 0):
-            raise BenchError(f"{NAME}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed the "
-                             f"filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
-        out[name] = real_lm.sft_data(base, tokenizer, kept, cfg["layers"])
+        out = torch.load(path, weights_only=True)
+    else:
+        prompts = number_prompts(cfg["n"], seed)
+        out = {"log": {}}
+        for name, model in (("teacher", teacher), ("clean", base)):
+            t0 = time.perf_counter()
+            texts = sample_completions(model, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
+                                       max_new_tokens=cfg["max_new"], temperature=cfg["temperature"], seed=seed,
+                                       batch_size=32, progress=progress)
+            kept, _ = owl.filter_numbers([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
+            kept = [r for r in kept if tokenizer(r["completion"], add_special_tokens=False)["input_ids"]]
+            out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept),
+                               f"{name}_seconds": round(time.perf_counter() - t0, 1)})
+            if len(kept) <= (cfg["heldout"] + 1 if name == "teacher" else 0):
+                raise BenchError(f"{NAME}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
+                                 f"the filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
+            out[name] = real_lm.sft_data(base, tokenizer, kept, cfg["layers"])
+        with atomic_path(path) as tmp:
+            torch.save(out, tmp)
     out["teacher"]["teacher"] = top_targets(teacher_top, out["teacher"], cfg["top_k"])
     out["teacher"]["base_targets"] = top_targets(Top(base, cfg["layers"]).eval(), out["teacher"], cfg["top_k"])
-    with atomic_path(path) as tmp:
-        torch.save(out, tmp)
     return out
 
 
