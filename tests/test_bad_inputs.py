@@ -14,6 +14,7 @@ import torch
 
 from purify.cli import main
 from purify.lm import build_tokenizer
+from tests._lm_recipe import tiny_lm_overrides
 from tests.conftest import mlp_overrides
 
 TEXTS = ["the cat sat on the mat", "a dog ran far", "birds sing at dawn", "we go home now"]
@@ -32,14 +33,8 @@ def lm(tmp_path_factory):
 
 
 def lm_args(root: Path, out: Path, **extra: object) -> list[str]:
-    spec = ("{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-            "num_attention_heads: 2, num_key_value_heads: 2}, tokenizer: %s, seed: %d}")
-    items = {"student": spec % (root / "tok", 0), "teachers": f"[{spec % (root / 'tok', 1)}]",
-             "data.train": root / "good.jsonl", "data.batch_size": 2, "data.max_length": 32,
-             "trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.checkpoint_every_n_steps": 2,
-             "trainer.enable_progress_bar": False, "output_dir": out}
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
+    return tiny_lm_overrides(root / "tok", root / "good.jsonl", out, **{
+        "trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.checkpoint_every_n_steps": 2, **extra})
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -92,14 +87,16 @@ CASES = {
     "schema and semantic problems together": (
         lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_stepz": 3, "optim.lr": -1,
                                                         "purifiers": "[{name: anchr}]"}),
-        [r"trainer\.max_stepz: unknown key", r"optim\.lr: must be > 0, got -1", r"purifiers\[0\]\.name: unknown purifier"]),
+        [r"trainer\.max_stepz: unknown key", r"optim\.lr: must be > 0, got -1",
+         r"purifiers\[0\]\.name: unknown purifier"]),
     "wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_steps": "abc"}),
                    [r"trainer\.max_steps: .*'abc'"]),
     "missing data file": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": tmp / "nope.jsonl"}),
                           [r"data\.train: file not found: .*nope\.jsonl"]),
     "empty jsonl": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "empty.jsonl"}),
                     [r"empty\.jsonl: no records; the data set is empty"]),
-    "record without completion": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "nocompletion.jsonl"}),
+    "record without completion": (lambda lm, tmp, ck: lm_args(lm, tmp / "o",
+                                                               **{"data.train": lm / "nocompletion.jsonl"}),
                                   [r"nocompletion\.jsonl:1: expected an object with a string 'completion'"]),
     "non-JSON line": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "notjson.jsonl"}),
                       [r"notjson\.jsonl:2: invalid JSON"]),
@@ -110,7 +107,8 @@ CASES = {
                            [r"resume: .*g\.ckpt (is damaged|cannot be read|holds non-finite)"]),
     "truncated checkpoint": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8,
                                                                resume=_damaged(ck, tmp / "t.ckpt", "truncated")),
-                             [r"resume: .*t\.ckpt cannot be read as a checkpoint .*truncated, damaged or not a checkpoint"]),
+                             [r"resume: .*t\.ckpt cannot be read as a checkpoint "
+                              r".*truncated, damaged or not a checkpoint"]),
     "corrupted header": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=8,
                                                            resume=_damaged(ck, tmp / "h.ckpt", "header")),
                          [r"resume: .*h\.ckpt cannot be read as a checkpoint"]),

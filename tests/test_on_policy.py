@@ -26,6 +26,7 @@ from purify.module import Distiller
 from purify.on_policy import OnPolicySampler, is_on_policy_step, prompt_lengths, prompt_rows
 from purify.train import train
 from purify.types import IGNORE_INDEX
+from tests._lm_recipe import tiny_lm_overrides
 from tests.conftest import mlp_overrides
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away", "birds sing at dawn", "we go home now", "rain falls",
@@ -218,15 +219,9 @@ def lm_root(tmp_path_factory, tok):
 
 
 def lm_overrides(root: Path, out: Path, **extra: object) -> list[str]:
-    spec = ("{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-            "num_attention_heads: 2, num_key_value_heads: 2}, tokenizer: %s, seed: %d}")
-    items = {"student": spec % (root / "tok", 0), "teachers": f"[{spec % (root / 'tok', 1)}]",
-             "data.train": root / "train.jsonl", "data.val_fraction": 0.25, "data.batch_size": 2,
-             "data.max_length": 32, "loss.name": "jsd", "trainer.max_steps": 6, "trainer.val_check_interval": 3,
-             "trainer.checkpoint_every_n_steps": 3, "trainer.log_every_n_steps": 1,
-             "trainer.enable_progress_bar": False, "export": True, "output_dir": out}
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
+    return tiny_lm_overrides(root / "tok", root / "train.jsonl", out, **{
+        "data.val_fraction": 0.25, "loss.name": "jsd", "trainer.max_steps": 6, "trainer.val_check_interval": 3,
+        "trainer.checkpoint_every_n_steps": 3, "trainer.log_every_n_steps": 1, "export": True, **extra})
 
 
 def recipe_file(directory: Path, overrides: list[str]) -> str:
