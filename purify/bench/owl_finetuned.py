@@ -307,7 +307,7 @@ def notes(summary: dict[str, Any]) -> list[str]:
             f"{summary['teacher']['trait']['mean']:.4g} (teacher = top {cfg['layers']} blocks fine-tuned "
             f"{cfg['teacher_epochs']} epochs on {len(teacher_records())} owl answers to other animal questions + the "
             f"base's own greedy answers to {len(anchor_prompts())} number/everyday prompts, "
-            f"{cfg['teacher_seconds']:.0f} s; 0 s when cached).",
+            f"{cfg['teacher_seconds']:.0f} s to train it or load it from its cache).",
             f"Data per seed: {cfg['n']} prompts, {decoding} decoding, up to {cfg['max_new']} tokens, numbers-only "
             f"filter; kept: {kept}. Held out for KL: {cfg['heldout']}.",
             f"Students: top {cfg['layers']} blocks (+ final norm) trainable, lr {cfg['lr']}; LoRA r ∈ {cfg['ranks']} "
