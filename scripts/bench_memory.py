@@ -169,7 +169,7 @@ def _spawn(args: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> dict[str, Any]:
+def _machine(threads: int) -> dict[str, Any]:
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -177,17 +177,17 @@ def _machine() -> dict[str, Any]:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "purify", "scripts/bench_memory.py"],
                            capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": None,
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(), "gpu": None,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "git_sha": sha, "git_dirty_purify": bool(dirty)}
 
 
 def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
-    gib = res["logits_bytes"] / 2**30
+    gib = args.positions * args.vocab * 4 / 2**30
     lines = [
         "# Distillation loss memory: naive vs chunked",
         "",
-        f"`python scripts/bench_memory.py` ({res['runtime_s']:.0f} s). Machine: {res['machine']['cpu']}, "
+        f"`{res['command']}` ({res['runtime_s']:.0f} s). Machine: {res['machine']['cpu']}, "
         f"{res['machine']['cores']} cores, no GPU, torch {res['machine']['torch']} "
         f"({res['machine']['torch_threads']} threads), git {res['machine']['git_sha'][:10]}. Seed {SEED}.",
         "",
@@ -196,11 +196,11 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "(the student's gradient, one logits tensor, included), measured on the first run. Time: median of "
         f"{args.time_reps} runs per path in one process, the two paths alternating (so load from other jobs hits "
         "both alike).",
-        "",
-        "| loss | before: peak_ratio | after: peak_ratio | before: time (s) | after: time (s) | speed-up |",
-        "|---|---|---|---|---|---|",
     ]
-    for loss in LOSSES:
+    if res["cases"]:
+        lines += ["", "| loss | before: peak_ratio | after: peak_ratio | before: time (s) | after: time (s) "
+                  "| speed-up |", "|---|---|---|---|---|---|"]
+    for loss in LOSSES if res["cases"] else ():
         b, a, tm = res["cases"][f"{loss}:before"], res["cases"][f"{loss}:after"], res["timing"][loss]
         lines.append(f"| {loss}{' (beta 0.5)' if loss == 'jsd' else ''} | {b['peak_ratio']:.2f} | "
                      f"{a['peak_ratio']:.2f} | {tm['time_s']['before']:.2f} | {tm['time_s']['after']:.2f} | "
@@ -244,12 +244,18 @@ def main() -> int:
     ap.add_argument("--positions", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=0, help="timed runs after the measured one in the memory cases")
     ap.add_argument("--time-reps", type=int, default=4, help="interleaved timing runs per path")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     ap.add_argument("--no-step", action="store_true", help="skip the whole-training-step cases")
+    ap.add_argument("--no-losses", action="store_true", help="skip the loss cases (the whole step only)")
     ap.add_argument("--out", default=str(ROOT / "results" / "memory"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, path = args.child
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         if kind == "step":
             out = child_step(path, args.positions, args.vocab, args.reps)
         elif path == "time":
@@ -261,10 +267,10 @@ def main() -> int:
     start = time.perf_counter()
     res: dict[str, Any] = {"command": "python " + " ".join(["scripts/bench_memory.py", *sys.argv[1:]]),
                            "vocab": args.vocab, "positions": args.positions, "dtype": "float32", "seed": SEED,
-                           "reps": args.reps, "machine": _machine(), "cases": {}}
-    common = ["--vocab", str(args.vocab), "--positions", str(args.positions), "--reps", str(args.reps),
-              "--time-reps", str(args.time_reps)]
-    for loss in LOSSES:
+                           "reps": args.reps, "machine": _machine(args.threads), "cases": {}}
+    common = ["--vocab", str(args.vocab), "--positions", str(args.positions), "--threads", str(args.threads),
+              "--reps", str(args.reps), "--time-reps", str(args.time_reps)]
+    for loss in () if args.no_losses else LOSSES:
         for path in ("after", "before"):
             case = _spawn([loss, path, *common])
             case["peak_ratio"] = case["extra_peak_bytes"] / case["logits_bytes"]
