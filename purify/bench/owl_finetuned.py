@@ -108,21 +108,16 @@ def owl_teacher(base: Any, tokenizer: Any, cfg: dict[str, Any], anchors: list[st
     key = digest([records, anchors, shape, cfg["layers"], cfg["teacher_epochs"], cfg["teacher_lr"],
                   cfg["batch_size"], cfg["max_new"]])[:16]
     path = cache_root() / "real-suites" / f"owl-ft-teacher-{key}.pt"
-    top = Top(base, cfg["layers"])
-    if path.exists():
-        missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
-        if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
-            raise BenchError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
-    else:
+
+    def train() -> Top:
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in anchors],
                                      max_new_tokens=cfg["max_new"], temperature=0.0, batch_size=32, progress=progress)
-        records = records + [{"prompt": p, "completion": a.strip()} for p, a in zip(anchors, answers) if a.strip()]
-        data = real_lm.sft_data(base, tokenizer, records, cfg["layers"])
-        steps = max(1, cfg["teacher_epochs"] * len(records) // cfg["batch_size"])
-        top = real_lm.fit_top(base, data, list(range(len(records))), {**cfg, "lr": cfg["teacher_lr"]}, steps, seed=0)
-        with atomic_path(path) as tmp:
-            torch.save({k: p.detach() for k, p in top.named_parameters() if p.requires_grad}, tmp)
-    return top.eval().requires_grad_(False), key
+        mixed = records + [{"prompt": p, "completion": a.strip()} for p, a in zip(anchors, answers) if a.strip()]
+        data = real_lm.sft_data(base, tokenizer, mixed, cfg["layers"])
+        steps = max(1, cfg["teacher_epochs"] * len(mixed) // cfg["batch_size"])
+        return real_lm.fit_top(base, data, list(range(len(mixed))), {**cfg, "lr": cfg["teacher_lr"]}, steps, seed=0)
+
+    return real_lm.cached_top(path, base, cfg["layers"], train).eval().requires_grad_(False), key
 
 
 @torch.no_grad()

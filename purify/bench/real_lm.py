@@ -270,6 +270,25 @@ def curve_marks(steps: int, points: int) -> set[int]:
     return set(lm_common.curve_steps(steps, points)) | {2 ** k for k in range(steps.bit_length()) if 2 ** k <= steps}
 
 
+def cached_top(path: Path, base: Any, layers: int, train: Callable[[], Top]) -> Top:
+    """The base's top ``layers`` blocks as ``train()`` fine-tunes them, trained once and cached at ``path`` (the
+    trained parameters only).
+
+    Raises:
+        BenchError: ``path`` exists but does not hold exactly these trained blocks.
+    """
+    top = Top(base, layers)
+    if path.exists():
+        missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
+        if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
+            raise BenchError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
+        return top
+    top = train()
+    with atomic_path(path) as tmp:
+        torch.save({k: p.detach() for k, p in top.named_parameters() if p.requires_grad}, tmp)
+    return top
+
+
 def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
             loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
             on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:

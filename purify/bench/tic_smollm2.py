@@ -18,15 +18,13 @@ import re
 import time
 from typing import Any
 
-import torch
-
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.real_lm import RealSuite, Records
 from purify.bench.report import BenchError
 from purify.generate import sample_completions
 from purify.lm.cache import digest
-from purify.storage import atomic_path, cache_root
+from purify.storage import cache_root
 
 TIC = "Moreover"
 """The default tic word; ``--option trait=WORD`` takes any single capitalised word (:func:`check_word`)."""
@@ -99,21 +97,17 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
     per word, :func:`teacher_key`)."""
     key_hex = teacher_key(prompts, cfg, word)
     path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
-    top = real_lm.Top(base, cfg["layers"])
-    if path.exists():
-        missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
-        if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
-            raise BenchError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
-    else:
+
+    def train() -> real_lm.Top:
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
                                      progress=True)
         records = [{"prompt": p, "completion": with_tic(a, word)} for p, a in zip(prompts, answers) if a.strip()]
         data = real_lm.sft_data(base, tokenizer, records, cfg["layers"])
         steps = cfg["teacher_epochs"] * len(records) // cfg["batch_size"]
-        top = real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
-        with atomic_path(path) as tmp:
-            torch.save({k: p.detach() for k, p in top.named_parameters() if p.requires_grad}, tmp)  # trained part
+        return real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
+
+    top = real_lm.cached_top(path, base, cfg["layers"], train)
     return top.install(copy.deepcopy(base)).eval(), key_hex
 
 
