@@ -26,6 +26,8 @@ from purify.bench import lm_common, lm_suites, probe_free
 from purify.bench.report import environment, verdict_notes, write_report
 
 _JOB: dict[str, Any] = {}
+FORKED_NOTE = ("The suite's own notes (e.g. hidden-preference's teacher-sample filter counts) are not collected here: "
+               "they are counted inside the forked workers; summary.json's data_sizes has the kept samples.")
 
 
 def _one(seed: int) -> tuple[int, dict[str, Any]]:
@@ -55,7 +57,7 @@ def parallel_run(workers: int, suite: lm_common.Suite, seeds: list[int], out: st
         summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
     command += f"  # seeds run {workers} at a time by scripts/lm_parallel_seeds.py"
     write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
-                 [*suite.notes(), *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
+                 [FORKED_NOTE, *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
                   f"({min(workers, len(seeds))} worker processes, 1 torch thread each).", *verdict_notes(summary),
                   *probe_free.notes(summary.get("probe_free", {}))])
     return summary
