@@ -331,7 +331,8 @@ class Distiller(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(self.scheduler_config, self._planned_steps()))
+        factor = lr_factor(self.scheduler_config, self._planned_steps())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
