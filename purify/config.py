@@ -294,7 +294,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 
 def _on_policy_problems(recipe: Recipe) -> list[str]:
     """``on_policy`` values, and on-policy only where it can work: a language-model student sampling its own text
-    that every teacher scores in the student's tokenization."""
+    that every teacher scores as a model (purifiers that need teachers in their own tokenization are refused by
+    their contract in :func:`purify.assembly.contract_problems`)."""
     op = recipe.on_policy
     if op is None:
         return []
@@ -314,9 +315,6 @@ def _on_policy_problems(recipe: Recipe) -> list[str]:
     if cached:
         out.append(f"on_policy: teachers[{cached[0]}] is a logit cache, which holds scores for the data's text only, "
                    "not the student's samples; give the teacher as a model or remove on_policy")
-    if any(isinstance(p, dict) and p.get("name") == "cross_base" for p in recipe.purifiers):
-        out.append("on_policy: cross-base teachers would need the student's samples re-tokenised (not supported "
-                   "yet); use teachers sharing the student's tokenizer or remove on_policy")
     return out
 
 
