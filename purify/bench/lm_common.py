@@ -286,14 +286,14 @@ def _on_policy_vs_off_policy(by_name: dict[str, Condition], conditions: dict[str
     """Each on-policy vanilla judged as an arm against the off-policy base, control and vanilla (early-stopping
     frontier) of its loss: does on-policy distillation carry less or more of the trait at equal task error?
     ``None`` without an on-policy vanilla."""
+    if not any(c.on_policy for c in by_name.values() if c.kind == "vanilla"):
+        return None
     entries = {}
     for name, c in by_name.items():
         if c.student is not None or not (c.baseline if not c.on_policy else c.kind == "vanilla"):
             continue
         entries[name] = {"per_seed": conditions[name]["per_seed"], "baseline": not c.on_policy,
                          "kind": None if c.on_policy else c.kind, "mode": c.loss, "student": None}
-    if not any(c.on_policy for c in by_name.values() if c.kind == "vanilla"):
-        return None
     judged = verdicts.judge(entries, guards)
     out = {k: judged[k] for k in ("verdicts", "p_adjusted", "frontier_gap", "against")}
     out["curve_gap"] = {name: curve_gap(conditions[name]["per_seed"], conditions[pair["vanilla"]]["per_seed"])
