@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -350,23 +351,51 @@ def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
             ("fidelity_kl", "KL to teacher"), *extra]
 
 
+_FORKED: dict[str, Any] = {}
+"""What forked seed workers share (set before the pool forks, read in :func:`_forked_seed`)."""
+
+FORKED_NOTE = ("The suite's own notes (e.g. hidden-preference's teacher-sample filter counts) are not collected here: "
+               "they are counted inside the forked workers; summary.json's data_sizes has the kept samples.")
+
+
+def _forked_seed(seed: int) -> tuple[int, dict[str, Any]]:
+    torch.set_num_threads(1)
+    j = _FORKED
+    return seed, run_seed(j["suite"], j["models"], j["tokenizers"], j["tokenizer"], seed, False)
+
+
 def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
-        notes: Callable[[dict[str, Any]], list[str]], command: str) -> dict[str, Any]:
+        notes: Callable[[dict[str, Any]], list[str]], command: str, workers: int = 1) -> dict[str, Any]:
     """Run ``seeds`` of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
-    summary."""
+    summary. ``workers > 1`` runs that many seeds at a time in forked processes (1 torch thread each; the same
+    per-seed code, only the scheduling differs; the suite's own notes counted inside the workers are then missing,
+    and the report says so)."""
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
     start = time.perf_counter()
     loaded = {k: load_model(p) for k, p in suite.teachers.items()}
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
     _, tokenizer = load_model(suite.student)
-    runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in seeds}
+    workers = min(workers, len(seeds))
+    if workers > 1:
+        _FORKED.update(suite=suite, models=models, tokenizers=tokenizers, tokenizer=tokenizer)
+        with mp.get_context("fork").Pool(workers) as pool:
+            done = {}
+            for seed, record in pool.imap_unordered(_forked_seed, seeds):
+                done[seed] = record
+                print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+        runs = {s: done[s] for s in sorted(done)}
+        command += f"  # seeds run {workers} at a time by scripts/lm_parallel_seeds.py"
+        how = f"{workers} worker processes, 1 torch thread each"
+    else:
+        runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in seeds}
+        how = f"{torch.get_num_threads()} torch thread"
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)
     summary["columns"] = columns(suite.columns)
     if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
         summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
     write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
-                 [*suite.notes(), *notes(summary), f"Measured wall time: {wall:.0f} s on this machine "
-                  f"({torch.get_num_threads()} torch thread).", *verdict_notes(summary),
+                 [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
+                  f"Measured wall time: {wall:.0f} s on this machine ({how}).", *verdict_notes(summary),
                   *probe_free.notes(summary.get("probe_free", {})), *on_policy_notes(summary)])
     return summary

@@ -375,7 +375,7 @@ def _notes(summary: dict[str, Any]) -> list[str]:
 
 
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
-              first_seed: int = FIRST_SEED, **kwargs: Any) -> dict[str, Any]:
+              first_seed: int = FIRST_SEED, workers: int = 1, **kwargs: Any) -> dict[str, Any]:
     """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
 
     Args:
@@ -385,6 +385,8 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from the suite's ``tuned_on``).
         quick: a ≤1-minute smoke configuration.
         progress: show progress bars.
+        workers: seeds run at a time in forked processes (:func:`purify.bench.lm_common.run`); 1 = one after
+            another in this process.
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
             names of the arms to run (``base``, ``control`` and ``vanilla`` are always run); a swept arm of
             :func:`_probe_free_arms` is named without its ``@value`` (``probe-free`` names them all) and adds
@@ -420,4 +422,4 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,
-                         _notes, command)
+                         _notes, command, workers)
