@@ -47,12 +47,9 @@ TEXT_SOURCES = ("bundled", "prose")
 
 
 @dataclass
-class FunctionAnchorConfig(PurifierConfig):
-    """Recipe entry ``{name: function_anchor, weight: 1.0, source: bundled}``."""
+class NeutralInputsConfig:
+    """Where a purifier's neutral inputs come from; shared by ``function_anchor`` and ``fingerprint_adversary``."""
 
-    name: str = "function_anchor"
-    weight: float = 1.0  # multiplies the KL on the neutral batch
-    direction: Direction = "forward"  # forward: KL(base || student) | reverse: KL(student || base)
     source: str = "auto"  # auto | bundled | prose | noise | a .txt / .jsonl path (never the distillation data)
     batch_size: int = 8  # neutral inputs per step
     max_length: int = 64  # tokens per neutral text
@@ -63,11 +60,9 @@ class FunctionAnchorConfig(PurifierConfig):
     outputs: Outputs = "all"  # all: the models' whole outputs | distilled: only loss.logit_slice
     seed: int = 0  # the purifier's own generator (order of texts, noise draws)
 
-    def problems(self) -> list[str]:
-        """Settings that cannot work, one line each."""
+    def neutral_problems(self) -> list[str]:
+        """Settings of the neutral inputs that cannot work, one line each."""
         out = []
-        if self.weight < 0:
-            out.append(f"weight: must be >= 0, got {self.weight}; a negative weight pushes away from the base")
         if self.batch_size < 1:
             out.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_length < 2:
@@ -92,9 +87,26 @@ class FunctionAnchorConfig(PurifierConfig):
                     "a text file"]
         source = "bundled" if self.source == "auto" and not vector else self.source
         if source != "noise" and source == recipe.data.train:
-            return [f"source: {source!r} is the distillation data (data.train); the anchor's neutral inputs must be "
-                    "other inputs: pick another text source"]
+            return [f"source: {source!r} is the distillation data (data.train); the neutral inputs must be other "
+                    "inputs: pick another text source"]
         return []
+
+
+@dataclass
+class FunctionAnchorConfig(NeutralInputsConfig, PurifierConfig):
+    """Recipe entry ``{name: function_anchor, weight: 1.0, source: bundled}`` (the neutral-input keys are
+    :class:`NeutralInputsConfig`'s)."""
+
+    name: str = "function_anchor"
+    weight: float = 1.0  # multiplies the KL on the neutral batch
+    direction: Direction = "forward"  # forward: KL(base || student) | reverse: KL(student || base)
+
+    def problems(self) -> list[str]:
+        """Settings that cannot work, one line each."""
+        out = []
+        if self.weight < 0:
+            out.append(f"weight: must be >= 0, got {self.weight}; a negative weight pushes away from the base")
+        return out + self.neutral_problems()
 
 
 def neutral_texts(source: str, num_texts: int = 512, corpus_seed: int = 424_242) -> list[dict[str, str]]:
@@ -128,6 +140,74 @@ def kl_to_base(student_logits: Tensor, base_logits: Tensor, mask: Tensor | None 
     return (per * m).sum() / m.sum().clamp_min(1.0)
 
 
+class NeutralInputs:
+    """A stream of neutral input batches (module docstring) and a way to run a model on them.
+
+    Not a module: it holds the frozen base through ``ctx``, which must stay out of checkpoints.
+
+    Args:
+        config: the neutral-input settings.
+        who: the purifier's name, for error messages.
+    """
+
+    def __init__(self, config: NeutralInputsConfig, who: str) -> None:
+        self.config, self.who = config, who
+        self.ctx: PurifierContext | None = None
+        self.dataset: Any = None
+        self.source = config.source
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._order: list[int] = []
+
+    def setup(self, ctx: PurifierContext) -> None:
+        """Resolve the source and tokenize a text source once with the student's tokenizer."""
+        if ctx.base is None:
+            raise ValueError(f"{self.who}: needs the frozen base copy of the student (PurifierContext.base)")
+        cfg = self.config
+        source = cfg.source if cfg.source != "auto" else ("bundled" if ctx.student_tokenizer is not None else "noise")
+        if source != "noise":
+            if ctx.student_tokenizer is None:
+                raise ValueError(f"{self.who}: source {source!r} is text, but the student has no tokenizer; use "
+                                 "source: noise")
+            from purify.data import TokenDataset
+
+            records = neutral_texts(source, cfg.num_texts, cfg.corpus_seed)
+            self.dataset = TokenDataset(records, ctx.student_tokenizer, cfg.max_length)
+        self.source = source
+        self.ctx = ctx
+
+    def next(self, batch: Batch) -> Batch:
+        """The next batch of neutral inputs, on the distillation batch's device."""
+        cfg = self.config
+        if self.dataset is None:
+            if "x" not in batch:
+                raise ValueError(f"{self.who}: source noise needs vector inputs (batch['x'])")
+            x = batch["x"]
+            noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=self.generator)
+            x = (noise * (cfg.noise_high - cfg.noise_low) + cfg.noise_low).to(device=x.device, dtype=x.dtype)
+            return {"x": x, "target_mask": torch.ones(cfg.batch_size, 1, device=x.device)}
+        items = []
+        for _ in range(cfg.batch_size):
+            if not self._order:
+                self._order = torch.randperm(len(self.dataset), generator=self.generator).tolist()
+            items.append(self.dataset.item(self._order.pop()))
+        device = batch["target_mask"].device
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.dataset.collate(items).items()}
+
+    def run(self, model: nn.Module, batch: Batch) -> Tensor:
+        """``model``'s logits on a neutral batch: whole outputs, or only the distilled slice (``outputs``)."""
+        if self.config.outputs == "distilled":
+            if self.ctx is None or self.ctx.forward is None:
+                raise RuntimeError(f"{self.who}: outputs 'distilled' needs the distiller's forward; call setup(ctx)")
+            return self.ctx.forward(model, batch).logits
+        from purify.models import model_forward
+
+        return model_forward(model, batch).logits
+
+    def mask(self, logits: Tensor, batch: Batch) -> Tensor | None:
+        """Real next-token positions ``(B, T)`` of a text batch; ``None`` (every row) for vector inputs."""
+        return batch["target_mask"] if logits.dim() == 3 and self.dataset is not None else None
+
+
 class FunctionAnchor(StudentPurifier):
     """Adds ``weight · KL`` between the student and its frozen base on neutral inputs (module docstring).
 
@@ -141,61 +221,28 @@ class FunctionAnchor(StudentPurifier):
 
     def __init__(self, config: FunctionAnchorConfig) -> None:
         super().__init__(config)
-        self.ctx: PurifierContext | None = None  # not a submodule: the base must stay out of checkpoints
-        self.dataset: Any = None
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self._order: list[int] = []
+        self.neutral = NeutralInputs(config, "function_anchor")
+
+    @property
+    def source(self) -> str:
+        """The resolved neutral source (``auto`` becomes ``bundled`` or ``noise`` at set-up)."""
+        return self.neutral.source
 
     def setup(self, ctx: PurifierContext) -> None:
-        """Resolve the source and tokenize a text source once with the student's tokenizer."""
-        if ctx.base is None:
-            raise ValueError("function_anchor: needs the frozen base copy of the student (PurifierContext.base)")
-        cfg = self.config
-        source = cfg.source if cfg.source != "auto" else ("bundled" if ctx.student_tokenizer is not None else "noise")
-        if source != "noise":
-            if ctx.student_tokenizer is None:
-                raise ValueError(f"function_anchor: source {source!r} is text, but the student has no tokenizer; use "
-                                 "source: noise")
-            from purify.data import TokenDataset
-
-            records = neutral_texts(source, cfg.num_texts, cfg.corpus_seed)
-            self.dataset = TokenDataset(records, ctx.student_tokenizer, cfg.max_length)
-        self.source = source
-        self.ctx = ctx
+        self.neutral.setup(ctx)
 
     def neutral_batch(self, batch: Batch) -> Batch:
         """The next batch of neutral inputs, on the distillation batch's device."""
-        cfg = self.config
-        if self.dataset is None:
-            if "x" not in batch:
-                raise ValueError("function_anchor: source noise needs vector inputs (batch['x'])")
-            x = batch["x"]
-            noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=self.generator)
-            x = (noise * (cfg.noise_high - cfg.noise_low) + cfg.noise_low).to(device=x.device, dtype=x.dtype)
-            return {"x": x, "target_mask": torch.ones(cfg.batch_size, 1, device=x.device)}
-        items = []
-        for _ in range(cfg.batch_size):
-            if not self._order:
-                self._order = torch.randperm(len(self.dataset), generator=self.generator).tolist()
-            items.append(self.dataset.item(self._order.pop()))
-        device = batch["target_mask"].device
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.dataset.collate(items).items()}
-
-    def _run(self, model: nn.Module, batch: Batch) -> Tensor:
-        if self.config.outputs == "distilled":
-            return self.ctx.forward(model, batch).logits  # type: ignore[union-attr,misc]
-        from purify.models import model_forward
-
-        return model_forward(model, batch).logits
+        return self.neutral.next(batch)
 
     def extra_loss(self, batch: Batch, student_output: ModelOutput, progress: float) -> Tensor:
-        if self.ctx is None:
+        ctx = self.neutral.ctx
+        if ctx is None:
             raise RuntimeError("function_anchor: call setup(ctx) first")
         neutral = self.neutral_batch(batch)
         with torch.no_grad():
-            base = self._run(self.ctx.base, neutral)  # type: ignore[arg-type]
-        student = self._run(self.ctx.student, neutral)
-        mask = neutral["target_mask"] if student.dim() == 3 and self.dataset is not None else None
-        kl = kl_to_base(student, base, mask, self.config.direction)
+            base = self.neutral.run(ctx.base, neutral)  # type: ignore[arg-type]
+        student = self.neutral.run(ctx.student, neutral)
+        kl = kl_to_base(student, base, self.neutral.mask(student, neutral), self.config.direction)
         self.last_metrics = {"kl_to_base": kl.detach()}
         return self.config.weight * kl
