@@ -20,6 +20,12 @@ Each probe is scored on the model and the reference over the same prompts (paire
 [95% CI] for both plus their difference with a p-value. The **fingerprint test** needs no probe: a logistic
 regression on character n-grams learns to tell the model's samples from the reference's on the same prompts; its
 cross-validated accuracy (≈50% = no detectable fingerprint) is reported with a binomial 95% CI.
+
+``--fingerprint-head SOURCE`` adds a second, sampling-free fingerprint measure that reads the models' output
+distributions instead of their text: the ``fingerprint_adversary`` purifier's discriminator head
+(:func:`purify.purifiers.fingerprint.fingerprint_head_accuracy`), trained on both models' per-position features over
+neutral texts (``bundled``, ``prose`` or a ``.txt``/``.jsonl`` path) and scored on held-out texts — the same
+question the purifier's gradient reversal trains a student to defeat. Exactly 0.5 for a model against itself.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ import numpy as np
 import torch
 
 from purify.bench.stats import mean_ci, paired_test
+from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
+from purify.purifiers.fingerprint import fingerprint_head_accuracy
+from purify.purifiers.function_anchor import TEXT_SOURCES, neutral_texts
 from purify.storage import atomic_write_text
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
@@ -170,6 +179,38 @@ def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], fol
     return {"mean": p, "ci95": [centre - half, centre + half], "n": n}
 
 
+def _check_neutral_source(source: str) -> None:
+    if source not in TEXT_SOURCES and not Path(source).is_file():
+        raise AuditError(f"--fingerprint-head: file not found: {source}; give a .txt or .jsonl file, or one of "
+                         f"{', '.join(TEXT_SOURCES)}")
+
+
+def fingerprint_head(model: Any, reference: Any, tokenizer: Any, source: str = "bundled", texts: int = 256,
+                     max_length: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Held-out accuracy of the fingerprint adversary's head telling ``model``'s outputs from ``reference``'s.
+
+    Both models read the same first ``texts`` neutral texts of ``source`` (``bundled``, ``prose`` or a file; cut to
+    ``max_length`` tokens); half the texts train the head, the other half score it.
+
+    Returns:
+        ``{"mean", "ci95", "n"}`` over the held-out texts (each text's accuracy over its positions and both models;
+        0.5 = indistinguishable), plus ``"accuracy"`` (pooled over positions), ``"n_positions"`` and ``"source"``.
+
+    Raises:
+        AuditError: an unknown source or too few texts.
+    """
+    _check_neutral_source(source)
+    dataset = TokenDataset(neutral_texts(source, texts)[:texts], tokenizer, max_length)
+    items = [dataset.item(i) for i in range(len(dataset))]
+    batches = [dataset.collate(items[i:i + 8]) for i in range(0, len(items), 8)]
+    try:
+        result = fingerprint_head_accuracy(model, reference, batches, seed=seed)
+    except ValueError as err:
+        raise AuditError(f"--fingerprint-head: {err}") from None
+    return {**mean_ci(result["per_input"]), "accuracy": result["accuracy"], "n_positions": result["n_positions"],
+            "source": source}
+
+
 def score_probe(probe: Probe, model: Any, tokenizer: Any, samples: int, max_new_tokens: int,
                 seed: int) -> tuple[list[float], list[str]]:
     """Per-prompt (next_token) or per-sample scores of one probe, and the samples drawn (empty for next_token)."""
@@ -182,8 +223,10 @@ def score_probe(probe: Probe, model: Any, tokenizer: Any, samples: int, max_new_
 
 
 def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe], samples: int = 200,
-          max_new_tokens: int = 48, seed: int = 0) -> dict[str, Any]:
-    """Score ``model_dir`` against ``reference_dir`` on ``probes`` and run the fingerprint test.
+          max_new_tokens: int = 48, seed: int = 0, fingerprint_source: str | None = None) -> dict[str, Any]:
+    """Score ``model_dir`` against ``reference_dir`` on ``probes`` and run the fingerprint test(s).
+
+    ``fingerprint_source``: also run :func:`fingerprint_head` on that neutral text source.
 
     Raises:
         AuditError: for a missing model directory or tokenizers that differ between model and reference.
@@ -216,6 +259,8 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
         pooled = {"model": sample_completions(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed),
                   "reference": sample_completions(ref, ref_tok, prompts, max_new_tokens=max_new_tokens, seed=seed)}
     report["fingerprint"] = fingerprint_accuracy(pooled["model"], pooled["reference"], seed=seed)
+    if fingerprint_source is not None:
+        report["fingerprint_head"] = fingerprint_head(model, ref, tok, fingerprint_source, seed=seed)
     return report
 
 
@@ -235,6 +280,10 @@ def markdown(report: dict[str, Any]) -> str:
     fp = report["fingerprint"]
     lines += ["", f"Fingerprint classifier held-out accuracy: {_fmt(fp)} over {fp['n']} samples "
               "(0.5 = indistinguishable from the reference)."]
+    if "fingerprint_head" in report:
+        fh = report["fingerprint_head"]
+        lines += ["", f"Fingerprint head (output distributions on `{fh['source']}` neutral texts) held-out accuracy: "
+                  f"{_fmt(fh)} over {fh['n']} texts, {fh['n_positions']} positions."]
     return "\n".join(lines) + "\n"
 
 
@@ -246,16 +295,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="samples per probe and model (default: file's, else 200)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens per sample (default: file's, else 48)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fingerprint-head", metavar="SOURCE",
+                        help="also train the fingerprint adversary's head on both models' output distributions over "
+                             "neutral texts (bundled | prose | a .txt/.jsonl file) and report its held-out accuracy")
     parser.add_argument("--out", help="directory for audit.md and audit.json (default: print only)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``purify audit``; prints the markdown report. Returns the exit code."""
     probes, options = load_probes(args.probes)
+    if args.fingerprint_head is not None:
+        _check_neutral_source(args.fingerprint_head)
     samples = args.samples or int(options.get("samples", 200))
     max_new = args.max_new_tokens or int(options.get("max_new_tokens", 48))
     torch.manual_seed(args.seed)
-    report = audit(args.model, args.reference, probes, samples, max_new, args.seed)
+    report = audit(args.model, args.reference, probes, samples, max_new, args.seed, args.fingerprint_head)
     text = markdown(report)
     if args.out:
         out = Path(args.out)

@@ -31,12 +31,14 @@ PURIFIERS["tail_truncation"] = (TailTruncationConfig, TailTruncation)
 from purify.purifiers.adversary import Adversary, AdversaryConfig  # noqa: E402
 from purify.purifiers.anchor import Anchor, AnchorConfig  # noqa: E402
 from purify.purifiers.delta_projection import DeltaProjection, DeltaProjectionConfig  # noqa: E402
+from purify.purifiers.fingerprint import FingerprintAdversary, FingerprintAdversaryConfig  # noqa: E402
 from purify.purifiers.function_anchor import FunctionAnchor, FunctionAnchorConfig  # noqa: E402
 
 PURIFIERS["adversary"] = (AdversaryConfig, Adversary)
 PURIFIERS["anchor"] = (AnchorConfig, Anchor)
 PURIFIERS["delta_projection"] = (DeltaProjectionConfig, DeltaProjection)
 PURIFIERS["function_anchor"] = (FunctionAnchorConfig, FunctionAnchor)
+PURIFIERS["fingerprint_adversary"] = (FingerprintAdversaryConfig, FingerprintAdversary)
 # --- cross-base ---
 from purify.purifiers.cross_base import CrossBase, CrossBaseConfig  # noqa: E402
 
