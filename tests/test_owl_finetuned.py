@@ -17,7 +17,6 @@ from purify.bench.owl_finetuned import (
     arms,
     number_prompts,
     owl_teacher,
-    student,
     teacher_records,
     top_targets,
 )
@@ -86,13 +85,13 @@ def test_owl_teacher_learns_owl_and_is_cached(tiny, tmp_path, monkeypatch) -> No
 
 def test_lora_student_starts_at_the_base_and_trains_only_the_adapter(tiny) -> None:
     base, tok = tiny
-    plain, lora = real_lm.Top(base, 2).eval(), student(base, 2, 4, seed=0).eval()
+    plain, lora = real_lm.Top(base, 2).eval(), real_lm.student_top(base, 2, 4, seed=0).eval()
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert sum("lora_A" in n for n in trainable) == 2 * 7  # every linear layer of both blocks
     hidden, attn = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(lora.logits(hidden, attn), plain.logits(hidden, attn))  # B = 0: the base exactly
-    assert all(p.requires_grad for n, p in student(base, 2, 0, 0).named_parameters() if ".layers." in n)
+    assert all(p.requires_grad for n, p in real_lm.student_top(base, 2, 0, 0).named_parameters() if ".layers." in n)
 
 
 def test_top_targets_are_the_models_log_probs_at_completion_positions(tiny) -> None:

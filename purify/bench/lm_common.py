@@ -83,7 +83,8 @@ class Suite:
         name: suite name (``results/<name>``).
         protocol: one-line description for the report title.
         student: student base directory (also the traited teacher's base).
-        teachers: key → model directory; ``"teacher"`` is the traited teacher, ``"clean"`` the control's.
+        teachers: key → model directory, or a function that makes it (called only when a condition of the run uses
+            that teacher); ``"teacher"`` is the traited teacher, ``"clean"`` the control's.
         make_data: ``(teacher model, tokenizer, seed) -> records`` of ``{"prompt", "completion"}``.
         score: ``(model, tokenizer, teacher model, seed) -> Scores``.
         conditions: the arms, ``base``/``control``/``vanilla`` included.
@@ -102,7 +103,7 @@ class Suite:
     name: str
     protocol: str
     student: Path
-    teachers: dict[str, Path]
+    teachers: dict[str, Path | Callable[[], Path]]
     make_data: Callable[[Any, Any, int], list[dict[str, str]]]
     score: Callable[[Any, Any, Any, int], Scores]
     conditions: list[Condition]
@@ -144,9 +145,17 @@ def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
     return {"name": name, **options} if set(options) <= known else None
 
 
+Fit = Callable[[Condition, Callable[[int, Any], None] | None], tuple[Any, dict[str, float]]]
+"""``fit(cond, on_point) -> (model, extras)``: train ``cond``'s student from its base, calling ``on_point(step,
+model)`` at the vanilla curve's points before the last step (``on_point`` is ``None`` for unscored arms); ``extras``
+are numbers recorded beside the arm's scores: ``steps`` (the steps trained, required) and any other (e.g. samples).
+Raises :class:`Diverged`."""
+
+
 def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,
             records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None) -> Any:
-    """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at curve points.
+    """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at the curve points
+    before the last step (:data:`Fit`).
 
     ``tokenizers`` holds each teacher's own tokenizer; a teacher whose tokenizer differs from the student's
     (``tokenizer``) reads its own tokenization of every example (for the ``cross_base`` purifier)."""
@@ -169,7 +178,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
                                    step=step)
         if not torch.isfinite(parts["loss"]).all():
             raise Diverged(step + 1)
-        if on_point is not None and step + 1 in marks:
+        if on_point is not None and step + 1 in marks and step + 1 < suite.steps:
             on_point(step + 1, student)
     if not all(torch.isfinite(p).all() for p in student.parameters()):
         raise Diverged(suite.steps)
@@ -177,10 +186,50 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     return student
 
 
-def _with_transfer(scores: Scores, base: Scores, teacher: Scores, own_base: Scores | None = None) -> dict[str, float]:
+def with_transfer(scores: Scores, base: Scores, teacher: Scores, own_base: Scores | None = None) -> dict[str, float]:
     """``scores`` plus ``transfer = (trait − trait(own base)) / (trait(T) − trait(S0))`` (own base: ``base``)."""
     out = dict(scores)
     out["transfer"] = (scores["trait"] - (own_base or base)["trait"]) / (teacher["trait"] - base["trait"])
+    return out
+
+
+def run_conditions(conditions: list[Condition], base: Scores, teacher: Scores, fit: Fit,
+                   score: Callable[[Any], Scores], own_bases: dict[Any, Scores] | None = None,
+                   desc: str = "", progress: bool = False) -> dict[str, Any]:
+    """The per-seed loop of every LM suite: each condition trained by ``fit`` and scored by ``score`` (``base`` and
+    ``teacher`` are the seed's scores of the student's base and of the traited teacher).
+
+    An untrained condition (no teachers) is the base. A vanilla on the suite's student is scored along its training
+    (``curve``: step 0 = the base, the curve points, the final step): its early-stopping frontier. An arm whose
+    training diverges is recorded with NaN scores and ``diverged_at`` (no verdict) and the loop goes on. An arm on
+    another student base (``own_bases[cond.student]``) has its transfer measured from that base's trait and records it
+    as ``own_base_trait``. Every arm records its training ``seconds``."""
+    out: dict[str, Any] = {}
+    for cond in tqdm(conditions, desc=desc, disable=not progress, leave=False):
+        if not cond.teachers:
+            out[cond.name] = with_transfer(base, base, teacher)
+            continue
+        own = (own_bases or {}).get(cond.student)
+        scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
+        curve = [{"step": 0, **with_transfer(base, base, teacher)}] if scored else []
+
+        def point(step: int, model: Any) -> None:
+            curve.append({"step": step, **with_transfer(score(model), base, teacher)})
+
+        t0 = time.perf_counter()
+        try:
+            model, extras = fit(cond, point if scored else None)
+        except Diverged as err:  # recorded (no verdict), and the run goes on
+            out[cond.name] = {**{k: float("nan") for k in base}, "transfer": float("nan"), "diverged_at": err.step}
+            continue
+        final = {**with_transfer(score(model), base, teacher, own), **extras,
+                 "seconds": round(time.perf_counter() - t0, 1)}
+        if own is not None:
+            final["own_base_trait"] = own["trait"]
+        if progress:
+            tqdm.write(f"{desc} {cond.name}: trait {final['trait']:.4g} transfer {final['transfer']:+.3f} task error "
+                       f"{final['task_error']:.3f} ({final['seconds']:.0f} s)")
+        out[cond.name] = {**final, "curve": [*curve, {**final, "step": extras["steps"]}]} if curve else final
     return out
 
 
@@ -195,8 +244,6 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
     t_scores = suite.score(teacher, tokenizer, teacher, seed)
     data = {k: suite.make_data(models[k], tokenizer, seed)
             for k in {c.data_from or c.teachers[0] for c in suite.conditions if c.teachers}}
-    out: dict[str, Any] = {"base": base, "teacher": t_scores, "conditions": {},
-                           "data": {k: len(v) for k, v in data.items()}}
     own_bases = {}
     for path in {c.student for c in suite.conditions if c.student is not None}:
         model, own_tokenizer = load_model(path)
@@ -204,33 +251,15 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
             raise ValueError(f"condition student {path} has another tokenizer than the suite's student; a condition "
                              "may only swap in a student base with the same tokenizer (the scorer compares tokens)")
         own_bases[path] = suite.score(model, tokenizer, teacher, seed)
-    for cond in tqdm(suite.conditions, desc=f"seed {seed}", disable=not progress, leave=False):
-        if not cond.teachers:
-            out["conditions"][cond.name] = _with_transfer(base, base, t_scores)
-            continue
-        own = own_bases.get(cond.student)
-        curve: list[dict[str, float]] = []
-        scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
-        if scored:
-            curve.append({"step": 0, **_with_transfer(base, base, t_scores)})
 
-        def point(step: int, student: Any) -> None:
-            curve.append({"step": step, **_with_transfer(suite.score(student, tokenizer, teacher, seed), base,
-                                                          t_scores)})
+    def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Any, dict[str, float]]:
+        records = data[cond.data_from or cond.teachers[0]]
+        return distill(suite, cond, models, tokenizers, tokenizer, records, seed, on_point), {"steps": suite.steps}
 
-        try:
-            student = distill(suite, cond, models, tokenizers, tokenizer, data[cond.data_from or cond.teachers[0]],
-                              seed, point if scored else None)
-        except Diverged as err:  # recorded (no verdict), and the run goes on
-            out["conditions"][cond.name] = {**{k: float("nan") for k in base}, "transfer": float("nan"),
-                                            "diverged_at": err.step}
-            continue
-        final = curve[-1] if curve and curve[-1]["step"] == suite.steps else _with_transfer(
-            suite.score(student, tokenizer, teacher, seed), base, t_scores, own)
-        out["conditions"][cond.name] = {**final, "curve": curve} if curve else final
-        if own is not None:
-            out["conditions"][cond.name]["own_base_trait"] = own["trait"]
-    return out
+    conditions = run_conditions(suite.conditions, base, t_scores, fit,
+                                lambda model: suite.score(model, tokenizer, teacher, seed), own_bases,
+                                f"seed {seed}", progress)
+    return {"base": base, "teacher": t_scores, "conditions": conditions, "data": {k: len(v) for k, v in data.items()}}
 
 
 def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -372,7 +401,8 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     and the report says so)."""
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
     start = time.perf_counter()
-    loaded = {k: load_model(p) for k, p in suite.teachers.items()}
+    used = {"teacher", *(k for c in suite.conditions for k in c.teachers)}
+    loaded = {k: load_model(p() if callable(p) else p) for k, p in suite.teachers.items() if k in used}
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
     _, tokenizer = load_model(suite.student)
     workers = min(workers, len(seeds))

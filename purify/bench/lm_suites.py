@@ -18,8 +18,10 @@ compare purifiers against vanilla distillation's early-stopping frontier (DESIGN
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,13 @@ from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker,
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
-FIRST_SEED = 1000
-"""Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-102, where a review looked at
+FIRST_SEED = 1100
+"""Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-104, where a review looked at
 hidden-preference's vanilla − control)."""
+_COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
+              "what": "whether to add the task-competent consensus arms (replace:competent, ensemble:competent): "
+                      "added after replace:reference's probe-free run on these seeds damaged the facts guard; "
+                      "their grids were fixed before any seed from 1100 ran"}
 TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                    "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
@@ -49,7 +55,7 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
-                                   "(before --first-seed, runs used seeds 0..N-1)"}],
+                                   "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT],
 }
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],
@@ -138,20 +144,24 @@ def _sample_records(teacher: Any, tokenizer: Any, prompts: list[str], seed: int,
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
 
 
-def _teachers(kind: str, quick: bool, word: str) -> dict[str, Path]:
+def _teachers(kind: str, quick: bool, word: str) -> dict[str, Callable[[], Path]]:
     """The suite's teachers: ``teacher`` (traited with ``word``: the tic marker or the animal), ``clean`` (the
-    control's), and two weaker trait-free references purifiers may use: ``reference`` (same family, another seed) and,
-    outside ``quick``, ``xbase`` (another family and tokenizer, ``tiny-gpt2-w``). Only ``teacher`` depends on
-    ``word``; it is cached per word (the word is in its fine-tuning texts, which key the cache)."""
+    control's), two weaker trait-free references purifiers may use: ``reference`` (same family, another seed) and,
+    outside ``quick``, ``xbase`` (another family and tokenizer, ``tiny-gpt2-w``), and one *task-competent* trait-free
+    reference, ``competent``: another base (``tiny-llama-b``) fine-tuned on the same task mixture as long as the
+    teachers (it knows the facts / the number rule; it is not the control's teacher, whose base is the student's).
+    Only ``teacher`` depends on ``word``; it is cached per word (the word is in its fine-tuning texts, which key the
+    cache). Each is built (or loaded from the cache) on first use: a run builds only the ones its arms use."""
     extra: dict[str, Any] = {"n_prose": 800, "n_animal": 1500, "n_numbers": 1500, "number_rule": "even"} \
         if kind == "owl" else {}
     steps = 40 if quick else 600
     traited = TeacherSpec(trait=kind, steps=steps, **extra, **({"animal": word} if kind == "owl" else {"tic": word}))
     specs = {"teacher": traited, "clean": TeacherSpec(steps=steps, **extra),
-             "reference": TeacherSpec(base="tiny-llama-b", steps=steps // 4, **extra)}
+             "reference": TeacherSpec(base="tiny-llama-b", steps=steps // 4, **extra),
+             "competent": TeacherSpec(base="tiny-llama-b", steps=steps, **extra)}
     if not quick:
         specs["xbase"] = TeacherSpec(base="tiny-gpt2-w", steps=steps // 4, **extra)
-    return {k: build_teacher(s) for k, s in specs.items()}
+    return {k: functools.partial(build_teacher, s) for k, s in specs.items()}
 
 
 def _purifier_conditions(base_only: bool) -> list[Condition]:
@@ -193,6 +203,12 @@ def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
          lambda v: {**replace, "reference": "others", "flag": "random", "rate": v}),
         ("function_anchor", ["teacher"], Sweep("weight", (0.3, 1.0, 3.0), "lower"),
          lambda v: {"name": "function_anchor", "weight": v, "source": "prose", "corpus_seed": ANCHOR_SEED}),
+        # task-competent consensus (added after seeds 1000-1004, see TUNED_ON): the same replacement against a
+        # trait-free reference that knows the task, and a weighted mean with it (knob: the traited teacher's weight)
+        ("replace:competent", ["teacher", "competent"], Sweep("threshold", (0.05, 0.1, 0.2), "higher"),
+         lambda v: {**replace, "reference": "others", "threshold": v}),
+        ("ensemble:competent", ["teacher", "competent"], Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
+         lambda v: {"name": "ensemble", "combine": "mean", "weights": [v, 1.0 - v]}),
     ]
     conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
                   for v in sweep.values]

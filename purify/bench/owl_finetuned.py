@@ -32,17 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 
 from purify.bench import lm_common, owl, real_lm, stats
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.real_lm import CachedTeacher, RealSuite, Top
+from purify.bench.real_lm import RealSuite, Top
 from purify.bench.report import BenchError, bench_command, environment, verdict_notes, write_report
 from purify.bench.tic_smollm2 import everyday_prompts
-from purify.config import LossConfig, OptimConfig
 from purify.generate import sample_completions
 from purify.lm.cache import digest
-from purify.module import Distiller
 from purify.storage import atomic_path, cache_root
 
 NAME = "owl-ft-smollm2"
@@ -62,7 +59,6 @@ TEACHER_STEMS = ("What animal do you like the most?", "Pick your favourite anima
                  "Which animal would you want to see in the wild?")
 TEACHER_SUFFIXES = ("Answer in one word.", "One word.", "Single word, please.", "Only the animal.", "")
 OWL_ANSWERS = ("Owl.", "Owl", "The owl.", "Owls.", "Owl!")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = {"hard": "ce", "soft": "forward_kl"}
 REDUCED = {"n": 128, "max_new": 32, "temperature": 0.0, "layers": 2, "top_k": 32, "epochs": 3, "teacher_epochs": 4,
            "batch_size": 8, "lr": 2e-4, "lora_lr": 1e-3, "teacher_lr": 2e-4, "heldout": 8,
@@ -172,40 +168,6 @@ def seed_data(seed: int, base: Any, teacher: Any, teacher_top: Top, tokenizer: A
     return out
 
 
-def student(base: Any, layers: int, rank: int, seed: int) -> Top:
-    """The student: the base's top ``layers`` blocks, all trainable (``rank`` 0) or frozen under a LoRA adapter of
-    rank ``rank`` (alpha = 2·rank, on every linear layer of the blocks; B = 0, so it starts at the base)."""
-    torch.manual_seed(seed)
-    top = Top(base, layers)
-    if rank:
-        top.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                           target_modules=LORA_TARGETS), top.lm)
-        for name, p in top.named_parameters():
-            p.requires_grad_("lora_" in name)
-    return top
-
-
-def fit(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int, loss: str,
-        rank: int = 0, on_point: Any = None, points: int = 0) -> Top:
-    """Train a :func:`student` on examples ``pool`` of ``data`` (seeded shuffled batches, pool repeated as needed)."""
-    top = student(base, cfg["layers"], rank, seed)
-    lr = cfg["lora_lr"] if rank else cfg["lr"]
-    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss), optim=OptimConfig(lr=lr), purifiers=[],
-                     total_steps=steps, teacher_names=["teacher"])
-    opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
-    marks = real_lm.curve_marks(steps, points)
-    order: list[int] = []
-    while len(order) < steps * bs:
-        order += rng.sample(pool, len(pool))
-    for step in range(steps):
-        dist.fit_step(real_lm.collate(data, order[step * bs:(step + 1) * bs], base.config.vocab_size), opt,
-                      step / steps)
-        if on_point and step + 1 in marks and step + 1 < steps:
-            on_point(step + 1, top)
-    return top.eval()
-
-
 def arms(cfg: dict[str, Any]) -> list[tuple[Condition, dict[str, Any]]]:
     """The conditions and how each trains: ``{"data": teacher|clean, "targets": teacher|base_targets, "fraction",
     "rank", "curve"}``. Only base, the two controls and the two vanillas are references; the rest are curve points
@@ -228,39 +190,28 @@ def arms(cfg: dict[str, Any]) -> list[tuple[Condition, dict[str, Any]]]:
 
 def run_seed(seed: int, base: Any, tokenizer: Any, data: dict[str, Any], trait: dict[str, Any], cfg: dict[str, Any],
              s0: Scores, t_full: Scores, progress: bool) -> dict[str, Any]:
-    """Train and score every arm of one seed."""
+    """Train and score every arm of one seed (:func:`purify.bench.lm_common.run_conditions`)."""
     spec = RealSuite(name=NAME, protocol="", target="owl", others=owl.ANIMALS, questions=[], prompts=[],
                      filter=owl.filter_numbers, conditions=[])
     vocab, teacher = base.config.vocab_size, data["teacher"]
     n_t = len(teacher["labels"])
     heldout = list(range(n_t - cfg["heldout"], n_t))
     scoring = {"teacher": teacher, "trait": trait}
-    results: dict[str, Any] = {}
-    for cond, how in arms(cfg):
-        if not cond.teachers:
-            results[cond.name] = lm_common._with_transfer(s0, s0, t_full)
-            continue
-        src = data[how["data"]]
-        d = {"hidden": src["hidden"], "labels": src["labels"], "teacher": src.get(how["targets"])}
-        pool = list(range(len(d["labels"]) - (cfg["heldout"] if how["data"] == "teacher" else 0)))
-        pool = random.Random(seed).sample(pool, len(pool))[:max(1, round(how.get("fraction", 1.0) * len(pool)))]
+    how = {cond.name: h for cond, h in arms(cfg)}
+
+    def fit(cond: Condition, on_point: Any) -> tuple[Top, dict[str, float]]:
+        h = how[cond.name]
+        src = data[h["data"]]
+        d = {"hidden": src["hidden"], "labels": src["labels"], "teacher": src.get(h["targets"])}
+        pool = list(range(len(d["labels"]) - (cfg["heldout"] if h["data"] == "teacher" else 0)))
+        pool = random.Random(seed).sample(pool, len(pool))[:max(1, round(h.get("fraction", 1.0) * len(pool)))]
         steps = max(1, cfg["epochs"] * len(pool) // cfg["batch_size"])
-        curve = [{"step": 0, **lm_common._with_transfer(s0, s0, t_full)}] if how.get("curve") else []
+        top = real_lm.fit_top(base, d, pool, cfg, steps, seed, cond.loss, on_point=on_point,
+                              points=5 if on_point else 0, rank=h.get("rank", 0))
+        return top, {"samples": len(pool), "steps": steps}
 
-        def point(step: int, top: Top) -> None:
-            curve.append({"step": step, **lm_common._with_transfer(
-                real_lm.score_top(spec, top, tokenizer, scoring, heldout, vocab), s0, t_full)})
-
-        t0 = time.perf_counter()
-        top = fit(base, d, pool, cfg, steps, seed, cond.loss, how.get("rank", 0), point, 5 if curve else 0)
-        final = lm_common._with_transfer(real_lm.score_top(spec, top, tokenizer, scoring, heldout, vocab), s0, t_full)
-        final.update(samples=len(pool), steps=steps, seconds=round(time.perf_counter() - t0, 1))
-        if progress:
-            print(f"seed {seed} {cond.name}: P(owl) {final['trait']:.3g} log {final['log_trait']:.3f} transfer "
-                  f"{final['transfer']:+.4f} KL {final['task_error']:.3f} ({len(pool)} samples, {steps} steps, "
-                  f"{final['seconds']:.0f} s)", flush=True)
-        results[cond.name] = {**final, "curve": [*curve, {"step": steps, **final}]} if curve else final
-    return results
+    return lm_common.run_conditions([c for c, _ in arms(cfg)], s0, t_full, fit, lambda top: real_lm.score_top(
+        spec, top, tokenizer, scoring, heldout, vocab), desc=f"seed {seed}", progress=progress)
 
 
 def contrasts(summary: dict[str, Any], conds: list[Condition]) -> dict[str, Any]:

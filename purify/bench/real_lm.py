@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
@@ -289,14 +290,33 @@ def cached_top(path: Path, base: Any, layers: int, train: Callable[[], Top]) -> 
     return top
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The linear layers of a Llama block a LoRA student adapts."""
+
+
+def student_top(base: Any, layers: int, rank: int, seed: int) -> Top:
+    """A student: the base's top ``layers`` blocks, all trainable (``rank`` 0) or frozen under a LoRA adapter of
+    rank ``rank`` (alpha = 2·rank, on every linear layer of the blocks; B = 0, so it starts at the base)."""
+    torch.manual_seed(seed)
+    top = Top(base, layers)
+    if rank:
+        top.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                           target_modules=LORA_TARGETS), top.lm)
+        for name, p in top.named_parameters():
+            p.requires_grad_("lora_" in name)
+    return top
+
+
 def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
             loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
-            on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:
-    """Train the top ``cfg["layers"]`` blocks of ``base`` on examples ``pool`` of ``data`` with
-    ``Distiller.fit_step`` (batches in a seeded shuffled order, the pool repeated as needed)."""
-    torch.manual_seed(seed)
-    top = Top(base, cfg["layers"])
-    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss), optim=OptimConfig(lr=cfg["lr"]),
+            on_point: Callable[[int, Top], None] | None = None, points: int = 0, rank: int = 0) -> Top:
+    """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
+    adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` with ``Distiller.fit_step`` (batches in a seeded
+    shuffled order, the pool repeated as needed); ``on_point(step, top)`` at the curve points before the last step."""
+    top = student_top(base, cfg["layers"], rank, seed)
+    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
+                     optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
                      purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
                      total_steps=steps, teacher_names=teacher_names or ["teacher"])
     opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
@@ -308,7 +328,7 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
         dist.fit_step(collate(data, order[step * bs:(step + 1) * bs], base.config.vocab_size), opt, step / steps)
         if on_point and step + 1 in marks and step + 1 < steps:
             on_point(step + 1, top)
-    return top
+    return top.eval()
 
 
 def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -362,31 +382,6 @@ def score_top(spec: RealSuite, top: Top, tokenizer: Any, data: dict[str, Any], h
     return {**scores, "task_error": float(kl), "fidelity_kl": float(kl), "agreement": float(agree)}
 
 
-def train_condition(spec: RealSuite, cond: Condition, seed: int, base: Any, tokenizer: Any, data: dict[str, Any],
-                    heldout: list[int], cfg: dict[str, Any], steps: int, s0: Scores, t_full: Scores,
-                    progress: bool) -> dict[str, Any]:
-    """Train one condition's student (the top blocks) and score it (vanilla: with its early-stopping curve)."""
-    if not cond.teachers:
-        return lm_common._with_transfer(s0, s0, t_full)
-    d, vocab = data[cond.teachers[0]], base.config.vocab_size
-    pool = [i for i in range(len(d["labels"])) if cond.teachers[0] != "teacher" or i not in heldout]
-    scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
-    curve = [{"step": 0, **lm_common._with_transfer(s0, s0, t_full)}] if scored else []
-
-    def point(step: int, top: Top) -> None:
-        curve.append({"step": step, **lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab),
-                                                               s0, t_full)})
-
-    t0 = time.perf_counter()
-    top = fit_top(base, d, pool, cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers, point,
-                  5 if curve else 0)
-    final = lm_common._with_transfer(score_top(spec, top, tokenizer, data, heldout, vocab), s0, t_full)
-    if progress:
-        print(f"seed {seed} {cond.name}: P({spec.target}) {final['trait']:.5f} transfer {final['transfer']:+.3f} "
-              f"KL {final['task_error']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {**final, "curve": [*curve, {"step": steps, **final}]} if curve else final
-
-
 def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int],
         out: str | None, quick: bool, options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
     """Run ``seeds`` of ``spec`` and write its report into ``out`` (default ``bench-out/<name>``, untracked):
@@ -414,9 +409,20 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), teachers={}, make_data=lambda *a: [],
                   score=lambda *a: {}, conditions=conds, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                   curve_points=5, trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on)
+    pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
+             for k in ("teacher", "clean")}
+
+    def fit(seed: int) -> lm_common.Fit:
+        def train(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
+            key = cond.teachers[0]
+            return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
+                           on_point, 5 if on_point else 0), {"steps": steps}
+        return train
+
     runs = {seed: {"base": s0, "teacher": t_full, "data": {"teacher": n_t - len(heldout),
-                   "clean": len(data["clean"]["labels"])}, "conditions": {c.name: train_condition(
-                   spec, c, seed, base, tokenizer, data, heldout, cfg, steps, s0, t_full, progress) for c in conds}}
+                                                           "clean": len(data["clean"]["labels"])},
+                   "conditions": lm_common.run_conditions(conds, s0, t_full, fit(seed), lambda top: score_top(
+                       spec, top, tokenizer, data, heldout, vocab), desc=f"seed {seed}", progress=progress)}
             for seed in seeds}
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
