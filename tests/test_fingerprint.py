@@ -1,6 +1,7 @@
 """Fingerprint adversary: the head tells a visibly different student from its base and not the base from itself
-(offline, online, and through `purify audit`), the reversal's gradient sign and scale, the zero-valued loss, config
-errors, and a recipe through `purify train`."""
+(offline, online, and through `purify audit`), the reversal's gradient sign and scale, the match/confusion terms and
+their gradients by hand, the zero-valued loss, what each objective does to a fine-tuned MLP (a fresh head's accuracy,
+KL to the base), config errors, and a recipe through `purify train`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from purify.assembly import load_recipe
@@ -23,8 +25,10 @@ from purify.purifiers import PURIFIERS, ModelOutput, PurifierContext
 from purify.purifiers.fingerprint import (
     FingerprintAdversary,
     FingerprintAdversaryConfig,
+    confusion_loss,
     fingerprint_head_accuracy,
     head_loss,
+    mean_matching_loss,
     output_features,
 )
 from tests.conftest import mlp_overrides
@@ -96,7 +100,8 @@ def test_features_by_hand():
 def test_loss_is_zero_and_the_reversal_pushes_the_heads_loss_up(weight):
     base = mlp(0)
     student = finetuned(base, scale=0.3)
-    cfg = FingerprintAdversaryConfig(weight=weight, ramp="constant", batch_size=32, seed=5, top_k=8)
+    cfg = FingerprintAdversaryConfig(weight=weight, ramp="constant", batch_size=32, seed=5, top_k=8,
+                                     objective="reverse")
     purifier = FingerprintAdversary(cfg)
     purifier.setup(ctx(student, base))
     loss = purifier.extra_loss(DIST, NO_OUTPUT, 0.3)
@@ -133,6 +138,127 @@ def test_loss_is_zero_and_the_reversal_pushes_the_heads_loss_up(weight):
             p -= 0.01 * g
         lowered = ce().item()
     assert raised > value.item() > lowered
+
+
+def test_confusion_and_matching_terms_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 5.0]])
+    p = torch.tensor([[0.5, 0.5], [1 / (1 + torch.e ** -2), 1 / (1 + torch.e ** 2)]])
+    by_hand = -(p.log().mean(-1))  # CE against (0.5, 0.5) of the first two rows
+    mask = torch.tensor([1.0, 1.0, 0.0])
+    assert confusion_loss(logits, mask).item() == pytest.approx(by_hand.mean().item(), rel=1e-6)
+    assert confusion_loss(logits[:1]).item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # its minimum
+    a = torch.tensor([[[1.0, 0.0], [3.0, 2.0]], [[0.0, 0.0], [9.0, 9.0]]])  # (B=2, T=2, D=2)
+    b = torch.zeros(2, 2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # the last position is padding
+    assert mean_matching_loss(a, b, mask).item() == pytest.approx((4 / 3) ** 2 + (2 / 3) ** 2)
+    assert mean_matching_loss(a, b).item() == pytest.approx((13 / 4) ** 2 + (11 / 4) ** 2)
+    assert mean_matching_loss(a, a.flip(0).flip(1)).item() == 0.0  # means, not positions
+
+
+@pytest.mark.parametrize("objective", ["match", "confusion"])
+def test_the_head_learns_its_own_loss_and_the_student_descends_its_term(objective):
+    """The head's gradient is its cross-entropy's on detached features; the student's is ``s·∂term`` through a frozen
+    head; the returned loss is zero."""
+    base = mlp(0)
+    student = finetuned(base, scale=0.3)
+    cfg = FingerprintAdversaryConfig(weight=0.7, ramp="constant", batch_size=32, seed=5, top_k=8, objective=objective)
+    purifier = FingerprintAdversary(cfg)
+    purifier.setup(ctx(student, base))
+    loss = purifier.extra_loss(DIST, NO_OUTPUT, 0.3)
+    assert loss.item() == 0.0 and purifier.last_metrics["grl_scale"] == 0.7
+    loss.backward()
+    g_student = [p.grad.clone() for p in student.parameters()]
+    g_head = [p.grad.clone() for p in purifier.head.parameters()]
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1  # the purifier's noise draw
+    feats = output_features(student({"x": x}).logits, "topk", 8)
+    with torch.no_grad():
+        ref = output_features(base({"x": x}).logits, "topk", 8)
+    ce = head_loss(purifier.head, feats.detach(), ref)[0]
+    frozen = copy.deepcopy(purifier.head).requires_grad_(False)
+    if objective == "confusion":
+        term = confusion_loss(frozen(feats))
+    else:
+        phi = frozen.net[:2]
+        term = mean_matching_loss(phi(feats), phi(ref))
+    assert purifier.last_metrics[objective].item() == pytest.approx(term.item(), rel=1e-6)
+    assert purifier.last_metrics["disc_loss"].item() == pytest.approx(ce.item(), rel=1e-6)
+    for g, d in zip(g_head, torch.autograd.grad(ce, list(purifier.head.parameters()))):
+        assert torch.allclose(g, d, atol=1e-7)  # the term moves no head weight
+    d_student = torch.autograd.grad(term, list(student.parameters()))
+    for g, d in zip(g_student, d_student):
+        assert torch.allclose(g, 0.7 * d, atol=1e-7)
+    assert max(g.abs().max().item() for g in g_student) > 1e-5
+    with torch.no_grad():  # a small step down the student's gradient lowers its term
+        for p, g in zip(student.parameters(), g_student):
+            p -= 1e-3 * g / 0.7
+        feats = output_features(student({"x": x}).logits, "topk", 8)
+        after = confusion_loss(frozen(feats)) if objective == "confusion" else mean_matching_loss(phi(feats), phi(ref))
+    assert after.item() < term.item()
+
+
+def kl_base_student(base: nn.Module, student: nn.Module, batches: list[dict]) -> float:
+    """Mean KL(base ‖ student) over the rows of ``batches``."""
+    with torch.no_grad():
+        kls = [F.kl_div(student(b).logits.log_softmax(-1), base(b).logits.log_softmax(-1), log_target=True,
+                        reduction="none").sum(-1) for b in batches]
+    return torch.cat(kls).mean().item()
+
+
+def fingerprint_only(objective: str, finetune_seed: int, steps: int = 300, features: str = "logprobs") -> dict:
+    """Train a fine-tuned MLP with only the fingerprint term (weight 1, constant ramp, Adam 3e-3 for student and
+    head); a fresh head's held-out accuracy (same features; ``acc_logprobs``: a logprobs head) and KL(base‖student)
+    on held-out noise, before/after."""
+    base = mlp(0)
+    student = finetuned(base, seed=finetune_seed, scale=0.3)
+    heldout = noise_batches(n=8, seed=100)  # not the purifier's noise stream (its seed is 0, a different generator)
+
+    def measure() -> tuple[float, float, float]:
+        acc = fingerprint_head_accuracy(student, base, heldout, features=features, top_k=8, seed=0)["accuracy"]
+        full = acc if features == "logprobs" else fingerprint_head_accuracy(student, base, heldout, seed=0,
+                                                                            features="logprobs")["accuracy"]
+        return acc, kl_base_student(base, student, heldout), full
+
+    before = measure()
+    torch.manual_seed(0)  # the head's initialisation
+    purifier = FingerprintAdversary(FingerprintAdversaryConfig(weight=1.0, ramp="constant", batch_size=64, seed=0,
+                                                               features=features, top_k=8, objective=objective))
+    purifier.setup(ctx(student, base))
+    optimizer = torch.optim.Adam([*student.parameters(), *purifier.head.parameters()], lr=3e-3)
+    online = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        purifier.extra_loss(DIST, NO_OUTPUT, step / steps).backward()
+        optimizer.step()
+        online.append(float(purifier.last_metrics["disc_acc"]))
+    after = measure()
+    return {"acc": (before[0], after[0]), "kl": (before[1], after[1]), "acc_logprobs": (before[2], after[2]),
+            "online": sum(online[-20:]) / 20}
+
+
+@pytest.mark.parametrize("finetune_seed", [1, 2, 3])
+def test_objectives_on_a_finetuned_mlp(finetune_seed, capsys):
+    """Only ``match`` hides a visibly different fine-tune from a fresh head and pulls it toward its base; ``reverse``
+    and ``confusion`` are reported (pytest -s), not asserted: measured, a fresh head still tells them apart."""
+    results = {objective: fingerprint_only(objective, finetune_seed) for objective in ("match", "confusion", "reverse")}
+    with capsys.disabled():
+        for objective, r in results.items():
+            print(f"\nfinetune_seed={finetune_seed} {objective:9s} fresh-head acc {r['acc'][0]:.3f} -> "
+                  f"{r['acc'][1]:.3f}"
+                  f"  KL(base||student) {r['kl'][0]:.4f} -> {r['kl'][1]:.4f}  online disc_acc {r['online']:.2f}")
+    match = results["match"]
+    assert match["acc"][0] >= 0.95 and match["acc"][1] <= 0.75
+    assert match["kl"][1] < match["kl"][0] / 4
+
+
+def test_matching_sorted_top_k_hides_the_shape_but_not_which_outputs_moved():
+    """``features: topk`` (sorted top-8): ``match`` fools a fresh top-k head and pulls the student toward its base,
+    but a fresh head on the whole log-softmax still tells them apart."""
+    r = fingerprint_only("match", 1, features="topk")
+    print(f"\ntopk match: fresh topk-head acc {r['acc'][0]:.3f} -> {r['acc'][1]:.3f}, logprobs-head "
+          f"{r['acc_logprobs'][0]:.3f} -> {r['acc_logprobs'][1]:.3f}, KL {r['kl'][0]:.4f} -> {r['kl'][1]:.4f}")
+    assert r["acc"][0] >= 0.95 and r["acc"][1] <= 0.75
+    assert r["kl"][1] < r["kl"][0] / 4
+    assert r["acc_logprobs"][1] >= 0.95
 
 
 def test_dann_ramp_gives_the_student_no_gradient_at_the_start():
@@ -175,11 +301,24 @@ def test_online_head_learns_a_different_student_and_stays_at_chance_on_the_base(
     ("{name: fingerprint_adversary, source: bundled}", r"^purifiers\[0\].source: 'bundled' is text, but the "
                                                        "student is a vector model"),
     ("{name: fingerprint_adversary, batch_size: 0}", r"^purifiers\[0\].batch_size: must be >= 1, got 0$"),
+    ("{name: fingerprint_adversary, objective: flip}", r"^purifiers\[0\].objective: .*match"),
 ])
 def test_bad_settings_fail_at_load_in_one_line_naming_the_key(tmp_path, entry, message):
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(None, mlp_overrides(tmp_path, purifiers=f"[{entry}]"))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("objective", ["match", "confusion"])
+def test_zero3_refuses_the_objectives_that_read_the_heads_weights(tmp_path, objective):
+    entry = f"[{{name: fingerprint_adversary, objective: {objective}}}]"
+    with pytest.raises(RecipeError, match=rf"^purifiers\[0\].objective: '{objective}' reads the head's weights outside"
+                                          r" its forward pass, which ZeRO-3 partitions; use objective: reverse") as err:
+        load_recipe(None, mlp_overrides(tmp_path, purifiers=entry, strategy="deepspeed_stage_3"))
+    assert "\n" not in str(err.value)
+    reverse = "[{name: fingerprint_adversary, objective: reverse}]"
+    recipe = load_recipe(None, mlp_overrides(tmp_path, purifiers=reverse, strategy="deepspeed_stage_3"))
+    assert recipe.purifiers[0]["objective"] == "reverse"
 
 
 def test_cli_bad_setting_is_one_error_line(tmp_path, capsys):
@@ -269,7 +408,7 @@ def test_purifier_reads_neutral_text_on_a_language_model(tiny_lms):
     tok = AutoTokenizer.from_pretrained(tiny_lms / "base")
     student = copy.deepcopy(base)
     cfg = FingerprintAdversaryConfig(source="prose", num_texts=16, batch_size=4, max_length=32, weight=1.0,
-                                     ramp="constant")
+                                     ramp="constant", objective="reverse")
     purifier = FingerprintAdversary(cfg)
     purifier.setup(ctx(student, base, tok))
     dist = {"target_mask": torch.ones(2, 5)}

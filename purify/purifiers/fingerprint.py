@@ -1,14 +1,35 @@
 """Fingerprint adversary: a discriminator tells the student's output distributions from its frozen base's on neutral
-inputs, and gradient reversal makes the student indistinguishable from its base off-task.
+inputs, and the student is pulled toward outputs from which it cannot.
 
 Each step runs the student and its frozen base (``needs_base``) on the same batch of *neutral* inputs — the stream of
 :mod:`purify.purifiers.function_anchor` (bundled / generated prose / a text file for language models, uniform noise
 for vector models; never the distillation data). A small head (:class:`~purify.purifiers.adversary.DiscriminatorHead`,
 ``Linear → ReLU → Linear``) reads a per-position representation of each model's next-token distribution
-(:func:`output_features`) and predicts student (1) vs base (0). A gradient-reversal layer of scale
-``s(p) = weight · λ(p)`` (DANN ramp, :mod:`purify.purifiers.grl`) sits between the student's representation and the
-head; the base's side is detached. One backward pass trains the head to tell the two apart and pushes the student
-toward outputs from which it cannot: "learn the task, stay indistinguishable from the base elsewhere".
+(:func:`output_features`) and predicts student (1) vs base (0); the base's side is always detached. "Learn the task,
+stay indistinguishable from the base elsewhere". The student's side of the game (``objective``), scaled by
+``s(p) = weight · λ(p)`` (DANN ramp, :mod:`purify.purifiers.grl`, or ``ramp: constant``):
+
+- ``match`` (default): the head trains on its cross-entropy over *detached* features; the student minimises
+  ``s · ‖mean φ(student) − mean φ(base)‖²`` (:func:`mean_matching_loss`), ``φ`` the head's penultimate features
+  ``ReLU(Linear(x))`` with the head's weights frozen for this term (feature matching, Salimans et al. 2016).
+- ``confusion``: the head trains as above; the student minimises ``s ·`` the cross-entropy of the (frozen) head's
+  prediction on its features against the uniform label 0.5/0.5 (:func:`confusion_loss`, ``≥ ln 2``; domain confusion,
+  Tzeng et al. 2015).
+- ``reverse``: one cross-entropy, a gradient-reversal layer of scale ``s`` between the student's features and the head
+  (DANN, Ganin & Lempitsky 2015): the head descends it, the student ascends it.
+
+What it does (``tests/test_fingerprint.py::test_objectives_on_a_finetuned_mlp``: the tiny aux-MLP, base ``mlp(0)``,
+student its rank-2 fine-tune with seeds 1, 2, 3, trained with this term only — ``logprobs`` features, weight 1,
+constant ramp, Adam lr 3e-3, 300 steps, purifier and head seed 0 — then a fresh head (:func:`fingerprint_head_accuracy`,
+seed 0) and KL(base‖student) on 512 held-out noise inputs; 2-core x86_64 CPU): ``match`` takes the fresh head's
+held-out accuracy from 1.0 to 0.59 / 0.50 / 0.50 and the KL from 0.130 / 0.042 / 0.041 to 0.003 / 0.001 / 0.002.
+``reverse`` leaves the fresh head at 1.0 and *raises* the KL (to 0.98 / 1.50 / 1.59): the student learns to flip the
+online head's answer rather than to look like its base (a known failure of plain reversal with a binary head).
+``confusion`` holds the online head nearer 0.5 (logged ``disc_acc`` 0.50 / 0.82 / 0.76) but a fresh head still scores
+1.0 and the KL rises too (to 0.17 / 0.26 / 0.12). Hence ``match`` is the default. With ``topk`` features (top 8,
+fine-tune seed 1, ``test_matching_sorted_top_k_hides_the_shape_but_not_which_outputs_moved``) ``match`` takes a fresh
+``topk`` head from 1.0 to 0.57 and the KL from 0.130 to 0.010, but a fresh ``logprobs`` head still scores 1.0: sorted
+top-k cannot see which outputs moved.
 
 Representation (``features``):
 
@@ -18,10 +39,14 @@ Representation (``features``):
   signal the 2026 on-policy study found to carry the trait lives in this high-probability head.
 - ``logprobs``: the whole log-softmax ``(V,)`` — also sees *which* tokens move; the head grows with ``V``.
 
-The loss term returned to the distiller is ``CE - CE.detach()``: zero in value (``train/loss`` stays comparable with
-vanilla), with the gradient of ``CE`` for the head and ``-s(p)·∂CE`` for the student. Logs ``disc_acc`` (the head's
-accuracy on this step's neutral batch before it learns from it; 0.5 = the student's fingerprint is invisible to it),
-``disc_loss`` and ``grl_scale``. ``weight: 0`` trains the head as a probe of the drift without touching the student.
+The loss term returned to the distiller is zero in value, so ``train/loss`` shows the distillation loss alone and
+stays comparable with vanilla: ``CE - CE.detach()`` for ``reverse`` (the gradient of ``CE`` for the head,
+``-s·∂CE`` for the student), ``(CE - CE.detach()) + s·(term - term.detach())`` for ``match``/``confusion``. Logs
+``disc_acc`` (the head's accuracy on this step's neutral batch before it learns from it; 0.5 = the student's
+fingerprint is invisible to *this* head — a fresh head may still see it, see above), ``disc_loss``, ``grl_scale`` (the
+student term's scale ``s``, whatever the objective) and, for ``match``/``confusion``, the unscaled term under its
+name. ``weight: 0`` trains the head as a probe of the drift without touching the student. ``match`` and ``confusion``
+read the head's weights outside its forward pass, so recipe validation refuses them under ``deepspeed_stage_3``.
 
 It needs no teacher weights (nor teacher outputs: only the student and its own frozen base), so it applies to API
 teachers and logit caches, and it never sees the trait. :func:`fingerprint_head_accuracy` asks the same question
@@ -39,6 +64,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from purify.purifiers.adversary import DiscriminatorHead
 from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier
@@ -47,6 +73,7 @@ from purify.purifiers.grl import dann_lambda, reverse_gradient
 from purify.types import Batch, ModelOutput
 
 Features = Literal["topk", "logprobs"]
+Objective = Literal["reverse", "confusion", "match"]
 
 
 @dataclass
@@ -55,11 +82,12 @@ class FingerprintAdversaryConfig(NeutralInputsConfig, PurifierConfig):
     :class:`~purify.purifiers.function_anchor.NeutralInputsConfig`'s)."""
 
     name: str = "fingerprint_adversary"
-    weight: float = 0.1  # reversal strength: the student receives -weight·λ(p)·∂CE/∂features (0 = probe only)
+    weight: float = 0.1  # the student's term's scale s(p) = weight·λ(p) (0 = probe only)
     features: Features = "topk"  # topk: sorted top_k log-probs | logprobs: the whole log-softmax
     top_k: int = 32  # features: topk: how many (capped at the vocabulary size)
     hidden_dim: int = 64  # width of the head's hidden layer
     ramp: Literal["dann", "constant"] = "dann"  # λ(p) = 2/(1+exp(-10p)) - 1, or λ = 1
+    objective: Objective = "match"  # the student's term: match | confusion | reverse (module docstring)
 
     def problems(self) -> list[str]:
         """Settings that cannot work, one ``"<key>: <problem>; <fix>"`` line each."""
@@ -71,6 +99,14 @@ class FingerprintAdversaryConfig(NeutralInputsConfig, PurifierConfig):
         if self.hidden_dim < 1:
             out.append(f"hidden_dim: must be >= 1, got {self.hidden_dim}")
         return out + self.neutral_problems()
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """The neutral inputs' checks; ``match``/``confusion`` read the head's weights outside its forward pass."""
+        out = super().recipe_problems(recipe)
+        if self.objective != "reverse" and recipe.strategy == "deepspeed_stage_3":
+            out.append(f"objective: {self.objective!r} reads the head's weights outside its forward pass, which "
+                       "ZeRO-3 partitions; use objective: reverse or strategy deepspeed_stage_2")
+        return out
 
 
 def output_features(logits: Tensor, features: Features = "topk", top_k: int = 32) -> Tensor:
@@ -131,7 +167,8 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 class FingerprintAdversary(StudentPurifier):
-    """Discriminator head on student-vs-base output features behind gradient reversal (module docstring).
+    """Discriminator head on student-vs-base output features; the student matches, confuses or reverses it (module
+    docstring).
 
     Needs no teacher weights and never sees the trait.
 
@@ -157,7 +194,7 @@ class FingerprintAdversary(StudentPurifier):
         self.head = DiscriminatorHead(feature_dim(vocab, cfg.features, cfg.top_k), cfg.hidden_dim, 2).to(device)
 
     def extra_loss(self, batch: Batch, student_output: ModelOutput, progress: float) -> Tensor:
-        """Zero-valued term with the gradient of the head's cross-entropy (student features reversed by ``s(p)``).
+        """Zero-valued term: the gradient of the head's cross-entropy for the head, of ``objective`` for the student.
 
         Args:
             batch: the distillation batch (only its device and, for noise, its input shape are read).
@@ -171,11 +208,47 @@ class FingerprintAdversary(StudentPurifier):
         with torch.no_grad():
             base = output_features(self.neutral.run(ctx.base, neutral), cfg.features, cfg.top_k)  # type: ignore[arg-type]
         logits = self.neutral.run(ctx.student, neutral)
+        mask = self.neutral.mask(logits, neutral)
         scale = cfg.weight * (dann_lambda(progress) if cfg.ramp == "dann" else 1.0)
-        student = reverse_gradient(output_features(logits, cfg.features, cfg.top_k), scale)
-        ce, acc = head_loss(self.head, student, base, self.neutral.mask(logits, neutral))
-        self.last_metrics = {"disc_loss": ce.detach(), "disc_acc": acc.detach(), "grl_scale": scale}
-        return ce - ce.detach()
+        student = output_features(logits, cfg.features, cfg.top_k)
+        if cfg.objective == "reverse":
+            ce, acc = head_loss(self.head, reverse_gradient(student, scale), base, mask)
+            self.last_metrics = {"disc_loss": ce.detach(), "disc_acc": acc.detach(), "grl_scale": scale}
+            return ce - ce.detach()
+        ce, acc = head_loss(self.head, student.detach(), base, mask)  # the head learns from detached features only
+        frozen = {name: p.detach() for name, p in self.head.named_parameters()}  # the student's term moves no head
+        if cfg.objective == "confusion":
+            term = confusion_loss(functional_call(self.head, frozen, (student,)), mask)
+        else:
+            first = self.head.net[0]  # the head's penultimate features: ReLU(Linear(x)), weights frozen here
+            hidden = F.relu(F.linear(torch.stack([base, student]), first.weight.detach(), first.bias.detach()))
+            term = mean_matching_loss(hidden[1], hidden[0], mask)
+        self.last_metrics = {"disc_loss": ce.detach(), "disc_acc": acc.detach(), "grl_scale": scale,
+                             cfg.objective: term.detach()}
+        return (ce - ce.detach()) + scale * (term - term.detach())
+
+
+def confusion_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cross-entropy of 2-class logits ``(..., 2)`` against the uniform label (0.5, 0.5), mean over real positions.
+
+    ``≥ ln 2``, with equality exactly where the head says 0.5/0.5 (domain confusion, Tzeng et al. 2015).
+    """
+    ce = -logits.float().log_softmax(-1).mean(-1)
+    if mask is None:
+        return ce.mean()
+    weight = mask.to(ce.dtype)
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def mean_matching_loss(student: Tensor, base: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``‖mean(student) − mean(base)‖²`` over the real positions of ``(..., D)`` features (feature matching)."""
+    if mask is None:
+        diff = student.reshape(-1, student.shape[-1]).mean(0) - base.reshape(-1, base.shape[-1]).mean(0)
+    else:
+        weight = mask.to(student.dtype).unsqueeze(-1)
+        count = weight.sum().clamp_min(1.0)
+        diff = ((student - base) * weight).reshape(-1, student.shape[-1]).sum(0) / count
+    return diff.pow(2).sum()
 
 
 def _positions(logits: Tensor, batch: Batch) -> Tensor:
