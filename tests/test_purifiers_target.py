@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from purify.assembly import load_recipe
 from purify.config import LossConfig, RecipeError
 from purify.lineage import read_lineage
-from purify.losses import distillation_loss, forward_kl
+from purify.losses import distillation_loss, forward_kl, generalized_jsd
 from purify.models import AuxMLP
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, ModelOutput, PurifierContext, Targets
@@ -194,6 +194,103 @@ def test_missing_reference_name_at_setup():
         DivergenceMask(DivergenceMaskConfig(reference="c")).setup(ctx(2))
 
 
+# ------------------------------------------------------------------ divergence mask: the chunked, fused path
+def dense_divergence_mask(cfg: DivergenceMaskConfig, weights: list[float], names: list[str], teachers: list[Tensor],
+                          base: Tensor, mask: Tensor, targets: Targets) -> tuple[Targets, Tensor]:
+    """The straightforward definition (the module docstring) on whole ``(B, T, V)`` tensors: returns the targets and
+    the flagged positions."""
+    real, primary = mask > 0, teachers[0]
+    if cfg.reference == "base":
+        ref = base
+    elif cfg.reference == "others":
+        ref = combine(torch.stack(teachers[1:]), torch.tensor(weights[1:]), "mean")
+    else:
+        ref = teachers[names.index(cfg.reference)]
+    div = generalized_jsd(ref, primary, beta=0.5) if cfg.metric == "jsd" else \
+        (primary.argmax(-1) != ref.argmax(-1)).float()
+    if cfg.flag == "divergence":
+        flagged = (div > cfg.threshold) & real
+    else:
+        if cfg.flag == "logratio":
+            t, b = primary.log_softmax(-1), base.log_softmax(-1)
+            top = t.argmax(-1, keepdim=True)
+            score = (t.gather(-1, top) - b.gather(-1, top)).squeeze(-1)
+        else:
+            score = torch.rand(real.shape, generator=torch.Generator().manual_seed(cfg.seed))
+        k = round(cfg.rate * int(real.sum()))
+        flagged = torch.zeros(real.numel(), dtype=torch.bool)
+        flagged[torch.where(real.flatten(), score.flatten(), -math.inf).topk(k).indices] = True
+        flagged = flagged.view_as(real)
+    if cfg.mode == "replace":
+        return Targets(torch.where(flagged[..., None], ref.float().log_softmax(-1), targets.logits),
+                       targets.weight), flagged
+    if cfg.mode == "soft":
+        d_max = torch.where(real, div, 0.0).max()
+        factor = torch.where(div > cfg.threshold, (1 - div / d_max).clamp(0, 1), 1.0)
+    else:
+        factor = (~flagged).float()
+    return Targets(targets.logits, targets.weight * factor), flagged
+
+
+@pytest.mark.parametrize("entry, n_teachers", [
+    ({"reference": "others"}, 2),  # the benchmark's case: the mixture of one other teacher
+    ({"reference": "others"}, 3),
+    ({"reference": "t2", "mode": "soft"}, 3),
+    ({"reference": "base", "mode": "replace"}, 2),
+    ({"reference": "others", "metric": "top1", "mode": "replace", "threshold": 0.5}, 3),
+    ({"reference": "base", "mode": "replace", "flag": "logratio", "rate": 0.3}, 2),
+    ({"reference": "others", "mode": "replace", "flag": "random", "rate": 0.4}, 3),
+    ({"reference": "others", "flag": "logratio", "rate": 0.2}, 2),
+])
+def test_divergence_mask_gives_the_dense_definitions_targets(monkeypatch, entry, n_teachers):
+    """The purifier computes the reference and the divergence a few positions at a time and only where targets are
+    read: the same targets as the dense definition, at padded, prompt and down-weighted positions too."""
+    monkeypatch.setattr("purify.losses_chunked.CHUNK_BYTES", 4 * 40 * 7)  # 7 positions per chunk: 6 chunks, one short
+    g = torch.Generator().manual_seed(3)
+    batch, length, vocab = 3, 20, 40
+    primary = 2 * torch.randn(batch, length, vocab, generator=g)
+    spread = torch.rand(batch, length, 1, generator=g)  # how far each position's other teachers are from the primary
+    teachers = [primary] + [primary + 3 * spread * torch.randn(batch, length, vocab, generator=g)
+                            for _ in range(n_teachers - 1)]
+    base = primary + 2 * spread * torch.randn(batch, length, vocab, generator=g)
+    mask = torch.ones(batch, length)
+    mask[:, :3], mask[1, 12:], mask[2, 17:] = 0, 0, 0  # prompt and padding
+    weight = mask.clone()
+    weight[0, 0], weight[1, 5] = 0.5, 0.25  # a weighted non-target position; a down-weighted target
+    weights, names = [1.0, 1.0, 3.0][:n_teachers], [f"t{i}" for i in range(n_teachers)]
+    cfg = DivergenceMaskConfig(**entry)
+    if cfg.flag == "divergence" and cfg.metric == "jsd":  # halfway between two middle dense divergences
+        ref = {"base": base, "others": combine(torch.stack(teachers[1:]), torch.tensor(weights[1:]), "mean")}.get(
+            cfg.reference, teachers[-1])
+        values = generalized_jsd(ref, primary, beta=0.5)[mask > 0].sort().values
+        cfg.threshold = float(values[len(values) // 2 - 1:len(values) // 2 + 1].mean())
+    context = PurifierContext(student=nn.Identity(), teachers=[nn.Identity()] * n_teachers, teacher_names=names,
+                              teacher_weights=weights, base=nn.Identity(),
+                              forward=lambda model, b: ModelOutput(logits=base))
+    purifier = DivergenceMask(cfg)
+    purifier.setup(context)
+    got = purifier.transform_targets({"target_mask": mask}, [ModelOutput(logits=t) for t in teachers],
+                                     Targets(primary, weight))
+    expected, flagged = dense_divergence_mask(cfg, weights, names, teachers, base, mask, Targets(primary, weight))
+    assert 0 < int(flagged.sum()) < int((mask > 0).sum())  # the comparison sees both kinds of position
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.weight, expected.weight, rtol=0, atol=1e-6)
+    assert purifier.last_metrics["flagged_fraction"].item() == pytest.approx(flagged.sum().item() / mask.sum().item())
+    if cfg.mode != "replace":
+        assert torch.equal(got.logits, primary)  # untouched
+    else:
+        assert torch.equal(got.weight, weight) and torch.equal(got.logits[~flagged], primary[~flagged])
+
+
+def test_divergence_is_the_generalized_jsd_at_one_half():
+    g = torch.Generator().manual_seed(0)
+    p, q = 3 * torch.randn(6, 1000, generator=g), 3 * torch.randn(6, 1000, generator=g)
+    p[0, :10], q[1, :500], q[2], p[2] = -math.inf, -math.inf, p[2], p[2]  # zero-probability tokens; identical rows
+    got, expected = divergence(p, q), generalized_jsd(q, p, beta=0.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert got[2].item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(got).all()
+
+
 # ------------------------------------------------------------------ label replacement (divergence_mask mode: replace)
 def test_replace_puts_the_references_distribution_exactly_at_flagged_positions():
     primary, ref = [SAME, FAR, SAME, NEAR], [NEAR, SAME, SAME, SAME]  # JSD: pos 0 ~0.03, pos 1 ~0.22, pos 2 0
@@ -296,6 +393,50 @@ def test_kept_mass_and_tokens_are_logged():
     assert purifier.last_metrics["kept_tokens"].item() == 1.5
     assert torch.isfinite(got.logits).sum().item() == 3
     assert keep_mask(torch.tensor(HEAD).log(), top_k=3, top_p=0.9).sum().item() == 5  # criteria intersect
+
+
+def dense_truncation(logits: Tensor, **knobs) -> tuple[Tensor, Tensor, Tensor]:
+    """The full-vocabulary definition: log-softmax, :func:`keep_mask`, renormalise; kept mass and tokens."""
+    logp = logits.float().log_softmax(-1)
+    kept = logp.masked_fill(~keep_mask(logp, **knobs), -math.inf)
+    out = kept - kept.logsumexp(-1, keepdim=True)
+    finite = torch.isfinite(out)
+    return out, (logits.float().softmax(-1) * finite).sum(-1), finite.sum(-1).float()
+
+
+@pytest.mark.parametrize("knobs", [{"top_k": 20}, {"top_k": 1}, {"top_p": 0.9}, {"top_p": 0.5, "top_k": 5},
+                                   {"min_prob": 0.01}, {"min_prob": 0.0}, {"top_p": 1.0},
+                                   {"top_p": 0.3, "min_prob": 0.02, "top_k": 50}])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16 ties", "flat"])
+def test_tail_truncation_gives_the_dense_definitions_targets(monkeypatch, knobs, kind):
+    """The kept set is read off a few top-k candidates per position, a chunk of positions at a time; ties across the
+    kept prefix's end and NaN positions take the dense path: the same targets and metrics as the dense definition."""
+    monkeypatch.setattr("purify.losses_chunked.CHUNK_BYTES", 4 * 3000 * 7)  # 7 positions per chunk
+    g = torch.Generator().manual_seed(5)
+    logits = 3 * torch.randn(3, 16, 3000, generator=g)
+    if kind == "bfloat16 ties":  # a bf16 teacher's logits: many exact ties, at the top and at the cut
+        logits = logits.bfloat16().float()
+    elif kind == "flat":  # a wide nucleus: the number of candidates has to grow
+        logits = 0.1 * logits
+    logits[0, 1, :] = (logits[0, 1, :] * 2).round() / 2  # coarse ties
+    logits[0, 2, 5:] = -math.inf  # an already truncated target: 5 finite tokens
+    logits[0, 3, 1] = logits[0, 3].max()  # two tokens tied at the top
+    logits[2, 15, 7] = math.nan  # a padded position holding garbage
+    mask = torch.ones(3, 16)
+    mask[2, 12:] = 0
+    purifier = TailTruncation(TailTruncationConfig(**knobs))
+    got = purifier.transform_targets({"target_mask": mask}, [ModelOutput(logits=logits)], Targets(logits, mask))
+    out, mass, count = dense_truncation(logits, **knobs)
+    assert torch.equal(torch.isnan(got.logits), torch.isnan(out)) and torch.isnan(out[2, 15]).all()
+    assert torch.equal(got.logits == -math.inf, out == -math.inf)  # the same kept tokens everywhere
+    finite = torch.isfinite(out)
+    torch.testing.assert_close(got.logits[finite], out[finite], rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.weight, mask)
+    real = mask > 0
+    torch.testing.assert_close(purifier.last_metrics["kept_mass"], (mass * real)[real].sum() / real.sum(), rtol=1e-6,
+                               atol=1e-6)
+    assert purifier.last_metrics["kept_tokens"].item() == ((count * real)[real].sum() / real.sum()).item()
+    torch.testing.assert_close(truncate(logits, **knobs), got.logits, equal_nan=True)
 
 
 def test_forward_kl_on_the_truncated_target_is_finite_with_the_right_gradient():

@@ -31,13 +31,15 @@ API teacher's log-probabilities will do), which is the setting of API teachers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from purify.losses import generalized_jsd
+from purify.losses_chunked import default_chunk_rows
 from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, TargetPurifier
 from purify.purifiers.ensemble import combine
 from purify.types import Batch, ModelOutput, Targets
@@ -104,13 +106,31 @@ def divergence(p_logits: Tensor, q_logits: Tensor, metric: Metric = "jsd") -> Te
         metric: ``jsd`` (``½ KL(p||m) + ½ KL(q||m)``, ``m = ½(p+q)``, nats) or ``top1`` (``1[argmax p ≠ argmax q]``).
 
     Returns:
-        ``(...)`` float32 divergence per position.
+        ``(...)`` float32 divergence per position. ``jsd`` is :func:`purify.losses.generalized_jsd` at ``β = ½``
+        (the same terms, ``0·log 0`` counted as 0) computed with in-place temporaries: it agrees with it to float32
+        rounding (about 1e-7), at about a fifth of its time over a 49k vocabulary.
     """
     if metric == "jsd":
-        return generalized_jsd(q_logits, p_logits, beta=0.5)
+        return _jsd(p_logits, q_logits)
     if metric == "top1":
         return (p_logits.argmax(-1) != q_logits.argmax(-1)).float()
     raise ValueError(f"divergence: unknown metric {metric!r}; allowed: jsd, top1")
+
+
+def _jsd(p_logits: Tensor, q_logits: Tensor, q_normalised: bool = False) -> Tensor:
+    """``½ Σ p (log p − log m) + ½ Σ q (log q − log m)``, ``m = ½ (p + q)``, over the last dimension
+    (``q_normalised``: ``q_logits`` are log-probabilities already, as a mixture of teachers is, and are used as
+    they are)."""
+    dtype = torch.promote_types(torch.promote_types(p_logits.dtype, q_logits.dtype), torch.float32)
+    t = F.log_softmax(p_logits.to(dtype), -1)
+    u = q_logits.to(dtype) if q_normalised else F.log_softmax(q_logits.to(dtype), -1)
+    p, q = t.exp(), u.exp()
+    log_m = (p + q).mul_(0.5).log_()
+    out = None
+    for logp, prob in ((t, p), (u, q)):
+        side = (logp - log_m).mul_(prob).masked_fill_(prob == 0, 0.0).sum(-1)
+        out = side if out is None else out.add_(side)
+    return out.mul_(0.5)  # type: ignore[union-attr]
 
 
 def mask_weights(div: Tensor, real: Tensor, threshold: float, mode: Mode = "drop") -> Tensor:
@@ -161,6 +181,25 @@ def logratio(teacher_logits: Tensor, base_logits: Tensor) -> Tensor:
     return (t.gather(-1, top) - b.gather(-1, top)).squeeze(-1)
 
 
+def at_rows(rows: Tensor, vocab: int, fn: Callable[[tuple[Tensor, ...]], Tensor]) -> Tensor:
+    """A per-position quantity computed only at the positions ``rows`` (bool, ``(...)``), 0 elsewhere.
+
+    ``fn(part)`` gets index tensors of up to :func:`~purify.losses_chunked.default_chunk_rows` positions (``x[part]``
+    picks their ``(N, V)`` rows) and returns their ``(N,)`` values: row-wise functions give the same values as on
+    the whole tensor, without its ``B×T×V`` temporaries and without reading padding or prompt positions.
+    """
+    where = rows.nonzero(as_tuple=True)
+    step = default_chunk_rows(vocab)
+    out = None
+    for a in range(0, int(where[0].numel()), step):
+        part = tuple(i[a:a + step] for i in where)
+        values = fn(part)
+        if out is None:
+            out = torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
+        out[part] = values
+    return out if out is not None else torch.zeros(rows.shape, device=rows.device)
+
+
 class DivergenceMask(TargetPurifier):
     """Drop, down-weight or replace the targets where ``teachers[0]`` departs from the reference (module docstring).
 
@@ -199,50 +238,78 @@ class DivergenceMask(TargetPurifier):
         return self.ctx.forward(self.ctx.base, batch).logits  # type: ignore[misc]
 
     @torch.no_grad()
-    def reference_logits(self, batch: Batch, teacher_outputs: list[ModelOutput], base: Tensor | None = None) -> Tensor:
+    def reference_logits(self, batch: Batch, teacher_outputs: list[ModelOutput], base: Tensor | None = None,
+                         where: tuple[Tensor, ...] | None = None) -> Tensor:
         """``(B, T, V)`` logits (or log-probabilities) of the reference on this batch (``base``: the base's logits,
-        when already computed)."""
+        when already computed); with ``where`` (index tensors of positions, as ``mask.nonzero(as_tuple=True)``)
+        only those positions', ``(N, V)``."""
         if self.ctx is None:
             raise RuntimeError("divergence_mask: call setup(ctx) before transform_targets")
+
+        def at(x: Tensor) -> Tensor:
+            return x if where is None else x[where]
+
         if self.config.reference == "base":
-            return base if base is not None else self.base_logits(batch)
+            return at(base if base is not None else self.base_logits(batch))
         if self.ref_index is not None:
-            return teacher_outputs[self.ref_index].logits
-        others = torch.stack([out.logits for out in teacher_outputs[1:]])
-        return combine(others, torch.as_tensor(self.ctx.teacher_weights[1:]), "mean")
+            return at(teacher_outputs[self.ref_index].logits)
+        weights = self.ctx.teacher_weights[1:]
+        if sum(w > 0 for w in weights) == 1:  # the mixture of one: its log-probabilities, exactly as combine gives
+            return F.log_softmax(at(teacher_outputs[1 + [w > 0 for w in weights].index(True)].logits).float(), -1)
+        others = torch.stack([at(out.logits) for out in teacher_outputs[1:]])
+        return combine(others, torch.as_tensor(weights), "mean")
 
     @torch.no_grad()
-    def flags(self, batch: Batch, teacher_outputs: list[ModelOutput]) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(flagged, divergence or None, reference logits or None)`` for this batch (the reference is computed only
-        when the flag or the mode reads it)."""
+    def divergence_at(self, batch: Batch, teacher_outputs: list[ModelOutput], base: Tensor | None,
+                      rows: Tensor) -> Tensor:
+        """Divergence of the primary teacher from the reference at the positions ``rows`` (bool, ``(B, T)``), 0
+        elsewhere (see :func:`at_rows`)."""
+        primary = teacher_outputs[0].logits
+        if self.config.metric == "jsd":  # the mixture of the others is normalised already: no second log-softmax
+            normalised = self.config.reference == "others"
+            return at_rows(rows, primary.shape[-1], lambda part: _jsd(
+                primary[part], self.reference_logits(batch, teacher_outputs, base, part), normalised))
+        return at_rows(rows, primary.shape[-1], lambda part: divergence(
+            primary[part], self.reference_logits(batch, teacher_outputs, base, part), self.config.metric))
+
+    @torch.no_grad()
+    def flags(self, batch: Batch, teacher_outputs: list[ModelOutput],
+              weight: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(flagged, divergence or None, base logits or None)`` for this batch. The divergence is computed when
+        the flag or the mode reads the reference, at the real target positions and wherever ``weight`` (the current
+        target weights) is non-zero; it is 0 elsewhere."""
         cfg = self.config
         real = batch["target_mask"] > 0
         primary = teacher_outputs[0].logits
         base = self.base_logits(batch) if self.needs_base else None
-        ref = self.reference_logits(batch, teacher_outputs, base) \
-            if cfg.flag == "divergence" or cfg.mode == "replace" else None
-        div = divergence(primary, ref, cfg.metric) if ref is not None else None
+        div = None
+        if cfg.flag == "divergence" or cfg.mode == "replace":
+            rows = real if weight is None else real | (weight != 0).expand_as(real)
+            div = self.divergence_at(batch, teacher_outputs, base, rows)
         if cfg.flag == "divergence":
             flagged = (div > cfg.threshold) & real  # type: ignore[operator]
         elif cfg.flag == "logratio":
-            flagged = top_fraction(logratio(primary, base), real, cfg.rate)  # type: ignore[arg-type]
+            score = at_rows(real, primary.shape[-1], lambda part: logratio(primary[part], base[part]))  # type: ignore[index]
+            flagged = top_fraction(score, real, cfg.rate)
         else:
             noise = torch.rand(real.shape, generator=self.generator).to(real.device)
             flagged = top_fraction(noise, real, cfg.rate)
-        return flagged, div, ref
+        return flagged, div, base
 
     def transform_targets(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
         cfg = self.config
         with torch.no_grad():
-            flagged, div, ref = self.flags(batch, teacher_outputs)
+            flagged, div, base = self.flags(batch, teacher_outputs, targets.weight if cfg.mode == "soft" else None)
             real = batch["target_mask"] > 0
             n = real.sum().clamp_min(1)
             self.last_metrics = {"flagged_fraction": flagged.sum() / n}
             if div is not None:
                 self.last_metrics["mean_divergence"] = (div * real).sum() / n
-        if cfg.mode == "replace":
-            ref_logp = torch.log_softmax(ref.float(), -1).to(targets.logits.dtype)  # type: ignore[union-attr]
-            logits = torch.where(flagged.unsqueeze(-1), ref_logp, targets.logits)
+        if cfg.mode == "replace":  # the reference's log-probabilities at the flagged positions only
+            where = flagged.nonzero(as_tuple=True)
+            ref = self.reference_logits(batch, teacher_outputs, base, where)
+            logits = targets.logits.clone()
+            logits[where] = torch.log_softmax(ref.float(), -1).to(logits.dtype)
             return Targets(logits=logits, weight=targets.weight)
         self.last_metrics["masked_fraction"] = self.last_metrics["flagged_fraction"]
         if cfg.mode == "soft":
