@@ -182,16 +182,43 @@ def test_aux_probe_free_conditions_and_refusal():
     from purify.bench.report import BenchError
 
     conds, sweeps = select_conditions("task", [PROBE_FREE])
-    grid = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    assert SWEEPS["delta_projection:global"].values == grid and set(sweeps) == {"delta_projection:global"}
+    grid, weights = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), (0.1, 0.25, 0.5)
+    assert SWEEPS["delta_projection:global"].values == grid and SWEEPS["ensemble:competent"].values == weights
+    assert set(sweeps) == {"delta_projection:global", "ensemble:competent"}
     assert [c.name for c in conds] == ["base", "control", "vanilla", *(point_name("delta_projection:global", a)
-                                                                        for a in grid)]
-    assert [c.purifiers[0].strength for c in conds[3:]] == list(grid)
-    assert all(c.purifiers[0].mode == "global" for c in conds[3:])
+                                                                        for a in grid),
+                                       *(point_name("ensemble:competent", w) for w in weights)]
+    projection, consensus = conds[3:3 + len(grid)], conds[3 + len(grid):]
+    assert [c.purifiers[0].strength for c in projection] == list(grid)
+    assert all(c.purifiers[0].mode == "global" for c in projection)
+    assert all(c.teachers == ("trait", "comp0", "comp1") for c in consensus)  # T first, two competent references
+    assert [c.purifiers[0].weights for c in consensus] == [[w, (1 - w) / 2, (1 - w) / 2] for w in weights]
     conds, sweeps = select_conditions("paper", ["delta_projection@rank-8"])
     assert sweeps == {} and [c.name for c in conds][-1] == "delta_projection@rank-8"
+    _, sweeps = select_conditions("paper", [PROBE_FREE])
+    assert set(sweeps) == {"delta_projection:global"}  # the paper protocol has no task for a reference to know
+    with pytest.raises(BenchError, match="unknown 'ensemble:competent'.*--protocol paper"):
+        select_conditions("paper", ["ensemble:competent"])
     with pytest.raises(BenchError, match="unknown 'nope'.*allowed: probe-free, delta_projection:global"):
         select_conditions("task", ["nope"])
+
+
+def test_aux_competent_references_know_the_task_and_are_built_only_when_used():
+    import torch.nn.functional as F
+
+    from purify.bench.aux_runs import COMPETENT, Settings, build_world
+
+    s = Settings(hidden=(32,), teacher_steps=150, ref_steps=20, n_eval=256, batch=64)
+    plain = build_world(5, s, None)
+    assert not set(COMPETENT) & set(plain.teachers)  # not trained unless a condition uses them
+    world = build_world(5, s, None, {"trait", *COMPETENT})
+    c, k = world.data.n_classes, s.k_task
+    err = {name: float(F.mse_loss(t.logits(world.x_eval)[:, c:c + k].detach(), world.f_eval))
+           for name, t in world.teachers.items()}
+    for name in COMPETENT:  # trained as long as the teachers: they know the task as the control's teacher does,
+        assert err[name] < 1.25 * err["control"] and err[name] < 0.9 * min(err["ref0"], err["ref1"]), err  # not weak
+        assert world.acc[name] < world.acc["trait"] - 0.2  # and carry no digit trait
+    assert plain.teachers["trait"].state_dict().keys() == world.teachers["trait"].state_dict().keys()
 
 
 def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_digits(tmp_path, monkeypatch):
@@ -216,7 +243,7 @@ def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_
                               sweeps=sweeps, settings=tiny))
     arm = summary["probe_free"]["arms"]["delta_projection:global"]
     # the rule saw only Selectable views: knob, strength rank, task error, drift
-    assert len(seen) == 3 and all(type(p) is pf.Selectable for pts in seen for p in pts)
+    assert len(seen) == 3 * len(sweeps) and all(type(p) is pf.Selectable for pts in seen for p in pts)
     vanilla = {r["seed"]: r for r in summary["conditions"]["vanilla"]["per_seed"]}
     for seed, chosen in arm["chosen"].items():
         inputs = arm["selection_inputs"][seed]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from purify.bench import probe_free
-from purify.bench.aux_runs import Condition, Settings, run_seed
+from purify.bench.aux_runs import COMPETENT, Condition, Settings, run_seed
 from purify.bench.aux_summary import summarise
 from purify.bench.digits import read_arrays, split
 from purify.bench.probe_free import Sweep, point_name
@@ -133,18 +133,25 @@ PROBE_FREE = "probe-free"
 """``--option 'conditions=[probe-free]'`` runs the references and every swept arm of :data:`SWEEPS`."""
 SWEEPS: dict[str, Sweep] = {
     "delta_projection:global": Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower"),
+    "ensemble:competent": Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
 }
 """The arms whose knob the probe-free rule sets per seed (:mod:`purify.bench.probe_free`), with their grids. Fixed
 in code before any report seed ran: the global-projection strengths α the issue's first measurement swept (seeds
-200–209); the rule reads each point's task error and its ``drift`` (the undistilled class logits' KL from the base's
+200–209), and the traited teacher's weight in a logit mean with two task-competent trait-free references of other
+inits (:data:`purify.bench.aux_runs.COMPETENT`, fixed with the LM suites' competent arms); the rule reads each
+point's task error and its ``drift`` (the undistilled class logits' KL from the base's
 on held-out noise, :func:`purify.bench.aux_runs.class_drift`), never the digits."""
 
 
 def swept_conditions() -> list[Condition]:
     """One condition ``<arm>@<value>`` per point of :data:`SWEEPS`."""
-    return [Condition(point_name("delta_projection:global", a), purifiers=(_dp(mode="global", strength=a),),
-                      note="probe-free sweep point" if a else "probe-free sweep point (α = 0: vanilla's update)")
-            for a in SWEEPS["delta_projection:global"].values]
+    competent = ("trait", *COMPETENT)
+    return [*(Condition(point_name("delta_projection:global", a), purifiers=(_dp(mode="global", strength=a),),
+                        note="probe-free sweep point" if a else "probe-free sweep point (α = 0: vanilla's update)")
+              for a in SWEEPS["delta_projection:global"].values),
+            *(Condition(point_name("ensemble:competent", w), teachers=competent, purifiers=(_ens(w),),
+                        note="logit mean with two task-competent trait-free teachers of other inits; knob: T's weight")
+              for w in SWEEPS["ensemble:competent"].values)]
 
 
 def select_conditions(protocol: str, names: list[str], quick: bool = False) -> tuple[list[Condition],
@@ -159,12 +166,14 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
     default = (task_conditions if protocol == "task" else paper_conditions)(quick)
     refs = [c for c in default if c.role == "reference"]
     others = {c.name: c for c in default if c.role != "reference"}
-    sweeps = {arm: sw for arm, sw in SWEEPS.items() if arm in names or PROBE_FREE in names}
-    unknown = [n for n in names if n not in others and n not in SWEEPS and n != PROBE_FREE
+    task_only = {"ensemble:competent"} if protocol != "task" else set()  # the paper protocol has no task to know
+    sweeps = {arm: sw for arm, sw in SWEEPS.items() if (arm in names or PROBE_FREE in names) and arm not in task_only}
+    allowed = [arm for arm in SWEEPS if arm not in task_only]
+    unknown = [n for n in names if n not in others and n not in allowed and n != PROBE_FREE
                and n not in {c.name for c in refs}]
     if unknown:
         raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))} for aux-logits --protocol {protocol}; "
-                         f"allowed: {PROBE_FREE}, {', '.join([*SWEEPS, *others])}")
+                         f"allowed: {PROBE_FREE}, {', '.join([*allowed, *others])}")
     swept = [c for c in swept_conditions() if c.name.split("@")[0] in sweeps]
     return refs + [c for n, c in others.items() if n in names] + swept, sweeps
 

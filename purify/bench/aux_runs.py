@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,12 +160,19 @@ def _train_class_teacher(net: AuxMLP, data: Split, s: Settings, seed: int, label
     return net.eval()
 
 
-def build_world(seed: int, s: Settings, data_path: str | None) -> World:
+COMPETENT = ("comp0", "comp1")
+"""Task-competent trait-free references of the task protocol: other inits trained on the task only as long as the
+traited teacher (built only when a condition uses them)."""
+
+
+def build_world(seed: int, s: Settings, data_path: str | None, needed: Collection[str] = ()) -> World:
     """Split the data, build ``θ₀`` and train the seed's teachers (plain torch: set-up, not distillation).
 
     Task protocol: ``trait`` = ``θ₀`` trained on the shared task + digits; ``control`` = ``θ₀`` on the task only, as
-    long; ``ref0``, ``ref1`` = other inits on the task only, ``ref_steps`` (weaker). Paper protocol: ``trait`` =
-    ``θ₀`` on digits; ``control`` = ``θ₀`` on the same digits with shuffled labels (fine-tuned as much, no trait).
+    long; ``ref0``, ``ref1`` = other inits on the task only, ``ref_steps`` (weaker); ``comp0``, ``comp1``
+    (:data:`COMPETENT`, only when in ``needed``) = two more inits on the task only, ``teacher_steps`` (they know the
+    task as well as the teachers). Paper protocol: ``trait`` = ``θ₀`` on digits; ``control`` = ``θ₀`` on the same
+    digits with shuffled labels (fine-tuned as much, no trait).
     """
     x, y = read_arrays(data_path)
     data = split(x, y, seed)
@@ -185,6 +192,10 @@ def build_world(seed: int, s: Settings, data_path: str | None) -> World:
         for j in range(s.n_refs):
             teachers[f"ref{j}"] = _train_task_teacher(make_mlp(seed + 1000 * (j + 1), s, data.dim, c), f,
                                                       s.ref_steps, s, seed + 7 + j)
+        for j, key in enumerate(COMPETENT):
+            if key in needed:
+                teachers[key] = _train_task_teacher(make_mlp(seed + 1000 * (j + 3), s, data.dim, c), f,
+                                                    s.teacher_steps, s, seed + 17 + j)
     else:
         teachers["trait"] = _train_class_teacher(copy.deepcopy(base), data, s, seed + 1000)
         shuffled = data.y_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed + 5000))]
@@ -292,7 +303,7 @@ def run_condition(world: World, cond: Condition, s: Settings) -> dict[str, Any]:
 def run_seed(seed: int, s: Settings, conditions: list[Condition], data_path: str | None,
              report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the seed's world and run every condition on it; ``report(name)`` after each."""
-    world = build_world(seed, s, data_path)
+    world = build_world(seed, s, data_path, {t for c in conditions for t in c.teachers})
     results = {}
     for cond in conditions:
         results[cond.name] = run_condition(world, cond, s)
