@@ -137,7 +137,8 @@ def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
     from purify.purifiers import PURIFIERS
 
     conditions, sweeps = _probe_free_arms()
-    assert {"replace:reference", "replace:base", "function_anchor"} <= set(sweeps)
+    assert {"replace:reference", "replace:base", "function_anchor", "replace:competent", "ensemble:competent",
+            "fingerprint_adversary"} <= set(sweeps)
     assert [c.name for c in conditions] == [n for arm, sw in sweeps.items() for n in sw.names(arm)]
     for c in conditions:
         (entry,) = c.purifiers

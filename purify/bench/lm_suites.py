@@ -209,6 +209,9 @@ def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
          lambda v: {**replace, "reference": "others", "threshold": v}),
         ("ensemble:competent", ["teacher", "competent"], Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
          lambda v: {"name": "ensemble", "combine": "mean", "weights": [v, 1.0 - v]}),
+        # the fingerprint adversary (objective: match) on the function anchor's neutral prose stream
+        ("fingerprint_adversary", ["teacher"], Sweep("weight", (0.1, 1.0, 10.0), "lower"),
+         lambda v: {"name": "fingerprint_adversary", "weight": v, "source": "prose", "corpus_seed": ANCHOR_SEED}),
     ]
     conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
                   for v in sweep.values]
