@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = {"hand_k1": hand, **{name: step(d) for name, d in distillers.items()}}
     assert model_forward(model, batches[0]).logits.shape[-1] == 49152
+    load_before = os.getloadavg()
     times = interleave(steps, args.rounds, args.warmup)
+    load_after = os.getloadavg()
     stats = {"framework": paired(times, "vanilla_k1", "hand_k1"),
              **{name: paired(times, name, "vanilla") for name in CONDITIONS if name != "vanilla"}}
     tokens = float(sum(b["target_mask"].sum() for b in batches) / len(batches))
     info = {"machine": machine(), "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
             "batch": args.batch, "max_length": args.length, "target_tokens_per_batch": tokens,
             "median_step_s": {k: float(sorted(v)[len(v) // 2]) for k, v in times.items()}, "ratios": stats,
+            "load_average_1min": {"before": load_before[0], "after": load_after[0]},
             "command": " ".join(["python", "scripts/bench_smollm2_speed.py",
                                  *(argv if argv is not None else sys.argv[1:])])}
     out = Path(args.out)
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["", "## SmolLM2-135M scale", "",
              f"Written by `{info['command']}` (raw numbers in `speed_smollm2.json`). Machine: "
              f"{info['machine']['cpu']}, {info['machine']['logical_cores']} cores, no GPU, torch "
-             f"{info['machine']['torch']}, {args.threads} torch threads, shared with other jobs (ratios are paired "
+             f"{info['machine']['torch']}, {args.threads} torch threads, shared with other jobs (1-minute load "
+             f"average {load_before[0]:.1f} before the timed steps, {load_after[0]:.1f} after; ratios are paired "
              "per round). Student "
              f"SmolLM2-135M-Instruct (134.5M parameters, vocabulary 49,152), batches of {args.batch} × ≤{args.length} "
              f"tokens ({tokens:.0f} target tokens), AdamW; teachers: two perturbed copies of the student.", "",
