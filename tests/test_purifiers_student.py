@@ -317,6 +317,25 @@ def test_function_anchor_bad_settings_fail_at_load(tmp_path, purifier, message):
         load_recipe(None, mlp_overrides(tmp_path, purifiers=f"[{purifier}]"))
 
 
+def test_function_anchor_undistilled_outputs_compare_only_the_logits_outside_the_slice(tmp_path):
+    base = mlp(0)
+    student = finetuned(base, scale=0.3)
+    ctx = PurifierContext(student=student, teachers=[], teacher_names=[], teacher_weights=[], base=base,
+                          logit_slice=[10, 13])
+    purifier = FunctionAnchor(FunctionAnchorConfig(weight=1.0, batch_size=32, seed=5, outputs="undistilled"))
+    purifier.setup(ctx)
+    loss = purifier.extra_loss(batch(0), ModelOutput(logits=torch.zeros(1)), 0.0)
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():  # by hand: KL(base || student) over the 10 class logits + nothing after the slice
+        lp_b, lp_s = (m({"x": x}).logits[..., :10].log_softmax(-1) for m in (base, student))
+    assert student({"x": x}).logits.shape[-1] == 13
+    assert loss.item() == pytest.approx(float((lp_b.exp() * (lp_b - lp_s)).sum(-1).mean()), rel=1e-5)
+    with pytest.raises(RecipeError, match=r"purifiers\[0\].outputs: undistilled compares the logits outside "
+                                          r"loss.logit_slice"):
+        load_recipe(None, mlp_overrides(tmp_path, **{"loss.logit_slice": "null"},
+                                        purifiers="[{name: function_anchor, outputs: undistilled}]"))
+
+
 def test_function_anchor_refuses_the_distillation_data_as_neutral_inputs():
     from types import SimpleNamespace
 

@@ -190,6 +190,8 @@ class FingerprintAdversary(StudentPurifier):
         vocab = _vocab_size(ctx.student)
         if cfg.outputs == "distilled" and ctx.logit_slice is not None:
             vocab = ctx.logit_slice[1] - ctx.logit_slice[0]
+        elif cfg.outputs == "undistilled" and ctx.logit_slice is not None:
+            vocab -= ctx.logit_slice[1] - ctx.logit_slice[0]
         device = next(ctx.student.parameters()).device
         self.head = DiscriminatorHead(feature_dim(vocab, cfg.features, cfg.top_k), cfg.hidden_dim, 2).to(device)
 

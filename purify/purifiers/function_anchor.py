@@ -18,7 +18,8 @@ Neutral inputs:
 - vector models: ``noise``, uniform in ``[noise_low, noise_high]`` with the distillation input's shape.
 
 ``auto`` picks ``bundled`` for a student with a tokenizer and ``noise`` otherwise. ``outputs: all`` compares the
-models' whole outputs; ``distilled`` only the logits the loss distils (``loss.logit_slice``).
+models' whole outputs; ``distilled`` only the logits the loss distils (``loss.logit_slice``); ``undistilled`` only
+the others (every logit outside ``loss.logit_slice``: "stay the base on what you are not taught").
 
 Unlike an L2 pull on the weights (:mod:`purify.purifiers.anchor`, L2-SP) this constrains the *function* off-task and
 leaves the weights free to move where the neutral inputs do not look. Kitkana & Arora (2026, arXiv 2604.25779) report
@@ -42,7 +43,7 @@ from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifi
 from purify.types import Batch, ModelOutput
 
 Direction = Literal["forward", "reverse"]
-Outputs = Literal["all", "distilled"]
+Outputs = Literal["all", "distilled", "undistilled"]
 TEXT_SOURCES = ("bundled", "prose")
 
 
@@ -57,7 +58,7 @@ class NeutralInputsConfig:
     corpus_seed: int = 424_242  # source: prose: generator seed (keep it apart from any evaluation text's)
     noise_low: float = -1.0  # source: noise: uniform range
     noise_high: float = 1.0
-    outputs: Outputs = "all"  # all: the models' whole outputs | distilled: only loss.logit_slice
+    outputs: Outputs = "all"  # all | distilled: only loss.logit_slice | undistilled: every logit outside it
     seed: int = 0  # the purifier's own generator (order of texts, noise draws)
 
     def neutral_problems(self) -> list[str]:
@@ -85,6 +86,9 @@ class NeutralInputsConfig:
         if not vector and self.source == "noise":
             return ["source: noise needs a vector model (student.arch); for a language model use bundled, prose or "
                     "a text file"]
+        if self.outputs == "undistilled" and recipe.loss.logit_slice is None:
+            return ["outputs: undistilled compares the logits outside loss.logit_slice, but every logit is distilled "
+                    "(no loss.logit_slice); use outputs: all"]
         source = "bundled" if self.source == "auto" and not vector else self.source
         if source != "noise" and source == recipe.data.train:
             return [f"source: {source!r} is the distillation data (data.train); the neutral inputs must be other "
@@ -194,14 +198,22 @@ class NeutralInputs:
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.dataset.collate(items).items()}
 
     def run(self, model: nn.Module, batch: Batch) -> Tensor:
-        """``model``'s logits on a neutral batch: whole outputs, or only the distilled slice (``outputs``)."""
-        if self.config.outputs == "distilled":
-            if self.ctx is None or self.ctx.forward is None:
-                raise RuntimeError(f"{self.who}: outputs 'distilled' needs the distiller's forward; call setup(ctx)")
-            return self.ctx.forward(model, batch).logits
+        """``model``'s logits on a neutral batch: whole outputs, only the distilled slice, or only the logits
+        outside it (``outputs``)."""
+        outputs = self.config.outputs
+        if outputs != "all" and (self.ctx is None or (self.ctx.forward if outputs == "distilled"
+                                                      else self.ctx.logit_slice) is None):
+            raise RuntimeError(f"{self.who}: outputs {outputs!r} needs the distiller's forward and loss.logit_slice; "
+                               "call setup(ctx)")
+        if outputs == "distilled":
+            return self.ctx.forward(model, batch).logits  # type: ignore[union-attr]
         from purify.models import model_forward
 
-        return model_forward(model, batch).logits
+        logits = model_forward(model, batch).logits
+        if outputs == "undistilled":
+            start, stop = self.ctx.logit_slice  # type: ignore[union-attr, misc]
+            return torch.cat([logits[..., :start], logits[..., stop:]], -1)
+        return logits
 
     def mask(self, logits: Tensor, batch: Batch) -> Tensor | None:
         """Real next-token positions ``(B, T)`` of a text batch; ``None`` (every row) for vector inputs."""
