@@ -185,11 +185,13 @@ def test_aux_probe_free_conditions_and_refusal():
     conds, sweeps = select_conditions("task", [PROBE_FREE])
     grid, weights = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), (0.1, 0.25, 0.5)
     assert SWEEPS["delta_projection:global"].values == grid and SWEEPS["ensemble:competent"].values == weights
-    assert set(sweeps) == {"delta_projection:global", "ensemble:competent"}
-    assert [c.name for c in conds] == ["base", "control", "vanilla", *(point_name("delta_projection:global", a)
-                                                                        for a in grid),
-                                       *(point_name("ensemble:competent", w) for w in weights)]
-    projection, consensus = conds[3:3 + len(grid)], conds[3 + len(grid):]
+    assert set(sweeps) == {"delta_projection:global", "ensemble:competent", "function_anchor",
+                           "fingerprint_adversary"}
+    assert [c.name for c in conds] == ["base", "control", "vanilla", *(n for arm, sw in SWEEPS.items()
+                                                                        for n in sw.names(arm))]
+    projection, consensus = conds[3:3 + len(grid)], conds[3 + len(grid):3 + len(grid) + len(weights)]
+    neutral = conds[3 + len(grid) + len(weights):]
+    assert all(c.purifiers[0].outputs == "undistilled" and c.purifiers[0].source == "noise" for c in neutral)
     assert [c.purifiers[0].strength for c in projection] == list(grid)
     assert all(c.purifiers[0].mode == "global" for c in projection)
     assert all(c.teachers == ("trait", "comp0", "comp1") for c in consensus)  # T first, two competent references
@@ -197,7 +199,7 @@ def test_aux_probe_free_conditions_and_refusal():
     conds, sweeps = select_conditions("paper", ["delta_projection@rank-8"])
     assert sweeps == {} and [c.name for c in conds][-1] == "delta_projection@rank-8"
     _, sweeps = select_conditions("paper", [PROBE_FREE])
-    assert set(sweeps) == {"delta_projection:global"}  # the paper protocol has no task for a reference to know
+    assert "ensemble:competent" not in sweeps  # the paper protocol has no task for a reference to know
     with pytest.raises(BenchError, match="unknown 'ensemble:competent'.*--protocol paper"):
         select_conditions("paper", ["ensemble:competent"])
     with pytest.raises(BenchError, match="unknown 'nope'.*allowed: probe-free, delta_projection:global"):

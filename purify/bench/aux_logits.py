@@ -45,6 +45,8 @@ from purify.purifiers.anchor import AnchorConfig
 from purify.purifiers.delta_projection import DeltaProjectionConfig
 from purify.purifiers.divergence_mask import DivergenceMaskConfig
 from purify.purifiers.ensemble import EnsembleConfig
+from purify.purifiers.fingerprint import FingerprintAdversaryConfig
+from purify.purifiers.function_anchor import FunctionAnchorConfig
 from purify.purifiers.tail_truncation import TailTruncationConfig
 
 SUITE = "aux-logits"
@@ -129,18 +131,25 @@ def task_conditions(quick: bool = False) -> list[Condition]:
     ]
 
 
+NEUTRAL_SEED = 55_555
+"""Seed of the function anchor's / fingerprint adversary's own noise stream (apart from the training stream, the
+evaluation and drift inputs, which are seeded by the run seed)."""
 PROBE_FREE = "probe-free"
 """``--option 'conditions=[probe-free]'`` runs the references and every swept arm of :data:`SWEEPS`."""
 SWEEPS: dict[str, Sweep] = {
     "delta_projection:global": Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower"),
     "ensemble:competent": Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
+    "function_anchor": Sweep("weight", (0.3, 1.0, 3.0), "lower"),
+    "fingerprint_adversary": Sweep("weight", (0.1, 1.0, 10.0), "lower"),
 }
 """The arms whose knob the probe-free rule sets per seed (:mod:`purify.bench.probe_free`), with their grids. Fixed
 in code before any report seed ran: the global-projection strengths α the issue's first measurement swept (seeds
 200–209), and the traited teacher's weight in a logit mean with two task-competent trait-free references of other
-inits (:data:`purify.bench.aux_runs.COMPETENT`, fixed with the LM suites' competent arms); the rule reads each
-point's task error and its ``drift`` (the undistilled class logits' KL from the base's
-on held-out noise, :func:`purify.bench.aux_runs.class_drift`), never the digits."""
+inits (:data:`purify.bench.aux_runs.COMPETENT`, fixed with the LM suites' competent arms), and the weights of the
+two neutral-input levers on the undistilled class logits (function anchor, fingerprint adversary: the same grids as
+the LM suites'). The rule reads each point's task error and its ``drift`` (the undistilled class logits' KL from the
+base's on held-out noise, :func:`purify.bench.aux_runs.class_drift`: a stream of its own, not the levers'), never
+the digits."""
 
 
 def swept_conditions() -> list[Condition]:
@@ -151,7 +160,15 @@ def swept_conditions() -> list[Condition]:
               for a in SWEEPS["delta_projection:global"].values),
             *(Condition(point_name("ensemble:competent", w), teachers=competent, purifiers=(_ens(w),),
                         note="logit mean with two task-competent trait-free teachers of other inits; knob: T's weight")
-              for w in SWEEPS["ensemble:competent"].values)]
+              for w in SWEEPS["ensemble:competent"].values),
+            *(Condition(point_name("function_anchor", w), purifiers=(FunctionAnchorConfig(
+                weight=w, source="noise", batch_size=128, outputs="undistilled", seed=NEUTRAL_SEED),),
+                note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
+              for w in SWEEPS["function_anchor"].values),
+            *(Condition(point_name("fingerprint_adversary", w), purifiers=(FingerprintAdversaryConfig(
+                weight=w, source="noise", batch_size=128, outputs="undistilled", features="logprobs",
+                seed=NEUTRAL_SEED),), note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
+              for w in SWEEPS["fingerprint_adversary"].values)]
 
 
 def select_conditions(protocol: str, names: list[str], quick: bool = False) -> tuple[list[Condition],
