@@ -305,3 +305,28 @@ def test_rereport_rederives_a_committed_run_from_its_per_seed_records(tmp_path, 
     assert md.count("## Verdicts") == 1 and "Reported on tuning seeds" in md  # seeds 0-2 were tuning seeds
     assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0  # idempotent
     assert (tmp_path / "run" / "summary.md").read_text() == md
+
+
+def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from purify.cli import main
+
+    src = Path(__file__).resolve().parents[1] / "results" / "style-tic" / "probe-free"
+    shutil.copytree(src, tmp_path / "run")
+    before = json.loads((tmp_path / "run" / "summary.json").read_text())
+    md_before = (tmp_path / "run" / "summary.md").read_text()
+    assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0
+    after = json.loads((tmp_path / "run" / "summary.json").read_text())
+    md = (tmp_path / "run" / "summary.md").read_text()
+    # the teacher's and base's spread over seeds survive (the per-seed records do not hold the teacher's scores)
+    assert after["teacher"] == before["teacher"] and after["base"] == before["base"]
+    assert after["teacher"]["trait"]["ci95"][0] < after["teacher"]["trait"]["ci95"][1]
+    # the probe-free block is re-derived (same choice here) and its section, like the run's notes, is kept
+    assert after["probe_free"]["arms"].keys() == before["probe_free"]["arms"].keys()
+    assert md.count("## Probe-free operating point") == 1 and "Teacher trait 0.5915 vs base 0.0122" in md
+    assert "Measured wall time: 4140 s" in md and after["notes"]
+    assert md.replace("rereported", "").count("|") == md_before.replace("rereported", "").count("|")
+    assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0  # idempotent
+    assert (tmp_path / "run" / "summary.md").read_text() == md

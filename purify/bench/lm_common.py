@@ -424,8 +424,16 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     summary["columns"] = columns(suite.columns)
     if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
         summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
+    summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
+                        f"Measured wall time: {wall:.0f} s on this machine ({how})."]
     write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
-                 [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
-                  f"Measured wall time: {wall:.0f} s on this machine ({how}).", *verdict_notes(summary),
-                  *probe_free.notes(summary.get("probe_free", {})), *on_policy_notes(summary)])
+                 report_notes(summary))
     return summary
+
+
+def report_notes(summary: dict[str, Any]) -> list[str]:
+    """The text under an LM suite's tables: the run's own ``summary["notes"]`` (suite notes, wall time), then the
+    sections computed from the summary (verdict rules and seed caveats, probe-free block, on-policy comparison), so
+    a stored run is rendered again from its ``summary.json`` alone (:mod:`purify.bench.rederive`)."""
+    return [*summary.get("notes", []), *verdict_notes(summary), *probe_free.notes(summary.get("probe_free") or {}),
+            *on_policy_notes(summary)]

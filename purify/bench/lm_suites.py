@@ -51,7 +51,8 @@ _COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
 TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                    "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
-                           "knob, over runs that reported the trait (before --first-seed, runs used seeds 0..N-1)"}],
+                           "knob, over runs that reported the trait (before --first-seed, runs used seeds 0..N-1)"},
+                  _COMPETENT],
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "

@@ -19,9 +19,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from purify.bench import lm_common
+from purify.bench import lm_common, probe_free
 from purify.bench.lm_common import Condition, Suite
-from purify.bench.report import verdict_notes, write_report
+from purify.bench.report import write_report
 from purify.bench.verdicts import guards_from
 
 
@@ -70,14 +70,12 @@ def rereport(directory: str | Path) -> dict[str, Any]:
         return aux_rereport(d)
     decl = _declarations(old)
     env = json.loads((d / "env.json").read_text())
-    lines = (d / "summary.md").read_text().splitlines()
-    last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))
-    notes = []
-    for line in lines[last_row + 1:]:
-        if line.startswith("## Verdicts"):  # computed below; everything from here on is regenerated
-            break
-        if line:
-            notes.append(line)
+    notes = old.get("notes")
+    if notes is None:  # a summary written before it recorded its notes: the lines between its tables and verdicts
+        lines = (d / "summary.md").read_text().splitlines()
+        end = next((i for i, line in enumerate(lines) if line.startswith("## Verdicts")), len(lines))
+        last_row = max(i for i, line in enumerate(lines[:end]) if line.startswith("|"))
+        notes = [line for line in lines[last_row + 1:end] if line]
     conds = [_condition(c) for c in old["settings"]["conditions"]]
     derived = ("seed", "distance_to_control", "fidelity_loss")
     runs = {s: {"base": {k: v["mean"] for k, v in old["base"].items()},
@@ -93,9 +91,12 @@ def rereport(directory: str | Path) -> dict[str, Any]:
     summary = {**{k: v for k, v in old.items() if k not in ("frontier_gap",)}, **new, "settings": settings,
                "columns": decl["columns"]}
     summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
+    summary["notes"] = notes
+    summary["base"], summary["teacher"] = old["base"], old["teacher"]  # seed statistics the per-seed records lack
+    if "probe_free" in old:  # the rule's choice and the verdict at it, under today's rules
+        summary["probe_free"] = probe_free.rederive(summary) or old["probe_free"]
     env["rereported_by"] = f"purify bench --rereport {directory}"
-    write_report(d, summary, env, decl["columns"],
-                 [*notes, *verdict_notes(summary), *lm_common.on_policy_notes(summary)])
+    write_report(d, summary, env, decl["columns"], lm_common.report_notes(summary))
     if "readouts" in summary:
         (d / "readouts.json").write_text(json.dumps(summary["readouts"], indent=1))
     return summary
