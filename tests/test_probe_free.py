@@ -186,12 +186,15 @@ def test_aux_probe_free_conditions_and_refusal():
     grid, weights = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), (0.1, 0.25, 0.5)
     assert SWEEPS["delta_projection:global"].values == grid and SWEEPS["ensemble:competent"].values == weights
     assert set(sweeps) == {"delta_projection:global", "ensemble:competent", "function_anchor",
-                           "fingerprint_adversary"}
+                           "fingerprint_adversary", "function_anchor+ensemble:competent"}
     assert [c.name for c in conds] == ["base", "control", "vanilla", *(n for arm, sw in SWEEPS.items()
                                                                         for n in sw.names(arm))]
     projection, consensus = conds[3:3 + len(grid)], conds[3 + len(grid):3 + len(grid) + len(weights)]
-    neutral = conds[3 + len(grid) + len(weights):]
+    neutral = conds[3 + len(grid) + len(weights):-3]
     assert all(c.purifiers[0].outputs == "undistilled" and c.purifiers[0].source == "noise" for c in neutral)
+    combined = conds[-3:]  # both levers, strengthened together: anchor weight up as T's weight goes down
+    assert [(c.purifiers[1].weight, c.purifiers[0].weights[0]) for c in combined] == [(0.3, 0.5), (1.0, 0.25),
+                                                                                    (3.0, 0.1)]
     assert [c.purifiers[0].strength for c in projection] == list(grid)
     assert all(c.purifiers[0].mode == "global" for c in projection)
     assert all(c.teachers == ("trait", "comp0", "comp1") for c in consensus)  # T first, two competent references

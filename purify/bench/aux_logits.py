@@ -55,6 +55,11 @@ FIRST_SEED = 20
 WORKERS = 2
 BASELINES = {"base": "base", "control": "control", "vanilla": "vanilla"}
 """Which reference condition plays each part of a verdict (kind → condition name)."""
+ANCHOR_CONSENSUS = "function_anchor+ensemble:competent"
+"""The combined probe-free arm: the undistilled-logit function anchor and the competent consensus, strengthened
+together along one axis (:data:`ANCHOR_CONSENSUS_GRID`)."""
+ANCHOR_CONSENSUS_GRID = {1.0: (0.3, 0.5), 2.0: (1.0, 0.25), 3.0: (3.0, 0.1)}
+"""Strength → (function anchor weight, traited teacher's weight in the competent mean)."""
 TRAIT = "digit accuracy (transfer = (acc(S) − acc(θ₀)) / (acc(T) − acc(θ₀)))"
 _ALPHA_TUNING = {"seeds": list(range(10)), "trait": True,
                  "what": "delta_projection `global` strength α = 0.3 (task protocol) and the combination "
@@ -64,7 +69,10 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "task": [_ALPHA_TUNING,
              {"seeds": list(range(10, 20)), "trait": True, "what": "α = 0.3 (looked at once, to confirm it)"},
              {"seeds": list(range(10)), "trait": False,
-              "what": "divergence_mask thresholds 0.0125 and 0.02 (from the JSD's distribution)"}],
+              "what": "divergence_mask thresholds 0.0125 and 0.02 (from the JSD's distribution)"},
+             {"seeds": list(range(300, 310)), "trait": True,
+              "what": f"the probe-free arm {ANCHOR_CONSENSUS} (which two levers to combine, after their single-lever "
+                      "probe-free runs on these seeds) and its 3-point grid"}],
     "paper": [{**_ALPHA_TUNING, "what": "delta_projection `global` strength α = 0.3, tuned on the task protocol and "
                                         "used here unchanged"}],
 }
@@ -141,6 +149,7 @@ SWEEPS: dict[str, Sweep] = {
     "ensemble:competent": Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
     "function_anchor": Sweep("weight", (0.3, 1.0, 3.0), "lower"),
     "fingerprint_adversary": Sweep("weight", (0.1, 1.0, 10.0), "lower"),
+    ANCHOR_CONSENSUS: Sweep("strength", tuple(ANCHOR_CONSENSUS_GRID), "lower"),
 }
 """The arms whose knob the probe-free rule sets per seed (:mod:`purify.bench.probe_free`), with their grids. Fixed
 in code before any report seed ran: the global-projection strengths α the issue's first measurement swept (seeds
@@ -152,6 +161,11 @@ base's on held-out noise, :func:`purify.bench.aux_runs.class_drift`: a stream of
 the digits."""
 
 
+def _anchor(weight: float) -> FunctionAnchorConfig:
+    return FunctionAnchorConfig(weight=weight, source="noise", batch_size=128, outputs="undistilled",
+                                seed=NEUTRAL_SEED)
+
+
 def swept_conditions() -> list[Condition]:
     """One condition ``<arm>@<value>`` per point of :data:`SWEEPS`."""
     competent = ("trait", *COMPETENT)
@@ -161,14 +175,16 @@ def swept_conditions() -> list[Condition]:
             *(Condition(point_name("ensemble:competent", w), teachers=competent, purifiers=(_ens(w),),
                         note="logit mean with two task-competent trait-free teachers of other inits; knob: T's weight")
               for w in SWEEPS["ensemble:competent"].values),
-            *(Condition(point_name("function_anchor", w), purifiers=(FunctionAnchorConfig(
-                weight=w, source="noise", batch_size=128, outputs="undistilled", seed=NEUTRAL_SEED),),
-                note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
+            *(Condition(point_name("function_anchor", w), purifiers=(_anchor(w),),
+                        note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
               for w in SWEEPS["function_anchor"].values),
             *(Condition(point_name("fingerprint_adversary", w), purifiers=(FingerprintAdversaryConfig(
                 weight=w, source="noise", batch_size=128, outputs="undistilled", features="logprobs",
                 seed=NEUTRAL_SEED),), note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
-              for w in SWEEPS["fingerprint_adversary"].values)]
+              for w in SWEEPS["fingerprint_adversary"].values),
+            *(Condition(point_name(ANCHOR_CONSENSUS, k), teachers=competent, purifiers=(_ens(t), _anchor(a)),
+                        note=f"function anchor {a:g} + competent mean with T weight {t:g}")
+              for k, (a, t) in ANCHOR_CONSENSUS_GRID.items())]
 
 
 def select_conditions(protocol: str, names: list[str], quick: bool = False) -> tuple[list[Condition],
@@ -183,7 +199,8 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
     default = (task_conditions if protocol == "task" else paper_conditions)(quick)
     refs = [c for c in default if c.role == "reference"]
     others = {c.name: c for c in default if c.role != "reference"}
-    task_only = {"ensemble:competent"} if protocol != "task" else set()  # the paper protocol has no task to know
+    # the paper protocol has no task for a reference to know
+    task_only = {"ensemble:competent", ANCHOR_CONSENSUS} if protocol != "task" else set()
     sweeps = {arm: sw for arm, sw in SWEEPS.items() if (arm in names or PROBE_FREE in names) and arm not in task_only}
     allowed = [arm for arm in SWEEPS if arm not in task_only]
     unknown = [n for n in names if n not in others and n not in allowed and n != PROBE_FREE
