@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, StudentPurifier, TargetPurifier
+from purify.purifiers.base import (
+    Contract,
+    PurifierConfig,
+    PurifierContext,
+    StudentPurifier,
+    TargetPurifier,
+    output_layer,
+)
 from purify.purifiers.grl import dann_lambda, reverse_gradient
 from purify.types import Batch, ModelOutput, Targets
 
@@ -113,16 +120,6 @@ def example_lineage(batch: Batch, num_teachers: int) -> Tensor:
     return ((rows * multipliers) % _PRIME).sum(1) % num_teachers
 
 
-def _hidden_size(student: nn.Module) -> int:
-    """Width of the hidden states the distiller returns: the input size of the output layer."""
-    get = getattr(student, "get_output_embeddings", None)
-    out = get() if callable(get) else getattr(student, "head", None)
-    if not isinstance(out, nn.Linear):
-        raise ValueError(f"adversary: cannot infer the hidden size of {type(student).__name__}; it needs an output "
-                         "nn.Linear (get_output_embeddings() or .head) whose input is the last hidden state")
-    return out.in_features
-
-
 class Adversary(StudentPurifier, TargetPurifier):
     """Discriminator head with gradient reversal (see the module docstring).
 
@@ -143,7 +140,8 @@ class Adversary(StudentPurifier, TargetPurifier):
             raise ValueError(f"adversary: target 'lineage' needs at least 2 teachers, got {len(ctx.teachers)}")
         self.num_classes = len(ctx.teachers) if cfg.target == "lineage" else cfg.num_sources
         device = next(ctx.student.parameters()).device
-        self.head = DiscriminatorHead(_hidden_size(ctx.student), cfg.hidden_dim, self.num_classes).to(device)
+        width = output_layer(ctx.student, "adversary").in_features
+        self.head = DiscriminatorHead(width, cfg.hidden_dim, self.num_classes).to(device)
 
     def transform_targets(self, batch: Batch, teacher_outputs: list[ModelOutput], targets: Targets) -> Targets:
         """``target: lineage``: example ``b``'s target becomes teacher ``example_lineage(batch)[b]``'s logits."""

@@ -175,3 +175,18 @@ class ParameterPurifier(Purifier):
     @torch.no_grad()
     def after_step(self, student: nn.Module) -> None:  # noqa: B027 - optional hook
         """Edit the weights in place after the optimizer step."""
+
+
+def output_layer(model: nn.Module, who: str) -> nn.Linear:
+    """A model's output layer (``get_output_embeddings()`` or ``.head``): its ``in_features`` is the width of the last
+    hidden state, its ``out_features`` the number of outputs.
+
+    Raises:
+        ValueError: naming ``who`` (the purifier), when the model has no such ``nn.Linear``.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else getattr(model, "head", None)
+    if not isinstance(out, nn.Linear):
+        raise ValueError(f"{who}: cannot read the output layer of {type(model).__name__}; it needs an output "
+                         "nn.Linear (get_output_embeddings() or .head) whose input is the last hidden state")
+    return out

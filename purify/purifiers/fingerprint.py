@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from purify.purifiers.adversary import DiscriminatorHead
-from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier
+from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier, output_layer
 from purify.purifiers.function_anchor import NeutralInputs, NeutralInputsConfig
 from purify.purifiers.grl import dann_lambda, reverse_gradient
 from purify.types import Batch, ModelOutput
@@ -156,16 +156,6 @@ def head_loss(head: nn.Module, positive: Tensor, negative: Tensor, mask: Tensor 
     return (ce * weight).sum() / count, (correct * weight).sum() / count
 
 
-def _vocab_size(model: nn.Module) -> int:
-    """Number of outputs of a model's output layer."""
-    get = getattr(model, "get_output_embeddings", None)
-    out = get() if callable(get) else getattr(model, "head", None)
-    if not isinstance(out, nn.Linear):
-        raise ValueError(f"fingerprint_adversary: cannot infer the output size of {type(model).__name__}; it needs an "
-                         "output nn.Linear (get_output_embeddings() or .head)")
-    return out.out_features
-
-
 class FingerprintAdversary(StudentPurifier):
     """Discriminator head on student-vs-base output features; the student matches, confuses or reverses it (module
     docstring).
@@ -187,7 +177,7 @@ class FingerprintAdversary(StudentPurifier):
         """Resolve the neutral stream and build the head for the student's output size."""
         self.neutral.setup(ctx)
         cfg = self.config
-        vocab = _vocab_size(ctx.student)
+        vocab = output_layer(ctx.student, "fingerprint_adversary").out_features
         if cfg.outputs == "distilled" and ctx.logit_slice is not None:
             vocab = ctx.logit_slice[1] - ctx.logit_slice[0]
         elif cfg.outputs == "undistilled" and ctx.logit_slice is not None:
