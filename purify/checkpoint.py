@@ -92,7 +92,9 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
             raise CheckpointError(f"resume: {path} holds non-finite values in {name}; {_FIX}")
     if expected is not None:
         state = ckpt["state_dict"]
-        foreign = [k for k in state if k not in expected or tuple(state[k].shape) != tuple(expected[k].shape)]
+        # a module's ``_extra_state`` (e.g. a purifier's input stream position) is its own business, not a weight
+        foreign = [k for k in state if k not in expected or (not k.endswith("_extra_state")
+                                                             and tuple(state[k].shape) != tuple(expected[k].shape))]
         missing = [k for k in expected if k not in state]
         if foreign or missing:
             what = f"{len(foreign)} tensors it holds do not fit" if foreign else f"{len(missing)} tensors are missing"

@@ -152,3 +152,15 @@ def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
     batch = DeepSpeedPrecision("bf16-mixed").convert_input(next(iter(data.train_dataloader())))  # as Lightning does
     assert batch["x"].dtype == torch.bfloat16
     assert batch["num_items"].item() == 257
+
+
+@pytest.mark.parametrize("purifier", ["{name: function_anchor, weight: 1.0, batch_size: 8, outputs: undistilled}",
+                                      "{name: fingerprint_adversary, weight: 1.0, batch_size: 8, ramp: constant}"])
+def test_resumed_run_with_a_neutral_input_stream_equals_uninterrupted_run(mlp_recipe, purifier):
+    """The neutral-input stream's position (its generator and the order of its texts) is part of the checkpoint."""
+    extra = {"purifiers": f"[{purifier}]"}
+    full = train(mlp_recipe(steps=20, sub="full", **extra))
+    resumed = train(mlp_recipe(steps=20, sub="resumed", resume=str(full / "checkpoints" / "step10.ckpt"), **extra))
+    a, b = student_weights(full), student_weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)

@@ -68,7 +68,7 @@ from torch.func import functional_call
 
 from purify.purifiers.adversary import DiscriminatorHead
 from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier, output_layer
-from purify.purifiers.function_anchor import NeutralInputs, NeutralInputsConfig
+from purify.purifiers.function_anchor import NeutralInputs, NeutralInputsConfig, NeutralStreamState
 from purify.purifiers.grl import dann_lambda, reverse_gradient
 from purify.types import Batch, ModelOutput
 
@@ -156,7 +156,7 @@ def head_loss(head: nn.Module, positive: Tensor, negative: Tensor, mask: Tensor 
     return (ce * weight).sum() / count, (correct * weight).sum() / count
 
 
-class FingerprintAdversary(StudentPurifier):
+class FingerprintAdversary(NeutralStreamState, StudentPurifier):
     """Discriminator head on student-vs-base output features; the student matches, confuses or reverses it (module
     docstring).
 

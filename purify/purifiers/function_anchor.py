@@ -215,12 +215,35 @@ class NeutralInputs:
             return torch.cat([logits[..., :start], logits[..., stop:]], -1)
         return logits
 
+    def state(self) -> dict[str, Tensor]:
+        """Where the stream stands (its generator and the texts left in this pass): restored on resume."""
+        return {"generator": self.generator.get_state(), "order": torch.tensor(self._order, dtype=torch.long)}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Continue the stream from :meth:`state`."""
+        self.generator.set_state(state["generator"].cpu())
+        self._order = [int(i) for i in state["order"].tolist()]
+
     def mask(self, logits: Tensor, batch: Batch) -> Tensor | None:
         """Real next-token positions ``(B, T)`` of a text batch; ``None`` (every row) for vector inputs."""
         return batch["target_mask"] if logits.dim() == 3 and self.dataset is not None else None
 
 
-class FunctionAnchor(StudentPurifier):
+class NeutralStreamState:
+    """Mixin of the purifiers that own a :class:`NeutralInputs` as ``self.neutral``: the stream's position travels in
+    the module's ``state_dict`` (``_extra_state``), so a resumed run draws the neutral batches an uninterrupted one
+    would."""
+
+    neutral: NeutralInputs
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return self.neutral.state()
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.neutral.load_state(state)
+
+
+class FunctionAnchor(NeutralStreamState, StudentPurifier):
     """Adds ``weight · KL`` between the student and its frozen base on neutral inputs (module docstring).
 
     Needs no teacher weights. Logs ``kl_to_base`` (the unweighted KL on this step's neutral batch).
