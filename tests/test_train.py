@@ -155,9 +155,11 @@ def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
 
 
 @pytest.mark.parametrize("purifier", ["{name: function_anchor, weight: 1.0, batch_size: 8, outputs: undistilled}",
-                                      "{name: fingerprint_adversary, weight: 1.0, batch_size: 8, ramp: constant}"])
+                                      "{name: fingerprint_adversary, weight: 1.0, batch_size: 8, ramp: constant}",
+                                      "{name: divergence_mask, reference: base, flag: random, rate: 0.3}"])
 def test_resumed_run_with_a_neutral_input_stream_equals_uninterrupted_run(mlp_recipe, purifier):
-    """The neutral-input stream's position (its generator and the order of its texts) is part of the checkpoint."""
+    """A purifier's own random stream (neutral inputs: generator and text order; the random flag's generator) is
+    part of the checkpoint."""
     extra = {"purifiers": f"[{purifier}]"}
     full = train(mlp_recipe(steps=20, sub="full", **extra))
     resumed = train(mlp_recipe(steps=20, sub="resumed", resume=str(full / "checkpoints" / "step10.ckpt"), **extra))

@@ -215,6 +215,13 @@ class DivergenceMask(TargetPurifier):
         self.ref_index: int | None = None
         self.generator = torch.Generator().manual_seed(config.seed)  # flag: random
 
+    def get_extra_state(self) -> dict[str, Tensor]:
+        """The random flag's generator, so a resumed run flags what an uninterrupted one would."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+
     def setup(self, ctx: PurifierContext) -> None:
         """Resolve the reference: a teacher index, all other teachers, or the frozen base."""
         ref = self.config.reference
