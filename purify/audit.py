@@ -46,7 +46,7 @@ from purify.bench.stats import mean_ci, paired_test
 from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
-from purify.purifiers.function_anchor import TEXT_SOURCES, neutral_texts
+from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.storage import atomic_write_text
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
@@ -180,7 +180,7 @@ def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], fol
 
 
 def _check_neutral_source(source: str) -> None:
-    if source not in TEXT_SOURCES and not Path(source).is_file():
+    if not is_text_source(source):
         raise AuditError(f"--fingerprint-head: file not found: {source}; give a .txt or .jsonl file, or one of "
                          f"{', '.join(TEXT_SOURCES)}")
 

@@ -161,9 +161,12 @@ base's on held-out noise, :func:`purify.bench.aux_runs.class_drift`: a stream of
 the digits."""
 
 
+_NEUTRAL = {"source": "noise", "batch_size": 128, "outputs": "undistilled", "seed": NEUTRAL_SEED}
+"""The neutral-input settings of the function anchor's and the fingerprint adversary's arms."""
+
+
 def _anchor(weight: float) -> FunctionAnchorConfig:
-    return FunctionAnchorConfig(weight=weight, source="noise", batch_size=128, outputs="undistilled",
-                                seed=NEUTRAL_SEED)
+    return FunctionAnchorConfig(weight=weight, **_NEUTRAL)  # type: ignore[arg-type]
 
 
 def swept_conditions() -> list[Condition]:
@@ -179,8 +182,8 @@ def swept_conditions() -> list[Condition]:
                         note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
               for w in SWEEPS["function_anchor"].values),
             *(Condition(point_name("fingerprint_adversary", w), purifiers=(FingerprintAdversaryConfig(
-                weight=w, source="noise", batch_size=128, outputs="undistilled", features="logprobs",
-                seed=NEUTRAL_SEED),), note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
+                weight=w, features="logprobs", **_NEUTRAL),),  # type: ignore[arg-type]
+                note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
               for w in SWEEPS["fingerprint_adversary"].values),
             *(Condition(point_name(ANCHOR_CONSENSUS, k), teachers=competent, purifiers=(_ens(t), _anchor(a)),
                         note=f"function anchor {a:g} + competent mean with T weight {t:g}")

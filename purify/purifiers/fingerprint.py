@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from purify.losses import reduce_loss
 from purify.purifiers.adversary import DiscriminatorHead
 from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier, output_layer
 from purify.purifiers.function_anchor import NeutralInputs, NeutralInputsConfig, NeutralStreamState
@@ -148,12 +149,8 @@ def head_loss(head: nn.Module, positive: Tensor, negative: Tensor, mask: Tensor 
     labels = torch.arange(2, device=logits.device).view(2, *[1] * (logits.dim() - 2)).expand(logits.shape[:-1])
     ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none")
     correct = (logits.argmax(-1) == labels).float().reshape(-1)
-    if mask is None:
-        weight = torch.ones_like(ce)
-    else:
-        weight = torch.stack([mask, mask]).to(ce.dtype).reshape(-1)
-    count = weight.sum().clamp_min(1.0)
-    return (ce * weight).sum() / count, (correct * weight).sum() / count
+    weight = torch.ones_like(ce) if mask is None else torch.stack([mask, mask]).to(ce.dtype).reshape(-1)
+    return reduce_loss(ce, weight), reduce_loss(correct, weight)
 
 
 class FingerprintAdversary(NeutralStreamState, StudentPurifier):
@@ -226,10 +223,7 @@ def confusion_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     ``≥ ln 2``, with equality exactly where the head says 0.5/0.5 (domain confusion, Tzeng et al. 2015).
     """
     ce = -logits.float().log_softmax(-1).mean(-1)
-    if mask is None:
-        return ce.mean()
-    weight = mask.to(ce.dtype)
-    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+    return ce.mean() if mask is None else reduce_loss(ce, mask.to(ce.dtype))
 
 
 def mean_matching_loss(student: Tensor, base: Tensor, mask: Tensor | None = None) -> Tensor:

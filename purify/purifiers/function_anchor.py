@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from purify.losses import forward_kl, reverse_kl
+from purify.losses import forward_kl, reduce_loss, reverse_kl
 from purify.purifiers.base import PurifierConfig, PurifierContext, StudentPurifier
 from purify.types import Batch, ModelOutput
 
@@ -72,7 +72,7 @@ class NeutralInputsConfig:
             out.append(f"num_texts: must be >= 1, got {self.num_texts}")
         if not self.noise_low < self.noise_high:
             out.append(f"noise_low: {self.noise_low} must be below noise_high {self.noise_high}")
-        if self.source not in ("auto", "noise", *TEXT_SOURCES) and not Path(self.source).is_file():
+        if self.source not in ("auto", "noise") and not is_text_source(self.source):
             out.append(f"source: file not found: {self.source}; give a .txt or .jsonl file, or one of auto, bundled, "
                        "prose, noise")
         return out
@@ -113,6 +113,11 @@ class FunctionAnchorConfig(NeutralInputsConfig, PurifierConfig):
         return out + self.neutral_problems()
 
 
+def is_text_source(source: str) -> bool:
+    """A neutral text source: ``bundled``, ``prose`` or an existing ``.txt`` / ``.jsonl`` file."""
+    return source in TEXT_SOURCES or Path(source).is_file()
+
+
 def neutral_texts(source: str, num_texts: int = 512, corpus_seed: int = 424_242) -> list[dict[str, str]]:
     """The records of a text source: ``bundled``, ``prose`` or a ``.txt`` / ``.jsonl`` path."""
     from purify.data import load_records
@@ -138,10 +143,7 @@ def kl_to_base(student_logits: Tensor, base_logits: Tensor, mask: Tensor | None 
         Scalar mean over the real positions (0 when there are none).
     """
     per = forward_kl(student_logits, base_logits) if direction == "forward" else reverse_kl(student_logits, base_logits)
-    if mask is None:
-        return per.mean()
-    m = mask.to(per.dtype)
-    return (per * m).sum() / m.sum().clamp_min(1.0)
+    return per.mean() if mask is None else reduce_loss(per, mask.to(per.dtype))
 
 
 class NeutralInputs:

@@ -116,10 +116,7 @@ def truncate_with_stats(logits: Tensor, top_k: int | None = None, top_p: float |
     """
     vocab = logits.shape[-1]
     if (logits.requires_grad and torch.is_grad_enabled()) or vocab == 0 or logits.numel() == 0:
-        out = _truncate_dense(logits.float(), top_k, top_p, min_prob)
-        kept = torch.isfinite(out)
-        mass = (F.softmax(logits.float(), dim=-1) * kept).sum(-1)
-        return out, mass, kept.sum(-1).float()
+        return _dense_with_stats(logits.float(), top_k, top_p, min_prob)
     flat = logits.reshape(-1, vocab)
     out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
     mass = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
@@ -138,6 +135,14 @@ def _truncate_dense(x: Tensor, top_k: int | None, top_p: float | None, min_prob:
     logp = F.log_softmax(x, dim=-1)
     kept = logp.masked_fill(~keep_mask(logp, top_k, top_p, min_prob), float("-inf"))
     return kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+
+
+def _dense_with_stats(x: Tensor, top_k: int | None, top_p: float | None,
+                      min_prob: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_truncate_dense` of float32 logits ``x``, with its kept mass (before renormalising) and kept count."""
+    out = _truncate_dense(x, top_k, top_p, min_prob)
+    kept = torch.isfinite(out)
+    return out, (F.softmax(x, dim=-1) * kept).sum(-1), kept.sum(-1).float()
 
 
 def _truncate_rows(x: Tensor, out: Tensor, top_k: int | None, top_p: float | None,
@@ -195,11 +200,7 @@ def _write_rows(x: Tensor, out: Tensor, vals: Tensor, idx: Tensor, keep: Tensor,
     count = torch.isfinite(kept).sum(-1).float()
     if bool(odd.any()):  # ties at a boundary or non-finite rows: the full-vocabulary definition
         bad = odd.nonzero().squeeze(1)
-        dense = _truncate_dense(x[bad], top_k, top_p, min_prob)
-        out[bad] = dense
-        finite = torch.isfinite(dense)
-        mass[bad] = (F.softmax(x[bad], dim=-1) * finite).sum(-1)
-        count[bad] = finite.sum(-1).float()
+        out[bad], mass[bad], count[bad] = _dense_with_stats(x[bad], top_k, top_p, min_prob)
     return mass, count
 
 
