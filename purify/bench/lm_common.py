@@ -57,6 +57,8 @@ class Condition:
         on_policy: on-policy distillation (:class:`purify.config.OnPolicyConfig` fields, e.g. ``{"lam": 1.0}``):
             the student trains on its own samples of the data's prompts; ``None`` = off-policy. An on-policy arm's
             loss mode is ``<loss>:on-policy`` (:func:`mode`): it is judged against the on-policy control and vanilla.
+        optim: :class:`purify.config.OptimConfig` fields overriding the suite's (e.g. ``{"name": "sgd", "lr": 1.0}``):
+            an arm that changes the optimizer, not the targets; ``None`` = AdamW at :attr:`Suite.lr`.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Condition:
     baseline: bool = False
     kind: str | None = None
     on_policy: dict[str, Any] | None = None
+    optim: dict[str, Any] | None = None
 
 
 def mode(cond: Condition) -> str:
@@ -163,8 +166,9 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     student, _ = load_model(cond.student or suite.student)
     purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
     own = [tokenizers[k] for k in cond.teachers]
+    optim = OptimConfig(**{"lr": suite.lr, **(cond.optim or {})})
     distiller = Distiller(student, [models[k] for k in cond.teachers], loss=LossConfig(name=cond.loss),
-                          purifiers=purifiers, optim=OptimConfig(lr=suite.lr), total_steps=suite.steps,
+                          purifiers=purifiers, optim=optim, total_steps=suite.steps,
                           teacher_names=cond.teachers, student_tokenizer=tokenizer, teacher_tokenizers=own,
                           on_policy=OnPolicyConfig(**cond.on_policy) if cond.on_policy else None, seed=seed)
     optimizer = distiller.build_optimizer()

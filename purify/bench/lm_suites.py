@@ -67,6 +67,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 DRIFT_SEED, ANCHOR_SEED = 515_151, 424_242
 """Corpus seeds of the neutral prose: the off-task drift the probe-free rule reads (held out from training) and the
 function anchor's training stream; both apart from every other text the suites use."""
+SGD_LRS = (0.3, 1.0, 3.0)
+"""Learning rates of the ``sgd`` arm (plain SGD, no momentum, the suite's targets): PROVISIONAL, to be set by a pilot
+that reads task error only."""
 PROBE_FREE = "probe-free"
 """``conditions=[probe-free]`` selects every swept arm of :func:`_probe_free_arms`."""
 GUARDS: dict[str, list[Guard]] = {
@@ -216,7 +219,11 @@ def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
     ]
     conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
                   for v in sweep.values]
-    return conditions, {arm: sweep for arm, _, sweep, _ in arms}
+    # plain SGD instead of AdamW, the same targets (lever: "adaptive optimizers are necessary", arXiv 2606.00995);
+    # its knob is the learning rate, swept over SGD_LRS (see there for how the grid was set)
+    sgd = Sweep("lr", SGD_LRS, "higher")
+    conditions += [Condition(point_name("sgd", v), ["teacher"], optim={"name": "sgd", "lr": v}) for v in sgd.values]
+    return conditions, {**{arm: sweep for arm, _, sweep, _ in arms}, "sgd": sgd}
 
 
 def _drift_scorer(n: int) -> Any:
