@@ -1,11 +1,16 @@
-"""Shared runner of the language-model suites (``style-tic``, ``hidden-preference``).
+"""The benchmark spine: one :class:`Condition`, one per-seed loop, one seed scheduler, one ``summarise``.
 
-A suite is a :class:`Suite`: named teacher directories, a student base, how to make each seed's distillation data
-from a teacher, how to score a model (trait + fidelity), and a list of :class:`Condition`. For every seed the runner
-scores the base (``S0``) and the traited teacher (``T``), then trains each condition's student from the base in a
-plain loop (``Distiller.fit_step``) and scores it: ``transfer = (trait(S) − trait(S0)) / (trait(T) − trait(S0))``
-(the teacher's base is the student's base). Vanilla is scored at several points during training too: its
-early-stopping frontier. Statistics and files come from :mod:`purify.bench.stats` / :mod:`purify.bench.report`.
+Every suite (``aux-logits``, ``style-tic``, ``hidden-preference``, the real-model suites) describes its arms as
+:class:`Condition` s, trains and scores them per seed through :func:`run_conditions` (the suite supplies a
+:data:`Fit` and a scorer), runs its seeds with :func:`run_seeds` and aggregates them with :func:`summarise` into the
+shared ``summary.json`` schema, with the verdicts of :func:`purify.bench.verdicts.judge`.
+
+The language-model suites also share the rest of the runner here: a :class:`Suite` names teacher directories, a
+student base, how to make each seed's distillation data from a teacher, how to score a model (trait + fidelity). For
+every seed the runner scores the base (``S0``) and the traited teacher (``T``), then trains each condition's student
+from the base in a plain loop (``Distiller.fit_step``) and scores it: ``transfer = (trait(S) − trait(S0)) / (trait(T)
+− trait(S0))`` (the teacher's base is the student's base). Vanilla is scored at several points during training too:
+its early-stopping frontier. Statistics and files come from :mod:`purify.bench.stats` / :mod:`purify.bench.report`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from purify.purifiers import PURIFIERS, build_purifier
 
 Scores = dict[str, float]
 """What a suite's scorer returns: ``trait``, ``task_error``, ``fidelity_kl`` and optional extras."""
-METRICS = ("trait", "transfer", "task_error", "fidelity_kl", "accuracy", "agreement", "distance_to_control")
+METRICS = ("trait", "transfer", "task_error", "fidelity_kl", "accuracy", "agreement", "distance_to_control", "drift")
 
 
 @dataclass
@@ -44,12 +49,14 @@ class Condition:
     Attributes:
         name: row label.
         teachers: teacher keys of :attr:`Suite.teachers`; the first is the primary target. Empty = no training.
-        purifiers: ``{"name": ..., **options}`` entries built with :data:`purify.purifiers.PURIFIERS`.
+        purifiers: ``{"name": ..., **options}`` entries built with :data:`purify.purifiers.PURIFIERS` (checked as
+            ``purify train`` checks a recipe's, :func:`purify.bench.report.check_conditions`).
         loss: ``forward_kl`` (soft: KD on teacher logits) or ``ce`` (hard: SFT on the sampled text).
         data_from: key of the teacher whose samples are the training text (default: ``teachers[0]``).
         student: another student base (same tokenizer) to distil into instead of :attr:`Suite.student`, e.g. one of
             another initialisation; its transfer is its trait shift over *its own* base, over the teacher's shift
-            over the suite's student base.
+            over the suite's student base (:func:`run_conditions`). A suite may key its bases by name (aux-logits:
+            ``cross``, another init; ``teacher``, the traited teacher scored untrained).
         baseline: a reference condition (no verdict), not a purifier arm.
         kind: which reference a baseline is (``base``, ``control`` or ``vanilla``): arms are judged against the
             control and vanilla of their own ``loss`` (:func:`purify.bench.verdicts.judge`); a vanilla on the suite's
@@ -59,6 +66,14 @@ class Condition:
             loss mode is ``<loss>:on-policy`` (:func:`mode`): it is judged against the on-policy control and vanilla.
         optim: :class:`purify.config.OptimConfig` fields overriding the suite's (e.g. ``{"name": "sgd", "lr": 1.0}``):
             an arm that changes the optimizer, not the targets; ``None`` = AdamW at :attr:`Suite.lr`.
+        role: the report section it is listed in (aux-logits: ``reference``, ``bound``, ``purifier``,
+            ``combination``); a ``bound`` (knows the trait, not a purifier) is a baseline judged alone
+            (``summary.json["bounds"]``). Empty: one table.
+        note: one line for the report.
+        oracle: add the bench-only trait-gradient oracle (:mod:`purify.bench.oracle`) to the purifiers.
+        logits: which logits are distilled: empty = the suite's; ``all`` = every logit (aux-logits: the class
+            logits too, so the trait is taught directly).
+        plot: draw it in ``frontier.png``.
     """
 
     name: str
@@ -66,11 +81,16 @@ class Condition:
     purifiers: list[dict[str, Any]] = field(default_factory=list)
     loss: str = "forward_kl"
     data_from: str | None = None
-    student: Path | None = None
+    student: Path | str | None = None
     baseline: bool = False
     kind: str | None = None
     on_policy: dict[str, Any] | None = None
     optim: dict[str, Any] | None = None
+    role: str = ""
+    note: str = ""
+    oracle: bool = False
+    logits: str = ""
+    plot: bool = True
 
 
 def mode(cond: Condition) -> str:
@@ -80,17 +100,17 @@ def mode(cond: Condition) -> str:
 
 @dataclass
 class Suite:
-    """Everything a suite run needs (see the module docstring).
+    """What :func:`summarise` needs of a suite, and everything an LM suite run needs (see the module docstring).
 
     Attributes:
         name: suite name (``results/<name>``).
         protocol: one-line description for the report title.
-        student: student base directory (also the traited teacher's base).
-        teachers: key → model directory, or a function that makes it (called only when a condition of the run uses
-            that teacher); ``"teacher"`` is the traited teacher, ``"clean"`` the control's.
-        make_data: ``(teacher model, tokenizer, seed) -> records`` of ``{"prompt", "completion"}``.
-        score: ``(model, tokenizer, teacher model, seed) -> Scores``.
         conditions: the arms, ``base``/``control``/``vanilla`` included.
+        student: (LM suites) student base directory (also the traited teacher's base).
+        teachers: (LM suites) key → model directory, or a function that makes it (called only when a condition of
+            the run uses that teacher); ``"teacher"`` is the traited teacher, ``"clean"`` the control's.
+        make_data: (LM suites) ``(teacher model, tokenizer, seed) -> records`` of ``{"prompt", "completion"}``.
+        score: (LM suites) ``(model, tokenizer, teacher model, seed) -> Scores``.
         steps, batch_size, lr, max_length: distillation settings.
         curve_points: how many vanilla evaluations during training (plus step 0 = the base), at
             :func:`curve_steps`.
@@ -101,15 +121,17 @@ class Suite:
         tuned_on: where a default was chosen, as data: ``[{"seeds", "what", "trait": looked at the trait}]``.
         sweeps: arm → :class:`purify.bench.probe_free.Sweep` for arms whose knob is swept (conditions
             ``<arm>@<value>``); the probe-free rule picks one value per seed (``summary.json["probe_free"]``).
+        settings: ``summary.json["settings"]`` (with the conditions added); ``None``: steps, batch size and lr.
+        curve_keys: the metrics averaged along vanilla's curve (``summary.json["frontier"]``).
     """
 
     name: str
     protocol: str
-    student: Path
-    teachers: dict[str, Path | Callable[[], Path]]
-    make_data: Callable[[Any, Any, int], list[dict[str, str]]]
-    score: Callable[[Any, Any, Any, int], Scores]
-    conditions: list[Condition]
+    student: Path | None = None
+    teachers: dict[str, Path | Callable[[], Path]] = field(default_factory=dict)
+    make_data: Callable[[Any, Any, int], list[dict[str, str]]] | None = None
+    score: Callable[[Any, Any, Any, int], Scores] | None = None
+    conditions: list[Condition] = field(default_factory=list)
     steps: int = 150
     batch_size: int = 16
     lr: float = 1e-3
@@ -121,6 +143,8 @@ class Suite:
     guards: list[Guard] = field(default_factory=list)
     tuned_on: list[dict[str, Any]] = field(default_factory=list)
     sweeps: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] | None = None
+    curve_keys: tuple[str, ...] = ("transfer", "task_error", "fidelity_kl")
 
 
 class Diverged(RuntimeError):
@@ -190,30 +214,34 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     return student
 
 
-def with_transfer(scores: Scores, base: Scores, teacher: Scores, own_base: Scores | None = None) -> dict[str, float]:
-    """``scores`` plus ``transfer = (trait − trait(own base)) / (trait(T) − trait(S0))`` (own base: ``base``)."""
-    out = dict(scores)
-    out["transfer"] = (scores["trait"] - (own_base or base)["trait"]) / (teacher["trait"] - base["trait"])
-    return out
+def with_transfer(scores: Scores, base: Scores, teacher: Scores, own_base: Scores | None = None,
+                  own_shift: bool = False) -> dict[str, float]:
+    """``scores`` plus ``transfer = (trait − trait(own base)) / (trait(T) − trait(S0))`` (own base: ``base``; with
+    ``own_shift`` the teacher's shift too is measured from the own base); NaN when the teacher's shift is 0."""
+    start = own_base or base
+    shift = teacher["trait"] - (start if own_shift else base)["trait"]
+    return {**scores, "transfer": (scores["trait"] - start["trait"]) / shift if shift else float("nan")}
 
 
 def run_conditions(conditions: list[Condition], base: Scores, teacher: Scores, fit: Fit,
                    score: Callable[[Any], Scores], own_bases: dict[Any, Scores] | None = None,
-                   desc: str = "", progress: bool = False) -> dict[str, Any]:
-    """The per-seed loop of every LM suite: each condition trained by ``fit`` and scored by ``score`` (``base`` and
+                   desc: str = "", progress: bool = False, own_shift: bool = False) -> dict[str, Any]:
+    """The per-seed loop of every suite: each condition trained by ``fit`` and scored by ``score`` (``base`` and
     ``teacher`` are the seed's scores of the student's base and of the traited teacher).
 
-    An untrained condition (no teachers) is the base. A vanilla on the suite's student is scored along its training
-    (``curve``: step 0 = the base, the curve points, the final step): its early-stopping frontier. An arm whose
-    training diverges is recorded with NaN scores and ``diverged_at`` (no verdict) and the loop goes on. An arm on
-    another student base (``own_bases[cond.student]``) has its transfer measured from that base's trait and records it
-    as ``own_base_trait``. Every arm records its training ``seconds``."""
+    An untrained condition (no teachers) is its student's base as it is (``own_bases[cond.student]``, default the
+    base). A vanilla on the suite's student is scored along its training (``curve``: step 0 = the base, the curve
+    points, the final step): its early-stopping frontier. An arm whose training diverges is recorded with NaN scores
+    and ``diverged_at`` (no verdict) and the loop goes on. An arm on another student base (``own_bases[cond.student]``)
+    has its transfer measured from that base's trait (with ``own_shift``, over the teacher's shift from that base too,
+    as Cloud et al. measure a cross-init student) and records it as ``own_base_trait``. Every arm records its
+    training ``seconds``."""
     out: dict[str, Any] = {}
     for cond in tqdm(conditions, desc=desc, disable=not progress, leave=False):
-        if not cond.teachers:
-            out[cond.name] = with_transfer(base, base, teacher)
-            continue
         own = (own_bases or {}).get(cond.student)
+        if not cond.teachers:
+            out[cond.name] = with_transfer(own or base, base, teacher)
+            continue
         scored = cond.kind == "vanilla" and cond.student is None  # its early-stopping curve is the frontier
         curve = [{"step": 0, **with_transfer(base, base, teacher)}] if scored else []
 
@@ -226,7 +254,7 @@ def run_conditions(conditions: list[Condition], base: Scores, teacher: Scores, f
         except Diverged as err:  # recorded (no verdict), and the run goes on
             out[cond.name] = {**{k: float("nan") for k in base}, "transfer": float("nan"), "diverged_at": err.step}
             continue
-        final = {**with_transfer(score(model), base, teacher, own), **extras,
+        final = {**with_transfer(score(model), base, teacher, own, own_shift), **extras,
                  "seconds": round(time.perf_counter() - t0, 1)}
         if own is not None:
             final["own_base_trait"] = own["trait"]
@@ -268,7 +296,11 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
 
 def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
     """Aggregate per-seed runs into the shared ``summary.json`` schema: means, CIs, vanilla's curve, and the
-    two-sided verdicts of :func:`purify.bench.verdicts.judge` (each arm against its own loss mode's references)."""
+    two-sided verdicts of :func:`purify.bench.verdicts.judge` (each arm against its own loss mode's references; a
+    ``bound`` condition judged alone, ``summary["bounds"]``).
+
+    ``runs[seed]``: ``{"base": Scores, "teacher": Scores, "conditions": {name: record (+ curve)}, "data": sizes}``
+    (:func:`run_conditions` makes the conditions' records)."""
     seeds = sorted(runs)
     by_name = {c.name: c for c in suite.conditions}
     names = list(by_name)
@@ -290,9 +322,17 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
         if control and name != main["control"]:
             cond["vs_control"] = stats.paired_test([r["transfer"] for r in per_seed], [control[s] for s in seeds])
         cond["per_seed"] = per_seed
-        conditions[name] = cond
-    judged = verdicts.judge({n: {"per_seed": conditions[n]["per_seed"], "baseline": c.baseline, "kind": c.kind,
-                                 "mode": mode(c), "student": c.student} for n, c in by_name.items()}, suite.guards)
+        conditions[name] = {**({"role": by_name[name].role} if by_name[name].role else {}),
+                            **({} if by_name[name].plot else {"plot": False}), **cond}
+    entries = {n: {"per_seed": conditions[n]["per_seed"], "baseline": c.baseline, "kind": c.kind, "mode": mode(c),
+                   "student": c.student} for n, c in by_name.items()}
+    judged = verdicts.judge(entries, suite.guards)
+    bounds = {}
+    for n in (n for n, c in by_name.items() if c.role == "bound"):  # judged alone: a family of one
+        alone = verdicts.judge({**{k: e for k, e in entries.items() if e["baseline"]},
+                                n: {**entries[n], "baseline": False}}, suite.guards)
+        bounds[n] = alone["verdicts"][n]
+        judged["frontier_gap"].update(alone["frontier_gap"])
     problems = [f"{v.name} ({mode(v)}) transfer is not significantly above {c.name}'s" for v in suite.conditions
                 for c in suite.conditions if v.kind == "vanilla" and c.kind == "control" and mode(v) == mode(c)
                 and v.student is None and c.student is None and not _above(conditions[v.name], conditions[c.name])]
@@ -304,13 +344,13 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
             "guards": [dataclasses.asdict(g) for g in suite.guards],
             "teacher": {k: stats.mean_ci([runs[s]["teacher"][k] for s in seeds]) for k in runs[seeds[0]]["teacher"]},
             "base": {k: stats.mean_ci([runs[s]["base"][k] for s in seeds]) for k in runs[seeds[0]]["base"]},
-            "data_sizes": runs[seeds[0]]["data"], "conditions": conditions,
-            "frontier": {"vanilla": stats.mean_curve(curves, ["transfer", "task_error", "fidelity_kl"])
-                         if curves else []},
-            "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"],
+            "data_sizes": runs[seeds[0]].get("data", {}), "conditions": conditions,
+            "frontier": {"vanilla": stats.mean_curve(curves, suite.curve_keys) if curves else []},
+            "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"], **({"bounds": bounds} if bounds
+                                                                                       else {}),
             "p_adjusted": judged["p_adjusted"], "judged_against": judged["against"], "wall_seconds": round(wall, 1),
             **({"on_policy_vs_off_policy": off} if off else {}),
-            "settings": {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr,
+            "settings": {**(suite.settings or {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr}),
                          "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
                                         for c in suite.conditions]}}
 
@@ -384,8 +424,8 @@ def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
             ("fidelity_kl", "KL to teacher"), *extra]
 
 
-_FORKED: dict[str, Any] = {}
-"""What forked seed workers share (set before the pool forks, read in :func:`_forked_seed`)."""
+_FORKED: dict[str, Callable[[int], dict[str, Any]]] = {}
+"""The per-seed function forked seed workers run (set before the pool forks, read in :func:`_forked_seed`)."""
 
 FORKED_NOTE = ("The suite's own notes (e.g. hidden-preference's teacher-sample filter counts) are not collected here: "
                "they are counted inside the forked workers; summary.json's data_sizes has the kept samples.")
@@ -393,8 +433,31 @@ FORKED_NOTE = ("The suite's own notes (e.g. hidden-preference's teacher-sample f
 
 def _forked_seed(seed: int) -> tuple[int, dict[str, Any]]:
     torch.set_num_threads(1)
-    j = _FORKED
-    return seed, run_seed(j["suite"], j["models"], j["tokenizers"], j["tokenizer"], seed, False)
+    return seed, _FORKED["one_seed"](seed)
+
+
+def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], workers: int = 1,
+              progress: bool = True) -> dict[int, dict[str, Any]]:
+    """The one seed scheduler: ``one_seed(seed)`` for every seed, in seed order. ``workers > 1`` runs that many at a
+    time in forked processes (1 torch thread each; they share what the parent loaded, e.g. teacher models); the
+    per-seed code is the same, only the scheduling differs. ``progress``: a line per finished seed."""
+    workers = max(1, min(workers, len(seeds)))
+    if workers == 1:
+        return {s: one_seed(s) for s in seeds}
+    start = time.perf_counter()
+    _FORKED["one_seed"] = one_seed
+    done = {}
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for seed, record in pool.imap_unordered(_forked_seed, seeds):
+                done[seed] = record
+                if progress:
+                    print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+            pool.close()
+            pool.join()  # workers exit and are reaped: their CPU time counts in os.times()'s children
+    finally:
+        _FORKED.clear()
+    return {s: done[s] for s in sorted(done)}
 
 
 def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
@@ -410,18 +473,12 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
     _, tokenizer = load_model(suite.student)
     workers = min(workers, len(seeds))
+    runs = run_seeds(seeds, lambda s: run_seed(suite, models, tokenizers, tokenizer, s, progress and workers == 1),
+                     workers)
     if workers > 1:
-        _FORKED.update(suite=suite, models=models, tokenizers=tokenizers, tokenizer=tokenizer)
-        with mp.get_context("fork").Pool(workers) as pool:
-            done = {}
-            for seed, record in pool.imap_unordered(_forked_seed, seeds):
-                done[seed] = record
-                print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
-        runs = {s: done[s] for s in sorted(done)}
         command += f"  # seeds run {workers} at a time by scripts/lm_parallel_seeds.py"
         how = f"{workers} worker processes, 1 torch thread each"
     else:
-        runs = {s: run_seed(suite, models, tokenizers, tokenizer, s, progress) for s in seeds}
         how = f"{torch.get_num_threads()} torch thread"
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)

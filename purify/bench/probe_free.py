@@ -179,10 +179,11 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     conds = summary["conditions"]
     by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
     base_refs = _baselines(summary)
-    vanilla_name = next((n for n, c in base_refs.items() if c["kind"] == "vanilla" and c["mode"] == "forward_kl"),
-                        "vanilla")
-    control_name = next((n for n, c in base_refs.items() if c["kind"] == "control" and c["mode"] == "forward_kl"),
-                        "control")
+    # the swept arms' loss mode (one per run: every suite sweeps arms of its distillation loss)
+    losses = {c["name"]: c.get("loss", "forward_kl") for c in summary.get("settings", {}).get("conditions", [])}
+    mode = next((losses[n] for arm in sweeps for n in sweeps[arm].names(arm) if n in losses), "forward_kl")
+    vanilla_name = next((n for n, c in base_refs.items() if c["kind"] == "vanilla" and c["mode"] == mode), "vanilla")
+    control_name = next((n for n, c in base_refs.items() if c["kind"] == "control" and c["mode"] == mode), "control")
     vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
     arms: dict[str, Any] = {}
     judged_input = dict(base_refs)
@@ -194,7 +195,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
                     for s, (p, _) in chosen.items()]
         judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
-                                             "mode": "forward_kl", "student": None}
+                                             "mode": mode, "student": None}
         tc = [r["transfer"] - control[r["seed"]]["transfer"] for r in per_seed if r["seed"] in control]
         ratio = [r["task_error"] / vanilla[r["seed"]]["task_error"] for r in per_seed]
         base_per_seed = base_refs.get("base", {}).get("per_seed", [])
