@@ -169,3 +169,33 @@ def test_a_condition_student_of_another_init_is_measured_against_its_own_base(tm
     suite.conditions = [Condition("vanilla:cross-init", ["teacher"], student=save("c", 1, other))]
     with pytest.raises(ValueError, match="another tokenizer than the suite's student"):
         run_seed(suite, {"teacher": teacher}, {"teacher": tok}, tok, seed=0)
+
+
+def test_a_condition_optim_override_trains_with_plain_sgd_at_its_rate(tmp_path: Path) -> None:
+    """``Condition.optim`` reaches the optimizer: one step moves every weight by exactly −lr × its gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.bench.lm_common import Condition, Suite, distill
+    from purify.lm import build_tokenizer
+
+    records = [{"prompt": "the cat", "completion": " sat on the mat"},
+               {"prompt": "a dog", "completion": " ran to the park"}]
+    tok = build_tokenizer([r["prompt"] + r["completion"] for r in records])
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    before = {k: v.clone() for k, v in LlamaForCausalLM.from_pretrained(tmp_path / "student").state_dict().items()}
+    teacher = LlamaForCausalLM(config).eval()
+    suite = Suite(name="t", protocol="", student=tmp_path / "student", teachers={}, make_data=lambda *a: [],
+                  score=lambda *a: {}, conditions=[], steps=1, batch_size=2, lr=1e-3)
+    lr = 0.5
+    student = distill(suite, Condition("sgd@0.5", ["teacher"], optim={"name": "sgd", "lr": lr}),
+                      {"teacher": teacher}, {"teacher": tok}, tok, records, seed=0)
+    moved = 0
+    for name, p in student.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6)
+        moved += int((p.grad != 0).any())
+    assert moved > 0

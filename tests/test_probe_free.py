@@ -134,6 +134,7 @@ def test_block_joins_the_trait_after_the_choice_and_judges_it():
 
 def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
     from purify.bench.lm_suites import _probe_free_arms
+    from purify.config import OptimConfig
     from purify.purifiers import PURIFIERS
 
     conditions, sweeps = _probe_free_arms()
@@ -141,6 +142,10 @@ def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
             "fingerprint_adversary"} <= set(sweeps)
     assert [c.name for c in conditions] == [n for arm, sw in sweeps.items() for n in sw.names(arm)]
     for c in conditions:
+        if c.name.startswith("sgd@"):  # the optimizer arm: no purifier, plain SGD at the point's learning rate
+            assert c.purifiers == [] and c.optim == {"name": "sgd", "lr": float(c.name[4:])}, c.name
+            OptimConfig(**c.optim)
+            continue
         (entry,) = c.purifiers
         assert PURIFIERS[entry["name"]][0](**entry).problems() == [], c.name
     assert sweeps["replace:base"].strength(0.2) == 0 and sweeps["function_anchor"].strength(0.3) == 0  # weakest
@@ -191,14 +196,14 @@ def test_aux_probe_free_conditions_and_refusal():
                                                                         for n in sw.names(arm))]
     projection, consensus = conds[3:3 + len(grid)], conds[3 + len(grid):3 + len(grid) + len(weights)]
     neutral = conds[3 + len(grid) + len(weights):-3]
-    assert all(c.purifiers[0].outputs == "undistilled" and c.purifiers[0].source == "noise" for c in neutral)
+    assert all(c.purifiers[0]["outputs"] == "undistilled" and c.purifiers[0]["source"] == "noise" for c in neutral)
     combined = conds[-3:]  # both levers, strengthened together: anchor weight up as T's weight goes down
-    assert [(c.purifiers[1].weight, c.purifiers[0].weights[0]) for c in combined] == [(0.3, 0.5), (1.0, 0.25),
-                                                                                    (3.0, 0.1)]
-    assert [c.purifiers[0].strength for c in projection] == list(grid)
-    assert all(c.purifiers[0].mode == "global" for c in projection)
-    assert all(c.teachers == ("trait", "comp0", "comp1") for c in consensus)  # T first, two competent references
-    assert [c.purifiers[0].weights for c in consensus] == [[w, (1 - w) / 2, (1 - w) / 2] for w in weights]
+    assert [(c.purifiers[1]["weight"], c.purifiers[0]["weights"][0]) for c in combined] == [(0.3, 0.5), (1.0, 0.25),
+                                                                                          (3.0, 0.1)]
+    assert [c.purifiers[0]["strength"] for c in projection] == list(grid)
+    assert all(c.purifiers[0]["mode"] == "global" for c in projection)
+    assert all(c.teachers == ["trait", "comp0", "comp1"] for c in consensus)  # T first, two competent references
+    assert [c.purifiers[0]["weights"] for c in consensus] == [[w, (1 - w) / 2, (1 - w) / 2] for w in weights]
     conds, sweeps = select_conditions("paper", ["delta_projection@rank-8"])
     assert sweeps == {} and [c.name for c in conds][-1] == "delta_projection@rank-8"
     _, sweeps = select_conditions("paper", [PROBE_FREE])

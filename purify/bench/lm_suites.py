@@ -48,11 +48,19 @@ _COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
               "what": "whether to add the task-competent consensus arms (replace:competent, ensemble:competent): "
                       "added after replace:reference's probe-free run on these seeds damaged the facts guard; "
                       "their grids were fixed before any seed from 1100 ran"}
+SGD_LRS = (0.03, 0.1, 0.2)
+"""Learning rates of the ``sgd`` arm (plain SGD, no momentum, the suite's targets), set by ``python
+scripts/sgd_pilot.py style-tic --seed 900 --lrs 0.1 0.3 1 3 10 30`` (task error and drift only, the trait never
+printed): task error 1.25 × AdamW vanilla's at 0.1, 1.47 × at 0.3, divergence at 1 and 3, a collapsed student at 10
+and 30 — so the grid brackets 0.1 from below and above. Set on style-tic; hidden-preference has not been piloted."""
+_SGD_PILOT = {"seeds": [900], "trait": False,
+              "what": "the sgd arm's learning-rate grid (SGD_LRS), from task error and drift only "
+                      "(scripts/sgd_pilot.py)"}
 TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                    "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
                            "knob, over runs that reported the trait (before --first-seed, runs used seeds 0..N-1)"},
-                  _COMPETENT],
+                  _COMPETENT, _SGD_PILOT],
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
@@ -67,9 +75,6 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 DRIFT_SEED, ANCHOR_SEED = 515_151, 424_242
 """Corpus seeds of the neutral prose: the off-task drift the probe-free rule reads (held out from training) and the
 function anchor's training stream; both apart from every other text the suites use."""
-SGD_LRS = (0.3, 1.0, 3.0)
-"""Learning rates of the ``sgd`` arm (plain SGD, no momentum, the suite's targets): PROVISIONAL, to be set by a pilot
-that reads task error only."""
 PROBE_FREE = "probe-free"
 """``conditions=[probe-free]`` selects every swept arm of :func:`_probe_free_arms`."""
 GUARDS: dict[str, list[Guard]] = {
