@@ -12,8 +12,9 @@ from torch import nn
 
 from purify.assembly import load_recipe
 from purify.bench.aux_logits import PROTOCOLS, QUICK, REFS, _dp, _ens, render, run_suite, task_conditions
-from purify.bench.aux_runs import Condition, Settings, build_world, run_condition, run_seed
+from purify.bench.aux_runs import Settings, build_world, run_seed
 from purify.bench.digits import read_arrays
+from purify.bench.lm_common import Condition
 from purify.bench.oracle import TraitGradientOracle
 from purify.config import RecipeError
 from purify.models import AuxMLP
@@ -53,8 +54,10 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
     assert set(on_disk["verdicts"]) == {"delta_projection@global-0.3", "ensemble@w-0.5"}  # the oracle is a bound
     assert all(v.startswith("no verdict: 2 seed(s) with finite values, 3 needed") for v in on_disk["verdicts"].values())
     assert set(on_disk["bounds"]) == {"oracle"}
-    base = on_disk["conditions"]["base"]
-    assert base["transfer"]["mean"] == 0.0 and base["per_seed"][0]["distance_to_control"] >= 0
+    base, control = on_disk["conditions"]["base"], on_disk["conditions"]["control"]
+    assert base["transfer"]["mean"] == 0.0
+    for rec, ctl in zip(base["per_seed"], control["per_seed"]):  # transfer − control, per seed
+        assert rec["distance_to_control"] == pytest.approx(rec["transfer"] - ctl["transfer"])
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert sum(r["point"] == "final" for r in rows) == 2 * len(names)
@@ -72,10 +75,12 @@ def test_quick_run_writes_every_file_with_the_schema(quick_run):
 def test_worker_processes_give_the_numbers_of_a_sequential_run(quick_run):
     _, summary = quick_run
     settings = replace(PROTOCOLS["task"], **QUICK["task"])
-    rec = run_seed(21, settings, [Condition("vanilla", "reference", curve=True)], None)
+    vanilla = Condition("vanilla", ["trait"], loss=settings.loss, baseline=True, kind="vanilla")
+    rec = run_seed(21, settings, [vanilla], None)
     pooled = summary["conditions"]["vanilla"]["per_seed"][1]
     for key in ("transfer", "task_error", "fidelity_kl", "accuracy"):
-        assert rec["conditions"]["vanilla"]["final"][key] == pooled[key]
+        assert rec["conditions"]["vanilla"][key] == pooled[key]
+    assert [_scores(p) for p in rec["conditions"]["vanilla"]["curve"]] == [_scores(p) for p in pooled["curve"]]
 
 
 # ------------------------------------------------------------------ determinism
@@ -83,16 +88,24 @@ TINY = Settings(n_aux=4, hidden=(32,), teacher_steps=30, ref_steps=10, student_s
                 curve_every=10)
 
 
+def _scores(record):
+    """A condition's per-seed record without its timing."""
+    return {k: v for k, v in record.items() if k not in ("seconds", "curve")}
+
+
 def test_same_seed_same_numbers_whatever_else_runs():
-    conds = [Condition("vanilla", curve=True), Condition("oracle", oracle=True),
-             Condition("delta_projection@global-0.3", purifiers=(_dp(mode="global", strength=0.3),)),
-             Condition("ensemble@w-0.5", teachers=REFS, purifiers=(_ens(0.5),))]
+    conds = [Condition("vanilla", ["trait"], loss=TINY.loss, baseline=True, kind="vanilla"),
+             Condition("oracle", ["trait"], loss=TINY.loss, oracle=True),
+             Condition("delta_projection@global-0.3", ["trait"], [_dp(mode="global", strength=0.3)], loss=TINY.loss),
+             Condition("ensemble@w-0.5", REFS, [_ens(0.5)], loss=TINY.loss)]
     first, second = run_seed(3, TINY, conds, None), run_seed(3, TINY, conds, None)
     for name in first["conditions"]:
-        assert first["conditions"][name]["final"] == second["conditions"][name]["final"]
-    assert first["conditions"]["vanilla"]["curve"] == second["conditions"]["vanilla"]["curve"]
+        assert _scores(first["conditions"][name]) == _scores(second["conditions"][name])
+    assert [_scores(p) for p in first["conditions"]["vanilla"]["curve"]] == \
+        [_scores(p) for p in second["conditions"]["vanilla"]["curve"]]
+    assert [p["step"] for p in first["conditions"]["vanilla"]["curve"]] == [0, 10, 20]
     alone = run_seed(3, TINY, conds[2:3], None)  # a condition's numbers do not depend on the others run beside it
-    assert alone["conditions"][conds[2].name]["final"] == first["conditions"][conds[2].name]["final"]
+    assert _scores(alone["conditions"][conds[2].name]) == _scores(first["conditions"][conds[2].name])
 
 
 def test_default_conditions_cover_each_purifier_and_the_sweeps():
@@ -143,10 +156,11 @@ def test_any_classification_set_runs(tmp_path):
     y = np.repeat([3, 7, 9], 40)  # arbitrary labels are remapped to 0..C-1
     x = g.normal(size=(120, 8)) + y[:, None]
     settings = replace(TINY, teacher_steps=200, teacher_lr=3e-3)
-    world = build_world(0, settings, _npz(tmp_path, X=x, y=y))
+    path = _npz(tmp_path, X=x, y=y)
+    world = build_world(0, settings, path)
     assert world.data.n_classes == 3 and world.data.dim == 8 and world.acc["trait"] > 0.9
-    res = run_condition(world, Condition("vanilla"), settings)
-    assert np.isfinite(res["final"]["transfer"]) and world.info["chance"] == pytest.approx(1 / 3)
+    res = run_seed(0, settings, [Condition("vanilla", ["trait"], loss=settings.loss)], path)
+    assert np.isfinite(res["conditions"]["vanilla"]["transfer"]) and res["world"]["chance"] == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------ the oracle

@@ -3,9 +3,12 @@
 - :mod:`purify.bench.stats` — means with Student-t intervals, paired tests, the true early-stopping frontier,
   the share of vanilla's transfer a purifier removes.
 - :mod:`purify.bench.report` — ``summary.json``/``.md``/``.csv``, ``frontier.png`` and ``env.json``.
+- :mod:`purify.bench.lm_common` — the spine every suite runs on: the one ``Condition``, per-seed loop
+  (``run_conditions``), seed scheduler (``run_seeds``) and ``summarise`` (verdicts from :mod:`~purify.bench.verdicts`).
 - :mod:`purify.bench.aux_logits` — the subliminal-learning MNIST analogue on sklearn digits (``run_suite``), with
-  its per-seed runs (:mod:`~purify.bench.aux_runs`), data (:mod:`~purify.bench.digits`), summary
-  (:mod:`~purify.bench.aux_summary`) and the bench-only oracle that knows the trait (:mod:`~purify.bench.oracle`).
+  its per-seed teachers and students (:mod:`~purify.bench.aux_runs`), data (:mod:`~purify.bench.digits`), its
+  summary blocks and notes (:mod:`~purify.bench.aux_summary`) and the bench-only oracle that knows the trait
+  (:mod:`~purify.bench.oracle`).
 - :mod:`purify.bench.lm_suites` — the language-model suites (style-tic, hidden-preference).
 
 Submodules are imported on use; importing this package loads nothing heavy.

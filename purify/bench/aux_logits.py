@@ -11,50 +11,39 @@ Two protocols:
   ``θ₀`` trained on the task alone; two weaker references from other inits learn the task too (for ensembles and
   masks). The student distils all 16 aux logits with MSE (Adam 1e-3, 600 steps).
 
-Every condition is paired by seed (same split, same ``θ₀``, same noise stream). Each arm gets one two-sided verdict
-(:mod:`purify.bench.verdicts`: purified, below/on/above frontier, anti-trait, damaged or no verdict, Holm-adjusted
-across the arms). Outputs (``summary.json``, ``.md``, ``.csv``,
-``frontier.png``, ``env.json``) are written by :mod:`purify.bench.report`.
-
-Seeds run in worker processes (``spawn``): a script that calls :func:`run_suite` needs the usual
-``if __name__ == "__main__":`` guard.
+Every condition is paired by seed (same split, same ``θ₀``, same noise stream). The suite runs on the benchmark
+spine (:mod:`purify.bench.lm_common`: its :class:`~purify.bench.lm_common.Condition`, per-seed loop, forked seed
+workers and ``summarise``), so each arm gets the shared two-sided verdict (:mod:`purify.bench.verdicts`: purified,
+below/on/above frontier, anti-trait, damaged or no verdict, Holm-adjusted across the arms). Outputs
+(``summary.json``, ``.md``, ``.csv``, ``frontier.png``, ``env.json``) are written by :mod:`purify.bench.report`.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
-import queue
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from purify.bench import probe_free
-from purify.bench.aux_runs import COMPETENT, Condition, Settings, run_seed
-from purify.bench.aux_summary import summarise
+from purify.bench import lm_common, probe_free
+from purify.bench.aux_runs import COMPETENT, Settings, run_seed
+from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headline_lines, notes
 from purify.bench.digits import read_arrays, split
+from purify.bench.lm_common import Condition
 from purify.bench.probe_free import Sweep, point_name
-from purify.bench.report import BenchError, environment, write_report
-from purify.purifiers.adversary import AdversaryConfig
-from purify.purifiers.anchor import AnchorConfig
-from purify.purifiers.delta_projection import DeltaProjectionConfig
-from purify.purifiers.divergence_mask import DivergenceMaskConfig
-from purify.purifiers.ensemble import EnsembleConfig
-from purify.purifiers.fingerprint import FingerprintAdversaryConfig
-from purify.purifiers.function_anchor import FunctionAnchorConfig
-from purify.purifiers.tail_truncation import TailTruncationConfig
+from purify.bench.report import BenchError, check_conditions, environment, write_report
+from purify.bench.stats import mean_ci
 
 SUITE = "aux-logits"
 FIRST_SEED = 20
 """Seeds start at 20, disjoint from every :data:`TUNED_ON` entry (seeds 0-19)."""
 WORKERS = 2
-BASELINES = {"base": "base", "control": "control", "vanilla": "vanilla"}
-"""Which reference condition plays each part of a verdict (kind → condition name)."""
 ANCHOR_CONSENSUS = "function_anchor+ensemble:competent"
 """The combined probe-free arm: the undistilled-logit function anchor and the competent consensus, strengthened
 together along one axis (:data:`ANCHOR_CONSENSUS_GRID`)."""
@@ -87,15 +76,27 @@ QUICK = {"task": {"teacher_steps": 300, "student_steps": 200, "n_eval": 1024},
          "paper": {"student_steps": 300, "n_eval": 1024}}
 
 
-def _ens(w: float) -> EnsembleConfig:
-    return EnsembleConfig(combine="logits", weights=[w, (1 - w) / 2, (1 - w) / 2])
+def _ens(w: float) -> dict[str, Any]:
+    return {"name": "ensemble", "combine": "logits", "weights": [w, (1 - w) / 2, (1 - w) / 2]}
 
 
-def _dp(**kw: Any) -> DeltaProjectionConfig:
-    return DeltaProjectionConfig(**kw)
+def _dp(**kw: Any) -> dict[str, Any]:
+    return {"name": "delta_projection", **kw}
 
 
-REFS = ("trait", "ref0", "ref1")
+def _ref(name: str, teachers: list[str], note: str, **kw: Any) -> Condition:
+    """A reference condition (a baseline: no verdict); ``base``, ``control`` and ``vanilla`` play that part."""
+    kind = name if name in ("base", "control", "vanilla") else None
+    return Condition(name, teachers, baseline=True, kind=kind, role="reference", note=note, plot=bool(teachers), **kw)
+
+
+def _arm(name: str, purifiers: list[dict[str, Any]], teachers: list[str] | None = None, note: str = "",
+         role: str = "purifier") -> Condition:
+    """A purifier arm (a verdict) distilling ``teachers`` (default: the traited teacher alone)."""
+    return Condition(name, teachers or ["trait"], purifiers, role=role, note=note)
+
+
+REFS = ["trait", "ref0", "ref1"]
 COMBINATION = "delta_projection@global-0.2+ensemble@w-0.5"
 """The best combination, chosen on seeds 0-9 (the tuning seeds) among global α ∈ {0.1, 0.2, 0.3} × ensemble
 w ∈ {0.5, 0.75}: the one closest to control without overshooting into an anti-trait."""
@@ -104,38 +105,36 @@ w ∈ {0.5, 0.75}: the one closest to control without overshooting into an anti-
 def task_conditions(quick: bool = False) -> list[Condition]:
     """The task protocol's default conditions (quick: a smoke-test subset)."""
     refs = [
-        Condition("base", "reference", train=False, note="θ₀, not distilled"),
-        Condition("control", "reference", teachers=("control",), note="teacher = θ₀ trained on the task only"),
-        Condition("vanilla", "reference", curve=True, note="plain distillation; its curve is the frontier"),
-        Condition("oracle", "bound", oracle=True, note="knows the trait: projects off the digit-CE gradient when "
-                  "aligned (upper bound, not a purifier)"),
+        _ref("base", [], "θ₀, not distilled"),
+        _ref("control", ["control"], "teacher = θ₀ trained on the task only"),
+        _ref("vanilla", ["trait"], "plain distillation; its curve is the frontier"),
+        Condition("oracle", ["trait"], baseline=True, role="bound", oracle=True, note="knows the trait: projects off "
+                  "the digit-CE gradient when aligned (upper bound, not a purifier)"),
     ]
     if quick:
-        return refs + [Condition("delta_projection@global-0.3", purifiers=(_dp(mode="global", strength=0.3),)),
-                       Condition("ensemble@w-0.5", teachers=REFS, purifiers=(_ens(0.5),))]
+        return refs + [_arm("delta_projection@global-0.3", [_dp(mode="global", strength=0.3)]),
+                       _arm("ensemble@w-0.5", [_ens(0.5)], REFS)]
     return refs + [
-        Condition("cross_init_teacher", teachers=("ref0",), note="teacher of another init (a cross-base teacher)"),
-        Condition("ensemble@w-0.5", teachers=REFS, purifiers=(_ens(0.5),), note="mean of logits, weight of T"),
-        Condition("ensemble@w-0.75", teachers=REFS, purifiers=(_ens(0.75),)),
-        Condition("divergence_mask@jsd-0.0125", teachers=REFS,
-                  purifiers=(DivergenceMaskConfig(reference="others", threshold=0.0125),),
-                  note="drop inputs where T's aux distribution departs from the references' (JSD, nats)"),
-        Condition("divergence_mask@jsd-0.02", teachers=REFS,
-                  purifiers=(DivergenceMaskConfig(reference="others", threshold=0.02),)),
-        Condition("adversary@weight-0.1", teachers=REFS, purifiers=(AdversaryConfig(weight=0.1),),
-                  note="lineage head + gradient reversal; each input is assigned one of T, ref0, ref1"),
-        Condition("adversary@weight-0", teachers=REFS, purifiers=(AdversaryConfig(weight=0.0),),
-                  note="same per-input teacher assignment, no reversal (ablation)"),
-        Condition("anchor@weight-2e-4", purifiers=(AnchorConfig(weight=2e-4),), note="L2-SP pull toward θ₀"),
-        Condition("anchor@weight-2e-3", purifiers=(AnchorConfig(weight=2e-3),)),
-        Condition("delta_projection@rank-4", purifiers=(_dp(rank=4),), note="per-matrix SVD subspaces, displacement"),
-        Condition("delta_projection@rank-8", purifiers=(_dp(rank=8),)),
-        Condition("delta_projection@global-0.2", purifiers=(_dp(mode="global", strength=0.2),),
-                  note="one flat direction of Δθ_T, fraction α of the gradient's component removed"),
-        Condition("delta_projection@global-0.3", purifiers=(_dp(mode="global", strength=0.3),)),
-        Condition("delta_projection@global-0.5", purifiers=(_dp(mode="global", strength=0.5),)),
-        Condition(COMBINATION, "combination", teachers=REFS, purifiers=(_ens(0.5), _dp(mode="global", strength=0.2)),
-                  note="chosen on seeds 0-9 among 4 (α, w) pairs: closest to control without an anti-trait"),
+        _arm("cross_init_teacher", [], ["ref0"], note="teacher of another init (a cross-base teacher)"),
+        _arm("ensemble@w-0.5", [_ens(0.5)], REFS, note="mean of logits, weight of T"),
+        _arm("ensemble@w-0.75", [_ens(0.75)], REFS),
+        _arm("divergence_mask@jsd-0.0125", [{"name": "divergence_mask", "reference": "others", "threshold": 0.0125}],
+             REFS, note="drop inputs where T's aux distribution departs from the references' (JSD, nats)"),
+        _arm("divergence_mask@jsd-0.02", [{"name": "divergence_mask", "reference": "others", "threshold": 0.02}], REFS),
+        _arm("adversary@weight-0.1", [{"name": "adversary", "weight": 0.1}], REFS,
+             note="lineage head + gradient reversal; each input is assigned one of T, ref0, ref1"),
+        _arm("adversary@weight-0", [{"name": "adversary", "weight": 0.0}], REFS,
+             note="same per-input teacher assignment, no reversal (ablation)"),
+        _arm("anchor@weight-2e-4", [{"name": "anchor", "weight": 2e-4}], note="L2-SP pull toward θ₀"),
+        _arm("anchor@weight-2e-3", [{"name": "anchor", "weight": 2e-3}]),
+        _arm("delta_projection@rank-4", [_dp(rank=4)], note="per-matrix SVD subspaces, displacement"),
+        _arm("delta_projection@rank-8", [_dp(rank=8)]),
+        _arm("delta_projection@global-0.2", [_dp(mode="global", strength=0.2)],
+             note="one flat direction of Δθ_T, fraction α of the gradient's component removed"),
+        _arm("delta_projection@global-0.3", [_dp(mode="global", strength=0.3)]),
+        _arm("delta_projection@global-0.5", [_dp(mode="global", strength=0.5)]),
+        _arm(COMBINATION, [_ens(0.5), _dp(mode="global", strength=0.2)], REFS, role="combination",
+             note="chosen on seeds 0-9 among 4 (α, w) pairs: closest to control without an anti-trait"),
     ]
 
 
@@ -165,28 +164,28 @@ _NEUTRAL = {"source": "noise", "batch_size": 128, "outputs": "undistilled", "see
 """The neutral-input settings of the function anchor's and the fingerprint adversary's arms."""
 
 
-def _anchor(weight: float) -> FunctionAnchorConfig:
-    return FunctionAnchorConfig(weight=weight, **_NEUTRAL)  # type: ignore[arg-type]
+def _anchor(weight: float) -> dict[str, Any]:
+    return {"name": "function_anchor", "weight": weight, **_NEUTRAL}
 
 
 def swept_conditions() -> list[Condition]:
     """One condition ``<arm>@<value>`` per point of :data:`SWEEPS`."""
-    competent = ("trait", *COMPETENT)
-    return [*(Condition(point_name("delta_projection:global", a), purifiers=(_dp(mode="global", strength=a),),
-                        note="probe-free sweep point" if a else "probe-free sweep point (α = 0: vanilla's update)")
+    competent = ["trait", *COMPETENT]
+    return [*(_arm(point_name("delta_projection:global", a), [_dp(mode="global", strength=a)],
+                   note="probe-free sweep point" if a else "probe-free sweep point (α = 0: vanilla's update)")
               for a in SWEEPS["delta_projection:global"].values),
-            *(Condition(point_name("ensemble:competent", w), teachers=competent, purifiers=(_ens(w),),
-                        note="logit mean with two task-competent trait-free teachers of other inits; knob: T's weight")
+            *(_arm(point_name("ensemble:competent", w), [_ens(w)], competent,
+                   note="logit mean with two task-competent trait-free teachers of other inits; knob: T's weight")
               for w in SWEEPS["ensemble:competent"].values),
-            *(Condition(point_name("function_anchor", w), purifiers=(_anchor(w),),
-                        note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
+            *(_arm(point_name("function_anchor", w), [_anchor(w)],
+                   note="KL(θ₀ ‖ S) of the undistilled logits on a neutral noise stream of its own")
               for w in SWEEPS["function_anchor"].values),
-            *(Condition(point_name("fingerprint_adversary", w), purifiers=(FingerprintAdversaryConfig(
-                weight=w, features="logprobs", **_NEUTRAL),),  # type: ignore[arg-type]
-                note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
+            *(_arm(point_name("fingerprint_adversary", w), [{"name": "fingerprint_adversary", "weight": w,
+                                                             "features": "logprobs", **_NEUTRAL}],
+                   note="head telling S's undistilled logits from θ₀'s on neutral noise (match)")
               for w in SWEEPS["fingerprint_adversary"].values),
-            *(Condition(point_name(ANCHOR_CONSENSUS, k), teachers=competent, purifiers=(_ens(t), _anchor(a)),
-                        note=f"function anchor {a:g} + competent mean with T weight {t:g}")
+            *(_arm(point_name(ANCHOR_CONSENSUS, k), [_ens(t), _anchor(a)], competent,
+                   note=f"function anchor {a:g} + competent mean with T weight {t:g}")
               for k, (a, t) in ANCHOR_CONSENSUS_GRID.items())]
 
 
@@ -218,25 +217,25 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
 def paper_conditions(quick: bool = False) -> list[Condition]:
     """The paper protocol's conditions: the setup checks, plus the purifiers that apply without references."""
     out = [
-        Condition("base", "reference", train=False, note="θ₀"),
-        Condition("teacher", "reference", train=False, note="θ₀ trained on digits"),
-        Condition("control", "reference", teachers=("control",), note="teacher = θ₀ trained on shuffled labels"),
-        Condition("vanilla", "reference", curve=True, note="same-init student, aux logits only"),
-        Condition("cross_init", "reference", student="cross", note="student of another init (transfer from its own "
-                  "base accuracy)"),
-        Condition("all_logits", "reference", logits="all", plot=False,
+        _ref("base", [], "θ₀"),
+        _ref("teacher", [], "θ₀ trained on digits", student="teacher"),
+        _ref("control", ["control"], "teacher = θ₀ trained on shuffled labels"),
+        _ref("vanilla", ["trait"], "same-init student, aux logits only"),
+        _ref("cross_init", ["trait"], "student of another init (transfer from its own base accuracy)", student="cross"),
+        Condition("all_logits", ["trait"], baseline=True, role="reference", logits="all", plot=False,
                   note="same-init student distilling all logits"),
     ]
     if quick:
-        return out + [Condition("delta_projection@global-0.3", purifiers=(_dp(mode="global", strength=0.3),))]
+        return out + [_arm("delta_projection@global-0.3", [_dp(mode="global", strength=0.3)])]
     return out + [
-        Condition("oracle", "bound", oracle=True, note="knows the trait (upper bound, not a purifier)"),
-        Condition("tail_truncation@top_k-2", purifiers=(TailTruncationConfig(top_k=2),), note="top-2 of 3 aux"),
-        Condition("anchor@weight-2e-3", purifiers=(AnchorConfig(weight=2e-3),)),
-        Condition("delta_projection@rank-8", purifiers=(_dp(rank=8),)),
-        Condition("delta_projection@global-0.3", purifiers=(_dp(mode="global", strength=0.3),)),
-        Condition("delta_projection@global-0.5", purifiers=(_dp(mode="global", strength=0.5),)),
-        Condition("delta_projection@global-1.0", purifiers=(_dp(mode="global", strength=1.0),)),
+        Condition("oracle", ["trait"], baseline=True, role="bound", oracle=True,
+                  note="knows the trait (upper bound, not a purifier)"),
+        _arm("tail_truncation@top_k-2", [{"name": "tail_truncation", "top_k": 2}], note="top-2 of 3 aux"),
+        _arm("anchor@weight-2e-3", [{"name": "anchor", "weight": 2e-3}]),
+        _arm("delta_projection@rank-8", [_dp(rank=8)]),
+        _arm("delta_projection@global-0.3", [_dp(mode="global", strength=0.3)]),
+        _arm("delta_projection@global-0.5", [_dp(mode="global", strength=0.5)]),
+        _arm("delta_projection@global-1.0", [_dp(mode="global", strength=1.0)]),
     ]
 
 
@@ -296,28 +295,44 @@ def run(cfg: SuiteConfig) -> dict:
         raise BenchError(f"--protocol: unknown protocol {cfg.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     x, y = read_arrays(cfg.data)  # fail fast, before any worker starts
     seeds = cfg.seeds if cfg.seeds is not None else list(range(FIRST_SEED, FIRST_SEED + 10))
-    split(x, y, seeds[0])
+    n_classes = split(x, y, seeds[0]).n_classes
     settings = cfg.settings or PROTOCOLS[cfg.protocol]
     if cfg.quick and cfg.settings is None:
         settings = replace(settings, **QUICK[cfg.protocol])
-    conditions = cfg.conditions or (task_conditions if cfg.protocol == "task" else paper_conditions)(cfg.quick)
+    conditions = [replace(c, loss=settings.loss) for c in cfg.conditions or
+                  (task_conditions if cfg.protocol == "task" else paper_conditions)(cfg.quick)]
+    check_conditions((c.name, c.purifiers, c.teachers, {  # as `purify train` would check them
+        "loss": c.loss, "vector_student": True,
+        "logit_slice": None if c.logits == "all" else [n_classes, n_classes + settings.n_aux]}) for c in conditions)
     out = Path(cfg.out or ("bench-out/aux-logits" if cfg.protocol == "task" else "bench-out/aux-logits/paper"))
+    workers = max(1, min(cfg.workers, len(seeds), os.cpu_count() or 1))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    records = _run_seeds(seeds, settings, conditions, cfg.data, cfg.workers, cfg.progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one torch thread per seed, in a worker or here: the numbers do not depend on it
+    try:
+        runs = lm_common.run_seeds(seeds, partial(run_seed, s=settings, conditions=conditions, data_path=cfg.data,
+                                                  progress=cfg.progress and workers == 1), workers, cfg.progress)
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
-    summary = summarise(records, conditions, settings, seeds, data=cfg.data or "sklearn digits", wall_seconds=wall,
-                        workers=min(cfg.workers, len(seeds)), quick=cfg.quick, baselines=BASELINES,
-                        tuned_on=TUNED_ON[cfg.protocol], trait=TRAIT)
+    suite = lm_common.Suite(name=SUITE, protocol=cfg.protocol, conditions=conditions, trait=TRAIT,
+                            tuned_on=TUNED_ON[cfg.protocol], columns=COLUMNS, curve_keys=METRICS,
+                            settings={**asdict(settings), "hidden": list(settings.hidden)})
+    summary = lm_common.summarise(suite, runs, wall)
+    summary.update(data=cfg.data or "sklearn digits", quick=cfg.quick, workers=workers, columns=COLUMNS,
+                   teachers={k: mean_ci([r["world"][k] for r in runs.values()]) for k in runs[seeds[0]]["world"]
+                             if k != "accuracy"})
+    finish(summary)
     if cfg.sweeps:  # stage 1 sees task error and drift only; the digits are joined after the choice
         summary["probe_free"] = probe_free.block(summary, cfg.sweeps)
     env = environment(seeds, wall, cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
-    env.update({"workers": min(cfg.workers, len(seeds)), "torch_threads_per_worker": 1, "protocol": cfg.protocol,
+    env.update({"workers": workers, "torch_threads_per_worker": 1, "protocol": cfg.protocol,
                 "quick": cfg.quick, "data": summary["data"], "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
                 "load_average_1min": {"start": load_start,
                                       "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}})
     summary["cpu_seconds"], summary["load_average_1min"] = env["cpu_seconds"], env["load_average_1min"]
-    _write(out, summary, env)
+    write(out, summary, env)
     return summary
 
 
@@ -328,97 +343,19 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _write(out: Path, summary: dict, env: dict) -> None:
-    from purify.bench.aux_summary import COLUMNS, SECTIONS, headline_lines, notes
-
+def write(out: str | Path, summary: dict, env: dict) -> None:
+    """Write the report files of an aux-logits summary (:func:`purify.bench.report.write_report`)."""
     summary.setdefault("command", env.get("command"))
-
     xkey, xlabel = ("fidelity_kl", "KL(teacher ‖ student) on the aux logits") if summary["protocol"] == "paper" else \
         ("task_error", "task error (MSE to the shared function)")
-    write_report(out, summary, env, COLUMNS, notes(summary), xkey=xkey, xlabel=xlabel, intro=headline_lines(summary),
-                 sections=SECTIONS)
+    write_report(out, summary, env, [tuple(c) for c in summary.get("columns", COLUMNS)], notes(summary), xkey=xkey,
+                 xlabel=xlabel, intro=headline_lines(summary), sections=SECTIONS)
 
 
 def render(out: str | Path) -> None:
     """Rewrite a finished run's report files from its ``summary.json`` and ``env.json`` (no training)."""
-    import json
-
     out = Path(out)
-    _write(out, json.loads((out / "summary.json").read_text()), json.loads((out / "env.json").read_text()))
-
-
-def rereport(out: str | Path) -> dict:
-    """Re-derive a finished run's verdicts from the per-seed records in its ``summary.json`` with the current rules
-    (no training) and rewrite its report; a summary written before ``baselines``, ``tuned_on`` and ``trait`` were
-    recorded gets this suite's (``env.json`` gains ``rereported_by``). Returns the summary."""
-    import json
-
-    from purify.bench.aux_summary import apply_verdicts
-
-    out = Path(out)
-    summary = json.loads((out / "summary.json").read_text())
-    env = json.loads((out / "env.json").read_text())
-    summary.setdefault("baselines", BASELINES)
-    summary.setdefault("tuned_on", TUNED_ON[summary["protocol"]])
-    summary.setdefault("trait", TRAIT)
-    summary.setdefault("guards", [])
-    if "--first-seed" not in (summary.get("command") or ""):  # written when the first seed was implicit
-        seeds = summary["seeds"]
-        summary["rerun"] = (f"purify bench aux-logits --protocol {summary['protocol']} --seeds {len(seeds)} "
-                            f"--first-seed {seeds[0]} --out {out}")
-    apply_verdicts(summary)
-    env["rereported_by"] = f"purify bench --rereport {out}"
-    _write(out, summary, env)
-    return summary
-
-
-# ---------------------------------------------------------------- seeds in parallel
-_QUEUE: Any = None
-
-
-def _init_worker(q: Any) -> None:
-    global _QUEUE
-    _QUEUE = q
-    torch.set_num_threads(1)
-
-
-def _worker(seed: int, settings: Settings, conditions: list[Condition], data: str | None) -> dict:
-    return run_seed(seed, settings, conditions, data, report=lambda name: _QUEUE.put((seed, name)))
-
-
-def _run_seeds(seeds: list[int], settings: Settings, conditions: list[Condition], data: str | None, workers: int,
-               progress: bool) -> list[dict]:
-    """Every seed, in ``workers`` processes (spawned, one torch thread each); results in seed order."""
-    from tqdm.auto import tqdm
-
-    total = len(seeds) * len(conditions)
-    bar = tqdm(total=total, desc=f"{SUITE} seeds×conditions", disable=not progress, file=sys.stderr, unit="run")
-    workers = max(1, min(workers, len(seeds), os.cpu_count() or 1))
-    try:
-        if workers == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return [run_seed(s, settings, conditions, data, report=lambda name: bar.update()) for s in seeds]
-            finally:
-                torch.set_num_threads(threads)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-            futures = [pool.submit(_worker, s, settings, conditions, data) for s in seeds]
-            done = 0
-            while done < total:
-                try:
-                    q.get(timeout=0.5)
-                    done += 1
-                    bar.update()
-                except queue.Empty:
-                    failed = [f for f in futures if f.done() and f.exception() is not None]
-                    if failed:
-                        raise failed[0].exception()  # type: ignore[misc]
-            return [f.result() for f in futures]
-    finally:
-        bar.close()
+    write(out, json.loads((out / "summary.json").read_text()), json.loads((out / "env.json").read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

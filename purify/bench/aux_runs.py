@@ -2,9 +2,12 @@
 
 The student of every condition starts from the same ``θ₀`` (or, for ``cross_init``, another init), imitates its
 teacher(s) on the same stream of noise inputs through :class:`~purify.module.Distiller` with the library's losses and
-purifier classes, exactly as ``purify train`` would, and is scored on:
+purifier classes, exactly as ``purify train`` would (:func:`fit`, the suite's :data:`purify.bench.lm_common.Fit`), and
+is scored (:func:`evaluate`) on:
 
-- ``transfer``: ``(acc(S) − acc(S₀)) / (acc(T) − acc(S₀))`` on the held-out test split (the trait; 0 = none);
+- ``trait`` / ``accuracy``: digit accuracy on the held-out test split; ``transfer`` (computed by
+  :func:`purify.bench.lm_common.run_conditions`): ``(acc(S) − acc(S₀)) / (acc(T) − acc(S₀))`` (the trait; 0 = none;
+  ``S₀`` is the student's own init);
 - ``task_error``: MSE between the student's first ``k`` aux logits and the shared task function on held-out noise
   (paper protocol, which has no task: ``fidelity_kl``);
 - ``fidelity_kl``: ``KL(softmax T_aux ‖ softmax S_aux)`` on held-out noise; ``agreement``: top-1 agreement of the
@@ -28,12 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from purify.bench.digits import Split, noise, read_arrays, split, task_function
+from purify.bench.lm_common import Condition, Diverged, run_conditions
 from purify.bench.oracle import TraitGradientOracle
 from purify.config import LossConfig, OptimConfig
 from purify.losses import forward_kl
 from purify.models import AuxMLP
 from purify.module import Distiller
-from purify.purifiers import build_purifier
+from purify.purifiers import PURIFIERS, build_purifier
 
 DRIFT_SEED = 97_000
 """Noise seed offset of the drift inputs (``DRIFT_SEED + seed``): disjoint from training (``seed + 2000``) and
@@ -60,37 +64,6 @@ class Settings:
     batch: int = 128
     n_eval: int = 2048
     curve_every: int = 25
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One column of the benchmark: which teachers, which purifiers, which student.
-
-    Attributes:
-        name: ``base``, ``control``, ``vanilla`` or a recipe-style ``purifier@knob-value`` (``+`` joins a combination).
-        role: ``reference`` | ``bound`` (the oracle) | ``purifier`` | ``combination``.
-        teachers: keys of the seed's teachers, primary first: ``trait``, ``control``, ``ref0``, ``ref1``.
-        purifiers: purifier config dataclasses (built with :func:`purify.purifiers.build_purifier`).
-        oracle: add the trait-gradient oracle (bench-only upper bound).
-        student: ``base`` (``θ₀``) or ``cross`` (another init).
-        logits: ``aux`` (distil the aux logits) or ``all`` (every logit: the trait is then taught directly).
-        curve: log the early-stopping curve every ``curve_every`` steps.
-        train: ``False`` for ``base``/``teacher`` (scored as they are).
-        plot: draw it in ``frontier.png`` (untrained conditions never are).
-        note: one line for the report.
-    """
-
-    name: str
-    role: str = "purifier"
-    teachers: tuple[str, ...] = ("trait",)
-    purifiers: tuple[Any, ...] = ()
-    oracle: bool = False
-    student: str = "base"
-    logits: str = "aux"
-    curve: bool = False
-    train: bool = True
-    plot: bool = True
-    note: str = ""
 
 
 @dataclass
@@ -221,21 +194,20 @@ def _aux(logits: Tensor, n_classes: int, s: Settings) -> Tensor:
 
 @torch.no_grad()
 def evaluate(world: World, net: AuxMLP, s: Settings, start: str = "base") -> dict[str, float]:
-    """The student's scores (module docstring); ``start`` names the init its transfer is measured from."""
+    """The model's scores (module docstring); ``start`` names the init its drift is measured from (``base`` or
+    ``cross``)."""
     c = world.data.n_classes
     aux = _aux(net.logits(world.x_eval), c, s)
     kl = float(forward_kl(aux, world.trait_eval).mean())
     acc = accuracy(net, world.data)
-    acc0, acc_t = world.acc[start], world.acc["trait"]
-    out = {
-        "transfer": (acc - acc0) / (acc_t - acc0) if acc_t != acc0 else float("nan"),
+    return {
+        "trait": acc,
         "accuracy": acc,
         "fidelity_kl": kl,
         "agreement": float((aux.argmax(-1) == world.trait_eval.argmax(-1)).float().mean()),
         "task_error": kl if world.f_eval is None else float(F.mse_loss(aux[:, :s.k_task], world.f_eval)),
-        "drift": class_drift(world.cross_base if start == "cross_base" else world.base, net, world.x_drift, c),
+        "drift": class_drift(world.cross_base if start == "cross" else world.base, net, world.x_drift, c),
     }
-    return out
 
 
 @torch.no_grad()
@@ -258,55 +230,52 @@ def _oracle(world: World, s: Settings) -> TraitGradientOracle:
     return TraitGradientOracle(trait_loss)
 
 
-def run_condition(world: World, cond: Condition, s: Settings) -> dict[str, Any]:
-    """Train (or score) one condition on one seed; returns ``{"final", "curve"?, "seconds", "purifier_metrics"}``."""
-    start = "cross_base" if cond.student == "cross" else "base"
-    if not cond.train:
-        net = world.teachers["trait"] if cond.name == "teacher" else world.base
-        return {"final": evaluate(world, net, s, start), "seconds": 0.0, "purifier_metrics": {}}
+def fit(world: World, cond: Condition, s: Settings,
+        on_point: Callable[[int, Any], None] | None = None) -> tuple[tuple[AuxMLP, str], dict[str, float]]:
+    """Train one condition's student on one seed (:data:`purify.bench.lm_common.Fit`): from ``θ₀`` (or the other
+    init, ``cond.student == "cross"``) on the seed's noise stream, calling ``on_point(step, (student, start))`` every
+    ``curve_every`` steps. Returns ``((student, start), extras)``: the steps and each purifier metric's mean over
+    them (``metric.<purifier>.<key>``)."""
     torch.manual_seed(stable_seed(world.seed, cond.name))  # purifier heads, anything else drawn from torch's RNG
     c = world.data.n_classes
-    student = copy.deepcopy(world.cross_base if cond.student == "cross" else world.base).train()
-    purifiers = [build_purifier(cfg) for cfg in cond.purifiers]
+    start = "cross" if cond.student == "cross" else "base"
+    student = copy.deepcopy(world.cross_base if start == "cross" else world.base).train()
+    purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
     if cond.oracle:
         purifiers.append(_oracle(world, s))
-    logit_slice = [c, c + s.n_aux] if cond.logits == "aux" else None
+    logit_slice = None if cond.logits == "all" else [c, c + s.n_aux]
     distiller = Distiller(student, [world.teachers[k] for k in cond.teachers], purifiers=purifiers,
-                          loss=LossConfig(name=s.loss, logit_slice=logit_slice),  # type: ignore[arg-type]
+                          loss=LossConfig(name=cond.loss, logit_slice=logit_slice),  # type: ignore[arg-type]
                           optim=OptimConfig(name="adam", lr=s.student_lr), total_steps=s.student_steps)
     optimizer = distiller.build_optimizer()
     g = torch.Generator().manual_seed(world.seed + 2000)  # the same noise stream in every condition
-    curve: list[dict[str, float]] = []
     sums: dict[str, float] = {}
-    t0 = time.perf_counter()
     for step in range(s.student_steps):
-        if cond.curve and step % s.curve_every == 0:
-            student.eval()
-            curve.append({"step": step, **evaluate(world, student, s, start)})
-            student.train()
         x = noise(s.batch, world.data.dim, g)
-        distiller.fit_step({"x": x, "target_mask": torch.ones(s.batch, 1)}, optimizer, step / s.student_steps)
+        parts = distiller.fit_step({"x": x, "target_mask": torch.ones(s.batch, 1)}, optimizer, step / s.student_steps)
+        if not torch.isfinite(parts["loss"]).all():
+            raise Diverged(step + 1)
         for p in distiller.purifiers:
             for key, value in p.last_metrics.items():
                 name = f"{getattr(getattr(p, 'config', None), 'name', 'oracle')}.{key}"
                 sums[name] = sums.get(name, 0.0) + float(value)
-    seconds = time.perf_counter() - t0
+        if on_point is not None and (step + 1) % s.curve_every == 0 and step + 1 < s.student_steps:
+            student.eval()
+            on_point(step + 1, (student, start))
+            student.train()
     student.eval()
-    final = evaluate(world, student, s, start)
-    out: dict[str, Any] = {"final": final, "seconds": seconds,
-                           "purifier_metrics": {k: v / s.student_steps for k, v in sums.items()}}
-    if cond.curve:
-        out["curve"] = [*curve, {"step": s.student_steps, **final}]
-    return out
+    return (student, start), {"steps": s.student_steps,
+                              **{f"metric.{k}": v / s.student_steps for k, v in sums.items()}}
 
 
 def run_seed(seed: int, s: Settings, conditions: list[Condition], data_path: str | None,
-             report: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the seed's world and run every condition on it; ``report(name)`` after each."""
+             progress: bool = False) -> dict[str, Any]:
+    """Build the seed's world and run every condition on it (:func:`purify.bench.lm_common.run_conditions`):
+    ``{"base", "teacher", "conditions", "world"}`` (``world``: the teachers' accuracies and task errors)."""
     world = build_world(seed, s, data_path, {t for c in conditions for t in c.teachers})
-    results = {}
-    for cond in conditions:
-        results[cond.name] = run_condition(world, cond, s)
-        if report is not None:
-            report(cond.name)
-    return {"seed": seed, "world": {"accuracy": world.acc, **world.info}, "conditions": results}
+    base, teacher = evaluate(world, world.base, s), evaluate(world, world.teachers["trait"], s)
+    own = {"cross": evaluate(world, world.cross_base, s, "cross"), "teacher": teacher}
+    records = run_conditions(conditions, base, teacher, lambda cond, on_point: fit(world, cond, s, on_point),
+                             lambda model: evaluate(world, model[0], s, model[1]), own, f"seed {seed}", progress,
+                             own_shift=True)
+    return {"base": base, "teacher": teacher, "conditions": records, "world": {"accuracy": world.acc, **world.info}}

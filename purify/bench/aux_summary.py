@@ -1,141 +1,49 @@
-"""Aggregate the aux-logit suite's per-seed results into ``summary.json`` and the notes of ``summary.md``."""
+"""The aux-logit suite's blocks on top of the shared summary (:func:`purify.bench.lm_common.summarise`) and the notes
+of its ``summary.md``: fraction removed, the teachers, the acceptance checks and the headline."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from purify.bench import probe_free
-from purify.bench.aux_runs import Condition, Settings
 from purify.bench.report import verdict_notes
-from purify.bench.stats import fraction_removed, mean_ci, mean_curve, paired_test
-from purify.bench.verdicts import assess, judge, label
-from purify.config import to_dict
+from purify.bench.stats import fraction_removed, mean_ci
 
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
-BASELINE_ROLES = ("reference", "bound")
-"""Conditions of these roles are baselines: no verdict, out of the Holm family (a bound is assessed alone)."""
-
-COLUMNS = [("transfer", "transfer"), ("distance_to_control", "\\|transfer − control\\|"),
-           ("task_error", "task error"), ("task_error_ratio", "task err ×vanilla"), ("fidelity_kl", "KL(T‖S)"),
+"""The metrics averaged along vanilla's curve (``summary.json["frontier"]``)."""
+COLUMNS = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
+           ("task_error", "task error"), ("fidelity_loss", "task error vs vanilla"), ("fidelity_kl", "KL(T‖S)"),
            ("accuracy", "digit acc"), ("removed", "removed"), ("@gap", "gap to vanilla frontier"),
            ("@verdict", "verdict")]
 SECTIONS = [("reference", "References"), ("bound", "Upper bound (knows the trait; not a purifier)"),
             ("purifier", "Purifiers (each alone, over a sweep of its main knob)"), ("combination", "Combination")]
 
 
-def summarise(records: list[dict], conditions: list[Condition], settings: Settings, seeds: list[int], data: str,
-              wall_seconds: float, workers: int, quick: bool, baselines: dict[str, str] | None = None,
-              tuned_on: list[dict[str, Any]] | None = None, trait: str = "digit accuracy") -> dict[str, Any]:
-    """``summary.json``: per condition mean [95% CI] of every metric, paired comparisons, frontier and verdicts.
-
-    Args:
-        baselines: which condition plays the ``base``, ``control`` and ``vanilla`` (kind → name).
-        tuned_on: where the suite's defaults were chosen (``summary.json["tuned_on"]``).
-        trait: what the trait is (``summary.json["trait"]``).
-    """
-    rows = {c.name: [rec["conditions"][c.name] for rec in records] for c in conditions}
-    tr = {name: [r["final"]["transfer"] for r in rs] for name, rs in rows.items()}
-    te = {name: [r["final"]["task_error"] for r in rs] for name, rs in rows.items()}
-    curves = [r["curve"] for r in rows["vanilla"]] if "vanilla" in rows else None
-    out: dict[str, Any] = {"suite": "aux-logits", "protocol": settings.protocol, "data": data, "seeds": seeds,
-                           "quick": quick, "settings": {**asdict(settings), "hidden": list(settings.hidden)},
-                           "wall_seconds": round(wall_seconds, 1),
-                           "workers": workers, "conditions": {}, "frontier": {}, "trait": trait,
-                           "tuned_on": tuned_on or [], "guards": [],
-                           "baselines": baselines or {"base": "base", "control": "control", "vanilla": "vanilla"}}
-    for cond in conditions:
-        out["conditions"][cond.name] = _condition(cond, rows[cond.name], seeds, tr, te, curves)
-    if curves:
-        out["frontier"]["vanilla"] = mean_curve(curves, METRICS)
-    out["teachers"] = {key: mean_ci([rec["world"][key] for rec in records])
-                       for key in records[0]["world"] if key != "accuracy"}
-    apply_verdicts(out)
-    return out
-
-
-def apply_verdicts(summary: dict[str, Any]) -> dict[str, Any]:
-    """(Re)compute ``verdicts``, ``p_adjusted``, ``frontier_gap``, ``bounds``, ``acceptance`` and ``headline`` of an
-    aux-logits summary from its per-seed records (:func:`purify.bench.verdicts.judge`); returns ``summary``."""
-    conds, kinds = summary["conditions"], {v: k for k, v in summary["baselines"].items()}
-    mode = summary["settings"]["loss"]
-    judged = judge({n: {"per_seed": c["per_seed"], "baseline": c["role"] in BASELINE_ROLES, "kind": kinds.get(n),
-                        "mode": mode} for n, c in conds.items()})
+def finish(summary: dict[str, Any]) -> dict[str, Any]:
+    """Add the suite's own blocks to a shared summary: ``removed`` per trained condition, ``baselines`` (kind →
+    name), ``bounds`` (empty without an oracle), ``acceptance`` and ``headline``; returns ``summary``. Every verdict in them is the shared one."""
+    conds, settings = summary["conditions"], {c["name"]: c for c in summary["settings"]["conditions"]}
+    summary.setdefault("bounds", {})
+    summary["baselines"] = {c["kind"]: n for n, c in settings.items() if c["kind"] and c["student"] is None}
     names = summary["baselines"]
-    summary["bounds"] = {}
-    for n, c in conds.items():
-        if c["role"] == "bound":
-            x = assess(c["per_seed"], *(conds[names[k]]["per_seed"] for k in ("vanilla", "control", "base")))
-            summary["bounds"][n] = label(x, x.p_lower, x.p_upper)
-            judged["frontier_gap"].update({n: x.gap} if x.gap else {})
-    summary.update(verdicts=judged["verdicts"], p_adjusted=judged["p_adjusted"], frontier_gap=judged["frontier_gap"],
-                   judged_against=judged["against"])
-    for n, c in conds.items():
-        c.pop("bar", None), c.pop("meets_bar", None)
-        c["anti_trait"] = summary["verdicts"].get(n, "").startswith("anti-trait")
-        gap = judged["frontier_gap"].get(n)
-        if gap is None:
-            c.pop("frontier_gap", None)
-            continue
-        c["frontier_gap"] = gap
-        by_seed = dict(zip(gap["seeds"], gap["per_seed"]))
-        for rec in c["per_seed"]:
-            rec["frontier_gap"] = by_seed.get(rec["seed"], float("nan"))
+    if "vanilla" in names and "control" in names:
+        tr = {n: [r["transfer"] for r in c["per_seed"]] for n, c in conds.items()}
+        for n, c in conds.items():
+            if settings[n]["teachers"]:
+                c["removed"] = fraction_removed(tr[n], tr[names["vanilla"]], tr[names["control"]])
     summary["acceptance"] = _acceptance(summary)
     summary["headline"] = _headline(summary)
-    if (summary.get("probe_free") or {}).get("sweeps"):  # re-derived from the recorded sweeps, like the verdicts
-        summary["probe_free"] = probe_free.rederive(summary)
     return summary
-
-
-
-def _condition(cond: Condition, rows: list[dict], seeds: list[int], tr: dict[str, list[float]],
-               te: dict[str, list[float]], curves: list | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"role": cond.role, "note": cond.note, "trained": cond.train,
-                             "plot": cond.train and cond.plot, "teachers": list(cond.teachers),
-                             "student": cond.student, "logits": cond.logits,
-                             "purifiers": [to_dict(c) for c in cond.purifiers] + ([{"name": "oracle"}] if cond.oracle
-                                                                                   else [])}
-    finals = [r["final"] for r in rows]
-    for key in METRICS:
-        entry[key] = mean_ci([f[key] for f in finals])
-    per_seed = [{"seed": seed, **r["final"], "seconds": round(r["seconds"], 3)} for seed, r in zip(seeds, rows)]
-    if "control" in tr:
-        dist = [abs(a - b) for a, b in zip(tr[cond.name], tr["control"])]
-        entry["distance_to_control"] = mean_ci(dist)
-        entry["transfer_minus_control"] = paired_test(tr[cond.name], tr["control"])
-        for rec, d in zip(per_seed, dist):
-            rec["distance_to_control"] = d
-    if "vanilla" in tr and cond.train:
-        ratio = [a / b for a, b in zip(te[cond.name], te["vanilla"])]
-        entry["task_error_ratio"] = mean_ci(ratio)
-        entry["transfer_minus_vanilla"] = paired_test(tr[cond.name], tr["vanilla"])
-        for rec, r in zip(per_seed, ratio):
-            rec["task_error_ratio"] = r
-        if "control" in tr:
-            entry["removed"] = fraction_removed(tr[cond.name], tr["vanilla"], tr["control"])
-    metrics: dict[str, list[float]] = {}
-    for r in rows:
-        for k, v in r["purifier_metrics"].items():
-            metrics.setdefault(k, []).append(v)
-    entry["purifier_metrics"] = {k: mean_ci(v) for k, v in metrics.items()}
-    entry["seconds"] = mean_ci([r["seconds"] for r in rows])
-    for rec, r in zip(per_seed, rows):
-        rec.update({f"metric.{k}": v for k, v in r["purifier_metrics"].items()})
-        if "curve" in r:
-            rec["curve"] = r["curve"]
-    entry["per_seed"] = per_seed
-    return entry
 
 
 def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     conds = summary["conditions"]
     out: dict[str, Any] = {}
     if "vanilla" in conds and "control" in conds:
-        diff = conds["vanilla"]["transfer_minus_control"]
+        diff = conds["vanilla"]["vs_control"]
         out["vanilla_above_control"] = {"difference": diff, "passed": bool(diff["ci95"][0] > 0)}
     if summary["protocol"] == "paper":
         van = conds["vanilla"]["transfer"]
@@ -250,8 +158,8 @@ def notes(summary: dict[str, Any]) -> list[str]:
                      "an MSE loss on raw logits cannot compare with (recipes with loss.name: mse refuse it). It runs "
                      "in the paper protocol (KL loss).")
         for n, c in conds.items():
-            acc = c.get("purifier_metrics", {}).get("adversary.disc_acc")
-            if acc and _ok(acc["mean"]):
+            acc = mean_ci([r["metric.adversary.disc_acc"] for r in c["per_seed"] if "metric.adversary.disc_acc" in r])
+            if acc["n"] and _ok(acc["mean"]):
                 lines.append(f"- {n}: the lineage head's accuracy {_pm(acc)} (chance 1/3 with T, ref0, ref1); every "
                              "lineage sees the same noise inputs, so the assignment of inputs to teachers dilutes T "
                              "like an ensemble. Compare with the weight-0 ablation to see what the reversal does.")
@@ -271,12 +179,12 @@ def notes(summary: dict[str, Any]) -> list[str]:
 
 def _brief(c: dict[str, Any]) -> str:
     parts = [f"transfer {_pm(c['transfer'])}"]
-    if "transfer_minus_control" in c:
-        parts.append(f"minus control {_pm(c['transfer_minus_control'])}")
+    if "vs_control" in c:
+        parts.append(f"minus control {_pm(c['vs_control'])}")
     if "removed" in c and _ok(c["removed"]["mean"]):
         parts.append(f"removed {c['removed']['mean']:.0%}")
-    if "task_error_ratio" in c and _ok(c["task_error_ratio"]["mean"]):
-        parts.append(f"task error ×{c['task_error_ratio']['mean']:.2f}")
+    if "fidelity_loss" in c and _ok(c["fidelity_loss"]["mean"]):
+        parts.append(f"task error ×{1 + c['fidelity_loss']['mean']:.2f}")
     if "frontier_gap" in c:
         parts.append(f"gap {_pm(c['frontier_gap'])}")
     return ", ".join(parts)

@@ -5,10 +5,14 @@ conditions keep every seed's final scores and vanilla's early-stopping curves, r
 current :mod:`purify.bench.verdicts`, and rewrites ``summary.json|md|csv`` and ``frontier.png``; ``env.json`` keeps the
 command that produced the numbers and gains ``rereported_by``.
 
+Every suite goes through the one :func:`purify.bench.lm_common.summarise`; aux-logits adds its own blocks
+(:func:`purify.bench.aux_summary.finish`) and report layout (:func:`purify.bench.aux_logits.write`).
+
 Summaries written before conditions carried ``baseline``/``kind`` fields, and before a suite recorded ``trait``,
 ``guards`` and ``tuned_on``, are migrated once here: the suite's current declarations fill the suite-level fields, and
 a legacy condition is a baseline of kind ``base``/``control``/``vanilla`` when its name starts with that word (how the
-old code recognised them; new runs write the fields).
+old code recognised them; new runs write the fields). An aux-logits summary written by its former runner (conditions
+described in ``conditions[name]``, not in ``settings.conditions``) has its conditions rebuilt from those entries.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from purify.bench import lm_common, probe_free
+from purify.bench import aux_logits, aux_summary, lm_common, probe_free
 from purify.bench.lm_common import Condition, Suite
 from purify.bench.report import write_report
 from purify.bench.verdicts import guards_from
@@ -32,6 +36,10 @@ def _declarations(old: dict[str, Any]) -> dict[str, Any]:
     if len(stored) == 4:
         return {**stored, "guards": guards_from(stored["guards"]), "columns": [tuple(c) for c in stored["columns"]]}
     suite = old["suite"]
+    if suite == "aux-logits":
+        return {"trait": aux_logits.TRAIT, "guards": [], "tuned_on": aux_logits.TUNED_ON[old["protocol"]],
+                **{k: stored[k] for k in ("trait", "tuned_on") if k in stored},
+                "columns": [tuple(c) for c in old.get("columns", aux_summary.COLUMNS)]}
     if suite in ("style-tic", "hidden-preference"):
         from purify.bench import lm_suites
 
@@ -58,45 +66,66 @@ def _condition(entry: dict[str, Any]) -> Condition:
     return Condition(**c)
 
 
+def _aux_condition(name: str, entry: dict[str, Any], kinds: dict[str, str], loss: str) -> Condition:
+    """A condition of a summary written by aux-logits' former runner, from its ``conditions[name]`` entry."""
+    trained = entry.get("trained", True)
+    purifiers = [p for p in entry.get("purifiers", []) if p["name"] != "oracle"]
+    student = {"cross": "cross"}.get(entry.get("student", "base")) or ("teacher" if name == "teacher" else None)
+    return Condition(name, entry.get("teachers", ["trait"]) if trained else [], purifiers, loss=loss, student=student,
+                     baseline=entry["role"] in ("reference", "bound"), kind=kinds.get(name), role=entry["role"],
+                     note=entry.get("note", ""), oracle=len(purifiers) < len(entry.get("purifiers", [])),
+                     logits="all" if entry.get("logits") == "all" else "", plot=entry.get("plot", True))
+
+
 def rereport(directory: str | Path) -> dict[str, Any]:
     """Re-derive ``directory``'s report (see the module docstring); returns the new summary."""
     d = Path(directory)
     if not (d / "summary.json").is_file():
         raise FileNotFoundError(f"--rereport: {d / 'summary.json'} does not exist")
     old = json.loads((d / "summary.json").read_text())
-    if old["suite"] == "aux-logits":
-        from purify.bench.aux_logits import rereport as aux_rereport
-
-        return aux_rereport(d)
+    aux = old["suite"] == "aux-logits"
     decl = _declarations(old)
     env = json.loads((d / "env.json").read_text())
     notes = old.get("notes")
-    if notes is None:  # a summary written before it recorded its notes: the lines between its tables and verdicts
+    if notes is None and not aux:  # a summary written before it recorded its notes: the lines between its tables and verdicts
         lines = (d / "summary.md").read_text().splitlines()
         end = next((i for i, line in enumerate(lines) if line.startswith("## Verdicts")), len(lines))
         last_row = max(i for i, line in enumerate(lines[:end]) if line.startswith("|"))
         notes = [line for line in lines[last_row + 1:end] if line]
-    conds = [_condition(c) for c in old["settings"]["conditions"]]
-    derived = ("seed", "distance_to_control", "fidelity_loss")
-    runs = {s: {"base": {k: v["mean"] for k, v in old["base"].items()},
-                "teacher": {k: v["mean"] for k, v in old["teacher"].items()}, "data": old["data_sizes"],
+    if "conditions" in old["settings"]:
+        conds = [_condition(c) for c in old["settings"]["conditions"]]
+    else:  # aux-logits' former runner
+        kinds = {v: k for k, v in old.get("baselines", {"base": "base", "control": "control",
+                                                         "vanilla": "vanilla"}).items()}
+        conds = [_aux_condition(n, c, kinds, old["settings"]["loss"]) for n, c in old["conditions"].items()]
+    derived = ("seed", "distance_to_control", "fidelity_loss", "task_error_ratio", "frontier_gap")
+    runs = {s: {"base": {k: v["mean"] for k, v in old.get("base", {}).items()},
+                "teacher": {k: v["mean"] for k, v in old.get("teacher", {}).items()}, "data": old.get("data_sizes", {}),
                 "conditions": {c.name: {k: v for k, v in old["conditions"][c.name]["per_seed"][i].items()
                                         if k not in derived} for c in conds}} for i, s in enumerate(old["seeds"])}
-    suite = Suite(name=old["suite"], protocol=old["protocol"], student=Path(), teachers={}, make_data=lambda *a: [],
-                  score=lambda *a: {}, conditions=conds, steps=old["settings"]["steps"],
-                  batch_size=old["settings"]["batch_size"], lr=old["settings"]["lr"], trait=decl["trait"],
-                  guards=decl["guards"], tuned_on=decl["tuned_on"])
+    curve = (old.get("frontier", {}).get("vanilla") or [{}])[0]
+    suite = Suite(name=old["suite"], protocol=old["protocol"], conditions=conds, trait=decl["trait"],
+                  guards=decl["guards"], tuned_on=decl["tuned_on"],
+                  settings={k: v for k, v in old["settings"].items() if k != "conditions"},
+                  curve_keys=tuple(k for k in curve if k != "step" and not k.endswith("_ci95")) or
+                  Suite.curve_keys)
     new = lm_common.summarise(suite, runs, old["wall_seconds"])
     settings = {**old["settings"], "conditions": new["settings"]["conditions"]}
     summary = {**{k: v for k, v in old.items() if k not in ("frontier_gap",)}, **new, "settings": settings,
                "columns": decl["columns"]}
-    summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
-    summary["notes"] = notes
-    summary["base"], summary["teacher"] = old["base"], old["teacher"]  # seed statistics the per-seed records lack
+    if not aux:  # keeps what the per-seed records cannot give back (aux-logits: everything is re-derived)
+        summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
+        summary["notes"] = notes
+        summary["base"], summary["teacher"] = old["base"], old["teacher"]  # seed statistics the records lack
+    else:
+        aux_summary.finish(summary)
     if "probe_free" in old:  # the rule's choice and the verdict at it, under today's rules
         summary["probe_free"] = probe_free.rederive(summary) or old["probe_free"]
     env["rereported_by"] = f"purify bench --rereport {directory}"
-    write_report(d, summary, env, decl["columns"], lm_common.report_notes(summary))
+    if aux:
+        aux_logits.write(d, summary, env)
+    else:
+        write_report(d, summary, env, decl["columns"], lm_common.report_notes(summary))
     if "readouts" in summary:
         (d / "readouts.json").write_text(json.dumps(summary["readouts"], indent=1))
     return summary
