@@ -24,7 +24,8 @@ SECTIONS = [("reference", "References"), ("bound", "Upper bound (knows the trait
 
 def finish(summary: dict[str, Any]) -> dict[str, Any]:
     """Add the suite's own blocks to a shared summary: ``removed`` per trained condition, ``baselines`` (kind →
-    name), ``bounds`` (empty without an oracle), ``acceptance`` and ``headline``; returns ``summary``. Every verdict in them is the shared one."""
+    name), ``bounds`` (empty without an oracle), ``acceptance`` and ``headline``; returns ``summary``. Every verdict
+    in them is the shared one."""
     conds, settings = summary["conditions"], {c["name"]: c for c in summary["settings"]["conditions"]}
     summary.setdefault("bounds", {})
     summary["baselines"] = {c["kind"]: n for n, c in settings.items() if c["kind"] and c["student"] is None}

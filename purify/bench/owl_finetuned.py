@@ -345,9 +345,9 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
         logs[seed]["seed_seconds"] = round(time.perf_counter() - t1, 1)
     wall = time.perf_counter() - start
     suite = Suite(name=NAME, protocol="KD/SFT of SmolLM2-135M on number sequences of an owl-fine-tuned teacher; "
-                                       "trait = P(owl)", student=Path(path), teachers={}, make_data=lambda *a: [],
-                  score=lambda *a: {}, conditions=conds, steps=0, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  curve_points=5, trait="P(first word of the answer = 'owl')")
+                                       "trait = P(owl)", student=Path(path), conditions=conds, steps=0,
+                  batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
+                  trait="P(first word of the answer = 'owl')")
     summary = lm_common.summarise(suite, runs, wall)
     cpu = time.process_time() - cpu0
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),

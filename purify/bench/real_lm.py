@@ -406,9 +406,9 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
         raise BenchError(f"{spec.name}: a run needs a base, a control and a vanilla condition")
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
-    suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), teachers={}, make_data=lambda *a: [],
-                  score=lambda *a: {}, conditions=conds, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  curve_points=5, trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on)
+    suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), conditions=conds, steps=steps,
+                  batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
+                  trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on)
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 

@@ -87,7 +87,7 @@ def rereport(directory: str | Path) -> dict[str, Any]:
     decl = _declarations(old)
     env = json.loads((d / "env.json").read_text())
     notes = old.get("notes")
-    if notes is None and not aux:  # a summary written before it recorded its notes: the lines between its tables and verdicts
+    if notes is None and not aux:  # written before it recorded its notes: the lines between its tables and verdicts
         lines = (d / "summary.md").read_text().splitlines()
         end = next((i for i, line in enumerate(lines) if line.startswith("## Verdicts")), len(lines))
         last_row = max(i for i, line in enumerate(lines[:end]) if line.startswith("|"))
