@@ -83,6 +83,45 @@ def test_worker_processes_give_the_numbers_of_a_sequential_run(quick_run):
     assert [_scores(p) for p in rec["conditions"]["vanilla"]["curve"]] == [_scores(p) for p in pooled["curve"]]
 
 
+def test_a_fresh_run_is_rederived_unchanged(quick_run, tmp_path):
+    import shutil
+
+    from purify.bench.rederive import rereport
+
+    out, summary = quick_run
+    shutil.copytree(out, tmp_path / "run")
+    again = rereport(tmp_path / "run")
+    for key in ("verdicts", "bounds", "p_adjusted", "frontier_gap", "acceptance", "headline", "frontier"):
+        assert json.dumps(again[key]) == json.dumps(json.loads((out / "summary.json").read_text())[key]), key
+    assert (tmp_path / "run" / "summary.md").read_text() == (out / "summary.md").read_text()
+
+
+def test_a_summary_of_the_former_runner_is_rederived_with_the_same_verdicts(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from purify.bench.rederive import rereport
+
+    src = Path(__file__).resolve().parents[1] / "results" / "aux-logits" / "paper"
+    shutil.copytree(src, tmp_path / "run")
+    before = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # (as committed, written by aux-logits' former runner: its conditions are rebuilt from their summary entries)
+    after = rereport(tmp_path / "run")
+    for key in ("verdicts", "bounds", "p_adjusted", "frontier_gap", "judged_against"):
+        assert after[key] == before[key], key
+    conds = {c["name"]: c for c in after["settings"]["conditions"]}  # rebuilt from the former condition entries
+    assert conds["teacher"]["student"] == "teacher" and conds["teacher"]["teachers"] == []
+    assert conds["cross_init"]["student"] == "cross" and conds["all_logits"]["logits"] == "all"
+    assert conds["oracle"]["oracle"] and conds["oracle"]["role"] == "bound" and conds["oracle"]["purifiers"] == []
+    assert [c["kind"] for c in conds.values() if c["kind"]] == ["base", "control", "vanilla"]
+    for name, cond in after["conditions"].items():  # the per-seed measurements are kept as they were
+        assert [r["transfer"] for r in cond["per_seed"]] == [r["transfer"] for r in before["conditions"][name]
+                                                             ["per_seed"]]
+    md = (tmp_path / "run" / "summary.md").read_text()
+    rereport(tmp_path / "run")  # idempotent
+    assert (tmp_path / "run" / "summary.md").read_text() == md
+
+
 # ------------------------------------------------------------------ determinism
 TINY = Settings(n_aux=4, hidden=(32,), teacher_steps=30, ref_steps=10, student_steps=20, batch=32, n_eval=128,
                 curve_every=10)
