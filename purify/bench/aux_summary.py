@@ -15,7 +15,7 @@ from purify.bench.stats import fraction_removed, mean_ci
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
 """The metrics averaged along vanilla's curve (``summary.json["frontier"]``)."""
 COLUMNS = [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
-           ("task_error", "task error"), ("fidelity_loss", "task error vs vanilla"), ("fidelity_kl", "KL(T‖S)"),
+           ("task_error", "task error"), ("fidelity_loss", "task error ÷ vanilla's − 1"), ("fidelity_kl", "KL(T‖S)"),
            ("accuracy", "digit acc"), ("removed", "removed"), ("@gap", "gap to vanilla frontier"),
            ("@verdict", "verdict")]
 SECTIONS = [("reference", "References"), ("bound", "Upper bound (knows the trait; not a purifier)"),
@@ -178,7 +178,8 @@ def notes(summary: dict[str, Any]) -> list[str]:
     return lines + verdict_notes(summary)
 
 
-def _brief(c: dict[str, Any]) -> str:
+def _brief(c: dict[str, Any], gap: dict[str, Any] | None = None) -> str:
+    """One line of an arm's numbers; ``gap``: its entry of ``summary["frontier_gap"]`` (if judged)."""
     parts = [f"transfer {_pm(c['transfer'])}"]
     if "vs_control" in c:
         parts.append(f"minus control {_pm(c['vs_control'])}")
@@ -186,14 +187,15 @@ def _brief(c: dict[str, Any]) -> str:
         parts.append(f"removed {c['removed']['mean']:.0%}")
     if "fidelity_loss" in c and _ok(c["fidelity_loss"]["mean"]):
         parts.append(f"task error ×{1 + c['fidelity_loss']['mean']:.2f}")
-    if "frontier_gap" in c:
-        parts.append(f"gap {_pm(c['frontier_gap'])}")
+    if gap and _ok(gap.get("mean")):
+        parts.append(f"gap {_pm(gap)}")
     return ", ".join(parts)
 
 
 def headline_lines(summary: dict[str, Any]) -> list[str]:
     """The first lines of ``summary.md``: acceptance checks and the arms by verdict."""
     head, conds, acc = summary["headline"], summary["conditions"], summary["acceptance"]
+    gaps = summary.get("frontier_gap") or {}
     lines = ["## Headline", ""]
     if "vanilla_above_control" in acc:
         d = acc["vanilla_above_control"]
@@ -211,13 +213,14 @@ def headline_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("- **The suite is broken for this run: vanilla transfer is not clearly above control. Purifier "
                      "verdicts below mean nothing.**")
     for n, verdict in summary.get("bounds", {}).items():
-        lines.append(f"- {n} (knows the trait; upper bound, not a purifier): {_brief(conds[n])} → {verdict}")
+        brief = _brief(conds[n], gaps.get(n))
+        lines.append(f"- {n} (knows the trait; upper bound, not a purifier): {brief} → {verdict}")
     for key, title in (("purified", "purified (at the control's level, task error ≤ 1.10 × vanilla's, below the "
                                     "frontier)"), ("below_frontier", "below the frontier, not purified"),
                        ("anti_trait", "anti-trait (overshoot below control: a failure)"), ("damaged", "damaged")):
         names = head.get(key, [])
         lines.append(f"- **{title}** ({len(names)}):" + ("" if names else " none"))
-        lines += [f"  - {n}: {_brief(conds[n])}" for n in names]
+        lines += [f"  - {n}: {_brief(conds[n], gaps.get(n))}" for n in names]
     if summary.get("quick"):
         lines.append("- **quick run** (smoke test: fewer steps, seeds and conditions): not a result.")
     pf = probe_free.notes(summary.get("probe_free") or {})

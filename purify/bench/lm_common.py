@@ -420,7 +420,7 @@ def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:
 def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The report columns of an LM suite: the shared ones, then the suite's ``extra``."""
     return [("transfer", "transfer"), ("distance_to_control", "transfer − control"),
-            ("task_error", "task error (KL)"), ("fidelity_loss", "task error vs vanilla"),
+            ("task_error", "task error (KL)"), ("fidelity_loss", "task error ÷ vanilla's − 1"),
             ("fidelity_kl", "KL to teacher"), *extra]
 
 
