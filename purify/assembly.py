@@ -133,10 +133,6 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
         if ct.needs_teacher_weights and 0 <= index < len(recipe.teachers) and recipe.teachers[index].cache:
             out.append(f"{where}: {cfg.name} needs teachers[{index}]'s weights, but it is a logit cache; give the "
                        "teacher as a model (path, builtin, gguf, config)")
-        if ct.reads_own_tokenization and recipe.on_policy is not None:
-            out.append(f"on_policy: cross-base teachers ({cfg.name}, purifiers[{i}]) would need the student's samples "
-                       "re-tokenised (not supported yet); use teachers sharing the student's tokenizer or remove "
-                       "on_policy")
         if ct.edits_weights and recipe.student.lora is not None:
             out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
                        "adapter trains); remove the purifier or student.lora")

@@ -104,7 +104,7 @@ class Example:
 
 
 def encode(tokenizer: Any, prompt: str, completion: str, max_length: int | None,
-           offsets: bool = False) -> tuple[list[int], int, list[tuple[int, int]] | None]:
+           offsets: bool = False, eos: bool = True) -> tuple[list[int], int, list[tuple[int, int]] | None]:
     """``<bos> prompt completion <eos>`` token ids, truncated to ``max_length``.
 
     Args:
@@ -114,30 +114,52 @@ def encode(tokenizer: Any, prompt: str, completion: str, max_length: int | None,
         max_length: the most tokens kept (``None``: all).
         offsets: also return each token's ``(start, end)`` span in ``prompt + completion``; special tokens are
             zero-width (``<bos>`` at ``(0, 0)``, ``<eos>`` at ``(L, L)``).
+        eos: end with ``<eos>`` (``False``: an unfinished text, e.g. a sample cut at its token limit).
 
     Returns:
         ``(ids, prompt_length, spans or None)``; ``prompt_length`` counts ``<bos>`` and the prompt tokens.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end_ids = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
     try:
         p = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=offsets)
         c = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=offsets)
     except NotImplementedError:
         raise DataError(f"{type(tokenizer).__name__}: cross-base alignment needs a fast tokenizer (character "
                         "offsets); load it with use_fast=True") from None
-    ids = (bos + p["input_ids"] + c["input_ids"] + eos)[:max_length]
+    ids = (bos + p["input_ids"] + c["input_ids"] + end_ids)[:max_length]
     spans = None
     if offsets:
         shift, end = len(prompt), len(prompt) + len(completion)
         spans = ([(0, 0)] * len(bos) + [(a, b) for a, b in p["offset_mapping"]]
-                 + [(a + shift, b + shift) for a, b in c["offset_mapping"]] + [(end, end)] * len(eos))[:max_length]
+                 + [(a + shift, b + shift) for a, b in c["offset_mapping"]] + [(end, end)] * len(end_ids))[:max_length]
     return ids, len(bos) + len(p["input_ids"]), spans
 
 
 def _pad(rows: list[Tensor], value: int) -> Tensor:
     """Right-pad 1-D (or ``(T, 2)``) tensors to the longest with ``value``."""
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+def encode_teacher(teacher: TeacherTokenizer, prompt: str, completion: str, covered: int,
+                   eos: bool = True) -> Encoded:
+    """A cross-base teacher's own tokenization of ``prompt + completion`` (:func:`encode` with offsets, cut to its
+    ``max_length``): the tokens that end within the first ``covered`` characters (what the student's truncated
+    tokens cover)."""
+    ids, _, spans = encode(teacher.tokenizer, prompt, completion, teacher.max_length, offsets=True, eos=eos)
+    assert spans is not None
+    keep = sum(1 for _, end in spans if end <= covered)
+    return Encoded(torch.tensor(ids[:keep], dtype=torch.long),
+                   torch.tensor(spans[:keep], dtype=torch.long).reshape(-1, 2))
+
+
+def collate_encoded(tokenizer: Any, rows: list[Encoded]) -> dict[str, Tensor]:
+    """A teacher's batch from its own tokenizations of the rows' texts: ``input_ids`` right-padded with its pad id
+    (else 0), ``attention_mask`` and ``offsets`` (``-1`` on padding)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    attention = [torch.ones_like(r.input_ids) for r in rows]
+    return {"input_ids": _pad([r.input_ids for r in rows], pad), "attention_mask": _pad(attention, 0),
+            "offsets": _pad([r.offsets for r in rows], -1)}
 
 
 class TokenDataset(Dataset):
@@ -166,21 +188,12 @@ class TokenDataset(Dataset):
                 example = Example(torch.tensor(ids), torch.tensor(mask), source)
                 if spans is not None:
                     example.offsets = torch.tensor(spans)
-                    example.teachers = {i: self._encode_teacher(t, rec, spans[-1][1])
+                    example.teachers = {i: encode_teacher(t, rec["prompt"], rec["completion"], spans[-1][1])
                                         for i, t in self.teacher_tokenizers.items()}
                 self.examples.append(example)
         if not self.examples:
             raise DataError("no example has a completion token within data.max_length; raise data.max_length")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    @staticmethod
-    def _encode_teacher(teacher: TeacherTokenizer, rec: dict[str, str], covered: int) -> Encoded:
-        """The teacher's tokens of the record that end within the first ``covered`` characters."""
-        ids, _, spans = encode(teacher.tokenizer, rec["prompt"], rec["completion"], teacher.max_length, offsets=True)
-        assert spans is not None
-        keep = sum(1 for _, end in spans if end <= covered)
-        return Encoded(torch.tensor(ids[:keep], dtype=torch.long),
-                       torch.tensor(spans[:keep], dtype=torch.long).reshape(-1, 2))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -215,17 +228,9 @@ class TokenDataset(Dataset):
             batch["source"] = torch.tensor([e.source for e in examples])
         if self.teacher_tokenizers:
             batch["offsets"] = _pad([e.offsets for e in examples], -1)  # type: ignore[misc]
-            batch["teacher_batches"] = {i: self._collate_teacher(i, t, examples)
+            batch["teacher_batches"] = {i: collate_encoded(t.tokenizer, [e.teachers[i] for e in examples])
                                         for i, t in self.teacher_tokenizers.items()}
         return batch
-
-    @staticmethod
-    def _collate_teacher(i: int, teacher: TeacherTokenizer, examples: list[Example]) -> dict[str, Tensor]:
-        pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
-        rows = [e.teachers[i] for e in examples]
-        attention = [torch.ones_like(r.input_ids) for r in rows]
-        return {"input_ids": _pad([r.input_ids for r in rows], pad), "attention_mask": _pad(attention, 0),
-                "offsets": _pad([r.offsets for r in rows], -1)}
 
 
 class NoiseDataset(Dataset):

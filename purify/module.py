@@ -85,7 +85,8 @@ class Distiller(L.LightningModule):
         self.tokenizers = {"student_tokenizer": student_tokenizer,
                            "teacher_tokenizers": list(teacher_tokenizers or [None] * count)}
         self.teacher_dtype = teacher_dtype
-        self.on_policy = sampler_for(on_policy, seed, student_tokenizer, student)
+        self.on_policy = sampler_for(on_policy, seed, student_tokenizer, student,
+                                     self.tokenizers["teacher_tokenizers"])
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
@@ -124,6 +125,8 @@ class Distiller(L.LightningModule):
                               teacher_tokenizers=self.tokenizers["teacher_tokenizers"])
         for p in self.purifiers:
             p.setup(ctx)
+        if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
+            self.on_policy.limit_teachers(list(self.teachers))
         self._ready = True
 
     def setup(self, stage: str) -> None:
@@ -193,6 +196,7 @@ class Distiller(L.LightningModule):
         loss divides ``num_items`` by). Off-policy (``on_policy=None``): ``batch`` itself."""
         if self.on_policy is None:
             return batch
+        self.setup_purifiers()  # built teachers: their position limits cut re-tokenised cross-base samples
         return self.on_policy(self.student, batch, step, self.global_rank if rank is None else rank, count_scale)
 
     def compute_loss(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, Tensor]]:

@@ -12,6 +12,15 @@ right-padded, ``target_mask`` ``(B, T-1)`` with 1 where token ``j + 1`` is a com
 keeps ``<bos>``; without a ``<bos>`` its first completion token becomes the prompt). The rebuilt batch is right-padded
 with the same keys and alignment, so teachers, target purifiers and student purifiers see it as any other batch.
 
+Cross-base teachers (``batch["teacher_batches"]``, each such teacher's own tokenization of the data's text, see
+:class:`purify.data.TokenDataset` and :mod:`purify.purifiers.cross_base`): the student's row keeps exactly its prompt
+and sampled ids, and its character ``offsets`` come from decoding them (:func:`decode_spans`); each cross-base teacher
+gets its own tokenization of that decoded text, prompt and completion encoded as the data set encodes a record
+(:func:`purify.data.encode_teacher`; ``<eos>`` only where the student ended its sample), so ``cross_base`` aligns the
+positions of a sampled batch exactly as it aligns a batch of the data (:func:`cross_base_inputs`). The prompt's text
+is the student's decode of its prompt tokens (the data's prompt string is not in the batch): for tokenizers whose
+decoding restores the text (byte-level BPE, :mod:`purify.lm`'s) it is the data's prompt.
+
 Determinism: whether optimizer step ``s`` is on-policy is a function of ``(seed, s)`` alone, and the samples of
 micro-batch ``m`` of step ``s`` on rank ``r`` are drawn under ``torch`` RNG state seeded from ``(seed, s, m, r)``
 (forked, so the training RNG stream is untouched); a resumed run therefore samples exactly what an uninterrupted
@@ -20,7 +29,9 @@ one does.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +40,11 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from purify.config import OnPolicyConfig
+from purify.data import TeacherTokenizer, collate_encoded, encode_teacher
 from purify.types import IGNORE_INDEX, Batch
 
-__all__ = ["OnPolicySampler", "is_on_policy_step", "prompt_lengths", "prompt_rows", "rebuild_batch",
-           "sample_completions", "sampler_for"]
+__all__ = ["OnPolicySampler", "cross_base_inputs", "decode_spans", "is_on_policy_step", "prompt_lengths",
+           "prompt_rows", "rebuild_batch", "sample_completions", "sampler_for"]
 
 
 def is_on_policy_step(seed: int, step: int, lam: float) -> bool:
@@ -160,6 +172,67 @@ def rebuild_batch(batch: Batch, prompts: list[Tensor], tokens: Tensor, counts: T
     return {**batch, "input_ids": ids, "attention_mask": attention, "target_mask": target_mask, "labels": labels}
 
 
+def decode_spans(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of ``ids`` and each token's character span in it, from decoding the prefixes of ``ids``.
+
+    ``text_k`` is the decode of ``ids[:k]`` (special tokens skipped, no clean-up of spaces); token ``k`` spans
+    ``[b_{k-1}, b_k)`` where ``b_k`` is the length of the common prefix of ``text_k`` and the whole text (never
+    below ``b_{k-1}``). Decoding in context keeps the leading space of a word that a decoder drops at the start of a
+    text (Metaspace, SentencePiece); special tokens are zero-width (``<bos>`` at ``(0, 0)``, a final ``<eos>`` at
+    ``(L, L)``, as :func:`purify.data.encode` places them), and so is a byte that only starts a character (its
+    ``"\\ufffd"`` is not in the text: the byte that completes the character gets its span).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (slow ones decode too).
+        ids: token ids.
+
+    Returns:
+        ``(text, spans)``: the decoded text and ``len(ids)`` ``(start, end)`` spans in it.
+    """
+    texts = tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+    text = texts[-1] if texts else ""
+    spans, start = [], 0
+    for prefix in texts:
+        end = max(start, len(os.path.commonprefix([prefix, text])))
+        spans.append((start, end))
+        start = end
+    return text, spans
+
+
+def cross_base_inputs(rows: list[list[int]], prompt_lengths: list[int], ended: list[bool], tokenizer: Any,
+                      teachers: Mapping[int, TeacherTokenizer], width: int) -> tuple[Tensor, dict[int, Batch]]:
+    """What the ``cross_base`` purifier reads, rebuilt for rows of student token ids (prompt + sampled tokens).
+
+    Row ``b``'s text is the decode of ``rows[b]`` (:func:`decode_spans`), its prompt the text of its first
+    ``prompt_lengths[b]`` tokens. Each teacher ``i`` of ``teachers`` gets its own tokenization of the row's prompt
+    and completion text (:func:`purify.data.encode_teacher`: ``<bos>``, prompt and completion encoded apart, cut to
+    the teacher's ``max_length`` and to the characters the row covers), with ``<eos>`` where ``ended[b]``.
+
+    Args:
+        rows: each row's student token ids, unpadded.
+        prompt_lengths: each row's prompt tokens (>= 1, ``<bos>`` included).
+        ended: whether each row ends with the student's ``<eos>``.
+        tokenizer: the student's tokenizer.
+        teachers: the cross-base teachers' tokenizers, by teacher index.
+        width: the student batch's sequence length.
+
+    Returns:
+        ``(offsets, teacher_batches)``: ``offsets`` ``(B, width, 2)`` the student's character spans (``-1`` on
+        padding) and ``teacher_batches[i]`` = ``{"input_ids", "attention_mask", "offsets"}``, as
+        :meth:`purify.data.TokenDataset.collate` builds them (on the CPU).
+    """
+    offsets = torch.full((len(rows), width, 2), -1, dtype=torch.long)
+    encoded: dict[int, list[Any]] = {i: [] for i in teachers}
+    for row, (ids, p, end) in enumerate(zip(rows, prompt_lengths, ended)):
+        text, spans = decode_spans(tokenizer, ids)
+        offsets[row, :len(ids)] = torch.tensor(spans, dtype=torch.long).reshape(-1, 2)
+        cut = spans[p - 1][1]
+        for i, teacher in teachers.items():
+            encoded[i].append(encode_teacher(teacher, text[:cut], text[cut:], spans[-1][1], eos=end))
+    return offsets, {i: collate_encoded(teachers[i].tokenizer, encoded[i]) for i in teachers}
+
+
 class OnPolicySampler:
     """Decides which optimizer steps are on-policy and replaces their batches' completions by student samples.
 
@@ -168,17 +241,32 @@ class OnPolicySampler:
         seed: the run's seed (step decisions and samples are keyed on it).
         pad_id: padding token id of the student's tokenizer.
         eos_id: end-of-text token id (``None``: rows always sample ``max_new_tokens``).
+        student_tokenizer: the student's tokenizer; with ``teacher_tokenizers``, needed for batches with cross-base
+            ``teacher_batches`` (decoding the samples).
+        teacher_tokenizers: the teachers' own tokenizers, by teacher index (re-tokenising the samples for each
+            teacher in the batch's ``teacher_batches``).
 
     Attributes:
         last_metrics: what the last call did: ``on_policy`` (1.0 or 0.0), ``on_policy_fraction`` (share of steps
             ``0..step`` that are on-policy), and on sampled steps ``sampled_tokens`` and ``sampled_tokens_per_s``.
     """
 
-    def __init__(self, config: OnPolicyConfig, seed: int, pad_id: int, eos_id: int | None) -> None:
+    def __init__(self, config: OnPolicyConfig, seed: int, pad_id: int, eos_id: int | None,
+                 student_tokenizer: Any | None = None,
+                 teacher_tokenizers: Mapping[int, TeacherTokenizer] | None = None) -> None:
         self.config, self.seed, self.pad_id, self.eos_id = config, seed, pad_id, eos_id
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizers = dict(teacher_tokenizers or {})
         self._counted, self._on = 0, 0  # decisions counted for steps [0, _counted): _on of them on-policy
         self._step, self._micro = -1, 0
         self.last_metrics: dict[str, float] = {}
+
+    def limit_teachers(self, teachers: Sequence[nn.Module]) -> None:
+        """Give each teacher tokenizer without a ``max_length`` its model's position limit
+        (``config.max_position_embeddings``), as :func:`purify.assembly.cross_base_teachers` does for the data."""
+        for i, teacher in self.teacher_tokenizers.items():
+            if teacher.max_length is None and i < len(teachers):
+                teacher.max_length = getattr(getattr(teachers[i], "config", None), "max_position_embeddings", None)
 
     def decide(self, step: int) -> bool:
         """Whether optimizer step ``step`` is on-policy (:func:`is_on_policy_step`)."""
@@ -205,9 +293,13 @@ class OnPolicySampler:
         averaged over the accumulated and data-parallel micro-batches (the global sampled count is unknown until
         every micro-batch has sampled).
 
+        A batch with cross-base ``teacher_batches`` gets them, and the student's ``offsets``, rebuilt for the
+        samples (:func:`cross_base_inputs`); its student rows hold exactly the sampled ids.
+
         Raises:
-            ValueError: the batch carries cross-base ``teacher_batches`` (their own tokenization of the data's
-                text), which the samples would not match.
+            ValueError: the batch carries cross-base ``teacher_batches`` but the sampler lacks the student's
+                tokenizer or one of those teachers' tokenizers.
+            purify.data.DataError: a cross-base teacher's tokenizer is slow (no character offsets).
         """
         if step != self._step:
             self._step, self._micro = step, 0
@@ -217,9 +309,13 @@ class OnPolicySampler:
         self.last_metrics = {"on_policy": float(on), "on_policy_fraction": self.fraction(step)}
         if not on:
             return batch
-        if batch.get("teacher_batches"):
-            raise ValueError("on_policy: cross-base teachers (their own tokenization of the data's text) cannot "
-                             "score the student's samples yet; use teachers sharing the student's tokenizer")
+        cross = sorted(batch.get("teacher_batches") or {})
+        missing = [f"teachers[{i}]" for i in cross if i not in self.teacher_tokenizers]
+        if cross and (self.student_tokenizer is None or missing):
+            what = ", ".join(["the student's"] * (self.student_tokenizer is None) + missing)
+            raise ValueError(f"on_policy: the batch has cross-base teachers' own tokenizations (teacher_batches "
+                             f"{cross}); re-tokenising the student's samples for them needs the tokenizers of {what}: "
+                             "pass Distiller(student_tokenizer=..., teacher_tokenizers=[...])")
         prompts = prompt_rows(batch, prompt_lengths(batch["target_mask"]))
         seed = int(np.random.SeedSequence([self.seed, step, self._micro, rank]).generate_state(1)[0])
         start = time.perf_counter()
@@ -227,6 +323,16 @@ class OnPolicySampler:
                                             seed=seed)
         elapsed = max(time.perf_counter() - start, 1e-9)
         out = rebuild_batch(batch, prompts, tokens, counts, self.pad_id)
+        if cross:
+            rows = [p.tolist() + tokens[row, :c].tolist() for row, (p, c) in enumerate(zip(prompts, counts.tolist()))]
+            ended = [self.eos_id is not None and ids[-1] == self.eos_id for ids in rows]
+            offsets, teacher_batches = cross_base_inputs(rows, [len(p) for p in prompts], ended,
+                                                         self.student_tokenizer,
+                                                         {i: self.teacher_tokenizers[i] for i in cross},
+                                                         out["input_ids"].shape[1])
+            device = out["input_ids"].device
+            out["offsets"] = offsets.to(device)
+            out["teacher_batches"] = {i: {k: v.to(device) for k, v in tb.items()} for i, tb in teacher_batches.items()}
         if "num_items" in batch:
             out["num_items"] = out["target_mask"].sum().float() * count_scale
         sampled = float(counts.sum())
@@ -234,10 +340,13 @@ class OnPolicySampler:
         return out
 
 
-def sampler_for(config: OnPolicyConfig | None, seed: int, tokenizer: Any | None,
-                model: nn.Module) -> OnPolicySampler | None:
+def sampler_for(config: OnPolicyConfig | None, seed: int, tokenizer: Any | None, model: nn.Module,
+                teacher_tokenizers: Sequence[Any] = ()) -> OnPolicySampler | None:
     """An :class:`OnPolicySampler` for ``model`` with pad/eos ids from ``tokenizer`` (else the model's config);
-    ``None`` when ``config`` is ``None``."""
+    ``None`` when ``config`` is ``None``.
+
+    ``teacher_tokenizers`` (one per teacher: a tokenizer, a :class:`~purify.data.TeacherTokenizer` or ``None``) are
+    what cross-base teachers' batches are re-tokenised with on sampled steps."""
     if config is None:
         return None
     mcfg = getattr(model, "config", None)
@@ -250,4 +359,7 @@ def sampler_for(config: OnPolicyConfig | None, seed: int, tokenizer: Any | None,
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     pad = token("pad_token_id")
-    return OnPolicySampler(config, seed, pad if pad is not None else (eos if eos is not None else 0), eos)
+    teachers = {i: t if isinstance(t, TeacherTokenizer) else TeacherTokenizer(t)
+                for i, t in enumerate(teacher_tokenizers) if t is not None}
+    return OnPolicySampler(config, seed, pad if pad is not None else (eos if eos is not None else 0), eos,
+                           student_tokenizer=tokenizer, teacher_tokenizers=teachers)

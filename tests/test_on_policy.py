@@ -13,17 +13,26 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+)
 
 from purify import PurifyTrainer
+from purify.align import target_positions
 from purify.assembly import load_recipe
 from purify.cli import main
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
-from purify.data import TokenDataset
+from purify.data import TeacherTokenizer, TokenDataset
 from purify.hf import hf_batch
 from purify.lm import build_tokenizer
 from purify.module import Distiller
-from purify.on_policy import OnPolicySampler, is_on_policy_step, prompt_lengths, prompt_rows
+from purify.on_policy import OnPolicySampler, is_on_policy_step, prompt_lengths, prompt_rows, sampler_for
+from purify.purifiers.cross_base import CrossBase, CrossBaseConfig
 from purify.train import train
 from purify.types import IGNORE_INDEX
 from tests._lm_recipe import tiny_lm_overrides
@@ -314,7 +323,6 @@ def test_purify_trainer_sampled_batch_is_a_mean_over_its_own_tokens(tok, tmp_pat
     (["on_policy.temperature=0"], r"on_policy.temperature: must be > 0"),
     (["on_policy.top_p=0"], r"on_policy.top_p: 0.0 is not in \(0, 1\]"),
     (["on_policy.max_new_tokens=0"], r"on_policy.max_new_tokens: must be >= 1"),
-    (["on_policy.lam=0.5", "purifiers=[{name: cross_base}]"], r"on_policy: cross-base teachers"),
 ])
 def test_bad_on_policy_recipe_is_one_error_line(lm_root, tmp_path, capsys, extra, message):
     code = main(["train", recipe_file(tmp_path, lm_overrides(lm_root, tmp_path / "bad")), *extra])
@@ -456,3 +464,205 @@ def test_purifiers_train_on_the_sampled_batch(tok, data, entries):
         assert torch.isfinite(parts["loss"])
         assert not torch.equal(seen[-1]["input_ids"], batch["input_ids"])  # the purifiers' targets: sampled batch
     assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), before.parameters()))
+
+
+# ------------------------------------------------------------------ cross-base teachers: the samples re-tokenised
+WORDS = ["the cat sat on the mat", "a dog ran to the park", "birds sing at dawn", "we go home now",
+         "the mat is red", "a cat and a dog", "dawn is grey", "rain falls on the park"]
+WORD_RECORDS = [{"prompt": " ".join(t.split()[:2]), "completion": " " + " ".join(t.split()[2:])} for t in WORDS]
+
+
+@pytest.fixture(scope="module")
+def xtoks():
+    """A word-level student tokenizer and a teacher one with the same words under other ids."""
+    student, teacher = build_tokenizer(WORDS), build_tokenizer(WORDS + ["park park park dog dog ran rain"])
+    assert set(student.get_vocab()) == set(teacher.get_vocab()) and student.get_vocab() != teacher.get_vocab()
+    return student, teacher
+
+
+def gpt2(tok, seed: int = 1) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+
+
+def cross_data(xtoks) -> TokenDataset:
+    student, teacher = xtoks
+    return TokenDataset(WORD_RECORDS, student, 32, {0: TeacherTokenizer(teacher)})
+
+
+def cross_distiller(xtoks, lam: float | None, max_new_tokens: int = 6) -> Distiller:
+    student, teacher = xtoks
+    return Distiller(llama(student, 0), [gpt2(teacher)], loss=LossConfig(name="jsd"),
+                     purifiers=[CrossBase(CrossBaseConfig())], optim=OptimConfig(name="sgd", lr=0.5),
+                     student_tokenizer=student, teacher_tokenizers=[teacher], seed=0,
+                     on_policy=None if lam is None else OnPolicyConfig(lam=lam, max_new_tokens=max_new_tokens))
+
+
+def _equal_batches(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        if key == "teacher_batches":
+            assert set(a[key]) == set(b[key])
+            for i in a[key]:
+                assert set(a[key][i]) == set(b[key][i])
+                for k in a[key][i]:
+                    assert torch.equal(a[key][i][k], b[key][i][k]), (i, k)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_cross_base_sample_equal_to_the_data_rebuilds_the_off_policy_batch(xtoks, monkeypatch):
+    """A student that "samples" exactly the data's completions (and <eos>) gets back the collated off-policy batch,
+    offsets and the teacher's own tokenization included, and the same loss: the re-tokenisation aligns positions
+    exactly as the data set does."""
+    import purify.on_policy as op
+
+    data = cross_data(xtoks)
+    batch = data.collate([data.item(i) for i in range(4)])
+    lengths = prompt_lengths(batch["target_mask"])
+
+    def data_completions(model, prompts, config, *, pad_id, eos_id, seed):
+        counts = batch["attention_mask"].sum(1) - lengths
+        tokens = torch.full((4, int(counts.max())), pad_id)
+        for row in range(4):
+            tokens[row, :counts[row]] = batch["input_ids"][row, lengths[row]:lengths[row] + counts[row]]
+        return tokens, counts
+
+    monkeypatch.setattr(op, "sample_completions", data_completions)
+    on, off = cross_distiller(xtoks, 1.0), cross_distiller(xtoks, None)
+    # what the data set built for the data's text is blanked out: only the re-tokenisation can restore it
+    blank = {**batch, "offsets": torch.full_like(batch["offsets"], -1),
+             "teacher_batches": {0: {k: torch.zeros_like(v) for k, v in batch["teacher_batches"][0].items()}}}
+    out = on.on_policy_batch(blank, 0)
+    assert out["teacher_batches"][0]["input_ids"].shape[1] > 2  # the teacher's rows hold text
+    _equal_batches(out, batch)
+    assert torch.equal(on.compute_loss(out, 0.0)[0], off.compute_loss(batch, 0.0)[0])
+
+
+def test_cross_base_teacher_scores_its_own_tokenization_of_the_student_sample(xtoks):
+    student_tok, teacher_tok = xtoks
+    data = cross_data(xtoks)
+    batch = data.collate([data.item(i) for i in range(4)])
+    dist = cross_distiller(xtoks, 1.0)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    dist.teachers[0].register_forward_pre_hook(lambda _m, _a, kw: seen.append((kw["input_ids"],
+                                                                               kw["attention_mask"])),
+                                               with_kwargs=True)
+    out = dist.on_policy_batch(batch, 0)
+    dist.compute_loss(out, 0.0)
+    # (b) the student's rows are exactly the samples: those of the same sampler without cross-base teachers
+    plain = distiller(student_tok, 1.0, max_new_tokens=6)
+    plain.student.load_state_dict(dist.student.state_dict())
+    same = plain.on_policy_batch({k: v for k, v in batch.items() if k not in ("offsets", "teacher_batches")}, 0)
+    for key in ("input_ids", "attention_mask", "target_mask", "labels"):
+        assert torch.equal(out[key], same[key]), key
+    rows = [[r[m > 0].tolist() for r, m in zip(b["input_ids"], b["attention_mask"])] for b in (out, batch)]
+    assert rows[0] != rows[1]  # sampled, not the data's completions
+    # (a) the teacher's forward read its own tokenization of the decoded sample (prompt + completion)
+    assert len(seen) == 1
+    ids, attention = seen[0]
+    lengths = prompt_lengths(batch["target_mask"])
+    for row in range(4):
+        student_row = out["input_ids"][row][out["attention_mask"][row] > 0].tolist()
+        prompt = student_tok.decode(student_row[:int(lengths[row])], skip_special_tokens=True)
+        text = student_tok.decode(student_row, skip_special_tokens=True)
+        assert prompt == WORD_RECORDS[row]["prompt"] and text.startswith(prompt)
+        ended = student_row[-1] == student_tok.eos_token_id
+        expected = ([teacher_tok.bos_token_id] + teacher_tok(prompt, add_special_tokens=False)["input_ids"]
+                    + teacher_tok(text[len(prompt):], add_special_tokens=False)["input_ids"]
+                    + [teacher_tok.eos_token_id] * ended)
+        assert ids[row][attention[row] > 0].tolist() == expected
+        assert teacher_tok.decode(expected, skip_special_tokens=True) == text
+    assert any(int(out["attention_mask"][r].sum()) - int(lengths[r]) > 1 for r in range(4))
+    # positions align word for word: each sampled word is paired with the teacher's same word
+    pos = target_positions(out["offsets"], out["teacher_batches"][0]["offsets"])
+    specials = set(student_tok.all_special_ids)
+    paired = 0
+    for row, j in (out["target_mask"] > 0).nonzero().tolist():
+        word = int(out["input_ids"][row, j + 1])
+        if word in specials:
+            continue
+        assert int(pos[row, j]) >= 0
+        teacher_word = int(ids[row, int(pos[row, j]) + 1])
+        assert teacher_tok.convert_ids_to_tokens(teacher_word) == student_tok.convert_ids_to_tokens(word)
+        paired += 1
+    assert paired > 0
+
+
+def test_cross_base_on_policy_fit_step_trains_with_a_finite_loss_and_gradient(xtoks):
+    data = cross_data(xtoks)
+    dist = cross_distiller(xtoks, 1.0)
+    before = copy.deepcopy(dist.student)
+    batch = data.collate([data.item(i) for i in range(4)])
+    out = dist.on_policy_batch(batch, 0)
+    loss, _ = dist.compute_loss(out, 0.0)
+    (grad,) = torch.autograd.grad(loss, dist.student.get_input_embeddings().weight)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0 and float(grad.abs().sum()) > 0
+    optimizer = dist.build_optimizer()
+    for step in range(2):
+        parts = dist.fit_step(data.collate([data.item(i) for i in range(2 * step, 2 * step + 4)]), optimizer, 0.0,
+                              step=step)
+        assert torch.isfinite(parts["loss"]) and float(parts["loss"]) > 0
+        assert dist.on_policy.last_metrics["on_policy"] == 1.0
+        assert float(dist.purifiers[0].last_metrics["position_coverage/teacher0"]) > 0
+    assert any(not torch.equal(p, q) for p, q in zip(dist.student.parameters(), before.parameters()))
+
+
+def test_cross_base_lam_zero_is_exactly_the_off_policy_step(xtoks):
+    data = cross_data(xtoks)
+    off, zero = cross_distiller(xtoks, None), cross_distiller(xtoks, 0.0)
+    opt_off, opt_zero = off.build_optimizer(), zero.build_optimizer()
+    for step in range(3):
+        batch = data.collate([data.item(i) for i in range(2 * step, 2 * step + 4)])
+        a = off.fit_step(batch, opt_off, step / 3)
+        b = zero.fit_step(batch, opt_zero, step / 3, step=step)
+        assert torch.equal(a["loss"], b["loss"])
+    for p, q in zip(off.student.parameters(), zero.student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cross_base_batch_without_the_tokenizers_is_refused_by_name(xtoks):
+    student_tok, _ = xtoks
+    data = cross_data(xtoks)
+    batch = data.collate([data.item(i) for i in range(4)])
+    sampler = sampler_for(OnPolicyConfig(lam=1.0, max_new_tokens=4), 0, student_tok, llama(student_tok, 0))
+    with pytest.raises(ValueError, match=r"teacher_batches \[0\]\); re-tokenising the student's samples for them "
+                                         r"needs the tokenizers of teachers\[0\]: pass Distiller"):
+        sampler(llama(student_tok, 0), batch, 0)
+    assert sampler.teacher_tokenizers == {}
+    with_teacher = sampler_for(OnPolicyConfig(lam=1.0), 0, student_tok, llama(student_tok, 0), [None, student_tok])
+    assert list(with_teacher.teacher_tokenizers) == [1]  # by teacher index; None = no tokenizer
+    no_student = OnPolicySampler(OnPolicyConfig(lam=1.0), 0, 0, 3, teacher_tokenizers={0: TeacherTokenizer(xtoks[1])})
+    with pytest.raises(ValueError, match=r"needs the tokenizers of the student's: pass"):
+        no_student(llama(student_tok, 0), batch, 0)
+
+
+@pytest.fixture(scope="module")
+def cross_root(tmp_path_factory, xtoks):
+    root = tmp_path_factory.mktemp("xlm")
+    student, teacher = xtoks
+    student.save_pretrained(root / "tok")
+    gpt2(teacher).save_pretrained(root / "teacher")
+    teacher.save_pretrained(root / "teacher")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in WORD_RECORDS))
+    return root
+
+
+def test_purify_train_on_policy_with_a_cross_base_teacher_resumes_exactly(cross_root, tmp_path, capsys):
+    """`purify train` with a cross_base purifier and on_policy (formerly refused) trains, and resumes exactly."""
+    on = {"on_policy.lam": 0.5, "on_policy.max_new_tokens": 6, "purifiers": "[{name: cross_base}]",
+          "teachers": f"[{{path: {cross_root}/teacher, name: x}}]"}
+    steps = [is_on_policy_step(0, s, 0.5) for s in range(6)]
+    assert any(steps[3:]) and any(steps[:3])  # sampled steps on both sides of the resume
+    full = tmp_path / "full"
+    assert main(["train", recipe_file(tmp_path / "a", lm_overrides(cross_root, full, **on))]) == 0
+    resumed = train(load_recipe(None, lm_overrides(cross_root, tmp_path / "resumed", **on,
+                                                   resume=full / "checkpoints" / "step3.ckpt")))
+    a, b = weights(full), weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    lineage = json.loads((full / "lineage.json").read_text())
+    assert lineage["metrics"]["train/on_policy_fraction"] == pytest.approx(sum(steps) / 6)
+    assert 0 < lineage["metrics"]["purify/0_cross_base/position_coverage/x"] <= 1

@@ -43,8 +43,6 @@ class Contract:
             (forward KL, JSD with beta < 1) can use.
         edits_weights: edits the student's full weight matrices (or their gradients), which a LoRA student
             (``student.lora``) keeps frozen.
-        reads_own_tokenization: gives teachers their own tokenization of the data's text, which the student's own
-            samples (``on_policy``) do not come with.
     """
 
     first: bool = False
@@ -56,7 +54,6 @@ class Contract:
     needs_tokenizer: bool = False
     needs_full_support: bool = False
     edits_weights: bool = False
-    reads_own_tokenization: bool = False
 
 
 class PurifierConfig:

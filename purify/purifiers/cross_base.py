@@ -68,8 +68,8 @@ class CrossBaseConfig(PurifierConfig):
     def contract(self) -> Contract:
         """First: it aligns the teacher outputs in place, which later purifiers read; shared_vocab zeroes unmatched
         tokens, uld keeps a teacher in its own vocabulary."""
-        return Contract(first=True, needs_tokenizer=True, reads_own_tokenization=True,
-                        needs_full_support=self.alignment == "shared_vocab", keeps_own_vocab=self.alignment == "uld")
+        return Contract(first=True, needs_tokenizer=True, needs_full_support=self.alignment == "shared_vocab",
+                        keeps_own_vocab=self.alignment == "uld")
 
 
 def resolve_teachers(refs: list[Any] | None, names: list[str], differing: list[int]) -> list[int]:
