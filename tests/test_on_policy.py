@@ -13,12 +13,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     DataCollatorForSeq2Seq,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     TrainingArguments,
 )
 
@@ -31,7 +33,7 @@ from purify.data import TeacherTokenizer, TokenDataset
 from purify.hf import hf_batch
 from purify.lm import build_tokenizer
 from purify.module import Distiller
-from purify.on_policy import OnPolicySampler, is_on_policy_step, prompt_lengths, prompt_rows, sampler_for
+from purify.on_policy import OnPolicySampler, decode_spans, is_on_policy_step, prompt_lengths, prompt_rows, sampler_for
 from purify.purifiers.cross_base import CrossBase, CrossBaseConfig
 from purify.train import train
 from purify.types import IGNORE_INDEX
@@ -485,6 +487,23 @@ def gpt2(tok, seed: int = 1) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id))
+
+
+def test_decode_spans_by_hand_word_and_byte_level(xtoks):
+    word = xtoks[0]
+    ids = word("the cat")["input_ids"] + word(" sat", add_special_tokens=False)["input_ids"] + [word.eos_token_id]
+    # <bos> ▁the ▁cat ▁sat <eos>: the decoder drops a text's leading space, but in context "▁sat" keeps it
+    assert decode_spans(word, ids) == ("the cat sat", [(0, 0), (0, 3), (3, 7), (7, 11), (11, 11)])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    byte = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    ids = byte("the café")["input_ids"]
+    assert byte.convert_ids_to_tokens(ids) == ["the", "Ġ", "c", "a", "f", "Ã", "©"]  # é is two byte tokens
+    # the byte that only starts "é" is zero-width; the one that completes it spans the character
+    assert decode_spans(byte, ids) == ("the café", [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 7), (7, 8)])
 
 
 def cross_data(xtoks) -> TokenDataset:
