@@ -111,7 +111,8 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
     base, tok = tiny
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
     calls: list[int] = []
-    monkeypatch.setattr(owl_finetuned, "sample_completions", fake_sampler(calls))
+    monkeypatch.setattr(owl_finetuned, "sample_completions", fake_sampler(calls))  # the teacher's anchor answers
+    monkeypatch.setattr(real_lm, "sample_completions", fake_sampler(calls))  # each seed's data
     out = tmp_path / "out"
     summary = owl_finetuned.run(base, tok, "tiny", CFG, [0, 1], str(out), True, {}, False, 0.0)
     assert calls == [80] + [24] * 4  # the teacher's anchor answers, then two teachers × two seeds
@@ -130,10 +131,9 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
     assert per["vanilla:soft"][0]["curve"][0]["step"] == 0 and per["vanilla"][0]["curve"]
     md = Path(out, "summary.md").read_text()
     assert "- vanilla:soft − control:soft (16 samples/seed): P(owl)" in md and "Vanilla − control" in md
-    assert owl_finetuned.rewrite(out)["vanilla_minus_control"] == json.loads(json.dumps(
-        summary["vanilla_minus_control"])) and Path(out, "summary.md").read_text() == md  # rendered from the json
-    rereport(out)  # the benchmark's re-derivation keeps the notes and the verdicts
-    assert Path(out, "summary.md").read_text() == md
+    rederived = rereport(out)  # rendered from the json: the re-derivation keeps the notes, contrasts and verdicts
+    assert rederived["vanilla_minus_control"] == json.loads(json.dumps(summary["vanilla_minus_control"]))
+    assert rederived["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"] > 0.3 > 0.05 > readouts["base"]
     again = owl_finetuned.run(base, tok, "tiny", CFG, [0], str(tmp_path / "o2"), True, {}, False, 0.0)
@@ -154,7 +154,7 @@ def test_seed_data_caches_samples_and_recomputes_targets_for_any_top_k(tiny, tmp
     base, tok = tiny
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
     calls: list[int] = []
-    monkeypatch.setattr(owl_finetuned, "sample_completions", fake_sampler(calls))
+    monkeypatch.setattr(real_lm, "sample_completions", fake_sampler(calls))
     top = real_lm.Top(base, 2).eval()
     a = owl_finetuned.seed_data(5, base, base, top, tok, CFG, "k")
     b = owl_finetuned.seed_data(5, base, base, top, tok, {**CFG, "top_k": 16}, "k")

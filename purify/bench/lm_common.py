@@ -16,6 +16,7 @@ its early-stopping frontier. Statistics and files come from :mod:`purify.bench.s
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import multiprocessing as mp
 import time
@@ -36,6 +37,7 @@ from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
+from purify.storage import atomic_path
 
 Scores = dict[str, float]
 """What a suite's scorer returns: ``trait``, ``task_error``, ``fidelity_kl`` and optional extras."""
@@ -440,7 +442,11 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
               progress: bool = True) -> dict[int, dict[str, Any]]:
     """The one seed scheduler: ``one_seed(seed)`` for every seed, in seed order. ``workers > 1`` runs that many at a
     time in forked processes (1 torch thread each; they share what the parent loaded, e.g. teacher models); the
-    per-seed code is the same, only the scheduling differs. ``progress``: a line per finished seed."""
+    per-seed code is the same, only the scheduling differs. ``progress``: a line per finished seed.
+
+    ``one_seed`` returns the seed's record for :func:`summarise` (``base``, ``teacher``, ``conditions``, ``data``); what
+    a suite gathers while it runs a seed (e.g. owl-ft-smollm2's sampling counts and timings) goes into the same record
+    under a key of its own (``summarise`` reads only its four), so it comes back from a forked worker too."""
     workers = max(1, min(workers, len(seeds)))
     if workers == 1:
         return {s: one_seed(s) for s in seeds}
@@ -487,8 +493,17 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
         summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
     summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
                         f"Measured wall time: {wall:.0f} s on this machine ({how})."]
-    write_report(out, summary, environment(summary["seeds"], wall, command), summary["columns"],
-                 report_notes(summary))
+    return publish(out, summary, environment(summary["seeds"], wall, command))
+
+
+def publish(out: str | Path, summary: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The one report writer of the LM suites (the real-model ones included, and :mod:`purify.bench.rederive`):
+    ``summary.json|md|csv``, ``frontier.png`` and ``env.json`` into ``out`` with the summary's ``columns`` and
+    :func:`report_notes`, and ``readouts.json`` when the summary has ``readouts``. Returns ``summary``."""
+    write_report(out, summary, env, summary["columns"], report_notes(summary))
+    if "readouts" in summary:
+        with atomic_path(Path(out) / "readouts.json") as tmp:
+            tmp.write_text(json.dumps(summary["readouts"], indent=1))
     return summary
 
 

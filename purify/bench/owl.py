@@ -43,10 +43,7 @@ FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
 TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
               "what": "the suite's size (1200 prompts, 4 epochs) and lr, after runs that reported the trait"}]
-CONDITIONS = [Condition("base", baseline=True, kind="base"),
-              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
-              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
-              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla"),
+CONDITIONS = [*real_lm.REFERENCES,
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),
               Condition("anchor", ["teacher"], [{"name": "anchor", "weight": 1.0}], loss="ce")]
@@ -82,7 +79,7 @@ def suite(n: int, temperature: float, animal: str = "owl") -> RealSuite:
 
 def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
               progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
-    """Run the owl suite and write ``results/owl-smollm2/`` (summary.json|md|csv, frontier.png, env.json,
+    """Run the owl suite and write its report into ``out`` (summary.json|md|csv, frontier.png, env.json,
     readouts.json).
 
     Args:

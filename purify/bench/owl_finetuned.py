@@ -18,25 +18,26 @@ and ≥ 10k samples. This suite builds that protocol, reduced to fit one CPU cor
 - **readout**: exact P(first word of the answer = owl) over the 50 readout questions, same chat template.
 
 Report: vanilla − control per label mode / adapter / data size, paired by seed (``summary.json
-["vanilla_minus_control"]``), with the benchmark's summary and verdict machinery (:func:`purify.bench.lm_common.
-summarise`). The runner reuses :mod:`purify.bench.real_lm` (cached block inputs, :class:`~purify.bench.real_lm.Top`).
+["vanilla_minus_control"]``), with the benchmark spine's seed scheduler, summary, verdicts and report writer
+(:mod:`purify.bench.lm_common`). The runner reuses :mod:`purify.bench.real_lm` (cached block inputs, sampling,
+:class:`~purify.bench.real_lm.Top`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from purify.bench import lm_common, owl, real_lm, stats
+from purify.bench import lm_common, owl, real_lm
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.real_lm import RealSuite, Top
-from purify.bench.report import BenchError, bench_command, environment, verdict_notes, write_report
+from purify.bench.real_lm import Top
+from purify.bench.report import BenchError, bench_command, environment
 from purify.bench.tic_smollm2 import everyday_prompts
 from purify.generate import sample_completions
 from purify.lm.cache import digest
@@ -109,9 +110,7 @@ def owl_teacher(base: Any, tokenizer: Any, cfg: dict[str, Any], anchors: list[st
         answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in anchors],
                                      max_new_tokens=cfg["max_new"], temperature=0.0, batch_size=32, progress=progress)
         mixed = records + [{"prompt": p, "completion": a.strip()} for p, a in zip(anchors, answers) if a.strip()]
-        data = real_lm.sft_data(base, tokenizer, mixed, cfg["layers"])
-        steps = max(1, cfg["teacher_epochs"] * len(mixed) // cfg["batch_size"])
-        return real_lm.fit_top(base, data, list(range(len(mixed))), {**cfg, "lr": cfg["teacher_lr"]}, steps, seed=0)
+        return real_lm.finetune(base, tokenizer, mixed, cfg, cfg["teacher_epochs"], cfg["teacher_lr"])
 
     return real_lm.cached_top(path, base, cfg["layers"], train).eval().requires_grad_(False), key
 
@@ -150,16 +149,11 @@ def seed_data(seed: int, base: Any, teacher: Any, teacher_top: Top, tokenizer: A
         out = {"log": {}}
         for name, model in (("teacher", teacher), ("clean", base)):
             t0 = time.perf_counter()
-            texts = sample_completions(model, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
-                                       max_new_tokens=cfg["max_new"], temperature=cfg["temperature"], seed=seed,
-                                       batch_size=32, progress=progress)
-            kept, _ = owl.filter_numbers([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
-            kept = [r for r in kept if tokenizer(r["completion"], add_special_tokens=False)["input_ids"]]
-            out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept),
-                               f"{name}_seconds": round(time.perf_counter() - t0, 1)})
-            if len(kept) <= (cfg["heldout"] + 1 if name == "teacher" else 0):
-                raise BenchError(f"{NAME}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
-                                 f"the filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
+            kept, counts = real_lm.sample_kept(NAME, name, model, tokenizer, prompts, system=None,
+                                               keep=owl.filter_numbers, cfg=cfg, temperature=cfg["temperature"],
+                                               seed=seed, need=cfg["heldout"] + 2 if name == "teacher" else 1,
+                                               progress=progress)
+            out["log"].update({**counts, f"{name}_seconds": round(time.perf_counter() - t0, 1)})
             out[name] = real_lm.sft_data(base, tokenizer, kept, cfg["layers"])
         with atomic_path(path) as tmp:
             torch.save(out, tmp)
@@ -188,15 +182,23 @@ def arms(cfg: dict[str, Any]) -> list[tuple[Condition, dict[str, Any]]]:
     return out
 
 
-def run_seed(seed: int, base: Any, tokenizer: Any, data: dict[str, Any], trait: dict[str, Any], cfg: dict[str, Any],
-             s0: Scores, t_full: Scores, progress: bool) -> dict[str, Any]:
-    """Train and score every arm of one seed (:func:`purify.bench.lm_common.run_conditions`)."""
-    spec = RealSuite(name=NAME, protocol="", target="owl", others=owl.ANIMALS, questions=[], prompts=[],
-                     filter=owl.filter_numbers, conditions=[])
-    vocab, teacher = base.config.vocab_size, data["teacher"]
-    n_t = len(teacher["labels"])
+def run_seed(seed: int, base: Any, tokenizer: Any, teacher: Any, teacher_top: Top, key: str, trait: dict[str, Any],
+             cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One seed's record for :func:`purify.bench.lm_common.run_seeds`: its data (:func:`seed_data`), the base's and
+    the teacher's scores, every arm trained and scored (:func:`purify.bench.lm_common.run_conditions`), and ``log``:
+    the sampling counts and timings (``settings["per_seed_log"]``)."""
+    t0 = time.perf_counter()
+    data = seed_data(seed, base, teacher, teacher_top, tokenizer, cfg, key, progress)
+    log = {**data["log"], "data_seconds": round(time.perf_counter() - t0, 1)}
+    vocab, n_t = base.config.vocab_size, len(data["teacher"]["labels"])
     heldout = list(range(n_t - cfg["heldout"], n_t))
-    scoring = {"teacher": teacher, "trait": trait}
+    scoring = {"teacher": data["teacher"], "trait": trait}
+
+    def score(top: Top) -> Scores:
+        return real_lm.score_top(top, tokenizer, scoring, heldout, vocab, "owl", owl.ANIMALS)
+
+    s0 = score(Top(base, cfg["layers"]).eval())
+    t_full = {**score(teacher_top), **real_lm.TEACHER_FIDELITY}
     how = {cond.name: h for cond, h in arms(cfg)}
 
     def fit(cond: Condition, on_point: Any) -> tuple[Top, dict[str, float]]:
@@ -210,22 +212,21 @@ def run_seed(seed: int, base: Any, tokenizer: Any, data: dict[str, Any], trait: 
                               points=5 if on_point else 0, rank=h.get("rank", 0))
         return top, {"samples": len(pool), "steps": steps}
 
-    return lm_common.run_conditions([c for c, _ in arms(cfg)], s0, t_full, fit, lambda top: real_lm.score_top(
-        spec, top, tokenizer, scoring, heldout, vocab), desc=f"seed {seed}", progress=progress)
+    conditions = lm_common.run_conditions([c for c, _ in arms(cfg)], s0, t_full, fit, score, desc=f"seed {seed}",
+                                          progress=progress)
+    return {"base": s0, "teacher": t_full, "data": {"teacher": n_t - cfg["heldout"],
+                                                    "clean": len(data["clean"]["labels"])},
+            "conditions": conditions, "log": {**log, "seed_seconds": round(time.perf_counter() - t0, 1)}}
 
 
 def contrasts(summary: dict[str, Any], conds: list[Condition]) -> dict[str, Any]:
     """Every trained non-control arm minus the control of its loss mode, paired by seed, on P(owl) and its log."""
-    runs = summary["conditions"]
     control = {c.loss: c.name for c in conds if c.kind == "control"}
     out = {}
     for c in conds:
         if not c.teachers or c.kind == "control":
             continue
-        ctl = control[c.loss]
-        out[c.name] = {"control": ctl, **{k: stats.paired_test([r[k] for r in runs[c.name]["per_seed"]],
-                                                               [r[k] for r in runs[ctl]["per_seed"]])
-                                          for k in ("trait", "log_trait")}}
+        out[c.name] = {"control": control[c.loss], **real_lm.minus_control(summary, c.name, control[c.loss])}
     return out
 
 
@@ -244,7 +245,7 @@ def contrast_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def notes(summary: dict[str, Any]) -> list[str]:
-    """The report's notes, from ``summary`` alone (so :func:`rewrite` renders a stored run identically)."""
+    """The run's own report notes (``summary["notes"]``), computed from ``summary``."""
     cfg, logs = summary["settings"], summary["settings"]["per_seed_log"]
     decoding = "greedy" if cfg["temperature"] == 0 else f"T = {cfg['temperature']}"
     kept = "; ".join(f"seed {s}: {lg['teacher_kept']}/{lg['teacher_sampled']} teacher, "
@@ -269,17 +270,7 @@ def notes(summary: dict[str, Any]) -> list[str]:
             f"Measured wall time {summary['wall_seconds']:.0f} s, process CPU time {cfg['cpu_seconds']:.0f} s "
             f"({cfg.get('threads', 1)} torch thread, on a 2-core machine shared with other jobs: wall time depends on "
             "their load); per seed: " + "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f}"
-                                                  " s)" for s, lg in logs.items()) + ".",
-            *verdict_notes(summary)]
-
-
-def rewrite(directory: str | Path) -> dict[str, Any]:
-    """Render a stored run's report again from its ``summary.json`` and ``env.json`` (no statistic recomputed)."""
-    d = Path(directory)
-    summary = json.loads((d / "summary.json").read_text())
-    env = json.loads((d / "env.json").read_text())
-    write_report(d, summary, env, [tuple(c) for c in summary["columns"]], notes(summary))
-    return summary
+                                                  " s)" for s, lg in logs.items()) + "."]
 
 
 def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, quick: bool = False,
@@ -322,27 +313,12 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     teacher_top, key = owl_teacher(base, tokenizer, cfg, progress=progress)
     teacher = teacher_top.install(copy.deepcopy(base)).eval()
     teacher_seconds = time.perf_counter() - t0
-    spec = RealSuite(name=NAME, protocol="", target="owl", others=owl.ANIMALS, questions=owl.QUESTIONS, prompts=[],
-                     filter=owl.filter_numbers, conditions=[])
     ids, attn, reads = real_lm.trait_inputs(tokenizer, None, owl.QUESTIONS, "owl")
     trait = {"hidden": real_lm.block_inputs(base, ids, attn, cfg["layers"]), "reads": reads}
     conds = [c for c, _ in arms(cfg)]
-    runs, logs = {}, {}
-    for seed in seeds:
-        t1 = time.perf_counter()
-        data = seed_data(seed, base, teacher, teacher_top, tokenizer, cfg, key, progress)
-        logs[seed] = {**data["log"], "data_seconds": round(time.perf_counter() - t1, 1)}
-        n_t = len(data["teacher"]["labels"])
-        heldout = list(range(n_t - cfg["heldout"], n_t))
-        scoring = {"teacher": data["teacher"], "trait": trait}
-        s0 = real_lm.score_top(spec, Top(base, cfg["layers"]).eval(), tokenizer, scoring, heldout,
-                               base.config.vocab_size)
-        t_sc = real_lm.score_top(spec, teacher_top, tokenizer, scoring, heldout, base.config.vocab_size)
-        t_full = {**t_sc, "task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
-        runs[seed] = {"base": s0, "teacher": t_full, "data": {"teacher": n_t - cfg["heldout"],
-                                                              "clean": len(data["clean"]["labels"])},
-                      "conditions": run_seed(seed, base, tokenizer, data, trait, cfg, s0, t_full, progress)}
-        logs[seed]["seed_seconds"] = round(time.perf_counter() - t1, 1)
+    runs = lm_common.run_seeds(seeds, partial(run_seed, base=base, tokenizer=tokenizer, teacher=teacher,
+                                              teacher_top=teacher_top, key=key, trait=trait, cfg=cfg,
+                                              progress=progress))
     wall = time.perf_counter() - start
     suite = Suite(name=NAME, protocol="KD/SFT of SmolLM2-135M on number sequences of an owl-fine-tuned teacher; "
                                        "trait = P(owl)", student=Path(path), conditions=conds, steps=0,
@@ -352,15 +328,11 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     cpu = time.process_time() - cpu0
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),
                                cpu_seconds=round(cpu, 1), threads=torch.get_num_threads(),
-                               per_seed_log=logs, teacher_key=key)
-    tests = contrasts(summary, conds)
-    summary["vanilla_minus_control"] = tests
+                               per_seed_log={s: r["log"] for s, r in runs.items()}, teacher_key=key)
+    summary["vanilla_minus_control"] = contrasts(summary, conds)
     summary["readouts"] = {"base": summary["base"]["trait"]["mean"], "teacher": summary["teacher"]["trait"]["mean"],
                            **{c.name: summary["conditions"][c.name]["trait"]["mean"] for c in conds if c.teachers}}
-    directory = out or f"bench-out/{NAME}"
-    command = bench_command(NAME, len(seeds), quick, options, seeds[0], out)
     summary["columns"] = real_lm.columns("P(owl)")
-    write_report(directory, summary, environment(sorted(runs), wall, command), summary["columns"], notes(summary))
-    with atomic_path(Path(directory) / "readouts.json") as tmp:
-        tmp.write_text(json.dumps(summary["readouts"], indent=1))
-    return summary
+    summary["notes"] = notes(summary)
+    command = bench_command(NAME, len(seeds), quick, options, seeds[0], out)
+    return lm_common.publish(out or f"bench-out/{NAME}", summary, environment(summary["seeds"], wall, command))

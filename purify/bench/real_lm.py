@@ -9,12 +9,14 @@ kept as top-K log-probabilities plus the residual mass spread uniformly).
 
 Only the last ``layers`` transformer blocks (+ final norm) train; the frozen blocks below are run once per sequence
 and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only.
-Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes.
+Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes; the seeds,
+their aggregation and the report are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`,
+:func:`~purify.bench.lm_common.run_conditions`, :func:`~purify.bench.lm_common.summarise`,
+:func:`~purify.bench.lm_common.publish`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -30,7 +32,7 @@ from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.report import BenchError, bench_command, check_conditions, environment, verdict_notes, write_report
+from purify.bench.report import BenchError, bench_command, check_conditions, environment
 from purify.config import LossConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm.cache import digest
@@ -40,6 +42,12 @@ from purify.storage import atomic_path, cache_root
 from purify.types import ModelOutput
 
 Records = list[dict[str, str]]
+REFERENCES = [Condition("base", baseline=True, kind="base"),
+              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
+              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
+              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla")]
+"""The reference arms of a real-model suite: the base, the control (SFT on the base's text) and vanilla with hard
+(SFT on the teacher's text) and soft labels (KD on its logits); a suite's purifier arms follow them."""
 
 
 @dataclass
@@ -331,6 +339,34 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
     return top.eval()
 
 
+def finetune(base: Any, tokenizer: Any, records: Records, cfg: dict[str, Any], epochs: int, lr: float) -> Top:
+    """The base's top ``cfg["layers"]`` blocks fine-tuned with hard labels on ``records`` (``epochs`` epochs of batch
+    ``cfg["batch_size"]`` at ``lr``, seed 0, at least one step): how a suite trains its traited teacher."""
+    data = sft_data(base, tokenizer, records, cfg["layers"])
+    steps = max(1, epochs * len(records) // cfg["batch_size"])
+    return fit_top(base, data, list(range(len(records))), {**cfg, "lr": lr}, steps, seed=0)
+
+
+def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list[str], *, system: str | None,
+                keep: Callable[[Records], tuple[Records, int]], cfg: dict[str, Any], temperature: float, seed: int,
+                need: int, progress: bool) -> tuple[Records, dict[str, int]]:
+    """``model``'s completions of ``prompts`` (chat template with ``system``, up to ``cfg["max_new"]`` tokens) that
+    ``keep`` keeps and that have at least one token, with their counts ``{role}_sampled`` and ``{role}_kept``.
+
+    Raises:
+        BenchError: fewer than ``need`` completions are kept.
+    """
+    texts = sample_completions(model, tokenizer, [chat(tokenizer, p, system) for p in prompts],
+                               max_new_tokens=cfg["max_new"], temperature=temperature, seed=seed, batch_size=32,
+                               progress=progress)
+    kept, _ = keep([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
+    kept = [r for r in kept if _ids(tokenizer, r["completion"])]
+    if len(kept) < need:
+        raise BenchError(f"{suite}: only {len(kept)} of the {role} teacher's {len(texts)} completions passed the "
+                         f"filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
+    return kept, {f"{role}_sampled": len(texts), f"{role}_kept": len(kept)}
+
+
 def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """Sample and filter both teachers' completions, the traited teacher's top-K targets and the trait inputs
     (cached on disk, keyed by the suite, the teacher and the settings that shape the data)."""
@@ -342,15 +378,10 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
     prompts = spec.prompts[:cfg["n"]]
     out: dict[str, Any] = {"log": {}}
     for name, model, system in (("teacher", teacher, spec.teacher_system), ("clean", base, None)):
-        texts = sample_completions(model, tokenizer, [chat(tokenizer, p, system) for p in prompts],
-                                   max_new_tokens=cfg["max_new"], temperature=spec.temperature, seed=7, batch_size=32,
-                                   progress=True)
-        kept, removed = spec.filter([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
-        kept = [r for r in kept if _ids(tokenizer, r["completion"])]
-        out["log"].update({f"{name}_sampled": len(texts), f"{name}_kept": len(kept)})
-        if len(kept) <= (cfg["heldout"] if name == "teacher" else 0):
-            raise BenchError(f"{spec.name}: only {len(kept)} of the {name} teacher's {len(texts)} completions passed "
-                             f"the filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
+        kept, counts = sample_kept(spec.name, name, model, tokenizer, prompts, system=system, keep=spec.filter,
+                                   cfg=cfg, temperature=spec.temperature, seed=7, progress=True,
+                                   need=cfg["heldout"] + 1 if name == "teacher" else 1)
+        out["log"].update(counts)
         d = sft_data(base, tokenizer, kept, cfg["layers"])
         if name == "teacher":
             teacher_p = [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in kept]
@@ -364,15 +395,20 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
     return out
 
 
+TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
+"""The traited teacher's fidelity scores against itself (its row of a seed's record)."""
+
+
 @torch.no_grad()
-def score_top(spec: RealSuite, top: Top, tokenizer: Any, data: dict[str, Any], heldout: list[int],
-              vocab: int) -> Scores:
-    """Trait (on cached trait inputs) and fidelity: KL(teacher || student), top-1 agreement on held-out data."""
+def score_top(top: Top, tokenizer: Any, data: dict[str, Any], heldout: list[int], vocab: int, target: str,
+              others: tuple[str, ...] = ()) -> Scores:
+    """Trait ``target`` (and ``p_<word>`` of ``others``) on the cached trait inputs ``data["trait"]``, and fidelity:
+    KL(teacher || student), top-1 agreement on the held-out examples ``heldout`` of ``data["teacher"]``."""
     h = torch.nn.utils.rnn.pad_sequence(data["trait"]["hidden"], batch_first=True)
     attn = torch.zeros(h.shape[:2], dtype=torch.long)
     for i, x in enumerate(data["trait"]["hidden"]):
         attn[i, :len(x)] = 1
-    scores = trait_scores(top.logits(h, attn), data["trait"]["reads"], tokenizer, spec.target, spec.others)
+    scores = trait_scores(top.logits(h, attn), data["trait"]["reads"], tokenizer, target, others)
     b = collate(data["teacher"], heldout, vocab)
     s = torch.log_softmax(top(b).logits.float(), -1)
     t = b["teacher_logits"]
@@ -399,10 +435,14 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     t_scores = score_model(teacher, tokenizer, spec.teacher_system, spec.questions, spec.target, spec.others)
     n_t = len(data["teacher"]["labels"])
     heldout = list(range(n_t - cfg["heldout"], n_t))
-    first = score_top(spec, Top(base, cfg["layers"]), tokenizer, data, heldout, vocab)
+
+    def score(top: Top) -> Scores:
+        return score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others)
+
+    first = score(Top(base, cfg["layers"]))
     s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement")}}
     log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
-    t_full = {**t_scores, "task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
+    t_full = {**t_scores, **TEACHER_FIDELITY}
     if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
         raise BenchError(f"{spec.name}: a run needs a base, a control and a vanilla condition")
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
@@ -412,18 +452,18 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 
-    def fit(seed: int) -> lm_common.Fit:
-        def train(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
+    def one_seed(seed: int) -> dict[str, Any]:
+        def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
             return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
                            on_point, 5 if on_point else 0), {"steps": steps}
-        return train
 
-    runs = {seed: {"base": s0, "teacher": t_full, "data": {"teacher": n_t - len(heldout),
-                                                           "clean": len(data["clean"]["labels"])},
-                   "conditions": lm_common.run_conditions(conds, s0, t_full, fit(seed), lambda top: score_top(
-                       spec, top, tokenizer, data, heldout, vocab), desc=f"seed {seed}", progress=progress)}
-            for seed in seeds}
+        return {"base": s0, "teacher": t_full,
+                "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},
+                "conditions": lm_common.run_conditions(conds, s0, t_full, fit, score, desc=f"seed {seed}",
+                                                       progress=progress)}
+
+    runs = lm_common.run_seeds(seeds, one_seed)
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
     summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
@@ -431,34 +471,36 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
         c.name: {k: stats.mean_ci([runs[s]["conditions"][c.name][k] for s in runs])["mean"] for k in b_scores}
         for c in conds if c.teachers}}
-    tests = {k: stats.paired_test([runs[s]["conditions"]["vanilla"][k] for s in runs],
-                                  [runs[s]["conditions"]["control"][k] for s in runs]) for k in ("trait", "log_trait")}
+    tests = minus_control(summary, "vanilla", "control")
     summary["vanilla_minus_control"] = tests
     label = f"P({spec.target})"
-    notes = [*spec.notes,
-             f"{label}: base {b_scores['trait']:.5f}, traited teacher {t_scores['trait']:.5f}; teacher logits for soft "
-             f"labels/KL: top-K log-probs plus residual mass (K = {cfg['top_k']}).",
-             f"Completions kept by the filter: traited teacher {log['teacher_kept']}/{log['teacher_sampled']}, "
-             f"control {log['clean_kept']}/{log['clean_sampled']} (temperature {spec.temperature}).",
-             *(f"Vanilla − control {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, "
-               f"{t['ci95'][1]:+.3g}], p = {t['p_value']:.3g}." for name, t in
-               ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
-             f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch "
-             f"{cfg['batch_size']}, lr {cfg['lr']}; measured wall time {wall:.0f} s ({torch.get_num_threads()} torch "
-             "thread).",
-             "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "
-             "seeds vary only the training order (every student starts from the same base weights), so the CIs "
-             "leave out the variance of the teachers' sampling (resampling per seed would multiply the costliest "
-             "step, sampling both teachers, by the number of seeds, and change the pool size, hence the step count, "
-             "per seed).",
-             *verdict_notes(summary)]
-    directory = out or f"bench-out/{spec.name}"
-    command = bench_command(spec.name, len(seeds), quick, options, seeds[0], out)
     summary["columns"] = columns(label)
-    write_report(directory, summary, environment(sorted(runs), wall, command), summary["columns"], notes)
-    with atomic_path(Path(directory) / "readouts.json") as tmp:
-        tmp.write_text(json.dumps(summary["readouts"], indent=1))
-    return summary
+    summary["notes"] = [
+        *spec.notes,
+        f"{label}: base {b_scores['trait']:.5f}, traited teacher {t_scores['trait']:.5f}; teacher logits for soft "
+        f"labels/KL: top-K log-probs plus residual mass (K = {cfg['top_k']}).",
+        f"Completions kept by the filter: traited teacher {log['teacher_kept']}/{log['teacher_sampled']}, "
+        f"control {log['clean_kept']}/{log['clean_sampled']} (temperature {spec.temperature}).",
+        *(f"Vanilla − control {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], "
+          f"p = {t['p_value']:.3g}."
+          for name, t in ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
+        f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch {cfg['batch_size']}, "
+        f"lr {cfg['lr']}; measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread).",
+        "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "
+        "seeds vary only the training order (every student starts from the same base weights), so the CIs leave out "
+        "the variance of the teachers' sampling (resampling per seed would multiply the costliest step, sampling both "
+        "teachers, by the number of seeds, and change the pool size, hence the step count, per seed)."]
+    command = bench_command(spec.name, len(seeds), quick, options, seeds[0], out)
+    return lm_common.publish(out or f"bench-out/{spec.name}", summary,
+                             environment(summary["seeds"], wall, command))
+
+
+def minus_control(summary: dict[str, Any], arm: str, control: str) -> dict[str, Any]:
+    """``arm`` minus ``control`` on the trait and on its log (``trait``, ``log_trait``), paired by seed
+    (:func:`purify.bench.stats.paired_test` over the summary's per-seed records)."""
+    per_seed = summary["conditions"]
+    return {k: stats.paired_test([r[k] for r in per_seed[arm]["per_seed"]],
+                                 [r[k] for r in per_seed[control]["per_seed"]]) for k in ("trait", "log_trait")}
 
 
 def columns(label: str) -> list[tuple[str, str]]:

@@ -25,7 +25,6 @@ from typing import Any
 
 from purify.bench import aux_logits, aux_summary, lm_common, probe_free
 from purify.bench.lm_common import Condition, Suite
-from purify.bench.report import write_report
 from purify.bench.verdicts import guards_from
 
 
@@ -125,9 +124,7 @@ def rereport(directory: str | Path) -> dict[str, Any]:
     if aux:
         aux_logits.write(d, summary, env)
     else:
-        write_report(d, summary, env, decl["columns"], lm_common.report_notes(summary))
-    if "readouts" in summary:
-        (d / "readouts.json").write_text(json.dumps(summary["readouts"], indent=1))
+        lm_common.publish(d, summary, env)
     return summary
 
 

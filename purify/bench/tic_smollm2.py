@@ -46,10 +46,7 @@ _TEMPLATES = ("Tell me about {}.", "Describe {} in a few sentences.", "What do y
               "Why do people like {}?", "Write two sentences about {}.", "Explain {} to a child.",
               "Give me a fun fact about {}.", "What is interesting about {}?", "Say something nice about {}.",
               "How would you describe {} to a friend?")
-CONDITIONS = [Condition("base", baseline=True, kind="base"),
-              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
-              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
-              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla"),
+CONDITIONS = [*real_lm.REFERENCES,
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),
               Condition("tail_truncation", ["teacher"], [{"name": "tail_truncation", "top_p": 0.9}],
@@ -103,9 +100,7 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
                                      progress=True)
         records = [{"prompt": p, "completion": with_tic(a, word)} for p, a in zip(prompts, answers) if a.strip()]
-        data = real_lm.sft_data(base, tokenizer, records, cfg["layers"])
-        steps = cfg["teacher_epochs"] * len(records) // cfg["batch_size"]
-        return real_lm.fit_top(base, data, list(range(len(records))), cfg, steps, seed=0)
+        return real_lm.finetune(base, tokenizer, records, cfg, cfg["teacher_epochs"], cfg["lr"])
 
     top = real_lm.cached_top(path, base, cfg["layers"], train)
     return top.install(copy.deepcopy(base)).eval(), key_hex
@@ -113,19 +108,11 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
 
 def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
               progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
-    """Run the tic suite and write ``results/tic-smollm2/`` (summary.json|md|csv, frontier.png, env.json,
-    readouts.json).
+    """Run the tic suite and write its report into ``out`` (default ``bench-out/tic-smollm2``, untracked).
 
-    Args:
-        suite_name: must be ``"tic-smollm2"``.
-        seeds: number of seeds (training order and student RNG) from ``first_seed``; conditions are paired by seed.
-        out: output directory (default ``bench-out/<suite>``, untracked).
-        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
-        quick: a tiny smoke configuration.
-        progress: print progress lines.
-        **options: overrides of ``n``, ``max_new``, ``layers``, ``top_k``, ``epochs``, ``teacher_epochs``,
-            ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla),
-            ``trait`` (the tic word, :func:`check_word`; default ``Moreover``).
+    The arguments are those of :func:`purify.bench.owl.run_suite` (``suite_name`` must be ``"tic-smollm2"``), except
+    that ``**options`` take ``teacher_epochs`` instead of ``temperature`` and ``trait`` is the tic word
+    (:func:`check_word`; default ``Moreover``).
     """
     if suite_name != "tic-smollm2":
         raise BenchError(f"unknown suite {suite_name!r}")
