@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from purify.config import Recipe, structured
 from purify.assembly import load_recipe
+from purify.config import Recipe, structured
 from purify.data import DistillDataModule
 from purify.models import LoadedModel, build_model
 from purify.module import Distiller

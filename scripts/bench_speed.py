@@ -151,8 +151,7 @@ def process_worker(args: argparse.Namespace) -> None:
     """One ``purify train``-path run of the quickstart recipe (every rank runs this); rank 0 writes the step times."""
     import lightning as L
 
-    from purify.assembly import load_recipe
-    from purify.assembly import build_run
+    from purify.assembly import build_run, load_recipe
     from purify.train import make_trainer
 
     class StepClock(L.Callback):

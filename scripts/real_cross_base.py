@@ -92,7 +92,8 @@ def main() -> int:
     for name, run in runs.items():
         lines.append(f"| {name} | {get(run, 'purify/0_cross_base/position_coverage')} | "
                      f"{get(run, 'purify/0_cross_base/vocab_overlap')} | "
-                     f"{get(run, 'purify/0_cross_base/vocab_coverage')} | {get(run, 'first_val/kl')} → {get(run, 'val/kl')} | {get(run, 'first_val/agreement')} → "
+                     f"{get(run, 'purify/0_cross_base/vocab_coverage')} | {get(run, 'first_val/kl')} → "
+                     f"{get(run, 'val/kl')} | {get(run, 'first_val/agreement')} → "
                      f"{get(run, 'val/agreement')} | {run['seconds']} |")
     lines += ["", "Position coverage: share of the student's target positions where the teacher's tokenization ends "
               "at the same character offset (only these positions are aligned). Vocab overlap: share of the "
