@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from purify.bench import real_lm
+from purify.bench import lm_common, real_lm
 from purify.bench.rederive import rereport
 from purify.bench.tic_smollm2 import CONDITIONS, TIC, everyday_prompts, no_filter, tic_teacher, with_tic
 from purify.lm import build_tokenizer
@@ -108,3 +109,15 @@ def test_scored_vanilla_is_read_densely_from_step_one(tiny) -> None:
     seen: list[int] = []
     real_lm.fit_top(base, data, list(range(8)), CFG, 12, 0, on_point=lambda step, top: seen.append(step), points=5)
     assert seen == [1, 2, 3, 4, 5, 6, 7, 8, 10]  # every mark before the last step (read after training)
+
+
+def test_run_seeds_brings_back_what_a_seed_gathers_under_its_own_key_from_forked_workers_too() -> None:
+    def one_seed(seed: int) -> dict:
+        return {"conditions": {}, "log": {"kept": 10 * seed, "pid": os.getpid()}}
+
+    serial = lm_common.run_seeds([0, 1, 2], one_seed)
+    forked = lm_common.run_seeds([0, 1, 2], one_seed, workers=2, progress=False)
+    assert list(serial) == list(forked) == [0, 1, 2]  # seed order, however the seeds were scheduled
+    assert [r["log"]["kept"] for r in forked.values()] == [r["log"]["kept"] for r in serial.values()] == [0, 10, 20]
+    assert {r["log"]["pid"] for r in serial.values()} == {os.getpid()}
+    assert os.getpid() not in {r["log"]["pid"] for r in forked.values()}  # really counted inside the workers
