@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
 
@@ -100,9 +101,35 @@ def _bench(args: argparse.Namespace) -> int:
     if args.quick and summary.get("problems"):  # the run's own summary calls it broken: no verdicts to print
         print(f"purify: quick run, no verdicts: {'; '.join(summary['problems'])}")
         return 0
-    for name, verdict in summary.get("verdicts", {}).items():
-        print(f"  {name:40s} {verdict}")
+    print("\n".join(verdict_lines(summary)))
     return 0
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """What ``purify bench`` prints after a run: each arm's verdict, each probe-free arm's verdict at the rule's
+    choice, and — when any knob of the run was chosen looking at the trait (``summary["tuned_on"]``) — one line
+    saying so, so a fixed arm's ``purified`` is not read as a probe-free result."""
+    lines = [f"  {name:40s} {verdict}" for name, verdict in summary.get("verdicts", {}).items()]
+    for arm, block in (summary.get("probe_free") or {}).get("arms", {}).items():
+        lines.append(f"  {arm + ' (probe-free choice)':40s} {block['verdict']}")
+    looked = [entry for entry in summary.get("tuned_on", []) if entry.get("trait")]
+    if looked and summary.get("verdicts"):
+        seeds = _ranges(sorted({s for entry in looked for s in entry["seeds"]}))
+        lines.append(f"purify: some fixed knobs above were chosen looking at the trait on seeds {seeds} (see "
+                     "summary.md, 'Seeds and tuning', for which and whether this run's seeds are among them); only "
+                     "the probe-free choices were made without it.")
+    return lines
+
+
+def _ranges(seeds: list[int]) -> str:
+    """``[0, 1, 2, 7]`` → ``"0-2, 7"``."""
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -44,3 +44,18 @@ def test_train_then_lineage_show(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "teacher: aux_mlp" in out and "sha256=" in out and "git:" in out
     assert main(["lineage", "show", str(tmp_path / "nowhere")]) == 2
+
+
+def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> None:
+    from purify.cli import verdict_lines
+
+    summary = {"verdicts": {"a@1": "purified (…)", "b": "on frontier"},
+               "probe_free": {"arms": {"a": {"verdict": "below frontier (…)"}}},
+               "tuned_on": [{"seeds": [0, 1, 2], "trait": True, "what": "a's knob"},
+                            {"seeds": [7], "trait": True, "what": "b"},
+                            {"seeds": [900], "trait": False, "what": "grid from task error"}]}
+    lines = verdict_lines(summary)
+    assert lines[0].split() == ["a@1", "purified", "(…)"] and lines[1].split() == ["b", "on", "frontier"]
+    assert lines[2].startswith("  a (probe-free choice)") and lines[2].endswith("below frontier (…)")
+    assert "looking at the trait on seeds 0-2, 7 " in lines[3] and "900" not in lines[3]
+    assert len(verdict_lines({**summary, "tuned_on": [summary["tuned_on"][2]]})) == 3  # no caveat without a probe
