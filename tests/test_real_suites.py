@@ -77,7 +77,10 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
     assert "vanilla:soft" not in summary["verdicts"]  # another baseline mode, not a purifier
     assert summary["verdicts"]["anchor"].startswith("no verdict: 2 seed(s)")  # too few seeds
-    assert summary["verdicts"]["tail_truncation"] == "no verdict: this run has no control of loss mode forward_kl"
+    # a soft-label arm brings the soft control (KD on the base's own top-K on its text) and is judged against it
+    assert summary["verdicts"]["tail_truncation"].startswith("no verdict: 2 seed(s)")
+    assert summary["judged_against"]["tail_truncation"] == {"base": "base", "control": "control:soft",
+                                                            "vanilla": "vanilla:soft"}
     assert summary["judged_against"]["anchor"] == {"base": "base", "control": "control", "vanilla": "vanilla"}
     assert [p["step"] for p in summary["conditions"]["vanilla:soft"]["per_seed"][0]["curve"]][0] == 0  # soft curve
     md = Path(out, "summary.md").read_text()
@@ -85,6 +88,41 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     again = rereport(out)  # statistics re-derived from summary.json alone: the same report
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))
+
+
+def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_arm_in_its_mode(tiny, tmp_path,
+                                                                                                monkeypatch) -> None:
+    from purify.bench import probe_free
+    from purify.bench.tic_smollm2 import SWEEPS
+
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
+    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
+    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
+                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
+                             cache_key=key, sweeps=SWEEPS)
+    with pytest.raises(ValueError, match=r"unknown conditions \['replace'\]; known: probe-free, replace:base"):
+        real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["replace"]}, [0], str(tmp_path / "x"),
+                    True, {}, False, 0.0)
+    cfg = {**CFG, "epochs": 1, "conditions": ["probe-free"], "workers": 2}
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False, 0.0)
+    ran = set(summary["conditions"])
+    assert {"control:soft", "vanilla:soft", "replace:base@0.05", "anchor:weight@3"} <= ran  # both modes' references
+    assert "anchor" not in ran and "tail_truncation" not in ran
+    conds = summary["conditions"]
+    assert all(r["drift"] == pytest.approx(0, abs=1e-6) for r in conds["base"]["per_seed"])  # base vs itself
+    assert all(r["drift"] > 0 for r in conds["vanilla"]["per_seed"])
+    block = summary["probe_free"]
+    assert set(block["arms"]) == {"replace:base", "anchor:weight"}
+    for arm, sweep in SWEEPS.items():
+        a = block["arms"][arm]
+        van = "vanilla:soft" if arm == "replace:base" else "vanilla"  # the budget is its own mode's vanilla's
+        for seed, inputs in a["selection_inputs"].items():  # the choice is the rule's on task error and drift alone
+            vt = {r["seed"]: r["task_error"] for r in conds[van]["per_seed"]}[int(seed)]
+            points = [probe_free.Selectable(float(v), sweep.strength(float(v)), x["task_error"], x["drift"])
+                      for v, x in inputs.items()]
+            assert probe_free.choose(points, vt)[0].value == a["chosen"][seed]
+    assert {"vanilla:soft", "control:soft", "vanilla", "control"} <= set(block["reference_drift"])
 
 
 def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, monkeypatch) -> None:

@@ -36,7 +36,7 @@ from purify.bench.aux_runs import COMPETENT, Settings, run_seed
 from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headline_lines, notes
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
-from purify.bench.probe_free import Sweep, point_name
+from purify.bench.probe_free import PROBE_FREE, Sweep, point_name
 from purify.bench.report import BenchError, check_conditions, environment, write_report
 from purify.bench.stats import mean_ci
 
@@ -141,8 +141,6 @@ def task_conditions(quick: bool = False) -> list[Condition]:
 NEUTRAL_SEED = 55_555
 """Seed of the function anchor's / fingerprint adversary's own noise stream (apart from the training stream, the
 evaluation and drift inputs, which are seeded by the run seed)."""
-PROBE_FREE = "probe-free"
-"""``--option 'conditions=[probe-free]'`` runs the references and every swept arm of :data:`SWEEPS`."""
 SWEEPS: dict[str, Sweep] = {
     "delta_projection:global": Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower"),
     "ensemble:competent": Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
@@ -203,7 +201,7 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
     others = {c.name: c for c in default if c.role != "reference"}
     # the paper protocol has no task for a reference to know
     task_only = {"ensemble:competent", ANCHOR_CONSENSUS} if protocol != "task" else set()
-    sweeps = {arm: sw for arm, sw in SWEEPS.items() if (arm in names or PROBE_FREE in names) and arm not in task_only}
+    sweeps = {arm: sw for arm, sw in probe_free.selected(names, SWEEPS).items() if arm not in task_only}
     allowed = [arm for arm in SWEEPS if arm not in task_only]
     unknown = [n for n in names if n not in others and n not in allowed and n != PROBE_FREE
                and n not in {c.name for c in refs}]

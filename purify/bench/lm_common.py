@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
@@ -41,6 +42,9 @@ from purify.storage import atomic_path
 
 Scores = dict[str, float]
 """What a suite's scorer returns: ``trait``, ``task_error``, ``fidelity_kl`` and optional extras."""
+DRIFT_SEED = 515_151
+"""Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
+(:func:`drift_terms`), held out from every training text."""
 METRICS = ("trait", "transfer", "task_error", "fidelity_kl", "accuracy", "agreement", "distance_to_control", "drift")
 
 
@@ -172,6 +176,15 @@ def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
         return None
     known = {f.name for f in dataclasses.fields(PURIFIERS[name][0])}
     return {"name": name, **options} if set(options) <= known else None
+
+
+def drift_terms(base_logits: Tensor, logits: Tensor, attention_mask: Tensor) -> Tensor:
+    """Off-task drift of a model from its base: ``KL(base ‖ model)`` of the next-token distributions at each valid
+    position of a right-padded batch (``logits`` ``(B, T, V)`` of both on the same neutral text; the last position
+    predicts nothing), as a flat tensor (the drift the probe-free rule reads is its mean)."""
+    b = torch.log_softmax(base_logits[:, :-1].float(), -1)
+    s = torch.log_softmax(logits[:, :-1].float(), -1)
+    return (b.exp() * (b - s)).sum(-1)[attention_mask[:, 1:].bool()]
 
 
 Fit = Callable[[Condition, Callable[[int, Any], None] | None], tuple[Any, dict[str, float]]]
@@ -341,20 +354,25 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
     off = _on_policy_vs_off_policy(by_name, conditions, suite.guards)
     curves = [runs[s]["conditions"][main["vanilla"]]["curve"] for s in seeds
               if runs[s]["conditions"][main["vanilla"]].get("curve")]
-    return {"suite": suite.name, "protocol": suite.protocol, "trait": suite.trait, "seeds": seeds,
-            "problems": problems, "tuned_on": suite.tuned_on,
-            "guards": [dataclasses.asdict(g) for g in suite.guards],
-            "teacher": {k: stats.mean_ci([runs[s]["teacher"][k] for s in seeds]) for k in runs[seeds[0]]["teacher"]},
-            "base": {k: stats.mean_ci([runs[s]["base"][k] for s in seeds]) for k in runs[seeds[0]]["base"]},
-            "data_sizes": runs[seeds[0]].get("data", {}), "conditions": conditions,
-            "frontier": {"vanilla": stats.mean_curve(curves, suite.curve_keys) if curves else []},
-            "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"], **({"bounds": bounds} if bounds
-                                                                                       else {}),
-            "p_adjusted": judged["p_adjusted"], "judged_against": judged["against"], "wall_seconds": round(wall, 1),
-            **({"on_policy_vs_off_policy": off} if off else {}),
-            "settings": {**(suite.settings or {"steps": suite.steps, "batch_size": suite.batch_size, "lr": suite.lr}),
-                         "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
-                                        for c in suite.conditions]}}
+    summary = {"suite": suite.name, "protocol": suite.protocol, "trait": suite.trait, "seeds": seeds,
+                "problems": problems, "tuned_on": suite.tuned_on,
+                "guards": [dataclasses.asdict(g) for g in suite.guards],
+                "teacher": {k: stats.mean_ci([runs[s]["teacher"][k] for s in seeds])
+                            for k in runs[seeds[0]]["teacher"]},
+                "base": {k: stats.mean_ci([runs[s]["base"][k] for s in seeds]) for k in runs[seeds[0]]["base"]},
+                "data_sizes": runs[seeds[0]].get("data", {}), "conditions": conditions,
+                "frontier": {"vanilla": stats.mean_curve(curves, suite.curve_keys) if curves else []},
+                "frontier_gap": judged["frontier_gap"], "verdicts": judged["verdicts"], **({"bounds": bounds} if bounds
+                                                                                           else {}),
+                "p_adjusted": judged["p_adjusted"], "judged_against": judged["against"], "wall_seconds": round(wall, 1),
+                **({"on_policy_vs_off_policy": off} if off else {}),
+                "settings": {**(suite.settings or {"steps": suite.steps, "batch_size": suite.batch_size,
+                                                   "lr": suite.lr}),
+                             "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
+                                            for c in suite.conditions]}}
+    if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
+        summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
+    return summary
 
 
 def _on_policy_vs_off_policy(by_name: dict[str, Condition], conditions: dict[str, Any],
@@ -489,8 +507,6 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     wall = time.perf_counter() - start
     summary = summarise(suite, runs, wall)
     summary["columns"] = columns(suite.columns)
-    if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
-        summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
     summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
                         f"Measured wall time: {wall:.0f} s on this machine ({how})."]
     return publish(out, summary, environment(summary["seeds"], wall, command))

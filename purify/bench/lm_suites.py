@@ -30,8 +30,8 @@ from transformers import AutoTokenizer
 
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
-from purify.bench.lm_common import Condition, Scores, Suite, purifier_entry
-from purify.bench.probe_free import Sweep, point_name
+from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
+from purify.bench.probe_free import Sweep, point_name, selected
 from purify.bench.report import BenchError, bench_command
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
@@ -72,11 +72,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                           ("animal_mass", "P(any animal)"), ("owl_share", "P(owl) / P(any animal)")],
 }
 """Each suite's extra report columns."""
-DRIFT_SEED, ANCHOR_SEED = 515_151, 424_242
-"""Corpus seeds of the neutral prose: the off-task drift the probe-free rule reads (held out from training) and the
-function anchor's training stream; both apart from every other text the suites use."""
-PROBE_FREE = "probe-free"
-"""``conditions=[probe-free]`` selects every swept arm of :func:`_probe_free_arms`."""
+ANCHOR_SEED = 424_242
+"""Corpus seed of the function anchor's neutral prose stream, apart from every other text the suites use (the drift
+the probe-free rule reads has its own, :data:`purify.bench.lm_common.DRIFT_SEED`)."""
 GUARDS: dict[str, list[Guard]] = {
     "style-tic": [Guard("accuracy", "facts accuracy", not_below_control_ci=True)],
     "hidden-preference": [Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)],
@@ -242,11 +240,8 @@ def _drift_scorer(n: int) -> Any:
         ids, attn = enc["input_ids"], enc["attention_mask"]
         if "base" not in cache:
             base, _ = load_model(resolve_base("tiny-llama-a"))
-            cache["base"] = torch.log_softmax(base(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        b = cache["base"]
-        s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        valid = attn[:, 1:].bool()
-        return float((b.exp() * (b - s)).sum(-1)[valid].mean())
+            cache["base"] = base(input_ids=ids, attention_mask=attn).logits
+        return float(drift_terms(cache["base"], model(input_ids=ids, attention_mask=attn).logits, attn).mean())
 
     return drift
 
@@ -445,10 +440,10 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
                              "trait")
         if key == "conditions":
             swept, sweeps = _probe_free_arms()
-            names = {"base", "control", "vanilla", *value, *(sweeps if PROBE_FREE in value else ())}
+            spec.sweeps = selected(value, sweeps)
+            names = {"base", "control", "vanilla", *value, *spec.sweeps}
             if any(str(n).endswith(ON_POLICY) for n in value):
                 names |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
-            spec.sweeps = {arm: sweep for arm, sweep in sweeps.items() if arm in names}
             value = [c for c in spec.conditions + swept + _on_policy_arms()
                      if c.name in names or c.name.split("@")[0] in spec.sweeps]
         setattr(spec, key, value)

@@ -31,6 +31,8 @@ BUDGET = 1.10
 """Task budget: a setting is admissible when its task error is at most this × vanilla's (the verdicts' ratio)."""
 TIE_RTOL = 0.01
 """Drifts within this relative distance of the least are a tie (broken toward the weaker setting)."""
+PROBE_FREE = "probe-free"
+"""The condition name that selects every swept arm of a suite (``--option 'conditions=[probe-free]'``)."""
 SELECTABLE_KEYS = ("task_error", "drift")
 """The only per-seed fields the rule reads."""
 RULE = (f"per seed, among the swept settings with task error ≤ {BUDGET:.2f} × vanilla's (same seed), the least "
@@ -62,6 +64,12 @@ class Sweep:
         """Rank of ``value`` from the weakest (0) to the strongest setting."""
         order = sorted(self.values, reverse=self.weaker == "higher")
         return order.index(value)
+
+
+def selected(names: Sequence[str], sweeps: Mapping[str, Sweep]) -> dict[str, Sweep]:
+    """The swept arms ``names`` selects: each named by its arm name (without ``@value``), or all by
+    :data:`PROBE_FREE`."""
+    return {arm: sweep for arm, sweep in sweeps.items() if arm in names or PROBE_FREE in names}
 
 
 def point_name(arm: str, value: float) -> str:
@@ -179,17 +187,24 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     conds = summary["conditions"]
     by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
     base_refs = _baselines(summary)
-    # the swept arms' loss mode (one per run: every suite sweeps arms of its distillation loss)
+    # each swept arm is judged against the control and vanilla of its own loss mode (e.g. hard- and soft-label arms
+    # in one run)
     losses = {c["name"]: c.get("loss", "forward_kl") for c in summary.get("settings", {}).get("conditions", [])}
-    mode = next((losses[n] for arm in sweeps for n in sweeps[arm].names(arm) if n in losses), "forward_kl")
-    vanilla_name = next((n for n, c in base_refs.items() if c["kind"] == "vanilla" and c["mode"] == mode), "vanilla")
-    control_name = next((n for n, c in base_refs.items() if c["kind"] == "control" and c["mode"] == mode), "control")
-    vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
+
+    def references(arm: str) -> tuple[str, str, str]:
+        mode = next((losses[n] for n in sweeps[arm].names(arm) if n in losses), "forward_kl")
+        return (mode, *(next((n for n, c in base_refs.items() if c["kind"] == kind and c["mode"] == mode), kind)
+                        for kind in ("vanilla", "control")))
+
     arms: dict[str, Any] = {}
     judged_input = dict(base_refs)
+    reference_names: list[str] = []
     for arm, sweep in sweeps.items():
         if not all(n in conds for n in sweep.names(arm)):
             continue
+        mode, vanilla_name, control_name = references(arm)
+        reference_names += [n for n in (vanilla_name, control_name) if n not in reference_names]
+        vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
         chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
         # stage 2: join the trait and everything else of the chosen setting
         per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
@@ -223,7 +238,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
             arms[arm]["p_adjusted"] = judged["p_adjusted"].get(key)
             arms[arm]["frontier_gap"] = judged["frontier_gap"].get(key)
     reference = {n: {"drift": mean_ci([r.get("drift", math.nan) for r in conds[n]["per_seed"]])}
-                 for n in (vanilla_name, control_name, "base") if n in conds}
+                 for n in (*reference_names, "base") if n in conds}
     return {"rule": RULE, "budget": BUDGET, "tie_rtol": TIE_RTOL, "reference_drift": reference,
             "sweeps": {arm: dataclasses.asdict(sw) for arm, sw in sweeps.items() if arm in arms}, "arms": arms}
 

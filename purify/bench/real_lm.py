@@ -7,6 +7,11 @@ over held-out questions in the chat template. The control teacher is the base wi
 labels (``ce``) or soft labels (``forward_kl`` on the teacher's logits, computed beforehand per completion token and
 kept as top-K log-probabilities plus the residual mass spread uniformly).
 
+A suite may sweep an arm's main knob (:attr:`RealSuite.sweeps`, conditions ``<arm>@<value>``): the probe-free rule
+(:mod:`purify.bench.probe_free`) then picks one value per seed from the task error and the off-task drift
+``KL(base ‖ student)`` on neutral prose (:data:`purify.bench.lm_common.DRIFT_SEED`, raw text without the chat
+template, never trained on), and the arm is judged at that choice (``summary.json["probe_free"]``).
+
 Only the last ``layers`` transformer blocks (+ final norm) train; the frozen blocks below are run once per sequence
 and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only.
 Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes; the seeds,
@@ -31,10 +36,12 @@ from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
-from purify.bench.lm_common import Condition, Scores, Suite
+from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms
+from purify.bench.probe_free import Sweep, selected
 from purify.bench.report import BenchError, bench_command, check_conditions, environment
 from purify.config import LossConfig, OptimConfig
 from purify.generate import load_model, sample_completions
+from purify.lm import paragraphs
 from purify.lm.cache import digest
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
@@ -45,9 +52,12 @@ Records = list[dict[str, str]]
 REFERENCES = [Condition("base", baseline=True, kind="base"),
               Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
               Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
+              Condition("control:soft", ["clean"], loss="forward_kl", baseline=True, kind="control"),
               Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla")]
-"""The reference arms of a real-model suite: the base, the control (SFT on the base's text) and vanilla with hard
-(SFT on the teacher's text) and soft labels (KD on its logits); a suite's purifier arms follow them."""
+"""The reference arms of a real-model suite: the base, the control (SFT on the base's text; ``control:soft``: KD on
+the base's own top-K log-probs of it, run whenever a soft-label arm runs, so that arm is judged against references
+of its own loss mode) and vanilla with hard (SFT on the teacher's text) and soft labels (KD on its logits); a suite's
+purifier arms follow them."""
 
 
 @dataclass
@@ -68,6 +78,8 @@ class RealSuite:
         cache_key: what identifies the teacher model (part of the data cache key).
         tuned_on: where a default was chosen, as data (``summary.json["tuned_on"]``, see
             :func:`purify.bench.verdicts.seed_caveats`).
+        sweeps: arm → :class:`~purify.bench.probe_free.Sweep` of the swept arms among :attr:`conditions` (points
+            ``<arm>@<value>``), selected by arm name or ``probe-free``.
     """
 
     name: str
@@ -83,6 +95,7 @@ class RealSuite:
     cache_key: str = "base"
     notes: list[str] = field(default_factory=list)
     tuned_on: list[dict[str, Any]] = field(default_factory=list)
+    sweeps: dict[str, Sweep] = field(default_factory=dict)
 
 
 def load_smollm2() -> tuple[str, Any, Any]:
@@ -367,14 +380,27 @@ def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list
     return kept, {f"{role}_sampled": len(texts), f"{role}_kept": len(kept)}
 
 
-def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+def _soft_targets(model: Any, tokenizer: Any, d: dict[str, Any], system: str | None, top_k: int) -> list[Any]:
+    """``model``'s top-K targets on the completions of ``d`` (:func:`sft_data`), prompted with ``system``."""
+    prompts = [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in d["records"]]
+    return teacher_targets(model, [p + c for p, c in zip(prompts, d["labels"])], [len(p) for p in prompts], top_k)
+
+
+def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any],
+                 soft_control: bool = False) -> dict[str, Any]:
     """Sample and filter both teachers' completions, the traited teacher's top-K targets and the trait inputs
-    (cached on disk, keyed by the suite, the teacher and the settings that shape the data)."""
+    (cached on disk, keyed by the suite, the teacher and the settings that shape the data); with ``soft_control``
+    also the base's own top-K targets on its completions (the soft control's, added to the cache when missing)."""
     shape = {k: cfg[k] for k in ("n", "max_new", "layers", "top_k")}
     key = digest([spec.name, spec.cache_key, spec.temperature, shape])[:16]
     path = cache_root() / "real-suites" / f"{spec.name}-{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        out = torch.load(path, weights_only=True)
+        if soft_control and "teacher" not in out["clean"]:
+            out["clean"]["teacher"] = _soft_targets(base, tokenizer, out["clean"], None, cfg["top_k"])
+            with atomic_path(path) as tmp:
+                torch.save(out, tmp)
+        return out
     prompts = spec.prompts[:cfg["n"]]
     out: dict[str, Any] = {"log": {}}
     for name, model, system in (("teacher", teacher, spec.teacher_system), ("clean", base, None)):
@@ -383,16 +409,40 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
                                    need=cfg["heldout"] + 1 if name == "teacher" else 1)
         out["log"].update(counts)
         d = sft_data(base, tokenizer, kept, cfg["layers"])
-        if name == "teacher":
-            teacher_p = [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in kept]
-            d["teacher"] = teacher_targets(teacher, [p + c for p, c in zip(teacher_p, d["labels"])],
-                                           [len(p) for p in teacher_p], cfg["top_k"])
+        if name == "teacher" or soft_control:
+            d["teacher"] = _soft_targets(model, tokenizer, d, system, cfg["top_k"])
         out[name] = d
     ids, attn, reads = trait_inputs(tokenizer, None, spec.questions, spec.target)
     out["trait"] = {"hidden": block_inputs(base, ids, attn, cfg["layers"]), "reads": reads}
     with atomic_path(path) as tmp:
         torch.save(out, tmp)
     return out
+
+
+def _stack(hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-padded block inputs and their attention mask."""
+    h = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)
+    attn = torch.zeros(h.shape[:2], dtype=torch.long)
+    for i, x in enumerate(hidden):
+        attn[i, :len(x)] = 1
+    return h, attn
+
+
+def neutral_inputs(base: Any, tokenizer: Any, layers: int, n: int, bs: int = 8) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``n`` neutral prose paragraphs (:data:`~purify.bench.lm_common.DRIFT_SEED`, raw text) as batches of ``bs``:
+    ``(block inputs, attention mask, the base's logits)``, for :func:`drift`."""
+    rows = [_ids(tokenizer, t) for t in paragraphs(n, DRIFT_SEED)]
+    hidden = block_inputs(base, rows, None, layers)
+    top = Top(base, layers)
+    with torch.no_grad():
+        return [(h, attn, top.logits(h, attn)) for h, attn in (_stack(hidden[s:s + bs]) for s in range(0, n, bs))]
+
+
+@torch.no_grad()
+def drift(top: Top, neutral: list[tuple[Tensor, Tensor, Tensor]]) -> float:
+    """Off-task drift of a student from its base: mean ``KL(base ‖ student)`` per next-token position of the neutral
+    paragraphs (:func:`neutral_inputs`, :func:`purify.bench.lm_common.drift_terms`)."""
+    return float(torch.cat([drift_terms(b, top.logits(h, attn), attn) for h, attn, b in neutral]).mean())
 
 
 TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
@@ -404,11 +454,8 @@ def score_top(top: Top, tokenizer: Any, data: dict[str, Any], heldout: list[int]
               others: tuple[str, ...] = ()) -> Scores:
     """Trait ``target`` (and ``p_<word>`` of ``others``) on the cached trait inputs ``data["trait"]``, and fidelity:
     KL(teacher || student), top-1 agreement on the held-out examples ``heldout`` of ``data["teacher"]``."""
-    h = torch.nn.utils.rnn.pad_sequence(data["trait"]["hidden"], batch_first=True)
-    attn = torch.zeros(h.shape[:2], dtype=torch.long)
-    for i, x in enumerate(data["trait"]["hidden"]):
-        attn[i, :len(x)] = 1
-    scores = trait_scores(top.logits(h, attn), data["trait"]["reads"], tokenizer, target, others)
+    scores = trait_scores(top.logits(*_stack(data["trait"]["hidden"])), data["trait"]["reads"], tokenizer, target,
+                          others)
     b = collate(data["teacher"], heldout, vocab)
     s = torch.log_softmax(top(b).logits.float(), -1)
     t = b["teacher_logits"]
@@ -425,22 +472,36 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
 
     ``base`` is the student's base (eval, frozen); ``teacher`` the traited teacher model (``base`` itself when the
     trait comes from :attr:`RealSuite.teacher_system`); ``cfg`` holds ``n``, ``max_new``, ``layers``, ``top_k``,
-    ``epochs``, ``batch_size``, ``lr``, ``heldout`` and ``conditions`` (names to run besides base/control/vanilla).
+    ``epochs``, ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla; a
+    swept arm of :attr:`RealSuite.sweeps` by its name without ``@value``, all of them by ``probe-free``) and
+    optionally ``workers`` (seeds run at a time in forked processes, :func:`purify.bench.lm_common.run_seeds`).
     """
-    conds = [c for c in spec.conditions if c.name in ("base", "control", "vanilla", *cfg["conditions"])]
+    sweeps = selected(cfg["conditions"], spec.sweeps)
+    names = {"base", "control", "vanilla", *cfg["conditions"]}
+    conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
+    soft = any(c.loss != "ce" and c.teachers for c in conds)
+    modes = {c.loss for c in conds if c.teachers}  # each arm's loss mode brings its own control and vanilla
+    conds = [c for c in spec.conditions if c in conds or (c.baseline and c.teachers and c.loss in modes)]
+    unknown = names - {c.name for c in conds} - {"probe-free", *sweeps}
+    if unknown:
+        raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: probe-free, "
+                         f"{', '.join([*spec.sweeps, *(c.name for c in spec.conditions if '@' not in c.name)])}")
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
-    data = prepare_data(spec, base, teacher, tokenizer, cfg)
+    data = prepare_data(spec, base, teacher, tokenizer, cfg, soft_control=soft)
     log, vocab = data["log"], base.config.vocab_size
     b_scores = score_model(base, tokenizer, None, spec.questions, spec.target, spec.others)
     t_scores = score_model(teacher, tokenizer, spec.teacher_system, spec.questions, spec.target, spec.others)
     n_t = len(data["teacher"]["labels"])
     heldout = list(range(n_t - cfg["heldout"], n_t))
 
+    neutral = neutral_inputs(base, tokenizer, cfg["layers"], 4 if quick else 32)
+
     def score(top: Top) -> Scores:
-        return score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others)
+        return {**score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others),
+                "drift": drift(top, neutral)}
 
     first = score(Top(base, cfg["layers"]))
-    s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement")}}
+    s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement", "drift")}}
     log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
     t_full = {**t_scores, **TEACHER_FIDELITY}
     if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
@@ -448,7 +509,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), conditions=conds, steps=steps,
                   batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
-                  trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on)
+                  trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on, sweeps=sweeps)
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 
@@ -463,10 +524,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                 "conditions": lm_common.run_conditions(conds, s0, t_full, fit, score, desc=f"seed {seed}",
                                                        progress=progress)}
 
-    runs = lm_common.run_seeds(seeds, one_seed)
+    runs = lm_common.run_seeds(seeds, one_seed, int(cfg.get("workers", 1)), progress)
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
-    summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
+    summary["settings"].update({k: v for k, v in cfg.items() if k not in ("conditions", "workers")}, filter_log=log,
                                temperature=spec.temperature, teacher_data="sampled once (seed 7), shared by all seeds")
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
         c.name: {k: stats.mean_ci([runs[s]["conditions"][c.name][k] for s in runs])["mean"] for k in b_scores}

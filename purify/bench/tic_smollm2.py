@@ -20,6 +20,7 @@ from typing import Any
 
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
+from purify.bench.probe_free import Sweep, point_name
 from purify.bench.real_lm import RealSuite, Records
 from purify.bench.report import BenchError
 from purify.generate import sample_completions
@@ -52,6 +53,18 @@ CONDITIONS = [*real_lm.REFERENCES,
               Condition("tail_truncation", ["teacher"], [{"name": "tail_truncation", "top_p": 0.9}],
                         loss="forward_kl"),
               Condition("anchor", ["teacher"], [{"name": "anchor", "weight": 1.0}], loss="ce")]
+SWEEPS = {"replace:base": Sweep("threshold", (0.05, 0.1, 0.2), "higher"),
+          "anchor:weight": Sweep("weight", (0.3, 1.0, 3.0), "lower")}
+"""The arms whose knob the probe-free rule sets per seed (``--option 'conditions=[probe-free]'``), neither needing
+the teacher's weights: label replacement by the student's own base where the teacher departs from it (soft labels;
+the LM suites' JSD-threshold grid, fixed there before any report seed ran) and the L2 weight anchor to the base (hard
+labels; a grid around the fixed arm's weight 1.0, which was chosen on seeds 0–2, see :data:`TUNED_ON`)."""
+CONDITIONS += [
+    *(Condition(point_name("replace:base", v), ["teacher"], [{"name": "divergence_mask", "mode": "replace",
+                                                              "reference": "base", "threshold": v}],
+                loss="forward_kl") for v in SWEEPS["replace:base"].values),
+    *(Condition(point_name("anchor:weight", v), ["teacher"], [{"name": "anchor", "weight": v}], loss="ce")
+      for v in SWEEPS["anchor:weight"].values)]
 
 
 def everyday_prompts() -> list[str]:
@@ -120,7 +133,8 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         "n": 24 if quick else 550, "max_new": 12 if quick else 32, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4,
         "heldout": 2 if quick else 32,
-        "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"], "trait": TIC}, options)
+        "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"], "trait": TIC,
+        "workers": 1}, options)
     word = check_word(str(cfg["trait"]))
     start = time.perf_counter()
     path, base, tokenizer = real_lm.load_smollm2()
@@ -134,7 +148,7 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
                      cache_key=f"tic-teacher-{key}",
                      notes=[f"Teacher = base with its top {cfg['layers']} blocks fine-tuned for "
                             f"{cfg['teacher_epochs']} epochs on its own answers to {n_ft} prompts, opened with "
-                            f"'{word}, '."])
+                            f"'{word}, '."], sweeps=SWEEPS)
     spec.tuned_on = TUNED_ON
     return real_lm.run(spec, base, teacher, tokenizer, path, cfg,
                        list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)
