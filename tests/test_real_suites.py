@@ -104,6 +104,9 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     with pytest.raises(ValueError, match=r"unknown conditions \['replace'\]; known: probe-free, replace:base"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["replace"]}, [0], str(tmp_path / "x"),
                     True, {}, False, 0.0)
+    with pytest.raises(ValueError, match="workers must be a positive integer .* got 'two'"):
+        real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "workers": "two"}, [0], str(tmp_path / "x"), True, {},
+                    False, 0.0)
     cfg = {**CFG, "epochs": 1, "conditions": ["probe-free"], "workers": 2}
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False, 0.0)
     ran = set(summary["conditions"])

@@ -476,6 +476,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     swept arm of :attr:`RealSuite.sweeps` by its name without ``@value``, all of them by ``probe-free``) and
     optionally ``workers`` (seeds run at a time in forked processes, :func:`purify.bench.lm_common.run_seeds`).
     """
+    workers = cfg.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BenchError(f"{spec.name}: workers must be a positive integer (seeds run at a time in forked processes), "
+                         f"got {workers!r}")
     sweeps = selected(cfg["conditions"], spec.sweeps)
     names = {"base", "control", "vanilla", *cfg["conditions"]}
     conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
@@ -524,7 +528,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                 "conditions": lm_common.run_conditions(conds, s0, t_full, fit, score, desc=f"seed {seed}",
                                                        progress=progress)}
 
-    runs = lm_common.run_seeds(seeds, one_seed, int(cfg.get("workers", 1)), progress)
+    runs = lm_common.run_seeds(seeds, one_seed, workers, progress)
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
     summary["settings"].update({k: v for k, v in cfg.items() if k not in ("conditions", "workers")}, filter_log=log,
