@@ -64,6 +64,9 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
                              prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
                              cache_key=key)
     out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"unknown conditions \['probe-free'\]; known: base, control"):
+        real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["probe-free"]}, [0], str(tmp_path / "x"),
+                    True, {}, False, 0.0)  # a suite without swept arms has no probe-free block to run
     cfg = {**CFG, "conditions": ["vanilla:soft", "tail_truncation", "anchor"]}
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1], str(out), True, {}, False, 0.0)
     written = {p.name for p in out.iterdir()}
@@ -112,6 +115,8 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     ran = set(summary["conditions"])
     assert {"control:soft", "vanilla:soft", "replace:base@0.05", "anchor:weight@3"} <= ran  # both modes' references
     assert "anchor" not in ran and "tail_truncation" not in ran
+    assert summary["settings"]["workers"] == 2 and "2 seeds at a time in forked worker processes" in \
+        Path(tmp_path / "o" / "summary.md").read_text()
     conds = summary["conditions"]
     assert all(r["drift"] == pytest.approx(0, abs=1e-6) for r in conds["base"]["per_seed"])  # base vs itself
     assert all(r["drift"] > 0 for r in conds["vanilla"]["per_seed"])

@@ -483,15 +483,17 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     sweeps = selected(cfg["conditions"], spec.sweeps)
     names = {"base", "control", "vanilla", *cfg["conditions"]}
     conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
-    soft = any(c.loss != "ce" and c.teachers for c in conds)
-    modes = {c.loss for c in conds if c.teachers}  # each arm's loss mode brings its own control and vanilla
+    # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
+    # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode)
+    modes = {c.loss for c in conds if c.teachers}
     conds = [c for c in spec.conditions if c in conds or (c.baseline and c.teachers and c.loss in modes)]
-    unknown = names - {c.name for c in conds} - {"probe-free", *sweeps}
+    unknown = names - {c.name for c in conds} - {*(["probe-free"] if spec.sweeps else []), *sweeps}
     if unknown:
-        raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: probe-free, "
-                         f"{', '.join([*spec.sweeps, *(c.name for c in spec.conditions if '@' not in c.name)])}")
+        known = [*(["probe-free", *spec.sweeps] if spec.sweeps else []),
+                 *(c.name for c in spec.conditions if "@" not in c.name)]
+        raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: {', '.join(known)}")
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
-    data = prepare_data(spec, base, teacher, tokenizer, cfg, soft_control=soft)
+    data = prepare_data(spec, base, teacher, tokenizer, cfg, soft_control="forward_kl" in modes)
     log, vocab = data["log"], base.config.vocab_size
     b_scores = score_model(base, tokenizer, None, spec.questions, spec.target, spec.others)
     t_scores = score_model(teacher, tokenizer, spec.teacher_system, spec.questions, spec.target, spec.others)
@@ -526,12 +528,12 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         return {"base": s0, "teacher": t_full,
                 "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},
                 "conditions": lm_common.run_conditions(conds, s0, t_full, fit, score, desc=f"seed {seed}",
-                                                       progress=progress)}
+                                                       progress=progress and workers == 1)}
 
     runs = lm_common.run_seeds(seeds, one_seed, workers, progress)
     wall = time.perf_counter() - start
     summary = lm_common.summarise(suite, runs, wall)
-    summary["settings"].update({k: v for k, v in cfg.items() if k not in ("conditions", "workers")}, filter_log=log,
+    summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
                                temperature=spec.temperature, teacher_data="sampled once (seed 7), shared by all seeds")
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
         c.name: {k: stats.mean_ci([runs[s]["conditions"][c.name][k] for s in runs])["mean"] for k in b_scores}
@@ -550,7 +552,9 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
           f"p = {t['p_value']:.3g}."
           for name, t in ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
         f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}; measured wall time {wall:.0f} s ({torch.get_num_threads()} torch thread).",
+        f"lr {cfg['lr']}; measured wall time {wall:.0f} s ("
+        + (f"{workers} seeds at a time in forked worker processes, 1 torch thread each)." if workers > 1 else
+           f"{torch.get_num_threads()} torch thread)."),
         "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "
         "seeds vary only the training order (every student starts from the same base weights), so the CIs leave out "
         "the variance of the teachers' sampling (resampling per seed would multiply the costliest step, sampling both "
