@@ -330,3 +330,32 @@ def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_pa
     assert md.replace("rereported", "").count("|") == md_before.replace("rereported", "").count("|")
     assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0  # idempotent
     assert (tmp_path / "run" / "summary.md").read_text() == md
+
+
+def test_frontier_plot_draws_each_other_vanilla_curve_dashed_at_its_seed_mean() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from purify.bench.report import _draw
+
+    def point(x: float, y: float) -> dict[str, float]:
+        return {"mean": x, "ci95": [x, x]} if y is None else {"mean": y, "ci95": [y, y]}
+
+    soft = [[{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 5, "task_error": 0.4, "transfer": 0.9}],
+            [{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 5, "task_error": 0.2, "transfer": 0.7}]]
+    summary = {"frontier": {"vanilla": [{"step": 0, "task_error": 1.0, "transfer": 0.0, "transfer_ci95": [0, 0]},
+                                        {"step": 5, "task_error": 0.5, "transfer": 1.0, "transfer_ci95": [1, 1]}]},
+               "conditions": {"vanilla": {"task_error": point(0.5, None), "transfer": point(0, 1.0)},
+                              "vanilla:soft": {"task_error": point(0.3, None), "transfer": point(0, 0.8),
+                                               "per_seed": [{"curve": c} for c in soft]},
+                              "arm": {"task_error": point(0.6, None), "transfer": point(0, 0.2),
+                                      "per_seed": [{}, {}]}}}
+    fig, ax = plt.subplots()
+    _draw(ax, summary, "task_error", annotate=[])
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_label() == "vanilla:soft early-stopping curve (mean)"
+    assert list(dashed[0].get_xdata()) == pytest.approx([1.0, 0.3]) and \
+        list(dashed[0].get_ydata()) == pytest.approx([0.0, 0.8])
+    plt.close(fig)

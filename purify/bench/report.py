@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from purify.assembly import purifier_problems
+from purify.bench.stats import mean_curve
 from purify.lineage import atomic_write_text, git_sha, versions
 from purify.storage import atomic_path
 
@@ -173,7 +174,8 @@ _MARKERS = {"reference": "s", "bound": "*", "combination": "D", "purifier": "o"}
 
 
 def _draw(ax: Any, summary: dict[str, Any], xkey: str, annotate: list[int]) -> list[float]:
-    """Vanilla's curve, one marker per condition and one line per sweep on ``ax``; returns the x values drawn."""
+    """Vanilla's curve, one marker per condition, each other vanilla's own curve (dashed: soft labels, on-policy)
+    and one line per sweep on ``ax``; returns the x values drawn."""
     import matplotlib.pyplot as plt
 
     xs_all: list[float] = []
@@ -215,6 +217,15 @@ def _draw(ax: Any, summary: dict[str, Any], xkey: str, annotate: list[int]) -> l
             sweeps.setdefault(group, []).append((sk[2], x["mean"], y["mean"]))
             ax.annotate(sk[1], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, -3), fontsize=7,
                         color=color, zorder=4)
+    for name, cond in summary["conditions"].items():  # other vanillas' own curves (soft labels, on-policy), dashed
+        per_seed = cond.get("per_seed") or []
+        if name == "vanilla" or name not in colors or not per_seed or not all(r.get("curve") for r in per_seed):
+            continue
+        mean = mean_curve([r["curve"] for r in per_seed], (xkey, "transfer"))
+        if all(math.isfinite(p[xkey]) and math.isfinite(p["transfer"]) for p in mean):
+            ax.plot([p[xkey] for p in mean], [p["transfer"] for p in mean], "--", color=colors[name], lw=1.2,
+                    label=f"{name} early-stopping curve (mean)")
+            xs_all += [p[xkey] for p in mean]
     for group, pts in sweeps.items():
         if len(pts) > 1:
             pts.sort()
