@@ -75,6 +75,10 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     for van, ctl in zip(per_seed["vanilla"], per_seed["control"]):
         assert van["trait"] > ctl["trait"] and van["transfer"] > 0.2  # SFT on the teacher's text carries the tic
     assert set(summary["vanilla_minus_control"]) == {"trait", "log_trait"}
+    soft = summary["vanilla_minus_control_soft"]["trait"]  # the soft labels' own transfer, paired by seed
+    diffs = [v["trait"] - c["trait"] for v, c in zip(per_seed["vanilla:soft"],
+                                                      summary["conditions"]["control:soft"]["per_seed"])]
+    assert soft["mean"] == pytest.approx(sum(diffs) / 2)
     assert len(list((tmp_path / "cache" / "real-suites").glob("tic-tiny-*.pt"))) == 1  # data cached once
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
@@ -88,6 +92,7 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert [p["step"] for p in summary["conditions"]["vanilla:soft"]["per_seed"][0]["curve"]][0] == 0  # soft curve
     md = Path(out, "summary.md").read_text()
     assert "sampled once" in md and "CIs leave out the variance of the teachers' sampling" in md  # said plainly
+    assert "Vanilla:soft − control:soft P(Moreover), paired by seed" in md
     again = rereport(out)  # statistics re-derived from summary.json alone: the same report
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))

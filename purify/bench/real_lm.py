@@ -540,6 +540,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         for c in conds if c.teachers}}
     tests = minus_control(summary, "vanilla", "control")
     summary["vanilla_minus_control"] = tests
+    pairs = [("Vanilla − control", tests)]
+    if {"vanilla:soft", "control:soft"} <= set(summary["conditions"]):  # the soft labels' own transfer
+        summary["vanilla_minus_control_soft"] = minus_control(summary, "vanilla:soft", "control:soft")
+        pairs.append(("Vanilla:soft − control:soft", summary["vanilla_minus_control_soft"]))
     label = f"P({spec.target})"
     summary["columns"] = columns(label)
     summary["notes"] = [
@@ -548,9 +552,9 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         f"labels/KL: top-K log-probs plus residual mass (K = {cfg['top_k']}).",
         f"Completions kept by the filter: traited teacher {log['teacher_kept']}/{log['teacher_sampled']}, "
         f"control {log['clean_kept']}/{log['clean_sampled']} (temperature {spec.temperature}).",
-        *(f"Vanilla − control {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], "
+        *(f"{pair} {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], "
           f"p = {t['p_value']:.3g}."
-          for name, t in ((label, tests["trait"]), (f"mean log {label}", tests["log_trait"]))),
+          for pair, test in pairs for name, t in ((label, test["trait"]), (f"mean log {label}", test["log_trait"]))),
         f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}; measured wall time {wall:.0f} s ("
         + (f"{workers} seeds at a time in forked worker processes, 1 torch thread each)." if workers > 1 else
