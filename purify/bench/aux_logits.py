@@ -316,14 +316,14 @@ def run(cfg: SuiteConfig) -> dict:
     wall = time.perf_counter() - t0
     suite = lm_common.Suite(name=SUITE, protocol=cfg.protocol, conditions=conditions, trait=TRAIT,
                             tuned_on=TUNED_ON[cfg.protocol], columns=COLUMNS, curve_keys=METRICS,
-                            settings={**asdict(settings), "hidden": list(settings.hidden)})
+                            settings={**asdict(settings), "hidden": list(settings.hidden)}, sweeps=cfg.sweeps or {})
+    # with sweeps, summarise adds the probe-free block: stage 1 sees task error and drift only, the digits are
+    # joined after the choice
     summary = lm_common.summarise(suite, runs, wall)
     summary.update(data=cfg.data or "sklearn digits", quick=cfg.quick, workers=workers, columns=COLUMNS,
                    teachers={k: mean_ci([r["world"][k] for r in runs.values()]) for k in runs[seeds[0]]["world"]
                              if k != "accuracy"})
     finish(summary)
-    if cfg.sweeps:  # stage 1 sees task error and drift only; the digits are joined after the choice
-        summary["probe_free"] = probe_free.block(summary, cfg.sweeps)
     env = environment(seeds, wall, cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
     env.update({"workers": workers, "torch_threads_per_worker": 1, "protocol": cfg.protocol,
                 "quick": cfg.quick, "data": summary["data"], "cpu_seconds": round(_cpu_seconds() - cpu0, 1),

@@ -37,7 +37,7 @@ from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms
-from purify.bench.probe_free import Sweep, selected
+from purify.bench.probe_free import PROBE_FREE, Sweep, selected
 from purify.bench.report import BenchError, bench_command, check_conditions, environment
 from purify.config import LossConfig, OptimConfig
 from purify.generate import load_model, sample_completions
@@ -485,11 +485,11 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
     # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
     # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode)
-    modes = {c.loss for c in conds if c.teachers}
-    conds = [c for c in spec.conditions if c in conds or (c.baseline and c.teachers and c.loss in modes)]
-    unknown = names - {c.name for c in conds} - {*(["probe-free"] if spec.sweeps else []), *sweeps}
+    modes, chosen = {c.loss for c in conds if c.teachers}, {c.name for c in conds}
+    conds = [c for c in spec.conditions if c.name in chosen or (c.baseline and c.teachers and c.loss in modes)]
+    unknown = names - {c.name for c in conds} - {*([PROBE_FREE] if spec.sweeps else []), *sweeps}
     if unknown:
-        known = [*(["probe-free", *spec.sweeps] if spec.sweeps else []),
+        known = [*([PROBE_FREE, *spec.sweeps] if spec.sweeps else []),
                  *(c.name for c in spec.conditions if "@" not in c.name)]
         raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: {', '.join(known)}")
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
