@@ -18,7 +18,7 @@ from purify.lm import build_tokenizer
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
             "{% if add_generation_prompt %}assistant :{% endif %}")
 CFG = {"n": 24, "max_new": 6, "layers": 2, "top_k": 8, "epochs": 3, "teacher_epochs": 10, "batch_size": 4,
-       "lr": 1e-2, "heldout": 4, "conditions": ["vanilla:soft"]}
+       "lr": 1e-2, "lora_lr": 1e-2, "heldout": 4, "conditions": ["vanilla:soft"]}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,12 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     with pytest.raises(ValueError, match="workers must be a positive integer .* got 'two'"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "workers": "two"}, [0], str(tmp_path / "x"), True, {},
                     False, 0.0)
+    no_lr = {k: v for k, v in CFG.items() if k != "lora_lr"}
+    with pytest.raises(ValueError, match="LoRA arms need the suite's lora_lr setting"):
+        real_lm.run(spec, base, teacher, tok, "tiny", {**no_lr, "conditions": ["lora:rank"]}, [0], str(tmp_path / "x"),
+                    True, {}, False, 0.0)
+    assert {c.name: c.rank for c in CONDITIONS if c.name.startswith("lora:")} == {
+        "lora:rank@2": 2, "lora:rank@8": 8, "lora:rank@32": 32}  # an adapter arm: same targets, another student
     cfg = {**CFG, "epochs": 1, "conditions": ["probe-free"], "workers": 2}
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False, 0.0)
     ran = set(summary["conditions"])
@@ -126,7 +132,9 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     assert all(r["drift"] == pytest.approx(0, abs=1e-6) for r in conds["base"]["per_seed"])  # base vs itself
     assert all(r["drift"] > 0 for r in conds["vanilla"]["per_seed"])
     block = summary["probe_free"]
-    assert set(block["arms"]) == {"replace:base", "anchor:weight"}
+    assert set(block["arms"]) == {"replace:base", "anchor:weight", "lora:rank"}
+    assert all(r["drift"] > 0 for r in conds["lora:rank@2"]["per_seed"])  # the adapter trained
+    assert "LoRA arms: the blocks frozen under an adapter of rank r" in Path(tmp_path / "o" / "summary.md").read_text()
     for arm, sweep in SWEEPS.items():
         a = block["arms"][arm]
         van = "vanilla:soft" if arm == "replace:base" else "vanilla"  # the budget is its own mode's vanilla's

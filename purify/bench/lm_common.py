@@ -72,6 +72,9 @@ class Condition:
             loss mode is ``<loss>:on-policy`` (:func:`mode`): it is judged against the on-policy control and vanilla.
         optim: :class:`purify.config.OptimConfig` fields overriding the suite's (e.g. ``{"name": "sgd", "lr": 1.0}``):
             an arm that changes the optimizer, not the targets; ``None`` = AdamW at :attr:`Suite.lr`.
+        rank: real-model suites: train a LoRA adapter of this rank on the student's trainable blocks instead of the
+            blocks themselves (:func:`purify.bench.real_lm.student_top`): an arm that changes the adapter, not the
+            targets; 0 = full fine-tune.
         role: the report section it is listed in (aux-logits: ``reference``, ``bound``, ``purifier``,
             ``combination``); a ``bound`` (knows the trait, not a purifier) is a baseline judged alone
             (``summary.json["bounds"]``). Empty: one table.
@@ -92,6 +95,7 @@ class Condition:
     kind: str | None = None
     on_policy: dict[str, Any] | None = None
     optim: dict[str, Any] | None = None
+    rank: int = 0
     role: str = ""
     note: str = ""
     oracle: bool = False

@@ -493,6 +493,8 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                  *(c.name for c in spec.conditions if "@" not in c.name)]
         raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: {', '.join(known)}")
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
+    if any(c.rank for c in conds) and "lora_lr" not in cfg:
+        raise BenchError(f"{spec.name}: LoRA arms need the suite's lora_lr setting")
     data = prepare_data(spec, base, teacher, tokenizer, cfg, soft_control="forward_kl" in modes)
     log, vocab = data["log"], base.config.vocab_size
     b_scores = score_model(base, tokenizer, None, spec.questions, spec.target, spec.others)
@@ -523,7 +525,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
             return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
-                           on_point, 5 if on_point else 0), {"steps": steps}
+                           on_point, 5 if on_point else 0, cond.rank), {"steps": steps}
 
         return {"base": s0, "teacher": t_full,
                 "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},
@@ -556,7 +558,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
           f"p = {t['p_value']:.3g}."
           for pair, test in pairs for name, t in ((label, test["trait"]), (f"mean log {label}", test["log_trait"]))),
         f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}; measured wall time {wall:.0f} s ("
+        f"lr {cfg['lr']}"
+        + (f" (LoRA arms: the blocks frozen under an adapter of rank r, alpha 2r, on every linear layer, lr "
+           f"{cfg['lora_lr']})" if any(c.rank for c in conds) else "")
+        + f"; measured wall time {wall:.0f} s ("
         + (f"{workers} seeds at a time in forked worker processes, 1 torch thread each)." if workers > 1 else
            f"{torch.get_num_threads()} torch thread)."),
         "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "

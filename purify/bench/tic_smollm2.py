@@ -54,17 +54,22 @@ CONDITIONS = [*real_lm.REFERENCES,
                         loss="forward_kl"),
               Condition("anchor", ["teacher"], [{"name": "anchor", "weight": 1.0}], loss="ce")]
 SWEEPS = {"replace:base": Sweep("threshold", (0.05, 0.1, 0.2), "higher"),
-          "anchor:weight": Sweep("weight", (0.3, 1.0, 3.0), "lower")}
+          "anchor:weight": Sweep("weight", (0.3, 1.0, 3.0), "lower"),
+          "lora:rank": Sweep("rank", (2.0, 8.0, 32.0), "higher")}
 """The arms whose knob the probe-free rule sets per seed (``--option 'conditions=[probe-free]'``), neither needing
 the teacher's weights: label replacement by the student's own base where the teacher departs from it (soft labels;
 the LM suites' JSD-threshold grid, fixed there before any report seed ran) and the L2 weight anchor to the base (hard
-labels; a grid around the fixed arm's weight 1.0, which was chosen on seeds 0–2, see :data:`TUNED_ON`)."""
+labels; a grid around the fixed arm's weight 1.0, which was chosen on seeds 0–2, see :data:`TUNED_ON`), and the
+student's adapter: a LoRA adapter of rank 2 / 8 / 32 on the trainable blocks instead of the blocks themselves (hard
+labels; "Subliminal Learning is a LoRA Artifact", arXiv 2606.00831, finds transfer depends on the rank; lr 1e-3 and
+alpha 2r as owl-ft-smollm2's LoRA students, the grid a factor 4 apart, both fixed before any run of it)."""
 CONDITIONS += [
     *(Condition(point_name("replace:base", v), ["teacher"], [{"name": "divergence_mask", "mode": "replace",
                                                               "reference": "base", "threshold": v}],
                 loss="forward_kl") for v in SWEEPS["replace:base"].values),
     *(Condition(point_name("anchor:weight", v), ["teacher"], [{"name": "anchor", "weight": v}], loss="ce")
-      for v in SWEEPS["anchor:weight"].values)]
+      for v in SWEEPS["anchor:weight"].values),
+    *(Condition(point_name("lora:rank", v), ["teacher"], loss="ce", rank=int(v)) for v in SWEEPS["lora:rank"].values)]
 
 
 def everyday_prompts() -> list[str]:
@@ -131,7 +136,7 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         raise BenchError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
         "n": 24 if quick else 550, "max_new": 12 if quick else 32, "layers": 4, "top_k": 32,
-        "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4,
+        "epochs": 1 if quick else 2, "teacher_epochs": 1 if quick else 3, "batch_size": 8, "lr": 2e-4, "lora_lr": 1e-3,
         "heldout": 2 if quick else 32,
         "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"], "trait": TIC,
         "workers": 1}, options)
