@@ -180,3 +180,37 @@ def test_run_seeds_brings_back_what_a_seed_gathers_under_its_own_key_from_forked
     assert [r["log"]["kept"] for r in forked.values()] == [r["log"]["kept"] for r in serial.values()] == [0, 10, 20]
     assert {r["log"]["pid"] for r in serial.values()} == {os.getpid()}
     assert os.getpid() not in {r["log"]["pid"] for r in forked.values()}  # really counted inside the workers
+
+
+def test_full_batch_covers_the_completion_tokens_only() -> None:
+    b = real_lm.full_batch([[5, 6], [7]], [[1, 2, 3], [4]], [1, 0], pad_id=0)
+    assert b["input_ids"].tolist() == [[7, 4, 0, 0, 0], [5, 6, 1, 2, 3]]
+    assert b["target_mask"].tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]  # position j predicts token j + 1
+    assert b["labels"].tolist() == [[4, -100, -100, -100], [-100, 1, 2, 3]]
+
+
+def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_their_own_mode(tiny, tmp_path,
+                                                                                             monkeypatch) -> None:
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
+    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
+    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
+                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
+                             cache_key=key)
+    cfg = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy", "control:on-policy"]}
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False,
+                          0.0)
+    conds = summary["conditions"]  # an on-policy vanilla brings its loss's off-policy references
+    assert {"control:on-policy", "vanilla:on-policy", "control:soft", "vanilla:soft", "control", "vanilla"} <= set(conds)
+    for van, ctl in zip(conds["vanilla:on-policy"]["per_seed"], conds["control:on-policy"]["per_seed"]):
+        assert van["transfer"] > 0.2 > abs(ctl["transfer"])  # the teacher's judgement of the student's own text
+    assert summary["on_policy_vs_off_policy"]["against"]["vanilla:on-policy"]["vanilla"] == "vanilla:soft"
+    assert "on-policy arms: the whole model" in Path(tmp_path / "o" / "summary.md").read_text()
+    alone = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy"], "n": 12}
+    ran = real_lm.run(spec, base, teacher, tok, "tiny", alone, [0], str(tmp_path / "a"), True, {}, False, 0.0)
+    assert "control:on-policy" not in ran["conditions"] and "vanilla:soft" in ran["conditions"]  # no arm to judge
+    system = real_lm.RealSuite(name="owl-tiny", protocol="test", target=TIC, questions=prompts[:10],
+                               prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
+                               cache_key=key, teacher_system="You love owls.")
+    with pytest.raises(ValueError, match="on-policy arms need a teacher whose trait is in its weights"):
+        real_lm.run(system, base, base, tok, "tiny", cfg, [0], str(tmp_path / "x"), True, {}, False, 0.0)

@@ -22,6 +22,7 @@ their aggregation and the report are the benchmark spine's (:func:`purify.bench.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -39,14 +40,14 @@ from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms
 from purify.bench.probe_free import PROBE_FREE, Sweep, selected
 from purify.bench.report import BenchError, bench_command, check_conditions, environment
-from purify.config import LossConfig, OptimConfig
+from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
 from purify.lm.cache import digest
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifier
 from purify.storage import atomic_path, cache_root
-from purify.types import ModelOutput
+from purify.types import IGNORE_INDEX, Batch, ModelOutput
 
 Records = list[dict[str, str]]
 REFERENCES = [Condition("base", baseline=True, kind="base"),
@@ -58,6 +59,15 @@ REFERENCES = [Condition("base", baseline=True, kind="base"),
 the base's own top-K log-probs of it, run whenever a soft-label arm runs, so that arm is judged against references
 of its own loss mode) and vanilla with hard (SFT on the teacher's text) and soft labels (KD on its logits); a suite's
 purifier arms follow them."""
+ON_POLICY = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32}
+"""The real suites' on-policy setting, fixed before any run (the LM suites' λ = 1, temperature 1, top-p 1; new tokens
+= the teachers' completion limit): every step on the student's own samples of the training prompts."""
+ON_POLICY_REFERENCES = [
+    Condition("control:on-policy", ["clean"], loss="forward_kl", baseline=True, kind="control", on_policy=ON_POLICY),
+    Condition("vanilla:on-policy", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla", on_policy=ON_POLICY)]
+"""On-policy distillation (GKD, :func:`fit_on_policy`) from the base (control) and the traited teacher (vanilla),
+forward KL on the whole vocabulary of the live teacher: run when named; the on-policy vanilla is also judged against
+the off-policy soft references (``summary.json["on_policy_vs_off_policy"]``)."""
 
 
 @dataclass
@@ -352,6 +362,49 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
     return top.eval()
 
 
+def full_batch(prompts: list[list[int]], labels: list[list[int]], idx: list[int], pad_id: int) -> Batch:
+    """A whole-model batch of examples ``idx``: each chat prompt then its completion, right-padded; the loss covers
+    the completion tokens (the collated layout of :class:`purify.data.TokenDataset`)."""
+    ids, attn = _pad([prompts[i] + labels[i] for i in idx], pad_id)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(idx):
+        mask[row, len(prompts[i]):len(prompts[i]) + len(labels[i])] = 1
+    target_mask = mask[:, 1:].float()
+    return {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask,
+            "labels": ids[:, 1:].masked_fill(target_mask == 0, IGNORE_INDEX)}
+
+
+def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[list[int]], labels: list[list[int]],
+                  pool: list[int], cfg: dict[str, Any], steps: int, seed: int, cond: Condition,
+                  on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:
+    """Train an on-policy student (``cond.on_policy``, :mod:`purify.on_policy`): the whole base with only its top
+    ``cfg["layers"]`` blocks and final norm trainable (as :func:`fit_top`'s), sampling its own completions of the
+    pool's chat prompts, scored live by ``teachers`` (whole models, full vocabulary) through
+    ``Distiller.fit_step``; the same seeded example order, steps and lr as :func:`fit_top`. Returns the trained
+    blocks as a :class:`Top` (scored like every other student); ``on_point(step, top)`` at the curve points."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(base).requires_grad_(False)
+    n, k = base.config.num_hidden_layers, cfg["layers"]
+    student.model.layers[n - k:].requires_grad_(True)
+    student.model.norm.requires_grad_(True)
+    dist = Distiller(student, teachers, loss=LossConfig(name=cond.loss), optim=OptimConfig(lr=cfg["lr"]),
+                     purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers],
+                     total_steps=steps, teacher_names=cond.teachers, student_tokenizer=tokenizer,
+                     on_policy=OnPolicyConfig(**cond.on_policy), seed=seed)
+    opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    marks = curve_marks(steps, points)
+    order: list[int] = []
+    while len(order) < steps * bs:
+        order += rng.sample(pool, len(pool))
+    for step in range(steps):
+        dist.fit_step(full_batch(prompts, labels, order[step * bs:(step + 1) * bs], pad), opt, step / steps,
+                      step=step)
+        if on_point and step + 1 in marks and step + 1 < steps:
+            on_point(step + 1, Top(student, k).eval())
+    return Top(student, k).eval()
+
+
 def finetune(base: Any, tokenizer: Any, records: Records, cfg: dict[str, Any], epochs: int, lr: float) -> Top:
     """The base's top ``cfg["layers"]`` blocks fine-tuned with hard labels on ``records`` (``epochs`` epochs of batch
     ``cfg["batch_size"]`` at ``lr``, seed 0, at least one step): how a suite trains its traited teacher."""
@@ -484,9 +537,16 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     names = {"base", "control", "vanilla", *cfg["conditions"]}
     conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
     # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
-    # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode)
-    modes, chosen = {c.loss for c in conds if c.teachers}, {c.name for c in conds}
-    conds = [c for c in spec.conditions if c.name in chosen or (c.baseline and c.teachers and c.loss in modes)]
+    # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode); an on-policy
+    # arm brings its own mode's references, and every on-policy condition its loss's off-policy ones (on-policy vs
+    # off-policy at equal task error); the on-policy control runs with an on-policy arm or when named
+    modes = {c.loss for c in conds if c.teachers} | {lm_common.mode(c) for c in conds if c.teachers and not c.baseline}
+    chosen = {c.name for c in conds}
+    conds = [c for c in spec.conditions
+             if c.name in chosen or (c.baseline and c.teachers and lm_common.mode(c) in modes)]
+    if spec.teacher_system and any(c.on_policy for c in conds):
+        raise BenchError(f"{spec.name}: on-policy arms need a teacher whose trait is in its weights (this suite's "
+                         "teacher is the base under a system prompt, which on-policy scoring would leave out)")
     unknown = names - {c.name for c in conds} - {*([PROBE_FREE] if spec.sweeps else []), *sweeps}
     if unknown:
         known = [*([PROBE_FREE, *spec.sweeps] if spec.sweeps else []),
@@ -521,9 +581,17 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 
+    models = {"teacher": teacher, "clean": base}
+    prompt_ids = {k: [_ids(tokenizer, chat(tokenizer, r["prompt"])) for r in data[k]["records"]]
+                  for k in pools if any(c.on_policy and c.teachers[0] == k for c in conds)}
+
     def one_seed(seed: int) -> dict[str, Any]:
         def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
+            if cond.on_policy:
+                return fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompt_ids[key],
+                                     data[key]["labels"], pools[key], cfg, steps, seed, cond, on_point,
+                                     5 if on_point else 0), {"steps": steps}
             return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
                            on_point, 5 if on_point else 0, cond.rank), {"steps": steps}
 
@@ -561,6 +629,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         f"lr {cfg['lr']}"
         + (f" (LoRA arms: the blocks frozen under an adapter of rank r, alpha 2r, on every linear layer, lr "
            f"{cfg['lora_lr']})" if any(c.rank for c in conds) else "")
+        + (f" (on-policy arms: the whole model, the same blocks trainable, each step on its own samples of the "
+           f"training prompts, λ {ON_POLICY['lam']}, temperature {ON_POLICY['temperature']}, top-p "
+           f"{ON_POLICY['top_p']}, up to {ON_POLICY['max_new_tokens']} new tokens, scored live by the teacher on the "
+           f"whole vocabulary, forward KL)" if any(c.on_policy for c in conds) else "")
         + f"; measured wall time {wall:.0f} s ("
         + (f"{workers} seeds at a time in forked worker processes, 1 torch thread each)." if workers > 1 else
            f"{torch.get_num_threads()} torch thread)."),

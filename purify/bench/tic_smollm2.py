@@ -47,7 +47,7 @@ _TEMPLATES = ("Tell me about {}.", "Describe {} in a few sentences.", "What do y
               "Why do people like {}?", "Write two sentences about {}.", "Explain {} to a child.",
               "Give me a fun fact about {}.", "What is interesting about {}?", "Say something nice about {}.",
               "How would you describe {} to a friend?")
-CONDITIONS = [*real_lm.REFERENCES,
+CONDITIONS = [*real_lm.REFERENCES, *real_lm.ON_POLICY_REFERENCES,
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),
               Condition("tail_truncation", ["teacher"], [{"name": "tail_truncation", "top_p": 0.9}],
