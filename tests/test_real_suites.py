@@ -201,7 +201,8 @@ def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_the
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False,
                           0.0)
     conds = summary["conditions"]  # an on-policy vanilla brings its loss's off-policy references
-    assert {"control:on-policy", "vanilla:on-policy", "control:soft", "vanilla:soft", "control", "vanilla"} <= set(conds)
+    assert {"control:on-policy", "vanilla:on-policy", "control:soft", "vanilla:soft", "control", "vanilla"} <= \
+        set(conds)
     for van, ctl in zip(conds["vanilla:on-policy"]["per_seed"], conds["control:on-policy"]["per_seed"]):
         assert van["transfer"] > 0.2 > abs(ctl["transfer"])  # the teacher's judgement of the student's own text
     assert summary["on_policy_vs_off_policy"]["against"]["vanilla:on-policy"]["vanilla"] == "vanilla:soft"
