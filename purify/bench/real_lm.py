@@ -13,7 +13,10 @@ A suite may sweep an arm's main knob (:attr:`RealSuite.sweeps`, conditions ``<ar
 template, never trained on), and the arm is judged at that choice (``summary.json["probe_free"]``).
 
 Only the last ``layers`` transformer blocks (+ final norm) train; the frozen blocks below are run once per sequence
-and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only.
+and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only; an
+on-policy arm (:data:`ON_POLICY_REFERENCES`) trains the same blocks inside the whole model, which samples its own
+answers, scored live by its teachers (:func:`fit_on_policy`). A LoRA arm (``Condition.rank``) trains an adapter on
+those blocks instead of the blocks (:func:`student_top`).
 Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes; the seeds,
 their aggregation and the report are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`,
 :func:`~purify.bench.lm_common.run_conditions`, :func:`~purify.bench.lm_common.summarise`,
