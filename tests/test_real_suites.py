@@ -33,6 +33,16 @@ def tiny() -> tuple[LlamaForCausalLM, object, list[str]]:
     return LlamaForCausalLM(cfg).eval().requires_grad_(False), tok, prompts
 
 
+def tic_spec(tiny, tmp_path, monkeypatch, **fields) -> tuple[real_lm.RealSuite, object]:
+    """The tiny tic suite (cache under ``tmp_path/cache``) and its fine-tuned teacher."""
+    base, tok, prompts = tiny
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
+    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
+    return real_lm.RealSuite(**{"name": "tic-tiny", "protocol": "test", "target": TIC, "questions": prompts[:10],
+                                "prompts": prompts[30:], "filter": no_filter, "conditions": CONDITIONS,
+                                "temperature": 0.7, "cache_key": key, **fields}), teacher
+
+
 def test_with_tic_and_no_filter() -> None:
     assert with_tic(" The sea is calm.") == "Moreover, the sea is calm."
     kept, removed = no_filter([{"prompt": "p", "completion": c} for c in ("a", "  ", "b")])
@@ -58,11 +68,7 @@ def test_tic_teacher_learns_the_tic_and_is_cached(tiny, tmp_path, monkeypatch) -
 
 def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypatch) -> None:
     base, tok, prompts = tiny
-    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
-    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
-    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
-                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
-                             cache_key=key)
+    spec, teacher = tic_spec(tiny, tmp_path, monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"unknown conditions \['probe-free'\]; known: base, control"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["probe-free"]}, [0], str(tmp_path / "x"),
@@ -104,11 +110,7 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     from purify.bench.tic_smollm2 import SWEEPS
 
     base, tok, prompts = tiny
-    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
-    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
-    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
-                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
-                             cache_key=key, sweeps=SWEEPS)
+    spec, teacher = tic_spec(tiny, tmp_path, monkeypatch, sweeps=SWEEPS)
     with pytest.raises(ValueError, match=r"unknown conditions \['replace'\]; known: probe-free, replace:base"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["replace"]}, [0], str(tmp_path / "x"),
                     True, {}, False, 0.0)
@@ -192,11 +194,7 @@ def test_full_batch_covers_the_completion_tokens_only() -> None:
 def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_their_own_mode(tiny, tmp_path,
                                                                                              monkeypatch) -> None:
     base, tok, prompts = tiny
-    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "cache"))
-    teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
-    spec = real_lm.RealSuite(name="tic-tiny", protocol="test", target=TIC, questions=prompts[:10],
-                             prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
-                             cache_key=key)
+    spec, teacher = tic_spec(tiny, tmp_path, monkeypatch)
     cfg = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy", "control:on-policy"]}
     summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False,
                           0.0)
@@ -210,8 +208,6 @@ def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_the
     alone = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy"], "n": 12}
     ran = real_lm.run(spec, base, teacher, tok, "tiny", alone, [0], str(tmp_path / "a"), True, {}, False, 0.0)
     assert "control:on-policy" not in ran["conditions"] and "vanilla:soft" in ran["conditions"]  # no arm to judge
-    system = real_lm.RealSuite(name="owl-tiny", protocol="test", target=TIC, questions=prompts[:10],
-                               prompts=prompts[30:], filter=no_filter, conditions=CONDITIONS, temperature=0.7,
-                               cache_key=key, teacher_system="You love owls.")
+    system, _ = tic_spec(tiny, tmp_path, monkeypatch, name="owl-tiny", teacher_system="You love owls.")
     with pytest.raises(ValueError, match="on-policy arms need a teacher whose trait is in its weights"):
         real_lm.run(system, base, base, tok, "tiny", cfg, [0], str(tmp_path / "x"), True, {}, False, 0.0)
