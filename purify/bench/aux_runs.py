@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from purify.bench.digits import Split, noise, read_arrays, split, task_function
-from purify.bench.lm_common import Condition, Diverged, run_conditions
+from purify.bench.lm_common import Condition, Diverged, build_purifiers, run_conditions
 from purify.bench.oracle import TraitGradientOracle
 from purify.config import LossConfig, OptimConfig
 from purify.losses import forward_kl
 from purify.models import AuxMLP
 from purify.module import Distiller
-from purify.purifiers import PURIFIERS, build_purifier
 
 DRIFT_SEED = 97_000
 """Noise seed offset of the drift inputs (``DRIFT_SEED + seed``): disjoint from training (``seed + 2000``) and
@@ -240,7 +239,7 @@ def fit(world: World, cond: Condition, s: Settings,
     c = world.data.n_classes
     start = "cross" if cond.student == "cross" else "base"
     student = copy.deepcopy(world.cross_base if start == "cross" else world.base).train()
-    purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
+    purifiers = build_purifiers(cond.purifiers)
     if cond.oracle:
         purifiers.append(_oracle(world, s))
     logit_slice = None if cond.logits == "all" else [c, c + s.n_aux]

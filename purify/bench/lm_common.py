@@ -198,6 +198,11 @@ are numbers recorded beside the arm's scores: ``steps`` (the steps trained, requ
 Raises :class:`Diverged`."""
 
 
+def build_purifiers(entries: list[dict[str, Any]]) -> list[Any]:
+    """The purifiers of a condition's ``{"name": ..., **options}`` entries (:data:`purify.purifiers.PURIFIERS`)."""
+    return [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in entries]
+
+
 def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,
             records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None) -> Any:
     """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at the curve points
@@ -207,7 +212,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     (``tokenizer``) reads its own tokenization of every example (for the ``cross_base`` purifier)."""
     torch.manual_seed(seed)
     student, _ = load_model(cond.student or suite.student)
-    purifiers = [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers]
+    purifiers = build_purifiers(cond.purifiers)
     own = [tokenizers[k] for k in cond.teachers]
     optim = OptimConfig(**{"lr": suite.lr, **(cond.optim or {})})
     distiller = Distiller(student, [models[k] for k in cond.teachers], loss=LossConfig(name=cond.loss),

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
-from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms
+from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, build_purifiers, drift_terms
 from purify.bench.probe_free import PROBE_FREE, Sweep, selected
 from purify.bench.report import BenchError, bench_command, check_conditions, environment
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
@@ -48,7 +48,6 @@ from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
 from purify.lm.cache import digest
 from purify.module import Distiller
-from purify.purifiers import PURIFIERS, build_purifier
 from purify.storage import atomic_path, cache_root
 from purify.types import IGNORE_INDEX, Batch, ModelOutput
 
@@ -129,6 +128,11 @@ def chat(tokenizer: Any, user: str, system: str | None = None) -> str:
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, records: Records, system: str | None = None) -> list[list[int]]:
+    """The chat-template token ids of each record's prompt (with ``system``), as the students and teachers read it."""
+    return [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in records]
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -290,7 +294,7 @@ def collate(data: dict[str, Any], idx: list[int], vocab: int) -> dict[str, Tenso
 
 def sft_data(base: Any, tokenizer: Any, records: Records, layers: int) -> dict[str, Any]:
     """Training examples of the student (no system prompt): completion token ids and cached block inputs."""
-    prompts = [_ids(tokenizer, chat(tokenizer, r["prompt"])) for r in records]
+    prompts = prompt_ids(tokenizer, records)
     labels = [_ids(tokenizer, r["completion"]) for r in records]
     return {"records": records, "labels": labels,
             "hidden": block_inputs(base, [p + c for p, c in zip(prompts, labels)], None, layers)}
@@ -342,26 +346,36 @@ def student_top(base: Any, layers: int, rank: int, seed: int) -> Top:
     return top
 
 
-def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
-            loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
-            on_point: Callable[[int, Top], None] | None = None, points: int = 0, rank: int = 0) -> Top:
-    """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
-    adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` with ``Distiller.fit_step`` (batches in a seeded
-    shuffled order, the pool repeated as needed); ``on_point(step, top)`` at the curve points before the last step."""
-    top = student_top(base, cfg["layers"], rank, seed)
-    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
-                     optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
-                     purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in purifiers],
-                     total_steps=steps, teacher_names=teacher_names or ["teacher"])
-    opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
+def train_steps(dist: Distiller, batch: Callable[[list[int]], Batch], pool: list[int], bs: int, steps: int,
+                seed: int, on_point: Callable[[int, Top], None] | None, points: int,
+                current: Callable[[], Top]) -> None:
+    """``steps`` ``Distiller.fit_step`` steps on ``batch(indices)`` of examples ``pool`` (batches of ``bs`` in a
+    seeded shuffled order, the pool repeated as needed); ``on_point(step, current())`` at the curve points
+    (:func:`curve_marks`) before the last step."""
+    opt, rng = dist.build_optimizer(), random.Random(seed)
     marks = curve_marks(steps, points)
     order: list[int] = []
     while len(order) < steps * bs:
         order += rng.sample(pool, len(pool))
     for step in range(steps):
-        dist.fit_step(collate(data, order[step * bs:(step + 1) * bs], base.config.vocab_size), opt, step / steps)
+        dist.fit_step(batch(order[step * bs:(step + 1) * bs]), opt, step / steps, step=step)
         if on_point and step + 1 in marks and step + 1 < steps:
-            on_point(step + 1, top)
+            on_point(step + 1, current())
+
+
+def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
+            loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
+            on_point: Callable[[int, Top], None] | None = None, points: int = 0, rank: int = 0) -> Top:
+    """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
+    adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` (:func:`train_steps`); ``on_point(step, top)``
+    at the curve points before the last step."""
+    top = student_top(base, cfg["layers"], rank, seed)
+    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
+                     optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
+                     purifiers=build_purifiers(purifiers), total_steps=steps,
+                     teacher_names=teacher_names or ["teacher"])
+    train_steps(dist, lambda idx: collate(data, idx, base.config.vocab_size), pool, cfg["batch_size"], steps, seed,
+                on_point, points, lambda: top)
     return top.eval()
 
 
@@ -391,20 +405,11 @@ def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[
     student.model.layers[n - k:].requires_grad_(True)
     student.model.norm.requires_grad_(True)
     dist = Distiller(student, teachers, loss=LossConfig(name=cond.loss), optim=OptimConfig(lr=cfg["lr"]),
-                     purifiers=[build_purifier(PURIFIERS[p["name"]][0](**p)) for p in cond.purifiers],
-                     total_steps=steps, teacher_names=cond.teachers, student_tokenizer=tokenizer,
-                     on_policy=OnPolicyConfig(**cond.on_policy), seed=seed)
-    opt, rng, bs = dist.build_optimizer(), random.Random(seed), cfg["batch_size"]
+                     purifiers=build_purifiers(cond.purifiers), total_steps=steps, teacher_names=cond.teachers,
+                     student_tokenizer=tokenizer, on_policy=OnPolicyConfig(**cond.on_policy), seed=seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    marks = curve_marks(steps, points)
-    order: list[int] = []
-    while len(order) < steps * bs:
-        order += rng.sample(pool, len(pool))
-    for step in range(steps):
-        dist.fit_step(full_batch(prompts, labels, order[step * bs:(step + 1) * bs], pad), opt, step / steps,
-                      step=step)
-        if on_point and step + 1 in marks and step + 1 < steps:
-            on_point(step + 1, Top(student, k).eval())
+    train_steps(dist, lambda idx: full_batch(prompts, labels, idx, pad), pool, cfg["batch_size"], steps, seed,
+                on_point, points, lambda: Top(student, k).eval())
     return Top(student, k).eval()
 
 
@@ -438,7 +443,7 @@ def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list
 
 def _soft_targets(model: Any, tokenizer: Any, d: dict[str, Any], system: str | None, top_k: int) -> list[Any]:
     """``model``'s top-K targets on the completions of ``d`` (:func:`sft_data`), prompted with ``system``."""
-    prompts = [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in d["records"]]
+    prompts = prompt_ids(tokenizer, d["records"], system)
     return teacher_targets(model, [p + c for p, c in zip(prompts, d["labels"])], [len(p) for p in prompts], top_k)
 
 
@@ -585,14 +590,14 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
              for k in ("teacher", "clean")}
 
     models = {"teacher": teacher, "clean": base}
-    prompt_ids = {k: [_ids(tokenizer, chat(tokenizer, r["prompt"])) for r in data[k]["records"]]
-                  for k in pools if any(c.on_policy and c.teachers[0] == k for c in conds)}
+    prompts = {k: prompt_ids(tokenizer, data[k]["records"]) for k in pools
+               if any(c.on_policy and c.teachers[0] == k for c in conds)}
 
     def one_seed(seed: int) -> dict[str, Any]:
         def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
             if cond.on_policy:
-                return fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompt_ids[key],
+                return fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompts[key],
                                      data[key]["labels"], pools[key], cfg, steps, seed, cond, on_point,
                                      5 if on_point else 0), {"steps": steps}
             return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
