@@ -36,7 +36,7 @@ from purify.bench.aux_runs import COMPETENT, Settings, run_seed
 from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headline_lines, notes
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
-from purify.bench.probe_free import PROBE_FREE, Sweep, point_name
+from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name
 from purify.bench.report import BenchError, check_conditions, environment, write_report
 from purify.bench.stats import mean_ci
 
@@ -142,7 +142,7 @@ NEUTRAL_SEED = 55_555
 """Seed of the function anchor's / fingerprint adversary's own noise stream (apart from the training stream, the
 evaluation and drift inputs, which are seeded by the run seed)."""
 SWEEPS: dict[str, Sweep] = {
-    "delta_projection:global": Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower"),
+    "delta_projection:global": GLOBAL_PROJECTION,
     "ensemble:competent": Sweep("teacher_weight", (0.1, 0.25, 0.5), "higher"),
     "function_anchor": Sweep("weight", (0.3, 1.0, 3.0), "lower"),
     "fingerprint_adversary": Sweep("weight", (0.1, 1.0, 10.0), "lower"),

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
-from purify.bench.probe_free import Sweep, point_name, selected
+from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, selected
 from purify.bench.report import BenchError, bench_command
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
@@ -219,6 +219,10 @@ def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
         # the fingerprint adversary (objective: match) on the function anchor's neutral prose stream
         ("fingerprint_adversary", ["teacher"], Sweep("weight", (0.1, 1.0, 10.0), "lower"),
          lambda v: {"name": "fingerprint_adversary", "weight": v, "source": "prose", "corpus_seed": ANCHOR_SEED}),
+        # global delta projection with its strength set by the rule (needs the teacher's weights): aux-logits' grid
+        # unchanged, added before seeds 1200- ran; the fixed arm of the same name (α = 1) stays a separate condition
+        ("delta_projection:global", ["teacher"], GLOBAL_PROJECTION,
+         lambda v: {"name": "delta_projection", "mode": "global", "strength": v}),
     ]
     conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
                   for v in sweep.values]
@@ -401,6 +405,20 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[Condition], dict[str, Sweep]]:
+    """The conditions ``--option conditions=[...]`` runs: ``base``, ``control`` and ``vanilla`` always, the named arms
+    of ``default`` and of :func:`_on_policy_arms` (naming one adds the on-policy control and vanilla), and every point
+    of each swept arm of :func:`_probe_free_arms` named without its ``@value`` (``probe-free`` names them all; a
+    swept arm's name selects its points, not a fixed arm of the same name). Returns them and the sweeps that run."""
+    swept, sweeps = _probe_free_arms()
+    sweeps = selected(names, sweeps)
+    wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
+    if any(str(n).endswith(ON_POLICY) for n in names):
+        wanted |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
+    return [c for c in default + swept + _on_policy_arms()
+            if c.name in wanted or ("@" in c.name and c.name.split("@")[0] in sweeps)], sweeps
+
+
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
               first_seed: int = FIRST_SEED, workers: int = 1, **kwargs: Any) -> dict[str, Any]:
     """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
@@ -439,13 +457,7 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
             raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions, "
                              "trait")
         if key == "conditions":
-            swept, sweeps = _probe_free_arms()
-            spec.sweeps = selected(value, sweeps)
-            names = {"base", "control", "vanilla", *value, *spec.sweeps}
-            if any(str(n).endswith(ON_POLICY) for n in value):
-                names |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
-            value = [c for c in spec.conditions + swept + _on_policy_arms()
-                     if c.name in names or c.name.split("@")[0] in spec.sweeps]
+            value, spec.sweeps = select_conditions(spec.conditions, value)
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,

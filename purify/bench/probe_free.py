@@ -66,6 +66,12 @@ class Sweep:
         return order.index(value)
 
 
+GLOBAL_PROJECTION = Sweep("strength", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), "lower")
+"""The global delta projection's strength grid (α; 0 = vanilla's update, 1 removes the gradient's whole component
+along the teacher's delta), the same in every suite: the values the issue's first aux-logits measurement swept
+(seeds 200–209), fixed before any report seed of any suite ran."""
+
+
 def selected(names: Sequence[str], sweeps: Mapping[str, Sweep]) -> dict[str, Sweep]:
     """The swept arms ``names`` selects: each named by its arm name (without ``@value``), or all by
     :data:`PROBE_FREE`."""
