@@ -276,16 +276,21 @@ def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_
     assert md.index("## Probe-free operating point") < md.index("### References")
 
 
-def test_an_lm_suites_swept_arm_name_selects_its_points_not_the_fixed_arm_of_that_name():
+def test_an_lm_suites_conditions_select_fixed_arms_by_name_and_sweeps_by_arm_name_and_refuse_unknown_names():
     from purify.bench.lm_suites import _core, _purifier_conditions, select_conditions
     from purify.bench.probe_free import GLOBAL_PROJECTION
+    from purify.bench.report import BenchError
 
     default = _core(True) + _purifier_conditions(False)
-    assert "delta_projection:global" in [c.name for c in default]  # the fixed α = 1 arm
-    conds, sweeps = select_conditions(default, ["delta_projection:global"])
-    assert sweeps == {"delta_projection:global": GLOBAL_PROJECTION}
+    conds, sweeps = select_conditions(default, ["delta_projection:strength"])
+    assert sweeps == {"delta_projection:strength": GLOBAL_PROJECTION}
     assert [c.name for c in conds] == ["base", "control", "vanilla",
-                                       *GLOBAL_PROJECTION.names("delta_projection:global")]
+                                       *GLOBAL_PROJECTION.names("delta_projection:strength")]
     assert [c.purifiers[0]["strength"] for c in conds[3:]] == list(GLOBAL_PROJECTION.values)
-    conds, sweeps = select_conditions(default, ["delta_projection", "anchor"])  # fixed arms by name, no sweep
-    assert sweeps == {} and [c.name for c in conds] == ["base", "control", "vanilla", "anchor", "delta_projection"]
+    assert {c.purifiers[0]["mode"] for c in conds[3:]} == {"global"}
+    conds, sweeps = select_conditions(default, ["delta_projection:global", "anchor"])  # fixed arms, no sweep
+    assert sweeps == {} and [c.name for c in conds] == ["base", "control", "vanilla", "anchor",
+                                                        "delta_projection:global"]
+    assert conds[-1].purifiers[0]["strength"] == 1.0
+    with pytest.raises(BenchError, match=r"conditions: unknown 'nope'; allowed: probe-free, replace:reference"):
+        select_conditions(default, ["vanilla:on-policy", "nope"])

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
-from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, selected
+from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected
 from purify.bench.report import BenchError, bench_command
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
@@ -220,8 +220,8 @@ def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
         ("fingerprint_adversary", ["teacher"], Sweep("weight", (0.1, 1.0, 10.0), "lower"),
          lambda v: {"name": "fingerprint_adversary", "weight": v, "source": "prose", "corpus_seed": ANCHOR_SEED}),
         # global delta projection with its strength set by the rule (needs the teacher's weights): aux-logits' grid
-        # unchanged, added before seeds 1200- ran; the fixed arm of the same name (α = 1) stays a separate condition
-        ("delta_projection:global", ["teacher"], GLOBAL_PROJECTION,
+        # unchanged, added before seeds 1200- ran; the fixed arm delta_projection:global (α = 1) stays as it was
+        ("delta_projection:strength", ["teacher"], GLOBAL_PROJECTION,
          lambda v: {"name": "delta_projection", "mode": "global", "strength": v}),
     ]
     conditions = [Condition(point_name(arm, v), teachers, [entry(v)]) for arm, teachers, sweep, entry in arms
@@ -409,12 +409,21 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
     """The conditions ``--option conditions=[...]`` runs: ``base``, ``control`` and ``vanilla`` always, the named arms
     of ``default`` and of :func:`_on_policy_arms` (naming one adds the on-policy control and vanilla), and every point
     of each swept arm of :func:`_probe_free_arms` named without its ``@value`` (``probe-free`` names them all; a
-    swept arm's name selects its points, not a fixed arm of the same name). Returns them and the sweeps that run."""
-    swept, sweeps = _probe_free_arms()
-    sweeps = selected(names, sweeps)
+    swept arm's name selects its points, not a fixed arm of the same name). Returns them and the sweeps that run.
+
+    Raises:
+        BenchError: a name that is none of these, naming the allowed ones.
+    """
+    swept, all_sweeps = _probe_free_arms()
+    sweeps = selected(names, all_sweeps)
     wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
     if any(str(n).endswith(ON_POLICY) for n in names):
         wanted |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
+    fixed = default + _on_policy_arms()
+    unknown = [n for n in names if n not in sweeps and n != PROBE_FREE and n not in {c.name for c in fixed}]
+    if unknown:
+        raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))}; allowed: {PROBE_FREE}, "
+                         f"{', '.join([*all_sweeps, *(c.name for c in fixed)])}")
     return [c for c in default + swept + _on_policy_arms()
             if c.name in wanted or ("@" in c.name and c.name.split("@")[0] in sweeps)], sweeps
 
