@@ -84,6 +84,10 @@ def _bench(args: argparse.Namespace) -> int:
         return rederive([args.rereport])
     if args.seeds is not None and args.seeds < 3 and not args.quick:
         raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
+    if args.seeds is not None and args.seeds < 1:
+        raise BenchError(f"--seeds {args.seeds}: must be at least 1")
+    if args.first_seed is not None and args.first_seed < 0:
+        raise BenchError(f"--first-seed {args.first_seed}: seeds are non-negative integers")
     torch.set_num_threads(max(1, args.threads))
     module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed}.items()
@@ -91,7 +95,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.option:
         from omegaconf import OmegaConf
 
-        kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.option)))
+        options = OmegaConf.to_container(OmegaConf.from_dotlist(args.option))
+        if args.suite == "aux-logits":  # the other suites check their options themselves
+            from purify.bench.report import check_options
+
+            check_options(options, module.OPTIONS)
+        kwargs.update(options)
     if args.suite == "aux-logits":
         summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
     else:

@@ -59,3 +59,18 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     assert lines[2].startswith("  a (probe-free choice)") and lines[2].endswith("below frontier (…)")
     assert "looking at the trait on seeds 0-2, 7 " in lines[3] and "900" not in lines[3]
     assert len(verdict_lines({**summary, "tuned_on": [summary["tuned_on"][2]]})) == 3  # no caveat without a probe
+
+
+@pytest.mark.parametrize("args, message", [
+    (["aux-logits", "--option", "nope=1"], "unknown options ['nope']; allowed: ['conditions']"),
+    (["aux-logits", "--option", "conditions=delta"], "--option conditions='delta': conditions takes a list"),
+    (["style-tic", "--option", "steps=abc"], "--option steps='abc': steps takes an integer"),
+    (["hidden-preference", "--option", "lr=[1]"], "--option lr=[1]: lr takes a number"),
+    (["style-tic", "--first-seed", "-3"], "--first-seed -3: seeds are non-negative integers"),
+    (["style-tic", "--quick", "--seeds", "0"], "--seeds 0: must be at least 1"),
+])
+def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()

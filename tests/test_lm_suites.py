@@ -37,8 +37,12 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
 def test_unknown_suite_or_option() -> None:
     with pytest.raises(ValueError, match="unknown LM suite"):
         run_suite("nope")
-    with pytest.raises(ValueError, match="unknown option 'colour'"):
+    with pytest.raises(ValueError, match=r"unknown options \['colour'\]; allowed: \['batch_size', 'conditions'"):
         run_suite("style-tic", quick=True, colour=1)
+    with pytest.raises(ValueError, match=r"--option steps='abc': steps takes an integer"):
+        run_suite("style-tic", quick=True, steps="abc")
+    with pytest.raises(ValueError, match=r"--option conditions='delta': conditions takes a list, as KEY=\[a,b\]"):
+        run_suite("hidden-preference", quick=True, conditions="delta")
 
 
 def test_vanilla_is_scored_at_halving_steps_dense_early() -> None:

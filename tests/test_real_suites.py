@@ -160,6 +160,9 @@ def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, mo
 def test_unknown_option_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown options \['nn'\]; allowed: .*'n'"):
         real_lm.settings({"n": 1}, {"nn": 2})
+    with pytest.raises(ValueError, match=r"--option n=1.5: n takes an integer"):
+        real_lm.settings({"n": 1, "lr": 0.1}, {"n": 1.5})
+    assert real_lm.settings({"n": 1, "lr": 0.1, "d": None}, {"lr": 1, "d": "x"}) == {"n": 1, "lr": 1, "d": "x"}
 
 
 def test_scored_vanilla_is_read_densely_from_step_one(tiny) -> None:

@@ -254,6 +254,10 @@ class SuiteConfig:
     command: str = ""
 
 
+OPTIONS = {"conditions": list}
+"""The suite's ``--option`` keys and the kind of value each takes (checked by ``purify bench``)."""
+
+
 def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, out: str | None = None,
               quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED,
               conditions: list[str] | None = None) -> dict:

@@ -32,7 +32,7 @@ from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
 from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected
-from purify.bench.report import BenchError, bench_command
+from purify.bench.report import BenchError, bench_command, check_options
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, load_model, sample_completions
@@ -428,6 +428,10 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
             if c.name in wanted or ("@" in c.name and c.name.split("@")[0] in sweeps)], sweeps
 
 
+OPTIONS = {"steps": int, "lr": float, "batch_size": int, "conditions": list, "trait": str}
+"""The suites' ``--option`` keys and the kind of value each takes (:func:`purify.bench.report.check_options`)."""
+
+
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
               first_seed: int = FIRST_SEED, workers: int = 1, **kwargs: Any) -> dict[str, Any]:
     """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
@@ -458,13 +462,11 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
     """
     if suite not in SUITES:
         raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
+    check_options(kwargs, OPTIONS)
     torch.set_num_threads(1)
     word = trait_option(suite, kwargs["trait"]) if "trait" in kwargs else None
     spec = style_tic_suite(quick, word or TIC) if suite == "style-tic" else hidden_preference_suite(quick, word or OWL)
     for key, value in ((k, v) for k, v in kwargs.items() if k != "trait"):
-        if key not in ("steps", "lr", "batch_size", "conditions"):
-            raise BenchError(f"unknown option {key!r} for suite {suite}; allowed: steps, lr, batch_size, conditions, "
-                             "trait")
         if key == "conditions":
             value, spec.sweeps = select_conditions(spec.conditions, value)
         setattr(spec, key, value)

@@ -42,7 +42,7 @@ from transformers import LlamaForCausalLM
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, build_purifiers, drift_terms
 from purify.bench.probe_free import PROBE_FREE, Sweep, selected
-from purify.bench.report import BenchError, bench_command, check_conditions, environment
+from purify.bench.report import BenchError, bench_command, check_conditions, check_options, environment
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
@@ -667,9 +667,8 @@ def columns(label: str) -> list[tuple[str, str]]:
 
 
 def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """A suite's settings: ``defaults`` updated by ``options`` (unknown keys are an error naming the allowed ones)."""
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise BenchError(f"unknown options {sorted(unknown)}; allowed: {sorted(defaults)}")
+    """A suite's settings: ``defaults`` updated by ``options``; an unknown key, or a value not of its default's kind
+    (:func:`purify.bench.report.check_options`), is an error naming it."""
+    check_options(options, {k: object if v is None else type(v) for k, v in defaults.items()})
     return {**defaults, **options}
 

@@ -15,7 +15,7 @@ import platform
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from purify.assembly import purifier_problems
 from purify.bench.stats import mean_curve
@@ -41,6 +41,27 @@ def check_conditions(arms: Iterable[tuple[str, Sequence[Any], Sequence[str], dic
                 for problem in purifier_problems(list(entries), list(teachers), **kwargs)]
     if problems:
         raise BenchError("\n".join(problems))
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a word", list: "a list, as KEY=[a,b]"}
+
+
+def check_options(options: Mapping[str, Any], kinds: Mapping[str, type]) -> None:
+    """Refuse suite options (``--option KEY=VALUE``) the suite does not take, or whose value is not of the kind it
+    needs (``kinds``: key → ``bool``, ``int``, ``float`` (an integer is fine), ``str``, ``list`` or ``object`` for
+    anything), before anything runs.
+
+    Raises:
+        BenchError: one line naming the option and what it takes.
+    """
+    unknown = sorted(set(options) - set(kinds))
+    if unknown:
+        raise BenchError(f"unknown options {unknown}; allowed: {sorted(kinds)}")
+    for key, value in options.items():
+        kind = kinds[key]
+        accepted = (int, float) if kind is float else kind
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool and kind is not object):
+            raise BenchError(f"--option {key}={value!r}: {key} takes {_KINDS.get(kind, kind.__name__)}")
 
 
 def environment(seeds: list[int], wall_seconds: float, command: str) -> dict[str, Any]:
