@@ -48,9 +48,12 @@ from purify.generate import GenerateError, load_model, read_prompts, sample_comp
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.storage import atomic_write_text
+from purify.types import positive_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
+MIN_SAMPLES = 5
+"""The fewest samples per probe and model: the fingerprint classifier's held-out accuracy is 5-fold."""
 _SENTENCE_START = re.compile(r"(?:^|[.!?])\s*[A-Za-z]")
 
 
@@ -81,7 +84,12 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"probe file not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise AuditError(f"{path}: not valid YAML{where}; fix the file (see recipes/probes/)") from None
     if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or not data["probes"]:
         raise AuditError(f"{path}: expected a mapping with a non-empty 'probes' list")
     for key in data:
@@ -151,7 +159,7 @@ def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targe
     return out
 
 
-def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], folds: int = 5,
+def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], folds: int = MIN_SAMPLES,
                          seed: int = 0) -> dict[str, Any]:
     """Held-out accuracy of a classifier telling ``samples_a`` from ``samples_b``.
 
@@ -292,8 +300,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory to audit")
     parser.add_argument("--reference", required=True, help="reference model directory (e.g. its base)")
     parser.add_argument("--probes", required=True, help="probe YAML (see recipes/probes/)")
-    parser.add_argument("--samples", type=int, help="samples per probe and model (default: file's, else 200)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per sample (default: file's, else 48)")
+    parser.add_argument("--samples", type=positive_int,
+                        help=f"samples per probe and model, at least {MIN_SAMPLES} (default: file's, else 200)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="tokens per sample (default: file's, else 48)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fingerprint-head", metavar="SOURCE",
                         help="also train the fingerprint adversary's head on both models' output distributions over "
@@ -306,8 +315,17 @@ def run(args: argparse.Namespace) -> int:
     probes, options = load_probes(args.probes)
     if args.fingerprint_head is not None:
         _check_neutral_source(args.fingerprint_head)
-    samples = args.samples or int(options.get("samples", 200))
-    max_new = args.max_new_tokens or int(options.get("max_new_tokens", 48))
+    samples = args.samples or options.get("samples", 200)
+    max_new = args.max_new_tokens or options.get("max_new_tokens", 48)
+    for name, value in (("samples", samples), ("max_new_tokens", max_new)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AuditError(f"{name}: expected an integer >= 1, got {value!r} (--{name.replace('_', '-')} or the "
+                             "probe file's key)")
+    if samples < MIN_SAMPLES:
+        raise AuditError(f"samples: {samples} is too few for the fingerprint test's {MIN_SAMPLES}-fold held-out "
+                         f"accuracy; give at least {MIN_SAMPLES}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AuditError(f"--out: {args.out} is an existing file; give a directory for audit.md and audit.json")
     torch.manual_seed(args.seed)
     report = audit(args.model, args.reference, probes, samples, max_new, args.seed, args.fingerprint_head)
     text = markdown(report)

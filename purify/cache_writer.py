@@ -36,7 +36,7 @@ from purify.cache import (
 from purify.config import Recipe
 from purify.models import LoadedModel, build_model, freeze, model_forward, spec_tokenizer, state_sha256
 from purify.storage import atomic_dir, atomic_path, atomic_write_text
-from purify.types import RecipeError
+from purify.types import RecipeError, positive_int
 
 
 def _top_k(logits: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,16 +176,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML whose teachers and data are cached")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     parser.add_argument("--out", required=True, help="cache directory (re-running resumes a partial cache)")
-    parser.add_argument("--top-k", type=int, default=8, help="token ids kept per position (default 8)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard (default 1024)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward (default data.batch_size)")
+    parser.add_argument("--top-k", type=positive_int, default=8, help="token ids kept per position (default 8)")
+    parser.add_argument("--shard-size", type=positive_int, default=1024, help="examples per shard (default 1024)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="examples per forward (default data.batch_size)")
     parser.add_argument("--device", default=None, help="where teachers run (default cuda when available, else cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the cache; print where, its size and bytes per token. Returns the exit code."""
-    if args.top_k < 1 or args.shard_size < 1:
-        raise RecipeError("--top-k and --shard-size must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise RecipeError(f"--out: {args.out} is an existing file; give a cache directory")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise RecipeError(f"--device: unknown device {args.device!r}; give cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RecipeError(f"--device {args.device}: no CUDA device on this machine; give cpu or leave it out")
     recipe = load_recipe(args.recipe, args.overrides)
     m = write_cache(recipe, args.out, args.top_k, args.shard_size, args.batch_size, args.device)
     positions = sum(m["data"][s]["positions"] for s in SPLITS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
 
@@ -233,9 +233,17 @@ VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with purify's error form: one ``purify: error:`` line naming the fix, exit code 2 (its verbs'
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"purify: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every verb."""
-    parser = argparse.ArgumentParser(prog="purify", description="Distil task knowledge from teachers without their "
+    parser = _Parser(prog="purify", description="Distil task knowledge from teachers without their "
                                      "behavioral fingerprint, and measure it.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:

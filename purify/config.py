@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -272,12 +273,23 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     sl = recipe.loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
         out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
-    if not recipe.optim.lr > 0:
-        out.append(f"optim.lr: must be > 0, got {recipe.optim.lr}")
-    if recipe.trainer.max_steps < 1:
-        out.append(f"trainer.max_steps: must be >= 1, got {recipe.trainer.max_steps}")
-    if recipe.trainer.accumulate_grad_batches < 1:
-        out.append("trainer.accumulate_grad_batches: must be >= 1")
+    if not (recipe.optim.lr > 0 and math.isfinite(recipe.optim.lr)):
+        out.append(f"optim.lr: must be a finite number > 0, got {recipe.optim.lr}")
+    if not (recipe.optim.weight_decay >= 0 and math.isfinite(recipe.optim.weight_decay)):
+        out.append(f"optim.weight_decay: must be a finite number >= 0, got {recipe.optim.weight_decay}")
+    if recipe.scheduler.warmup_steps < 0:
+        out.append(f"scheduler.warmup_steps: must be >= 0, got {recipe.scheduler.warmup_steps}")
+    t = recipe.trainer
+    out += [f"trainer.{key}: must be >= 1, got {getattr(t, key)}"
+            for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
+                        "checkpoint_every_n_steps", "num_nodes") if getattr(t, key) < 1]
+    if t.limit_val_batches < 0:
+        out.append(f"trainer.limit_val_batches: must be >= 0 (0 = no validation), got {t.limit_val_batches}")
+    if t.gradient_clip_val is not None and not (t.gradient_clip_val > 0 and math.isfinite(t.gradient_clip_val)):
+        out.append(f"trainer.gradient_clip_val: must be a finite number > 0, or null for no clipping, got "
+                   f"{t.gradient_clip_val}")
+    if isinstance(t.devices, int) and not isinstance(t.devices, bool) and (t.devices == 0 or t.devices < -1):
+        out.append(f"trainer.devices: must be >= 1, -1 (all), 'auto' or a list of device ids, got {t.devices}")
     if recipe.strategy not in STRATEGIES:
         close = difflib.get_close_matches(recipe.strategy, STRATEGIES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -287,6 +299,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     out_dir = Path(recipe.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
+    elif (out_dir / "lineage.json").is_file() and recipe.resume is None:
+        out.append(f"output_dir: {recipe.output_dir} already holds a run (lineage.json); give a new output_dir, or "
+                   f"resume={out_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
     out += _lora_problems(recipe)
     out += _on_policy_problems(recipe)
     return out

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from purify.storage import atomic_write_text
+from purify.types import positive_int, probability_mass, temperature
 
 
 class GenerateError(ValueError):
@@ -145,12 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local Hugging Face causal-LM directory (the teacher)")
     parser.add_argument("--prompts", required=True, help="jsonl with a 'prompt' per line, or a text file of prompts")
     parser.add_argument("--out", required=True, help="output jsonl of {prompt, completion}")
-    parser.add_argument("--samples", type=int, default=1, help="completions per prompt (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--samples", type=positive_int, default=1, help="completions per prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48)
+    parser.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=probability_mass, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--regex", help="keep completions matching this regex, e.g. '^[0-9, ]+$'")
     parser.add_argument("--ban", nargs="*", default=[], help="drop completions containing any of these words")
     parser.add_argument("--ban-file", help="file of banned words, one per line")
@@ -160,7 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``purify generate``; prints what each filter removed. Returns the exit code."""
     banned = list(args.ban)
+    if Path(args.out).is_dir():
+        raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
     if args.ban_file:
+        if not Path(args.ban_file).is_file():
+            raise GenerateError(f"--ban-file: file not found: {args.ban_file}; give a text file, one word per line")
         banned += [w.strip() for w in Path(args.ban_file).read_text(encoding="utf-8").splitlines() if w.strip()]
     if args.regex:
         try:

@@ -94,6 +94,10 @@ def write_lineage(directory: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+class LineageError(ValueError):
+    """A lineage file that exists but cannot be read as a lineage record (one line naming it)."""
+
+
 def read_lineage(path: str | Path) -> dict[str, Any]:
     """Read a lineage record from a file, or from a run/export/checkpoint directory that holds one."""
     path = Path(path)
@@ -102,7 +106,14 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
         candidates = [path.parent / LINEAGE_FILE, path.parent.parent / LINEAGE_FILE]
     for candidate in candidates:
         if candidate.is_file() and candidate.name == LINEAGE_FILE:
-            return json.loads(candidate.read_text(encoding="utf-8"))
+            try:
+                record = json.loads(candidate.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise LineageError(f"{candidate}: damaged, not valid JSON ({type(err).__name__}); the run's "
+                                   "checkpoints/lineage.json or student/lineage.json may still be whole") from None
+            if not isinstance(record, dict) or not {"student", "teachers"} <= set(record):
+                raise LineageError(f"{candidate}: not a purify lineage record (no student and teachers entries)")
+            return record
     raise FileNotFoundError(f"no {LINEAGE_FILE} at {path}; give a run directory, an export or a lineage.json")
 
 

@@ -15,14 +15,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from purify.assembly import Run, build_run, resolve_strategy
-from purify.checkpoint import VerifiedCheckpointIO
+from purify.checkpoint import VerifiedCheckpointIO, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import write_lineage
 from purify.storage import atomic_dir, atomic_write_text
+from purify.types import RecipeError
 
 
 class LineageCallback(Callback):
@@ -116,17 +118,23 @@ def train(recipe: Recipe) -> Path:
     """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
+    if recipe.resume is not None and recipe.strategy in ("auto", "ddp"):
+        _check_resume(recipe, run)
     output_dir = Path(recipe.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
     record: dict[str, Any] = {**run.lineage, "status": "running"}
-    write_lineage(output_dir, record)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
                                  save_last=True)
-    trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
+    try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
+        trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RecipeError(f"trainer: {reason}") from None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
+    write_lineage(output_dir, record)
     try:
         trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
         with _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):  # collective under ZeRO-3
@@ -142,6 +150,15 @@ def train(recipe: Recipe) -> Path:
             write_lineage(output_dir, failed)
         raise
     return output_dir
+
+
+def _check_resume(recipe: Recipe, run: Run) -> None:
+    """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
+    (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``."""
+    step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
+    if step >= recipe.trainer.max_steps:
+        raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
+                          f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")
 
 
 def _full_weights(module: torch.nn.Module, sharded: bool) -> Any:

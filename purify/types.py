@@ -7,6 +7,8 @@ Every layer speaks these: :data:`Batch` (a collated batch), :class:`ModelOutput`
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,3 +67,36 @@ class Targets:
 
     logits: Tensor
     weight: Tensor
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` ``type``: an integer ≥ 1 (a count of samples, tokens, examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """An ``argparse`` ``type``: a finite sampling temperature ≥ 0 (0 = greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """An ``argparse`` ``type``: a nucleus mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value

@@ -87,7 +87,7 @@ CASES = {
     "schema and semantic problems together": (
         lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_stepz": 3, "optim.lr": -1,
                                                         "purifiers": "[{name: anchr}]"}),
-        [r"trainer\.max_stepz: unknown key", r"optim\.lr: must be > 0, got -1",
+        [r"trainer\.max_stepz: unknown key", r"optim\.lr: must be a finite number > 0, got -1",
          r"purifiers\[0\]\.name: unknown purifier"]),
     "wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_steps": "abc"}),
                    [r"trainer\.max_steps: .*'abc'"]),
@@ -123,6 +123,21 @@ CASES = {
                            [r"non-finite loss .* at step \d+"]),
     "unknown purifier": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", purifiers="[{name: anchr}]"),
                          [r"purifiers\[0\]\.name: unknown purifier 'anchr'; did you mean 'anchor'"]),
+    "output_dir holds a finished run": (lambda lm, tmp, ck: mlp_overrides(ck.parent.parent),
+                                        [r"output_dir: .* already holds a run \(lineage\.json\); give a new "
+                                         r"output_dir, or resume=.*last\.ckpt to continue that one"]),
+    "resume at max_steps": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=4, resume=ck),
+                            [r"resume: .*last\.ckpt is at step 4, and trainer\.max_steps is 4: nothing left to "
+                             r"train; raise trainer\.max_steps above 4"]),
+    "Lightning refuses a trainer setting": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
+        "trainer.precision": "bogus"}), [r"trainer: .*bogus"]),
+    "out-of-range trainer and optimizer numbers": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
+        "trainer.val_check_interval": 0, "trainer.devices": 0, "trainer.gradient_clip_val": -1,
+        "optim.weight_decay": -1, "scheduler.warmup_steps": -3, "trainer.limit_val_batches": -1}),
+        [r"trainer\.val_check_interval: must be >= 1, got 0", r"trainer\.devices: must be >= 1, -1 \(all\)",
+         r"trainer\.gradient_clip_val: must be a finite number > 0, or null", r"optim\.weight_decay: must be a "
+         r"finite number >= 0, got -1", r"scheduler\.warmup_steps: must be >= 0, got -3",
+         r"trainer\.limit_val_batches: must be >= 0"]),
 }
 
 

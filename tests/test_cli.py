@@ -74,3 +74,46 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _probe_file(tmp_path):
+    path = tmp_path / "probes.yaml"
+    path.write_text("probes:\n  - {name: tic, count: ['Moreover,'], prompts: ['Tell me about cats.']}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--samples", "0"],
+     "argument --samples: expected an integer >= 1, got 0; see `purify generate --help`"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--top-p", "2"],
+     "argument --top-p: expected a number in (0, 1], got 2"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--temperature", "nan"],
+     "argument --temperature: expected a finite number >= 0 (0 = greedy), got nan"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", str(t)], "is a directory; give the path of a .jsonl"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--ban-file", str(t / "nope")],
+     "--ban-file: file not found"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--samples", "2"],
+     "samples: 2 is too few for the fingerprint test's 5-fold held-out accuracy; give at least 5"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--max-new-tokens", "0"],
+     "argument --max-new-tokens: expected an integer >= 1, got 0"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write(t / "bad.yaml", "probes: [\n"))],
+     "bad.yaml: not valid YAML at line 2"),
+    (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "f", "x")), "--top-k", "4"], "is an existing file"),
+    (lambda t: ["cache", "r.yaml", "--out", "c", "--batch-size", "-4"], "argument --batch-size: expected an integer"),
+    (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "{not json"))], "lineage.json: damaged, not valid"),
+    (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "[1, 2]"))], "not a purify lineage record"),
+    (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),
+])
+def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make, message):
+    argv = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # argparse's own checks exit; purify's return 2
+        raise SystemExit(main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0 and err.startswith("purify: error: "), err
+    assert message in err, err
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
