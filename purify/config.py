@@ -299,9 +299,6 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     out_dir = Path(recipe.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
-    elif (out_dir / "lineage.json").is_file() and recipe.resume is None:
-        out.append(f"output_dir: {recipe.output_dir} already holds a run (lineage.json); give a new output_dir, or "
-                   f"resume={out_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
     out += _lora_problems(recipe)
     out += _on_policy_problems(recipe)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,18 @@ def train(recipe: Recipe) -> Path:
 
     ``lineage.json`` in ``output_dir`` carries ``status``: ``running`` while training, ``finished`` once the student
     is exported, ``failed`` (with ``error``, one line) when anything raised — so a run that died never looks
-    finished, to a reader or to ``purify lineage show``. Nothing is written before the recipe is validated and
-    every model built.
+    finished, to a reader or to ``purify lineage show``. Nothing is written before the recipe is validated, every
+    model built, the trainer settings accepted by Lightning and a ``resume`` checkpoint verified; an ``output_dir``
+    that already holds a run is refused unless the recipe resumes.
     """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
+    output_dir = Path(recipe.output_dir)
+    if recipe.resume is None and _first_process() and (output_dir / "lineage.json").is_file():
+        raise RecipeError(f"output_dir: {output_dir} already holds a run (lineage.json); give a new output_dir, or "
+                          f"resume={output_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
     if recipe.resume is not None and recipe.strategy in ("auto", "ddp"):
         _check_resume(recipe, run)
-    output_dir = Path(recipe.output_dir)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
@@ -150,6 +155,14 @@ def train(recipe: Recipe) -> Path:
             write_lineage(output_dir, failed)
         raise
     return output_dir
+
+
+def _first_process() -> bool:
+    """Whether this is the process a launch starts first (global rank 0): the others of a DDP launch start after it
+    has written ``lineage.json`` (Lightning's launcher re-runs the command) and must not take it for an older run."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def _check_resume(recipe: Recipe, run: Run) -> None:
