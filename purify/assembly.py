@@ -84,6 +84,10 @@ def _purifier_configs(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     for i, entry in enumerate(recipe.purifiers):
         where = f"purifiers[{i}]"
         name = entry.get("name") if isinstance(entry, dict) else None
+        if name is None:
+            problems.append(f"{where}.name: missing; every purifier entry needs a name, one of "
+                            f"{', '.join(sorted(PURIFIERS))}")
+            continue
         if name not in PURIFIERS:
             close = difflib.get_close_matches(str(name), list(PURIFIERS), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""

@@ -55,7 +55,7 @@ def tensor_digest(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = None,
-                  map_location: Any = "cpu") -> dict[str, Any]:
+                  map_location: Any = "cpu", scope: str = "") -> dict[str, Any]:
     """Load a checkpoint and check it before anyone restores from it.
 
     Args:
@@ -63,6 +63,8 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
         expected: the model's ``state_dict`` (or any ``{name: tensor}``) the checkpoint must fit: every checkpoint
             key must exist there with the same shape, and every model key must be in the checkpoint.
         map_location: passed to ``torch.load``.
+        scope: compare only the checkpoint's tensors whose names start with it (e.g. ``"student."`` before training
+            starts, when purifier heads built at set-up are not in ``expected`` yet).
 
     Returns:
         The checkpoint dictionary.
@@ -91,7 +93,8 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"resume: {path} holds non-finite values in {name}; {_FIX}")
     if expected is not None:
-        state = ckpt["state_dict"]
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(scope)}
+        expected = {k: v for k, v in expected.items() if k.startswith(scope)}
         # a module's ``_extra_state`` (e.g. a purifier's input stream position) is its own business, not a weight
         foreign = [k for k in state if k not in expected or (not k.endswith("_extra_state")
                                                              and tuple(state[k].shape) != tuple(expected[k].shape))]

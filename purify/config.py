@@ -422,6 +422,8 @@ def _leaves(cls: type, data: dict[str, Any], node: Any, prefix: str = "") -> lis
 
 
 def _load_yaml(path: str | Path) -> dict[str, Any]:
+    if Path(path).is_dir():
+        raise RecipeError(f"recipe: {path} is a directory; give a recipe YAML file (see recipes/)")
     if not Path(path).is_file():
         raise RecipeError(f"recipe: file not found: {path}")
     try:

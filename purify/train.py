@@ -115,8 +115,8 @@ def train(recipe: Recipe) -> Path:
     ``lineage.json`` in ``output_dir`` carries ``status``: ``running`` while training, ``finished`` once the student
     is exported, ``failed`` (with ``error``, one line) when anything raised — so a run that died never looks
     finished, to a reader or to ``purify lineage show``. Nothing is written before the recipe is validated, every
-    model built, the trainer settings accepted by Lightning and a ``resume`` checkpoint verified; an ``output_dir``
-    that already holds a run is refused unless the recipe resumes.
+    model built, the data sets read, the trainer settings accepted by Lightning and a ``resume`` checkpoint
+    verified; an ``output_dir`` that already holds a run is refused unless the recipe resumes.
     """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
@@ -126,6 +126,7 @@ def train(recipe: Recipe) -> Path:
                           f"resume={output_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
     if recipe.resume is not None and recipe.strategy in ("auto", "ddp"):
         _check_resume(recipe, run)
+    run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
@@ -168,7 +169,8 @@ def _first_process() -> bool:
 def _check_resume(recipe: Recipe, run: Run) -> None:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``."""
-    step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
+    # the student's tensors only: purifier heads are built at set-up (the load-time check covers them)
+    step = int(load_verified(recipe.resume, run.distiller.trained_state(), scope="student.")["global_step"])
     if step >= recipe.trainer.max_steps:
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")

@@ -123,6 +123,9 @@ CASES = {
                            [r"non-finite loss .* at step \d+"]),
     "unknown purifier": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", purifiers="[{name: anchr}]"),
                          [r"purifiers\[0\]\.name: unknown purifier 'anchr'; did you mean 'anchor'"]),
+    "purifier without a name": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", purifiers="[{weight: 1}]"),
+                                [r"purifiers\[0\]\.name: missing; every purifier entry needs a name, one of "
+                                 r"adversary, anchor"]),
     "output_dir holds a finished run": (lambda lm, tmp, ck: mlp_overrides(ck.parent.parent),
                                         [r"output_dir: .* already holds a run \(lineage\.json\); give a new "
                                          r"output_dir, or resume=.*last\.ckpt to continue that one"]),
@@ -139,6 +142,10 @@ CASES = {
          r"finite number >= 0, got -1", r"scheduler\.warmup_steps: must be >= 0, got -3",
          r"trainer\.limit_val_batches: must be >= 0"]),
 }
+
+
+WRITES_NOTHING = [case for case in CASES if case not in ("huge learning rate",)]
+"""Every refusal but a run that diverges while training is made before anything is written."""
 
 
 def _foreign(tmp: Path) -> Path:
@@ -162,6 +169,8 @@ def test_bad_input_fails_with_one_line_each_and_no_finished_run(case, lm, good_c
         assert any(re.search(pattern, line) for line in lines), (pattern, lines)
     out = tmp_path / "o"
     assert not (out.exists() and looks_finished(out))
+    if case in WRITES_NOTHING:  # refused before training: no half-written directory at all
+        assert not (out / "lineage.json").exists() and not (out / "recipe.yaml").exists()
 
 
 def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
@@ -172,13 +181,13 @@ def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
     assert lines[0].startswith(f"purify: error: recipe: cannot parse {path} at line ") and ", column " in lines[0]
 
 
-def test_a_failed_run_is_marked_failed_and_lineage_show_says_so(lm, tmp_path, capsys):
+def test_a_failed_run_is_marked_failed_and_lineage_show_says_so(tmp_path, capsys):
     out = tmp_path / "o"
-    code, _ = run_cli(["train", str(_write_recipe(tmp_path, lm_args(lm, out, **{"data.train": lm / "empty.jsonl"})))],
+    code, _ = run_cli(["train", str(_write_recipe(tmp_path, mlp_overrides(out, steps=6, **{"optim.lr": 1e30})))],
                       capsys)
     assert code == 2
     record = json.loads((out / "lineage.json").read_text())
-    assert record["status"] == "failed" and "no records" in record["error"]
+    assert record["status"] == "failed" and "non-finite loss" in record["error"]
     assert main(["lineage", "show", str(out)]) == 0
     assert "status: failed" in capsys.readouterr().out
 

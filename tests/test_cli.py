@@ -104,6 +104,7 @@ def _probe_file(tmp_path):
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "{not json"))], "lineage.json: damaged, not valid"),
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "[1, 2]"))], "not a purify lineage record"),
     (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),
+    (lambda t: ["train", str(t)], "is a directory; give a recipe YAML file"),
 ])
 def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make, message):
     argv = make(tmp_path)
