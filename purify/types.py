@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,34 +70,27 @@ class Targets:
     weight: Tensor
 
 
+def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``convert(text)`` if ``ok`` accepts it, else an ``argparse`` error saying what was ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An ``argparse`` ``type``: an integer ≥ 1 (a count of samples, tokens, examples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+    return _argument(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def temperature(text: str) -> float:
     """An ``argparse`` ``type``: a finite sampling temperature ≥ 0 (0 = greedy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text}")
-    return value
+    return _argument(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
 
 
 def probability_mass(text: str) -> float:
     """An ``argparse`` ``type``: a nucleus mass in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
+    return _argument(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
