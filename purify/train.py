@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -121,7 +121,8 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
-    if recipe.resume is None and _first_process() and (output_dir / "lineage.json").is_file():
+    # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
+    if recipe.resume is None and rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
         raise RecipeError(f"output_dir: {output_dir} already holds a run (lineage.json); give a new output_dir, or "
                           f"resume={output_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
     if recipe.resume is not None and recipe.strategy in ("auto", "ddp"):
@@ -156,14 +157,6 @@ def train(recipe: Recipe) -> Path:
             write_lineage(output_dir, failed)
         raise
     return output_dir
-
-
-def _first_process() -> bool:
-    """Whether this is the process a launch starts first (global rank 0): the others of a DDP launch start after it
-    has written ``lineage.json`` (Lightning's launcher re-runs the command) and must not take it for an older run."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def _check_resume(recipe: Recipe, run: Run) -> None:

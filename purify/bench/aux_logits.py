@@ -36,7 +36,7 @@ from purify.bench.aux_runs import COMPETENT, Settings, run_seed
 from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headline_lines, notes
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
-from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name
+from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, swept_arm
 from purify.bench.report import BenchError, check_conditions, environment, write_report
 from purify.bench.stats import mean_ci
 
@@ -208,7 +208,7 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
     if unknown:
         raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))} for aux-logits --protocol {protocol}; "
                          f"allowed: {PROBE_FREE}, {', '.join([*allowed, *others])}")
-    swept = [c for c in swept_conditions() if c.name.split("@")[0] in sweeps]
+    swept = [c for c in swept_conditions() if swept_arm(c.name) in sweeps]
     return refs + [c for n, c in others.items() if n in names] + swept, sweeps
 
 

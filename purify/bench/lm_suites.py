@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
-from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected
+from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected, swept_arm
 from purify.bench.report import BenchError, bench_command, check_options
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
@@ -419,13 +419,13 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
     wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
     if any(str(n).endswith(ON_POLICY) for n in names):
         wanted |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
-    fixed = default + _on_policy_arms()
+    on_policy = _on_policy_arms()
+    fixed = default + on_policy
     unknown = [n for n in names if n not in sweeps and n != PROBE_FREE and n not in {c.name for c in fixed}]
     if unknown:
         raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))}; allowed: {PROBE_FREE}, "
                          f"{', '.join([*all_sweeps, *(c.name for c in fixed)])}")
-    return [c for c in default + swept + _on_policy_arms()
-            if c.name in wanted or ("@" in c.name and c.name.split("@")[0] in sweeps)], sweeps
+    return [c for c in default + swept + on_policy if c.name in wanted or swept_arm(c.name) in sweeps], sweeps
 
 
 OPTIONS = {"steps": int, "lr": float, "batch_size": int, "conditions": list, "trait": str}

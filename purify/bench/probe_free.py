@@ -83,6 +83,12 @@ def point_name(arm: str, value: float) -> str:
     return f"{arm}@{value:g}"
 
 
+def swept_arm(name: str) -> str | None:
+    """The arm a sweep point's condition name (``<arm>@<value>``) belongs to; ``None`` for any other condition
+    (a fixed arm may share its name with a swept arm without being one of its points)."""
+    return name.split("@")[0] if "@" in name else None
+
+
 @dataclass(frozen=True)
 class Selectable:
     """All the rule may see of one setting on one seed: no trait, no transfer, no guard readout.

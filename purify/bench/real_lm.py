@@ -41,7 +41,7 @@ from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, build_purifiers, drift_terms
-from purify.bench.probe_free import PROBE_FREE, Sweep, selected
+from purify.bench.probe_free import PROBE_FREE, Sweep, selected, swept_arm
 from purify.bench.report import BenchError, bench_command, check_conditions, check_options, environment
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.generate import load_model, sample_completions
@@ -543,7 +543,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                          f"got {workers!r}")
     sweeps = selected(cfg["conditions"], spec.sweeps)
     names = {"base", "control", "vanilla", *cfg["conditions"]}
-    conds = [c for c in spec.conditions if c.name in names or c.name.split("@")[0] in sweeps]
+    conds = [c for c in spec.conditions if c.name in names or swept_arm(c.name) in sweeps]
     # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
     # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode); an on-policy
     # arm brings its own mode's references, and every on-policy condition its loss's off-policy ones (on-policy vs
