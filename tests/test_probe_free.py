@@ -132,6 +132,25 @@ def test_block_joins_the_trait_after_the_choice_and_judges_it():
     assert "## Probe-free operating point" in text and "| anchor | weight: 1, 1, 1, 1, 1 |" in text
 
 
+def test_block_judges_an_on_policy_sweep_against_the_on_policy_control_and_vanilla():
+    summary = _summary()
+    conds, settings = summary["conditions"], summary["settings"]["conditions"]
+    op = {"lam": 1.0}
+    for kind in ("control", "vanilla"):  # the on-policy references are the old ones; the off-policy vanilla is
+        conds[f"{kind}:on-policy"] = conds[kind]  # made twice as good, so pairing with it leaves no setting in budget
+        settings.append({"name": f"{kind}:on-policy", "baseline": True, "kind": kind, "loss": "forward_kl",
+                         "student": None, "on_policy": op})
+    conds["vanilla"] = {"per_seed": [{**r, "task_error": 0.5} for r in conds["vanilla"]["per_seed"]]}
+    for s in settings:
+        if s["name"].startswith("anchor@"):
+            s["on_policy"] = op
+    arm = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    assert arm["chosen"] == {str(s): 1.0 for s in range(5)} and all(arm["within_budget"].values())
+    assert arm["task_error_ratio"]["mean"] == pytest.approx(1.05)  # against vanilla:on-policy's 1.0, not 0.5
+    off = block(_summary() | {"conditions": conds}, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})
+    assert not any(off["arms"]["anchor"]["within_budget"].values())  # the off-policy arms pair with vanilla's 0.5
+
+
 def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
     from purify.bench.lm_suites import _probe_free_arms
     from purify.config import OptimConfig
@@ -294,3 +313,10 @@ def test_an_lm_suites_conditions_select_fixed_arms_by_name_and_sweeps_by_arm_nam
     assert conds[-1].purifiers[0]["strength"] == 1.0
     with pytest.raises(BenchError, match=r"conditions: unknown 'nope'; allowed: probe-free, replace:reference"):
         select_conditions(default, ["vanilla:on-policy", "nope"])
+    conds, sweeps = select_conditions(default, ["replace:on-policy"])  # an on-policy sweep, with both on-policy refs
+    assert list(sweeps) == ["replace:on-policy"] and sweeps["replace:on-policy"].values == (0.05, 0.1, 0.2)
+    points = [c for c in conds if c.name.startswith("replace:on-policy@")]
+    assert len(points) == 3 and all(c.on_policy and c.teachers == ["teacher", "reference"] for c in points)
+    assert {"control:on-policy", "vanilla:on-policy"} <= {c.name for c in conds}
+    _, sweeps = select_conditions(default, ["probe-free"])  # "probe-free" names the off-policy sweeps only
+    assert "replace:on-policy" not in sweeps and "replace:reference" in sweeps

@@ -104,8 +104,8 @@ class Condition:
 
 
 def mode(cond: Condition) -> str:
-    """The loss mode a condition is judged in: its ``loss``, with ``:on-policy`` for an on-policy one."""
-    return f"{cond.loss}:on-policy" if cond.on_policy else cond.loss
+    """The loss mode a condition is judged in (:func:`purify.bench.verdicts.loss_mode`)."""
+    return verdicts.loss_mode(cond.loss, cond.on_policy)
 
 
 @dataclass

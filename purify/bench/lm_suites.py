@@ -41,13 +41,18 @@ from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker,
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
-FIRST_SEED = 1100
+FIRST_SEED = 1400
 """Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-104, where a review looked at
 hidden-preference's vanilla − control)."""
 _COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
               "what": "whether to add the task-competent consensus arms (replace:competent, ensemble:competent): "
                       "added after replace:reference's probe-free run on these seeds damaged the facts guard; "
                       "their grids were fixed before any seed from 1100 ran"}
+_ON_POLICY_REPLACE = {"seeds": [1100, 1101, 1102, 1103, 1104], "trait": True,
+                      "what": "whether to add the on-policy replacement sweep (replace:on-policy): added after the "
+                              "fixed arm replace:reference:on-policy (threshold 0.1) brought P(owl) to the on-policy "
+                              "control's level on these seeds; its grid is replace:reference's, unchanged, fixed "
+                              "before any seed from 1400 ran"}
 SGD_LRS = (0.03, 0.1, 0.2)
 """Learning rates of the ``sgd`` arm (plain SGD, no momentum, the suite's targets), set by ``python
 scripts/sgd_pilot.py style-tic --seed 900 --lrs 0.1 0.3 1 3 10 30`` (task error and drift only, the trait never
@@ -64,7 +69,7 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
-                                   "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT],
+                                   "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT, _ON_POLICY_REPLACE],
 }
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],
@@ -271,7 +276,9 @@ def _cross_init(quick: bool) -> list[Condition]:
 
 
 ON_POLICY = ":on-policy"
-"""Suffix of the on-policy arms (:func:`_on_policy_arms`)."""
+"""Suffix of the on-policy arms (:func:`_on_policy_arms`, :func:`_on_policy_sweeps`)."""
+ON_POLICY_SETTINGS = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
+"""The on-policy arms' :class:`purify.config.OnPolicyConfig` fields (see :func:`_on_policy_arms`)."""
 
 
 def _on_policy_arms() -> list[Condition]:
@@ -280,7 +287,7 @@ def _on_policy_arms() -> list[Condition]:
     temperature 1, top-p 1, 48 new tokens (the teachers' data completions' length), the suites' forward KL; the
     purifier arms use the off-policy suite's settings (ensemble mean with the reference teacher; divergence-mask
     replacement against the reference at JSD threshold 0.1)."""
-    op = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
+    op = ON_POLICY_SETTINGS
     arms = [("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
             ("replace:reference", ["teacher", "reference"],
              [purifier_entry("divergence_mask", mode="replace", reference="others", threshold=0.1)])]
@@ -288,6 +295,18 @@ def _on_policy_arms() -> list[Condition]:
             Condition("vanilla" + ON_POLICY, ["teacher"], baseline=True, kind="vanilla", on_policy=op),
             *(Condition(name + ON_POLICY, teachers, entries, on_policy=op)  # type: ignore[arg-type]
               for name, teachers, entries in arms if all(e is not None for e in entries))]
+
+
+def _on_policy_sweeps() -> tuple[list[Condition], dict[str, Sweep]]:
+    """On-policy arms whose knob the probe-free rule sets, run only when named (``probe-free`` does not name them):
+    ``replace:on-policy`` is ``replace:reference`` (the same grid) with the student trained on its own samples
+    (:data:`ON_POLICY_SETTINGS`), judged against the on-policy control and vanilla (see ``TUNED_ON`` for why it was
+    added). Needs no teacher weights."""
+    sweep = Sweep("threshold", (0.05, 0.1, 0.2), "higher")
+    entry = {"name": "divergence_mask", "mode": "replace", "reference": "others"}
+    arm = "replace" + ON_POLICY
+    return ([Condition(point_name(arm, v), ["teacher", "reference"], [{**entry, "threshold": v}],
+                       on_policy=ON_POLICY_SETTINGS) for v in sweep.values], {arm: sweep})
 
 
 def trait_option(suite: str, value: Any) -> str:
@@ -415,7 +434,9 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
         BenchError: a name that is none of these, naming the allowed ones.
     """
     swept, all_sweeps = _probe_free_arms()
-    sweeps = selected(names, all_sweeps)
+    op_swept, op_sweeps = _on_policy_sweeps()
+    sweeps = {**selected(names, all_sweeps), **{a: s for a, s in op_sweeps.items() if a in names}}
+    swept, all_sweeps = swept + op_swept, {**all_sweeps, **op_sweeps}
     wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
     if any(str(n).endswith(ON_POLICY) for n in names):
         wanted |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}

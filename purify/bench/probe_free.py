@@ -167,6 +167,11 @@ def choose_per_seed(sweep: Sweep, arm: str, records: Mapping[str, Mapping[int, M
     return out
 
 
+def _mode(settings: Mapping[str, Any]) -> str:
+    """The loss mode of a condition's recorded settings (``summary.json["settings"]["conditions"]`` entry)."""
+    return verdicts.loss_mode(settings.get("loss", "forward_kl"), settings.get("on_policy"))
+
+
 def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The run's base / control / vanilla conditions on the suite's student, in :func:`verdicts.judge`'s form."""
     settings = {c["name"]: c for c in summary.get("settings", {}).get("conditions", [])}
@@ -176,7 +181,7 @@ def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         kind = s.get("kind") or (name if name in ("base", "control", "vanilla") else None)
         if kind and s.get("student") is None and s.get("baseline", True):
             out[name] = {"per_seed": cond["per_seed"], "baseline": True, "kind": kind,
-                         "mode": s.get("loss", "forward_kl"), "student": None}
+                         "mode": _mode(s), "student": None}
     return out
 
 
@@ -201,7 +206,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     base_refs = _baselines(summary)
     # each swept arm is judged against the control and vanilla of its own loss mode (e.g. hard- and soft-label arms
     # in one run)
-    losses = {c["name"]: c.get("loss", "forward_kl") for c in summary.get("settings", {}).get("conditions", [])}
+    losses = {c["name"]: _mode(c) for c in summary.get("settings", {}).get("conditions", [])}
 
     def references(arm: str) -> tuple[str, str, str]:
         mode = next((losses[n] for n in sweeps[arm].names(arm) if n in losses), "forward_kl")

@@ -98,6 +98,12 @@ def _ok(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def loss_mode(loss: str, on_policy: Any = None) -> str:
+    """The loss mode a condition is judged in (its control and vanilla are the run's of the same mode): its
+    ``loss``, with ``:on-policy`` for an on-policy condition (``on_policy`` its settings, or ``None``)."""
+    return f"{loss}:on-policy" if on_policy else loss
+
+
 def segment(curve: Sequence[Mapping[str, float]], x: float, xkey: str = "task_error",
             ykey: str = "transfer") -> tuple[float, float, float]:
     """``(interpolated, lower end, upper end)`` of the early-stopping segment of ``curve`` read at ``xkey = x``
