@@ -151,6 +151,18 @@ def test_block_judges_an_on_policy_sweep_against_the_on_policy_control_and_vanil
     assert not any(off["arms"]["anchor"]["within_budget"].values())  # the off-policy arms pair with vanilla's 0.5
 
 
+def test_a_run_without_sweeps_records_why_it_has_no_probe_free_arm():
+    from purify.bench.probe_free import none_swept
+
+    out = none_swept({"problems": ["vanilla (ce) transfer is not significantly above control's", "other"]})
+    assert out["arms"] == {} and out["rule"] and out["budget"] == 1.1
+    assert out["why_none"].startswith("this run swept no arm's knob, so the rule had nothing to choose")
+    assert "vanilla (ce) transfer is not significantly above control's: no setting could be judged" in out["why_none"]
+    assert "other" not in out["why_none"]
+    assert notes(out)[1:] == ["## Probe-free operating point", "", f"None: {out['why_none']}."]
+    assert notes({}) == []
+
+
 def test_the_suites_swept_arms_are_valid_purifier_entries_named_by_point():
     from purify.bench.lm_suites import _probe_free_arms
     from purify.config import OptimConfig

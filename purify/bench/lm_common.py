@@ -379,8 +379,9 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
                                                    "lr": suite.lr}),
                              "conditions": [{**dataclasses.asdict(c), "student": c.student and Path(c.student).name}
                                             for c in suite.conditions]}}
-    if suite.sweeps:  # the knob chosen per seed without the trait, and the verdict at that choice
-        summary["probe_free"] = probe_free.block(summary, suite.sweeps, suite.guards)
+    # the knob chosen per seed without the trait, and the verdict at that choice (or why there is none)
+    summary["probe_free"] = (probe_free.block(summary, suite.sweeps, suite.guards) if suite.sweeps
+                             else probe_free.none_swept(summary))
     return summary
 
 

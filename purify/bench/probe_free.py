@@ -260,6 +260,16 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
             "sweeps": {arm: dataclasses.asdict(sw) for arm, sw in sweeps.items() if arm in arms}, "arms": arms}
 
 
+def none_swept(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``summary.json["probe_free"]`` of a run that swept no knob: no arms, and why (``why_none``) — including, from
+    the run's ``problems``, a vanilla that carries no significant trait over its control, so that no setting of any
+    arm could be judged there."""
+    why = ["this run swept no arm's knob, so the rule had nothing to choose"]
+    why += [f"{p}: no setting could be judged equivalent to the control here" for p in summary.get("problems", [])
+            if "not significantly above" in p]
+    return {"rule": RULE, "budget": BUDGET, "arms": {}, "why_none": "; ".join(why)}
+
+
 def rederive(summary: Mapping[str, Any]) -> dict[str, Any] | None:
     """:func:`block` recomputed from a written summary (its ``probe_free.sweeps`` and ``guards``), or ``None``."""
     recorded = summary.get("probe_free") or {}
@@ -282,7 +292,8 @@ def notes(probe_free: Mapping[str, Any]) -> list[str]:
     """The ``summary.md`` section of :func:`block`'s output (empty when no sweep ran)."""
     arms = probe_free.get("arms") or {}
     if not arms:
-        return []
+        why = probe_free.get("why_none")
+        return ["", "## Probe-free operating point", "", f"None: {why}."] if why else []
     lines = ["", "## Probe-free operating point", "", f"Rule: {probe_free['rule']}", "",
              "| arm | knob: chosen per seed | transfer − control (90% CI) | task error × vanilla | drift | guards | "
              "verdict |", "|---|---|---|---|---|---|---|"]

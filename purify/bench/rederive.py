@@ -118,8 +118,8 @@ def rereport(directory: str | Path) -> dict[str, Any]:
         summary["base"], summary["teacher"] = old["base"], old["teacher"]  # seed statistics the records lack
     else:
         aux_summary.finish(summary)
-    if "probe_free" in old:  # the rule's choice and the verdict at it, under today's rules
-        summary["probe_free"] = probe_free.rederive(summary) or old["probe_free"]
+    if (old.get("probe_free") or {}).get("arms"):  # the rule's choice and the verdict at it, under today's rules
+        summary["probe_free"] = probe_free.rederive({**summary, "probe_free": old["probe_free"]}) or old["probe_free"]
     env["rereported_by"] = f"purify bench --rereport {directory}"
     if aux:
         aux_logits.write(d, summary, env)
