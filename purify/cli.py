@@ -255,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     _CHOSEN[:] = [a for a in argv if not a.startswith("-")][:1]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides after an option (``recipe.yaml --out DIR a=1``): still overrides
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from purify.gguf import GGUFError
 
     try:

@@ -118,3 +118,14 @@ def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make,
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_overrides_after_an_option_are_still_overrides(tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert main(["cache", "recipes/quickstart.yaml", "--out", str(out), "trainer.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("purify: error: trainer.bogus: unknown key"), err  # read as override
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:  # an unknown option after the recipe is still refused
+        main(["cache", "recipes/quickstart.yaml", "--out", str(out), "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
