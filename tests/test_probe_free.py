@@ -243,6 +243,10 @@ def test_aux_probe_free_conditions_and_refusal():
         select_conditions("paper", ["ensemble:competent"])
     with pytest.raises(BenchError, match="unknown 'nope'.*allowed: probe-free, delta_projection:global"):
         select_conditions("task", ["nope"])
+    from purify.bench.aux_logits import run_suite
+
+    with pytest.raises(BenchError, match=r"unknown options \['steps'\]; allowed: \['conditions'\]"):
+        run_suite(out="/nonexistent/never-written", steps=3)  # the suite checks its options, not only the CLI
 
 
 def test_aux_competent_references_know_the_task_and_are_built_only_when_used():

@@ -37,7 +37,7 @@ from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headlin
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
 from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, swept_arm
-from purify.bench.report import BenchError, check_conditions, environment, write_report
+from purify.bench.report import BenchError, check_conditions, check_options, environment, write_report
 from purify.bench.stats import mean_ci
 
 SUITE = "aux-logits"
@@ -255,12 +255,11 @@ class SuiteConfig:
 
 
 OPTIONS = {"conditions": list}
-"""The suite's ``--option`` keys and the kind of value each takes (checked by ``purify bench``)."""
+"""The suite's ``--option`` keys and the kind of value each takes (:func:`purify.bench.report.check_options`)."""
 
 
 def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, out: str | None = None,
-              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED,
-              conditions: list[str] | None = None) -> dict:
+              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict:
     """Run the aux-logit suite and write its report; returns the summary (``summary.json``'s content).
 
     Args:
@@ -271,13 +270,17 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
         quick: smoke test: 2 seeds, fewer steps and conditions (≤ 1 min).
         progress: show a progress bar over seeds × conditions.
         first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
-        conditions: run only the references and these (``--option 'conditions=[...]'``): default conditions by
-            name, swept arms of :data:`SWEEPS` by arm name, or :data:`PROBE_FREE` for all of them; a swept arm adds
-            ``summary.json["probe_free"]`` (the knob chosen per seed without the trait, the verdict at that choice).
+        **options: the ``--option`` keys of :data:`OPTIONS`: ``conditions``, run only the references and these
+            (``--option 'conditions=[...]'``): default conditions by name, swept arms of :data:`SWEEPS` by arm name,
+            or :data:`PROBE_FREE` for all of them; a swept arm adds ``summary.json["probe_free"]`` (the knob chosen
+            per seed without the trait, the verdict at that choice).
 
     Raises:
-        ValueError: unknown protocol, bad ``seeds``, or a data file that is not a classification set (one line).
+        ValueError: an unknown option or one of the wrong kind, unknown protocol, bad ``seeds``, or a data file that
+            is not a classification set (one line).
     """
+    check_options(options, OPTIONS)
+    conditions = options.get("conditions")
     n = min(seeds, 2) if quick else seeds
     command = f"purify bench aux-logits --protocol {protocol} --seeds {seeds} --first-seed {first_seed}" + \
         (f" --data {data}" if data else "") + (f" --out {out}" if out else "") + (" --quick" if quick else "") + \
