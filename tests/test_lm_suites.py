@@ -13,11 +13,11 @@ from purify.bench.lm_suites import run_suite
 
 @pytest.mark.parametrize("suite", ["style-tic", "hidden-preference"])
 def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
-    summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)  # default seeds 1400-1401
+    summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)  # default seeds 1500-1501
     for name in ("summary.json", "summary.md", "summary.csv", "frontier.png", "env.json"):
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["suite"] == suite and written["seeds"] == [1400, 1401] == summary["seeds"]
+    assert written["suite"] == suite and written["seeds"] == [1500, 1501] == summary["seeds"]
     assert written["trait"] and written["tuned_on"][0]["seeds"] == [0, 1, 2, 3, 4] and written["guards"]
     assert not {s for t in written["tuned_on"] for s in t["seeds"]} & set(written["seeds"])  # default: fresh seeds
     assert set(written["p_adjusted"]) <= set(written["verdicts"])

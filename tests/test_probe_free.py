@@ -331,6 +331,8 @@ def test_an_lm_suites_conditions_select_fixed_arms_by_name_and_sweeps_by_arm_nam
         select_conditions(default, ["vanilla:on-policy", "nope"])
     conds, sweeps = select_conditions(default, ["replace:on-policy"])  # an on-policy sweep, with both on-policy refs
     assert list(sweeps) == ["replace:on-policy"] and sweeps["replace:on-policy"].values == (0.05, 0.1, 0.2)
+    _, both = select_conditions(default, ["replace:on-policy", "replace:competent:on-policy"])
+    assert list(both) == ["replace:on-policy", "replace:competent:on-policy"]
     points = [c for c in conds if c.name.startswith("replace:on-policy@")]
     assert len(points) == 3 and all(c.on_policy and c.teachers == ["teacher", "reference"] for c in points)
     assert {"control:on-policy", "vanilla:on-policy"} <= {c.name for c in conds}

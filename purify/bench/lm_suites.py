@@ -41,7 +41,7 @@ from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker,
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
-FIRST_SEED = 1400
+FIRST_SEED = 1500
 """Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-104, where a review looked at
 hidden-preference's vanilla − control)."""
 _COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
@@ -53,6 +53,11 @@ _ON_POLICY_REPLACE = {"seeds": [1100, 1101, 1102, 1103, 1104], "trait": True,
                               "fixed arm replace:reference:on-policy (threshold 0.1) brought P(owl) to the on-policy "
                               "control's level on these seeds; its grid is replace:reference's, unchanged, fixed "
                               "before any seed from 1400 ran"}
+_ON_POLICY_COMPETENT = {"seeds": list(range(1400, 1410)), "trait": True,
+                        "what": "whether to add replace:competent:on-policy: added after replace:on-policy's "
+                                "probe-free run on these seeds kept P(owl) at the on-policy control's level but "
+                                "took 1.23 x on-policy vanilla's task error against the weak reference; its grid is "
+                                "replace:competent's, unchanged, fixed before any seed from 1500 ran"}
 SGD_LRS = (0.03, 0.1, 0.2)
 """Learning rates of the ``sgd`` arm (plain SGD, no momentum, the suite's targets), set by ``python
 scripts/sgd_pilot.py style-tic --seed 900 --lrs 0.1 0.3 1 3 10 30`` (task error and drift only, the trait never
@@ -69,7 +74,8 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
     "hidden-preference": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                            "what": "the suite's set-up (number rule, teacher and data sizes, 600 steps, lr 2e-3, "
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
-                                   "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT, _ON_POLICY_REPLACE],
+                                   "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT, _ON_POLICY_REPLACE,
+                          _ON_POLICY_COMPETENT],
 }
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],
@@ -298,15 +304,15 @@ def _on_policy_arms() -> list[Condition]:
 
 
 def _on_policy_sweeps() -> tuple[list[Condition], dict[str, Sweep]]:
-    """On-policy arms whose knob the probe-free rule sets, run only when named (``probe-free`` does not name them):
-    ``replace:on-policy`` is ``replace:reference`` (the same grid) with the student trained on its own samples
-    (:data:`ON_POLICY_SETTINGS`), judged against the on-policy control and vanilla (see ``TUNED_ON`` for why it was
-    added). Needs no teacher weights."""
+    """On-policy arms whose knob the probe-free rule sets, run only when named (``probe-free`` does not name them),
+    with the student trained on its own samples (:data:`ON_POLICY_SETTINGS`) and judged against the on-policy control
+    and vanilla: ``replace:on-policy`` is ``replace:reference`` (the same grid), ``replace:competent:on-policy`` is
+    ``replace:competent`` (the same grid). See ``TUNED_ON`` for why each was added. Neither needs teacher weights."""
     sweep = Sweep("threshold", (0.05, 0.1, 0.2), "higher")
     entry = {"name": "divergence_mask", "mode": "replace", "reference": "others"}
-    arm = "replace" + ON_POLICY
-    return ([Condition(point_name(arm, v), ["teacher", "reference"], [{**entry, "threshold": v}],
-                       on_policy=ON_POLICY_SETTINGS) for v in sweep.values], {arm: sweep})
+    arms = {"replace" + ON_POLICY: "reference", "replace:competent" + ON_POLICY: "competent"}
+    return ([Condition(point_name(arm, v), ["teacher", ref], [{**entry, "threshold": v}], on_policy=ON_POLICY_SETTINGS)
+             for arm, ref in arms.items() for v in sweep.values], {arm: sweep for arm in arms})
 
 
 def trait_option(suite: str, value: Any) -> str:
