@@ -30,8 +30,11 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
     assert len(written["frontier"]["vanilla"]) == 3
     assert written["verdicts"]["delta_projection"].startswith("no verdict: 2 seed(s) with finite values")
     assert set(written["verdicts"]) == {"delta_projection"}  # base, control, vanilla are baselines
+    assert written["probe_free"]["arms"] == {}  # no knob swept: the block says why there is no probe-free arm
+    assert written["probe_free"]["why_none"].startswith("this run swept no arm's knob")
     md = (tmp_path / "summary.md").read_text()
     assert "Measured wall time" in md and "## Verdicts" in md and "are disjoint from them" in md
+    assert "## Probe-free operating point\n\nNone: this run swept no arm's knob" in md
 
 
 def test_unknown_suite_or_option() -> None:
