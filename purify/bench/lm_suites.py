@@ -18,6 +18,7 @@ compare purifiers against vanilla distillation's early-stopping frontier (DESIGN
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -303,16 +304,20 @@ def _on_policy_arms() -> list[Condition]:
               for name, teachers, entries in arms if all(e is not None for e in entries))]
 
 
-def _on_policy_sweeps() -> tuple[list[Condition], dict[str, Sweep]]:
-    """On-policy arms whose knob the probe-free rule sets, run only when named (``probe-free`` does not name them),
-    with the student trained on its own samples (:data:`ON_POLICY_SETTINGS`) and judged against the on-policy control
-    and vanilla: ``replace:on-policy`` is ``replace:reference`` (the same grid), ``replace:competent:on-policy`` is
-    ``replace:competent`` (the same grid). See ``TUNED_ON`` for why each was added. Neither needs teacher weights."""
-    sweep = Sweep("threshold", (0.05, 0.1, 0.2), "higher")
-    entry = {"name": "divergence_mask", "mode": "replace", "reference": "others"}
-    arms = {"replace" + ON_POLICY: "reference", "replace:competent" + ON_POLICY: "competent"}
-    return ([Condition(point_name(arm, v), ["teacher", ref], [{**entry, "threshold": v}], on_policy=ON_POLICY_SETTINGS)
-             for arm, ref in arms.items() for v in sweep.values], {arm: sweep for arm in arms})
+ON_POLICY_SWEEPS = {"replace" + ON_POLICY: "replace:reference", "replace:competent" + ON_POLICY: "replace:competent"}
+"""On-policy swept arm → the off-policy swept arm of :func:`_probe_free_arms` whose points it runs on-policy."""
+
+
+def _on_policy_sweeps(swept: list[Condition], sweeps: dict[str, Sweep]) -> tuple[list[Condition], dict[str, Sweep]]:
+    """On-policy arms whose knob the probe-free rule sets, run only when named (``probe-free`` does not name them):
+    each of :data:`ON_POLICY_SWEEPS` is its off-policy arm (``swept``/``sweeps``, from :func:`_probe_free_arms`) —
+    the same teachers, purifier entries and grid — with the student trained on its own samples
+    (:data:`ON_POLICY_SETTINGS`), judged against the on-policy control and vanilla. See ``TUNED_ON`` for why each was
+    added. Neither needs teacher weights."""
+    return ([dataclasses.replace(c, name=arm + c.name[len(off):], purifiers=[dict(e) for e in c.purifiers],
+                                 on_policy=dict(ON_POLICY_SETTINGS))  # "<off>@v" → "<arm>@v"
+             for arm, off in ON_POLICY_SWEEPS.items() for c in swept if swept_arm(c.name) == off],
+            {arm: sweeps[off] for arm, off in ON_POLICY_SWEEPS.items()})
 
 
 def trait_option(suite: str, value: Any) -> str:
@@ -440,7 +445,7 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
         BenchError: a name that is none of these, naming the allowed ones.
     """
     swept, all_sweeps = _probe_free_arms()
-    op_swept, op_sweeps = _on_policy_sweeps()
+    op_swept, op_sweeps = _on_policy_sweeps(swept, all_sweeps)
     sweeps = {**selected(names, all_sweeps), **{a: s for a, s in op_sweeps.items() if a in names}}
     swept, all_sweeps = swept + op_swept, {**all_sweeps, **op_sweeps}
     wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
