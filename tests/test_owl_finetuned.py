@@ -141,7 +141,10 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
     assert again["conditions"]["vanilla"]["per_seed"][0]["trait"] == per["vanilla"][0]["trait"]  # deterministic
 
 
-def test_bad_options_are_one_line_errors() -> None:
+def test_bad_options_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda .* torch sees no CUDA device"):
+        owl_finetuned.run_suite(scale="full")  # refused before the model is loaded
     with pytest.raises(ValueError, match="scale must be reduced or full"):
         owl_finetuned.run_suite(scale="huge")
     with pytest.raises(ValueError, match="modes must be a non-empty subset"):

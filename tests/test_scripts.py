@@ -1,6 +1,7 @@
 """The analysis scripts quoted in the README compute what they say on hand-made summaries."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,27 @@ def test_curve_roughness_is_the_mean_and_largest_step_between_neighbouring_point
     assert got["pairs"] == 2
     assert got["mean_abs_step"] == pytest.approx(0.25) and got["max_abs_step"] == pytest.approx(0.4)
     assert "control" not in rough.roughness(summary, 0)
+
+
+def test_gpu_check_counts_model_flops_by_hand_and_reads_the_peak_by_the_longest_name() -> None:
+    gpu = _script("gpu_check")
+    # N = 10 linear weights, 2 blocks of width 4, 3 sequences of 5 tokens:
+    # student (6·10 + 12·2·4·5) + teacher (2·10 + 4·2·4·5) per token = 540 + 180 = 720, times 15 tokens
+    assert gpu.step_flops(10, 2, 4, 3, 5) == 720 * 15
+    model = gpu.LlamaForCausalLM(gpu.LlamaConfig(**gpu.TINY))
+    d, f, v, kv = 64, 128, 512, 64 * 2 // 4  # width, MLP, vocabulary, K/V width (2 of 4 heads)
+    assert gpu.linear_weights(model) == 2 * (d * d * 2 + d * kv * 2 + 3 * d * f) + v * d
+    assert gpu.peak("NVIDIA H100 80GB HBM3") == 989.4e12 and gpu.peak("NVIDIA H100 PCIe") == 756.5e12
+    assert gpu.peak("cpu") is None
+
+
+def test_gpu_check_runs_on_cpu_and_names_the_device_and_why_the_covert_run_did_not_run(tmp_path: Path) -> None:
+    gpu = _script("gpu_check")
+    assert gpu.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--batch", "2", "--length", "16",
+                     "--steps", "2", "--warmup", "1", "--covert-budget", "1"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["mfu"]["device"] == "cpu" and result["mfu"]["mfu"] is None
+    assert result["mfu"]["median_step_s"] > 0 and result["mfu"]["step_flops"] > 0
+    assert result["covert"] == {"ran": False, "why": "stopped by the budget after 1 s",
+                                "command": result["covert"]["command"]}
+    assert "on **cpu**" in (tmp_path / "gpu_check.md").read_text()

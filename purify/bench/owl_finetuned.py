@@ -294,6 +294,9 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
     if scale not in ("reduced", "full"):
         raise BenchError(f"scale must be reduced or full, not {scale!r}")
     cfg = real_lm.settings({**(QUICK if quick else FULL if scale == "full" else REDUCED), "scale": scale}, options)
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device={cfg['device']} (scale=full runs on a GPU) but torch sees no CUDA device here; "
+                         "run it on a GPU machine, or pass --option device=cpu")
     unknown = set(cfg["modes"]) - set(MODES)
     if unknown or not cfg["modes"]:
         raise BenchError(f"modes must be a non-empty subset of {sorted(MODES)}, not {cfg['modes']}")
