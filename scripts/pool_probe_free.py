@@ -16,16 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from purify.bench.probe_free import point_name, references
 from purify.bench.stats import mean_ci
 
 
 def pooled(arm: str, summaries: list[dict]) -> dict:
-    """Per-seed gaps pooled over ``summaries`` (seeds must be disjoint) and the equivalence test against ±m."""
+    """Per-seed gaps pooled over ``summaries`` (seeds must be disjoint) and the equivalence test against ±m; each
+    run's seeds against the control and vanilla it judged the arm against (:func:`purify.bench.probe_free.references`).
+    """
     gaps, excess, seen = [], [], set()
     for s in summaries:
-        control = {r["seed"]: r["transfer"] for r in s["conditions"]["control"]["per_seed"]}
-        vanilla = {r["seed"]: r["transfer"] for r in s["conditions"]["vanilla"]["per_seed"]}
-        for rec in s["probe_free"]["arms"][arm]["per_seed"]:
+        entry = s["probe_free"]["arms"][arm]
+        # the control and vanilla the run judged the arm against (its own loss mode: on-policy with on-policy, ...)
+        _, vanilla_name, control_name = references(s, [point_name(arm, v) for v in entry.get("values", ())])
+        control = {r["seed"]: r["transfer"] for r in s["conditions"][control_name]["per_seed"]}
+        vanilla = {r["seed"]: r["transfer"] for r in s["conditions"][vanilla_name]["per_seed"]}
+        for rec in entry["per_seed"]:
             if rec["seed"] in seen:
                 raise SystemExit(f"pool_probe_free: seed {rec['seed']} appears in two runs; pool disjoint runs only")
             seen.add(rec["seed"])

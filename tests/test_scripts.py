@@ -36,6 +36,25 @@ def test_pool_probe_free_pools_per_seed_gaps_against_the_pooled_margin() -> None
         pool.pooled("a", [one, one])
 
 
+def test_pool_probe_free_pairs_an_on_policy_arm_with_the_on_policy_references() -> None:
+    pool = _script("pool_probe_free")
+    run = _run([1, 2, 3], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    rec = lambda values: [{"seed": s, "transfer": v} for s, v in zip([1, 2, 3], values)]  # noqa: E731
+    run["conditions"] |= {"control:on-policy": {"per_seed": rec([0.5, 0.5, 0.5])},
+                          "vanilla:on-policy": {"per_seed": rec([1.5, 1.5, 1.5])},
+                          "a@0.1": {"per_seed": rec([0.5, 0.5, 0.5])}}
+    on = {"lam": 1.0}
+    run["settings"] = {"conditions": [
+        {"name": "control", "kind": "control", "loss": "forward_kl", "student": None},
+        {"name": "vanilla", "kind": "vanilla", "loss": "forward_kl", "student": None},
+        {"name": "control:on-policy", "kind": "control", "loss": "forward_kl", "on_policy": on, "student": None},
+        {"name": "vanilla:on-policy", "kind": "vanilla", "loss": "forward_kl", "on_policy": on, "student": None},
+        {"name": "a@0.1", "kind": None, "loss": "forward_kl", "on_policy": on, "student": None, "baseline": False}]}
+    run["probe_free"]["arms"]["a"]["values"] = [0.1]
+    got = pool.pooled("a", [run])  # against the off-policy control this would be +0.5, outside the margin
+    assert got["mean"] == pytest.approx(0.0) and got["margin"] == pytest.approx(0.1) and got["inside"] is True
+
+
 def test_curve_roughness_is_the_mean_and_largest_step_between_neighbouring_points() -> None:
     rough = _script("curve_roughness")
     curve = [{"step": s, "transfer": t} for s, t in ((0, 0.0), (10, 0.5), (20, 0.1), (30, 0.2))]

@@ -185,6 +185,16 @@ def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def references(summary: Mapping[str, Any], points: Sequence[str]) -> tuple[str, str, str]:
+    """``(mode, vanilla, control)``: the loss mode of a swept arm's ``points`` and the run's vanilla and control of
+    that mode (a soft arm is judged against the soft references, an on-policy arm against the on-policy ones)."""
+    losses = {c["name"]: _mode(c) for c in summary.get("settings", {}).get("conditions", [])}
+    mode = next((losses[n] for n in points if n in losses), "forward_kl")
+    refs = _baselines(summary)
+    return (mode, *(next((n for n, c in refs.items() if c["kind"] == kind and c["mode"] == mode), kind)
+                    for kind in ("vanilla", "control")))
+
+
 def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Sequence[verdicts.Guard] = (),
           alpha: float = 0.05) -> dict[str, Any]:
     """``summary.json["probe_free"]``: per swept arm, the rule's choice per seed and the verdict at it.
@@ -204,22 +214,14 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     conds = summary["conditions"]
     by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
     base_refs = _baselines(summary)
-    # each swept arm is judged against the control and vanilla of its own loss mode (e.g. hard- and soft-label arms
-    # in one run)
-    losses = {c["name"]: _mode(c) for c in summary.get("settings", {}).get("conditions", [])}
-
-    def references(arm: str) -> tuple[str, str, str]:
-        mode = next((losses[n] for n in sweeps[arm].names(arm) if n in losses), "forward_kl")
-        return (mode, *(next((n for n, c in base_refs.items() if c["kind"] == kind and c["mode"] == mode), kind)
-                        for kind in ("vanilla", "control")))
-
     arms: dict[str, Any] = {}
     judged_input = dict(base_refs)
     reference_names: list[str] = []
     for arm, sweep in sweeps.items():
         if not all(n in conds for n in sweep.names(arm)):
             continue
-        mode, vanilla_name, control_name = references(arm)
+        # each swept arm is judged against the control and vanilla of its own loss mode
+        mode, vanilla_name, control_name = references(summary, sweep.names(arm))
         reference_names += [n for n in (vanilla_name, control_name) if n not in reference_names]
         vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
         chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
