@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -361,6 +362,26 @@ def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
     fraction = sum(is_on_policy_step(0, s, 0.5) for s in range(4)) / 4
     assert lineage["metrics"]["train/on_policy_fraction"] == pytest.approx(fraction)
     assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_shipped_on_policy_replacement_recipe_is_the_benchmarks_purified_arm_and_trains(tmp_path):
+    from purify.bench.lm_suites import ON_POLICY_SETTINGS, _on_policy_sweeps, _probe_free_arms
+
+    recipe = str(Path(__file__).parents[1] / "recipes" / "on_policy_replacement.yaml")
+    out = tmp_path / "shipped"
+    assert main(["train", recipe, f"output_dir={out}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "trainer.checkpoint_every_n_steps=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+                 "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.batch_size=4",
+                 "on_policy.max_new_tokens=8"]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["metrics"]["train/on_policy_fraction"] == 1.0
+    assert 0.0 <= lineage["metrics"]["purify/0_divergence_mask/flagged_fraction"] <= 1.0
+    # the shipped file's on-policy settings and purifier are the benchmark arm's (at its most frequent threshold)
+    arm = {c.name: c for c in _on_policy_sweeps(*_probe_free_arms())[0]}["replace:competent:on-policy@0.1"]
+    shipped = yaml.safe_load(Path(recipe).read_text())
+    assert {k: shipped["on_policy"][k] for k in ON_POLICY_SETTINGS} == arm.on_policy
+    assert {k: shipped["purifiers"][0][k] for k in arm.purifiers[0]} == arm.purifiers[0]
+    assert shipped["loss"]["name"] == arm.loss and len(shipped["teachers"]) == len(arm.teachers) == 2
 
 
 # ------------------------------------------------------------------ benchmark arms
