@@ -349,15 +349,20 @@ def test_on_policy_with_a_vector_student_or_a_logit_cache_is_refused(tmp_path, c
     assert err[0].startswith("purify: error: on_policy: teachers[0] is a logit cache"), err
 
 
-# ------------------------------------------------------------------ the shipped recipe
-def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
-    recipe = str(Path(__file__).parents[1] / "recipes" / "on_policy.yaml")
-    out = tmp_path / "shipped"
-    assert main(["train", recipe, f"output_dir={out}", "trainer.max_steps=4", "trainer.val_check_interval=2",
+# ------------------------------------------------------------------ the shipped recipes
+def _train_shipped(name: str, out: Path, steps: int) -> dict:
+    """``purify train recipes/<name>`` shortened to ``steps`` steps of 4 rows and 8 sampled tokens; its lineage."""
+    recipe = str(Path(__file__).parents[1] / "recipes" / name)
+    assert main(["train", recipe, f"output_dir={out}", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
                  "trainer.checkpoint_every_n_steps=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
                  "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.batch_size=4",
                  "on_policy.max_new_tokens=8"]) == 0
-    lineage = json.loads((out / "lineage.json").read_text())
+    return json.loads((out / "lineage.json").read_text())
+
+
+def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
+    out = tmp_path / "shipped"
+    lineage = _train_shipped("on_policy.yaml", out, 4)
     assert lineage["recipe"]["on_policy"]["lam"] == 0.5 and lineage["recipe"]["loss"]["name"] == "jsd"
     fraction = sum(is_on_policy_step(0, s, 0.5) for s in range(4)) / 4
     assert lineage["metrics"]["train/on_policy_fraction"] == pytest.approx(fraction)
@@ -367,18 +372,13 @@ def test_shipped_on_policy_recipe_trains_with_purify_train(tmp_path):
 def test_shipped_on_policy_replacement_recipe_is_the_benchmarks_purified_arm_and_trains(tmp_path):
     from purify.bench.lm_suites import ON_POLICY_SETTINGS, _on_policy_sweeps, _probe_free_arms
 
-    recipe = str(Path(__file__).parents[1] / "recipes" / "on_policy_replacement.yaml")
-    out = tmp_path / "shipped"
-    assert main(["train", recipe, f"output_dir={out}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                 "trainer.checkpoint_every_n_steps=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-                 "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "data.batch_size=4",
-                 "on_policy.max_new_tokens=8"]) == 0
-    lineage = json.loads((out / "lineage.json").read_text())
+    recipe = Path(__file__).parents[1] / "recipes" / "on_policy_replacement.yaml"
+    lineage = _train_shipped(recipe.name, tmp_path / "shipped", 2)
     assert lineage["metrics"]["train/on_policy_fraction"] == 1.0
     assert 0.0 <= lineage["metrics"]["purify/0_divergence_mask/flagged_fraction"] <= 1.0
     # the shipped file's on-policy settings and purifier are the benchmark arm's (at its most frequent threshold)
     arm = {c.name: c for c in _on_policy_sweeps(*_probe_free_arms())[0]}["replace:competent:on-policy@0.1"]
-    shipped = yaml.safe_load(Path(recipe).read_text())
+    shipped = yaml.safe_load(recipe.read_text())
     assert {k: shipped["on_policy"][k] for k in ON_POLICY_SETTINGS} == arm.on_policy
     assert {k: shipped["purifiers"][0][k] for k in arm.purifiers[0]} == arm.purifiers[0]
     assert shipped["loss"]["name"] == arm.loss and len(shipped["teachers"]) == len(arm.teachers) == 2
