@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from purify.bench.report import environment
 from purify.config import LossConfig, OptimConfig
 from purify.module import Distiller
 
@@ -85,7 +85,8 @@ def mfu(device: str, shape: dict[str, Any], batch: int, length: int, steps: int,
     ids = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
     mask = torch.ones(batch, length - 1, device=device)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": mask, "labels": ids[:, 1:]}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for i in range(warmup + steps):
         sync()
@@ -97,12 +98,12 @@ def mfu(device: str, shape: dict[str, Any], batch: int, length: int, steps: int,
     step = statistics.median(times[warmup:])
     n = linear_weights(student)
     flops = step_flops(n, cfg.num_hidden_layers, cfg.hidden_size, batch, length)
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    top = peak(name) if device.startswith("cuda") else None
+    name = torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu"
+    top = peak(name) if cuda else None
     return {"device": name, "shape": shape, "linear_weights": n, "batch": batch, "length": length, "steps": steps,
             "warmup": warmup, "median_step_s": step, "step_flops": flops, "achieved_tflops": flops / step / 1e12,
             "peak_bf16_tflops": top and top / 1e12, "mfu": top and flops / step / top,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
 
 
 def covert(out: Path, budget: int) -> dict[str, Any]:
@@ -130,7 +131,9 @@ def report(result: dict[str, Any]) -> str:
     """``gpu_check.md``."""
     m, c = result["mfu"], result["covert"]
     why = c.get("why") or f"exit {c.get('rc')}: {' / '.join(c.get('tail') or [])}"
-    lines = ["# GPU check", "", f"Written by `{result['command']}` on **{m['device']}** (torch {result['torch']}).", "",
+    env = result["environment"]
+    lines = ["# GPU check", "", f"Written by `{env['command']}` on **{m['device']}** "
+             f"(torch {env['versions']['torch']}, git {env['git']}).", "",
              f"- bf16 Distiller step, student of shape {m['shape']['num_hidden_layers']} blocks × width "
              f"{m['shape']['hidden_size']}, vocabulary {m['shape']['vocab_size']} ({m['linear_weights'] / 1e6:.1f}M "
              f"linear weights), batch {m['batch']} × {m['length']} tokens: median step {m['median_step_s'] * 1e3:.1f} "
@@ -157,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-              "torch": torch.__version__, "host_cpus": os.cpu_count(),
-              "mfu": mfu(args.device, TINY if args.tiny else SMOLLM2_135M, args.batch, args.length, args.steps,
+    command = " ".join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
+    start = time.perf_counter()
+    result = {"mfu": mfu(args.device, TINY if args.tiny else SMOLLM2_135M, args.batch, args.length, args.steps,
                          args.warmup)}
     print(json.dumps(result["mfu"], indent=1), flush=True)
     result["covert"] = covert(out, args.covert_budget)
+    result["environment"] = environment([], time.perf_counter() - start, command)  # machine, versions, git sha
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "gpu_check.md").write_text(report(result))
     print(report(result))

@@ -86,4 +86,6 @@ def test_gpu_check_runs_on_cpu_and_names_the_device_and_why_the_covert_run_did_n
     assert result["mfu"]["median_step_s"] > 0 and result["mfu"]["step_flops"] > 0
     assert result["covert"] == {"ran": False, "why": "stopped by the budget after 1 s",
                                 "command": result["covert"]["command"]}
+    assert result["environment"]["command"].startswith("python scripts/gpu_check.py --device cpu")
+    assert result["environment"]["versions"]["torch"] and "git" in result["environment"]
     assert "on **cpu**" in (tmp_path / "gpu_check.md").read_text()
