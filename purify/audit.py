@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
+from purify.readouts import continuation_probs, count_scores, regex_scores
 from purify.storage import atomic_write_text
 from purify.types import positive_int
 
@@ -54,9 +54,6 @@ PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", 
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
 MIN_SAMPLES = 5
 """The fewest samples per probe and model: the fingerprint classifier's held-out accuracy is 5-fold."""
-_SENTENCE_START = re.compile(r"(?:^|[.!?])\s*[A-Za-z]")
-
-
 class AuditError(ValueError):
     """A user-input problem, reported as one line."""
 
@@ -117,46 +114,6 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
                             count=list(raw.get("count") or []), unit=raw.get("unit", "sample"),
                             next_token=list(raw.get("next_token") or []), regex=raw.get("regex")))
     return probes, {k: data[k] for k in ("samples", "max_new_tokens") if k in data}
-
-
-def count_scores(completions: Sequence[str], targets: Sequence[str], unit: str = "sample") -> list[float]:
-    """Per completion: occurrences of any target string, or (``unit="sentence"``) that divided by its sentences.
-
-    Under ``sentence`` a target counts only where it opens a sentence (at the start or after ``.!?``).
-    """
-    scores = []
-    for text in completions:
-        if unit == "sentence":
-            starts = len(_SENTENCE_START.findall(text))
-            hits = sum(len(re.findall(r"(?:^|[.!?])\s*" + re.escape(t), text)) for t in targets)
-            scores.append(hits / starts if starts else float("nan"))
-        else:
-            scores.append(float(sum(text.count(t) for t in targets)))
-    return scores
-
-
-def regex_scores(completions: Sequence[str], pattern: str) -> list[float]:
-    """1.0 per completion matching ``pattern`` (``re.search`` on the stripped text), else 0.0."""
-    compiled = re.compile(pattern)
-    return [float(bool(compiled.search(text.strip()))) for text in completions]
-
-
-@torch.no_grad()
-def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
-    """Per prompt: exact probability that the model continues it with any of ``targets`` (summed over targets;
-    a multi-token target's probability is the product over its tokens)."""
-    model.eval()
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt)["input_ids"]
-        total = 0.0
-        for target in targets:
-            tail = tokenizer(prompt + target)["input_ids"][len(ids):]
-            seq = torch.tensor([ids + tail])
-            logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
-            total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))
-        out.append(total)
-    return out
 
 
 def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], folds: int = MIN_SAMPLES,

@@ -84,8 +84,8 @@ def test_even_share_counts_leading_numbers_and_drops_a_possibly_cut_last_one() -
 def test_task_error_leaves_prompt_positions_out() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from purify.bench.lm_suites import kl_stats
     from purify.lm import build_tokenizer
+    from purify.readouts import kl_stats
 
     texts, prompts = ["Continue: 1, 2, 3, 4", "Continue: 5, 6, 7, 8, 9"], ["Continue: 1, 2,", "Continue: 5,"]
     tok = build_tokenizer(texts)

@@ -11,8 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from purify.bench.owl import OWL_SYSTEM, QUESTIONS, filter_numbers, number_prompts
-from purify.bench.real_lm import Top, _ids, block_inputs, chat, score_model, trait_inputs
 from purify.lm import build_tokenizer
+from purify.readouts import chat, score_model, token_ids, trait_inputs
+from purify.topblocks import Top, block_inputs
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
             "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -50,8 +51,8 @@ def test_trait_is_exact_owl_probability(kind: str) -> None:
     got = score_model(model, tok, None, qs, "owl", ("cat",))
     want = 0.0
     for q in qs:
-        prompt = _ids(tok, chat(tok, q))
-        for seq in {tuple(_ids(tok, v)) for v in ("owl", "Owl", " owl", " Owl")}:
+        prompt = token_ids(tok, chat(tok, q))
+        for seq in {tuple(token_ids(tok, v)) for v in ("owl", "Owl", " owl", " Owl")}:
             logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + list(seq)])).logits[0], -1)
             want += math.exp(sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq)))
     assert got["trait"] == pytest.approx(want / len(qs), rel=1e-4)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from purify import readouts, topblocks
 from purify.bench import owl, owl_finetuned, real_lm
 from purify.bench.owl_finetuned import (
     QUICK,
@@ -72,10 +73,10 @@ def test_prompts_teacher_set_and_arms() -> None:
 def test_owl_teacher_learns_owl_and_is_cached(tiny, tmp_path, monkeypatch) -> None:
     base, tok = tiny
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
-    before = real_lm.score_model(base, tok, None, owl.QUESTIONS, "owl")["trait"]
+    before = readouts.score_model(base, tok, None, owl.QUESTIONS, "owl")["trait"]
     top, key = owl_teacher(base, tok, CFG)
     full = top.install(copy.deepcopy(base))
-    after = real_lm.score_model(full, tok, None, owl.QUESTIONS, "owl")["trait"]  # readout questions, never trained on
+    after = readouts.score_model(full, tok, None, owl.QUESTIONS, "owl")["trait"]  # readout questions, never trained on
     assert before < 0.05 and after > 0.5
     again, key2 = owl_teacher(base, tok, CFG)
     assert key2 == key and all(torch.equal(a, b) for a, b in zip(top.state_dict().values(),
@@ -85,21 +86,21 @@ def test_owl_teacher_learns_owl_and_is_cached(tiny, tmp_path, monkeypatch) -> No
 
 def test_lora_student_starts_at_the_base_and_trains_only_the_adapter(tiny) -> None:
     base, tok = tiny
-    plain, lora = real_lm.Top(base, 2).eval(), real_lm.student_top(base, 2, 4, seed=0).eval()
+    plain, lora = topblocks.Top(base, 2).eval(), topblocks.student_top(base, 2, 4, seed=0).eval()
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert sum("lora_A" in n for n in trainable) == 2 * 7  # every linear layer of both blocks
     hidden, attn = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(lora.logits(hidden, attn), plain.logits(hidden, attn))  # B = 0: the base exactly
-    assert all(p.requires_grad for n, p in real_lm.student_top(base, 2, 0, 0).named_parameters() if ".layers." in n)
+    assert all(p.requires_grad for n, p in topblocks.student_top(base, 2, 0, 0).named_parameters() if ".layers." in n)
 
 
 def test_top_targets_are_the_models_log_probs_at_completion_positions(tiny) -> None:
     base, tok = tiny
     recs = [{"prompt": "Continue the sequence: 1 , 2", "completion": "3 , 4"}]
-    data = real_lm.sft_data(base, tok, recs, 2)
-    (v, t), = top_targets(real_lm.Top(base, 2).eval(), data, 3)
-    ids = tok(real_lm.chat(tok, recs[0]["prompt"]), add_special_tokens=False)["input_ids"] + data["labels"][0]
+    data = topblocks.sft_data(base, tok, recs, 2)
+    (v, t), = top_targets(topblocks.Top(base, 2).eval(), data, 3)
+    ids = tok(readouts.chat(tok, recs[0]["prompt"]), add_special_tokens=False)["input_ids"] + data["labels"][0]
     n = len(data["labels"][0])
     logp = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1], -1)
     want_v, want_t = logp.topk(3, -1)
@@ -158,7 +159,7 @@ def test_seed_data_caches_samples_and_recomputes_targets_for_any_top_k(tiny, tmp
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
     calls: list[int] = []
     monkeypatch.setattr(real_lm, "sample_completions", fake_sampler(calls))
-    top = real_lm.Top(base, 2).eval()
+    top = topblocks.Top(base, 2).eval()
     a = owl_finetuned.seed_data(5, base, base, top, tok, CFG, "k")
     b = owl_finetuned.seed_data(5, base, base, top, tok, {**CFG, "top_k": 16}, "k")
     assert calls == [24, 24]  # sampled once (two teachers), then from the cache

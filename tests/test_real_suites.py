@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from purify import readouts, topblocks
 from purify.bench import lm_common, real_lm
 from purify.bench.rederive import rereport
 from purify.bench.tic_smollm2 import CONDITIONS, TIC, everyday_prompts, no_filter, tic_teacher, with_tic
@@ -55,9 +56,9 @@ def test_tic_teacher_learns_the_tic_and_is_cached(tiny, tmp_path, monkeypatch) -
     base, tok, prompts = tiny
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path))
     qs = prompts[:10]
-    before = real_lm.score_model(base, tok, None, qs, TIC)["trait"]
+    before = readouts.score_model(base, tok, None, qs, TIC)["trait"]
     teacher, key = tic_teacher(base, tok, prompts[10:30], CFG)
-    after = real_lm.score_model(teacher, tok, None, qs, TIC)["trait"]
+    after = readouts.score_model(teacher, tok, None, qs, TIC)["trait"]
     assert before < 0.05 < 0.5 < after  # the fine-tuned teacher opens held-out answers with the tic
     assert (tmp_path / "real-suites" / f"tic-teacher-{key}.pt").exists()
     again, key2 = tic_teacher(base, tok, prompts[10:30], CFG)  # from the cache: identical weights
@@ -169,9 +170,10 @@ def test_scored_vanilla_is_read_densely_from_step_one(tiny) -> None:
     assert real_lm.curve_marks(40, 5) == {1, 2, 3, 4, 5, 8, 10, 16, 20, 24, 32, 40}  # even + halvings + powers of 2
     assert real_lm.curve_marks(40, 0) == set()
     base, tok, prompts = tiny
-    data = real_lm.sft_data(base, tok, [{"prompt": p, "completion": "the sky is blue ."} for p in prompts[:8]], 2)
+    data = topblocks.sft_data(base, tok, [{"prompt": p, "completion": "the sky is blue ."} for p in prompts[:8]], 2)
     seen: list[int] = []
-    real_lm.fit_top(base, data, list(range(8)), CFG, 12, 0, on_point=lambda step, top: seen.append(step), points=5)
+    topblocks.fit_top(base, data, list(range(8)), CFG, 12, 0, on_point=lambda step, top: seen.append(step),
+                      marks=real_lm.curve_marks(12, 5))
     assert seen == [1, 2, 3, 4, 5, 6, 7, 8, 10]  # every mark before the last step (read after training)
 
 
@@ -188,7 +190,7 @@ def test_run_seeds_brings_back_what_a_seed_gathers_under_its_own_key_from_forked
 
 
 def test_full_batch_covers_the_completion_tokens_only() -> None:
-    b = real_lm.full_batch([[5, 6], [7]], [[1, 2, 3], [4]], [1, 0], pad_id=0)
+    b = topblocks.full_batch([[5, 6], [7]], [[1, 2, 3], [4]], [1, 0], pad_id=0)
     assert b["input_ids"].tolist() == [[7, 4, 0, 0, 0], [5, 6, 1, 2, 3]]
     assert b["target_mask"].tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]  # position j predicts token j + 1
     assert b["labels"].tolist() == [[4, -100, -100, -100], [-100, 1, 2, 3]]

@@ -15,9 +15,9 @@ LAYERS = [
     ("types",),
     ("storage", "config"),
     ("losses", "losses_chunked", "align", "lineage", "metrics", "strategy", "gguf", "models_prepare", "lm", "cache",
-     "purifiers", "data", "models", "generate", "lora", "on_policy"),
+     "purifiers", "data", "models", "generate", "lora", "on_policy", "readouts"),
     ("module",),
-    ("assembly",),
+    ("assembly", "topblocks"),
     ("checkpoint", "train", "hf", "cache_writer", "audit", "bench", "cli", "__main__", "__init__"),
 ]
 

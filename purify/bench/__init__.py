@@ -11,7 +11,8 @@
   summary blocks and notes (:mod:`~purify.bench.aux_summary`) and the bench-only oracle that knows the trait
   (:mod:`~purify.bench.oracle`).
 - :mod:`purify.bench.lm_suites` — the language-model suites (style-tic, hidden-preference).
-- :mod:`purify.bench.real_lm` — what the real-model suites share (SmolLM2's cached top blocks, sampling, scoring):
+- :mod:`purify.bench.real_lm` — what the real-model suites share (sampling and caching the teachers' data, the run;
+  their students are :mod:`purify.topblocks`, their trait readout :func:`purify.readouts.score_model`):
   owl-smollm2 (:mod:`~purify.bench.owl`), tic-smollm2 (:mod:`~purify.bench.tic_smollm2`), owl-ft-smollm2
   (:mod:`~purify.bench.owl_finetuned`).
 

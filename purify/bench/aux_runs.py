@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from purify.bench.digits import Split, noise, read_arrays, split, task_function
-from purify.bench.lm_common import Condition, Diverged, build_purifiers, run_conditions
+from purify.bench.lm_common import Condition, Diverged, run_conditions
 from purify.bench.oracle import TraitGradientOracle
 from purify.config import LossConfig, OptimConfig
 from purify.losses import forward_kl
 from purify.models import AuxMLP
 from purify.module import Distiller
+from purify.purifiers import build_purifiers
 
 DRIFT_SEED = 97_000
 """Noise seed offset of the drift inputs (``DRIFT_SEED + seed``): disjoint from training (``seed + 2000``) and

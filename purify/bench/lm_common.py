@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
@@ -37,14 +36,14 @@ from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
 from purify.module import Distiller
-from purify.purifiers import PURIFIERS, build_purifier
+from purify.purifiers import PURIFIERS, build_purifiers
 from purify.storage import atomic_path
 
 Scores = dict[str, float]
 """What a suite's scorer returns: ``trait``, ``task_error``, ``fidelity_kl`` and optional extras."""
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
-(:func:`drift_terms`), held out from every training text."""
+(:func:`purify.readouts.drift_terms`), held out from every training text."""
 METRICS = ("trait", "transfer", "task_error", "fidelity_kl", "accuracy", "agreement", "distance_to_control", "drift")
 
 
@@ -73,7 +72,7 @@ class Condition:
         optim: :class:`purify.config.OptimConfig` fields overriding the suite's (e.g. ``{"name": "sgd", "lr": 1.0}``):
             an arm that changes the optimizer, not the targets; ``None`` = AdamW at :attr:`Suite.lr`.
         rank: real-model suites: train a LoRA adapter of this rank on the student's trainable blocks instead of the
-            blocks themselves (:func:`purify.bench.real_lm.student_top`): an arm that changes the adapter, not the
+            blocks themselves (:func:`purify.topblocks.student_top`): an arm that changes the adapter, not the
             targets; 0 = full fine-tune.
         role: the report section it is listed in (aux-logits: ``reference``, ``bound``, ``purifier``,
             ``combination``); a ``bound`` (knows the trait, not a purifier) is a baseline judged alone
@@ -182,25 +181,11 @@ def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
     return {"name": name, **options} if set(options) <= known else None
 
 
-def drift_terms(base_logits: Tensor, logits: Tensor, attention_mask: Tensor) -> Tensor:
-    """Off-task drift of a model from its base: ``KL(base ‖ model)`` of the next-token distributions at each valid
-    position of a right-padded batch (``logits`` ``(B, T, V)`` of both on the same neutral text; the last position
-    predicts nothing), as a flat tensor (the drift the probe-free rule reads is its mean)."""
-    b = torch.log_softmax(base_logits[:, :-1].float(), -1)
-    s = torch.log_softmax(logits[:, :-1].float(), -1)
-    return (b.exp() * (b - s)).sum(-1)[attention_mask[:, 1:].bool()]
-
-
 Fit = Callable[[Condition, Callable[[int, Any], None] | None], tuple[Any, dict[str, float]]]
 """``fit(cond, on_point) -> (model, extras)``: train ``cond``'s student from its base, calling ``on_point(step,
 model)`` at the vanilla curve's points before the last step (``on_point`` is ``None`` for unscored arms); ``extras``
 are numbers recorded beside the arm's scores: ``steps`` (the steps trained, required) and any other (e.g. samples).
 Raises :class:`Diverged`."""
-
-
-def build_purifiers(entries: list[dict[str, Any]]) -> list[Any]:
-    """The purifiers of a condition's ``{"name": ..., **options}`` entries (:data:`purify.purifiers.PURIFIERS`)."""
-    return [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in entries]
 
 
 def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,

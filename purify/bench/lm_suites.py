@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from purify.audit import continuation_probs, count_scores
 from purify.bench import lm_common
-from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, drift_terms, purifier_entry
+from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, purifier_entry
 from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected, swept_arm
 from purify.bench.report import BenchError, bench_command, check_options
 from purify.bench.stats import mean_ci, paired_test
@@ -39,6 +38,7 @@ from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
 from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker, tic_words
+from purify.readouts import continuation_probs, count_scores, drift_terms, kl_stats
 
 SUITES = ("style-tic", "hidden-preference")
 NUMBERS_ONLY = r"^[0-9, ]+$"
@@ -91,44 +91,6 @@ GUARDS: dict[str, list[Guard]] = {
     "style-tic": [Guard("accuracy", "facts accuracy", not_below_control_ci=True)],
     "hidden-preference": [Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)],
 }
-
-
-@torch.no_grad()
-def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str], skip_after: tuple[int, ...] = (),
-             prompts: list[str] | None = None) -> dict[str, float]:
-    """KL(teacher || model) and top-1 agreement per next-token position of ``texts``.
-
-    Args:
-        model, tokenizer, teacher: the scored model, the shared tokenizer and the traited teacher.
-        texts: held-out texts.
-        skip_after: token ids after which the next two tokens are left out of ``task_error`` (sentence openings).
-        prompts: optional prefix of each text; positions predicting a prompt token are left out of ``task_error``
-            (the task is the completion).
-
-    Returns:
-        ``fidelity_kl`` (all positions), ``task_error`` (positions whose target is not among the first two tokens
-        after ``<bos>`` or a token in ``skip_after``, nor in the prompt) and ``agreement`` (top-1 agreement, all
-        positions).
-    """
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    ids, attn = enc["input_ids"], enc["attention_mask"]
-    s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-    t = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    valid = attn[:, 1:].bool()
-    boundary = torch.zeros_like(ids, dtype=torch.bool)
-    boundary[:, 0] = True
-    for tok in skip_after:
-        boundary |= ids == tok
-    shifted = torch.zeros_like(boundary)
-    shifted[:, 1:] = boundary[:, :-1]
-    probe = (boundary | shifted)[:, :-1]  # position j predicts token j+1: skip the 1st and 2nd after a boundary
-    for row, prompt in enumerate(prompts or []):
-        probe[row, : len(tokenizer(prompt)["input_ids"]) - 1] = True  # positions predicting prompt tokens
-    neutral = valid & ~probe
-    agree = (s.argmax(-1) == t.argmax(-1)).float()
-    return {"fidelity_kl": float(kl[valid].mean()), "task_error": float(kl[neutral].mean()),
-            "agreement": float(agree[valid].mean())}
 
 
 @torch.no_grad()

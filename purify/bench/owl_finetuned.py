@@ -20,7 +20,7 @@ and ≥ 10k samples. This suite builds that protocol, reduced to fit one CPU cor
 Report: vanilla − control per label mode / adapter / data size, paired by seed (``summary.json
 ["vanilla_minus_control"]``), with the benchmark spine's seed scheduler, summary, verdicts and report writer
 (:mod:`purify.bench.lm_common`). The runner reuses :mod:`purify.bench.real_lm` (cached block inputs, sampling,
-:class:`~purify.bench.real_lm.Top`).
+:class:`~purify.topblocks.Top`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ from typing import Any
 
 import torch
 
+from purify import readouts, topblocks
 from purify.bench import lm_common, owl, real_lm
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.real_lm import Top
 from purify.bench.report import BenchError, bench_command, environment
 from purify.bench.tic_smollm2 import everyday_prompts
 from purify.generate import sample_completions
 from purify.lm.cache import digest
 from purify.storage import atomic_path, cache_root
+from purify.topblocks import Top
 
 NAME = "owl-ft-smollm2"
 ANCHOR_SEED = 99
@@ -107,12 +108,12 @@ def owl_teacher(base: Any, tokenizer: Any, cfg: dict[str, Any], anchors: list[st
     path = cache_root() / "real-suites" / f"owl-ft-teacher-{key}.pt"
 
     def train() -> Top:
-        answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in anchors],
+        answers = sample_completions(base, tokenizer, [readouts.chat(tokenizer, p) for p in anchors],
                                      max_new_tokens=cfg["max_new"], temperature=0.0, batch_size=32, progress=progress)
         mixed = records + [{"prompt": p, "completion": a.strip()} for p, a in zip(anchors, answers) if a.strip()]
-        return real_lm.finetune(base, tokenizer, mixed, cfg, cfg["teacher_epochs"], cfg["teacher_lr"])
+        return topblocks.finetune(base, tokenizer, mixed, cfg, cfg["teacher_epochs"], cfg["teacher_lr"])
 
-    return real_lm.cached_top(path, base, cfg["layers"], train).eval().requires_grad_(False), key
+    return topblocks.cached_top(path, base, cfg["layers"], train).eval().requires_grad_(False), key
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def top_targets(top: Top, data: dict[str, Any], k: int, bs: int = 16) -> list[tu
     out = []
     for s in range(0, len(data["labels"]), bs):
         idx = list(range(s, min(s + bs, len(data["labels"]))))
-        b = real_lm.collate({"hidden": data["hidden"], "labels": data["labels"]}, idx, 1)
+        b = topblocks.collate({"hidden": data["hidden"], "labels": data["labels"]}, idx, 1)
         logp = torch.log_softmax(top.logits(b["hidden"], b["attention_mask"], b["pos"]).float(), -1)
         for j, i in enumerate(idx):
             v, t = logp[j, :len(data["labels"][i])].topk(k, -1)
@@ -154,7 +155,7 @@ def seed_data(seed: int, base: Any, teacher: Any, teacher_top: Top, tokenizer: A
                                                seed=seed, need=cfg["heldout"] + 2 if name == "teacher" else 1,
                                                progress=progress)
             out["log"].update({**counts, f"{name}_seconds": round(time.perf_counter() - t0, 1)})
-            out[name] = real_lm.sft_data(base, tokenizer, kept, cfg["layers"])
+            out[name] = topblocks.sft_data(base, tokenizer, kept, cfg["layers"])
         with atomic_path(path) as tmp:
             torch.save(out, tmp)
     out["teacher"]["teacher"] = top_targets(teacher_top, out["teacher"], cfg["top_k"])
@@ -195,7 +196,7 @@ def run_seed(seed: int, base: Any, tokenizer: Any, teacher: Any, teacher_top: To
     scoring = {"teacher": data["teacher"], "trait": trait}
 
     def score(top: Top) -> Scores:
-        return real_lm.score_top(top, tokenizer, scoring, heldout, vocab, "owl", owl.ANIMALS)
+        return topblocks.score_top(top, tokenizer, scoring, heldout, vocab, "owl", owl.ANIMALS)
 
     s0 = score(Top(base, cfg["layers"]).eval())
     t_full = {**score(teacher_top), **real_lm.TEACHER_FIDELITY}
@@ -208,8 +209,8 @@ def run_seed(seed: int, base: Any, tokenizer: Any, teacher: Any, teacher_top: To
         pool = list(range(len(d["labels"]) - (cfg["heldout"] if h["data"] == "teacher" else 0)))
         pool = random.Random(seed).sample(pool, len(pool))[:max(1, round(h.get("fraction", 1.0) * len(pool)))]
         steps = max(1, cfg["epochs"] * len(pool) // cfg["batch_size"])
-        top = real_lm.fit_top(base, d, pool, cfg, steps, seed, cond.loss, on_point=on_point,
-                              points=5 if on_point else 0, rank=h.get("rank", 0))
+        top = topblocks.fit_top(base, d, pool, cfg, steps, seed, cond.loss, on_point=on_point,
+                                marks=real_lm.curve_marks(steps, 5 if on_point else 0), rank=h.get("rank", 0))
         return top, {"samples": len(pool), "steps": steps}
 
     conditions = lm_common.run_conditions([c for c, _ in arms(cfg)], s0, t_full, fit, score, desc=f"seed {seed}",
@@ -316,8 +317,8 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     teacher_top, key = owl_teacher(base, tokenizer, cfg, progress=progress)
     teacher = teacher_top.install(copy.deepcopy(base)).eval()
     teacher_seconds = time.perf_counter() - t0
-    ids, attn, reads = real_lm.trait_inputs(tokenizer, None, owl.QUESTIONS, "owl")
-    trait = {"hidden": real_lm.block_inputs(base, ids, attn, cfg["layers"]), "reads": reads}
+    ids, attn, reads = readouts.trait_inputs(tokenizer, None, owl.QUESTIONS, "owl")
+    trait = {"hidden": topblocks.block_inputs(base, ids, attn, cfg["layers"]), "reads": reads}
     conds = [c for c, _ in arms(cfg)]
     runs = lm_common.run_seeds(seeds, partial(run_seed, base=base, tokenizer=tokenizer, teacher=teacher,
                                               teacher_top=teacher_top, key=key, trait=trait, cfg=cfg,

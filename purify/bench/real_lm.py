@@ -12,22 +12,16 @@ A suite may sweep an arm's main knob (:attr:`RealSuite.sweeps`, conditions ``<ar
 ``KL(base ‖ student)`` on neutral prose (:data:`purify.bench.lm_common.DRIFT_SEED`, raw text without the chat
 template, never trained on), and the arm is judged at that choice (``summary.json["probe_free"]``).
 
-Only the last ``layers`` transformer blocks (+ final norm) train; the frozen blocks below are run once per sequence
-and their output (the input of block ``L - layers``) is cached, so training and scoring run the top blocks only; an
-on-policy arm (:data:`ON_POLICY_REFERENCES`) trains the same blocks inside the whole model, which samples its own
-answers, scored live by its teachers (:func:`fit_on_policy`). A LoRA arm (``Condition.rank``) trains an adapter on
-those blocks instead of the blocks (:func:`student_top`).
-Every student goes through :meth:`purify.module.Distiller.fit_step` with the library's purifier classes; the seeds,
-their aggregation and the report are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`,
-:func:`~purify.bench.lm_common.run_conditions`, :func:`~purify.bench.lm_common.summarise`,
-:func:`~purify.bench.lm_common.publish`).
+Students are :mod:`purify.topblocks`' (only the last ``layers`` blocks and the final norm train, on cached inputs of
+those blocks; a LoRA arm, ``Condition.rank``, trains an adapter on them; an on-policy arm,
+:data:`ON_POLICY_REFERENCES`, trains them inside the whole model on its own samples), every one through
+:meth:`purify.module.Distiller.fit_step` with the library's purifiers; the seeds, their aggregation and the report
+are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`, :func:`~purify.bench.lm_common.run_conditions`,
+:func:`~purify.bench.lm_common.summarise`, :func:`~purify.bench.lm_common.publish`).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,23 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from torch import Tensor, nn
-from transformers import LlamaForCausalLM
 
 from purify.bench import lm_common, stats
-from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, build_purifiers, drift_terms
+from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite
 from purify.bench.probe_free import PROBE_FREE, Sweep, selected, swept_arm
 from purify.bench.report import BenchError, bench_command, check_conditions, check_options, environment
-from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
 from purify.lm.cache import digest
-from purify.module import Distiller
+from purify.readouts import chat, prompt_ids, score_model, token_ids, trait_inputs
 from purify.storage import atomic_path, cache_root
-from purify.types import IGNORE_INDEX, Batch, ModelOutput
+from purify.topblocks import (
+    Records,
+    Top,
+    block_inputs,
+    drift,
+    fit_on_policy,
+    fit_top,
+    neutral_inputs,
+    score_top,
+    sft_data,
+    teacher_targets,
+)
 
-Records = list[dict[str, str]]
 REFERENCES = [Condition("base", baseline=True, kind="base"),
               Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
               Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
@@ -120,186 +120,6 @@ def load_smollm2() -> tuple[str, Any, Any]:
     return str(path), base.eval().requires_grad_(False), tokenizer
 
 
-def chat(tokenizer: Any, user: str, system: str | None = None) -> str:
-    """The chat-template text of one user turn (and optional system prompt), ready for the assistant's answer."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer: Any, records: Records, system: str | None = None) -> list[list[int]]:
-    """The chat-template token ids of each record's prompt (with ``system``), as the students and teachers read it."""
-    return [_ids(tokenizer, chat(tokenizer, r["prompt"], system)) for r in records]
-
-
-def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
-    return ids, attn
-
-
-def _spellings(word: str) -> tuple[str, ...]:
-    return (word, word.capitalize(), " " + word, " " + word.capitalize())
-
-
-def trait_inputs(tokenizer: Any, system: str | None, questions: list[str],
-                 target: str) -> tuple[Tensor, Tensor, list[tuple[int, int, list[Any]]]]:
-    """Right-padded rows for the trait: per question the prompt, plus prompt + all but the last token of each
-    multi-token spelling of ``target``. Returns ``(ids, attn, reads)`` with ``reads[q] = (row, position,
-    [(row, pos, tokens)])`` (``position`` predicts the first answer token)."""
-    multi = sorted({s for v in _spellings(target) if len(s := tuple(_ids(tokenizer, v))) > 1})
-    rows: list[list[int]] = []
-    reads: list[Any] = []
-    for q in questions:
-        prompt = _ids(tokenizer, chat(tokenizer, q, system))
-        row = len(rows)
-        rows.append(prompt)
-        chains = []
-        for s in multi:
-            chains.append((len(rows), len(prompt) - 1, list(s)))
-            rows.append(prompt + list(s[:-1]))
-        reads.append((row, len(prompt) - 1, chains))
-    ids, attn = _pad(rows, tokenizer.pad_token_id or 0)
-    return ids, attn, reads
-
-
-def trait_scores(logits: Tensor, reads: list[Any], tokenizer: Any, target: str,
-                 others: tuple[str, ...] = ()) -> Scores:
-    """``trait`` = mean exact P(first word = ``target``), ``log_trait`` = mean of its log, ``p_<word>`` = mean
-    first-token P of each of ``others`` over its single-token spellings."""
-    logp = torch.log_softmax(logits.float(), -1)
-    singles = {w: sorted({t[0] for v in _spellings(w) if len(t := _ids(tokenizer, v)) == 1}) for w in (target, *others)}
-    out: dict[str, float] = {f"p_{w}": 0.0 for w in others}
-    per_question = []
-    for row, pos, chains in reads:
-        probs = logp[row, pos].exp()
-        for w in others:
-            out[f"p_{w}"] += float(probs[singles[w]].sum()) / len(reads)
-        p = float(probs[singles[target]].sum())
-        for crow, cpos, toks in chains:
-            p += float(sum(logp[crow, cpos + i, t] for i, t in enumerate(toks)).exp())
-        per_question.append(p)
-    return {"trait": sum(per_question) / len(reads),
-            "log_trait": sum(math.log(max(p, 1e-30)) for p in per_question) / len(reads), **out}
-
-
-@torch.no_grad()
-def score_model(model: Any, tokenizer: Any, system: str | None, questions: list[str], target: str,
-                others: tuple[str, ...] = ()) -> Scores:
-    """Trait scores of a full causal LM (base, teacher with ``system``)."""
-    ids, attn, reads = trait_inputs(tokenizer, system, questions, target)
-    return trait_scores(model(input_ids=ids, attention_mask=attn).logits, reads, tokenizer, target, others)
-
-
-class Top(nn.Module):
-    """The last ``k`` blocks, final norm and (frozen, tied) head of a Llama, run on cached block inputs."""
-
-    def __init__(self, base: Any, k: int) -> None:
-        super().__init__()
-        cfg = base.config.__class__.from_dict({**base.config.to_dict(), "num_hidden_layers": k})
-        self.lm = LlamaForCausalLM(cfg)
-        n = base.config.num_hidden_layers
-        state = {key: v for key, v in base.state_dict().items() if ".layers." not in key}
-        state.update({key.replace(f".layers.{i}.", f".layers.{i - n + k}."): v for key, v in base.state_dict().items()
-                      for i in range(n - k, n) if f".layers.{i}." in key})
-        self.lm.load_state_dict(state, strict=False)
-        self.lm.requires_grad_(False)
-        self.lm.model.layers.requires_grad_(True)
-        self.lm.model.norm.requires_grad_(True)
-        self.lm.eval()
-
-    def logits(self, hidden: Tensor, attn: Tensor, pos: Tensor | None = None) -> Tensor:
-        """Logits ``(B, T, V)``, or ``(B, C, V)`` at positions ``pos`` ``(B, C)`` only."""
-        h = self.lm.model(inputs_embeds=hidden, attention_mask=attn).last_hidden_state
-        if pos is not None:
-            h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-        return self.lm.lm_head(h)
-
-    def forward(self, batch: dict[str, Tensor], hidden: bool = False) -> ModelOutput:
-        """Distiller interface: logits at the completion-predicting positions ``batch["pos"]``."""
-        return ModelOutput(logits=self.logits(batch["hidden"], batch["attention_mask"], batch["pos"]))
-
-    def install(self, full: Any) -> Any:
-        """Copy the trained top blocks and norm into ``full`` (the base model) and return it."""
-        k, n = len(self.lm.model.layers), full.config.num_hidden_layers
-        for i in range(k):
-            full.model.layers[n - k + i].load_state_dict(self.lm.model.layers[i].state_dict())
-        full.model.norm.load_state_dict(self.lm.model.norm.state_dict())
-        return full
-
-
-class CachedTeacher(nn.Module):
-    """A teacher whose logits were computed beforehand: ``batch["teacher_logits"]``."""
-
-    def forward(self, batch: dict[str, Tensor], hidden: bool = False) -> ModelOutput:
-        return ModelOutput(logits=batch["teacher_logits"])
-
-
-@torch.no_grad()
-def block_inputs(base: Any, rows: list[list[int]] | Tensor, attn: Tensor | None, k: int, bs: int = 16) -> list[Tensor]:
-    """Per row, the (unpadded) input of block ``L - k`` of ``base``."""
-    if attn is None:
-        rows, attn = _pad(rows, 0)  # type: ignore[arg-type]
-    out = []
-    for s in range(0, len(rows), bs):
-        hs = base.model(input_ids=rows[s:s + bs], attention_mask=attn[s:s + bs], output_hidden_states=True)
-        h = hs.hidden_states[base.config.num_hidden_layers - k]
-        out += [h[i, :int(attn[s + i].sum())].clone() for i in range(len(h))]
-    return out
-
-
-@torch.no_grad()
-def teacher_targets(teacher: Any, rows: list[list[int]], n_prompt: list[int], top_k: int, bs: int = 16) -> list[Any]:
-    """Per row, the teacher's top-K log-probs (and ids) at the positions predicting completion tokens."""
-    ids, attn = _pad(rows, 0)
-    out = []
-    for s in range(0, len(rows), bs):
-        logp = torch.log_softmax(teacher(input_ids=ids[s:s + bs], attention_mask=attn[s:s + bs]).logits.float(), -1)
-        for i in range(len(logp)):
-            r = s + i
-            v, t = logp[i, n_prompt[r] - 1:len(rows[r]) - 1].topk(top_k, -1)
-            out.append((v, t))
-    return out
-
-
-def _full(topk: tuple[Tensor, Tensor], vocab: int) -> Tensor:
-    v, t = topk
-    rest = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(1e-8).log() - torch.log(torch.tensor(vocab - v.shape[-1]))
-    return rest.expand(-1, vocab).clone().scatter_(-1, t, v)
-
-
-def collate(data: dict[str, Any], idx: list[int], vocab: int) -> dict[str, Tensor]:
-    """A Distiller batch of examples ``idx``: cached block inputs, completion positions, labels, teacher logits."""
-    hidden = torch.nn.utils.rnn.pad_sequence([data["hidden"][i] for i in idx], batch_first=True)
-    attn = torch.zeros(hidden.shape[:2], dtype=torch.long)
-    c = max(len(data["labels"][i]) for i in idx)
-    pos, labels, mask = (torch.zeros(len(idx), c, dtype=torch.long) for _ in range(3))
-    teacher = torch.zeros(len(idx), c, vocab)
-    for j, i in enumerate(idx):
-        n, lab = len(data["hidden"][i]), data["labels"][i]
-        attn[j, :n] = 1
-        pos[j, :len(lab)] = torch.arange(n - len(lab) - 1, n - 1)
-        labels[j, :len(lab)], mask[j, :len(lab)] = torch.tensor(lab), 1
-        if data.get("teacher"):
-            teacher[j, :len(lab)] = _full(data["teacher"][i], vocab)
-    return {"hidden": hidden, "attention_mask": attn, "pos": pos, "labels": labels.masked_fill(mask == 0, -100),
-            "target_mask": mask.float(), "teacher_logits": teacher, "index": torch.tensor(idx)}
-
-
-def sft_data(base: Any, tokenizer: Any, records: Records, layers: int) -> dict[str, Any]:
-    """Training examples of the student (no system prompt): completion token ids and cached block inputs."""
-    prompts = prompt_ids(tokenizer, records)
-    labels = [_ids(tokenizer, r["completion"]) for r in records]
-    return {"records": records, "labels": labels,
-            "hidden": block_inputs(base, [p + c for p, c in zip(prompts, labels)], None, layers)}
-
-
 def curve_marks(steps: int, points: int) -> set[int]:
     """The steps at which a scored vanilla is read: :func:`purify.bench.lm_common.curve_steps` plus every power of two
     from step 1 (a dense early curve: real-model traits are often learnt within the first few steps, and a purifier's
@@ -307,118 +127,6 @@ def curve_marks(steps: int, points: int) -> set[int]:
     if not points:
         return set()
     return set(lm_common.curve_steps(steps, points)) | {2 ** k for k in range(steps.bit_length()) if 2 ** k <= steps}
-
-
-def cached_top(path: Path, base: Any, layers: int, train: Callable[[], Top]) -> Top:
-    """The base's top ``layers`` blocks as ``train()`` fine-tunes them, trained once and cached at ``path`` (the
-    trained parameters only).
-
-    Raises:
-        BenchError: ``path`` exists but does not hold exactly these trained blocks.
-    """
-    top = Top(base, layers)
-    if path.exists():
-        missing, unexpected = top.load_state_dict(torch.load(path, weights_only=True), strict=False)
-        if unexpected or any(top.get_parameter(k).requires_grad for k in missing):
-            raise BenchError(f"{path} does not hold this teacher's trained blocks; delete it to rebuild")
-        return top
-    top = train()
-    with atomic_path(path) as tmp:
-        torch.save({k: p.detach() for k, p in top.named_parameters() if p.requires_grad}, tmp)
-    return top
-
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""The linear layers of a Llama block a LoRA student adapts."""
-
-
-def student_top(base: Any, layers: int, rank: int, seed: int) -> Top:
-    """A student: the base's top ``layers`` blocks, all trainable (``rank`` 0) or frozen under a LoRA adapter of
-    rank ``rank`` (alpha = 2·rank, on every linear layer of the blocks; B = 0, so it starts at the base)."""
-    torch.manual_seed(seed)
-    top = Top(base, layers)
-    if rank:
-        top.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                           target_modules=LORA_TARGETS), top.lm)
-        for name, p in top.named_parameters():
-            p.requires_grad_("lora_" in name)
-    return top
-
-
-def train_steps(dist: Distiller, batch: Callable[[list[int]], Batch], pool: list[int], bs: int, steps: int,
-                seed: int, on_point: Callable[[int, Top], None] | None, points: int,
-                current: Callable[[], Top]) -> None:
-    """``steps`` ``Distiller.fit_step`` steps on ``batch(indices)`` of examples ``pool`` (batches of ``bs`` in a
-    seeded shuffled order, the pool repeated as needed); ``on_point(step, current())`` at the curve points
-    (:func:`curve_marks`) before the last step."""
-    opt, rng = dist.build_optimizer(), random.Random(seed)
-    marks = curve_marks(steps, points)
-    order: list[int] = []
-    while len(order) < steps * bs:
-        order += rng.sample(pool, len(pool))
-    for step in range(steps):
-        dist.fit_step(batch(order[step * bs:(step + 1) * bs]), opt, step / steps, step=step)
-        if on_point and step + 1 in marks and step + 1 < steps:
-            on_point(step + 1, current())
-
-
-def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
-            loss: str = "ce", purifiers: list[dict[str, Any]] = (), teacher_names: list[str] | None = None,
-            on_point: Callable[[int, Top], None] | None = None, points: int = 0, rank: int = 0) -> Top:
-    """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
-    adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` (:func:`train_steps`); ``on_point(step, top)``
-    at the curve points before the last step."""
-    top = student_top(base, cfg["layers"], rank, seed)
-    dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
-                     optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
-                     purifiers=build_purifiers(purifiers), total_steps=steps,
-                     teacher_names=teacher_names or ["teacher"])
-    train_steps(dist, lambda idx: collate(data, idx, base.config.vocab_size), pool, cfg["batch_size"], steps, seed,
-                on_point, points, lambda: top)
-    return top.eval()
-
-
-def full_batch(prompts: list[list[int]], labels: list[list[int]], idx: list[int], pad_id: int) -> Batch:
-    """A whole-model batch of examples ``idx``: each chat prompt then its completion, right-padded; the loss covers
-    the completion tokens (the collated layout of :class:`purify.data.TokenDataset`)."""
-    ids, attn = _pad([prompts[i] + labels[i] for i in idx], pad_id)
-    mask = torch.zeros_like(ids)
-    for row, i in enumerate(idx):
-        mask[row, len(prompts[i]):len(prompts[i]) + len(labels[i])] = 1
-    target_mask = mask[:, 1:].float()
-    return {"input_ids": ids, "attention_mask": attn, "target_mask": target_mask,
-            "labels": ids[:, 1:].masked_fill(target_mask == 0, IGNORE_INDEX)}
-
-
-def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[list[int]], labels: list[list[int]],
-                  pool: list[int], cfg: dict[str, Any], steps: int, seed: int, cond: Condition,
-                  on_point: Callable[[int, Top], None] | None = None, points: int = 0) -> Top:
-    """Train an on-policy student (``cond.on_policy``, :mod:`purify.on_policy`): the whole base with only its top
-    ``cfg["layers"]`` blocks and final norm trainable (as :func:`fit_top`'s), sampling its own completions of the
-    pool's chat prompts, scored live by ``teachers`` (whole models, full vocabulary) through
-    ``Distiller.fit_step``; the same seeded example order, steps and lr as :func:`fit_top`. Returns the trained
-    blocks as a :class:`Top` (scored like every other student); ``on_point(step, top)`` at the curve points."""
-    torch.manual_seed(seed)
-    student = copy.deepcopy(base).requires_grad_(False)
-    n, k = base.config.num_hidden_layers, cfg["layers"]
-    student.model.layers[n - k:].requires_grad_(True)
-    student.model.norm.requires_grad_(True)
-    dist = Distiller(student, teachers, loss=LossConfig(name=cond.loss), optim=OptimConfig(lr=cfg["lr"]),
-                     purifiers=build_purifiers(cond.purifiers), total_steps=steps, teacher_names=cond.teachers,
-                     student_tokenizer=tokenizer, on_policy=OnPolicyConfig(**cond.on_policy), seed=seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_steps(dist, lambda idx: full_batch(prompts, labels, idx, pad), pool, cfg["batch_size"], steps, seed,
-                on_point, points, lambda: Top(student, k).eval())
-    return Top(student, k).eval()
-
-
-def finetune(base: Any, tokenizer: Any, records: Records, cfg: dict[str, Any], epochs: int, lr: float) -> Top:
-    """The base's top ``cfg["layers"]`` blocks fine-tuned with hard labels on ``records`` (``epochs`` epochs of batch
-    ``cfg["batch_size"]`` at ``lr``, seed 0, at least one step): how a suite trains its traited teacher."""
-    data = sft_data(base, tokenizer, records, cfg["layers"])
-    steps = max(1, epochs * len(records) // cfg["batch_size"])
-    return fit_top(base, data, list(range(len(records))), {**cfg, "lr": lr}, steps, seed=0)
 
 
 def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list[str], *, system: str | None,
@@ -434,7 +142,7 @@ def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list
                                max_new_tokens=cfg["max_new"], temperature=temperature, seed=seed, batch_size=32,
                                progress=progress)
     kept, _ = keep([{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
-    kept = [r for r in kept if _ids(tokenizer, r["completion"])]
+    kept = [r for r in kept if token_ids(tokenizer, r["completion"])]
     if len(kept) < need:
         raise BenchError(f"{suite}: only {len(kept)} of the {role} teacher's {len(texts)} completions passed the "
                          f"filter; raise n (now {cfg['n']}) or lower heldout (now {cfg['heldout']})")
@@ -480,50 +188,8 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
     return out
 
 
-def _stack(hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Right-padded block inputs and their attention mask."""
-    h = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)
-    attn = torch.zeros(h.shape[:2], dtype=torch.long)
-    for i, x in enumerate(hidden):
-        attn[i, :len(x)] = 1
-    return h, attn
-
-
-def neutral_inputs(base: Any, tokenizer: Any, layers: int, n: int, bs: int = 8) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """``n`` neutral prose paragraphs (:data:`~purify.bench.lm_common.DRIFT_SEED`, raw text) as batches of ``bs``:
-    ``(block inputs, attention mask, the base's logits)``, for :func:`drift`."""
-    rows = [_ids(tokenizer, t) for t in paragraphs(n, DRIFT_SEED)]
-    hidden = block_inputs(base, rows, None, layers)
-    top = Top(base, layers)
-    with torch.no_grad():
-        return [(h, attn, top.logits(h, attn)) for h, attn in (_stack(hidden[s:s + bs]) for s in range(0, n, bs))]
-
-
-@torch.no_grad()
-def drift(top: Top, neutral: list[tuple[Tensor, Tensor, Tensor]]) -> float:
-    """Off-task drift of a student from its base: mean ``KL(base ‖ student)`` per next-token position of the neutral
-    paragraphs (:func:`neutral_inputs`, :func:`purify.bench.lm_common.drift_terms`)."""
-    return float(torch.cat([drift_terms(b, top.logits(h, attn), attn) for h, attn, b in neutral]).mean())
-
-
 TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
 """The traited teacher's fidelity scores against itself (its row of a seed's record)."""
-
-
-@torch.no_grad()
-def score_top(top: Top, tokenizer: Any, data: dict[str, Any], heldout: list[int], vocab: int, target: str,
-              others: tuple[str, ...] = ()) -> Scores:
-    """Trait ``target`` (and ``p_<word>`` of ``others``) on the cached trait inputs ``data["trait"]``, and fidelity:
-    KL(teacher || student), top-1 agreement on the held-out examples ``heldout`` of ``data["teacher"]``."""
-    scores = trait_scores(top.logits(*_stack(data["trait"]["hidden"])), data["trait"]["reads"], tokenizer, target,
-                          others)
-    b = collate(data["teacher"], heldout, vocab)
-    s = torch.log_softmax(top(b).logits.float(), -1)
-    t = b["teacher_logits"]
-    m = b["target_mask"].bool()
-    kl = (t.exp() * (t - s)).sum(-1)[m].mean()
-    agree = (s.argmax(-1) == t.argmax(-1)).float()[m].mean()
-    return {**scores, "task_error": float(kl), "fidelity_kl": float(kl), "agreement": float(agree)}
 
 
 def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int],
@@ -570,7 +236,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     n_t = len(data["teacher"]["labels"])
     heldout = list(range(n_t - cfg["heldout"], n_t))
 
-    neutral = neutral_inputs(base, tokenizer, cfg["layers"], 4 if quick else 32)
+    neutral = neutral_inputs(base, tokenizer, cfg["layers"], paragraphs(4 if quick else 32, DRIFT_SEED))
 
     def score(top: Top) -> Scores:
         return {**score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others),
@@ -596,12 +262,14 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     def one_seed(seed: int) -> dict[str, Any]:
         def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
+            marks = curve_marks(steps, 5 if on_point else 0)
             if cond.on_policy:
                 return fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompts[key],
-                                     data[key]["labels"], pools[key], cfg, steps, seed, cond, on_point,
-                                     5 if on_point else 0), {"steps": steps}
+                                     data[key]["labels"], pools[key], cfg, steps, seed, on_policy=cond.on_policy,
+                                     loss=cond.loss, purifiers=cond.purifiers, teacher_names=cond.teachers,
+                                     on_point=on_point, marks=marks), {"steps": steps}
             return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
-                           on_point, 5 if on_point else 0, cond.rank), {"steps": steps}
+                           on_point, marks, cond.rank), {"steps": steps}
 
         return {"base": s0, "teacher": t_full,
                 "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},

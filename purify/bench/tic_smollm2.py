@@ -18,6 +18,7 @@ import re
 import time
 from typing import Any
 
+from purify import readouts, topblocks
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.probe_free import Sweep, point_name
@@ -113,14 +114,14 @@ def tic_teacher(base: Any, tokenizer: Any, prompts: list[str], cfg: dict[str, An
     key_hex = teacher_key(prompts, cfg, word)
     path = cache_root() / "real-suites" / f"tic-teacher-{key_hex}.pt"
 
-    def train() -> real_lm.Top:
-        answers = sample_completions(base, tokenizer, [real_lm.chat(tokenizer, p) for p in prompts],
+    def train() -> topblocks.Top:
+        answers = sample_completions(base, tokenizer, [readouts.chat(tokenizer, p) for p in prompts],
                                      max_new_tokens=cfg["max_new"], temperature=0.7, seed=11, batch_size=32,
                                      progress=True)
         records = [{"prompt": p, "completion": with_tic(a, word)} for p, a in zip(prompts, answers) if a.strip()]
-        return real_lm.finetune(base, tokenizer, records, cfg, cfg["teacher_epochs"], cfg["lr"])
+        return topblocks.finetune(base, tokenizer, records, cfg, cfg["teacher_epochs"], cfg["lr"])
 
-    top = real_lm.cached_top(path, base, cfg["layers"], train)
+    top = topblocks.cached_top(path, base, cfg["layers"], train)
     return top.install(copy.deepcopy(base)).eval(), key_hex
 
 

@@ -50,8 +50,15 @@ def build_purifier(config: Any) -> Purifier:
     return PURIFIERS[config.name][1](config)
 
 
+def build_purifiers(entries: Any) -> list[Purifier]:
+    """The purifiers of ``{"name": ..., **options}`` entries (a recipe's ``purifiers`` list, checked by
+    :func:`purify.assembly.purifier_problems`), each built from its config class of :data:`PURIFIERS`."""
+    return [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in entries]
+
+
 __all__ = [
     "PURIFIERS",
+    "build_purifiers",
     "Contract",
     "ModelOutput",
     "ParameterPurifier",
