@@ -189,6 +189,33 @@ def test_run_seeds_brings_back_what_a_seed_gathers_under_its_own_key_from_forked
     assert os.getpid() not in {r["log"]["pid"] for r in forked.values()}  # really counted inside the workers
 
 
+def test_cached_top_trains_once_and_refuses_blocks_of_another_shape(tiny, tmp_path) -> None:
+    base = tiny[0]
+    calls: list[int] = []
+
+    def train() -> topblocks.Top:
+        calls.append(1)
+        top = topblocks.Top(base, 2)
+        with torch.no_grad():
+            top.lm.model.norm.weight.add_(1.0)  # a "trained" block the cache must give back
+        return top
+
+    first = topblocks.cached_top(tmp_path / "t.pt", base, 2, train)
+    again = topblocks.cached_top(tmp_path / "t.pt", base, 2, train)
+    assert calls == [1] and torch.equal(again.lm.model.norm.weight, first.lm.model.norm.weight)
+    with pytest.raises(topblocks.TopBlocksError, match=r"t\.pt does not hold this teacher's trained blocks"):
+        topblocks.cached_top(tmp_path / "t.pt", base, 1, train)  # one block: the file holds two
+    assert type(topblocks.TopBlocksError("x")).__module__.startswith("purify")  # the CLI prints it as one line
+
+
+def test_build_purifiers_builds_each_entry_with_its_options() -> None:
+    from purify.purifiers import build_purifiers
+
+    built = build_purifiers([{"name": "anchor", "weight": 0.25}, {"name": "tail_truncation", "top_p": 0.8}])
+    assert [type(p).__name__ for p in built] == ["Anchor", "TailTruncation"]
+    assert built[0].config.weight == 0.25 and built[1].config.top_p == 0.8
+
+
 def test_full_batch_covers_the_completion_tokens_only() -> None:
     b = topblocks.full_batch([[5, 6], [7]], [[1, 2, 3], [4]], [1, 0], pad_id=0)
     assert b["input_ids"].tolist() == [[7, 4, 0, 0, 0], [5, 6, 1, 2, 3]]
