@@ -15,13 +15,14 @@ def library_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_has_the_three_library_examples():
+def test_readme_has_the_four_library_examples():
     blocks = library_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "fit_step" in blocks[0] and "PurifyTrainer" in blocks[1] and "L.Trainer" in blocks[2]
+    assert "purify.readouts" in blocks[3]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["pytorch", "hf_trainer", "lightning"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["pytorch", "hf_trainer", "lightning", "readouts"])
 def test_readme_example_runs_and_trains(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -34,3 +35,7 @@ def test_readme_example_runs_and_trains(index, tmp_path, monkeypatch):
         assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters()))
     if index == 2:
         assert namespace["trainer"].global_step == 10
+    if index == 3:  # an exact probability, and a KL of two different models above 0 with agreement in [0, 1]
+        assert len(namespace["p_owl"]) == 1 and 0.0 < namespace["p_owl"][0] < 1.0
+        fidelity = namespace["fidelity"]
+        assert fidelity["fidelity_kl"] > 0 and 0.0 <= fidelity["agreement"] <= 1.0
