@@ -115,10 +115,12 @@ def drift_terms(base_logits: Tensor, logits: Tensor, attention_mask: Tensor) -> 
 
 
 def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s token ids without special tokens (a prompt's chat template carries its own)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def pad_rows(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Token id rows right-padded with ``pad``: ``(ids, attention mask)``, both ``(len(rows), longest)``."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -139,6 +141,7 @@ def prompt_ids(tokenizer: Any, records: Records, system: str | None = None) -> l
 
 
 def spellings(word: str) -> tuple[str, ...]:
+    """The spellings of an answer's first word that :func:`trait_scores` reads: ``w``, ``W``, ``" w"``, ``" W"``."""
     return (word, word.capitalize(), " " + word, " " + word.capitalize())
 
 
