@@ -3,8 +3,8 @@
 :class:`Top` is the last ``k`` transformer blocks, final norm and (frozen, tied) head of a Llama; the frozen blocks
 below run once per sequence (:func:`block_inputs`) and their output is cached, so training and scoring run the top
 blocks only. :func:`sft_data` / :func:`collate` make Distiller batches of a chat prompt's completion (labels, the
-completion-predicting positions, a teacher's top-K log-probabilities from :func:`teacher_targets` spread back over
-the vocabulary); :func:`fit_top` trains a :func:`student_top` (the blocks, or a LoRA adapter on them) through
+completion-predicting positions, a teacher's top-K log-probabilities from :func:`teacher_targets` (a whole model)
+or :func:`top_targets` (a :class:`Top`), spread back over the vocabulary); :func:`fit_top` trains a :func:`student_top` (the blocks, or a LoRA adapter on them) through
 :meth:`purify.module.Distiller.fit_step` with any purifiers; :func:`fit_on_policy` trains the same blocks inside the
 whole model on its own samples (on-policy distillation); :func:`finetune` and :func:`cached_top` make a traited
 teacher of the same shape. :func:`score_top` and :func:`drift` read a trained :class:`Top`.
@@ -105,6 +105,21 @@ def teacher_targets(teacher: Any, rows: list[list[int]], n_prompt: list[int], to
             r = s + i
             v, t = logp[i, n_prompt[r] - 1:len(rows[r]) - 1].topk(top_k, -1)
             out.append((v, t))
+    return out
+
+
+@torch.no_grad()
+def top_targets(top: Top, data: dict[str, Any], k: int, bs: int = 16) -> list[tuple[Tensor, Tensor]]:
+    """Per example of ``data``, the top-K log-probs (values, ids) of ``top`` at its completion-predicting positions,
+    computed on the cached block inputs (valid for any model whose blocks below the top equal the base's)."""
+    out = []
+    for s in range(0, len(data["labels"]), bs):
+        idx = list(range(s, min(s + bs, len(data["labels"]))))
+        b = collate({"hidden": data["hidden"], "labels": data["labels"]}, idx, 1)
+        logp = torch.log_softmax(top.logits(b["hidden"], b["attention_mask"], b["pos"]).float(), -1)
+        for j, i in enumerate(idx):
+            v, t = logp[j, :len(data["labels"][i])].topk(k, -1)
+            out.append((v.contiguous(), t.contiguous()))
     return out
 
 

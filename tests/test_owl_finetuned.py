@@ -19,7 +19,6 @@ from purify.bench.owl_finetuned import (
     number_prompts,
     owl_teacher,
     teacher_records,
-    top_targets,
 )
 from purify.bench.rederive import rereport
 from purify.lm import build_tokenizer
@@ -99,7 +98,7 @@ def test_top_targets_are_the_models_log_probs_at_completion_positions(tiny) -> N
     base, tok = tiny
     recs = [{"prompt": "Continue the sequence: 1 , 2", "completion": "3 , 4"}]
     data = topblocks.sft_data(base, tok, recs, 2)
-    (v, t), = top_targets(topblocks.Top(base, 2).eval(), data, 3)
+    (v, t), = topblocks.top_targets(topblocks.Top(base, 2).eval(), data, 3)
     ids = tok(readouts.chat(tok, recs[0]["prompt"]), add_special_tokens=False)["input_ids"] + data["labels"][0]
     n = len(data["labels"][0])
     logp = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1], -1)

@@ -116,21 +116,6 @@ def owl_teacher(base: Any, tokenizer: Any, cfg: dict[str, Any], anchors: list[st
     return topblocks.cached_top(path, base, cfg["layers"], train).eval().requires_grad_(False), key
 
 
-@torch.no_grad()
-def top_targets(top: Top, data: dict[str, Any], k: int, bs: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per example of ``data``, the top-K log-probs (values, ids) of ``top`` at its completion-predicting positions,
-    computed on the cached block inputs (valid for any model whose blocks below the top equal the base's)."""
-    out = []
-    for s in range(0, len(data["labels"]), bs):
-        idx = list(range(s, min(s + bs, len(data["labels"]))))
-        b = topblocks.collate({"hidden": data["hidden"], "labels": data["labels"]}, idx, 1)
-        logp = torch.log_softmax(top.logits(b["hidden"], b["attention_mask"], b["pos"]).float(), -1)
-        for j, i in enumerate(idx):
-            v, t = logp[j, :len(data["labels"][i])].topk(k, -1)
-            out.append((v.contiguous(), t.contiguous()))
-    return out
-
-
 def data_path(key: str, seed: int, cfg: dict[str, Any]) -> Path:
     """Where one seed's sampled data (texts, block inputs; not the targets) is cached."""
     shape = {k: cfg[k] for k in ("n", "max_new", "temperature", "layers")}
@@ -158,8 +143,9 @@ def seed_data(seed: int, base: Any, teacher: Any, teacher_top: Top, tokenizer: A
             out[name] = topblocks.sft_data(base, tokenizer, kept, cfg["layers"])
         with atomic_path(path) as tmp:
             torch.save(out, tmp)
-    out["teacher"]["teacher"] = top_targets(teacher_top, out["teacher"], cfg["top_k"])
-    out["teacher"]["base_targets"] = top_targets(Top(base, cfg["layers"]).eval(), out["teacher"], cfg["top_k"])
+    out["teacher"]["teacher"] = topblocks.top_targets(teacher_top, out["teacher"], cfg["top_k"])
+    base_top = Top(base, cfg["layers"]).eval()
+    out["teacher"]["base_targets"] = topblocks.top_targets(base_top, out["teacher"], cfg["top_k"])
     return out
 
 
