@@ -67,9 +67,9 @@ ON_POLICY = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32}
 ON_POLICY_REFERENCES = [
     Condition("control:on-policy", ["clean"], loss="forward_kl", baseline=True, kind="control", on_policy=ON_POLICY),
     Condition("vanilla:on-policy", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla", on_policy=ON_POLICY)]
-"""On-policy distillation (GKD, :func:`fit_on_policy`) from the base (control) and the traited teacher (vanilla),
-forward KL on the whole vocabulary of the live teacher: run when named; the on-policy vanilla is also judged against
-the off-policy soft references (``summary.json["on_policy_vs_off_policy"]``)."""
+"""On-policy distillation (GKD, :func:`purify.topblocks.fit_on_policy`) from the base (control) and the traited
+teacher (vanilla), forward KL on the whole vocabulary of the live teacher: run when named; the on-policy vanilla is
+also judged against the off-policy soft references (``summary.json["on_policy_vs_off_policy"]``)."""
 
 
 @dataclass
@@ -150,7 +150,8 @@ def sample_kept(suite: str, role: str, model: Any, tokenizer: Any, prompts: list
 
 
 def _soft_targets(model: Any, tokenizer: Any, d: dict[str, Any], system: str | None, top_k: int) -> list[Any]:
-    """``model``'s top-K targets on the completions of ``d`` (:func:`sft_data`), prompted with ``system``."""
+    """``model``'s top-K targets on the completions of ``d`` (:func:`purify.topblocks.sft_data`), prompted with
+    ``system``."""
     prompts = prompt_ids(tokenizer, d["records"], system)
     return teacher_targets(model, [p + c for p, c in zip(prompts, d["labels"])], [len(p) for p in prompts], top_k)
 
