@@ -91,6 +91,8 @@ class Distiller(L.LightningModule):
         self.val_fidelity = FidelityMetrics()
         self._ready = False
         self._configured = False
+        self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
+        self._metric_steps = 0
 
     # ---------------------------------------------------------------- set-up
     def _planned_steps(self) -> int:
@@ -316,7 +318,24 @@ class Distiller(L.LightningModule):
         self.on_before_optimizer_step(optimizer)
         optimizer.step()
         self.after_optimizer_step()
+        self._metric_steps += 1
+        for key, value in self.purifier_metrics().items():  # summed as tensors: no device sync per step
+            self._metric_sums[key] = self._metric_sums.get(key, 0) + torch.as_tensor(value).detach().double()
         return {"loss": loss.detach(), **parts}
+
+    def purifier_metrics(self) -> dict[str, Any]:
+        """What each purifier reported at its last step (``last_metrics``), keyed ``"<purifier>.<metric>"`` (the
+        purifier's config name, e.g. ``divergence_mask.flagged_fraction``)."""
+        out: dict[str, Any] = {}
+        for p in self.purifiers:
+            name = getattr(getattr(p, "config", None), "name", None) or getattr(p, "name", type(p).__name__)
+            out.update({f"{name}.{key}": value for key, value in p.last_metrics.items()})
+        return out
+
+    def purifier_metric_means(self) -> dict[str, float]:
+        """Each purifier metric's mean over the :meth:`fit_step` calls so far (a step where a purifier did not
+        report it counts as 0), keyed as :meth:`purifier_metrics`: what a plain loop records beside its scores."""
+        return {key: float(total) / self._metric_steps for key, total in self._metric_sums.items()}
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The one optimizer: the student's trainable parameters plus each purifier head as its own group."""

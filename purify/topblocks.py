@@ -3,11 +3,12 @@
 :class:`Top` is the last ``k`` transformer blocks, final norm and (frozen, tied) head of a Llama; the frozen blocks
 below run once per sequence (:func:`block_inputs`) and their output is cached, so training and scoring run the top
 blocks only. :func:`sft_data` / :func:`collate` make Distiller batches of a chat prompt's completion (labels, the
-completion-predicting positions, a teacher's top-K log-probabilities from :func:`teacher_targets` (a whole model)
-or :func:`top_targets` (a :class:`Top`), spread back over the vocabulary); :func:`fit_top` trains a :func:`student_top` (the blocks, or a LoRA adapter on them) through
-:meth:`purify.module.Distiller.fit_step` with any purifiers; :func:`fit_on_policy` trains the same blocks inside the
-whole model on its own samples (on-policy distillation); :func:`finetune` and :func:`cached_top` make a traited
-teacher of the same shape. :func:`score_top` and :func:`drift` read a trained :class:`Top`.
+completion-predicting positions, a teacher's top-K log-probabilities from :func:`teacher_targets` (a whole model) or
+:func:`top_targets` (a :class:`Top`), spread back over the vocabulary); :func:`fit_top` trains a :func:`student_top`
+(the blocks, or a LoRA adapter on them) through :meth:`purify.module.Distiller.fit_step` with any purifiers;
+:func:`fit_on_policy` trains the same blocks inside the whole model on its own samples (on-policy distillation);
+:func:`finetune` and :func:`cached_top` make a traited teacher of the same shape. :func:`score_top` and
+:func:`drift` read a trained :class:`Top`.
 
 The real-model benchmark suites (:mod:`purify.bench.real_lm`) are built on it; it knows nothing of them.
 """
@@ -210,10 +211,12 @@ def train_steps(dist: Distiller, batch: Callable[[list[int]], Batch], pool: list
 
 def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
             loss: str = "ce", purifiers: Collection[dict[str, Any]] = (), teacher_names: list[str] | None = None,
-            on_point: Callable[[int, Top], None] | None = None, marks: Collection[int] = (), rank: int = 0) -> Top:
+            on_point: Callable[[int, Top], None] | None = None, marks: Collection[int] = (), rank: int = 0,
+            metrics: dict[str, float] | None = None) -> Top:
     """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
     adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` (:func:`train_steps`); ``on_point(step, top)``
-    after each step in ``marks`` but the last."""
+    after each step in ``marks`` but the last; ``metrics`` (if given) receives each purifier metric's mean over the
+    steps (:meth:`purify.module.Distiller.purifier_metric_means`)."""
     top = student_top(base, cfg["layers"], rank, seed)
     dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
                      optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
@@ -221,6 +224,8 @@ def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any
                      teacher_names=teacher_names or ["teacher"])
     train_steps(dist, lambda idx: collate(data, idx, base.config.vocab_size), pool, cfg["batch_size"], steps, seed,
                 on_point, marks, lambda: top)
+    if metrics is not None:
+        metrics.update(dist.purifier_metric_means())
     return top.eval()
 
 
@@ -240,13 +245,13 @@ def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[
                   pool: list[int], cfg: dict[str, Any], steps: int, seed: int, *, on_policy: dict[str, Any],
                   loss: str = "forward_kl", purifiers: Collection[dict[str, Any]] = (),
                   teacher_names: list[str] | None = None, on_point: Callable[[int, Top], None] | None = None,
-                  marks: Collection[int] = ()) -> Top:
+                  marks: Collection[int] = (), metrics: dict[str, float] | None = None) -> Top:
     """Train an on-policy student (``on_policy``: :class:`purify.config.OnPolicyConfig` fields,
     :mod:`purify.on_policy`): the whole base with only its top ``cfg["layers"]`` blocks and final norm trainable (as
     :func:`fit_top`'s), sampling its own completions of the pool's chat prompts, scored live by ``teachers`` (whole
     models, full vocabulary) through ``Distiller.fit_step``; the same seeded example order, steps and lr as
     :func:`fit_top`. Returns the trained blocks as a :class:`Top` (scored like every other student);
-    ``on_point(step, top)`` after each step in ``marks`` but the last."""
+    ``on_point(step, top)`` after each step in ``marks`` but the last; ``metrics`` as for :func:`fit_top`."""
     torch.manual_seed(seed)
     student = copy.deepcopy(base).requires_grad_(False)
     n, k = base.config.num_hidden_layers, cfg["layers"]
@@ -259,6 +264,8 @@ def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_steps(dist, lambda idx: full_batch(prompts, labels, idx, pad), pool, cfg["batch_size"], steps, seed,
                 on_point, marks, lambda: Top(student, k).eval())
+    if metrics is not None:
+        metrics.update(dist.purifier_metric_means())
     return Top(student, k).eval()
 
 

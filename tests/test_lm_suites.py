@@ -135,8 +135,10 @@ def test_distill_feeds_a_cross_base_teacher_its_own_tokens(tmp_path: Path) -> No
     suite = Suite(name="t", protocol="", student=tmp_path / "student", teachers={}, make_data=lambda *a: [],
                   score=lambda *a: {}, conditions=[], steps=2, batch_size=2)
     cond = Condition("x", ["xbase"], [{"name": "cross_base", "alignment": "shared_vocab"}])
-    distill(suite, cond, {"xbase": teacher}, {"xbase": teacher_tok}, student_tok, records, seed=0)
+    metrics: dict = {}
+    distill(suite, cond, {"xbase": teacher}, {"xbase": teacher_tok}, student_tok, records, seed=0, metrics=metrics)
     assert len(seen) == 2
+    assert metrics and all(k.startswith("cross_base.") for k in metrics)  # its metrics' means over the two steps
     for row in seen[0]:  # the teacher read its own tokenization of the records, not the student's ids
         ids = [i for i in row.tolist() if i != teacher_tok.pad_token_id]
         text = teacher_tok.decode(ids, skip_special_tokens=True)

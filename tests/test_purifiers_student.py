@@ -462,3 +462,17 @@ def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
                                           r"adversary \(purifiers\[0\]\)"):
         load_recipe(None, mlp_overrides(tmp_path, teachers=two,
                                         purifiers="[{name: adversary, target: lineage}, {name: ensemble}]"))
+
+
+def test_fit_step_keeps_each_purifier_metric_mean_over_its_steps():
+    torch.manual_seed(0)
+    student, teacher = AuxMLP(in_dim=8, n_aux=3), AuxMLP(in_dim=8, n_aux=3)
+    distiller = Distiller(student, [teacher], purifiers=[Anchor(AnchorConfig(weight=1e-3))])
+    distiller.setup_purifiers()
+    optimizer = distiller.build_optimizer()
+    seen = []
+    for step in range(4):
+        distiller.fit_step({"x": torch.rand(16, 8), "target_mask": torch.ones(16, 1)}, optimizer, step / 4)
+        seen.append(float(distiller.purifier_metrics()["anchor.anchor_distance"]))
+    assert seen[0] != seen[-1]  # the student moves away from its anchor: the steps differ
+    assert distiller.purifier_metric_means() == {"anchor.anchor_distance": pytest.approx(sum(seen) / 4, rel=1e-6)}

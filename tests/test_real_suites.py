@@ -137,6 +137,10 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     block = summary["probe_free"]
     assert set(block["arms"]) == {"replace:base", "anchor:weight", "lora:rank"}
     assert all(r["drift"] > 0 for r in conds["lora:rank@2"]["per_seed"])  # the adapter trained
+    for r in conds["replace:base@0.05"]["per_seed"]:  # what the purifier did, its mean over the steps, per seed
+        assert 0.0 <= r["metric.divergence_mask.flagged_fraction"] <= 1.0
+        assert r["metric.divergence_mask.mean_divergence"] > 0
+    assert not any(k.startswith("metric.") for r in conds["vanilla"]["per_seed"] for k in r)  # no purifier, no metric
     assert "LoRA arms: the blocks frozen under an adapter of rank r" in Path(tmp_path / "o" / "summary.md").read_text()
     for arm, sweep in SWEEPS.items():
         a = block["arms"][arm]

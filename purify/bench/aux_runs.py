@@ -249,23 +249,18 @@ def fit(world: World, cond: Condition, s: Settings,
                           optim=OptimConfig(name="adam", lr=s.student_lr), total_steps=s.student_steps)
     optimizer = distiller.build_optimizer()
     g = torch.Generator().manual_seed(world.seed + 2000)  # the same noise stream in every condition
-    sums: dict[str, float] = {}
     for step in range(s.student_steps):
         x = noise(s.batch, world.data.dim, g)
         parts = distiller.fit_step({"x": x, "target_mask": torch.ones(s.batch, 1)}, optimizer, step / s.student_steps)
         if not torch.isfinite(parts["loss"]).all():
             raise Diverged(step + 1)
-        for p in distiller.purifiers:
-            for key, value in p.last_metrics.items():
-                name = f"{getattr(getattr(p, 'config', None), 'name', 'oracle')}.{key}"
-                sums[name] = sums.get(name, 0.0) + float(value)
         if on_point is not None and (step + 1) % s.curve_every == 0 and step + 1 < s.student_steps:
             student.eval()
             on_point(step + 1, (student, start))
             student.train()
     student.eval()
     return (student, start), {"steps": s.student_steps,
-                              **{f"metric.{k}": v / s.student_steps for k, v in sums.items()}}
+                              **{f"metric.{k}": v for k, v in distiller.purifier_metric_means().items()}}
 
 
 def run_seed(seed: int, s: Settings, conditions: list[Condition], data_path: str | None,

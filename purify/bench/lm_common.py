@@ -189,9 +189,11 @@ Raises :class:`Diverged`."""
 
 
 def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,
-            records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None) -> Any:
+            records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None,
+            metrics: dict[str, float] | None = None) -> Any:
     """Train a fresh student from the base under ``cond``; calls ``on_point(step, student)`` at the curve points
-    before the last step (:data:`Fit`).
+    before the last step (:data:`Fit`); ``metrics`` (if given) receives each purifier metric's mean over the steps
+    (:meth:`purify.module.Distiller.purifier_metric_means`).
 
     ``tokenizers`` holds each teacher's own tokenizer; a teacher whose tokenizer differs from the student's
     (``tokenizer``) reads its own tokenization of every example (for the ``cross_base`` purifier)."""
@@ -219,6 +221,8 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
             on_point(step + 1, student)
     if not all(torch.isfinite(p).all() for p in student.parameters()):
         raise Diverged(suite.steps)
+    if metrics is not None:
+        metrics.update(distiller.purifier_metric_means())
     student.eval()
     return student
 
@@ -294,8 +298,9 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
         own_bases[path] = suite.score(model, tokenizer, teacher, seed)
 
     def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Any, dict[str, float]]:
-        records = data[cond.data_from or cond.teachers[0]]
-        return distill(suite, cond, models, tokenizers, tokenizer, records, seed, on_point), {"steps": suite.steps}
+        records, metrics = data[cond.data_from or cond.teachers[0]], {}
+        student = distill(suite, cond, models, tokenizers, tokenizer, records, seed, on_point, metrics)
+        return student, {"steps": suite.steps, **{f"metric.{k}": v for k, v in metrics.items()}}
 
     conditions = run_conditions(suite.conditions, base, t_scores, fit,
                                 lambda model: suite.score(model, tokenizer, teacher, seed), own_bases,

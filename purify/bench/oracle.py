@@ -32,6 +32,9 @@ class TraitGradientOracle(ParameterPurifier):
     ``projected_norm``.
     """
 
+    name = "oracle"
+    """How its metrics are keyed (:meth:`purify.module.Distiller.purifier_metrics`)."""
+
     def __init__(self, trait_loss: Callable[[nn.Module], Tensor]) -> None:
         super().__init__()
         self.trait_loss = trait_loss

@@ -263,14 +263,16 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     def one_seed(seed: int) -> dict[str, Any]:
         def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Top, dict[str, float]]:
             key = cond.teachers[0]
-            marks = curve_marks(steps, 5 if on_point else 0)
+            marks, metrics = curve_marks(steps, 5 if on_point else 0), {}
             if cond.on_policy:
-                return fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompts[key],
-                                     data[key]["labels"], pools[key], cfg, steps, seed, on_policy=cond.on_policy,
-                                     loss=cond.loss, purifiers=cond.purifiers, teacher_names=cond.teachers,
-                                     on_point=on_point, marks=marks), {"steps": steps}
-            return fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers, cond.teachers,
-                           on_point, marks, cond.rank), {"steps": steps}
+                top = fit_on_policy(base, [models[t] for t in cond.teachers], tokenizer, prompts[key],
+                                    data[key]["labels"], pools[key], cfg, steps, seed, on_policy=cond.on_policy,
+                                    loss=cond.loss, purifiers=cond.purifiers, teacher_names=cond.teachers,
+                                    on_point=on_point, marks=marks, metrics=metrics)
+            else:
+                top = fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers,
+                              cond.teachers, on_point, marks, cond.rank, metrics)
+            return top, {"steps": steps, **{f"metric.{k}": v for k, v in metrics.items()}}
 
         return {"base": s0, "teacher": t_full,
                 "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},
