@@ -54,6 +54,8 @@ PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", 
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
 MIN_SAMPLES = 5
 """The fewest samples per probe and model: the fingerprint classifier's held-out accuracy is 5-fold."""
+
+
 class AuditError(ValueError):
     """A user-input problem, reported as one line."""
 

@@ -320,7 +320,7 @@ class Distiller(L.LightningModule):
         self.after_optimizer_step()
         self._metric_steps += 1
         for key, value in self.purifier_metrics().items():  # summed as tensors: no device sync per step
-            self._metric_sums[key] = self._metric_sums.get(key, 0) + torch.as_tensor(value).detach().double()
+            self._metric_sums[key] = self._metric_sums.get(key, 0) + torch.as_tensor(value).detach().float()
         return {"loss": loss.detach(), **parts}
 
     def purifier_metrics(self) -> dict[str, Any]:
