@@ -33,6 +33,12 @@ from purify.types import Batch, DivergedError, ModelOutput, Targets
 _NOT_SAVED = ("teachers.", "base.")
 
 
+def purifier_name(purifier: Any) -> str:
+    """How a purifier's metrics are keyed: its config's ``name``, else its own ``name`` attribute, else its class."""
+    configured = getattr(getattr(purifier, "config", None), "name", None)
+    return configured or getattr(purifier, "name", type(purifier).__name__)
+
+
 class Distiller(L.LightningModule):
     """Distil ``student`` from ``teachers`` (``teachers[0]`` is the primary target) under ``purifiers``.
 
@@ -261,9 +267,8 @@ class Distiller(L.LightningModule):
         """Log what each purifier did (after the optimizer step, so parameter-side metrics are current)."""
         batch_size = int(batch["target_mask"].shape[0])
         for i, p in enumerate(self.purifiers):
-            name = getattr(getattr(p, "config", None), "name", type(p).__name__)
             for key, value in p.last_metrics.items():
-                self.log(f"purify/{i}_{name}/{key}", value, batch_size=batch_size)
+                self.log(f"purify/{i}_{purifier_name(p)}/{key}", value, batch_size=batch_size)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         s_out = self.run_model(self.student, batch)
@@ -326,11 +331,7 @@ class Distiller(L.LightningModule):
     def purifier_metrics(self) -> dict[str, Any]:
         """What each purifier reported at its last step (``last_metrics``), keyed ``"<purifier>.<metric>"`` (the
         purifier's config name, e.g. ``divergence_mask.flagged_fraction``)."""
-        out: dict[str, Any] = {}
-        for p in self.purifiers:
-            name = getattr(getattr(p, "config", None), "name", None) or getattr(p, "name", type(p).__name__)
-            out.update({f"{name}.{key}": value for key, value in p.last_metrics.items()})
-        return out
+        return {f"{purifier_name(p)}.{key}": value for p in self.purifiers for key, value in p.last_metrics.items()}
 
     def purifier_metric_means(self) -> dict[str, float]:
         """Each purifier metric's mean over the :meth:`fit_step` calls so far (a step where a purifier did not

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 Scores = dict[str, float]
+"""Readout name → value (a suite's scorer returns ``trait``, ``task_error``, ``fidelity_kl`` and extras)."""
 Records = list[dict[str, str]]
+"""``{"prompt", "completion"}`` records."""
 
 
 _SENTENCE_START = re.compile(r"(?:^|[.!?])\s*[A-Za-z]")

@@ -37,10 +37,9 @@ from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifiers
+from purify.readouts import Scores
 from purify.storage import atomic_path
 
-Scores = dict[str, float]
-"""What a suite's scorer returns: ``trait``, ``task_error``, ``fidelity_kl`` and optional extras."""
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
 (:func:`purify.readouts.drift_terms`), held out from every training text."""
