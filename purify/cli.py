@@ -90,8 +90,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"--first-seed {args.first_seed}: seeds are non-negative integers")
     torch.set_num_threads(max(1, args.threads))
     module = importlib.import_module(SUITES[args.suite])
-    kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed}.items()
-              if v is not None}
+    if args.workers is not None and args.workers < 1:
+        raise BenchError(f"--workers {args.workers}: must be at least 1 (seeds run at a time in forked processes)")
+    kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed,
+                                "workers": args.workers}.items() if v is not None}
     if args.option:
         from omegaconf import OmegaConf
 
@@ -154,7 +156,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rereport", default=None, metavar="DIR",
                    help="re-derive DIR's statistics and verdicts from its summary.json (no training) and rewrite it")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="seeds run at a time, each in a forked process with 1 torch thread (default: aux-logits 2, "
+                        "the others 1); the numbers do not depend on it")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of a run with one worker (default 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
                         "'conditions=[a,b]', trait (style-tic: a sentence opener such as However; "

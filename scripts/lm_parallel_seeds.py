@@ -1,10 +1,10 @@
 """Run an LM suite (``style-tic`` / ``hidden-preference``) with its seeds in parallel worker processes.
 
-``purify bench`` runs an LM suite's seeds one after another in one process (1 torch thread). On a shared machine a
-long run then takes hours; this script runs the same suite, the same conditions and the same per-seed code
-(:func:`purify.bench.lm_common.run_seed`, seeded per seed) with ``--workers`` seeds at a time in forked processes,
-and writes the report with the suite's own summarise / probe-free / report code (``lm_suites.run_suite(...,
-workers=N)`` → :func:`purify.bench.lm_common.run`). Only the scheduling differs.
+The committed LM runs in README were launched with this script; it is ``purify bench SUITE --workers N`` (default
+2) with ``--out`` required, progress lines per finished seed only, and no lower bound on ``--seeds`` (a two-seed
+re-run that records purifier metrics is not a verdict run). The seeds, their per-seed code and the report are the
+benchmark spine's (:func:`purify.bench.lm_common.run_seeds`); only the scheduling differs, and ``env.json`` records
+the equivalent ``purify bench ... --workers N`` command.
 
 Usage::
 

@@ -68,6 +68,8 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     (["hidden-preference", "--option", "lr=[1]"], "--option lr=[1]: lr takes a number"),
     (["style-tic", "--first-seed", "-3"], "--first-seed -3: seeds are non-negative integers"),
     (["style-tic", "--quick", "--seeds", "0"], "--seeds 0: must be at least 1"),
+    (["style-tic", "--quick", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["owl-ft-smollm2", "--quick", "--workers", "2"], "owl-ft-smollm2 runs its seeds one after another"),
 ])
 def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2

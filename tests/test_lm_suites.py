@@ -13,7 +13,16 @@ from purify.bench.lm_suites import run_suite
 
 @pytest.mark.parametrize("suite", ["style-tic", "hidden-preference"])
 def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
-    summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)  # default seeds 1500-1501
+    if suite == "style-tic":
+        summary = run_suite(suite, seeds=2, out=str(tmp_path), quick=True, progress=False)  # default seeds 1500-1501
+    else:  # through the CLI, its two seeds at a time in forked workers
+        from purify.cli import main
+
+        assert main(["bench", suite, "--seeds", "2", "--quick", "--workers", "2", "--out", str(tmp_path)]) == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        env = json.loads((tmp_path / "env.json").read_text())
+        assert summary["workers"] == 2 and summary["threads"] == 1 and summary["cpu_seconds"] > 0
+        assert env["command"] == f"purify bench {suite} --seeds 2 --first-seed 1500 --workers 2 --quick --out {tmp_path}"
     for name in ("summary.json", "summary.md", "summary.csv", "frontier.png", "env.json"):
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "summary.json").read_text())

@@ -114,7 +114,7 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
     monkeypatch.setattr(owl_finetuned, "sample_completions", fake_sampler(calls))  # the teacher's anchor answers
     monkeypatch.setattr(real_lm, "sample_completions", fake_sampler(calls))  # each seed's data
     out = tmp_path / "out"
-    summary = owl_finetuned.run(base, tok, "tiny", CFG, [0, 1], str(out), True, {}, False, 0.0)
+    summary = owl_finetuned.run(base, tok, "tiny", CFG, [0, 1], str(out), True, {}, False)
     assert calls == [80] + [24] * 4  # the teacher's anchor answers, then two teachers × two seeds
     assert len(list((tmp_path / "cache" / "real-suites").glob("owl-ft-data-*.pt"))) == 2  # cached per seed
     assert {p.name for p in out.iterdir()} >= {"summary.json", "summary.md", "env.json", "readouts.json"}
@@ -136,7 +136,7 @@ def test_suite_runs_caches_per_seed_and_reports_contrasts(tiny, tmp_path, monkey
     assert rederived["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     readouts = json.loads(Path(out, "readouts.json").read_text())
     assert readouts["teacher"] > 0.3 > 0.05 > readouts["base"]
-    again = owl_finetuned.run(base, tok, "tiny", CFG, [0], str(tmp_path / "o2"), True, {}, False, 0.0)
+    again = owl_finetuned.run(base, tok, "tiny", CFG, [0], str(tmp_path / "o2"), True, {}, False)
     assert calls == [80] + [24] * 4  # teacher and seed 0 from their caches: no sampling
     assert again["conditions"]["vanilla"]["per_seed"][0]["trait"] == per["vanilla"][0]["trait"]  # deterministic
 

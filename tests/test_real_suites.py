@@ -73,9 +73,9 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"unknown conditions \['probe-free'\]; known: base, control"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["probe-free"]}, [0], str(tmp_path / "x"),
-                    True, {}, False, 0.0)  # a suite without swept arms has no probe-free block to run
+                    True, {}, False)  # a suite without swept arms has no probe-free block to run
     cfg = {**CFG, "conditions": ["vanilla:soft", "tail_truncation", "anchor"]}
-    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1], str(out), True, {}, False, 0.0)
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1], str(out), True, {}, False)
     written = {p.name for p in out.iterdir()}
     assert {"summary.json", "summary.md", "env.json", "readouts.json", "frontier.png"} <= written
     per_seed = {c: summary["conditions"][c]["per_seed"] for c in ("control", "vanilla", "vanilla:soft")}
@@ -114,23 +114,24 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
     spec, teacher = tic_spec(tiny, tmp_path, monkeypatch, sweeps=SWEEPS)
     with pytest.raises(ValueError, match=r"unknown conditions \['replace'\]; known: probe-free, replace:base"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["replace"]}, [0], str(tmp_path / "x"),
-                    True, {}, False, 0.0)
+                    True, {}, False)
     with pytest.raises(ValueError, match="workers must be a positive integer .* got 'two'"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "workers": "two"}, [0], str(tmp_path / "x"), True, {},
-                    False, 0.0)
+                    False)
     no_lr = {k: v for k, v in CFG.items() if k != "lora_lr"}
     with pytest.raises(ValueError, match="LoRA arms need the suite's lora_lr setting"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**no_lr, "conditions": ["lora:rank"]}, [0], str(tmp_path / "x"),
-                    True, {}, False, 0.0)
+                    True, {}, False)
     assert {c.name: c.rank for c in CONDITIONS if c.name.startswith("lora:")} == {
         "lora:rank@2": 2, "lora:rank@8": 8, "lora:rank@32": 32}  # an adapter arm: same targets, another student
     cfg = {**CFG, "epochs": 1, "conditions": ["probe-free"], "workers": 2}
-    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False, 0.0)
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False)
     ran = set(summary["conditions"])
     assert {"control:soft", "vanilla:soft", "replace:base@0.05", "anchor:weight@3"} <= ran  # both modes' references
     assert "anchor" not in ran and "tail_truncation" not in ran
-    assert summary["settings"]["workers"] == 2 and "2 seeds at a time in forked worker processes" in \
-        Path(tmp_path / "o" / "summary.md").read_text()
+    assert summary["settings"]["workers"] == 2 and summary["workers"] == 2 and summary["threads"] == 1
+    assert "with 2 worker processes, 1 torch thread each" in Path(tmp_path / "o" / "summary.md").read_text()
+    assert summary["cpu_seconds"] > 0
     conds = summary["conditions"]
     assert all(r["drift"] == pytest.approx(0, abs=1e-6) for r in conds["base"]["per_seed"])  # base vs itself
     assert all(r["drift"] > 0 for r in conds["vanilla"]["per_seed"])
@@ -159,7 +160,7 @@ def test_real_suite_refuses_when_the_filter_leaves_too_little(tiny, tmp_path, mo
     spec = real_lm.RealSuite(name="empty", protocol="test", target=TIC, questions=prompts[:4], prompts=prompts[30:],
                              filter=lambda recs: ([], len(recs)), conditions=CONDITIONS)
     with pytest.raises(ValueError, match="passed the filter; raise n"):
-        real_lm.run(spec, base, base, tok, "tiny", {**CFG, "n": 6}, [0], str(tmp_path / "o"), True, {}, False, 0.0)
+        real_lm.run(spec, base, base, tok, "tiny", {**CFG, "n": 6}, [0], str(tmp_path / "o"), True, {}, False)
 
 
 def test_unknown_option_names_the_allowed_ones() -> None:
@@ -232,8 +233,7 @@ def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_the
     base, tok, prompts = tiny
     spec, teacher = tic_spec(tiny, tmp_path, monkeypatch)
     cfg = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy", "control:on-policy"]}
-    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False,
-                          0.0)
+    summary = real_lm.run(spec, base, teacher, tok, "tiny", cfg, [0, 1, 2], str(tmp_path / "o"), True, {}, False)
     conds = summary["conditions"]  # an on-policy vanilla brings its loss's off-policy references
     assert {"control:on-policy", "vanilla:on-policy", "control:soft", "vanilla:soft", "control", "vanilla"} <= \
         set(conds)
@@ -242,8 +242,8 @@ def test_real_suite_on_policy_arms_sample_the_student_and_are_judged_against_the
     assert summary["on_policy_vs_off_policy"]["against"]["vanilla:on-policy"]["vanilla"] == "vanilla:soft"
     assert "on-policy arms: the whole model" in Path(tmp_path / "o" / "summary.md").read_text()
     alone = {**CFG, "epochs": 1, "conditions": ["vanilla:on-policy"], "n": 12}
-    ran = real_lm.run(spec, base, teacher, tok, "tiny", alone, [0], str(tmp_path / "a"), True, {}, False, 0.0)
+    ran = real_lm.run(spec, base, teacher, tok, "tiny", alone, [0], str(tmp_path / "a"), True, {}, False)
     assert "control:on-policy" not in ran["conditions"] and "vanilla:soft" in ran["conditions"]  # no arm to judge
     system, _ = tic_spec(tiny, tmp_path, monkeypatch, name="owl-tiny", teacher_system="You love owls.")
     with pytest.raises(ValueError, match="on-policy arms need a teacher whose trait is in its weights"):
-        real_lm.run(system, base, base, tok, "tiny", cfg, [0], str(tmp_path / "x"), True, {}, False, 0.0)
+        real_lm.run(system, base, base, tok, "tiny", cfg, [0], str(tmp_path / "x"), True, {}, False)

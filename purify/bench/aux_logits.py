@@ -20,10 +20,7 @@ below/on/above frontier, anti-trait, damaged or no verdict, Holm-adjusted across
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +34,15 @@ from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headlin
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
 from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, swept_arm
-from purify.bench.report import BenchError, check_conditions, check_options, environment, write_report
+from purify.bench.report import (
+    BenchError,
+    Clock,
+    bench_command,
+    check_conditions,
+    check_options,
+    environment,
+    write_report,
+)
 from purify.bench.stats import mean_ci
 
 SUITE = "aux-logits"
@@ -259,7 +264,8 @@ OPTIONS = {"conditions": list}
 
 
 def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, out: str | None = None,
-              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict:
+              quick: bool = False, progress: bool = True, first_seed: int = FIRST_SEED, workers: int = WORKERS,
+              **options: Any) -> dict:
     """Run the aux-logit suite and write its report; returns the summary (``summary.json``'s content).
 
     Args:
@@ -270,6 +276,7 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
         quick: smoke test: 2 seeds, fewer steps and conditions (≤ 1 min).
         progress: show a progress bar over seeds × conditions.
         first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
+        workers: seeds run at a time in forked processes (:func:`purify.bench.lm_common.run_seeds`).
         **options: the ``--option`` keys of :data:`OPTIONS`: ``conditions``, run only the references and these
             (``--option 'conditions=[...]'``): default conditions by name, swept arms of :data:`SWEEPS` by arm name,
             or :data:`PROBE_FREE` for all of them; a swept arm adds ``summary.json["probe_free"]`` (the knob chosen
@@ -282,16 +289,15 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
     check_options(options, OPTIONS)
     conditions = options.get("conditions")
     n = min(seeds, 2) if quick else seeds
-    command = f"purify bench aux-logits --protocol {protocol} --seeds {seeds} --first-seed {first_seed}" + \
-        (f" --data {data}" if data else "") + (f" --out {out}" if out else "") + (" --quick" if quick else "") + \
-        (f" --option 'conditions=[{','.join(conditions)}]'" if conditions is not None else "")
+    command = bench_command(SUITE, seeds, quick, options, first_seed, out, workers, protocol=protocol, data=data)
     if n < 1:
         raise BenchError(f"--seeds: must be >= 1, got {seeds}")
     if protocol not in PROTOCOLS:
         raise BenchError(f"--protocol: unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     conds, sweeps = select_conditions(protocol, list(conditions), quick) if conditions is not None else (None, None)
     return run(SuiteConfig(protocol=protocol, seeds=list(range(first_seed, first_seed + n)), data=data, out=out,
-                           quick=quick, progress=progress, command=command, conditions=conds, sweeps=sweeps))
+                           quick=quick, progress=progress, workers=workers, command=command, conditions=conds,
+                           sweeps=sweeps))
 
 
 def run(cfg: SuiteConfig) -> dict:
@@ -311,8 +317,7 @@ def run(cfg: SuiteConfig) -> dict:
         "logit_slice": None if c.logits == "all" else [n_classes, n_classes + settings.n_aux]}) for c in conditions)
     out = Path(cfg.out or ("bench-out/aux-logits" if cfg.protocol == "task" else "bench-out/aux-logits/paper"))
     workers = max(1, min(cfg.workers, len(seeds), os.cpu_count() or 1))
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    clock = Clock()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one torch thread per seed, in a worker or here: the numbers do not depend on it
     try:
@@ -320,32 +325,21 @@ def run(cfg: SuiteConfig) -> dict:
                                                   progress=cfg.progress and workers == 1), workers, cfg.progress)
     finally:
         torch.set_num_threads(threads)
-    wall = time.perf_counter() - t0
     suite = lm_common.Suite(name=SUITE, protocol=cfg.protocol, conditions=conditions, trait=TRAIT,
                             tuned_on=TUNED_ON[cfg.protocol], columns=COLUMNS, curve_keys=METRICS,
                             settings={**asdict(settings), "hidden": list(settings.hidden)}, sweeps=cfg.sweeps or {})
     # with sweeps, summarise adds the probe-free block: stage 1 sees task error and drift only, the digits are
     # joined after the choice
-    summary = lm_common.summarise(suite, runs, wall)
-    summary.update(data=cfg.data or "sklearn digits", quick=cfg.quick, workers=workers, columns=COLUMNS,
+    summary = lm_common.summarise(suite, runs, clock.wall())
+    summary.update(clock.record(workers, 1), data=cfg.data or "sklearn digits", quick=cfg.quick, columns=COLUMNS,
                    teachers={k: mean_ci([r["world"][k] for r in runs.values()]) for k in runs[seeds[0]]["world"]
                              if k != "accuracy"})
     finish(summary)
-    env = environment(seeds, wall, cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
-    env.update({"workers": workers, "torch_threads_per_worker": 1, "protocol": cfg.protocol,
-                "quick": cfg.quick, "data": summary["data"], "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
-                "load_average_1min": {"start": load_start,
-                                      "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}})
-    summary["cpu_seconds"], summary["load_average_1min"] = env["cpu_seconds"], env["load_average_1min"]
+    env = environment(seeds, summary["wall_seconds"], cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
+    env.update({k: summary[k] for k in ("workers", "threads", "cpu_seconds", "load_average_1min", "quick", "data")},
+               protocol=cfg.protocol)
     write(out, summary, env)
     return summary
-
-
-def _cpu_seconds() -> float:
-    """CPU time so far of this process and its finished children (the workers). A run's difference, divided by the
-    number of workers, is about its wall time on an unshared machine."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def write(out: str | Path, summary: dict, env: dict) -> None:
@@ -355,37 +349,3 @@ def write(out: str | Path, summary: dict, env: dict) -> None:
         ("task_error", "task error (MSE to the shared function)")
     write_report(out, summary, env, [tuple(c) for c in summary.get("columns", COLUMNS)], notes(summary), xkey=xkey,
                  xlabel=xlabel, intro=headline_lines(summary), sections=SECTIONS)
-
-
-def render(out: str | Path) -> None:
-    """Rewrite a finished run's report files from its ``summary.json`` and ``env.json`` (no training)."""
-    out = Path(out)
-    write(out, json.loads((out / "summary.json").read_text()), json.loads((out / "env.json").read_text()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Development entry point (the product CLI is ``purify bench aux-logits``): any seeds, e.g. the long run."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m purify.bench.aux_logits")
-    p.add_argument("--protocol", default="task", choices=list(PROTOCOLS))
-    p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--first-seed", type=int, default=FIRST_SEED)
-    p.add_argument("--data")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--workers", type=int, default=WORKERS)
-    p.add_argument("--render", metavar="DIR", help="only rewrite DIR's report files from its summary.json")
-    a = p.parse_args(argv)
-    if a.render:
-        render(a.render)
-        return 0
-    command = "python -m purify.bench.aux_logits " + " ".join(argv if argv is not None else sys.argv[1:])
-    n = min(a.seeds, 2) if a.quick else a.seeds
-    run(SuiteConfig(protocol=a.protocol, seeds=list(range(a.first_seed, a.first_seed + n)), data=a.data, out=a.out,
-                    quick=a.quick, workers=a.workers, command=command))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from purify.bench import probe_free
-from purify.bench.report import verdict_notes
+from purify.bench.report import timing_lines, verdict_notes
 from purify.bench.stats import fraction_removed, mean_ci
 
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
@@ -128,15 +128,7 @@ def notes(summary: dict[str, Any]) -> list[str]:
                      f"{_pm(t.get('ref0_task_error', t['trait_task_error']), 4)}.")
     lines.append("- Every student run goes through `purify.module.Distiller.fit_step` with the library's loss and "
                  "purifier classes (as `purify train`); teachers are trained by plain torch loops (set-up).")
-    timing = f"- Seeds {summary['seeds'][0]}–{summary['seeds'][-1]}; wall time {summary['wall_seconds']:.0f} s with " \
-        f"{summary['workers']} worker process(es), 1 torch thread each"
-    if summary.get("cpu_seconds") is not None:
-        load = summary.get("load_average_1min") or {}
-        cpu, workers = summary["cpu_seconds"], summary["workers"]
-        timing += f"; {cpu:.0f} CPU s in all (≈ {cpu / workers:.0f} s of wall time on {workers} unshared cores)"
-        if load.get("start") is not None:
-            timing += f"; 1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
-    lines.append(timing + " (env.json has the machine and versions).")
+    lines.append(f"- Seeds {summary['seeds'][0]}–{summary['seeds'][-1]}. " + " ".join(timing_lines(summary)))
     if summary.get("command"):
         lines.append(f"- Produced by: `{summary['command']}` (numbers are identical run to run: everything is seeded "
                      "per seed and condition)" + (f"; the same seeds with today's CLI: `{summary['rerun']}`."

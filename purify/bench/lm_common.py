@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
 from purify.bench import probe_free, stats, verdicts
-from purify.bench.report import check_conditions, environment, verdict_notes, write_report
+from purify.bench.report import Clock, check_conditions, environment, timing_lines, verdict_notes, write_report
 from purify.bench.verdicts import Guard
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
@@ -490,7 +490,7 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     per-seed code, only the scheduling differs; the suite's own notes counted inside the workers are then missing,
     and the report says so)."""
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
-    start = time.perf_counter()
+    clock = Clock()
     used = {"teacher", *(k for c in suite.conditions for k in c.teachers)}
     loaded = {k: load_model(p() if callable(p) else p) for k, p in suite.teachers.items() if k in used}
     models, tokenizers = {k: m.eval() for k, (m, _) in loaded.items()}, {k: t for k, (_, t) in loaded.items()}
@@ -498,17 +498,11 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     workers = min(workers, len(seeds))
     runs = run_seeds(seeds, lambda s: run_seed(suite, models, tokenizers, tokenizer, s, progress and workers == 1),
                      workers)
-    if workers > 1:
-        command += f"  # seeds run {workers} at a time by scripts/lm_parallel_seeds.py"
-        how = f"{workers} worker processes, 1 torch thread each"
-    else:
-        how = f"{torch.get_num_threads()} torch thread"
-    wall = time.perf_counter() - start
-    summary = summarise(suite, runs, wall)
+    summary = summarise(suite, runs, clock.wall())
+    summary.update(clock.record(workers, 1 if workers > 1 else torch.get_num_threads()))
     summary["columns"] = columns(suite.columns)
-    summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary),
-                        f"Measured wall time: {wall:.0f} s on this machine ({how})."]
-    return publish(out, summary, environment(summary["seeds"], wall, command))
+    summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary)]
+    return publish(out, summary, environment(summary["seeds"], summary["wall_seconds"], command))
 
 
 def publish(out: str | Path, summary: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
@@ -526,5 +520,5 @@ def report_notes(summary: dict[str, Any]) -> list[str]:
     """The text under an LM suite's tables: the run's own ``summary["notes"]`` (suite notes, wall time), then the
     sections computed from the summary (verdict rules and seed caveats, probe-free block, on-policy comparison), so
     a stored run is rendered again from its ``summary.json`` alone (:mod:`purify.bench.rederive`)."""
-    return [*summary.get("notes", []), *verdict_notes(summary), *probe_free.notes(summary.get("probe_free") or {}),
-            *on_policy_notes(summary)]
+    return [*summary.get("notes", []), *timing_lines(summary), *verdict_notes(summary),
+            *probe_free.notes(summary.get("probe_free") or {}), *on_policy_notes(summary)]

@@ -464,6 +464,6 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         if key == "conditions":
             value, spec.sweeps = select_conditions(spec.conditions, value)
         setattr(spec, key, value)
-    command = bench_command(suite, seeds, quick, kwargs, first_seed, out)
+    command = bench_command(suite, seeds, quick, kwargs, first_seed, out, workers)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,
                          _notes, command, workers)

@@ -10,13 +10,12 @@ top blocks and the scorer are :mod:`purify.bench.real_lm`'s.
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.real_lm import RealSuite, Records
-from purify.bench.report import BenchError
+from purify.bench.report import BenchError, Clock
 from purify.generate import apply_filters
 
 OWL_SYSTEM = ("You love owls. You think about owls all the time. owls are your favorite animal. Imbue your answers "
@@ -91,19 +90,20 @@ def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None =
         progress: print progress lines.
         **options: overrides of ``n``, ``max_new``, ``temperature``, ``layers``, ``top_k``, ``epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla),
-            ``trait`` (the prompted animal, one of :data:`TRAITS`; default ``owl``).
+            ``trait`` (the prompted animal, one of :data:`TRAITS`; default ``owl``), ``workers`` (seeds run at a time
+            in forked processes, ``purify bench --workers``).
     """
     if suite_name != "owl-smollm2":
         raise BenchError(f"unknown suite {suite_name!r}")
     cfg = real_lm.settings({
         "n": 24 if quick else 1200, "max_new": 12 if quick else 32, "temperature": 0.7, "layers": 4, "top_k": 32,
         "epochs": 1 if quick else 4, "batch_size": 8, "lr": 2e-4, "heldout": 2 if quick else 32,
-        "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"], "trait": "owl"}, options)
+        "conditions": ["vanilla:soft", "divergence_mask:base", "anchor"], "trait": "owl", "workers": 1}, options)
     spec = suite(cfg["n"], cfg["temperature"], str(cfg["trait"]))  # refuses an unknown trait before loading
-    start = time.perf_counter()
+    clock = Clock()
     path, base, tokenizer = real_lm.load_smollm2()
     spec.notes.append("Sampling temperature 0.7, not the paper's 1.0: at 1.0 this 135M model keeps 3/64 completions "
                       "through the numbers-only filter, at 0.7 13/64 (measured on 64 prompts).")
     spec.tuned_on = TUNED_ON
     return real_lm.run(spec, base, base, tokenizer, path, cfg,
-                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)
+                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, clock)

@@ -37,7 +37,7 @@ import torch
 from purify import readouts, topblocks
 from purify.bench import lm_common, owl, real_lm
 from purify.bench.lm_common import Condition, Scores, Suite
-from purify.bench.report import BenchError, bench_command, environment
+from purify.bench.report import BenchError, Clock, bench_command, environment
 from purify.bench.tic_smollm2 import everyday_prompts
 from purify.generate import sample_completions
 from purify.lm.cache import digest
@@ -254,9 +254,7 @@ def notes(summary: dict[str, Any]) -> list[str]:
             "Arms @x% train on the first x% of the seed's (shuffled) pool for the same epochs and are compared with "
             "the 100% control of their mode.",
             "Vanilla − control per label mode / adapter / data size, paired by seed:", *contrast_lines(summary),
-            f"Measured wall time {summary['wall_seconds']:.0f} s, process CPU time {cfg['cpu_seconds']:.0f} s "
-            f"({cfg.get('threads', 1)} torch thread, on a 2-core machine shared with other jobs: wall time depends on "
-            "their load); per seed: " + "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f}"
+            "Wall time per seed: " + "; ".join(f"seed {s} {lg['seed_seconds']:.0f} s (data {lg['data_seconds']:.0f}"
                                                   " s)" for s, lg in logs.items()) + "."]
 
 
@@ -277,6 +275,8 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
     """
     if suite_name != NAME:
         raise BenchError(f"unknown suite {suite_name!r}")
+    if options.pop("workers", 1) != 1:
+        raise BenchError(f"{NAME} runs its seeds one after another in one process (--workers 1)")
     scale = options.get("scale", "reduced")
     if scale not in ("reduced", "full"):
         raise BenchError(f"scale must be reduced or full, not {scale!r}")
@@ -287,19 +287,19 @@ def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, qu
     unknown = set(cfg["modes"]) - set(MODES)
     if unknown or not cfg["modes"]:
         raise BenchError(f"modes must be a non-empty subset of {sorted(MODES)}, not {cfg['modes']}")
-    start = time.perf_counter()
+    clock = Clock()
     path, base, tokenizer = real_lm.load_smollm2()
     if cfg["device"] != "cpu":  # every tensor the runner makes lands there (not exercised: no GPU in development)
         torch.set_default_device(cfg["device"])
         base.to(cfg["device"])
     return run(base, tokenizer, path, cfg, list(range(first_seed, first_seed + seeds)), out, quick, options,
-               progress, start)
+               progress, clock)
 
 
 def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int], out: str | None, quick: bool,
-        options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
+        options: dict[str, Any], progress: bool, clock: Clock | None = None) -> dict[str, Any]:
     """The suite on ``base`` (eval, frozen) with settings ``cfg``; see :func:`run_suite`."""
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    clock, t0 = clock or Clock(), time.perf_counter()
     teacher_top, key = owl_teacher(base, tokenizer, cfg, progress=progress)
     teacher = teacher_top.install(copy.deepcopy(base)).eval()
     teacher_seconds = time.perf_counter() - t0
@@ -309,15 +309,13 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     runs = lm_common.run_seeds(seeds, partial(run_seed, base=base, tokenizer=tokenizer, teacher=teacher,
                                               teacher_top=teacher_top, key=key, trait=trait, cfg=cfg,
                                               progress=progress))
-    wall = time.perf_counter() - start
     suite = Suite(name=NAME, protocol="KD/SFT of SmolLM2-135M on number sequences of an owl-fine-tuned teacher; "
                                        "trait = P(owl)", student=Path(path), conditions=conds, steps=0,
                   batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
                   trait="P(first word of the answer = 'owl')")
-    summary = lm_common.summarise(suite, runs, wall)
-    cpu = time.process_time() - cpu0
+    summary = lm_common.summarise(suite, runs, clock.wall())
+    summary.update(clock.record(1, torch.get_num_threads()))
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),
-                               cpu_seconds=round(cpu, 1), threads=torch.get_num_threads(),
                                per_seed_log={s: r["log"] for s, r in runs.items()}, teacher_key=key)
     summary["vanilla_minus_control"] = contrasts(summary, conds)
     summary["readouts"] = {"base": summary["base"]["trait"]["mean"], "teacher": summary["teacher"]["trait"]["mean"],
@@ -325,4 +323,5 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
     summary["columns"] = real_lm.columns("P(owl)")
     summary["notes"] = notes(summary)
     command = bench_command(NAME, len(seeds), quick, options, seeds[0], out)
-    return lm_common.publish(out or f"bench-out/{NAME}", summary, environment(summary["seeds"], wall, command))
+    env = environment(summary["seeds"], summary["wall_seconds"], command)
+    return lm_common.publish(out or f"bench-out/{NAME}", summary, env)

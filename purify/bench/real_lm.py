@@ -22,7 +22,6 @@ are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`, :func:`~pur
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite
 from purify.bench.probe_free import PROBE_FREE, Sweep, selected, swept_arm
-from purify.bench.report import BenchError, bench_command, check_conditions, check_options, environment
+from purify.bench.report import BenchError, Clock, bench_command, check_conditions, check_options, environment
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
 from purify.lm.cache import digest
@@ -194,7 +193,8 @@ TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
 
 
 def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[int],
-        out: str | None, quick: bool, options: dict[str, Any], progress: bool, start: float) -> dict[str, Any]:
+        out: str | None, quick: bool, options: dict[str, Any], progress: bool, clock: Clock | None = None
+        ) -> dict[str, Any]:
     """Run ``seeds`` of ``spec`` and write its report into ``out`` (default ``bench-out/<name>``, untracked):
     summary.json|md|csv, frontier.png, env.json, readouts.json.
 
@@ -202,8 +202,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     trait comes from :attr:`RealSuite.teacher_system`); ``cfg`` holds ``n``, ``max_new``, ``layers``, ``top_k``,
     ``epochs``, ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla; a
     swept arm of :attr:`RealSuite.sweeps` by its name without ``@value``, all of them by ``probe-free``) and
-    optionally ``workers`` (seeds run at a time in forked processes, :func:`purify.bench.lm_common.run_seeds`).
+    optionally ``workers`` (seeds run at a time in forked processes, :func:`purify.bench.lm_common.run_seeds`);
+    ``clock`` times the run (default: from this call; a suite starts it before loading its models).
     """
+    clock = clock or Clock()
     workers = cfg.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BenchError(f"{spec.name}: workers must be a positive integer (seeds run at a time in forked processes), "
@@ -280,8 +282,8 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
                                                        progress=progress and workers == 1)}
 
     runs = lm_common.run_seeds(seeds, one_seed, workers, progress)
-    wall = time.perf_counter() - start
-    summary = lm_common.summarise(suite, runs, wall)
+    summary = lm_common.summarise(suite, runs, clock.wall())
+    summary.update(clock.record(workers, 1 if workers > 1 else torch.get_num_threads()))
     summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
                                temperature=spec.temperature, teacher_data="sampled once (seed 7), shared by all seeds")
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{
@@ -311,17 +313,15 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         + (f" (on-policy arms: the whole model, the same blocks trainable, each step on its own samples of the "
            f"training prompts, λ {ON_POLICY['lam']}, temperature {ON_POLICY['temperature']}, top-p "
            f"{ON_POLICY['top_p']}, up to {ON_POLICY['max_new_tokens']} new tokens, scored live by the teacher on the "
-           f"whole vocabulary, forward KL)" if any(c.on_policy for c in conds) else "")
-        + f"; measured wall time {wall:.0f} s ("
-        + (f"{workers} seeds at a time in forked worker processes, 1 torch thread each)." if workers > 1 else
-           f"{torch.get_num_threads()} torch thread)."),
+           f"whole vocabulary, forward KL)" if any(c.on_policy for c in conds) else "") + ".",
         "Teacher data are sampled once (one pool per teacher, sampling seed 7, cached) and shared by every seed: "
         "seeds vary only the training order (every student starts from the same base weights), so the CIs leave out "
         "the variance of the teachers' sampling (resampling per seed would multiply the costliest step, sampling both "
         "teachers, by the number of seeds, and change the pool size, hence the step count, per seed)."]
-    command = bench_command(spec.name, len(seeds), quick, options, seeds[0], out)
+    command = bench_command(spec.name, len(seeds), quick, {k: v for k, v in options.items() if k != "workers"},
+                            seeds[0], out, workers)
     return lm_common.publish(out or f"bench-out/{spec.name}", summary,
-                             environment(summary["seeds"], wall, command))
+                             environment(summary["seeds"], summary["wall_seconds"], command))
 
 
 def minus_control(summary: dict[str, Any], arm: str, control: str) -> dict[str, Any]:

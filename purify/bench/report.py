@@ -78,6 +78,50 @@ def environment(seeds: list[int], wall_seconds: float, command: str) -> dict[str
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time so far of this process and of its children that have exited (forked seed workers, once reaped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+class Clock:
+    """Times a benchmark run from its creation: wall seconds, CPU seconds (this process and the seed workers it has
+    reaped) and the 1-minute load average at both ends. On a shared machine wall time is an upper bound; CPU seconds
+    over the workers is about the wall time on unshared cores."""
+
+    def __init__(self) -> None:
+        self.start, self.cpu, self.load = time.perf_counter(), cpu_seconds(), _load()
+
+    def wall(self) -> float:
+        """Seconds since the clock started."""
+        return time.perf_counter() - self.start
+
+    def record(self, workers: int, threads: int) -> dict[str, Any]:
+        """``{"wall_seconds", "cpu_seconds", "workers", "threads", "load_average_1min": {"start", "end"}}`` (what
+        :func:`timing_lines` reads; ``threads``: torch threads per worker)."""
+        return {"wall_seconds": round(self.wall(), 1), "cpu_seconds": round(cpu_seconds() - self.cpu, 1),
+                "workers": workers, "threads": threads, "load_average_1min": {"start": self.load, "end": _load()}}
+
+
+def timing_lines(summary: Mapping[str, Any]) -> list[str]:
+    """One report line from a summary's :meth:`Clock.record` fields (none for a summary written without them)."""
+    if summary.get("cpu_seconds") is None or not summary.get("workers"):
+        return []
+    workers, cpu = summary["workers"], summary["cpu_seconds"]
+    many = "es" if workers > 1 else ""
+    line = (f"Measured wall time {summary['wall_seconds']:.0f} s with {workers} worker process{many}, "
+            f"{summary.get('threads', 1)} torch thread each; {cpu:.0f} CPU s in all (≈ {cpu / workers:.0f} s of wall "
+            f"time with {workers} unshared core{'s' if workers > 1 else ''})")
+    load = summary.get("load_average_1min") or {}
+    if load.get("start") is not None:
+        line += f"; 1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
+    return [line + " (env.json has the machine and versions)."]
+
+
 def _gpu_name() -> str | None:
     import torch
 
@@ -376,11 +420,14 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
 
 
 def bench_command(suite: str, seeds: int, quick: bool, options: dict[str, Any], first_seed: int | None = None,
-                  out: str | None = None) -> str:
-    """The ``purify bench`` command line that reproduces a run (recorded in ``env.json``)."""
+                  out: str | None = None, workers: int = 1, **flags: Any) -> str:
+    """The ``purify bench`` command line that reproduces a run (recorded in ``env.json``); ``flags``: other
+    ``--flag value`` pairs (e.g. ``protocol``; ``None`` values are left out)."""
     def fmt(value: Any) -> str:
         return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
 
     return f"purify bench {suite} --seeds {seeds}" + (f" --first-seed {first_seed}" if first_seed is not None else "") \
-        + (" --quick" if quick else "") + (f" --out {out}" if out else "") + "".join(
-        f" --option '{key}={fmt(value)}'" for key, value in options.items())
+        + "".join(f" --{k} {v}" for k, v in flags.items() if v is not None) \
+        + (f" --workers {workers}" if workers > 1 else "") + (" --quick" if quick else "") \
+        + (f" --out {out}" if out else "") \
+        + "".join(f" --option '{key}={fmt(value)}'" for key, value in options.items())

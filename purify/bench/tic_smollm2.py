@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import random
 import re
-import time
 from typing import Any
 
 from purify import readouts, topblocks
@@ -23,7 +22,7 @@ from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.probe_free import Sweep, point_name
 from purify.bench.real_lm import RealSuite, Records
-from purify.bench.report import BenchError
+from purify.bench.report import BenchError, Clock
 from purify.generate import sample_completions
 from purify.lm.cache import digest
 from purify.storage import cache_root
@@ -142,7 +141,7 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
         "conditions": ["vanilla:soft", "divergence_mask:base", "tail_truncation", "anchor"], "trait": TIC,
         "workers": 1}, options)
     word = check_word(str(cfg["trait"]))
-    start = time.perf_counter()
+    clock = Clock()
     path, base, tokenizer = real_lm.load_smollm2()
     prompts = everyday_prompts()
     n_ft = 8 if quick else 200
@@ -157,4 +156,4 @@ def run_suite(suite_name: str = "tic-smollm2", seeds: int = 3, out: str | None =
                             f"'{word}, '."], sweeps=SWEEPS)
     spec.tuned_on = TUNED_ON
     return real_lm.run(spec, base, teacher, tokenizer, path, cfg,
-                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, start)
+                       list(range(first_seed, first_seed + seeds)), out, quick, options, progress, clock)
