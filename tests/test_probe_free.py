@@ -215,7 +215,8 @@ def test_aux_class_drift_is_zero_for_the_base_and_positive_for_a_trained_model()
 
 
 def test_aux_probe_free_conditions_and_refusal():
-    from purify.bench.aux_logits import PROBE_FREE, SWEEPS, select_conditions
+    from purify.bench.aux_logits import SWEEPS, select_conditions
+    from purify.bench.probe_free import PROBE_FREE
     from purify.bench.report import BenchError
 
     conds, sweeps = select_conditions("task", [PROBE_FREE])
@@ -271,8 +272,9 @@ def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_
     import math
 
     from purify.bench import probe_free as pf
-    from purify.bench.aux_logits import PROBE_FREE, SuiteConfig, run, select_conditions
+    from purify.bench.aux_logits import SuiteConfig, run, select_conditions
     from purify.bench.aux_runs import Settings
+    from purify.bench.probe_free import PROBE_FREE
 
     seen = []
     real_choose = pf.choose

@@ -71,7 +71,7 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     base, tok, prompts = tiny
     spec, teacher = tic_spec(tiny, tmp_path, monkeypatch)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"unknown conditions \['probe-free'\]; known: base, control"):
+    with pytest.raises(ValueError, match=r"conditions: unknown 'probe-free' for \S+; allowed: base, control"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["probe-free"]}, [0], str(tmp_path / "x"),
                     True, {}, False)  # a suite without swept arms has no probe-free block to run
     cfg = {**CFG, "conditions": ["vanilla:soft", "tail_truncation", "anchor"]}
@@ -112,7 +112,8 @@ def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_a
 
     base, tok, prompts = tiny
     spec, teacher = tic_spec(tiny, tmp_path, monkeypatch, sweeps=SWEEPS)
-    with pytest.raises(ValueError, match=r"unknown conditions \['replace'\]; known: probe-free, replace:base"):
+    with pytest.raises(ValueError, match=r"conditions: unknown 'replace' for \S+; allowed: probe-free, "
+                       r"replace:base"):
         real_lm.run(spec, base, teacher, tok, "tiny", {**CFG, "conditions": ["replace"]}, [0], str(tmp_path / "x"),
                     True, {}, False)
     with pytest.raises(ValueError, match="workers must be a positive integer .* got 'two'"):

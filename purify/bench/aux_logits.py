@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from purify.bench import lm_common, probe_free
+from purify.bench import lm_common
 from purify.bench.aux_runs import COMPETENT, Settings, run_seed
 from purify.bench.aux_summary import COLUMNS, METRICS, SECTIONS, finish, headline_lines, notes
 from purify.bench.digits import read_arrays, split
 from purify.bench.lm_common import Condition
-from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, swept_arm
+from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, swept_arm
 from purify.bench.report import (
     BenchError,
     Clock,
@@ -202,19 +202,11 @@ def select_conditions(protocol: str, names: list[str], quick: bool = False) -> t
         BenchError: a name that is neither (one line naming the allowed ones).
     """
     default = (task_conditions if protocol == "task" else paper_conditions)(quick)
-    refs = [c for c in default if c.role == "reference"]
-    others = {c.name: c for c in default if c.role != "reference"}
     # the paper protocol has no task for a reference to know
     task_only = {"ensemble:competent", ANCHOR_CONSENSUS} if protocol != "task" else set()
-    sweeps = {arm: sw for arm, sw in probe_free.selected(names, SWEEPS).items() if arm not in task_only}
-    allowed = [arm for arm in SWEEPS if arm not in task_only]
-    unknown = [n for n in names if n not in others and n not in allowed and n != PROBE_FREE
-               and n not in {c.name for c in refs}]
-    if unknown:
-        raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))} for aux-logits --protocol {protocol}; "
-                         f"allowed: {PROBE_FREE}, {', '.join([*allowed, *others])}")
-    swept = [c for c in swept_conditions() if swept_arm(c.name) in sweeps]
-    return refs + [c for n, c in others.items() if n in names] + swept, sweeps
+    sweeps = {arm: sw for arm, sw in SWEEPS.items() if arm not in task_only}
+    return lm_common.pick(default + [c for c in swept_conditions() if swept_arm(c.name) in sweeps], names, sweeps,
+                          [c.name for c in default if c.role == "reference"], where=f"{SUITE} --protocol {protocol}")
 
 
 def paper_conditions(quick: bool = False) -> list[Condition]:

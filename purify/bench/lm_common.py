@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 
 from purify.align import same_tokenizer
 from purify.bench import probe_free, stats, verdicts
-from purify.bench.report import Clock, check_conditions, environment, timing_lines, verdict_notes, write_report
+from purify.bench.report import (
+    BenchError,
+    Clock,
+    check_conditions,
+    environment,
+    timing_lines,
+    verdict_notes,
+    write_report,
+)
 from purify.bench.verdicts import Guard
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
@@ -170,6 +178,36 @@ def curve_steps(steps: int, points: int) -> list[int]:
     :func:`purify.bench.stats.frontier_gap`)."""
     even = {max(1, round(steps * i / points)) for i in range(1, points + 1)}
     return sorted(even | {max(1, math.ceil(steps / 2 ** k)) for k in range(points)})
+
+
+BASELINES = ("base", "control", "vanilla")
+"""The conditions every run has, whatever ``conditions=[...]`` names."""
+
+
+def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, Any], always: Any = BASELINES,
+         named_only: Any = (), where: str = "") -> tuple[list[Condition], dict[str, Any]]:
+    """The one rule for what ``--option 'conditions=[...]'`` runs, in ``conditions``' order: the conditions named in
+    ``always``; each condition named in ``names``; and every point (``<arm>@<value>``) of each swept arm of
+    ``sweeps`` (arm → :class:`purify.bench.probe_free.Sweep`) that ``names`` names without its value, or all of them
+    by :data:`purify.bench.probe_free.PROBE_FREE` (refused when nothing is swept) except the arms of ``named_only``.
+    A swept arm's name selects its points, never a fixed condition of the same name. Returns the conditions and the
+    sweeps that run.
+
+    Raises:
+        BenchError: a name that selects nothing, naming every name that would (and ``where``, e.g. the suite).
+    """
+    def arm(c: Condition) -> str | None:  # the swept arm a condition is a point of
+        a = probe_free.swept_arm(c.name)
+        return a if a in sweeps and c.name in sweeps[a].names(a) else None
+
+    run = {a: s for a, s in probe_free.selected(names, sweeps).items() if a in names or a not in named_only}
+    allowed = [*([probe_free.PROBE_FREE, *sweeps] if sweeps else []), *(c.name for c in conditions if arm(c) is None)]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))}{' for ' + where if where else ''}; "
+                         f"allowed: {', '.join(allowed)}")
+    wanted = {*always, *(n for n in names if n not in sweeps)}
+    return [c for c in conditions if (c.name in wanted and arm(c) is None) or arm(c) in run], run
 
 
 def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:

@@ -30,8 +30,8 @@ import torch
 from transformers import AutoTokenizer
 
 from purify.bench import lm_common
-from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite, purifier_entry
-from purify.bench.probe_free import GLOBAL_PROJECTION, PROBE_FREE, Sweep, point_name, selected, swept_arm
+from purify.bench.lm_common import BASELINES, DRIFT_SEED, Condition, Scores, Suite, pick, purifier_entry
+from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, swept_arm
 from purify.bench.report import BenchError, bench_command, check_options
 from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
@@ -406,20 +406,11 @@ def select_conditions(default: list[Condition], names: list[str]) -> tuple[list[
     Raises:
         BenchError: a name that is none of these, naming the allowed ones.
     """
-    swept, all_sweeps = _probe_free_arms()
-    op_swept, op_sweeps = _on_policy_sweeps(swept, all_sweeps)
-    sweeps = {**selected(names, all_sweeps), **{a: s for a, s in op_sweeps.items() if a in names}}
-    swept, all_sweeps = swept + op_swept, {**all_sweeps, **op_sweeps}
-    wanted = {"base", "control", "vanilla", *(n for n in names if n not in sweeps)}
-    if any(str(n).endswith(ON_POLICY) for n in names):
-        wanted |= {"control" + ON_POLICY, "vanilla" + ON_POLICY}
-    on_policy = _on_policy_arms()
-    fixed = default + on_policy
-    unknown = [n for n in names if n not in sweeps and n != PROBE_FREE and n not in {c.name for c in fixed}]
-    if unknown:
-        raise BenchError(f"conditions: unknown {', '.join(map(repr, unknown))}; allowed: {PROBE_FREE}, "
-                         f"{', '.join([*all_sweeps, *(c.name for c in fixed)])}")
-    return [c for c in default + swept + on_policy if c.name in wanted or swept_arm(c.name) in sweeps], sweeps
+    swept, sweeps = _probe_free_arms()
+    op_swept, op_sweeps = _on_policy_sweeps(swept, sweeps)
+    refs = ["control" + ON_POLICY, "vanilla" + ON_POLICY] if any(str(n).endswith(ON_POLICY) for n in names) else []
+    return pick(default + swept + op_swept + _on_policy_arms(), names, {**sweeps, **op_sweeps},
+                [*BASELINES, *refs], named_only=op_sweeps)
 
 
 OPTIONS = {"steps": int, "lr": float, "batch_size": int, "conditions": list, "trait": str}

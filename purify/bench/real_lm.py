@@ -31,7 +31,7 @@ import torch
 
 from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite
-from purify.bench.probe_free import PROBE_FREE, Sweep, selected, swept_arm
+from purify.bench.probe_free import Sweep
 from purify.bench.report import BenchError, Clock, bench_command, check_conditions, check_options, environment
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
@@ -210,9 +210,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BenchError(f"{spec.name}: workers must be a positive integer (seeds run at a time in forked processes), "
                          f"got {workers!r}")
-    sweeps = selected(cfg["conditions"], spec.sweeps)
-    names = {"base", "control", "vanilla", *cfg["conditions"]}
-    conds = [c for c in spec.conditions if c.name in names or swept_arm(c.name) in sweeps]
+    conds, sweeps = lm_common.pick(spec.conditions, cfg["conditions"], spec.sweeps, where=spec.name)
     # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
     # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode); an on-policy
     # arm brings its own mode's references, and every on-policy condition its loss's off-policy ones (on-policy vs
@@ -224,11 +222,6 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     if spec.teacher_system and any(c.on_policy for c in conds):
         raise BenchError(f"{spec.name}: on-policy arms need a teacher whose trait is in its weights (this suite's "
                          "teacher is the base under a system prompt, which on-policy scoring would leave out)")
-    unknown = names - {c.name for c in conds} - {*([PROBE_FREE] if spec.sweeps else []), *sweeps}
-    if unknown:
-        known = [*([PROBE_FREE, *spec.sweeps] if spec.sweeps else []),
-                 *(c.name for c in spec.conditions if "@" not in c.name)]
-        raise BenchError(f"{spec.name}: unknown conditions {sorted(unknown)}; known: {', '.join(known)}")
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
     if any(c.rank for c in conds) and "lora_lr" not in cfg:
         raise BenchError(f"{spec.name}: LoRA arms need the suite's lora_lr setting")
