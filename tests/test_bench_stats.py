@@ -279,6 +279,28 @@ def test_seed_caveats_follow_the_facts():
     assert "never looked at" not in stale[0]
 
 
+def test_headline_groups_arms_by_label_and_names_a_broken_run_first():
+    from purify.bench.report import headline_lines, timing_lines
+
+    summary = {"verdicts": {"a@1": "purified (…)", "b": "anti-trait (…)", "c": "damaged: facts accuracy (…)",
+                            "d": "below frontier (gap -0.1)", "e": "no verdict: 2 seed(s) …", "f": "purified (…)"},
+               "probe_free": {"arms": {"a": {"verdict": "damaged: facts accuracy (0.089 below …)"}}}}
+    lines = headline_lines(summary)
+    assert lines[:2] == ["## Headline", ""] and lines[-1] == ""
+    assert lines[2:7] == ["- **purified** (2): a@1, f", "- **below frontier** (1): d", "- **anti-trait** (1): b",
+                          "- **damaged** (1): c", "- **no verdict** (1): e"]  # a win first, an overshoot no win
+    assert lines[7] == "- a at the probe-free choice: **damaged: facts accuracy**"
+    broken = headline_lines({"verdicts": {}, "problems": ["vanilla transfer is not above control's"]})
+    assert broken[2].startswith("- **Problem:** vanilla transfer") and "mean nothing" in broken[2]
+    assert broken[3] == "- No purifier arm was judged in this run."
+    timed = {"wall_seconds": 100.0, "cpu_seconds": 180.0, "workers": 2, "threads": 1,
+             "load_average_1min": {"start": 2.5, "end": 3.0}}
+    assert timing_lines(timed) == ["Measured wall time 100 s with 2 worker processes, 1 torch thread each; 180 CPU s "
+                                   "in all (≈ 90 s of wall time with 2 unshared cores); 1-min load average 2.5 at the "
+                                   "start, 3.0 at the end (env.json has the machine and versions)."]
+    assert timing_lines({"wall_seconds": 100.0}) == []  # a summary written before runs were timed this way
+
+
 def test_bench_refuses_fewer_than_three_seeds_with_one_line(capsys):
     from purify.cli import main
 

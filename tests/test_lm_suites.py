@@ -43,6 +43,7 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
     assert written["probe_free"]["why_none"].startswith("this run swept no arm's knob")
     md = (tmp_path / "summary.md").read_text()
     assert "Measured wall time" in md and "## Verdicts" in md and "are disjoint from them" in md
+    assert "## Headline\n\n- **Problem:**" in md or "## Headline\n\n- **no verdict** (1): delta_projection" in md
     assert "## Probe-free operating point\n\nNone: this run swept no arm's knob" in md
 
 

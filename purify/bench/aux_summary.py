@@ -11,6 +11,7 @@ import numpy as np
 from purify.bench import probe_free
 from purify.bench.report import timing_lines, verdict_notes
 from purify.bench.stats import fraction_removed, mean_ci
+from purify.bench.verdicts import by_label
 
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
 """The metrics averaged along vanilla's curve (``summary.json["frontier"]``)."""
@@ -57,16 +58,10 @@ def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-LABELS = ("purified", "below frontier", "on frontier", "above frontier", "anti-trait", "damaged", "no verdict")
-
-
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """Arms grouped by the first words of their verdict (:data:`LABELS`)."""
-    out: dict[str, Any] = {"suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed")}
-    for name, verdict in summary["verdicts"].items():
-        key = next((k for k in LABELS if verdict.startswith(k)), "no verdict")
-        out.setdefault(key.replace(" ", "_"), []).append(name)
-    return out
+    """Arms grouped by the first words of their verdict (:func:`purify.bench.verdicts.by_label`)."""
+    return {"suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed"),
+            **by_label(summary["verdicts"])}
 
 
 def _ok(value: Any) -> bool:

@@ -35,6 +35,7 @@ from purify.bench.report import (
     Clock,
     check_conditions,
     environment,
+    headline_lines,
     timing_lines,
     verdict_notes,
     write_report,
@@ -547,7 +548,7 @@ def publish(out: str | Path, summary: dict[str, Any], env: dict[str, Any]) -> di
     """The one report writer of the LM suites (the real-model ones included, and :mod:`purify.bench.rederive`):
     ``summary.json|md|csv``, ``frontier.png`` and ``env.json`` into ``out`` with the summary's ``columns`` and
     :func:`report_notes`, and ``readouts.json`` when the summary has ``readouts``. Returns ``summary``."""
-    write_report(out, summary, env, summary["columns"], report_notes(summary))
+    write_report(out, summary, env, summary["columns"], report_notes(summary), intro=headline_lines(summary))
     if "readouts" in summary:
         with atomic_path(Path(out) / "readouts.json") as tmp:
             tmp.write_text(json.dumps(summary["readouts"], indent=1))

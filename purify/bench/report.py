@@ -419,6 +419,21 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def headline_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The first lines of a suite's ``summary.md``: its purifier arms grouped by verdict label, each swept arm's
+    verdict at the probe-free rule's choice, and the suite's problems (a broken run says so before any verdict)."""
+    from purify.bench.verdicts import LABELS, by_label
+
+    groups = by_label(summary.get("verdicts") or {})
+    lines = ["## Headline", "", *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in
+                                  summary.get("problems") or [])]
+    lines += [f"- **{label}** ({len(groups[key])}): {', '.join(groups[key])}" for label in LABELS
+              if (key := label.replace(" ", "_")) in groups] or ["- No purifier arm was judged in this run."]
+    lines += [f"- {arm} at the probe-free choice: **{block['verdict'].split(' (')[0]}**"
+              for arm, block in ((summary.get("probe_free") or {}).get("arms") or {}).items()]
+    return lines + [""]
+
+
 def bench_command(suite: str, seeds: int, quick: bool, options: dict[str, Any], first_seed: int | None = None,
                   out: str | None = None, workers: int = 1, **flags: Any) -> str:
     """The ``purify bench`` command line that reproduces a run (recorded in ``env.json``); ``flags``: other

@@ -293,6 +293,20 @@ def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] =
             "against": against}
 
 
+LABELS = ("purified", "below frontier", "on frontier", "above frontier", "anti-trait", "damaged", "no verdict")
+"""The verdict labels, from a win to no verdict (a verdict string starts with one of them)."""
+
+
+def by_label(verdicts: Mapping[str, str]) -> dict[str, list[str]]:
+    """Arms grouped by the label their verdict starts with (:data:`LABELS`; keys with ``_`` for spaces, e.g.
+    ``below_frontier``), in the verdicts' order."""
+    out: dict[str, list[str]] = {}
+    for name, verdict in verdicts.items():
+        key = next((k for k in LABELS if verdict.startswith(k)), "no verdict")
+        out.setdefault(key.replace(" ", "_"), []).append(name)
+    return out
+
+
 def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]]) -> list[str]:
     """Caveat lines computed from the facts: which of this run's ``seeds`` were used to tune what.
 
