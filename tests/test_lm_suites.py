@@ -22,7 +22,8 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
         summary = json.loads((tmp_path / "summary.json").read_text())
         env = json.loads((tmp_path / "env.json").read_text())
         assert summary["workers"] == 2 and summary["threads"] == 1 and summary["cpu_seconds"] > 0
-        assert env["command"] == f"purify bench {suite} --seeds 2 --first-seed 1500 --workers 2 --quick --out {tmp_path}"
+        assert env["command"] == (f"purify bench {suite} --seeds 2 --first-seed 1500 --workers 2 --quick "
+                                  f"--out {tmp_path}")
     for name in ("summary.json", "summary.md", "summary.csv", "frontier.png", "env.json"):
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "summary.json").read_text())
