@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from purify.bench.digits import Split, noise, read_arrays, split, task_function
-from purify.bench.lm_common import Condition, Diverged, run_conditions
+from purify.bench.lm_common import Condition, Diverged, fit_extras, run_conditions
 from purify.bench.oracle import TraitGradientOracle
 from purify.config import LossConfig, OptimConfig
 from purify.losses import forward_kl
@@ -259,8 +259,7 @@ def fit(world: World, cond: Condition, s: Settings,
             on_point(step + 1, (student, start))
             student.train()
     student.eval()
-    return (student, start), {"steps": s.student_steps,
-                              **{f"metric.{k}": v for k, v in distiller.purifier_metric_means().items()}}
+    return (student, start), fit_extras(s.student_steps, distiller.purifier_metric_means())
 
 
 def run_seed(seed: int, s: Settings, conditions: list[Condition], data_path: str | None,

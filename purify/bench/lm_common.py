@@ -226,6 +226,12 @@ are numbers recorded beside the arm's scores: ``steps`` (the steps trained, requ
 Raises :class:`Diverged`."""
 
 
+def fit_extras(steps: int, metrics: dict[str, float]) -> dict[str, float]:
+    """A :data:`Fit`'s extras: the ``steps`` trained and each purifier metric's mean over them (``metrics``, from
+    :meth:`purify.module.Distiller.purifier_metric_means`) as ``metric.<purifier>.<key>``."""
+    return {"steps": steps, **{f"metric.{k}": v for k, v in metrics.items()}}
+
+
 def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: dict[str, Any], tokenizer: Any,
             records: list[dict[str, str]], seed: int, on_point: Callable[[int, Any], None] | None = None,
             metrics: dict[str, float] | None = None) -> Any:
@@ -338,7 +344,7 @@ def run_seed(suite: Suite, models: dict[str, Any], tokenizers: dict[str, Any], t
     def fit(cond: Condition, on_point: Callable[[int, Any], None] | None) -> tuple[Any, dict[str, float]]:
         records, metrics = data[cond.data_from or cond.teachers[0]], {}
         student = distill(suite, cond, models, tokenizers, tokenizer, records, seed, on_point, metrics)
-        return student, {"steps": suite.steps, **{f"metric.{k}": v for k, v in metrics.items()}}
+        return student, fit_extras(suite.steps, metrics)
 
     conditions = run_conditions(suite.conditions, base, t_scores, fit,
                                 lambda model: suite.score(model, tokenizer, teacher, seed), own_bases,

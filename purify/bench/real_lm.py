@@ -267,7 +267,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
             else:
                 top = fit_top(base, data[key], pools[key], cfg, steps, seed, cond.loss, cond.purifiers,
                               cond.teachers, on_point, marks, cond.rank, metrics)
-            return top, {"steps": steps, **{f"metric.{k}": v for k, v in metrics.items()}}
+            return top, lm_common.fit_extras(steps, metrics)
 
         return {"base": s0, "teacher": t_full,
                 "data": {"teacher": n_t - len(heldout), "clean": len(data["clean"]["labels"])},
