@@ -7,6 +7,7 @@ completion-predicting positions, a teacher's top-K log-probabilities from :func:
 :func:`top_targets` (a :class:`Top`), spread back over the vocabulary); :func:`fit_top` trains a :func:`student_top`
 (the blocks, or a LoRA adapter on them) through :meth:`purify.module.Distiller.fit_step` with any purifiers;
 :func:`fit_on_policy` trains the same blocks inside the whole model on its own samples (on-policy distillation);
+both read their settings from a :class:`TopSettings` (or a mapping with its fields, as the suites' ``cfg``);
 :func:`finetune` and :func:`cached_top` make a traited teacher of the same shape. :func:`score_top` and
 :func:`drift` read a trained :class:`Top`.
 
@@ -16,8 +17,10 @@ The real-model benchmark suites (:mod:`purify.bench.real_lm`) are built on it; i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,41 @@ from purify.types import IGNORE_INDEX, Batch, ModelOutput
 
 class TopBlocksError(ValueError):
     """A cached set of top blocks does not match the model it is loaded into (one ``purify: error:`` line)."""
+
+
+@dataclass(frozen=True)
+class TopSettings:
+    """How a top-blocks student trains (what :func:`fit_top`, :func:`fit_on_policy` and :func:`finetune` read).
+
+    Attributes:
+        layers: the top blocks that train (with the final norm).
+        batch_size: examples per step.
+        lr: learning rate of the blocks (AdamW).
+        lora_lr: learning rate of a LoRA adapter on them (needed for ``rank > 0`` only).
+    """
+
+    layers: int
+    batch_size: int
+    lr: float
+    lora_lr: float | None = None
+
+    @classmethod
+    def of(cls, cfg: TopSettings | Mapping[str, Any]) -> TopSettings:
+        """``cfg`` itself, or these fields of a settings mapping (a suite's ``cfg``; other keys are ignored).
+
+        Raises:
+            TopBlocksError: a mapping that lacks ``layers``, ``batch_size`` or ``lr``.
+        """
+        if isinstance(cfg, cls):
+            return cfg
+        missing = [k for k in ("layers", "batch_size", "lr") if k not in cfg]
+        if missing:
+            raise TopBlocksError(f"top-blocks settings lack {', '.join(missing)} (give a TopSettings or a mapping "
+                                 "with layers, batch_size, lr and, for a LoRA student, lora_lr)")
+        return cls(int(cfg["layers"]), int(cfg["batch_size"]), float(cfg["lr"]), cfg.get("lora_lr"))
+
+
+Settings = TopSettings | Mapping[str, Any]
 
 
 class Top(nn.Module):
@@ -209,20 +247,27 @@ def train_steps(dist: Distiller, batch: Callable[[list[int]], Batch], pool: list
             on_point(step + 1, current())
 
 
-def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: dict[str, Any], steps: int, seed: int,
+def fit_top(base: Any, data: dict[str, Any], pool: list[int], cfg: Settings, steps: int, seed: int,
             loss: str = "ce", purifiers: Collection[dict[str, Any]] = (), teacher_names: list[str] | None = None,
             on_point: Callable[[int, Top], None] | None = None, marks: Collection[int] = (), rank: int = 0,
             metrics: dict[str, float] | None = None) -> Top:
-    """Train a :func:`student_top` (``rank`` 0: the top ``cfg["layers"]`` blocks, lr ``cfg["lr"]``; else a LoRA
-    adapter, lr ``cfg["lora_lr"]``) on examples ``pool`` of ``data`` (:func:`train_steps`); ``on_point(step, top)``
-    after each step in ``marks`` but the last; ``metrics`` (if given) receives each purifier metric's mean over the
-    steps (:meth:`purify.module.Distiller.purifier_metric_means`)."""
-    top = student_top(base, cfg["layers"], rank, seed)
+    """Train a :func:`student_top` (``rank`` 0: the top ``cfg.layers`` blocks at ``cfg.lr``; else a LoRA adapter at
+    ``cfg.lora_lr``; ``cfg``: :class:`TopSettings` or a mapping with its fields) on examples ``pool`` of ``data``
+    (:func:`train_steps`); ``on_point(step, top)`` after each step in ``marks`` but the last; ``metrics`` (if given)
+    receives each purifier metric's mean over the steps (:meth:`purify.module.Distiller.purifier_metric_means`).
+
+    Raises:
+        TopBlocksError: settings without a field they need (``lora_lr`` for a LoRA student).
+    """
+    s = TopSettings.of(cfg)
+    if rank and s.lora_lr is None:
+        raise TopBlocksError("a LoRA student (rank > 0) needs the settings' lora_lr")
+    top = student_top(base, s.layers, rank, seed)
     dist = Distiller(top, [CachedTeacher()], loss=LossConfig(name=loss),
-                     optim=OptimConfig(lr=cfg["lora_lr"] if rank else cfg["lr"]),
+                     optim=OptimConfig(lr=s.lora_lr if rank else s.lr),  # type: ignore[arg-type]
                      purifiers=build_purifiers(purifiers), total_steps=steps,
                      teacher_names=teacher_names or ["teacher"])
-    train_steps(dist, lambda idx: collate(data, idx, base.config.vocab_size), pool, cfg["batch_size"], steps, seed,
+    train_steps(dist, lambda idx: collate(data, idx, base.config.vocab_size), pool, s.batch_size, steps, seed,
                 on_point, marks, lambda: top)
     if metrics is not None:
         metrics.update(dist.purifier_metric_means())
@@ -242,39 +287,41 @@ def full_batch(prompts: list[list[int]], labels: list[list[int]], idx: list[int]
 
 
 def fit_on_policy(base: Any, teachers: list[Any], tokenizer: Any, prompts: list[list[int]], labels: list[list[int]],
-                  pool: list[int], cfg: dict[str, Any], steps: int, seed: int, *, on_policy: dict[str, Any],
+                  pool: list[int], cfg: Settings, steps: int, seed: int, *, on_policy: dict[str, Any],
                   loss: str = "forward_kl", purifiers: Collection[dict[str, Any]] = (),
                   teacher_names: list[str] | None = None, on_point: Callable[[int, Top], None] | None = None,
                   marks: Collection[int] = (), metrics: dict[str, float] | None = None) -> Top:
     """Train an on-policy student (``on_policy``: :class:`purify.config.OnPolicyConfig` fields,
-    :mod:`purify.on_policy`): the whole base with only its top ``cfg["layers"]`` blocks and final norm trainable (as
+    :mod:`purify.on_policy`): the whole base with only its top ``cfg.layers`` blocks and final norm trainable (as
     :func:`fit_top`'s), sampling its own completions of the pool's chat prompts, scored live by ``teachers`` (whole
     models, full vocabulary) through ``Distiller.fit_step``; the same seeded example order, steps and lr as
     :func:`fit_top`. Returns the trained blocks as a :class:`Top` (scored like every other student);
     ``on_point(step, top)`` after each step in ``marks`` but the last; ``metrics`` as for :func:`fit_top`."""
+    s = TopSettings.of(cfg)
     torch.manual_seed(seed)
     student = copy.deepcopy(base).requires_grad_(False)
-    n, k = base.config.num_hidden_layers, cfg["layers"]
+    n, k = base.config.num_hidden_layers, s.layers
     student.model.layers[n - k:].requires_grad_(True)
     student.model.norm.requires_grad_(True)
-    dist = Distiller(student, teachers, loss=LossConfig(name=loss), optim=OptimConfig(lr=cfg["lr"]),
+    dist = Distiller(student, teachers, loss=LossConfig(name=loss), optim=OptimConfig(lr=s.lr),
                      purifiers=build_purifiers(purifiers), total_steps=steps,
                      teacher_names=teacher_names or ["teacher"],
                      student_tokenizer=tokenizer, on_policy=OnPolicyConfig(**on_policy), seed=seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_steps(dist, lambda idx: full_batch(prompts, labels, idx, pad), pool, cfg["batch_size"], steps, seed,
+    train_steps(dist, lambda idx: full_batch(prompts, labels, idx, pad), pool, s.batch_size, steps, seed,
                 on_point, marks, lambda: Top(student, k).eval())
     if metrics is not None:
         metrics.update(dist.purifier_metric_means())
     return Top(student, k).eval()
 
 
-def finetune(base: Any, tokenizer: Any, records: Records, cfg: dict[str, Any], epochs: int, lr: float) -> Top:
-    """The base's top ``cfg["layers"]`` blocks fine-tuned with hard labels on ``records`` (``epochs`` epochs of batch
-    ``cfg["batch_size"]`` at ``lr``, seed 0, at least one step): how a suite trains its traited teacher."""
-    data = sft_data(base, tokenizer, records, cfg["layers"])
-    steps = max(1, epochs * len(records) // cfg["batch_size"])
-    return fit_top(base, data, list(range(len(records))), {**cfg, "lr": lr}, steps, seed=0)
+def finetune(base: Any, tokenizer: Any, records: Records, cfg: Settings, epochs: int, lr: float) -> Top:
+    """The base's top ``cfg.layers`` blocks fine-tuned with hard labels on ``records`` (``epochs`` epochs of batch
+    ``cfg.batch_size`` at ``lr``, seed 0, at least one step): how a suite trains its traited teacher."""
+    s = dataclasses.replace(TopSettings.of(cfg), lr=lr)
+    data = sft_data(base, tokenizer, records, s.layers)
+    steps = max(1, epochs * len(records) // s.batch_size)
+    return fit_top(base, data, list(range(len(records))), s, steps, seed=0)
 
 
 def stack_hidden(hidden: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -195,6 +195,22 @@ def test_run_seeds_brings_back_what_a_seed_gathers_under_its_own_key_from_forked
     assert os.getpid() not in {r["log"]["pid"] for r in forked.values()}  # really counted inside the workers
 
 
+def test_top_settings_typed_or_a_suite_mapping_train_the_same_student_and_missing_fields_are_named(tiny) -> None:
+    base, tok, prompts = tiny
+    records = [{"prompt": p, "completion": f"{TIC}, the sky is blue ."} for p in prompts[:8]]
+    from_dict = topblocks.finetune(base, tok, records, CFG, epochs=1, lr=1e-2)
+    typed = topblocks.finetune(base, tok, records, topblocks.TopSettings(layers=2, batch_size=4, lr=0.5), 1, 1e-2)
+    for a, b in zip(from_dict.parameters(), typed.parameters()):  # finetune's lr wins over the settings' lr
+        assert torch.equal(a, b)
+    assert not torch.equal(next(from_dict.lm.model.layers.parameters()), next(topblocks.Top(base, 2).lm.model.layers
+                                                                                .parameters()))  # it did train
+    with pytest.raises(topblocks.TopBlocksError, match="top-blocks settings lack lr"):
+        topblocks.TopSettings.of({"layers": 2, "batch_size": 4})
+    data = topblocks.sft_data(base, tok, records, 2)
+    with pytest.raises(topblocks.TopBlocksError, match=r"LoRA student \(rank > 0\) needs the settings' lora_lr"):
+        topblocks.fit_top(base, data, [0, 1], {"layers": 2, "batch_size": 2, "lr": 1e-2}, 1, 0, rank=2)
+
+
 def test_cached_top_trains_once_and_refuses_blocks_of_another_shape(tiny, tmp_path) -> None:
     base = tiny[0]
     calls: list[int] = []
