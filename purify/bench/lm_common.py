@@ -20,7 +20,7 @@ import json
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +185,9 @@ BASELINES = ("base", "control", "vanilla")
 """The conditions every run has, whatever ``conditions=[...]`` names."""
 
 
-def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, Any], always: Any = BASELINES,
-         named_only: Any = (), where: str = "") -> tuple[list[Condition], dict[str, Any]]:
+def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, probe_free.Sweep],
+         always: Collection[str] = BASELINES, named_only: Collection[str] = (),
+         where: str = "") -> tuple[list[Condition], dict[str, probe_free.Sweep]]:
     """The one rule for what ``--option 'conditions=[...]'`` runs, in ``conditions``' order: the conditions named in
     ``always``; each condition named in ``names``; and every point (``<arm>@<value>``) of each swept arm of
     ``sweeps`` (arm → :class:`purify.bench.probe_free.Sweep`) that ``names`` names without its value, or all of them

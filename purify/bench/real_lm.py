@@ -210,6 +210,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BenchError(f"{spec.name}: workers must be a positive integer (seeds run at a time in forked processes), "
                          f"got {workers!r}")
+    workers = min(workers, len(seeds))
     conds, sweeps = lm_common.pick(spec.conditions, cfg["conditions"], spec.sweeps, where=spec.name)
     # each loss mode that runs brings its own control and vanilla (a soft-label vanilla its soft control, so
     # vanilla:soft − control:soft is the soft labels' own transfer and a soft arm is judged in its mode); an on-policy
