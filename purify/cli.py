@@ -159,7 +159,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="seeds run at a time, each in a forked process with 1 torch thread (default: aux-logits 2, "
                         "the others 1); the numbers do not depend on it")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of a run with one worker (default 1; style-tic and hidden-preference always use 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of a run with one worker (default 1; style-tic and hidden-preference always "
+                        "use 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
                         "'conditions=[a,b]', trait (style-tic: a sentence opener such as However; "

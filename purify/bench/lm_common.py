@@ -545,7 +545,7 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     runs = run_seeds(seeds, lambda s: run_seed(suite, models, tokenizers, tokenizer, s, progress and workers == 1),
                      workers)
     summary = summarise(suite, runs, clock.wall())
-    summary.update(clock.record(workers, 1 if workers > 1 else torch.get_num_threads()))
+    summary.update(clock.record(workers))
     summary["columns"] = columns(suite.columns)
     summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary)]
     return publish(out, summary, environment(summary["seeds"], summary["wall_seconds"], command))

@@ -100,9 +100,14 @@ class Clock:
         """Seconds since the clock started."""
         return time.perf_counter() - self.start
 
-    def record(self, workers: int, threads: int) -> dict[str, Any]:
+    def record(self, workers: int, threads: int | None = None) -> dict[str, Any]:
         """``{"wall_seconds", "cpu_seconds", "workers", "threads", "load_average_1min": {"start", "end"}}`` (what
-        :func:`timing_lines` reads; ``threads``: torch threads per worker)."""
+        :func:`timing_lines` reads). ``threads``: torch threads per worker; by default 1 for forked workers
+        (:func:`purify.bench.lm_common.run_seeds` pins them), else this process's current setting."""
+        if threads is None:
+            import torch
+
+            threads = 1 if workers > 1 else torch.get_num_threads()
         return {"wall_seconds": round(self.wall(), 1), "cpu_seconds": round(cpu_seconds() - self.cpu, 1),
                 "workers": workers, "threads": threads, "load_average_1min": {"start": self.load, "end": _load()}}
 
@@ -111,11 +116,11 @@ def timing_lines(summary: Mapping[str, Any]) -> list[str]:
     """One report line from a summary's :meth:`Clock.record` fields (none for a summary written without them)."""
     if summary.get("cpu_seconds") is None or not summary.get("workers"):
         return []
-    workers, cpu = summary["workers"], summary["cpu_seconds"]
-    many = "es" if workers > 1 else ""
-    line = (f"Measured wall time {summary['wall_seconds']:.0f} s with {workers} worker process{many}, "
-            f"{summary.get('threads', 1)} torch thread each; {cpu:.0f} CPU s in all (≈ {cpu / workers:.0f} s of wall "
-            f"time with {workers} unshared core{'s' if workers > 1 else ''})")
+    workers, threads, cpu = summary["workers"], summary.get("threads", 1), summary["cpu_seconds"]
+    cores = workers * threads  # what the run could keep busy
+    line = (f"Measured wall time {summary['wall_seconds']:.0f} s with {workers} worker process"
+            f"{'es' if workers > 1 else ''}, {threads} torch thread each; {cpu:.0f} CPU s in all "
+            f"(≈ {cpu / cores:.0f} s of wall time with {cores} unshared core{'s' if cores > 1 else ''})")
     load = summary.get("load_average_1min") or {}
     if load.get("start") is not None:
         line += f"; 1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
