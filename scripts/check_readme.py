@@ -7,7 +7,10 @@ Each table sits between two markers naming its summary and, optionally, the rows
     <!-- /results-table -->
 
 A probe-free table (``summary.json["probe_free"]``: each swept arm at the value the trait-blind rule chose per seed)
-sits between ``<!-- probe-free-table: results/.../summary.json -->`` and ``<!-- /probe-free-table -->``.
+sits between ``<!-- probe-free-table: results/.../summary.json -->`` and ``<!-- /probe-free-table -->``. The
+scoreboard (between ``<!-- scoreboard -->`` and ``<!-- /scoreboard -->``) has one row per probe-free arm of every
+committed ``results/**/summary.json``, wins first, with whether its seeds were held out from every choice made by
+looking at the trait (``tuned_on``) and whether the run was pre-registered (a ``PREREGISTERED.md`` beside it).
 
 Usage::
 
@@ -25,8 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from purify.bench.verdicts import LABELS
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- (results|probe-free)-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /\2-table -->)", re.S)
+SCOREBOARD = re.compile(r"(<!-- scoreboard -->\n)(.*?)(<!-- /scoreboard -->)", re.S)
 
 
 def _ci(stat: dict[str, Any] | None) -> str:
@@ -90,19 +96,61 @@ def probe_free_table(summary: dict[str, Any], rows: list[str] | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def render(readme: str) -> tuple[str, list[str]]:
+def _span(seeds: list[int]) -> str:
+    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 else \
+        ", ".join(map(str, seeds))
+
+
+def scoreboard(root: Path = ROOT) -> str:
+    """One row per probe-free arm of every ``results/**/summary.json`` under ``root``, by verdict label (a win first,
+    :data:`purify.bench.verdicts.LABELS`), then by path: the verdict at the rule's choice, the trait, the run, its
+    seeds — held out (``fresh``) when disjoint from every ``tuned_on`` entry that looked at the trait, else ``tuning
+    seeds``; ``pre-registered`` when a ``PREREGISTERED.md`` sits beside the summary — transfer − control with its 90%
+    CI, the equivalence margin m (``–`` where the verdict was reached before it was needed, e.g. ``damaged``) and the
+    task error relative to vanilla's."""
+    rows = []
+    for path in sorted((root / "results").glob("**/summary.json")):
+        summary = json.loads(path.read_text())
+        seeds = sorted(summary["seeds"])
+        tuned = any(set(seeds) & set(t["seeds"]) for t in summary.get("tuned_on") or [] if t.get("trait", True))
+        flags = ["tuning seeds" if tuned else "fresh", *(["pre-registered"] if (path.parent / "PREREGISTERED.md")
+                                                         .exists() else [])]
+        run = path.parent.relative_to(root / "results").as_posix()
+        for arm, a in ((summary.get("probe_free") or {}).get("arms") or {}).items():
+            label = next((k for k in LABELS if a["verdict"].startswith(k)), "no verdict")
+            verdict = a["verdict"].split(" (")[0]
+            tc, margin = a["transfer_minus_control"], (a.get("frontier_gap") or {}).get("margin")
+            lo, hi = tc["ci90"]
+            cells = [f"**{verdict}**" if label == "purified" else verdict, f"{arm} ({a['knob']})",
+                     summary["trait"].split(" (transfer")[0], f"[{run}](results/{run})",
+                     f"{_span(seeds)} ({len(seeds)}; {', '.join(flags)})",
+                     f"{_signed(tc['mean'])} [{_signed(lo)}, {_signed(hi)}]" if tc["n"] else "",
+                     f"±{margin:.3f}" if margin is not None else "–", f"{a['task_error_ratio']['mean']:.2f}"]
+            rows.append(((LABELS.index(label), run), "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"))
+    head = ["| verdict at the probe-free choice | arm (knob) | trait | run (results/…) | seeds | transfer − control "
+            "[90% CI] | ±m | task error × vanilla |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join([*head, *(row for _, row in sorted(rows, key=lambda r: r[0]))]) + "\n"
+
+
+def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
     """README text with every marked table regenerated, and the summaries whose table changed."""
     changed: list[str] = []
 
     def fill(m: re.Match[str]) -> str:
-        summary = json.loads((ROOT / m.group(3)).read_text())
+        summary = json.loads((root / m.group(3)).read_text())
         rows = m.group(4).split(",") if m.group(4) else None
         body = (table if m.group(2) == "results" else probe_free_table)(summary, rows)
         if body != m.group(5):
             changed.append(m.group(3) + (" (probe-free)" if m.group(2) == "probe-free" else ""))
         return m.group(1) + body + m.group(6)
 
-    return BLOCK.sub(fill, readme), changed
+    def board(m: re.Match[str]) -> str:
+        body = scoreboard(root)
+        if body != m.group(2):
+            changed.append("the scoreboard (results/**/summary.json)")
+        return m.group(1) + body + m.group(3)
+
+    return SCOREBOARD.sub(board, BLOCK.sub(fill, readme)), changed
 
 
 def main(argv: list[str] | None = None) -> int:

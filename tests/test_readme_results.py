@@ -42,3 +42,32 @@ def test_probe_free_tables_show_the_choice_per_seed_and_the_verdict_at_it(tmp_pa
     readme.write_text(f"<!-- probe-free-table: {path} -->\nstale\n<!-- /probe-free-table -->\n")
     assert check_readme.main(["--check", "--readme", str(readme)]) == 1
     assert check_readme.main(["--readme", str(readme)]) == 0 and "| anchor (weight) | 1, 3* |" in readme.read_text()
+
+
+def _summary(verdict: str, seeds: list[int], tuned_seeds: list[int], trait: str = "P(owl | q)") -> dict:
+    arm = {"knob": "threshold", "verdict": verdict, "transfer_minus_control": {"mean": 0.01, "ci90": [-0.02, 0.04],
+                                                                              "n": len(seeds)},
+           "task_error_ratio": {"mean": 0.934}, "frontier_gap": {"margin": 0.05}}
+    return {"suite": "s", "trait": trait, "seeds": seeds, "probe_free": {"arms": {"replace": arm}},
+            "tuned_on": [{"seeds": tuned_seeds, "trait": True, "what": "x"},
+                         {"seeds": seeds, "trait": False, "what": "looked at no trait"}]}
+
+
+def test_the_scoreboard_puts_wins_first_and_says_which_seeds_were_held_out(tmp_path):
+    runs = {"a": _summary("damaged: facts (below)", [1, 2, 3], [2]),
+            "b": _summary("purified (transfer − control +0.01, ...)", [10, 11, 12], [1, 2]),
+            "c": {"suite": "s", "trait": "t", "seeds": [1], "probe_free": {"arms": {}}}}
+    for name, summary in runs.items():
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "results" / "b" / "PREREGISTERED.md").write_text("fixed before the run")
+    rows = check_readme.scoreboard(tmp_path).splitlines()[2:]
+    assert rows == [
+        "| **purified** | replace (threshold) | P(owl \\| q) | [b](results/b) | 10–12 (3; fresh, pre-registered) | "
+        "+0.010 [-0.020, +0.040] | ±0.050 | 0.93 |",
+        "| damaged: facts | replace (threshold) | P(owl \\| q) | [a](results/a) | 1–3 (3; tuning seeds) | "
+        "+0.010 [-0.020, +0.040] | ±0.050 | 0.93 |"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- scoreboard -->\nstale\n<!-- /scoreboard -->\n")
+    text, changed = check_readme.render(readme.read_text(), tmp_path)
+    assert "the scoreboard (results/**/summary.json)" in changed and rows[0] in text
