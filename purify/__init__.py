@@ -18,7 +18,7 @@ _EXPORTS = {
     "distillation_loss": "purify.losses",
     # shared types
     "IGNORE_INDEX": "purify.types", "Batch": "purify.types", "ModelOutput": "purify.types", "Targets": "purify.types",
-    "RecipeError": "purify.types", "DivergedError": "purify.types",
+    "RecipeError": "purify.types", "DivergedError": "purify.types", "TrainingStopped": "purify.types",
     # purifier protocol
     "Purifier": "purify.purifiers.base", "TargetPurifier": "purify.purifiers.base",
     "StudentPurifier": "purify.purifiers.base", "ParameterPurifier": "purify.purifiers.base",

@@ -264,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from purify.gguf import GGUFError
+    from purify.types import TrainingStopped
 
     try:
         return int(args.func(args))
+    except TrainingStopped as err:  # a signal, not bad input: the signal's exit code, never 0
+        print(f"purify: error: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, ArithmeticError, GGUFError, FileNotFoundError) as err:
         # purify's own errors (RecipeError with one line per problem, DataError, CacheError, CheckpointError,
         # DivergedError, GenerateError, AuditError, ...) are `purify: error:` lines for the user; a ValueError or

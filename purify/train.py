@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
 from purify.checkpoint import VerifiedCheckpointIO, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import write_lineage
 from purify.storage import atomic_dir, atomic_write_text
-from purify.types import RecipeError
+from purify.types import RecipeError, TrainingStopped
 
 
 class LineageCallback(Callback):
@@ -43,8 +46,14 @@ class LineageCallback(Callback):
             write_lineage(self.directory, {**self.snapshot(trainer), "status": "checkpoint"})
 
 
-def _loggers(output_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(output_dir, name="logs", version="")]
+def _loggers(output_dir: Path, resume: bool = False) -> list[Logger]:
+    """CSV (``logs/metrics.csv``) and TensorBoard when installed. A resumed run that finds ``logs/metrics.csv`` writes
+    its rows to ``logs/resumed-<k>/metrics.csv`` (the first unused ``k``): Lightning's CSV logger would otherwise
+    delete the rows logged before the checkpoint."""
+    version = ""
+    if resume and (output_dir / "logs" / "metrics.csv").is_file():
+        version = next(f"resumed-{k}" for k in range(1, 10_000) if not (output_dir / "logs" / f"resumed-{k}").exists())
+    loggers: list[Logger] = [CSVLogger(output_dir, name="logs", version=version)]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -73,7 +82,8 @@ def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | N
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
-        strategy=strategy, callbacks=callbacks, logger=_loggers(output_dir) if output_dir else False,
+        strategy=strategy, callbacks=callbacks,
+        logger=_loggers(output_dir, recipe.resume is not None) if output_dir else False,
         plugins=[VerifiedCheckpointIO(expected)] if recipe.strategy in ("auto", "ddp") else None,
         enable_checkpointing=output_dir is not None, default_root_dir=output_dir, use_distributed_sampler=False,
         enable_model_summary=False,
@@ -121,19 +131,19 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
+    step = _check_resume(recipe, run) if recipe.resume is not None and recipe.strategy in ("auto", "ddp") else None
     # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
-    if recipe.resume is None and rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
-        raise RecipeError(f"output_dir: {output_dir} already holds a run (lineage.json); give a new output_dir, or "
-                          f"resume={output_dir / 'checkpoints' / 'last.ckpt'} to continue that one")
-    if recipe.resume is not None and recipe.strategy in ("auto", "ddp"):
-        _check_resume(recipe, run)
+    if rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
+        _check_existing_run(output_dir, recipe.resume, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
+    # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
+    # into a run's directory only from its latest checkpoint, so nothing older is rewritten
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
-                                 save_last=True)
+                                 save_last=True, enable_version_counter=False)
     try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
         trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
     except (MisconfigurationException, ValueError, TypeError) as err:
@@ -151,22 +161,73 @@ def train(recipe: Recipe) -> Path:
                     export_student(run, output_dir / "student", final)
                 write_lineage(output_dir, final)
     except BaseException as err:
+        signum = _stop_signal(err)
+        reason = f"stopped by {signal.Signals(signum).name}" if signum else \
+            f"{type(err).__name__}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
         if trainer.is_global_zero:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            failed = {**lineage_cb.snapshot(trainer), "status": "failed", "error": f"{type(err).__name__}: {reason}"}
-            write_lineage(output_dir, failed)
+            write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "status": "failed", "error": reason})
+        if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)
+            latest = latest_checkpoint(ckpt_dir)
+            raise TrainingStopped(f"train: {reason} at step {trainer.global_step}; {output_dir / 'lineage.json'} says "
+                                  "status: failed; " + (f"resume={latest} to continue" if latest else
+                                                        "no checkpoint was written yet"), 128 + signum) from None
         raise
     return output_dir
 
 
-def _check_resume(recipe: Recipe, run: Run) -> None:
+def _stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped a fit: SIGTERM (Lightning's ``SIGTERMException``, e.g. a scheduler's preemption) or
+    SIGINT (Ctrl-C, which Lightning turns into ``SystemExit(1)``); ``None`` for any other failure."""
+    if isinstance(err, SIGTERMException):
+        return int(signal.SIGTERM)
+    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and isinstance(err.__context__,
+                                                                                          KeyboardInterrupt)):
+        return int(signal.SIGINT)
+    return None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """A run's checkpoint to continue from: ``last.ckpt``, else its ``step<N>.ckpt`` of the largest ``N``; ``None``
+    when there is none."""
+    if (ckpt_dir / "last.ckpt").exists():
+        return ckpt_dir / "last.ckpt"
+    steps = {int(m.group(1)): p for p in ckpt_dir.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))}
+    return steps[max(steps)] if steps else None
+
+
+def _check_existing_run(output_dir: Path, resume: str | None, step: int | None) -> None:
+    """Refuse, before anything is written, a launch that would overwrite the run ``output_dir`` already holds: a
+    fresh start; a ``resume`` from another directory's checkpoint; or one from an earlier step than the run's latest
+    checkpoint (``checkpoints/lineage.json``'s step; ``step`` is the checkpoint's, ``None`` where the strategy's
+    sharded checkpoint is not read before the fit). Resuming from the latest checkpoint — an interrupted run, or a
+    finished one given more ``trainer.max_steps`` — continues the run in place."""
+    ckpt_dir = output_dir / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir)
+    to_continue = f"resume={latest} to continue that one" if latest else \
+        "it has no checkpoint to continue from (remove it to start again)"
+    if resume is None:
+        raise RecipeError(f"output_dir: {output_dir} already holds a run (lineage.json); give a new output_dir, or "
+                          f"{to_continue}")
+    if Path(resume).resolve().parent != ckpt_dir.resolve():
+        raise RecipeError(f"resume: {resume} is not a checkpoint of {output_dir}, which already holds another run; "
+                          f"give a new output_dir to continue from {resume}, or {to_continue}")
+    recorded = ckpt_dir / "lineage.json"
+    last = json.loads(recorded.read_text()).get("step") if recorded.is_file() else None
+    if step is not None and isinstance(last, int) and step < last:
+        raise RecipeError(f"resume: {resume} is at step {step}, but {output_dir} holds that run up to step {last}; "
+                          f"resuming there would overwrite it: give a new output_dir to replay from step {step}, or "
+                          f"{to_continue}")
+
+
+def _check_resume(recipe: Recipe, run: Run) -> int:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
-    (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``."""
+    (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``. Returns its step."""
     # the student's tensors only: purifier heads are built at set-up (the load-time check covers them)
     step = int(load_verified(recipe.resume, run.distiller.trained_state(), scope="student.")["global_step"])
     if step >= recipe.trainer.max_steps:
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")
+    return step
 
 
 def _full_weights(module: torch.nn.Module, sharded: bool) -> Any:

@@ -39,6 +39,15 @@ class RecipeError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+class TrainingStopped(RuntimeError):
+    """A signal (a scheduler's SIGTERM, Ctrl-C) stopped training before it finished; ``lineage.json`` says ``status:
+    failed``. ``exit_code`` is the shell's code for that signal (128 + its number), never 0."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class DivergedError(FloatingPointError):
     """Training produced a non-finite loss or weights; the message names the step."""
 

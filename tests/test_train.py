@@ -166,3 +166,61 @@ def test_resumed_run_with_a_neutral_input_stream_equals_uninterrupted_run(mlp_re
     a, b = student_weights(full), student_weights(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_a_run_is_never_rewound_or_replaced_by_a_resume(mlp_recipe, tmp_path):
+    from purify.types import RecipeError
+
+    full = train(mlp_recipe(steps=20, sub="full"))
+    other = train(mlp_recipe(steps=10, sub="other"))
+    before = {p: p.read_bytes() for p in full.rglob("*") if p.is_file()}
+    with pytest.raises(RecipeError, match=r"resume: .*step10\.ckpt is at step 10, but .*full holds that run up to step "
+                                          r"20; resuming there would overwrite it: give a new output_dir to replay "
+                                          r"from step 10, or resume=.*full/checkpoints/last\.ckpt to continue"):
+        train(mlp_recipe(steps=20, sub="full", resume=str(full / "checkpoints" / "step10.ckpt")))
+    with pytest.raises(RecipeError, match=r"resume: .*other/checkpoints/last\.ckpt is not a checkpoint of .*full, "
+                                          r"which already holds another run; give a new output_dir"):
+        train(mlp_recipe(steps=20, sub="full", resume=str(other / "checkpoints" / "last.ckpt")))
+    assert {p: p.read_bytes() for p in full.rglob("*") if p.is_file()} == before  # nothing written
+
+    # from its latest checkpoint a run continues in place: its logs kept, no `-v1` checkpoint copies
+    train(mlp_recipe(steps=30, sub="full", resume=str(full / "checkpoints" / "last.ckpt")))
+    record = read_lineage(full)
+    assert record["status"] == "finished" and record["step"] == 30
+    assert (full / "logs" / "metrics.csv").read_bytes() == before[full / "logs" / "metrics.csv"]
+    resumed_steps = [int(r.split(",")[1]) for r in (full / "logs" / "resumed-1" / "metrics.csv").read_text()
+                     .splitlines()[1:] if r.split(",")[1]]
+    assert resumed_steps and min(resumed_steps) >= 20
+    assert sorted(p.name for p in (full / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt", "step10.ckpt", "step20.ckpt", "step30.ckpt"]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signalled_run_exits_with_the_signals_code_and_says_it_failed(tmp_path, sig, code):
+    """A scheduler's SIGTERM made Lightning end the fit with a code-less SystemExit: the shell saw a success."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import mlp_overrides
+
+    out, recipe = tmp_path / "o", tmp_path / "recipe.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=10**6, **{"trainer.checkpoint_every_n_steps": 5})),
+                   recipe)
+    proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step5.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    lines = err.strip().splitlines()
+    assert f"purify: error: train: stopped by {sig} at step" in lines[-1]
+    assert "says status: failed; resume=" in lines[-1]
+    assert "Traceback" not in err
+    record = read_lineage(out)
+    assert record["status"] == "failed" and record["error"] == f"stopped by {sig}"
