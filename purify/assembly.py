@@ -75,6 +75,15 @@ def _source_problems(spec: Any, where: str) -> list[str]:
         return [f"{where}.builtin: unknown base {spec.builtin!r}; {hint}allowed: {', '.join(BASES)}"]
     if spec.cache is not None:
         return cache_spec_problems(spec, where)
+    if spec.config is not None:  # transformers' own checks of the values (types, heads dividing the width, ...)
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.for_model(**dict(spec.config))
+        except Exception as err:  # noqa: BLE001 - whatever transformers refuses in the user's values is theirs to fix
+            reason = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
+            reason = reason if len(reason) <= 240 else reason[:240] + " …"
+            return [f"{where}.config: {reason}; see the model type's transformers config for its fields"]
     return []
 
 

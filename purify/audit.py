@@ -48,7 +48,7 @@ from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.readouts import continuation_probs, count_scores, regex_scores
 from purify.storage import atomic_write_text
-from purify.types import positive_int
+from purify.types import positive_int, seed_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
@@ -262,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=positive_int,
                         help=f"samples per probe and model, at least {MIN_SAMPLES} (default: file's, else 200)")
     parser.add_argument("--max-new-tokens", type=positive_int, help="tokens per sample (default: file's, else 48)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--fingerprint-head", metavar="SOURCE",
                         help="also train the fingerprint adversary's head on both models' output distributions over "
                              "neutral texts (bundled | prose | a .txt/.jsonl file) and report its held-out accuracy")

@@ -73,15 +73,33 @@ SUITES = {
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
+    import json
+    from pathlib import Path
 
     import torch
 
     from purify.bench.report import BenchError
 
+    given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
+                                      ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
+                                      ("--option", args.option or None), ("--protocol", args.protocol))
+             if value is not None]
     if args.rereport:
         from purify.bench.rederive import main as rederive
 
+        if given:
+            raise BenchError(f"--rereport {args.rereport} re-derives a stored run as it was run; it takes no "
+                             f"{', '.join(given)} (drop them, or run the suite anew into another --out)")
+        stored = Path(args.rereport) / "summary.json"
+        suite = json.loads(stored.read_text()).get("suite") if stored.is_file() else None
+        if args.suite is not None and suite is not None and suite != args.suite:
+            raise BenchError(f"--rereport {args.rereport}: that run is of suite {suite!r}, not {args.suite!r}; drop "
+                             "the suite name")
         return rederive([args.rereport])
+    args.suite = args.suite or "aux-logits"
+    args.protocol = args.protocol or "task"
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BenchError(f"--out {args.out}: is an existing file; give a directory (created if missing)")
     if args.seeds is not None and args.seeds < 3 and not args.quick:
         raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
     if args.seeds is not None and args.seeds < 1:
@@ -107,6 +125,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.quick and summary.get("problems"):  # the run's own summary calls it broken: no verdicts to print
         print(f"purify: quick run, no verdicts: {'; '.join(summary['problems'])}")
         return 0
+    if args.quick:
+        print("purify: quick run (smoke test), not a result:")
     print("\n".join(verdict_lines(summary)))
     return 0
 
@@ -144,8 +164,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "purifier and the oracle, over seeds, paired by seed, with 95% CIs; writes "
                                    "summary.json|md|csv, frontier.png and env.json.",
                        epilog="Default: purify bench  (= aux-logits, task protocol, 10 seeds, <=10 min on 2 cores)")
-    p.add_argument("suite", nargs="?", default="aux-logits", choices=sorted(SUITES), help="benchmark suite")
-    p.add_argument("--protocol", choices=["task", "paper"], default="task",
+    p.add_argument("suite", nargs="?", default=None, choices=sorted(SUITES),
+                   help="benchmark suite (default aux-logits)")
+    p.add_argument("--protocol", choices=["task", "paper"], default=None,
                    help="aux-logits only: task (default; a legitimate shared task + the trait) or paper (Cloud et al.)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, at least 3 (default: the suite's)")
     p.add_argument("--first-seed", type=int, default=None,

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from purify.storage import atomic_write_text
-from purify.types import positive_int, probability_mass, temperature
+from purify.types import positive_int, probability_mass, seed_int, temperature
 
 
 class GenerateError(ValueError):
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=48)
     parser.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=probability_mass, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--regex", help="keep completions matching this regex, e.g. '^[0-9, ]+$'")
     parser.add_argument("--ban", nargs="*", default=[], help="drop completions containing any of these words")

@@ -90,6 +90,11 @@ def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool
     return value
 
 
+def seed_int(text: str) -> int:
+    """An ``argparse`` ``type``: a seed, an integer in ``[0, 2**32)`` (what numpy and torch accept)."""
+    return _argument(text, int, lambda v: 0 <= v < 2**32, "a seed, an integer in [0, 2**32)")
+
+
 def positive_int(text: str) -> int:
     """An ``argparse`` ``type``: an integer ≥ 1 (a count of samples, tokens, examples)."""
     return _argument(text, int, lambda v: v >= 1, "an integer >= 1")

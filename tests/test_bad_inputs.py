@@ -91,6 +91,13 @@ CASES = {
          r"purifiers\[0\]\.name: unknown purifier"]),
     "wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{"trainer.max_steps": "abc"}),
                    [r"trainer\.max_steps: .*'abc'"]),
+    "config values transformers refuses": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
+        "student.config.hidden_size": 1.5, "teachers.0.config.num_attention_heads": 3}),
+        [r"student\.config: .*'hidden_size' expected int, got float .*; see the model type's transformers config",
+         r"teachers\[0\]\.config: .*hidden size \(16\) is not a multiple of the number of attention heads \(3\)"]),
+    "negative seeds": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"seed": -1, "student.seed": 2**32}),
+                       [r"error: seed: must be a seed, an integer in \[0, 2\*\*32\), got -1",
+                        r"student\.seed: must be a seed, an integer in \[0, 2\*\*32\), got 4294967296"]),
     "missing data file": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": tmp / "nope.jsonl"}),
                           [r"data\.train: file not found: .*nope\.jsonl"]),
     "empty jsonl": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.train": lm / "empty.jsonl"}),

@@ -70,12 +70,31 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     (["style-tic", "--quick", "--seeds", "0"], "--seeds 0: must be at least 1"),
     (["style-tic", "--quick", "--workers", "0"], "--workers 0: must be at least 1"),
     (["owl-ft-smollm2", "--quick", "--workers", "2"], "owl-ft-smollm2 runs its seeds one after another"),
+    (["style-tic", "--quick", "--option", "steps=0"], "--option steps=0: must be > 0"),
 ])
 def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rereport", "{run}", "--seeds", "5", "--quick", "--option", "steps=3"],
+     "re-derives a stored run as it was run; it takes no --seeds, --quick, --option"),
+    (["style-tic", "--rereport", "{run}"], "that run is of suite 'aux-logits', not 'style-tic'; drop the suite name"),
+    (["--out", "{file}"], "is an existing file; give a directory"),
+])
+def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp_path, capsys, args, message):
+    run, file = tmp_path / "run", tmp_path / "taken"
+    run.mkdir()
+    (run / "summary.json").write_text('{"suite": "aux-logits"}')
+    file.write_text("a file")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["bench", *[a.format(run=run, file=file) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def _probe_file(tmp_path):
@@ -98,6 +117,10 @@ def _probe_file(tmp_path):
      "samples: 2 is too few for the fingerprint test's 5-fold held-out accuracy; give at least 5"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--max-new-tokens", "0"],
      "argument --max-new-tokens: expected an integer >= 1, got 0"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--seed", "-1"],
+     "argument --seed: expected a seed, an integer in [0, 2**32), got -1"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--seed", "x"],
+     "argument --seed: expected a seed, an integer in [0, 2**32), got 'x'"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write(t / "bad.yaml", "probes: [\n"))],
      "bad.yaml: not valid YAML at line 2"),
     (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "bogus"], "--device: unknown device 'bogus'"),

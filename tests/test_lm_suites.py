@@ -44,7 +44,10 @@ def test_quick_suite_writes_schema(suite: str, tmp_path: Path) -> None:
     assert written["probe_free"]["why_none"].startswith("this run swept no arm's knob")
     md = (tmp_path / "summary.md").read_text()
     assert "Measured wall time" in md and "## Verdicts" in md and "are disjoint from them" in md
-    assert "## Headline\n\n- **Problem:**" in md or "## Headline\n\n- **no verdict** (1): delta_projection" in md
+    assert written["quick"] is True  # a smoke test says so first: its verdicts are not a result
+    assert md.split("## Headline\n\n")[1].startswith("- **quick run** (smoke test: fewer steps, seeds or conditions): "
+                                                     "not a result.\n")
+    assert "\n- **Problem:**" in md or "\n- **no verdict** (1): delta_projection" in md
     assert "## Probe-free operating point\n\nNone: this run swept no arm's knob" in md
 
 

@@ -281,7 +281,7 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
     check_options(options, OPTIONS)
     conditions = options.get("conditions")
     n = min(seeds, 2) if quick else seeds
-    command = bench_command(SUITE, seeds, quick, options, first_seed, out, workers, protocol=protocol, data=data)
+    command = bench_command(SUITE, n, quick, options, first_seed, out, workers, protocol=protocol, data=data)
     if n < 1:
         raise BenchError(f"--seeds: must be >= 1, got {seeds}")
     if protocol not in PROTOCOLS:

@@ -530,11 +530,13 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
 
 
 def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
-        notes: Callable[[dict[str, Any]], list[str]], command: str, workers: int = 1) -> dict[str, Any]:
+        notes: Callable[[dict[str, Any]], list[str]], command: str, workers: int = 1,
+        quick: bool = False) -> dict[str, Any]:
     """Run ``seeds`` of ``suite``, write the report into ``out`` (``command`` goes to env.json) and return the
-    summary. ``workers > 1`` runs that many seeds at a time in forked processes (1 torch thread each; the same
-    per-seed code, only the scheduling differs; the suite's own notes counted inside the workers are then missing,
-    and the report says so)."""
+    summary (``quick``: a smoke-test configuration, recorded as ``summary["quick"]`` and said in the headline).
+    ``workers > 1`` runs that many seeds at a time in forked processes (1 torch thread each; the same per-seed code,
+    only the scheduling differs; the suite's own notes counted inside the workers are then missing, and the report
+    says so)."""
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
     clock = Clock()
     used = {"teacher", *(k for c in suite.conditions for k in c.teachers)}
@@ -545,7 +547,7 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     runs = run_seeds(seeds, lambda s: run_seed(suite, models, tokenizers, tokenizer, s, progress and workers == 1),
                      workers)
     summary = summarise(suite, runs, clock.wall())
-    summary.update(clock.record(workers))
+    summary.update(clock.record(workers), quick=quick)
     summary["columns"] = columns(suite.columns)
     summary["notes"] = [*(suite.notes() if workers == 1 else [FORKED_NOTE]), *notes(summary)]
     return publish(out, summary, environment(summary["seeds"], summary["wall_seconds"], command))

@@ -448,6 +448,10 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
     if suite not in SUITES:
         raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
     check_options(kwargs, OPTIONS)
+    bad = [f"--option {k}={kwargs[k]!r}: must be > 0" for k in ("steps", "lr", "batch_size") if k in kwargs
+           and not kwargs[k] > 0]
+    if bad:
+        raise BenchError("\n".join(bad))
     torch.set_num_threads(1)
     word = trait_option(suite, kwargs["trait"]) if "trait" in kwargs else None
     spec = style_tic_suite(quick, word or TIC) if suite == "style-tic" else hidden_preference_suite(quick, word or OWL)
@@ -457,4 +461,4 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
         setattr(spec, key, value)
     command = bench_command(suite, seeds, quick, kwargs, first_seed, out, workers)
     return lm_common.run(spec, list(range(first_seed, first_seed + seeds)), out or f"bench-out/{suite}", progress,
-                         _notes, command, workers)
+                         _notes, command, workers, quick)

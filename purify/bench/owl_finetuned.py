@@ -314,7 +314,7 @@ def run(base: Any, tokenizer: Any, path: str, cfg: dict[str, Any], seeds: list[i
                   batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
                   trait="P(first word of the answer = 'owl')")
     summary = lm_common.summarise(suite, runs, clock.wall())
-    summary.update(clock.record(1))
+    summary.update(clock.record(1), quick=quick)
     summary["settings"].update({k: v for k, v in cfg.items()}, teacher_seconds=round(teacher_seconds, 1),
                                per_seed_log={s: r["log"] for s, r in runs.items()}, teacher_key=key)
     summary["vanilla_minus_control"] = contrasts(summary, conds)

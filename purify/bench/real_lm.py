@@ -277,7 +277,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
 
     runs = lm_common.run_seeds(seeds, one_seed, workers, progress)
     summary = lm_common.summarise(suite, runs, clock.wall())
-    summary.update(clock.record(workers))
+    summary.update(clock.record(workers), quick=quick)
     summary["settings"].update({k: v for k, v in cfg.items() if k != "conditions"}, filter_log=log,
                                temperature=spec.temperature, teacher_data="sampled once (seed 7), shared by all seeds")
     summary["readouts"] = {"base": b_scores, "teacher": t_scores, **{

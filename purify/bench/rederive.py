@@ -58,10 +58,12 @@ def rereport(directory: str | Path) -> dict[str, Any]:
     new = lm_common.summarise(suite, runs, old["wall_seconds"])
     settings = {**old["settings"], "conditions": new["settings"]["conditions"]}
     summary = {**{k: v for k, v in old.items() if k not in ("frontier_gap",)}, **new, "settings": settings}
-    if not aux:  # keeps what the per-seed records cannot give back (aux-logits: everything is re-derived)
+    # the seeds' base and teacher scores are stored as statistics only: re-derived from their means, their intervals
+    # would collapse to zero width, so they are kept as the run wrote them
+    summary["base"], summary["teacher"] = old["base"], old["teacher"]
+    if not aux:  # keeps what the per-seed records cannot give back (aux-logits: everything else is re-derived)
         summary["conditions"] = {n: {**old["conditions"][n], **c} for n, c in new["conditions"].items()}
         summary["notes"] = old["notes"]
-        summary["base"], summary["teacher"] = old["base"], old["teacher"]  # seed statistics the records lack
     else:
         aux_summary.finish(summary)
     if (old.get("probe_free") or {}).get("arms"):  # the rule's choice and the verdict at it, under today's rules

@@ -430,8 +430,9 @@ def headline_lines(summary: Mapping[str, Any]) -> list[str]:
     from purify.bench.verdicts import LABELS, by_label
 
     groups = by_label(summary.get("verdicts") or {})
-    lines = ["## Headline", "", *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in
-                                  summary.get("problems") or [])]
+    lines = ["## Headline", "", *(["- **quick run** (smoke test: fewer steps, seeds or conditions): not a result."]
+                                  if summary.get("quick") else []),
+             *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in summary.get("problems") or [])]
     lines += [f"- **{label}** ({len(groups[key])}): {', '.join(groups[key])}" for label in LABELS
               if (key := label.replace(" ", "_")) in groups] or ["- No purifier arm was judged in this run."]
     lines += [f"- {arm} at the probe-free choice: **{block['verdict'].split(' (')[0]}**"
