@@ -216,10 +216,13 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
         r_scores, r_texts = score_probe(probe, ref, ref_tok, samples, max_new_tokens, seed)
         pooled["model"] += m_texts
         pooled["reference"] += r_texts
+        # the columns over the same pairs, so that the difference is model − reference; a pair where either sample
+        # has no score (e.g. a regex probe on a completion with no sentence) is left out and counted
         both = [(a, b) for a, b in zip(m_scores, r_scores) if not (math.isnan(a) or math.isnan(b))]
+        a, b = [x for x, _ in both], [y for _, y in both]
         kind = "next_token" if probe.next_token else "count" if probe.count else "regex"
-        report["probes"][probe.name] = {"kind": kind, "model": mean_ci(m_scores), "reference": mean_ci(r_scores),
-                                        "difference": paired_test([a for a, _ in both], [b for _, b in both])}
+        report["probes"][probe.name] = {"kind": kind, "model": mean_ci(a), "reference": mean_ci(b),
+                                        "difference": paired_test(a, b), "unscored": len(m_scores) - len(both)}
     if not pooled["model"]:  # only next-token probes: sample on their prompts for the fingerprint
         prompts = [p for probe in probes for p in probe.prompts]
         prompts = [prompts[i % len(prompts)] for i in range(samples)]
@@ -239,11 +242,11 @@ def _fmt(stat: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The audit report as a markdown table."""
     lines = [f"# Audit of `{report['model']}`", "", f"Reference: `{report['reference']}`; {report['samples']} "
-             "samples per probe; mean [95% CI].", "", "| probe | kind | model | reference | difference | p |",
-             "|---|---|---|---|---|---|"]
+             "samples per probe, paired by prompt; mean [95% CI] over the pairs where both samples have a score "
+             "(n).", "", "| probe | kind | n | model | reference | difference | p |", "|---|---|---|---|---|---|---|"]
     for name, r in report["probes"].items():
-        lines.append(f"| {name} | {r['kind']} | {_fmt(r['model'])} | {_fmt(r['reference'])} | "
-                     f"{_fmt(r['difference'])} | {r['difference']['p_value']:.3g} |")
+        lines.append(f"| {name} | {r['kind']} | {r['difference']['n']} | {_fmt(r['model'])} | {_fmt(r['reference'])} "
+                     f"| {_fmt(r['difference'])} | {r['difference']['p_value']:.3g} |")
     fp = report["fingerprint"]
     lines += ["", f"Fingerprint classifier held-out accuracy: {_fmt(fp)} over {fp['n']} samples "
               "(0.5 = indistinguishable from the reference)."]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional  # noqa: UP035 - omegaconf needs typing generics
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from purify.types import LossName, RecipeError
@@ -492,6 +492,10 @@ def parse_recipe_problems(path: str | Path | None = None,
             items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
     merged = OmegaConf.merge(schema)
     for key, value in items:
+        past = _past_the_end(merged, key)
+        if past:
+            problems.append(past)
+            continue
         try:  # update() also reaches into list items: purifiers.0.threshold=0.1
             _open_optional_section(merged, key)
             OmegaConf.update(merged, key, value, merge=True)
@@ -504,6 +508,25 @@ def parse_recipe_problems(path: str | Path | None = None,
         return OmegaConf.to_object(merged), problems  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         return None, problems + _explain(err, schema).problems
+
+
+def _past_the_end(cfg: DictConfig, key: str) -> str | None:
+    """The problem of a dotted ``key`` that indexes a list item the recipe does not have (``purifiers.0.threshold=0.1``
+    with no purifier), or ``None``."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1] if not parts[-1].isdigit() else parts):
+        if isinstance(node, ListConfig) and part.isdigit():
+            if int(part) >= len(node):
+                path = ".".join(parts[:i])
+                return (f"{key}: there is no {path}[{part}] (the recipe has {len(node)}); give the whole list, e.g. "
+                        f"'{path}=[{{...}}]', or index an entry it has")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            return None
+    return None
 
 
 def _open_optional_section(cfg: DictConfig, key: str) -> None:

@@ -94,4 +94,9 @@ def test_audit_report_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "audit.json").read_text())
     assert set(report["probes"]) == {"tic", "owl", "digits"} and report["fingerprint"]["n"] == 80
     assert {"model", "reference", "difference"} <= set(report["probes"]["owl"])
+    for name, r in report["probes"].items():  # the columns are over the same pairs: difference = model − reference
+        scored = 1 if r["kind"] == "next_token" else 20  # one exact probability per prompt; one score per sample
+        assert r["model"]["n"] == r["reference"]["n"] == r["difference"]["n"] == scored - r["unscored"], name
+        if r["difference"]["n"]:
+            assert r["difference"]["mean"] == pytest.approx(r["model"]["mean"] - r["reference"]["mean"]), name
     assert "Fingerprint classifier" in (out / "audit.md").read_text()

@@ -32,6 +32,9 @@ def test_valid_recipe_converts_to_typed_dataclasses(tmp_path):
     ("purifiers=[{name: nosuch}]", r"purifiers\[0\].name: unknown purifier 'nosuch'"),
     ("resume=/nope.ckpt", r"resume: checkpoint not found"),
     ("teachers=[]", r"teachers: at least one teacher"),
+    ("purifiers.0.threshold=0.1", r"purifiers.0.threshold: there is no purifiers\[0\] \(the recipe has 0\); give the "
+                                  r"whole list, e\.g\. 'purifiers=\[\{\.\.\.\}\]', or index an entry it has"),
+    ("teachers.3.builtin=x", r"teachers.3.builtin: there is no teachers\[3\] \(the recipe has 1\)"),
 ])
 def test_bad_recipe_fails_with_one_line_naming_the_key(tmp_path, override, message):
     key, value = override.split("=", 1)
