@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from purify.bench.verdicts import LABELS
+from purify.bench.verdicts import LABELS, seed_span
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- (results|probe-free)-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /\2-table -->)", re.S)
@@ -96,11 +96,6 @@ def probe_free_table(summary: dict[str, Any], rows: list[str] | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def _span(seeds: list[int]) -> str:
-    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 else \
-        ", ".join(map(str, seeds))
-
-
 def scoreboard(root: Path = ROOT) -> str:
     """One row per probe-free arm of every ``results/**/summary.json`` under ``root``, by verdict label (a win first,
     :data:`purify.bench.verdicts.LABELS`), then by path: the verdict at the rule's choice, the trait, the run, its
@@ -123,7 +118,7 @@ def scoreboard(root: Path = ROOT) -> str:
             lo, hi = tc["ci90"]
             cells = [f"**{verdict}**" if label == "purified" else verdict, f"{arm} ({a['knob']})",
                      summary["trait"].split(" (transfer")[0], f"[{run}](results/{run})",
-                     f"{_span(seeds)} ({len(seeds)}; {', '.join(flags)})",
+                     f"{seed_span(seeds)} ({len(seeds)}; {', '.join(flags)})",
                      f"{_signed(tc['mean'])} [{_signed(lo)}, {_signed(hi)}]" if tc["n"] else "",
                      f"±{margin:.3f}" if margin is not None else "–", f"{a['task_error_ratio']['mean']:.2f}"]
             rows.append(((LABELS.index(label), run), "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"))

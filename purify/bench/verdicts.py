@@ -307,6 +307,12 @@ def by_label(verdicts: Mapping[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def seed_span(seeds: Sequence[int]) -> str:
+    """Seeds as text: ``1540–1547`` for a consecutive run of several, else listed (``0, 3, 7``)."""
+    xs = sorted(seeds)
+    return f"{xs[0]}–{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) and len(xs) > 1 else ", ".join(map(str, xs))
+
+
 def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]]) -> list[str]:
     """Caveat lines computed from the facts: which of this run's ``seeds`` were used to tune what.
 
@@ -315,23 +321,18 @@ def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]]) ->
         tuned_on: ``[{"seeds": [...], "what": "...", "trait": bool}]``: where a default was chosen, and whether the
             trait (the probe) was looked at.
     """
-    def span(xs: Sequence[int]) -> str:
-        xs = sorted(xs)
-        return f"{xs[0]}–{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) and len(xs) > 1 else \
-            ", ".join(map(str, xs))
-
     if not tuned_on:
-        return [f"- Seeds {span(seeds)}: no default of this suite records having been chosen on any seeds."]
+        return [f"- Seeds {seed_span(seeds)}: no default of this suite records having been chosen on any seeds."]
     out = []
     for t in tuned_on:
         overlap = sorted(set(seeds) & set(t["seeds"]))
         how = "looking at the trait" if t.get("trait", True) else "without looking at the trait"
-        used = f"seeds {span(t['seeds'])} were used to choose {t['what']} ({how})"
+        used = f"seeds {seed_span(t['seeds'])} were used to choose {t['what']} ({how})"
         if overlap:
-            out.append(f"- **Reported on tuning seeds:** {used}; this run reports on seeds {span(seeds)}, of which "
-                       f"{span(overlap)} were used there, so its verdicts on that choice are not held out"
+            out.append(f"- **Reported on tuning seeds:** {used}; this run reports on seeds {seed_span(seeds)}, of "
+                       f"which {seed_span(overlap)} were used there, so its verdicts on that choice are not held out"
                        + (" (optimistic)." if t.get("trait", True) else "."))
         else:
-            out.append(f"- {used[0].upper()}{used[1:]}; this run's seeds {span(seeds)} are disjoint from them (never "
-                       "looked at for that choice).")
+            out.append(f"- {used[0].upper()}{used[1:]}; this run's seeds {seed_span(seeds)} are disjoint from them "
+                       "(never looked at for that choice).")
     return out
