@@ -21,7 +21,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from purify.types import LossName, RecipeError
+from purify.types import SEED_RANGE, LossName, RecipeError, is_seed
 
 __all__ = ["STRATEGIES", "LoraSpec", "OnPolicyConfig", "Recipe", "RecipeError", "parse_recipe",
            "parse_recipe_problems", "recipe_problems", "structured", "to_dict", "to_yaml"]
@@ -277,10 +277,10 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"optim.lr: must be a finite number > 0, got {recipe.optim.lr}")
     if not (recipe.optim.weight_decay >= 0 and math.isfinite(recipe.optim.weight_decay)):
         out.append(f"optim.weight_decay: must be a finite number >= 0, got {recipe.optim.weight_decay}")
-    out += [f"{where}: must be a seed, an integer in [0, 2**32), got {seed}" for where, seed in (
+    out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
         *((f"teachers[{i}].seed", t.seed) for i, t in enumerate(recipe.teachers)))
-        if seed is not None and not 0 <= seed < 2**32]
+        if seed is not None and not is_seed(seed)]
     if recipe.scheduler.warmup_steps < 0:
         out.append(f"scheduler.warmup_steps: must be >= 0, got {recipe.scheduler.warmup_steps}")
     t = recipe.trainer

@@ -90,9 +90,18 @@ def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool
     return value
 
 
+SEED_RANGE = "a seed, an integer in [0, 2**32)"
+"""What a seed must be (what numpy and torch accept), as the messages say it."""
+
+
+def is_seed(value: int) -> bool:
+    """Whether ``value`` is a seed numpy and torch accept (:data:`SEED_RANGE`)."""
+    return 0 <= value < 2**32
+
+
 def seed_int(text: str) -> int:
-    """An ``argparse`` ``type``: a seed, an integer in ``[0, 2**32)`` (what numpy and torch accept)."""
-    return _argument(text, int, lambda v: 0 <= v < 2**32, "a seed, an integer in [0, 2**32)")
+    """An ``argparse`` ``type``: a seed (:func:`is_seed`)."""
+    return _argument(text, int, is_seed, SEED_RANGE)
 
 
 def positive_int(text: str) -> int:
