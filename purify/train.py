@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from purify.assembly import Run, build_run, resolve_strategy
 from purify.checkpoint import VerifiedCheckpointIO, load_verified
 from purify.config import Recipe, to_yaml
-from purify.lineage import write_lineage
+from purify.lineage import read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
 from purify.types import RecipeError, TrainingStopped
 
@@ -212,7 +212,7 @@ def _check_existing_run(output_dir: Path, resume: str | None, step: int | None) 
         raise RecipeError(f"resume: {resume} is not a checkpoint of {output_dir}, which already holds another run; "
                           f"give a new output_dir to continue from {resume}, or {to_continue}")
     recorded = ckpt_dir / "lineage.json"
-    last = json.loads(recorded.read_text()).get("step") if recorded.is_file() else None
+    last = read_lineage(recorded).get("step") if recorded.is_file() else None
     if step is not None and isinstance(last, int) and step < last:
         raise RecipeError(f"resume: {resume} is at step {step}, but {output_dir} holds that run up to step {last}; "
                           f"resuming there would overwrite it: give a new output_dir to replay from step {step}, or "
