@@ -43,7 +43,7 @@ from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
 from purify.purifiers.cross_base import resolve_teachers
 from purify.strategy import build_strategy, check_global_batch, world_size
-from purify.types import RecipeError
+from purify.types import RecipeError, first_line
 
 __all__ = ["Run", "build_run", "contract_problems", "load_recipe", "purifier_problems", "resolve_strategy",
            "validate"]
@@ -81,9 +81,8 @@ def _source_problems(spec: Any, where: str) -> list[str]:
         try:
             AutoConfig.for_model(**dict(spec.config))
         except Exception as err:  # noqa: BLE001 - whatever transformers refuses in the user's values is theirs to fix
-            reason = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
-            reason = reason if len(reason) <= 240 else reason[:240] + " …"
-            return [f"{where}.config: {reason}; see the model type's transformers config for its fields"]
+            return [f"{where}.config: {first_line(err, lines=2)}; "
+                    "see the model type's transformers config for its fields"]
     return []
 
 

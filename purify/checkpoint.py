@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from purify.storage import atomic_path
-from purify.types import RecipeError
+from purify.types import RecipeError, first_line
 
 INTEGRITY_KEY = "purify_integrity"
 """Checkpoint entry holding ``{"sha256": ..., "tensors": n}`` over every tensor of the checkpoint."""
@@ -78,9 +78,8 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, damaged header, a pickle of foreign objects, not a torch file at all
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        first = first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " …"  # cut at a word, said so
-        raise CheckpointError(f"resume: {path} cannot be read as a checkpoint ({type(err).__name__}: {first}); it is "
+        raise CheckpointError(f"resume: {path} cannot be read as a checkpoint ({type(err).__name__}: "
+                              f"{first_line(err, 160)}); it is "
                               f"truncated, damaged or not a checkpoint; {_FIX}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
         raise CheckpointError(f"resume: {path} is not a Lightning checkpoint (no state_dict/global_step); give a "

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from purify.types import SEED_RANGE, LossName, RecipeError, is_seed
+from purify.types import SEED_RANGE, LossName, RecipeError, first_line, is_seed
 
 __all__ = ["STRATEGIES", "LoraSpec", "OnPolicyConfig", "Recipe", "RecipeError", "parse_recipe",
            "parse_recipe_problems", "recipe_problems", "structured", "to_dict", "to_yaml"]
@@ -198,7 +198,7 @@ def _allowed_keys(cfg: DictConfig, dotted: str) -> list[str]:
 
 def _explain(err: OmegaConfBaseException, schema: DictConfig, prefix: str = "") -> RecipeError:
     key = f"{prefix}{getattr(err, 'full_key', '') or ''}"
-    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    msg = first_line(getattr(err, "msg", None) or err)
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         leaf = key.rsplit(".", 1)[-1]
         return RecipeError(f"{key}: unknown key; {_closest(leaf, _allowed_keys(schema, key[len(prefix):]))}")
@@ -437,7 +437,7 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise RecipeError(f"recipe: cannot parse {path}{where}: {err.problem}; fix the YAML syntax there") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe: cannot parse {path}: {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"recipe: cannot parse {path}: {first_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -501,9 +501,9 @@ def parse_recipe_problems(path: str | Path | None = None,
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as err:
             problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
-                            f"{str(getattr(err, 'msg', err)).splitlines()[0]}")
+                            f"{first_line(getattr(err, 'msg', None) or err)}")
         except (TypeError, ValueError, IndexError, KeyError) as err:
-            problems.append(f"{key}: {str(err).splitlines()[0]}")
+            problems.append(f"{key}: {first_line(err)}")
     try:
         return OmegaConf.to_object(merged), problems  # type: ignore[return-value]
     except OmegaConfBaseException as err:

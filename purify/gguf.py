@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from purify.storage import atomic_dir, cache_root, file_sha256
+from purify.types import first_line
 
 __all__ = [
     "GGUF_MAGIC",
@@ -176,8 +177,7 @@ def load_gguf(
         try:
             info = _convert(path, tmp)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise GGUFConversionError(f"cannot convert {path.name}: {type(exc).__name__}: {first}") from exc
+            raise GGUFConversionError(f"cannot convert {path.name}: {type(exc).__name__}: {first_line(exc)}") from exc
         info.update(source=path.name, sha256=digest, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         import transformers
 

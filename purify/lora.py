@@ -32,7 +32,7 @@ from torch import nn
 from purify.config import LoraSpec
 from purify.lineage import write_lineage
 from purify.storage import atomic_dir
-from purify.types import RecipeError
+from purify.types import RecipeError, first_line
 
 __all__ = ["apply_lora", "export_lora", "is_lora", "lora_config", "trainable_counts"]
 
@@ -82,8 +82,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int, revision: str | None
             torch.manual_seed(seed)
             return get_peft_model(model, lora_config(spec, revision))
     except ValueError as err:
-        first = str(err).splitlines()[0]
-        raise RecipeError(f"{where}.target_modules: {first.rstrip('.')}; name layers of this "
+        raise RecipeError(f"{where}.target_modules: {first_line(err).rstrip('.')}; name layers of this "
                           f"{type(model).__name__}: {', '.join(_linear_names(model))} (or [all-linear])") from None
 
 

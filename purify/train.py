@@ -28,7 +28,7 @@ from purify.checkpoint import VerifiedCheckpointIO, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
-from purify.types import RecipeError, TrainingStopped
+from purify.types import RecipeError, TrainingStopped, first_line
 
 
 class LineageCallback(Callback):
@@ -147,8 +147,7 @@ def train(recipe: Recipe) -> Path:
     try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
         trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
     except (MisconfigurationException, ValueError, TypeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RecipeError(f"trainer: {reason}") from None
+        raise RecipeError(f"trainer: {first_line(err)}") from None
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
     write_lineage(output_dir, record)
@@ -163,7 +162,7 @@ def train(recipe: Recipe) -> Path:
     except BaseException as err:
         signum = _stop_signal(err)
         reason = f"stopped by {signal.Signals(signum).name}" if signum else \
-            f"{type(err).__name__}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+            f"{type(err).__name__}: {first_line(err)}"
         if trainer.is_global_zero:
             write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "status": "failed", "error": reason})
         if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)

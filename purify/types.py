@@ -79,6 +79,15 @@ class Targets:
     weight: Tensor
 
 
+def first_line(err: BaseException | str, limit: int = 240, lines: int = 1) -> str:
+    """What a one-line error quotes of another exception (or of its message): the first ``lines`` non-empty lines,
+    joined (an exception's type name when it has none), cut at a word to at most ``limit`` characters, marked `` …``
+    where cut."""
+    text = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:lines])
+    text = text or (type(err).__name__ if isinstance(err, BaseException) else "")
+    return text if len(text) <= limit else (text[:limit].rsplit(" ", 1)[0] or text[:limit]) + " …"
+
+
 def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
     """``convert(text)`` if ``ok`` accepts it, else an ``argparse`` error saying what was ``expected``."""
     try:

@@ -251,3 +251,16 @@ def test_outputs_follow_the_umask(tmp_path):
     for path in [out / "lineage.json", out / "checkpoints" / "last.ckpt", out / "student" / "model.safetensors"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((out / "student").stat().st_mode) == 0o755
+
+
+def test_a_quoted_exception_is_its_first_lines_cut_at_a_word():
+    """What an error line quotes of another exception: never an IndexError on an empty message (it was
+    ``str(err).splitlines()[0]`` in several places), blank lines skipped, long text cut at a word and marked."""
+    from purify.types import first_line
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("\n  bad width\n\nheads do not divide it\n")) == "bad width"
+    assert first_line(ValueError("bad width\nheads do not divide it"), lines=2) == "bad width heads do not divide it"
+    assert first_line(ValueError("alpha beta gamma delta"), limit=12) == "alpha beta …"
+    assert first_line(ValueError("x" * 30), limit=10) == "x" * 10 + " …"  # no word to cut at
+    assert first_line("") == ""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from purify.data import DataError
+from purify.types import first_line
 
 TEST_SHARE = 0.25
 
@@ -53,7 +54,7 @@ def read_arrays(path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as err:  # zip or pickle problems
-        raise DataError(f"{path}: cannot read as .npz ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot read as .npz ({first_line(err)})") from None
     for key in ("X", "y"):
         if key not in arrays:
             raise DataError(f"{path}: missing array {key!r}; expected X (float, N×D) and y (int, N), found "
@@ -88,7 +89,7 @@ def split(x: np.ndarray, y: np.ndarray, seed: int) -> Split:
         x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_SHARE, random_state=seed, stratify=y)
     except ValueError as err:  # e.g. fewer test examples than classes
         raise DataError(f"cannot split {len(y)} examples of {int(y.max()) + 1} classes into train and test: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{first_line(err)}") from None
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
 
     def tensor(a: np.ndarray) -> Tensor:
