@@ -73,7 +73,6 @@ SUITES = {
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
-    import json
     from pathlib import Path
 
     import torch
@@ -90,12 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
         if given:
             raise BenchError(f"--rereport {args.rereport} re-derives a stored run as it was run; it takes no "
                              f"{', '.join(given)} (drop them, or run the suite anew into another --out)")
-        stored = Path(args.rereport) / "summary.json"
-        suite = json.loads(stored.read_text()).get("suite") if stored.is_file() else None
-        if args.suite is not None and suite is not None and suite != args.suite:
-            raise BenchError(f"--rereport {args.rereport}: that run is of suite {suite!r}, not {args.suite!r}; drop "
-                             "the suite name")
-        return rederive([args.rereport])
+        return rederive([args.rereport], args.suite)
     args.suite = args.suite or "aux-logits"
     args.protocol = args.protocol or "task"
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():

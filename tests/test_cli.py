@@ -84,14 +84,21 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
      "re-derives a stored run as it was run; it takes no --seeds, --quick, --option"),
     (["style-tic", "--rereport", "{run}"], "that run is of suite 'aux-logits', not 'style-tic'; drop the suite name"),
     (["--out", "{file}"], "is an existing file; give a directory"),
+    (["--rereport", "{run}/missing"], "summary.json does not exist; give the directory of a finished benchmark run"),
+    (["--rereport", "{damaged}"], "summary.json cannot be read as JSON (Expecting ',' delimiter"),
+    (["--rereport", "{listed}"], "summary.json is not a benchmark run's record"),
+    (["--rereport", "{run}"], "was written before summaries recorded protocol, seeds, conditions"),
 ])
 def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp_path, capsys, args, message):
-    run, file = tmp_path / "run", tmp_path / "taken"
-    run.mkdir()
+    run, file, damaged, listed = tmp_path / "run", tmp_path / "taken", tmp_path / "damaged", tmp_path / "listed"
+    for d in (run, damaged, listed):
+        d.mkdir()
     (run / "summary.json").write_text('{"suite": "aux-logits"}')
+    (damaged / "summary.json").write_text('{"suite": "aux-logits" "seeds": [1]}')  # a hand edit gone wrong
+    (listed / "summary.json").write_text("[1, 2]")
     file.write_text("a file")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert main(["bench", *[a.format(run=run, file=file) for a in args]]) == 2
+    assert main(["bench", *[a.format(run=run, file=file, damaged=damaged, listed=listed) for a in args]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

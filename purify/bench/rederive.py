@@ -25,24 +25,42 @@ from purify.bench import aux_logits, aux_summary, lm_common, probe_free
 from purify.bench.lm_common import Condition, Suite
 from purify.bench.report import BenchError
 from purify.bench.verdicts import guards_from
+from purify.types import first_line
 
 FIELDS = {f.name for f in fields(Condition)}
 REQUIRED = ("trait", "guards", "tuned_on", "columns")
 """What a summary must record to be re-derived (besides its per-seed records and ``settings.conditions``)."""
 
 
-def rereport(directory: str | Path) -> dict[str, Any]:
-    """Re-derive ``directory``'s report (see the module docstring); returns the new summary."""
+def _stored(path: Path) -> dict[str, Any]:
+    """A stored run's JSON file, or a :class:`BenchError` naming it."""
+    if not path.is_file():
+        raise BenchError(f"--rereport: {path} does not exist; give the directory of a finished benchmark run")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BenchError(f"--rereport: {path} cannot be read as JSON ({first_line(err)}); restore it (git checkout) "
+                         "or re-run the command in its env.json") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"--rereport: {path} is not a benchmark run's record (a JSON object)")
+    return data
+
+
+def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, Any]:
+    """Re-derive ``directory``'s report (see the module docstring); returns the new summary. ``suite_name``: the suite
+    the caller expects (``purify bench SUITE --rereport DIR``), refused if the run is of another."""
     d = Path(directory)
-    if not (d / "summary.json").is_file():
-        raise FileNotFoundError(f"--rereport: {d / 'summary.json'} does not exist")
-    old = json.loads((d / "summary.json").read_text())
-    aux = old["suite"] == "aux-logits"
-    missing = [k for k in REQUIRED if k not in old] + [k for k in ("notes",) if not aux and k not in old]
+    old = _stored(d / "summary.json")
+    if suite_name is not None and old.get("suite") != suite_name:
+        raise BenchError(f"--rereport {directory}: that run is of suite {old.get('suite')!r}, not {suite_name!r}; "
+                         "drop the suite name")
+    aux = old.get("suite") == "aux-logits"
+    missing = [k for k in ("suite", "protocol", "seeds", "conditions", *REQUIRED, *(() if aux else ("notes",)))
+               if k not in old]
     if missing or "conditions" not in old.get("settings", {}):
         raise BenchError(f"--rereport: {d / 'summary.json'} was written before summaries recorded "
                          f"{', '.join(missing or ['settings.conditions'])}; re-run the command in its env.json")
-    env = json.loads((d / "env.json").read_text())
+    env = _stored(d / "env.json")
     conds = [Condition(**{k: v for k, v in c.items() if k in FIELDS}) for c in old["settings"]["conditions"]]
     derived = ("seed", "distance_to_control", "fidelity_loss", "task_error_ratio", "frontier_gap")
     runs = {s: {"base": {k: v["mean"] for k, v in old.get("base", {}).items()},
@@ -76,10 +94,11 @@ def rereport(directory: str | Path) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m purify.bench.rederive DIR...``: re-derive each run and print its verdicts."""
+def main(argv: list[str] | None = None, suite_name: str | None = None) -> int:
+    """``python -m purify.bench.rederive DIR...``: re-derive each run and print its verdicts (``suite_name``: see
+    :func:`rereport`)."""
     for directory in argv if argv is not None else sys.argv[1:]:
-        summary = rereport(directory)
+        summary = rereport(directory, suite_name)
         print(f"{directory}:")
         for name, verdict in summary["verdicts"].items():
             print(f"  {name:45s} {verdict}")
