@@ -299,6 +299,26 @@ def test_headline_groups_arms_by_label_and_names_a_broken_run_first():
                                    "in all (≈ 90 s of wall time with 2 unshared cores); 1-min load average 2.5 at the "
                                    "start, 3.0 at the end (env.json has the machine and versions)."]
     assert timing_lines({"wall_seconds": 100.0}) == []  # a summary written before runs were timed this way
+    detailed = headline_lines(summary, first=["- vanilla above control: **PASS**"], brief=lambda n: f"numbers of {n}")
+    assert detailed[2] == "- vanilla above control: **PASS**"
+    assert detailed[3:6] == ["- **purified** (2):", "  - a@1: numbers of a@1", "  - f: numbers of f"]
+    assert detailed[detailed.index("- **anti-trait** (1):") + 1] == "  - b: numbers of b"
+
+
+def test_aux_headline_lists_an_overshoot_as_anti_trait():
+    """aux-logits' own headline said "anti-trait (0): none" beside an anti-trait arm (it looked the group up as
+    ``anti_trait``; :func:`purify.bench.verdicts.by_label` keys it ``anti-trait``): it is the shared headline now."""
+    from pathlib import Path
+
+    from purify.bench.aux_summary import headline_lines
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "results/aux-logits/summary.json").read_text())
+    assert summary["verdicts"]["delta_projection@global-0.5"].startswith("anti-trait")
+    lines = headline_lines(summary)
+    at = lines.index("- **anti-trait** (1):")
+    assert lines[at + 1].startswith("  - delta_projection@global-0.5: transfer -0.088")
+    assert lines[2].startswith("- vanilla transfer") and lines[2].endswith("**PASS**")
 
 
 def test_bench_refuses_fewer_than_three_seeds_with_one_line(capsys):

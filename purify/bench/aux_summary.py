@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from purify.bench import probe_free
+from purify.bench import probe_free, report
 from purify.bench.report import timing_lines, verdict_notes
 from purify.bench.stats import fraction_removed, mean_ci
 from purify.bench.verdicts import by_label
@@ -180,10 +180,10 @@ def _brief(c: dict[str, Any], gap: dict[str, Any] | None = None) -> str:
 
 
 def headline_lines(summary: dict[str, Any]) -> list[str]:
-    """The first lines of ``summary.md``: acceptance checks and the arms by verdict."""
-    head, conds, acc = summary["headline"], summary["conditions"], summary["acceptance"]
-    gaps = summary.get("frontier_gap") or {}
-    lines = ["## Headline", ""]
+    """The first lines of ``summary.md``: the acceptance checks, the bound, the arms by verdict with their numbers
+    (:func:`purify.bench.report.headline_lines`) and the probe-free block."""
+    conds, acc, gaps = summary["conditions"], summary["acceptance"], summary.get("frontier_gap") or {}
+    lines = []
     if "vanilla_above_control" in acc:
         d = acc["vanilla_above_control"]
         lines.append(f"- vanilla transfer {_pm(conds['vanilla']['transfer'])} vs control "
@@ -196,23 +196,11 @@ def headline_lines(summary: dict[str, Any]) -> list[str]:
         d = acc["cross_init_within_0.05_of_chance"]
         lines.append(f"- cross-init student accuracy {_pm(d['accuracy'])} (chance {d['chance']:.3f}; transfer "
                      f"{_pm(d['transfer'])}) within 0.05 of chance: **{'PASS' if d['passed'] else 'FAIL'}**")
-    if head["suite_valid"] is False:
-        lines.append("- **The suite is broken for this run: vanilla transfer is not clearly above control. Purifier "
-                     "verdicts below mean nothing.**")
-    for n, verdict in summary.get("bounds", {}).items():
-        brief = _brief(conds[n], gaps.get(n))
-        lines.append(f"- {n} (knows the trait; upper bound, not a purifier): {brief} → {verdict}")
-    for key, title in (("purified", "purified (at the control's level, task error ≤ 1.10 × vanilla's, below the "
-                                    "frontier)"), ("below_frontier", "below the frontier, not purified"),
-                       ("anti_trait", "anti-trait (overshoot below control: a failure)"), ("damaged", "damaged")):
-        names = head.get(key, [])
-        lines.append(f"- **{title}** ({len(names)}):" + ("" if names else " none"))
-        lines += [f"  - {n}: {_brief(conds[n], gaps.get(n))}" for n in names]
-    if summary.get("quick"):
-        lines.append("- **quick run** (smoke test: fewer steps, seeds and conditions): not a result.")
+    lines += [f"- {n} (knows the trait; upper bound, not a purifier): {_brief(conds[n], gaps.get(n))} → {verdict}"
+              for n, verdict in summary.get("bounds", {}).items()]
     pf = probe_free.notes(summary.get("probe_free") or {})
     if pf:
         pf += ["drift = KL(softmax θ₀ ‖ softmax S) of the undistilled class logits on 2048 held-out noise inputs "
                "(no digit, no label); task error as in the table below. Selection inputs per seed and point are in "
                "summary.json['probe_free']['arms'][arm]['selection_inputs']."]
-    return lines + pf + [""]
+    return [*report.headline_lines(summary, lines, lambda n: _brief(conds[n], gaps.get(n)))[:-1], *pf, ""]

@@ -15,7 +15,7 @@ import platform
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from purify.assembly import purifier_problems
 from purify.bench.stats import mean_curve
@@ -424,17 +424,25 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def headline_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The first lines of a suite's ``summary.md``: its purifier arms grouped by verdict label, each swept arm's
-    verdict at the probe-free rule's choice, and the suite's problems (a broken run says so before any verdict)."""
+def headline_lines(summary: Mapping[str, Any], first: Sequence[str] = (),
+                   brief: Callable[[str], str] | None = None) -> list[str]:
+    """The first lines of a suite's ``summary.md``: the suite's problems (a broken run says so before any verdict),
+    the suite's own ``first`` lines (aux-logits: its acceptance checks), its purifier arms grouped by verdict label
+    (with ``brief(arm)``, one line of numbers per arm), each swept arm's verdict at the probe-free rule's choice."""
     from purify.bench.verdicts import LABELS, by_label
 
     groups = by_label(summary.get("verdicts") or {})
     lines = ["## Headline", "", *(["- **quick run** (smoke test: fewer steps, seeds or conditions): not a result."]
                                   if summary.get("quick") else []),
-             *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in summary.get("problems") or [])]
-    lines += [f"- **{label}** ({len(groups[key])}): {', '.join(groups[key])}" for label in LABELS
-              if (key := label.replace(" ", "_")) in groups] or ["- No purifier arm was judged in this run."]
+             *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in summary.get("problems") or []), *first]
+    for label in LABELS:
+        names = groups.get(label.replace(" ", "_"), [])
+        if names and brief:
+            lines += [f"- **{label}** ({len(names)}):", *(f"  - {n}: {brief(n)}" for n in names)]
+        elif names:
+            lines.append(f"- **{label}** ({len(names)}): {', '.join(names)}")
+    if not groups:
+        lines.append("- No purifier arm was judged in this run.")
     lines += [f"- {arm} at the probe-free choice: **{block['verdict'].split(' (')[0]}**"
               for arm, block in ((summary.get("probe_free") or {}).get("arms") or {}).items()]
     return lines + [""]
