@@ -78,19 +78,26 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from purify.bench.report import BenchError
+    from purify.types import first_line
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
                                       ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
-                                      ("--option", args.option or None), ("--protocol", args.protocol))
+                                      ("--option", args.option or None), ("--protocol", args.protocol),
+                                      ("--threads", args.threads))
              if value is not None]
     if args.rereport:
-        from purify.bench.rederive import main as rederive
+        from purify.bench.rederive import rereport
 
         if given:
             raise BenchError(f"--rereport {args.rereport} re-derives a stored run as it was run; it takes no "
                              f"{', '.join(given)} (drop them, or run the suite anew into another --out)")
-        return rederive([args.rereport], args.suite)
+        summary = rereport(args.rereport, args.suite)
+        return _result(summary, f"purify: {summary['suite']} re-derived in {args.rereport}")
     args.suite = args.suite or "aux-logits"
+    foreign = [flag for flag, value in (("--protocol", args.protocol), ("--data", args.data)) if value is not None]
+    if foreign and args.suite != "aux-logits":
+        raise BenchError(f"{', '.join(foreign)}: aux-logits only; {args.suite} takes its settings as --option "
+                         "KEY=VALUE (see `purify bench --help`)")
     args.protocol = args.protocol or "task"
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise BenchError(f"--out {args.out}: is an existing file; give a directory (created if missing)")
@@ -100,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"--seeds {args.seeds}: must be at least 1")
     if args.first_seed is not None and args.first_seed < 0:
         raise BenchError(f"--first-seed {args.first_seed}: seeds are non-negative integers")
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or 1))
     module = importlib.import_module(SUITES[args.suite])
     if args.workers is not None and args.workers < 1:
         raise BenchError(f"--workers {args.workers}: must be at least 1 (seeds run at a time in forked processes)")
@@ -108,18 +115,30 @@ def _bench(args: argparse.Namespace) -> int:
                                 "workers": args.workers}.items() if v is not None}
     if args.option:
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+        from yaml import YAMLError
 
-        kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.option)))  # each suite checks its own
+        try:  # each suite checks its own keys and values
+            kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.option), resolve=True))
+        except (OmegaConfBaseException, YAMLError, ValueError) as err:
+            raise BenchError(f"--option: cannot read {' '.join(args.option)!r} ({first_line(err)}); give KEY=VALUE, "
+                             "lists as KEY=[a,b]") from None
     if args.suite == "aux-logits":
         summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
     else:
         summary = module.run_suite(args.suite, quick=args.quick, **kwargs)
     out = args.out or f"bench-out/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
-    print(f"purify: {args.suite} results written to {out}")
-    if args.quick and summary.get("problems"):  # the run's own summary calls it broken: no verdicts to print
+    return _result(summary, f"purify: {args.suite} results written to {out}")
+
+
+def _result(summary: dict[str, Any], first: str) -> int:
+    """Print what a benchmark run (or its re-derivation) found: ``first``, then its verdicts
+    (:func:`verdict_lines`); a quick run is said to be no result, and one its own summary calls broken prints none."""
+    print(first)
+    if summary.get("quick") and summary.get("problems"):
         print(f"purify: quick run, no verdicts: {'; '.join(summary['problems'])}")
         return 0
-    if args.quick:
+    if summary.get("quick"):
         print("purify: quick run (smoke test), not a result:")
     print("\n".join(verdict_lines(summary)))
     return 0
@@ -174,7 +193,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="seeds run at a time, each in a forked process with 1 torch thread (default: aux-logits 2, "
                         "the others 1); the numbers do not depend on it")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=None,
                    help="torch threads of a run with one worker (default 1; style-tic and hidden-preference always "
                         "use 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

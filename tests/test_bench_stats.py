@@ -349,7 +349,7 @@ def test_rereport_rederives_a_committed_run_from_its_per_seed_records(tmp_path, 
     assert (tmp_path / "run" / "summary.md").read_text() == md
 
 
-def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_path):
+def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_path, capsys):
     import shutil
     from pathlib import Path
 
@@ -360,6 +360,10 @@ def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_pa
     before = json.loads((tmp_path / "run" / "summary.json").read_text())
     md_before = (tmp_path / "run" / "summary.md").read_text()
     assert main(["bench", "--rereport", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out  # what the run printed: the probe-free choices and the tuned-on caveat too
+    for arm, block in before["probe_free"]["arms"].items():
+        assert f"{arm} (probe-free choice)" in printed and block["verdict"].split(" (")[0] in printed
+    assert "were chosen looking at the trait on seeds" in printed
     after = json.loads((tmp_path / "run" / "summary.json").read_text())
     md = (tmp_path / "run" / "summary.md").read_text()
     # the teacher's and base's spread over seeds survive (the per-seed records do not hold the teacher's scores)

@@ -71,6 +71,11 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     (["style-tic", "--quick", "--workers", "0"], "--workers 0: must be at least 1"),
     (["owl-ft-smollm2", "--quick", "--workers", "2"], "owl-ft-smollm2 runs its seeds one after another"),
     (["style-tic", "--quick", "--option", "steps=0"], "--option steps=0: must be > 0"),
+    (["style-tic", "--quick", "--protocol", "paper"], "--protocol: aux-logits only; style-tic takes its settings"),
+    (["hidden-preference", "--quick", "--data", "x.npz"], "--data: aux-logits only"),
+    (["--quick", "--option", "conditions=[vanilla"], "--option: cannot read 'conditions=[vanilla'"),
+    (["--quick", "--option", "steps=${seed}"], "--option: cannot read"),
+    (["--quick", "--seeds", "2", "--first-seed", "4294967295"], "4294967296 is not a seed, an integer in [0, 2**32)"),
 ])
 def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2
@@ -82,6 +87,7 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
 @pytest.mark.parametrize("args, message", [
     (["--rereport", "{run}", "--seeds", "5", "--quick", "--option", "steps=3"],
      "re-derives a stored run as it was run; it takes no --seeds, --quick, --option"),
+    (["--rereport", "{run}", "--threads", "4"], "it takes no --threads"),
     (["style-tic", "--rereport", "{run}"], "that run is of suite 'aux-logits', not 'style-tic'; drop the suite name"),
     (["--out", "{file}"], "is an existing file; give a directory"),
     (["--rereport", "{run}/missing"], "summary.json does not exist; give the directory of a finished benchmark run"),

@@ -48,6 +48,7 @@ from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifiers
 from purify.readouts import Scores
 from purify.storage import atomic_path
+from purify.types import SEED_RANGE, is_seed
 
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
@@ -509,7 +510,14 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
 
     ``one_seed`` returns the seed's record for :func:`summarise` (``base``, ``teacher``, ``conditions``, ``data``); what
     a suite gathers while it runs a seed (e.g. owl-ft-smollm2's sampling counts and timings) goes into the same record
-    under a key of its own (``summarise`` reads only its four), so it comes back from a forked worker too."""
+    under a key of its own (``summarise`` reads only its four), so it comes back from a forked worker too.
+
+    Raises:
+        BenchError: a seed outside :data:`purify.types.SEED_RANGE` (e.g. ``--first-seed`` near 2**32), before any
+            seed runs."""
+    outside = [s for s in seeds if not is_seed(s)]
+    if outside:
+        raise BenchError(f"seeds {seeds[0]}–{seeds[-1]}: {outside[0]} is not {SEED_RANGE}; give a smaller --first-seed")
     workers = max(1, min(workers, len(seeds)))
     if workers == 1:
         return {s: one_seed(s) for s in seeds}

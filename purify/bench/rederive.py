@@ -1,9 +1,9 @@
 """Re-derive a finished benchmark run's statistics and verdicts from its stored per-seed records (no model is run).
 
-``purify bench --rereport DIR`` (or ``python -m purify.bench.rederive DIR``) reads ``DIR/summary.json``, whose
-conditions keep every seed's final scores and vanilla's early-stopping curves, recomputes the summary with the
-current :mod:`purify.bench.verdicts`, and rewrites ``summary.json|md|csv`` and ``frontier.png``; ``env.json`` keeps the
-command that produced the numbers and gains ``rereported_by``.
+``purify bench --rereport DIR`` reads ``DIR/summary.json``, whose conditions keep every seed's final scores and
+vanilla's early-stopping curves, recomputes the summary with the current :mod:`purify.bench.verdicts`, and rewrites
+``summary.json|md|csv`` and ``frontier.png``; ``env.json`` keeps the command that produced the numbers and gains
+``rereported_by``.
 
 Every suite goes through the one :func:`purify.bench.lm_common.summarise`; aux-logits adds its own blocks
 (:func:`purify.bench.aux_summary.finish`) and report layout (:func:`purify.bench.aux_logits.write`).
@@ -16,7 +16,6 @@ before those fields existed is refused with a message; re-run its command to ren
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -92,18 +91,3 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     else:
         lm_common.publish(d, summary, env)
     return summary
-
-
-def main(argv: list[str] | None = None, suite_name: str | None = None) -> int:
-    """``python -m purify.bench.rederive DIR...``: re-derive each run and print its verdicts (``suite_name``: see
-    :func:`rereport`)."""
-    for directory in argv if argv is not None else sys.argv[1:]:
-        summary = rereport(directory, suite_name)
-        print(f"{directory}:")
-        for name, verdict in summary["verdicts"].items():
-            print(f"  {name:45s} {verdict}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
