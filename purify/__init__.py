@@ -41,6 +41,10 @@ _EXPORTS = {
     "DeltaProjectionConfig": "purify.purifiers.delta_projection",
     "delta_subspaces": "purify.purifiers.delta_projection",
     "project_displacement": "purify.purifiers.delta_projection",
+    "FunctionAnchor": "purify.purifiers.function_anchor", "FunctionAnchorConfig": "purify.purifiers.function_anchor",
+    "FingerprintAdversary": "purify.purifiers.fingerprint",
+    "FingerprintAdversaryConfig": "purify.purifiers.fingerprint",
+    "CrossBase": "purify.purifiers.cross_base", "CrossBaseConfig": "purify.purifiers.cross_base",
     "PurifyTrainer": "purify.hf",
     # training
     "Distiller": "purify.module", "FidelityMetrics": "purify.metrics",
@@ -56,3 +60,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'purify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's own names plus the lazily exported ones, so ``dir(purify)`` and tab completion list them."""
+    return sorted(set(globals()) | set(__all__))

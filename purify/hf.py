@@ -90,6 +90,17 @@ class PurifyTrainer(Trainer):
         self.add_callback(_ParameterPurifierCallback(self.distiller))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer plus each purifier head as its own group (no weight decay, ``args.learning_rate``).
+
+        The purifiers are set up first: heads such as the adversary's discriminator are built in their ``setup``
+        (otherwise lazily on the first ``compute_loss``, after this, and never trained), with the run's planned
+        optimizer steps (``state.max_steps``, which ``train()`` computes from ``max_steps`` or the epochs before it
+        creates the optimizer) for their schedules. The groups are added before ``create_scheduler``, so the
+        learning-rate schedule covers them too.
+        """
+        if self.state.max_steps > 0:  # set by train(); a run sized by num_train_epochs has args.max_steps = -1
+            self.distiller.total_steps = self.state.max_steps
+        self.distiller.setup_purifiers()
         optimizer = super().create_optimizer(model)
         for purifier in self.distiller.purifiers:
             for group in purifier.param_groups():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from purify import PurifyTrainer
+from purify import Adversary, AdversaryConfig, PurifyTrainer
 from purify.lm import build_tokenizer
 from purify.losses import distillation_loss
 from purify.models import model_forward
@@ -32,15 +32,16 @@ def setup():
     return tok, student, teacher, rows
 
 
-def _trainer(setup, tmp_path, student, batch, accumulate, **kwargs):
+def _trainer(setup, tmp_path, student, batch, accumulate, teachers=None, purifiers=(), steps=1, **kwargs):
     tok, _, teacher, rows = setup
-    args = TrainingArguments(str(tmp_path / f"b{batch}a{accumulate}"), max_steps=1, per_device_train_batch_size=batch,
-                             per_device_eval_batch_size=4, gradient_accumulation_steps=accumulate, learning_rate=0.1,
-                             optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+    args = TrainingArguments(str(tmp_path / f"b{batch}a{accumulate}"), max_steps=steps,
+                             per_device_train_batch_size=batch, per_device_eval_batch_size=4,
+                             gradient_accumulation_steps=accumulate, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", report_to=[], save_strategy="no",
                              use_cpu=True, dataloader_drop_last=False, **kwargs)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    return PurifyTrainer(model=student, teachers=[teacher], args=args, train_dataset=rows, eval_dataset=rows,
-                         data_collator=collator)
+    return PurifyTrainer(model=student, teachers=teachers or [teacher], purifiers=purifiers, args=args,
+                         train_dataset=rows, eval_dataset=rows, data_collator=collator)
 
 
 @pytest.mark.parametrize("shape", [(4, 2), (1, 8)])
@@ -83,3 +84,48 @@ def test_eval_strategy_steps_logs_eval_loss_during_training(setup, tmp_path):
     trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, eval_strategy="steps", eval_steps=1)
     trainer.train()
     assert any("eval_loss" in entry for entry in trainer.state.log_history)
+
+
+class _RecordingAdversary(Adversary):
+    """An adversary that keeps a copy of its discriminator head as ``setup`` built it."""
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.initial = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.total_steps = ctx.total_steps
+
+
+def test_purifier_heads_join_the_optimizer_and_train(setup, tmp_path):
+    """The adversary's head is built in ``setup``: it must exist when Trainer creates its optimizer, be one group of
+    its own there, and move (it used to be built on the first compute_loss, after the optimizer, and never train)."""
+    _, student, teacher, _ = setup
+    torch.manual_seed(1)
+    other = copy.deepcopy(teacher)
+    for p in other.parameters():
+        p.data.add_(0.5 * torch.randn_like(p))
+    adversary = _RecordingAdversary(AdversaryConfig(name="adversary", weight=0.1, target="lineage"))
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, teachers=[teacher, other],
+                       purifiers=[adversary], steps=3)
+    trainer.train()
+    head = list(adversary.head.parameters())
+    assert head and adversary.initial
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_optimizer for p in head)
+    groups = [g for g in trainer.optimizer.param_groups if any(p is q for p in g["params"] for q in head)]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == {id(p) for p in head}
+    assert groups[0]["weight_decay"] == 0.0
+    moved = max((v - adversary.initial[k]).abs().max().item() for k, v in adversary.head.state_dict().items())
+    assert moved > 1e-6
+
+
+def test_a_run_sized_by_epochs_tells_the_purifiers_its_steps(setup, tmp_path):
+    """With ``num_train_epochs`` and no ``max_steps`` (args.max_steps = -1) the purifiers' schedules (e.g. the
+    gradient-reversal ramp) get the optimizer steps train() computes, not 1."""
+    _, student, teacher, rows = setup
+    other = copy.deepcopy(teacher)
+    adversary = _RecordingAdversary(AdversaryConfig(name="adversary", weight=0.1, target="lineage"))
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, teachers=[teacher, other],
+                       purifiers=[adversary], steps=-1, num_train_epochs=2)
+    trainer.train()
+    assert trainer.state.max_steps == 2 * math.ceil(len(rows) / 4) > 1
+    assert adversary.total_steps == trainer.state.max_steps
