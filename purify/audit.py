@@ -47,7 +47,7 @@ from purify.generate import GenerateError, load_model, read_prompts, sample_comp
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.readouts import continuation_probs, count_scores, regex_scores
-from purify.storage import atomic_write_text
+from purify.storage import atomic_write_text, not_a_directory, read_utf8
 from purify.types import positive_int, seed_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
@@ -84,7 +84,7 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
     if not path.is_file():
         raise AuditError(f"probe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -286,8 +286,9 @@ def run(args: argparse.Namespace) -> int:
     if samples < MIN_SAMPLES:
         raise AuditError(f"samples: {samples} is too few for the fingerprint test's {MIN_SAMPLES}-fold held-out "
                          f"accuracy; give at least {MIN_SAMPLES}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AuditError(f"--out: {args.out} is an existing file; give a directory for audit.md and audit.json")
+    blocked = args.out and not_a_directory(args.out)
+    if blocked:
+        raise AuditError(f"--out: {blocked}; give a directory for audit.md and audit.json")
     torch.manual_seed(args.seed)
     report = audit(args.model, args.reference, probes, samples, max_new, args.seed, args.fingerprint_head)
     text = markdown(report)

@@ -35,7 +35,7 @@ from purify.cache import (
 )
 from purify.config import Recipe
 from purify.models import LoadedModel, build_model, freeze, model_forward, spec_tokenizer, state_sha256
-from purify.storage import atomic_dir, atomic_path, atomic_write_text
+from purify.storage import atomic_dir, atomic_path, atomic_write_text, not_a_directory
 from purify.types import RecipeError, positive_int
 
 
@@ -185,8 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the cache; print where, its size and bytes per token. Returns the exit code."""
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise RecipeError(f"--out: {args.out} is an existing file; give a cache directory")
+    blocked = not_a_directory(args.out)
+    if blocked:
+        raise RecipeError(f"--out: {blocked}; give a cache directory")
     if args.device is not None:
         try:
             device = torch.device(args.device)

@@ -73,11 +73,11 @@ SUITES = {
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
-    from pathlib import Path
 
     import torch
 
     from purify.bench.report import BenchError
+    from purify.storage import not_a_directory
     from purify.types import first_line
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
@@ -99,8 +99,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"{', '.join(foreign)}: aux-logits only; {args.suite} takes its settings as --option "
                          "KEY=VALUE (see `purify bench --help`)")
     args.protocol = args.protocol or "task"
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise BenchError(f"--out {args.out}: is an existing file; give a directory (created if missing)")
+    blocked = args.out is not None and not_a_directory(args.out)
+    if blocked:
+        raise BenchError(f"--out {args.out}: {blocked}; give a directory (created if missing)")
     if args.seeds is not None and args.seeds < 3 and not args.quick:
         raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
     if args.seeds is not None and args.seeds < 1:

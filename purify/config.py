@@ -21,6 +21,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from purify.storage import NotUTF8Error, not_a_directory, read_utf8
 from purify.types import SEED_RANGE, LossName, RecipeError, first_line, is_seed
 
 __all__ = ["STRATEGIES", "LoraSpec", "OnPolicyConfig", "Recipe", "RecipeError", "parse_recipe",
@@ -300,9 +301,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"strategy: unknown strategy {recipe.strategy!r}; {hint}allowed: {', '.join(STRATEGIES)}")
     if recipe.resume is not None and not Path(recipe.resume).exists():  # a file, or a DeepSpeed checkpoint dir
         out.append(f"resume: checkpoint not found: {recipe.resume}")
-    out_dir = Path(recipe.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        out.append(f"output_dir: {recipe.output_dir} is an existing file; give a directory path")
+    blocked = not_a_directory(recipe.output_dir)
+    if blocked:
+        out.append(f"output_dir: {blocked}; give a directory path")
     out += _lora_problems(recipe)
     out += _on_policy_problems(recipe)
     return out
@@ -431,7 +432,9 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise RecipeError(f"recipe: file not found: {path}")
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(read_utf8(path))
+    except NotUTF8Error as err:
+        raise RecipeError(f"recipe: {err}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -488,8 +491,13 @@ def parse_recipe_problems(path: str | Path | None = None,
         key, value = item.split("=", 1)
         unknown = _unknown_path(Recipe, key)
         problems += unknown
-        if not unknown:
+        if unknown:
+            continue
+        try:
             items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            problems.append(f"override {item!r}: cannot read the value ({first_line(err)}); give YAML as on a "
+                            "recipe line, e.g. key=[a,b] or 'key={name: x}' (no ${...} interpolations)")
     merged = OmegaConf.merge(schema)
     for key, value in items:
         past = _past_the_end(merged, key)

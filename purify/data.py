@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from purify.config import DataConfig
+from purify.storage import read_utf8
 from purify.types import IGNORE_INDEX
 
 
@@ -31,22 +32,21 @@ class DataError(ValueError):
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     """Read ``{"prompt", "completion"}`` records; a malformed line fails with file, line number and the problem."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string 'completion' (and 'prompt')")
-            if not isinstance(rec.get("prompt", ""), str):
-                raise DataError(f"{path}:{lineno}: 'prompt' must be a string")
-            record = {"prompt": rec.get("prompt", ""), "completion": rec["completion"]}
-            if "source" in rec:  # which lineage produced this example (for the adversary purifier)
-                record["source"] = str(rec["source"])
-            records.append(record)
+    for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string 'completion' (and 'prompt')")
+        if not isinstance(rec.get("prompt", ""), str):
+            raise DataError(f"{path}:{lineno}: 'prompt' must be a string")
+        record = {"prompt": rec.get("prompt", ""), "completion": rec["completion"]}
+        if "source" in rec:  # which lineage produced this example (for the adversary purifier)
+            record["source"] = str(rec["source"])
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no records; the data set is empty")
     return records
@@ -58,7 +58,7 @@ def read_text(path: str | Path | None = None) -> list[dict[str, str]]:
         text = resources.files("purify").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
         where = "bundled corpus"
     else:
-        text, where = Path(path).read_text(encoding="utf-8"), str(path)
+        text, where = read_utf8(path), str(path)
     records = [{"prompt": "", "completion": line.strip()} for line in text.splitlines() if line.strip()]
     if not records:
         raise DataError(f"{where}: no text; the data set is empty")

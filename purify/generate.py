@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.storage import atomic_write_text
+from purify.storage import atomic_write_text, not_a_directory, read_utf8
 from purify.types import positive_int, probability_mass, seed_int, temperature
 
 
@@ -40,7 +40,7 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"prompt file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_utf8(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(lines, 1):
@@ -163,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
     banned = list(args.ban)
     if Path(args.out).is_dir():
         raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
+    blocked = not_a_directory(Path(args.out).parent)
+    if blocked:
+        raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")
     if args.ban_file:
         if not Path(args.ban_file).is_file():
             raise GenerateError(f"--ban-file: file not found: {args.ban_file}; give a text file, one word per line")
-        banned += [w.strip() for w in Path(args.ban_file).read_text(encoding="utf-8").splitlines() if w.strip()]
+        banned += [w.strip() for w in read_utf8(args.ban_file).splitlines() if w.strip()]
     if args.regex:
         try:
             re.compile(args.regex)

@@ -116,3 +116,26 @@ def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NotUTF8Error(ValueError):
+    """A text input (recipe, data, prompts, probes) that is not UTF-8."""
+
+
+def read_utf8(path: str | Path) -> str:
+    """``path``'s text, or a :class:`NotUTF8Error` naming the file and the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise NotUTF8Error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                           "save it as UTF-8") from None
+
+
+def not_a_directory(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (or be created as) a directory: ``"<x> is an existing file"`` for the first existing
+    file among it and its parents, else ``None``. Checked before a run, so it does not fail at its end."""
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is an existing file"
+    return None

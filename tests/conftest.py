@@ -13,7 +13,10 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Two shared cores: one torch thread per test process is steadier and faster than two that contend."""
+    """Two shared cores: one torch thread per test process is steadier and faster than two that contend. Lightning
+    is imported here, outside any test's captured output: its loggers' stream handlers bind the ``sys.stderr`` of the
+    moment, and one bound inside a ``capsys`` test writes to a closed stream in every later test."""
+    import lightning.pytorch  # noqa: F401
     import torch
 
     threads = torch.get_num_threads()

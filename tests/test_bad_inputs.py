@@ -29,6 +29,7 @@ def lm(tmp_path_factory):
     (root / "empty.jsonl").write_text("")
     (root / "nocompletion.jsonl").write_text('{"prompt": "the cat"}\n')
     (root / "notjson.jsonl").write_text('{"prompt": "a", "completion": "b"}\nthis is not json\n')
+    (root / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9", "completion": "cr\u00e8me"}\n'.encode("latin-1"))
     return root
 
 
@@ -126,6 +127,10 @@ CASES = {
         [r"resume: .*last\.ckpt was written for another model"]),
     "output_dir is a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken")),
                              [r"output_dir: .*taken is an existing file"]),
+    "output_dir under a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken") / "run"),
+                                [r"output_dir: .*taken is an existing file; give a directory path"]),
+    "data not UTF-8": (lambda lm, tmp, ck: tiny_lm_overrides(lm / "tok", lm / "latin1.jsonl", tmp / "o"),
+                       [r"latin1\.jsonl: not UTF-8 text \(byte 0xe9 at offset 15\); save it as UTF-8"]),
     "huge learning rate": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", steps=6, **{"optim.lr": 1e30}),
                            [r"non-finite loss .* at step \d+"]),
     "unknown purifier": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", purifiers="[{name: anchr}]"),

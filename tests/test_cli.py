@@ -1,5 +1,7 @@
 """The command line: help for every verb, one-line errors with exit code 2, train + lineage show."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -90,6 +92,7 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
     (["--rereport", "{run}", "--threads", "4"], "it takes no --threads"),
     (["style-tic", "--rereport", "{run}"], "that run is of suite 'aux-logits', not 'style-tic'; drop the suite name"),
     (["--out", "{file}"], "is an existing file; give a directory"),
+    (["--out", "{file}/run"], "taken is an existing file; give a directory"),
     (["--rereport", "{run}/missing"], "summary.json does not exist; give the directory of a finished benchmark run"),
     (["--rereport", "{damaged}"], "summary.json cannot be read as JSON (Expecting ',' delimiter"),
     (["--rereport", "{listed}"], "summary.json is not a benchmark run's record"),
@@ -143,6 +146,16 @@ def _probe_file(tmp_path):
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "[1, 2]"))], "not a purify lineage record"),
     (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),
     (lambda t: ["train", str(t)], "is a directory; give a recipe YAML file"),
+    (lambda t: ["train", str(_write_bytes(t / "r.yaml", "seed: 1 # caf\u00e9".encode("latin-1")))],
+     "r.yaml: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"),
+    (lambda t: ["train", QUICKSTART, "purifiers=[{name: anchor"], "override 'purifiers=[{name: anchor': cannot read"),
+    (lambda t: ["train", QUICKSTART, "output_dir=${seed}/x"], "(no ${...} interpolations)"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write_bytes(t / "p.yaml", b"probes: [\xff]"))],
+     "p.yaml: not UTF-8 text (byte 0xff at offset 9)"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", str(_write(t / "f", "x") / "s.jsonl")],
+     "f is an existing file, not a directory to write s.jsonl in"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--out", str(_write(t / "f", "x") / "a")],
+     "f is an existing file; give a directory for audit.md"),
 ])
 def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make, message):
     argv = make(tmp_path)
@@ -156,6 +169,14 @@ def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make,
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
 
 
 def test_overrides_after_an_option_are_still_overrides(tmp_path, capsys):
