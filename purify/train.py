@@ -221,8 +221,8 @@ def _check_existing_run(output_dir: Path, resume: str | None, step: int | None) 
 def _check_resume(recipe: Recipe, run: Run) -> int:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``. Returns its step."""
-    # the student's tensors only: purifier heads are built at set-up (the load-time check covers them)
-    step = int(load_verified(recipe.resume, run.distiller.trained_state(), scope="student.")["global_step"])
+    run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked too
+    step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
     if step >= recipe.trainer.max_steps:
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")

@@ -125,6 +125,9 @@ CASES = {
     "other model's checkpoint": (lambda lm, tmp, ck: mlp_overrides(
         tmp / "o", steps=8, resume=ck, student="{arch: aux_mlp, kwargs: {in_dim: 16, hidden: [64], n_aux: 3}}"),
         [r"resume: .*last\.ckpt was written for another model"]),
+    "checkpoint without the recipe's purifier head": (lambda lm, tmp, ck: mlp_overrides(
+        tmp / "o", steps=8, resume=ck, purifiers="[{name: fingerprint_adversary, weight: 1.0, batch_size: 8}]"),
+        [r"resume: .*last\.ckpt was written for another model \(\d+ tensors are missing, e\.g\. purifiers\.0\."]),
     "output_dir is a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken")),
                              [r"output_dir: .*taken is an existing file"]),
     "output_dir under a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken") / "run"),
