@@ -278,6 +278,12 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"optim.lr: must be a finite number > 0, got {recipe.optim.lr}")
     if not (recipe.optim.weight_decay >= 0 and math.isfinite(recipe.optim.weight_decay)):
         out.append(f"optim.weight_decay: must be a finite number >= 0, got {recipe.optim.weight_decay}")
+    head_lr = recipe.optim.head_lr
+    if head_lr is not None and not (head_lr > 0 and math.isfinite(head_lr)):
+        out.append(f"optim.head_lr: must be a finite number > 0, or null for optim.lr, got {head_lr}")
+    betas = list(recipe.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        out.append(f"optim.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), got {betas}")
     out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
         *((f"teachers[{i}].seed", t.seed) for i, t in enumerate(recipe.teachers)))

@@ -28,7 +28,7 @@ from purify.metrics import FidelityMetrics
 from purify.models import freeze, model_forward
 from purify.on_policy import sampler_for
 from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
-from purify.types import Batch, DivergedError, ModelOutput, Targets
+from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -172,6 +172,10 @@ class Distiller(L.LightningModule):
         out = model_forward(model, batch, hidden=hidden)
         sl = self.loss_config.logit_slice
         if sl is not None:
+            width = out.logits.shape[-1]
+            if sl[1] > width:  # a slice past the end would quietly distil fewer logits (or none) than asked
+                raise RecipeError(f"loss.logit_slice: {list(sl)} reaches past the {width} logits of "
+                                  f"{type(model).__name__}; give [start, stop) with stop <= {width}")
             out = ModelOutput(logits=out.logits[..., sl[0]:sl[1]], hidden=out.hidden)
         return out
 
@@ -345,7 +349,7 @@ class Distiller(L.LightningModule):
                                          "name": "student"}]
         for purifier in self.purifiers:
             for group in purifier.param_groups():
-                groups.append({**group, "lr": cfg.head_lr or cfg.lr, "weight_decay": 0.0})
+                groups.append({**group, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "weight_decay": 0.0})
         if cfg.name == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:

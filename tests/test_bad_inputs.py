@@ -156,11 +156,18 @@ CASES = {
          r"trainer\.gradient_clip_val: must be a finite number > 0, or null", r"optim\.weight_decay: must be a "
          r"finite number >= 0, got -1", r"scheduler\.warmup_steps: must be >= 0, got -3",
          r"trainer\.limit_val_batches: must be >= 0"]),
+    "optimizer settings torch would refuse or quietly change": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
+        "optim.betas": "[0.9]", "optim.head_lr": 0}),
+        [r"optim\.head_lr: must be a finite number > 0, or null for optim\.lr, got 0",
+         r"optim\.betas: expected two numbers in \[0, 1\) \(Adam's beta1, beta2\), got \[0\.9\]"]),
+    "logit_slice past the model's logits": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
+        "loss.logit_slice": "[0, 500]"}), [r"loss\.logit_slice: \[0, 500\] reaches past the \d+ logits of"]),
 }
 
 
-WRITES_NOTHING = [case for case in CASES if case not in ("huge learning rate",)]
-"""Every refusal but a run that diverges while training is made before anything is written."""
+WRITES_NOTHING = [case for case in CASES if case not in ("huge learning rate", "logit_slice past the model's logits")]
+"""Every refusal but a run that diverges while training, or whose logit slice meets the model's output at its first
+forward, is made before anything is written."""
 
 
 def _foreign(tmp: Path) -> Path:
