@@ -544,13 +544,17 @@ def _past_the_end(cfg: DictConfig, key: str) -> str | None:
 
 
 def _open_optional_section(cfg: DictConfig, key: str) -> None:
-    """Give a null optional section (``on_policy``) its defaults when a dotted override reaches into it
-    (``on_policy.lam=0.5``)."""
-    head, _, rest = key.partition(".")
-    if rest and head in cfg and cfg[head] is None:
-        tp = _strip_optional(_field_types(Recipe).get(head, Any))
-        if dataclasses.is_dataclass(tp):
-            cfg[head] = tp()
+    """Give each null optional section on a dotted override's path its defaults (``on_policy.lam=0.5``,
+    ``student.lora.r=16``)."""
+    node: Any = cfg
+    tp: Any = Recipe
+    for part in key.split(".")[:-1]:
+        if not (dataclasses.is_dataclass(tp) and isinstance(node, DictConfig) and part in node):
+            return
+        tp = _strip_optional(_field_types(tp).get(part, Any))
+        if node[part] is None and dataclasses.is_dataclass(tp):
+            node[part] = tp()
+        node = node[part]
 
 
 def to_yaml(obj: Any) -> str:

@@ -88,3 +88,14 @@ def test_global_batch_sets_the_per_process_batch_of_the_sampler(tmp_path):
     sampler = GlobalBatchSampler([1] * 100, recipe.data.batch_size, accumulate=3, world_size=2)
     assert sampler.step_size == 48
     assert load(tmp_path, **{"data.global_batch_size": 48, "trainer.accelerator": "cpu"}).data.batch_size == 48
+
+
+def test_a_dotted_override_opens_null_optional_sections_on_its_path():
+    """``student.lora.r=16`` on a recipe without LoRA was ``student.lora.r: None`` (only top-level sections such as
+    ``on_policy`` were opened); every null optional section on the path gets its defaults, the override on top."""
+    from purify.config import LoraSpec, OnPolicyConfig, parse_recipe_problems
+
+    recipe, problems = parse_recipe_problems(str(Path(__file__).resolve().parents[1] / "recipes" / "anchor.yaml"),
+                                             ["student.lora.r=16", "on_policy.lam=0.5"])
+    assert problems == []
+    assert recipe.student.lora == LoraSpec(r=16) and recipe.on_policy == OnPolicyConfig(lam=0.5)
