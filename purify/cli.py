@@ -29,10 +29,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _lineage(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from purify.lineage import format_lineage, read_lineage
 
     record = read_lineage(args.path)
+    name = Path(args.path).name
+    if name.endswith(".ckpt") and name not in ("last.ckpt", f"step{record.get('step')}.ckpt"):
+        print(f"purify: note: {name} holds no lineage record of its own; below is its run's, at step "
+              f"{record.get('step')}: the provenance (student, teachers, recipe, data) is this checkpoint's, the step "
+              "and metrics are not", file=sys.stderr)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
     return 0
 

@@ -46,6 +46,15 @@ def test_train_then_lineage_show(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "teacher: aux_mlp" in out and "sha256=" in out and "git:" in out
     assert main(["lineage", "show", str(tmp_path / "nowhere")]) == 2
+    capsys.readouterr()
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert main(["lineage", "show", str(ckpts / "last.ckpt")]) == 0
+    assert capsys.readouterr().err == ""  # the record is the latest checkpoint's
+    (ckpts / "step1.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes())  # an earlier one: no record of its own
+    assert main(["lineage", "show", str(ckpts / "step1.ckpt")]) == 0
+    captured = capsys.readouterr()
+    assert "step1.ckpt holds no lineage record of its own; below is its run's, at step 5" in captured.err
+    assert "at step 5" in captured.out
 
 
 def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> None:
