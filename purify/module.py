@@ -242,9 +242,11 @@ class Distiller(L.LightningModule):
                                  temperature=cfg.temperature, labels=batch.get("labels"),
                                  hard_label_weight=cfg.hard_label_weight, num_items=num_items)
         parts = {"distill": loss.detach()}
-        for p in student_purifiers:
+        for i, p in enumerate(self.purifiers):  # keyed as their metrics are: two of one class do not collide
+            if not isinstance(p, StudentPurifier):
+                continue
             extra = p.extra_loss(batch, s_out, progress)
-            parts[type(p).__name__] = extra.detach()
+            parts[f"{i}_{purifier_name(p)}"] = extra.detach()
             loss = loss + extra_scale * extra
         return loss, parts, s_out
 

@@ -476,3 +476,20 @@ def test_fit_step_keeps_each_purifier_metric_mean_over_its_steps():
         seen.append(float(distiller.purifier_metrics()["anchor.anchor_distance"]))
     assert seen[0] != seen[-1]  # the student moves away from its anchor: the steps differ
     assert distiller.purifier_metric_means() == {"anchor.anchor_distance": pytest.approx(sum(seen) / 4, rel=1e-6)}
+
+
+def test_each_student_purifier_loss_term_is_its_own_logged_part():
+    """Loss parts are keyed as the metrics are (``<index>_<name>``): two purifiers of one class were one part keyed
+    by the class name, the second overwriting the first."""
+    torch.manual_seed(0)
+    student, teacher = AuxMLP(in_dim=8, n_aux=3), AuxMLP(in_dim=8, n_aux=3)
+    distiller = Distiller(student, [teacher], purifiers=[Anchor(AnchorConfig(weight=1.0)),
+                                                         Anchor(AnchorConfig(weight=3.0))])
+    distiller.setup_purifiers()
+    optimizer = distiller.build_optimizer()
+    batch = {"x": torch.rand(16, 8), "target_mask": torch.ones(16, 1)}
+    distiller.fit_step(batch, optimizer, 0.0)  # moves the student off its anchor: the terms are non-zero
+    parts = distiller.fit_step(batch, optimizer, 0.5)
+    assert set(parts) == {"loss", "distill", "0_anchor", "1_anchor"}
+    assert float(parts["0_anchor"]) > 0
+    assert float(parts["1_anchor"]) == pytest.approx(3.0 * float(parts["0_anchor"]), rel=1e-5)
