@@ -122,23 +122,27 @@ def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], fol
                          seed: int = 0) -> dict[str, Any]:
     """Held-out accuracy of a classifier telling ``samples_a`` from ``samples_b``.
 
-    Logistic regression on TF-IDF character 1-4-grams (word boundaries respected), stratified ``folds``-fold
-    cross-validation; every sample is predicted once by a model that never saw it.
+    Logistic regression on TF-IDF character 1-4-grams (word boundaries respected), ``folds``-fold cross-validation;
+    every sample is predicted once by a model that never saw it. Sample ``i`` of each list is a pair (the audit draws
+    them from the same prompt with the same seed) and a pair is held out together: with its twin in the training
+    folds under the other label, a sample would be predicted *against* its own text (two identical models scored
+    about 0.1, not 0.5).
 
     Returns:
         ``{"mean", "ci95", "n"}``: accuracy with a Wilson 95% interval over the ``n`` held-out predictions.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
 
     texts = list(samples_a) + list(samples_b)
     labels = np.array([0] * len(samples_a) + [1] * len(samples_b))
     clf = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True),
                         LogisticRegression(C=1.0, max_iter=1000))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(clf, [t if t.strip() else "<empty>" for t in texts], labels, cv=cv)
+    groups = np.concatenate([np.arange(len(samples_a)), np.arange(len(samples_b))])  # pair i: one group
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(clf, [t if t.strip() else "<empty>" for t in texts], labels, groups=groups, cv=cv)
     n, k = len(labels), int((pred == labels).sum())
     p, z = k / n, 1.959964
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (

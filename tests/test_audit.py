@@ -55,6 +55,9 @@ def test_fingerprint_detects_a_tic_and_not_a_twin() -> None:
     assert fingerprint_accuracy(ticced, plain)["mean"] > 0.8
     same = fingerprint_accuracy(twin, plain)
     assert 0.35 < same["mean"] < 0.65 and same["ci95"][0] < 0.5 < same["ci95"][1] + 0.05
+    # two identical models sampled with one seed give identical pairs: held out together, each pair is one right and
+    # one wrong (with its twin in the training folds under the other label, the accuracy was about 0.1)
+    assert fingerprint_accuracy(plain, list(plain))["mean"] == 0.5
 
 
 def _parser() -> argparse.ArgumentParser:
