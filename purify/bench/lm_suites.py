@@ -448,8 +448,8 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
     if suite not in SUITES:
         raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")
     check_options(kwargs, OPTIONS)
-    bad = [f"--option {k}={kwargs[k]!r}: must be > 0" for k in ("steps", "lr", "batch_size") if k in kwargs
-           and not kwargs[k] > 0]
+    bad = [f"--option {k}={kwargs[k]!r}: must be a finite number > 0" for k in ("steps", "lr", "batch_size")
+           if k in kwargs and not (kwargs[k] > 0 and math.isfinite(kwargs[k]))]
     if bad:
         raise BenchError("\n".join(bad))
     torch.set_num_threads(1)
