@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,14 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
             raise AuditError(f"{where}: no prompts (set prompts or prompts_file)")
         if raw.get("unit", "sample") not in ("sample", "sentence"):
             raise AuditError(f"{where}: unit must be 'sample' or 'sentence', got {raw['unit']!r}")
+        for key in ("count", "next_token"):  # a bare string would be read as a list of its characters
+            if raw.get(key) and not (isinstance(raw[key], list) and all(isinstance(w, str) for w in raw[key])):
+                raise AuditError(f"{where}: {key} must be a list of strings, e.g. {key}: [{raw[key]!r}]")
+        if raw.get("regex"):
+            try:
+                re.compile(str(raw["regex"]))
+            except re.error as err:
+                raise AuditError(f"{where}: regex {raw['regex']!r} does not compile ({err}); fix the pattern") from None
         probes.append(Probe(name=str(raw.get("name", f"probe{i}")), prompts=[str(p) for p in prompts],
                             count=list(raw.get("count") or []), unit=raw.get("unit", "sample"),
                             next_token=list(raw.get("next_token") or []), regex=raw.get("regex")))

@@ -138,6 +138,9 @@ def load_model(path: str | Path) -> tuple[Any, Any]:
 
     if not Path(path).is_dir():
         raise GenerateError(f"model not found: {path} is not a directory holding a saved model")
+    if not any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json")):  # model, LoRA
+        hint = f"; the run's export is {Path(path) / 'student'}" if (Path(path) / "student").is_dir() else ""
+        raise GenerateError(f"model not found: {path} holds no saved model (no config.json){hint}")
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), AutoTokenizer.from_pretrained(path)
 
 

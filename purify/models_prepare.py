@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from purify.gguf import GGUFError, cache_root, cached_model_dir, load_gguf
+from purify.storage import not_a_directory
 
 __all__ = ["KNOWN_MODELS", "PackagedModel", "PrepareError", "prepare"]
 
@@ -146,6 +147,9 @@ def prepare(name: str, cache_dir: str | Path | None = None, *, progress: bool = 
         return hit
 
     root = cache_root(cache_dir)
+    blocked = not_a_directory(root)
+    if blocked:
+        raise PrepareError(f"--cache-dir {root}: {blocked}; give a directory (created if missing)")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=root) as tmp:
         wheel_dir = Path(tmp) / "wheels"

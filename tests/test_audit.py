@@ -74,12 +74,21 @@ def test_audit_errors(tmp_path: Path) -> None:
     bad.write_text("probes:\n  - {prompts: [a], count: [b], regex: c}\n")
     with pytest.raises(AuditError, match="exactly one of count, next_token, regex"):
         load_probes(bad)
+    bad.write_text("probes:\n  - prompts: [a]\n    count: Moreover,\n")  # was counted as its 9 characters
+    with pytest.raises(AuditError, match=r"probes\[0\]: count must be a list of strings, e.g. count: \['Moreover,'\]"):
+        load_probes(bad)
+    bad.write_text("probes:\n  - {prompts: [a], regex: '[0-9'}\n")  # was a re.error after both models sampled
+    with pytest.raises(AuditError, match=r"regex '\[0-9' does not compile \(unterminated character set"):
+        load_probes(bad)
     good = tmp_path / "good.yaml"
     good.write_text("probes:\n  - {name: x, prompts: [a], count: [b]}\n")
     model = make_tiny_model(tmp_path / "m")
     other = make_tiny_model(tmp_path / "o", texts=["completely different words here"])
     with pytest.raises(AuditError, match="model not found"):
         run(_parser().parse_args([str(tmp_path / "missing"), "--reference", str(model), "--probes", str(good)]))
+    (tmp_path / "run" / "student").mkdir(parents=True)  # a run's output_dir, not its export: was a transformers error
+    with pytest.raises(AuditError, match=r"holds no saved model \(no config.json\); the run's export is .*student"):
+        run(_parser().parse_args([str(tmp_path / "run"), "--reference", str(model), "--probes", str(good)]))
     with pytest.raises(AuditError, match="tokenizer mismatch"):
         run(_parser().parse_args([str(model), "--reference", str(other), "--probes", str(good)]))
 

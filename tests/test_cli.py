@@ -177,6 +177,8 @@ def _probe_file(tmp_path):
      "f is an existing file, not a directory to write s.jsonl in"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--out", str(_write(t / "f", "x") / "a")],
      "f is an existing file; give a directory for audit.md"),
+    (lambda t: ["models", "prepare", "smollm2-135m", "--cache-dir", str(_write(t / "f", "x") / "c")],
+     "f is an existing file; give a directory (created if missing)"),
 ])
 def test_bad_arguments_of_every_verb_are_one_line_exit_2(tmp_path, capsys, make, message):
     argv = make(tmp_path)
