@@ -73,6 +73,9 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
         CheckpointError: one line naming the file and what is wrong.
     """
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint").is_dir():  # DeepSpeed's sharded layout: <name>.ckpt/checkpoint/...
+        raise CheckpointError(f"resume: {path} is a DeepSpeed checkpoint (a directory of shards); resume it with the "
+                              "strategy that wrote it (strategy=deepspeed_stage_N, as in its run's recipe.yaml)")
     if not path.is_file():
         raise CheckpointError(f"resume: {path} is not a checkpoint file; {_FIX}")
     try:

@@ -102,7 +102,7 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
     """Read a lineage record from a file, or from a run/export/checkpoint directory that holds one."""
     path = Path(path)
     candidates = [path] if path.is_file() else [path / LINEAGE_FILE, path / "student" / LINEAGE_FILE]
-    if path.is_file() and path.suffix == ".ckpt":
+    if path.suffix == ".ckpt":  # a checkpoint file, or DeepSpeed's directory of shards
         candidates = [path.parent / LINEAGE_FILE, path.parent.parent / LINEAGE_FILE]
     for candidate in candidates:
         if candidate.is_file() and candidate.name == LINEAGE_FILE:

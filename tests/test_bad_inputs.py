@@ -128,6 +128,12 @@ CASES = {
     "checkpoint without the recipe's purifier head": (lambda lm, tmp, ck: mlp_overrides(
         tmp / "o", steps=8, resume=ck, purifiers="[{name: fingerprint_adversary, weight: 1.0, batch_size: 8}]"),
         [r"resume: .*last\.ckpt was written for another model \(\d+ tensors are missing, e\.g\. purifiers\.0\."]),
+    "DeepSpeed checkpoint without DeepSpeed": (lambda lm, tmp, ck: mlp_overrides(
+        tmp / "o", steps=8, resume=_deepspeed_layout(tmp / "ds.ckpt")),
+        [r"resume: .*ds\.ckpt is a DeepSpeed checkpoint \(a directory of shards\); resume it with the strategy"]),
+    "single-file checkpoint under DeepSpeed": (lambda lm, tmp, ck: mlp_overrides(
+        tmp / "o", steps=8, resume=ck, strategy="deepspeed_stage_1"),
+        [r"resume: .*last\.ckpt is a single-file checkpoint; deepspeed_stage_1 resumes only its own sharded"]),
     "output_dir is a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken")),
                              [r"output_dir: .*taken is an existing file"]),
     "output_dir under a file": (lambda lm, tmp, ck: mlp_overrides(_file(tmp / "taken") / "run"),
@@ -173,6 +179,11 @@ forward, is made before anything is written."""
 def _foreign(tmp: Path) -> Path:
     torch.save({"weights": torch.ones(3)}, tmp / "foreign.ckpt")
     return tmp / "foreign.ckpt"
+
+
+def _deepspeed_layout(path: Path) -> Path:
+    (path / "checkpoint").mkdir(parents=True)  # what a ZeRO checkpoint "step2.ckpt" is: a directory of shards
+    return path
 
 
 def _file(path: Path) -> Path:

@@ -55,6 +55,9 @@ def test_train_then_lineage_show(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "step1.ckpt holds no lineage record of its own; below is its run's, at step 5" in captured.err
     assert "at step 5" in captured.out
+    (ckpts / "step3.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed's checkpoints are directories of shards
+    assert main(["lineage", "show", str(ckpts / "step3.ckpt")]) == 0
+    assert "step3.ckpt holds no lineage record of its own" in capsys.readouterr().err
 
 
 def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> None:
