@@ -290,7 +290,8 @@ def build_run(recipe: Recipe) -> Run:
     cross = cross_base_teachers(configs, student, teachers)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
-                "sha256": state_sha256(t.module) if t.module is not None else None}
+                "sha256": None if t.module is None else getattr(t.module, "recorded_sha256", None)
+                or state_sha256(t.module)}  # a cached teacher: the hash of the teacher that wrote the cache
                for t, s in zip(teachers, recipe.teachers)]
 
     def build_teachers() -> list[torch.nn.Module]:

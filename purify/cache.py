@@ -158,6 +158,12 @@ class CachedTeacher(nn.Module):
         self.teacher, self.vocab_size = teacher, int(self.manifest["teachers"][teacher]["vocab_size"])
         self.splits = {s: _Split(self.directory / s) for s in SPLITS if (self.directory / s / "index.npy").is_file()}
 
+    @property
+    def recorded_sha256(self) -> str | None:
+        """The sha256 of the teacher that wrote these logits, as its cache's manifest records it (this module has no
+        weights of its own to hash)."""
+        return self.manifest["teachers"][self.teacher].get("sha256")
+
     def forward(self, batch: Batch, hidden: bool = False) -> ModelOutput:
         if hidden:
             raise CacheError(f"{self.directory}: a cached teacher has no hidden states")

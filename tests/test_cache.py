@@ -19,7 +19,7 @@ from purify.config import RecipeError, to_dict
 from purify.assembly import load_recipe
 from purify.data import DistillDataModule, read_text
 from purify.lm.tokenizer import build_tokenizer
-from purify.models import build_model, model_forward
+from purify.models import build_model, model_forward, state_sha256
 from purify.module import Distiller
 from purify.assembly import build_run
 
@@ -95,6 +95,8 @@ def test_loss_from_a_full_vocabulary_cache_equals_the_online_loss(setup, tmp_pat
     run = build_run(cached_recipe)  # config → models → train: the cache source end to end
     assert isinstance(run.distiller.teachers[0], CachedTeacher) and run.teachers[0].name == "a"
     online = Distiller(copy.deepcopy(run.student.module), [build_model(recipe.teachers[0], 0).module])
+    # the lineage names the teacher that wrote the cache (it was the sha256 of no bytes: the reader has no weights)
+    assert run.lineage["teachers"][0]["sha256"] == state_sha256(online.teachers[0])
     run.datamodule.setup()
     batch = next(iter(run.datamodule.train_dataloader()))
     with torch.no_grad():
