@@ -191,7 +191,25 @@ def cache_spec_problems(spec: ModelSpec, where: str) -> list[str]:
         return [f"{where}.cache: {err}"]
     if not 0 <= spec.teacher < count:
         return [f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers"]
-    return []
+    damaged = _damaged_file(Path(spec.cache))  # type: ignore[arg-type]
+    return [f"{where}.cache: {damaged} is damaged (truncated or not a numpy array); rerun purify cache into a new "
+            "directory"] if damaged else []
+
+
+def _damaged_file(directory: Path) -> Path | None:
+    """The first array file of a finished cache that does not open as the numpy array its header declares (a
+    truncated copy: the memory map is checked against the file size; nothing is read), else ``None``."""
+    for split in SPLITS:
+        index = directory / split / "index.npy"
+        if not index.is_file():
+            continue
+        files = [index, *(s / f"{n}.npy" for s in sorted((directory / split).glob("shard-*")) for n in ARRAYS[:3])]
+        for path in files:
+            try:
+                np.load(path, mmap_mode="r")
+            except (OSError, ValueError):
+                return path
+    return None
 
 
 def check_cache(directory: str | Path, tokenizer: Any | None, datasets: dict[str, Any], where: str = "cache") -> None:

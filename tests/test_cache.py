@@ -163,3 +163,16 @@ def test_bytes_per_token_at_k8(written):
     assert manifest["k"] == 8 and manifest["id_dtype"] == "uint16"
     assert arrays / (positions * 2) == 8 * 2 + 8 * 2 + 2  # ids, log-probs, tail: 34 bytes per token and teacher
     assert manifest["bytes_per_token_per_teacher"] <= 64  # on disk, with .npy headers and both indexes
+
+
+@pytest.mark.parametrize("damage", ["train/shard-00001/logp.npy", "train/index.npy"])
+def test_a_truncated_cache_fails_recipe_validation(written, tmp_path, damage):
+    """A cut array file was a traceback while building (index) or mid-training (a shard's memory map)."""
+    import shutil
+
+    copy_ = tmp_path / "cache"
+    shutil.copytree(written, copy_)
+    target = copy_ / damage
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(RecipeError, match=rf"^teachers\[0\]\.cache: .*{damage} is damaged \(truncated or not a numpy "):
+        load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
