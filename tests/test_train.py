@@ -210,13 +210,20 @@ def test_a_signalled_run_exits_with_the_signals_code_and_says_it_failed(tmp_path
     out, recipe = tmp_path / "o", tmp_path / "recipe.yaml"
     OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=10**6, **{"trainer.checkpoint_every_n_steps": 5})),
                    recipe)
-    proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step5.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
+    # output to files, not pipes: a child blocked writing to a full pipe nobody reads yet would stall the test
+    log = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step5.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and (out / "checkpoints" / "step5.ckpt").exists(), log.read_text()[-2000:]
+        proc.send_signal(getattr(signal, sig))
+        try:
+            proc.wait(timeout=240)
+        finally:
+            proc.kill()
+    err = log.read_text()
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
     assert f"purify: error: train: stopped by {sig} at step" in lines[-1]

@@ -255,9 +255,6 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     optimizer = distiller.build_optimizer()
     cross = {i: TeacherTokenizer(t) for i, t in enumerate(own) if not same_tokenizer(tokenizer, t)}
     data = TokenDataset(records, tokenizer, suite.max_length, cross)
-    if suite.batch_size > len(data):  # each step draws batch_size samples: more than the data re-draws it at a cost
-        raise BenchError(f"--option batch_size={suite.batch_size}: more than the {len(data)} training samples of "
-                         f"{cond.name}'s data; give at most {len(data)}")
     generator = torch.Generator().manual_seed(seed)
     marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):

@@ -417,6 +417,11 @@ OPTIONS = {"steps": int, "lr": float, "batch_size": int, "conditions": list, "tr
 """The suites' ``--option`` keys and the kind of value each takes (:func:`purify.bench.report.check_options`)."""
 
 
+MAX_BATCH = 1024
+"""The largest ``--option batch_size``: each step draws that many sequences (with replacement) and holds their logits
+for the student and every teacher; 100000 took 23 GB on the CPU machine before the kernel stopped it."""
+
+
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
               first_seed: int = FIRST_SEED, workers: int = 1, **kwargs: Any) -> dict[str, Any]:
     """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
@@ -450,6 +455,9 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
     check_options(kwargs, OPTIONS)
     bad = [f"--option {k}={kwargs[k]!r}: must be a finite number > 0" for k in ("steps", "lr", "batch_size")
            if k in kwargs and not (kwargs[k] > 0 and math.isfinite(kwargs[k]))]
+    if kwargs.get("batch_size", 0) > MAX_BATCH:  # a step holds batch × length × vocabulary logits per model
+        bad.append(f"--option batch_size={kwargs['batch_size']}: at most {MAX_BATCH} sequences a step (the default "
+                   "is 16)")
     if bad:
         raise BenchError("\n".join(bad))
     torch.set_num_threads(1)
