@@ -213,7 +213,10 @@ def test_a_signalled_run_exits_with_the_signals_code_and_says_it_failed(tmp_path
     # output to files, not pipes: a child blocked writing to a full pipe nobody reads yet would stall the test
     log = tmp_path / "stderr.txt"
     with open(tmp_path / "stdout.txt", "w") as stdout, open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=stdout, stderr=stderr)
+        # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+        # (`make test &`) ignores SIGINT, the child inherits that, and Python then never raises KeyboardInterrupt
+        proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=stdout, stderr=stderr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while not (out / "checkpoints" / "step5.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
