@@ -307,6 +307,10 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"strategy: unknown strategy {recipe.strategy!r}; {hint}allowed: {', '.join(STRATEGIES)}")
     if recipe.resume is not None and not Path(recipe.resume).exists():  # a file, or a DeepSpeed checkpoint dir
         out.append(f"resume: checkpoint not found: {recipe.resume}")
+    elif recipe.resume is not None and recipe.strategy.startswith("deepspeed") and Path(recipe.resume).is_file():
+        out.append(f"resume: {recipe.resume} is a single-file checkpoint; {recipe.strategy} resumes only its own "
+                   "sharded checkpoint directories: resume it with the strategy that wrote it (auto or ddp), or start "
+                   "this one afresh")
     blocked = not_a_directory(recipe.output_dir)
     if blocked:
         out.append(f"output_dir: {blocked}; give a directory path")

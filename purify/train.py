@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
-from purify.checkpoint import CheckpointError, VerifiedCheckpointIO, load_verified
+from purify.checkpoint import VerifiedCheckpointIO, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
@@ -129,10 +129,6 @@ def train(recipe: Recipe) -> Path:
     verified; an ``output_dir`` that already holds a run is refused unless the recipe resumes.
     """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
-    if recipe.resume is not None and recipe.strategy.startswith("deepspeed") and Path(recipe.resume).is_file():
-        raise CheckpointError(f"resume: {recipe.resume} is a single-file checkpoint; {recipe.strategy} resumes only "
-                              "its own sharded checkpoint directories: resume it with the strategy that wrote it "
-                              "(auto or ddp), or start this one afresh")
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
     step = _check_resume(recipe, run) if recipe.resume is not None and recipe.strategy in ("auto", "ddp") else None
