@@ -523,9 +523,28 @@ def parse_recipe_problems(path: str | Path | None = None,
         except (TypeError, ValueError, IndexError, KeyError) as err:
             problems.append(f"{key}: {first_line(err)}")
     try:
-        return OmegaConf.to_object(merged), problems  # type: ignore[return-value]
+        recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         return None, problems + _explain(err, schema).problems
+    return _expand_home(recipe), problems
+
+
+PATH_FIELDS = ("path", "gguf", "tokenizer", "cache")
+"""The :class:`ModelSpec` fields that may name a local path (``~`` expanded, :func:`_expand_home`)."""
+
+
+def _expand_home(recipe: Recipe) -> Recipe:
+    """A recipe whose path values starting with ``~`` name the user's home, as a shell would have expanded them on
+    the command line (model sources, data files, ``resume``, ``output_dir``)."""
+    def home(value: Any) -> Any:
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    for spec in (recipe.student, *recipe.teachers):
+        for key in PATH_FIELDS:
+            setattr(spec, key, home(getattr(spec, key)))
+    recipe.data.train, recipe.data.val = home(recipe.data.train), home(recipe.data.val)
+    recipe.resume, recipe.output_dir = home(recipe.resume), home(recipe.output_dir)
+    return recipe
 
 
 def _past_the_end(cfg: DictConfig, key: str) -> str | None:

@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.ban_file).is_file():
             raise GenerateError(f"--ban-file: file not found: {args.ban_file}; give a text file, one word per line")
         banned += [w.strip() for w in read_utf8(args.ban_file).splitlines() if w.strip()]
+    if any(not w.strip() for w in banned):
+        raise GenerateError("--ban: an empty word is in every completion, so it would remove them all; give words")
     if args.regex:
         try:
             re.compile(args.regex)
@@ -187,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, progress=not args.no_progress)
         records += [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
     kept, removed = apply_filters(records, args.regex, banned)
+    if not kept:  # an empty file would look like a finished run's data
+        raise GenerateError(f"every one of the {len(records)} completions was removed ({removed['regex']} by --regex, "
+                            f"{removed['banned']} by banned words); nothing written to {args.out}: loosen the filters "
+                            "or sample more (--samples, --max-new-tokens)")
     write_jsonl(args.out, kept)
     print(f"purify: sampled {len(records)}, removed {removed['regex']} by --regex and {removed['banned']} by "
           f"banned words, wrote {len(kept)} to {args.out}")

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,12 +73,18 @@ class PurifyTrainer(Trainer):
             student's own samples (pad/eos ids from ``processing_class``, else the model's config; seeded by
             ``args.seed``) replace the batch's completions; ``None`` = off-policy. Sampled micro-batches are
             normalised by their own sampled-token count (then averaged over accumulation steps and devices).
+        head_lr: learning rate of the purifier heads' parameter groups (``purify train``'s ``optim.head_lr``);
+            ``None`` = ``args.learning_rate``. The Trainer's scheduler scales it like the student's.
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
     """
 
     def __init__(self, *args: Any, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier] = (),
-                 loss: LossConfig | None = None, on_policy: OnPolicyConfig | None = None, **kwargs: Any) -> None:
+                 loss: LossConfig | None = None, on_policy: OnPolicyConfig | None = None,
+                 head_lr: float | None = None, **kwargs: Any) -> None:
+        if head_lr is not None and not (isinstance(head_lr, (int, float)) and 0 < head_lr < math.inf):
+            raise ValueError(f"head_lr: must be a finite number > 0, or None for args.learning_rate, got {head_lr!r}")
         super().__init__(*args, **kwargs)
+        self.head_lr = head_lr
         self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
                                    total_steps=max(1, self.args.max_steps))
         self.distiller.to(self.args.device)
@@ -90,7 +97,8 @@ class PurifyTrainer(Trainer):
         self.add_callback(_ParameterPurifierCallback(self.distiller))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Trainer's optimizer plus each purifier head as its own group (no weight decay, ``args.learning_rate``).
+        """Trainer's optimizer plus each purifier head as its own group (no weight decay; learning rate ``head_lr``,
+        default ``args.learning_rate``).
 
         The purifiers are set up first: heads such as the adversary's discriminator are built in their ``setup``
         (otherwise lazily on the first ``compute_loss``, after this, and never trained), with the run's planned
@@ -105,7 +113,8 @@ class PurifyTrainer(Trainer):
         for purifier in self.distiller.purifiers:
             for group in purifier.param_groups():
                 if not any(p is q for g in optimizer.param_groups for p in group["params"] for q in g["params"]):
-                    optimizer.add_param_group({**group, "weight_decay": 0.0})
+                    optimizer.add_param_group({**group, "weight_decay": 0.0,
+                                               **({"lr": self.head_lr} if self.head_lr is not None else {})})
         return optimizer
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

@@ -99,3 +99,14 @@ def test_a_dotted_override_opens_null_optional_sections_on_its_path():
                                              ["student.lora.r=16", "on_policy.lam=0.5"])
     assert problems == []
     assert recipe.student.lora == LoraSpec(r=16) and recipe.on_policy == OnPolicyConfig(lam=0.5)
+
+
+def test_a_tilde_in_a_recipe_path_is_the_users_home(tmp_path, monkeypatch):
+    """``data.train: ~/x.jsonl`` in a recipe (where no shell expands it) was looked up as a directory named ``~``:
+    file not found. Every path value starting with ``~`` now names the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    r = load(tmp_path, **{"data.train": "~/train.jsonl", "output_dir": "~/runs/a"})
+    assert r.data.train == str(tmp_path / "train.jsonl") and r.output_dir == str(tmp_path / "runs" / "a")
+    with pytest.raises(RecipeError, match=f"resume: checkpoint not found: {tmp_path}/nope.ckpt"):
+        load(tmp_path, resume="~/nope.ckpt")

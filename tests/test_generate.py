@@ -81,3 +81,21 @@ def test_generate_verb_writes_jsonl_and_reports_filters(tmp_path: Path, capsys: 
     with pytest.raises(GenerateError, match="model not found"):
         run(parser.parse_args([str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.txt"), "--out",
                                str(out)]))
+
+
+def test_generate_refuses_to_write_nothing(tmp_path: Path) -> None:
+    """A filter that removes every completion wrote an empty file and exited 0 (it looked like finished data); an
+    empty banned word (``--ban ""``) is in every completion. Both are one error and nothing is written."""
+    path = make_tiny_model(tmp_path / "m")
+    (tmp_path / "prompts.txt").write_text("The old farmer\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out.jsonl"
+    common = [str(path), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--max-new-tokens", "3",
+              "--no-progress"]
+    with pytest.raises(GenerateError, match=r"every one of the 2 completions was removed \(2 by --regex, 0 by banned "
+                                            r"words\); nothing written to .*out.jsonl"):
+        run(parser.parse_args([*common, "--samples", "2", "--regex", "^NEVER$"]))
+    with pytest.raises(GenerateError, match="--ban: an empty word"):
+        run(parser.parse_args([*common, "--ban", ""]))
+    assert not out.exists()

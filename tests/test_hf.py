@@ -129,3 +129,23 @@ def test_a_run_sized_by_epochs_tells_the_purifiers_its_steps(setup, tmp_path):
     trainer.train()
     assert trainer.state.max_steps == 2 * math.ceil(len(rows) / 4) > 1
     assert adversary.total_steps == trainer.state.max_steps
+
+
+def test_head_lr_sets_the_purifier_heads_learning_rate(setup, tmp_path):
+    """``head_lr`` is ``optim.head_lr`` of ``purify train``: the heads' group trains at it, the student at
+    ``args.learning_rate``; a non-positive one is refused by name."""
+    tok, student, teacher, rows = setup
+    other = copy.deepcopy(teacher)
+    adversary = _RecordingAdversary(AdversaryConfig(name="adversary", weight=0.1, target="lineage"))
+    args = TrainingArguments(str(tmp_path / "h"), max_steps=2, per_device_train_batch_size=4, learning_rate=0.1,
+                             optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True)
+    trainer = PurifyTrainer(model=copy.deepcopy(student), teachers=[teacher, other], purifiers=[adversary], args=args,
+                            train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                            head_lr=0.02)
+    trainer.train()
+    head = {id(p) for p in adversary.head.parameters()}
+    lrs = {any(id(p) in head for p in g["params"]): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {True: pytest.approx(0.02), False: pytest.approx(0.1)}
+    with pytest.raises(ValueError, match=r"head_lr: must be a finite number > 0, or None for args.learning_rate, "
+                                         r"got -1"):
+        PurifyTrainer(model=student, teachers=[teacher], args=args, head_lr=-1)
