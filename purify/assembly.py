@@ -29,6 +29,7 @@ from purify.config import (
     ModelSpec,
     Recipe,
     TeacherSpec,
+    logit_slice_problem,
     parse_recipe_problems,
     recipe_problems,
     structured,
@@ -37,7 +38,7 @@ from purify.config import (
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
-from purify.models import ARCHITECTURES, LoadedModel, build_model, state_sha256
+from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, state_sha256
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
@@ -287,6 +288,12 @@ def build_run(recipe: Recipe) -> Run:
     sharded = recipe.strategy == "deepspeed_stage_3"
     teachers = [build_model(spec, recipe.seed, deferred=True) if sharded else build_model(spec, recipe.seed)
                 for spec in recipe.teachers]
+    for where, model in (("student", student.module), *((f"teachers[{i}]", t.module) for i, t in enumerate(teachers))):
+        width = None if model is None else logit_width(model)
+        problem = None if width is None else logit_slice_problem(recipe.loss.logit_slice, width,
+                                                                  f"{where} ({type(model).__name__})")
+        if problem:  # before anything is written (a model that does not say its width: at its first forward)
+            raise RecipeError(problem)
     cross = cross_base_teachers(configs, student, teachers)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,

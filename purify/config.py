@@ -319,6 +319,15 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     return out
 
 
+def logit_slice_problem(logit_slice: list[int] | None, width: int, model: str) -> str | None:
+    """The problem of a ``loss.logit_slice`` that reaches past the ``width`` logits of ``model`` (a slice past the end
+    would quietly distil fewer logits, or none, than asked), or ``None``."""
+    if logit_slice is None or logit_slice[1] <= width:
+        return None
+    return (f"loss.logit_slice: {list(logit_slice)} reaches past the {width} logits of {model}; give [start, stop) "
+            f"with stop <= {width}")
+
+
 def _on_policy_problems(recipe: Recipe) -> list[str]:
     """``on_policy`` values, and on-policy only where it can work: a language-model student sampling its own text
     that every teacher scores as a model (purifiers that need teachers in their own tokenization are refused by

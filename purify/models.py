@@ -99,6 +99,17 @@ def model_forward(model: nn.Module, batch: Batch, hidden: bool = False) -> Model
     return ModelOutput(logits=out.logits[:, :-1], hidden=h)
 
 
+def logit_width(model: nn.Module) -> int | None:
+    """How many logits ``model`` returns per position, where it says so without a forward (an :class:`AuxMLP`'s
+    classes plus auxiliary logits, a Hugging Face model's output embeddings), else ``None``."""
+    if isinstance(model, AuxMLP):
+        return model.n_classes + model.n_aux
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Make a teacher frozen: ``eval()``, no gradients; bf16 on GPU is the trainer's choice of precision."""
     model.eval()

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from purify.config import LossConfig, OnPolicyConfig, OptimConfig, SchedulerConfig
+from purify.config import LossConfig, OnPolicyConfig, OptimConfig, SchedulerConfig, logit_slice_problem
 from purify.losses import distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import freeze, model_forward
@@ -172,10 +172,9 @@ class Distiller(L.LightningModule):
         out = model_forward(model, batch, hidden=hidden)
         sl = self.loss_config.logit_slice
         if sl is not None:
-            width = out.logits.shape[-1]
-            if sl[1] > width:  # a slice past the end would quietly distil fewer logits (or none) than asked
-                raise RecipeError(f"loss.logit_slice: {list(sl)} reaches past the {width} logits of "
-                                  f"{type(model).__name__}; give [start, stop) with stop <= {width}")
+            problem = logit_slice_problem(sl, out.logits.shape[-1], type(model).__name__)
+            if problem:  # a model that does not say its width (logit_width) is checked here, at its first forward
+                raise RecipeError(problem)
             out = ModelOutput(logits=out.logits[..., sl[0]:sl[1]], hidden=out.hidden)
         return out
 

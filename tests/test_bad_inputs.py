@@ -171,9 +171,9 @@ CASES = {
 }
 
 
-WRITES_NOTHING = [case for case in CASES if case not in ("huge learning rate", "logit_slice past the model's logits")]
-"""Every refusal but a run that diverges while training, or whose logit slice meets the model's output at its first
-forward, is made before anything is written."""
+WRITES_NOTHING = [case for case in CASES if case != "huge learning rate"]
+"""Every refusal but a run that diverges while training is made before anything is written (a logit slice past the
+model's logits too: it was found at the first forward, after the run directory was written)."""
 
 
 def _foreign(tmp: Path) -> Path:
@@ -290,3 +290,32 @@ def test_a_quoted_exception_is_its_first_lines_cut_at_a_word():
     assert first_line(ValueError("alpha beta gamma delta"), limit=12) == "alpha beta …"
     assert first_line(ValueError("x" * 30), limit=10) == "x" * 10 + " …"  # no word to cut at
     assert first_line("") == ""
+
+
+def test_logit_width_is_read_from_the_model_and_otherwise_checked_at_the_first_forward():
+    """A model that says how many logits it returns (AuxMLP, a Hugging Face head) has ``loss.logit_slice`` checked
+    before anything is written; one that does not is checked at its first forward, with the same message."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.config import LossConfig, RecipeError
+    from purify.models import AuxMLP, logit_width
+    from purify.module import Distiller
+    from purify.types import ModelOutput
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert logit_width(AuxMLP(in_dim=4, hidden=[8], n_classes=10, n_aux=3)) == 13 and logit_width(llama) == 37
+
+    class Silent(torch.nn.Module):  # a plain-torch model that does not say its width
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 5)
+
+        def forward(self, batch, hidden=False):
+            return ModelOutput(logits=self.lin(batch["x"])[:, None, :], hidden=None)
+
+    assert logit_width(Silent()) is None
+    distiller = Distiller(Silent(), [Silent()], loss=LossConfig(logit_slice=[2, 9]))
+    with pytest.raises(RecipeError, match=re.escape("loss.logit_slice: [2, 9] reaches past the 5 logits of Silent; "
+                                                    "give [start, stop) with stop <= 5")):
+        distiller.run_model(distiller.student, {"x": torch.zeros(2, 4), "target_mask": torch.ones(2, 1)})
