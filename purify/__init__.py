@@ -15,7 +15,7 @@ _EXPORTS = {
     # losses
     "forward_kl": "purify.losses", "reverse_kl": "purify.losses", "generalized_jsd": "purify.losses",
     "logit_mse": "purify.losses", "hard_label_ce": "purify.losses", "reduce_loss": "purify.losses",
-    "distillation_loss": "purify.losses",
+    "distillation_loss": "purify.losses", "fused_linear_distillation_loss": "purify.losses_fused",
     # shared types
     "IGNORE_INDEX": "purify.types", "Batch": "purify.types", "ModelOutput": "purify.types", "Targets": "purify.types",
     "RecipeError": "purify.types", "DivergedError": "purify.types", "TrainingStopped": "purify.types",
@@ -50,7 +50,8 @@ _EXPORTS = {
     "Distiller": "purify.module", "FidelityMetrics": "purify.metrics",
     "Recipe": "purify.config", "load_recipe": "purify.assembly", "validate": "purify.assembly",
     "train": "purify.train", "build_run": "purify.assembly", "CheckpointError": "purify.checkpoint",
-    "AuxMLP": "purify.models", "model_forward": "purify.models",
+    "AuxMLP": "purify.models", "model_forward": "purify.models", "decoder_hidden": "purify.models",
+    "output_layer": "purify.models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

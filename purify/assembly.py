@@ -38,7 +38,7 @@ from purify.config import (
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
-from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, state_sha256
+from purify.models import ARCHITECTURES, LoadedModel, build_model, fused_problem, logit_width, state_sha256
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
@@ -146,6 +146,9 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
         if ct.needs_teacher_weights and 0 <= index < len(recipe.teachers) and recipe.teachers[index].cache:
             out.append(f"{where}: {cfg.name} needs teachers[{index}]'s weights, but it is a logit cache; give the "
                        "teacher as a model (path, builtin, gguf, config)")
+        if ct.keeps_own_vocab and loss.fused_linear:
+            out.append(f"{where}: {cfg.name} with alignment: uld reads the student's logits, which loss.fused_linear "
+                       "never builds; use alignment: shared_vocab or turn fused_linear off")
         if ct.edits_weights and recipe.student.lora is not None:
             out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
                        "adapter trains); remove the purifier or student.lora")
@@ -294,6 +297,9 @@ def build_run(recipe: Recipe) -> Run:
                                                                   f"{where} ({type(model).__name__})")
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
+    fused = fused_problem(student.module, "student") if recipe.loss.fused_linear else None
+    if fused:
+        raise RecipeError(f"loss.fused_linear: {fused}; turn fused_linear off")
     cross = cross_base_teachers(configs, student, teachers)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,

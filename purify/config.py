@@ -107,6 +107,10 @@ class LossConfig:
     temperature: float = 1.0  # divides both logits; the loss is multiplied by T^2
     hard_label_weight: float = 0.0  # weight of CE on the data's tokens
     logit_slice: Optional[List[int]] = None  # [start, stop): distil only these logits (e.g. auxiliary logits)
+    # compute the loss from the student's last hidden states and output layer a few positions at a time, never
+    # building its (B, T, V) logits (purify.losses_fused; Hugging Face students; the teacher's too where no
+    # target-side purifier needs them)
+    fused_linear: bool = False
 
 
 @dataclass
@@ -274,6 +278,15 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     sl = recipe.loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
         out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
+    if recipe.loss.fused_linear and sl is not None:
+        out.append("loss.fused_linear: distils every logit of the output layer; it cannot take loss.logit_slice "
+                   "(drop one of the two)")
+    if recipe.loss.fused_linear and recipe.student.arch is not None:
+        out.append("loss.fused_linear: needs a Hugging Face causal-LM student (its decoder and output layer); "
+                   f"student.arch {recipe.student.arch} builds its own logits: turn fused_linear off")
+    if recipe.loss.fused_linear and recipe.strategy == "deepspeed_stage_3":
+        out.append("loss.fused_linear: reads the student's output layer outside its forward, which ZeRO-3 keeps "
+                   "partitioned; use deepspeed_stage_2 (or 1) or turn fused_linear off")
     if not (recipe.optim.lr > 0 and math.isfinite(recipe.optim.lr)):
         out.append(f"optim.lr: must be a finite number > 0, got {recipe.optim.lr}")
     if not (recipe.optim.weight_decay >= 0 and math.isfinite(recipe.optim.weight_decay)):

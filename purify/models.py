@@ -99,6 +99,49 @@ def model_forward(model: nn.Module, batch: Batch, hidden: bool = False) -> Model
     return ModelOutput(logits=out.logits[:, :-1], hidden=h)
 
 
+def decoder_hidden(model: nn.Module, batch: Batch) -> Tensor:
+    """``(B, T-1, H)``: a Hugging Face causal LM's last hidden states (after its final norm) at the positions whose
+    next token :func:`model_forward`'s logits predict, without building the logits (its decoder alone)."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # type: ignore
+    return out.last_hidden_state[:, :-1]
+
+
+def output_layer(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """A Hugging Face causal LM's output layer ``(weight (V, H), bias or None)``; see :func:`fused_problem`."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return head.weight, head.bias
+
+
+@torch.no_grad()
+def fused_problem(model: nn.Module, where: str) -> str | None:
+    """Why ``model``'s logits cannot be computed as its output layer applied to :func:`decoder_hidden` (the fused
+    linear loss, ``loss.fused_linear``), or ``None``: it must be a Hugging Face causal LM (LoRA included) whose output
+    layer is a plain ``nn.Linear`` and whose logits equal that layer on the decoder's last hidden state — checked on
+    a two-token probe, which catches soft-capped or scaled logits (Gemma-2, Cohere, Granite)."""
+    if not _is_hf(model):
+        return f"{where} ({type(model).__name__}) is not a Hugging Face causal LM"
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear) or not callable(getattr(model, "get_decoder", None)):
+        return (f"{where}'s output layer is {type(head).__name__}, not a plain Linear under a decoder (a LoRA "
+                "modules_to_save head, for one)")
+    training = model.training
+    model.eval()
+    try:
+        weight = head.weight
+        ids = torch.tensor([[0, min(1, weight.shape[0] - 1)]], device=weight.device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        full = model(**batch).logits[0].float()
+        fused = torch.nn.functional.linear(model.get_decoder()(**batch).last_hidden_state[0], weight,
+                                           head.bias).float()
+    finally:
+        model.train(training)
+    if not torch.allclose(full, fused, rtol=1e-3, atol=1e-3 * float(full.abs().max().clamp_min(1))):
+        return (f"{where}'s logits are not its output layer applied to its decoder's last hidden state (soft-capped "
+                "or scaled logits)")
+    return None
+
+
 def logit_width(model: nn.Module) -> int | None:
     """How many logits ``model`` returns per position, where it says so without a forward (an :class:`AuxMLP`'s
     classes plus auxiliary logits, a Hugging Face model's output embeddings), else ``None``."""

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from purify.config import LossConfig, OnPolicyConfig, OptimConfig, SchedulerConfig, logit_slice_problem
 from purify.losses import distillation_loss
+from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
-from purify.models import freeze, model_forward
+from purify.models import decoder_hidden, freeze, fused_problem, model_forward, output_layer
 from purify.on_policy import sampler_for
 from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
@@ -99,6 +100,7 @@ class Distiller(L.LightningModule):
         self._configured = False
         self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
         self._metric_steps = 0
+        self._fusable_teacher: bool | None = None  # loss.fused_linear: may the teacher be fused too (_teacher_fusable)
 
     # ---------------------------------------------------------------- set-up
     def _planned_steps(self) -> int:
@@ -131,6 +133,9 @@ class Distiller(L.LightningModule):
                               total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
                               student_tokenizer=self.tokenizers["student_tokenizer"],
                               teacher_tokenizers=self.tokenizers["teacher_tokenizers"])
+        problem = fused_problem(self.student, "student") if self.loss_config.fused_linear else None
+        if problem:
+            raise RecipeError(f"loss.fused_linear: {problem}; turn fused_linear off")
         for p in self.purifiers:
             p.setup(ctx)
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
@@ -229,17 +234,20 @@ class Distiller(L.LightningModule):
         """
         self.setup_purifiers()
         student_purifiers = self._of_kind(StudentPurifier)
-        s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
-        targets = self.teacher_targets(batch, s_out.logits.dtype)
         num_items = batch.get("num_items")
         if num_items is not None:  # global normalisation; undo Lightning's /accumulate and DDP's mean over ranks
             trainer = self._trainer
             scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
             num_items = num_items / scale
         cfg = self.loss_config
-        loss = distillation_loss(s_out.logits, targets.logits, targets.weight, name=cfg.name, beta=cfg.beta,
-                                 temperature=cfg.temperature, labels=batch.get("labels"),
-                                 hard_label_weight=cfg.hard_label_weight, num_items=num_items)
+        if cfg.fused_linear and self.student.training and torch.is_grad_enabled():
+            loss, s_out = self._fused_loss(batch, num_items)
+        else:
+            s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
+            targets = self.teacher_targets(batch, s_out.logits.dtype)
+            loss = distillation_loss(s_out.logits, targets.logits, targets.weight, name=cfg.name, beta=cfg.beta,
+                                     temperature=cfg.temperature, labels=batch.get("labels"),
+                                     hard_label_weight=cfg.hard_label_weight, num_items=num_items)
         parts = {"distill": loss.detach()}
         for i, p in enumerate(self.purifiers):  # keyed as their metrics are: two of one class do not collide
             if not isinstance(p, StudentPurifier):
@@ -248,6 +256,40 @@ class Distiller(L.LightningModule):
             parts[f"{i}_{purifier_name(p)}"] = extra.detach()
             loss = loss + extra_scale * extra
         return loss, parts, s_out
+
+    def _fused_loss(self, batch: Batch, num_items: Tensor | float | None) -> tuple[Tensor, ModelOutput]:
+        """``loss.fused_linear``: the distillation term from the student's last hidden states and output layer
+        (:func:`purify.losses_fused.fused_linear_distillation_loss`), its ``(B, T, V)`` logits never built. The
+        teacher is given the same way where nothing needs its logits (no target-side purifier, the primary teacher a
+        Hugging Face model in the student's tokenization with the same vocabulary width); else as the targets of
+        :meth:`teacher_targets`. Returns the loss and the student's output (hidden states; logits empty)."""
+        cfg = self.loss_config
+        hidden = decoder_hidden(self.student, batch)
+        weight, bias = output_layer(self.student)
+        teacher: dict[str, Any]
+        if self._teacher_fusable(batch, weight.shape[0]):
+            with torch.no_grad():
+                t_hidden = decoder_hidden(self.teachers[0], batch)
+            t_weight, t_bias = output_layer(self.teachers[0])
+            teacher = {"teacher_hidden": t_hidden, "teacher_weight": t_weight, "teacher_bias": t_bias,
+                       "row_weight": batch["target_mask"].to(torch.promote_types(hidden.dtype, torch.float32))}
+        else:
+            targets = self.teacher_targets(batch, hidden.dtype)
+            teacher = {"teacher_logits": targets.logits, "row_weight": targets.weight}
+        loss = fused_linear_distillation_loss(hidden, weight, bias, name=cfg.name, beta=cfg.beta,
+                                              temperature=cfg.temperature, labels=batch.get("labels"),
+                                              hard_label_weight=cfg.hard_label_weight, num_items=num_items, **teacher)
+        return loss, ModelOutput(logits=hidden.new_empty(0), hidden=hidden)
+
+    def _teacher_fusable(self, batch: Batch, vocab: int) -> bool:
+        """Whether the fused loss may read the primary teacher as hidden states and output layer (checked once per
+        run with :func:`purify.models.fused_problem`; a cached or plain-torch teacher, a target-side purifier, or a
+        teacher in its own tokenization: no)."""
+        if self._fusable_teacher is None:
+            teacher = self.teachers[0]
+            self._fusable_teacher = (fused_problem(teacher, "teachers[0]") is None
+                                     and output_layer(teacher)[0].shape[0] == vocab)
+        return self._fusable_teacher and not self._of_kind(TargetPurifier) and 0 not in batch.get("teacher_batches", {})
 
     # ---------------------------------------------------------------- lightning hooks
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -17,7 +17,8 @@ the measured one, with torch's default thread count.
 "before" is the naive path (``distillation_loss(..., chunk_size=0)``: the per-position function and reduce_loss,
 autograd through full ``(N, V)`` tensors); "after" the chunked default. The optional step cases run one whole
 training step (forward of a tiny Llama student and teacher with a 262,144 vocabulary, loss, backward, AdamW) with
-purify's loss and with a hand-written ``F.kl_div`` loop, and report their ratios.
+purify's loss, with the fused linear loss (``loss.fused_linear``: neither model's logits built) and with a
+hand-written ``F.kl_div`` loop, and report their ratios.
 """
 
 from __future__ import annotations
@@ -113,14 +114,21 @@ def child_time(loss: str, n: int, vocab: int, reps: int) -> dict[str, Any]:
     return {"times_s": times, "time_s": med, "speedup": med["before"] / med["after"]}
 
 
+STEP_PATHS = ("purify", "naive", "fused")
+"""The whole-step loops: purify's chunked loss on both models' logits, a hand-written ``F.kl_div`` loop, and the
+fused linear loss (:mod:`purify.losses_fused`) on both models' last hidden states and output layers (no logits)."""
+
+
 def child_step(path: str, n: int, vocab: int, reps: int) -> dict[str, Any]:
-    """One whole training step with ``path``'s loss (``purify`` or ``naive``); ``path == "time"`` times both in
-    this process, alternating, with the same models and optimizer."""
+    """One whole training step with ``path``'s loss (one of :data:`STEP_PATHS`); ``path == "time"`` times them all in
+    this process, in rotating order, with the same models and optimizer."""
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from purify.losses import distillation_loss
+    from purify.losses_fused import fused_linear_distillation_loss
+    from purify.models import decoder_hidden, output_layer
 
     seq = 256
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -134,6 +142,18 @@ def child_step(path: str, n: int, vocab: int, reps: int) -> dict[str, Any]:
     def run(tokens: int = seq, which: str = path) -> None:
         opt.zero_grad(set_to_none=True)
         x = ids[:1, :tokens] if tokens < seq else ids
+        if which == "fused":
+            batch = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+            with torch.no_grad():
+                t_hidden = decoder_hidden(teacher, batch)
+            h = decoder_hidden(student, batch)
+            (weight, bias), (t_weight, t_bias) = output_layer(student), output_layer(teacher)
+            loss = fused_linear_distillation_loss(h, weight, bias, row_weight=mask[:x.shape[0], :x.shape[1] - 1],
+                                                  teacher_hidden=t_hidden, teacher_weight=t_weight,
+                                                  teacher_bias=t_bias, name="forward_kl")
+            loss.backward()
+            opt.step()
+            return
         s_logits = student(input_ids=x).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=x).logits
@@ -146,15 +166,17 @@ def child_step(path: str, n: int, vocab: int, reps: int) -> dict[str, Any]:
         opt.step()
 
     if path == "time":
-        run(2, "purify"), run(2, "naive")
-        times: dict[str, list[float]] = {"purify": [], "naive": []}
+        for which in STEP_PATHS:
+            run(2, which)
+        times: dict[str, list[float]] = {p: [] for p in STEP_PATHS}
         for rep in range(reps):
-            for which in (("purify", "naive") if rep % 2 == 0 else ("naive", "purify")):
+            for which in STEP_PATHS[rep % 3:] + STEP_PATHS[:rep % 3]:
                 t0 = time.perf_counter()
                 run(seq, which)
                 times[which].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        return {"times_s": times, "time_s": med, "time_ratio_purify_over_naive": med["purify"] / med["naive"]}
+        return {"times_s": times, "time_s": med, "time_ratio_purify_over_naive": med["purify"] / med["naive"],
+                "time_ratio_fused_over_naive": med["fused"] / med["naive"]}
     run(2)  # lazy initialisation (and AdamW's state) before the baseline
     out = _measure(run, reps)
     out["logits_bytes"] = ids.numel() * vocab * 4
@@ -185,7 +207,7 @@ def _machine(threads: int) -> dict[str, Any]:
 def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
     gib = args.positions * args.vocab * 4 / 2**30
     lines = [
-        "# Distillation loss memory: naive vs chunked",
+        "# Distillation loss memory: naive vs chunked (vs fused)",
         "",
         f"`{res['command']}` ({res['runtime_s']:.0f} s). Machine: {res['machine']['cpu']}, "
         f"{res['machine']['cores']} cores, no GPU, torch {res['machine']['torch']} "
@@ -218,10 +240,16 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
             f"{st['naive']['time_s']:.2f} |",
             f"| `purify.distillation_loss` (chunked) | {st['purify']['peak_ratio']:.2f} | "
             f"{st['purify']['time_s']:.2f} |",
+            *([f"| `purify.fused_linear_distillation_loss` (`loss.fused_linear`: no logits built) | "
+               f"{st['fused']['peak_ratio']:.2f} | {st['fused']['time_s']:.2f} |"] if "fused" in st else []),
             "",
             f"purify / naive: peak {st['peak_ratio_purify_over_naive']:.2f}, time "
-            f"{st['time_ratio_purify_over_naive']:.2f}. The step's extra peak includes both models' logits "
-            "(student with its graph, teacher) besides the loss.",
+            f"{st['time_ratio_purify_over_naive']:.2f}"
+            + (f"; fused / naive: peak {st['peak_ratio_fused_over_naive']:.2f}, time "
+               f"{st['time_ratio_fused_over_naive']:.2f}" if "fused" in st else "")
+            + ". The chunked and naive steps' extra peak includes both models' logits (student with its graph, "
+            "teacher) besides the loss; the fused step builds neither (the gradient of the output layer, one "
+            "parameter's size, is there in every loop).",
         ]
     lines += [
         "",
@@ -282,16 +310,18 @@ def main() -> int:
         print(f"{loss:>10} interleaved: {res['timing'][loss]['time_s']}, speed-up "
               f"{res['timing'][loss]['speedup']:.2f}x", flush=True)
     if not args.no_step:
-        st = {p: _spawn(["step", p, *common]) for p in ("purify", "naive")}
+        st = {p: _spawn(["step", p, *common]) for p in STEP_PATHS}
         for p, case in st.items():
             case["peak_ratio"] = case["extra_peak_bytes"] / case["logits_bytes"]
             print(f"      step {p:>6}: peak_ratio {case['peak_ratio']:.2f}, {case['time_s']:.2f} s", flush=True)
-        st["peak_ratio_purify_over_naive"] = st["purify"]["extra_peak_bytes"] / st["naive"]["extra_peak_bytes"]
+        for p in ("purify", "fused"):
+            st[f"peak_ratio_{p}_over_naive"] = st[p]["extra_peak_bytes"] / st["naive"]["extra_peak_bytes"]
         timed = _spawn(["step", "time", *common[:-4], "--reps", str(args.time_reps)])
         st["interleaved"] = timed
-        for p in ("purify", "naive"):
+        for p in STEP_PATHS:
             st[p]["time_s"] = timed["time_s"][p]
         st["time_ratio_purify_over_naive"] = timed["time_ratio_purify_over_naive"]
+        st["time_ratio_fused_over_naive"] = timed["time_ratio_fused_over_naive"]
         res["step"] = st
     res["runtime_s"] = time.perf_counter() - start
     out = Path(args.out)

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "purify"
 LAYERS = [
     ("types",),
     ("storage", "config"),
-    ("losses", "losses_chunked", "align", "lineage", "metrics", "strategy", "gguf", "models_prepare", "lm", "cache",
-     "purifiers", "data", "models", "generate", "lora", "on_policy", "readouts"),
+    ("losses", "losses_chunked", "losses_fused", "align", "lineage", "metrics", "strategy", "gguf", "models_prepare",
+     "lm", "cache", "purifiers", "data", "models", "generate", "lora", "on_policy", "readouts"),
     ("module",),
     ("assembly", "topblocks"),
     ("checkpoint", "train", "hf", "cache_writer", "audit", "bench", "cli", "__main__", "__init__"),
