@@ -114,10 +114,12 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"--seeds {args.seeds}: must be at least 1")
     if args.first_seed is not None and args.first_seed < 0:
         raise BenchError(f"--first-seed {args.first_seed}: seeds are non-negative integers")
-    torch.set_num_threads(max(1, args.threads or 1))
-    module = importlib.import_module(SUITES[args.suite])
     if args.workers is not None and args.workers < 1:
         raise BenchError(f"--workers {args.workers}: must be at least 1 (seeds run at a time in forked processes)")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads {args.threads}: must be at least 1 (torch threads of a one-worker run)")
+    torch.set_num_threads(args.threads or 1)
+    module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed,
                                 "workers": args.workers}.items() if v is not None}
     if args.option:

@@ -271,16 +271,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"data.val_fraction: {data.val_fraction} is not in [0, 1)")
     out += [f"data.{key}: must be >= 1, got {getattr(data, key)}"
             for key in ("max_length", "batch_size", "num_samples", "noise_dim") if getattr(data, key) < 1]
-    if not 0.0 <= recipe.loss.beta <= 1.0:
-        out.append(f"loss.beta: {recipe.loss.beta} is not in [0, 1]")
-    if recipe.loss.temperature <= 0:
-        out.append(f"loss.temperature: must be > 0, got {recipe.loss.temperature}")
-    sl = recipe.loss.logit_slice
-    if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
-        out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
-    if recipe.loss.fused_linear and sl is not None:
-        out.append("loss.fused_linear: distils every logit of the output layer; it cannot take loss.logit_slice "
-                   "(drop one of the two)")
+    out += loss_problems(recipe.loss)
     if recipe.loss.fused_linear and recipe.student.arch is not None:
         out.append("loss.fused_linear: needs a Hugging Face causal-LM student (its decoder and output layer); "
                    f"student.arch {recipe.student.arch} builds its own logits: turn fused_linear off")
@@ -329,6 +320,25 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"output_dir: {blocked}; give a directory path")
     out += _lora_problems(recipe)
     out += _on_policy_problems(recipe)
+    return out
+
+
+def loss_problems(loss: LossConfig) -> list[str]:
+    """What is wrong with a :class:`LossConfig` on its own, one ``loss.<key>: ...`` line each (a recipe's, and a
+    :class:`purify.module.Distiller` built in Python)."""
+    out = []
+    if not 0.0 <= loss.beta <= 1.0:
+        out.append(f"loss.beta: {loss.beta} is not in [0, 1]")
+    if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
+        out.append(f"loss.temperature: must be a finite number > 0, got {loss.temperature}")
+    if not (loss.hard_label_weight >= 0 and math.isfinite(loss.hard_label_weight)):
+        out.append(f"loss.hard_label_weight: must be a finite number >= 0, got {loss.hard_label_weight}")
+    sl = loss.logit_slice
+    if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
+        out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
+    if loss.fused_linear and sl is not None:
+        out.append("loss.fused_linear: distils every logit of the output layer; it cannot take loss.logit_slice "
+                   "(drop one of the two)")
     return out
 
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +25,15 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purify.config import LossConfig, OnPolicyConfig
+from purify.models import model_forward
 from purify.module import Distiller
 from purify.on_policy import sampler_for
 from purify.purifiers.base import Purifier
-from purify.types import IGNORE_INDEX
+from purify.types import IGNORE_INDEX, ModelOutput
+
+PURIFIER_STATE = "purifiers.pt"
+"""The purifiers' state dict in a ``PurifyTrainer`` checkpoint (and ``save_model`` directory), beside the model."""
+_MISSING = "__no_purifier_state__"
 
 
 def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +59,9 @@ class _ParameterPurifierCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.distiller.after_optimizer_step()
+        # Trainer zeroes the model's gradients only (model.zero_grad()): the heads' would add up over every step
+        for p in self.distiller.purifiers.parameters():
+            p.grad = None
 
 
 class PurifyTrainer(Trainer):
@@ -62,7 +71,8 @@ class PurifyTrainer(Trainer):
     the whole accumulated (and, with ``average_tokens_across_devices``, all-device) batch — transformers'
     ``num_items_in_batch`` — so ``8 × 1`` and ``4 × 2`` give the same update; ``evaluate()`` and ``eval_strategy``
     report the distillation objective on the evaluation set as ``eval_loss`` (and pass the student's logits to
-    ``compute_metrics`` unless ``prediction_loss_only``). Student-side purifier terms are averaged over the
+    ``compute_metrics`` unless ``prediction_loss_only``: every position, as the model returns them, so position
+    ``t`` predicts ``label_ids[:, t + 1]``). Student-side purifier terms are averaged over the
     accumulation steps, as under ``purify train``.
 
     Args:
@@ -75,19 +85,26 @@ class PurifyTrainer(Trainer):
             normalised by their own sampled-token count (then averaged over accumulation steps and devices).
         head_lr: learning rate of the purifier heads' parameter groups (``purify train``'s ``optim.head_lr``);
             ``None`` = ``args.learning_rate``. The Trainer's scheduler scales it like the student's.
+        teacher_tokenizers: each teacher's tokenizer where it differs from the student's (``cross_base``); the
+            student's is ``processing_class`` (purifiers with text sources, e.g. ``function_anchor``, tokenize with it).
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
     """
 
     def __init__(self, *args: Any, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier] = (),
                  loss: LossConfig | None = None, on_policy: OnPolicyConfig | None = None,
-                 head_lr: float | None = None, **kwargs: Any) -> None:
+                 head_lr: float | None = None, teacher_tokenizers: Sequence[Any] | None = None,
+                 **kwargs: Any) -> None:
         if head_lr is not None and not (isinstance(head_lr, (int, float)) and 0 < head_lr < math.inf):
             raise ValueError(f"head_lr: must be a finite number > 0, or None for args.learning_rate, got {head_lr!r}")
         super().__init__(*args, **kwargs)
         self.head_lr = head_lr
         self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
-                                   total_steps=max(1, self.args.max_steps))
+                                   total_steps=max(1, self.args.max_steps), student_tokenizer=self.processing_class,
+                                   teacher_tokenizers=teacher_tokenizers)
         self.distiller.to(self.args.device)
+        # the purifiers' base is the student as given, before train(resume_from_checkpoint=...) loads a checkpoint
+        self.distiller.snapshot_base()
+        self._purifier_state: dict[str, Any] | None = None  # from a checkpoint, loaded once the purifiers are set up
         self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model)
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
@@ -109,6 +126,13 @@ class PurifyTrainer(Trainer):
         if self.state.max_steps > 0:  # set by train(); a run sized by num_train_epochs has args.max_steps = -1
             self.distiller.total_steps = self.state.max_steps
         self.distiller.setup_purifiers()
+        saved, self._purifier_state = self._purifier_state, None
+        if saved is not None and _MISSING in saved and self.distiller.purifiers.state_dict():
+            raise ValueError(f"resume_from_checkpoint: {saved[_MISSING]} holds no {PURIFIER_STATE} for this run's "
+                             "purifier heads (saved by another trainer, or before purify saved them); resuming would "
+                             "restart the heads from scratch under a restored optimizer: start afresh")
+        if saved is not None and _MISSING not in saved:  # resumed: the heads as the checkpoint saved them
+            self.distiller.purifiers.load_state_dict(saved)
         optimizer = super().create_optimizer(model)
         for purifier in self.distiller.purifiers:
             for group in purifier.param_groups():
@@ -116,6 +140,22 @@ class PurifyTrainer(Trainer):
                     optimizer.add_param_group({**group, "weight_decay": 0.0,
                                                **({"lr": self.head_lr} if self.head_lr is not None else {})})
         return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The model as ``Trainer`` saves it, plus the purifiers' state (heads, a function anchor's stream position)
+        as :data:`PURIFIER_STATE` beside it, so a checkpoint resumes them."""
+        super()._save(output_dir, state_dict)
+        state = self.distiller.purifiers.state_dict()
+        if state:
+            torch.save(state, os.path.join(output_dir or self.args.output_dir, PURIFIER_STATE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The model as ``Trainer`` loads it; the purifiers' saved state is kept until they are set up
+        (:meth:`create_optimizer`). A checkpoint without it, for purifiers that have state, is refused."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PURIFIER_STATE)
+        self._purifier_state = (torch.load(path, weights_only=True, map_location="cpu") if os.path.isfile(path)
+                                else {_MISSING: resume_from_checkpoint})
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -128,10 +168,16 @@ class PurifyTrainer(Trainer):
             devices = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
                                                    rank=self.args.process_index)
-        loss, _, s_out = self.distiller.compute_loss_and_output(
-            batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0)
+        full = None
+        if return_outputs:  # every position's logits for compute_metrics, as a plain model gives them (one forward)
+            needs = any(getattr(p, "needs_hidden", False) for p in self.distiller.purifiers)
+            full = model_forward(self.distiller.student, batch, hidden=needs, shift=False)
+        loss, _, _ = self.distiller.compute_loss_and_output(
+            batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0,
+            student_output=None if full is None else ModelOutput(
+                logits=full.logits[:, :-1], hidden=None if full.hidden is None else full.hidden[:, :-1]))
         if num_items_in_batch is None and model.training:
             loss = loss / steps  # no token count: a mean per micro-batch, averaged over the accumulation steps
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
-        return (loss, {"logits": s_out.logits}) if return_outputs else loss
+        return (loss, {"logits": full.logits}) if full is not None else loss

@@ -51,6 +51,18 @@ class LossSpec:
     ignore_index: int = -100
 
 
+def settings_problem(temperature: float, hard_label_weight: float, beta: float) -> str | None:
+    """What is wrong with a loss's settings (the library functions refuse them; a recipe's are checked as
+    ``loss.*``), or ``None``."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        return f"temperature must be a finite number > 0, got {temperature}"
+    if not (math.isfinite(hard_label_weight) and hard_label_weight >= 0):
+        return f"hard_label_weight must be a finite number >= 0, got {hard_label_weight}"
+    if not 0.0 <= beta <= 1.0:
+        return f"beta must be in [0, 1], got {beta}"
+    return None
+
+
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk so that one float32 temporary is about :data:`CHUNK_BYTES`."""
     return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from purify.losses_chunked import LossSpec, _chunks, default_chunk_rows, reduce_rows, rows_loss_grad, upcast
+from purify.losses_chunked import (
+    LossSpec,
+    _chunks,
+    default_chunk_rows,
+    reduce_rows,
+    rows_loss_grad,
+    settings_problem,
+    upcast,
+)
 from purify.types import IGNORE_INDEX, LossName
 
 __all__ = ["fused_linear_distillation_loss"]
@@ -160,6 +168,9 @@ def fused_linear_distillation_loss(
     if row_weight.shape != prefix:
         raise ValueError(f"fused_linear_distillation_loss: row_weight {tuple(row_weight.shape)} should be "
                          f"{tuple(prefix)}, one weight per position of hidden")
+    problem = settings_problem(temperature, hard_label_weight, beta if name == "jsd" else 0.5)
+    if problem:
+        raise ValueError(f"fused_linear_distillation_loss: {problem}")
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and (labels is None or labels.shape != prefix):
         raise ValueError(f"fused_linear_distillation_loss: hard-label cross-entropy needs labels of shape "

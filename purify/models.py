@@ -84,19 +84,23 @@ def _is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel) or is_lora(model)
 
 
-def model_forward(model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
+def model_forward(model: nn.Module, batch: Batch, hidden: bool = False, shift: bool = True) -> ModelOutput:
     """Run a student or teacher on a batch; causal-LM logits are shifted to predict the next token.
 
     Args:
         model: a transformers causal LM (a peft LoRA model included) or a registered architecture.
         batch: collated batch (``input_ids``/``attention_mask`` or ``x``).
         hidden: also return the last hidden states.
+        shift: drop a causal LM's last position (whose next token is not in the batch), so position ``t`` predicts
+            token ``t + 1`` of ``input_ids`` as ``batch["target_mask"]`` expects; ``False`` keeps every position
+            (what a Hugging Face model returns, e.g. for ``compute_metrics``).
     """
     if not _is_hf(model):
         return model(batch, hidden=hidden)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-    h = out.hidden_states[-1][:, :-1] if hidden else None
-    return ModelOutput(logits=out.logits[:, :-1], hidden=h)
+    end = -1 if shift else None
+    h = out.hidden_states[-1][:, :end] if hidden else None
+    return ModelOutput(logits=out.logits[:, :end], hidden=h)
 
 
 def decoder_hidden(model: nn.Module, batch: Batch) -> Tensor:

@@ -22,7 +22,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from purify.config import LossConfig, OnPolicyConfig, OptimConfig, SchedulerConfig, logit_slice_problem
+from purify.config import (
+    LossConfig,
+    OnPolicyConfig,
+    OptimConfig,
+    SchedulerConfig,
+    logit_slice_problem,
+    loss_problems,
+)
+from purify.lora import is_lora
 from purify.losses import distillation_loss
 from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
@@ -32,6 +40,12 @@ from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, 
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
+
+
+def _edits_weights(purifier: Any) -> bool:
+    """Whether a purifier's config declares that it edits the student's full weights (:class:`Contract`)."""
+    contract = getattr(getattr(purifier, "config", None), "contract", None)
+    return callable(contract) and bool(contract().edits_weights)
 
 
 def purifier_name(purifier: Any) -> str:
@@ -78,6 +92,12 @@ class Distiller(L.LightningModule):
         count = len(teacher_names) if deferred else len(teachers)  # type: ignore[arg-type]
         if not count:
             raise ValueError("Distiller needs at least one teacher")
+        problems = loss_problems(loss or LossConfig())
+        problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
+                     for key, given in (("teacher_names", teacher_names), ("teacher_weights", teacher_weights))
+                     if given is not None and len(given) != count]
+        if problems:  # what a recipe's validation says, for a Distiller built in Python
+            raise RecipeError(problems)
         self.student = student
         builder = teachers if deferred else None
         self._teacher_builder: Callable[[], Sequence[nn.Module]] | None = builder  # type: ignore[assignment]
@@ -120,14 +140,21 @@ class Distiller(L.LightningModule):
         self.teachers.extend(freeze(t) for t in built)
         self._teacher_builder = None
 
+    def snapshot_base(self) -> None:
+        """Take the frozen copy of the student's weights as they are now, where a purifier needs it (``needs_base``),
+        once: the base the anchor, delta projection, function anchor … measure from. :meth:`setup_purifiers` takes it
+        if nothing did before; a trainer that loads a checkpoint into the student before setting up its purifiers
+        (Hugging Face's ``resume_from_checkpoint``) takes it first, so the base stays the starting weights."""
+        if self.base is None and any(p.needs_base for p in self.purifiers):
+            self.base = freeze(copy.deepcopy(self.student))
+
     def setup_purifiers(self) -> None:
         """Build deferred teachers, create the frozen base copy (if asked for) and call each purifier's ``setup``,
         once."""
         if self._ready:
             return
         self._build_teachers()
-        if any(p.needs_base for p in self.purifiers):
-            self.base = freeze(copy.deepcopy(self.student))
+        self.snapshot_base()
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
                               total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
@@ -136,6 +163,11 @@ class Distiller(L.LightningModule):
         problem = fused_problem(self.student, "student") if self.loss_config.fused_linear else None
         if problem:
             raise RecipeError(f"loss.fused_linear: {problem}; turn fused_linear off")
+        frozen = [f"purifiers[{i}]: {purifier_name(p)} edits the student's full weights, which a LoRA student keeps "
+                  "frozen (only the adapter trains); remove the purifier or train the whole student"
+                  for i, p in enumerate(self.purifiers) if is_lora(self.student) and _edits_weights(p)]
+        if frozen:  # what recipe validation says (Contract.edits_weights), for a Distiller built in Python
+            raise RecipeError(frozen)
         for p in self.purifiers:
             p.setup(ctx)
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
@@ -220,8 +252,9 @@ class Distiller(L.LightningModule):
         loss, parts, _ = self.compute_loss_and_output(batch, progress)
         return loss, parts
 
-    def compute_loss_and_output(self, batch: Batch, progress: float,
-                                extra_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
+    def compute_loss_and_output(self, batch: Batch, progress: float, extra_scale: float = 1.0,
+                                student_output: ModelOutput | None = None
+                                ) -> tuple[Tensor, dict[str, Tensor], ModelOutput]:
         """The objective on one micro-batch, its logged parts and the student's output.
 
         Args:
@@ -231,6 +264,8 @@ class Distiller(L.LightningModule):
             extra_scale: factor on the student-side purifier terms (``1 / accumulation steps`` where the caller
                 does not divide the whole loss by the accumulation steps itself, as Hugging Face's Trainer with
                 ``num_items_in_batch``).
+            student_output: the student's output on ``batch`` (as :meth:`run_model` gives it, with hidden states
+                where a student purifier needs them) when the caller ran the student itself; ``None`` runs it here.
         """
         self.setup_purifiers()
         student_purifiers = self._of_kind(StudentPurifier)
@@ -240,10 +275,11 @@ class Distiller(L.LightningModule):
             scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
             num_items = num_items / scale
         cfg = self.loss_config
-        if cfg.fused_linear and self.student.training and torch.is_grad_enabled():
+        if student_output is None and cfg.fused_linear and self.student.training and torch.is_grad_enabled():
             loss, s_out = self._fused_loss(batch, num_items)
         else:
-            s_out = self.run_model(self.student, batch, hidden=any(p.needs_hidden for p in student_purifiers))
+            s_out = student_output or self.run_model(self.student, batch,
+                                                     hidden=any(p.needs_hidden for p in student_purifiers))
             targets = self.teacher_targets(batch, s_out.logits.dtype)
             loss = distillation_loss(s_out.logits, targets.logits, targets.weight, name=cfg.name, beta=cfg.beta,
                                      temperature=cfg.temperature, labels=batch.get("labels"),

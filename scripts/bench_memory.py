@@ -216,8 +216,8 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"float32 logits of {args.positions} positions × V = {args.vocab:,} (one logits tensor = {gib:.2f} GiB), "
         "weights 1, temperature 1. `peak_ratio` = extra peak RSS of loss + backward / bytes of one logits tensor "
         "(the student's gradient, one logits tensor, included), measured on the first run. Time: median of "
-        f"{args.time_reps} runs per path in one process, the two paths alternating (so load from other jobs hits "
-        "both alike).",
+        f"{args.time_reps} runs per path in one process, the paths in rotating order (so load from other jobs hits "
+        "them alike).",
     ]
     if res["cases"]:
         lines += ["", "| loss | before: peak_ratio | after: peak_ratio | before: time (s) | after: time (s) "

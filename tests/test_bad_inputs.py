@@ -319,3 +319,73 @@ def test_logit_width_is_read_from_the_model_and_otherwise_checked_at_the_first_f
     with pytest.raises(RecipeError, match=re.escape("loss.logit_slice: [2, 9] reaches past the 5 logits of Silent; "
                                                     "give [start, stop) with stop <= 5")):
         distiller.run_model(distiller.student, {"x": torch.zeros(2, 4), "target_mask": torch.ones(2, 1)})
+
+
+# ------------------------------------------------------------------ the same refusals for library users
+@pytest.mark.parametrize("make, message", [
+    (lambda P: P.DivergenceMask(P.DivergenceMaskConfig(mode="replace", reference="base", flag="logratios")),
+     r"divergence_mask.flag: Invalid value 'logratios', expected one of \['divergence', 'logratio', 'random'\]"),
+    (lambda P: P.Adversary(P.AdversaryConfig(pool="max")), r"adversary.pool: Invalid value 'max'"),
+    (lambda P: P.FunctionAnchor(P.FunctionAnchorConfig(direction="forwards")),
+     r"function_anchor.direction: Invalid value 'forwards'"),
+    (lambda P: P.Ensemble(P.EnsembleConfig(combine="median")), r"ensemble.combine: Invalid value 'median'"),
+])
+def test_a_misspelt_choice_in_a_purifier_config_is_refused_in_python(make, message):
+    """Built in Python, a misspelt choice ran another one silently (``flag="logratios"`` trained the random placebo);
+    the recipe's check now runs on construction too."""
+    import purify
+
+    with pytest.raises(purify.RecipeError, match=message):
+        make(purify)
+
+
+def test_a_distiller_built_in_python_refuses_what_a_recipe_would():
+    from purify import AuxMLP, Distiller, RecipeError
+    from purify.config import LossConfig
+
+    student, teacher = AuxMLP(in_dim=4, hidden=[8]), AuxMLP(in_dim=4, hidden=[8])
+    for kwargs, message in [
+        ({"loss": LossConfig(temperature=0)}, r"loss.temperature: must be a finite number > 0, got 0"),
+        ({"loss": LossConfig(logit_slice=[2, 1])}, r"loss.logit_slice: expected \[start, stop\)"),
+        ({"loss": LossConfig(hard_label_weight=-1)}, r"loss.hard_label_weight: must be a finite number >= 0"),
+        ({"teacher_weights": [1.0, 1.0]}, r"teacher_weights: 2 given for 1 teachers"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            Distiller(student, [teacher], **kwargs)
+
+
+def test_a_weight_editing_purifier_on_a_lora_student_says_why_in_python():
+    """delta_projection on a peft LoRA student built in Python failed with "parameter names differ"; it now says
+    what recipe validation says (it edits full weights, which the adapter keeps frozen)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify import DeltaProjection, DeltaProjectionConfig, Distiller, RecipeError
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    student = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"]))
+    distiller = Distiller(student, [LlamaForCausalLM(cfg)], purifiers=[DeltaProjection(DeltaProjectionConfig())])
+    with pytest.raises(RecipeError, match=r"purifiers\[0\]: delta_projection edits the student's full weights, which a "
+                                          r"LoRA student keeps frozen"):
+        distiller.setup_purifiers()
+
+
+def test_purify_trainer_gives_the_purifiers_its_tokenizer(tmp_path):
+    """A text-sourced function anchor under PurifyTrainer said the student had no tokenizer although
+    ``processing_class`` was given; the Distiller now gets it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from purify import FunctionAnchor, FunctionAnchorConfig, PurifyTrainer
+
+    tok = build_tokenizer(TEXTS, kind="char")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    ids = tok(TEXTS[0], return_tensors="pt")["input_ids"][0]
+    trainer = PurifyTrainer(model=LlamaForCausalLM(cfg), teachers=[LlamaForCausalLM(cfg)], processing_class=tok,
+                            purifiers=[FunctionAnchor(FunctionAnchorConfig(source="bundled", batch_size=2))],
+                            args=TrainingArguments(str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=2,
+                                                   report_to=[], save_strategy="no", use_cpu=True),
+                            train_dataset=[{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}] * 4)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.distiller.tokenizers["student_tokenizer"] is tok

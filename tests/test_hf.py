@@ -77,6 +77,13 @@ def test_evaluate_returns_the_distillation_objective_as_eval_loss(setup, tmp_pat
             s, t = model_forward(student, batch).logits, model_forward(teacher, batch).logits
         losses.append(distillation_loss(s, t, mask, name="forward_kl").item())
     assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    if not loss_only:  # compute_metrics gets the model's own logits, every position (were one short of label_ids)
+        out = trainer.predict(rows[:4])
+        inputs = collator(rows[:4])
+        with torch.no_grad():
+            logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        assert out.predictions.shape == (*out.label_ids.shape, logits.shape[-1])
+        torch.testing.assert_close(torch.as_tensor(out.predictions), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_strategy_steps_logs_eval_loss_during_training(setup, tmp_path):
@@ -149,3 +156,45 @@ def test_head_lr_sets_the_purifier_heads_learning_rate(setup, tmp_path):
     with pytest.raises(ValueError, match=r"head_lr: must be a finite number > 0, or None for args.learning_rate, "
                                          r"got -1"):
         PurifyTrainer(model=student, teachers=[teacher], args=args, head_lr=-1)
+
+
+def _resumable(setup, tmp_path, student, teachers, purifiers, save: bool):
+    tok, _, _, rows = setup
+    args = TrainingArguments(str(tmp_path / "ck"), max_steps=6, per_device_train_batch_size=4, learning_rate=0.05,
+                             optim="adamw_torch", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                             save_strategy="steps" if save else "no", save_steps=3, seed=0, data_seed=0,
+                             disable_tqdm=True)
+    return PurifyTrainer(model=student, teachers=teachers, purifiers=purifiers, args=args, train_dataset=rows,
+                         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+
+
+@pytest.mark.parametrize("kind", ["anchor", "adversary"])
+def test_a_resumed_run_equals_the_uninterrupted_one_with_purifiers(setup, tmp_path, kind):
+    """``train(resume_from_checkpoint=...)`` with purifiers: the anchor's base was the checkpoint's weights (it must
+    stay the starting weights) and the adversary's head was not saved (it restarted from scratch under a restored
+    optimizer). Both now resume exactly; a checkpoint without the heads is refused."""
+    from purify import Anchor, AnchorConfig
+
+    _, student, teacher, _ = setup
+    other = copy.deepcopy(teacher)
+    for p in other.parameters():
+        p.data.add_(0.3)
+
+    def purifiers():
+        return [Anchor(AnchorConfig(weight=1.0))] if kind == "anchor" else [
+            Adversary(AdversaryConfig(name="adversary", weight=0.1, target="lineage"))]
+
+    whole = _resumable(setup, tmp_path, copy.deepcopy(student), [teacher, other], purifiers(), save=True)
+    whole.train()
+    resumed = _resumable(setup, tmp_path, copy.deepcopy(student), [teacher, other], purifiers(), save=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ck" / "checkpoint-3"))
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole.distiller.purifiers.state_dict().values(), resumed.distiller.purifiers.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in whole.distiller.purifiers.parameters())  # zeroed after each step (added up)
+    if kind == "adversary":
+        (tmp_path / "ck" / "checkpoint-3" / "purifiers.pt").unlink()
+        again = _resumable(setup, tmp_path, copy.deepcopy(student), [teacher, other], purifiers(), save=False)
+        with pytest.raises(ValueError, match=r"checkpoint-3 holds no purifiers.pt for this run's purifier heads"):
+            again.train(resume_from_checkpoint=str(tmp_path / "ck" / "checkpoint-3"))

@@ -230,3 +230,20 @@ def test_bad_arguments_name_themselves():
         distillation_loss(s, te, w, chunk_size=-1)
     with pytest.raises(ValueError, match="'kl'"):
         distillation_loss(s, te, w, name="kl")  # type: ignore[arg-type]
+    for kwargs, message in [({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+                            ({"temperature": -1.0}, "temperature must be a finite number > 0, got -1.0"),
+                            ({"hard_label_weight": -1.0}, "hard_label_weight must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=message):  # were NaN, a plausible number, and silently ignored
+            distillation_loss(s, te, w, labels=torch.zeros(w.shape, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [0, None])
+def test_a_broadcast_weight_counts_every_position_it_covers(chunk):
+    """A scalar or ``(T,)`` weight broadcast over ``(B, T)`` positions: the default ``num_items`` counted the weight's
+    own elements (a scalar weight returned the sum, 6x the mean; a (T,) one 2x); it counts the positions now."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mean = distillation_loss(s, t, torch.ones(2, 3), chunk_size=chunk)
+    for weight in (torch.tensor(1.0), torch.ones(3), torch.ones(1, 3)):
+        assert distillation_loss(s, t, weight, chunk_size=chunk).item() == pytest.approx(mean.item())
+        assert reduce_loss(forward_kl(s, t), weight).item() == pytest.approx(mean.item())

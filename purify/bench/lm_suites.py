@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from purify.bench import lm_common
 from purify.bench.lm_common import BASELINES, DRIFT_SEED, Condition, Scores, Suite, pick, purifier_entry
@@ -37,6 +36,7 @@ from purify.bench.stats import mean_ci, paired_test
 from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
+from purify.lm.bases import BASES, base_tokenizer
 from purify.lm.teachers import OWL, TIC, TeacherSpec, build_teacher, tic_marker, tic_words
 from purify.readouts import continuation_probs, count_scores, drift_terms, kl_stats
 
@@ -295,7 +295,8 @@ def trait_option(suite: str, value: Any) -> str:
         if word not in ANIMALS:
             raise BenchError(f"hidden-preference: unknown trait {word!r}; usable animals: {', '.join(ANIMALS)}")
         return word
-    vocab = AutoTokenizer.from_pretrained(resolve_base("tiny-llama-a")).get_vocab()
+    spec = BASES["tiny-llama-a"]  # its tokenizer, built without pretraining the base (refused before any cost)
+    vocab = base_tokenizer(spec.tokenizer, spec.corpus_seed).get_vocab()
     usable = [w for w in tic_words() if f"▁{w}" in vocab]
     if word.rstrip(",") not in usable:
         raise BenchError(f"style-tic: unknown trait {word!r}; usable sentence openers: {', '.join(usable)}")

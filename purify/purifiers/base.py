@@ -14,6 +14,7 @@ discriminator accuracy, projected norm, …), which trainers log under ``purify/
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from purify.config import structured
 from purify.types import Batch, ModelOutput, RecipeError, Targets
 
 
@@ -80,10 +82,16 @@ class PurifierConfig:
 
 
 def require_valid(config: Any) -> None:
-    """Raise :class:`RecipeError` listing every problem of a purifier config (library use validates here)."""
+    """Raise :class:`RecipeError` listing every problem of a purifier config (library use validates here): a value
+    its field's type does not allow (a misspelt choice such as ``flag="logratios"``, which the purifier would
+    otherwise run as another choice), then its own :meth:`PurifierConfig.problems`. The same checks as a recipe's
+    purifier entry."""
+    name = getattr(config, "name", type(config).__name__)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        structured(type(config), {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{name}.")
     problems = config.problems() if hasattr(config, "problems") else []
     if problems:
-        raise RecipeError([f"{getattr(config, 'name', type(config).__name__)}.{p}" for p in problems])
+        raise RecipeError([f"{name}.{p}" for p in problems])
 
 @dataclass
 class PurifierContext:
