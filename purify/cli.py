@@ -209,7 +209,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
                         "'conditions=[a,b]', trait (style-tic: a sentence opener such as However; "
                         "hidden-preference: an animal such as fox); aux-logits takes 'conditions=[a,b]' "
-                        "('probe-free': the swept arms and summary.json['probe_free']); owl-smollm2/tic-smollm2 take "
+                        "('probe-free': the swept arms and summary.json['probe_free']; base, control and vanilla "
+                        "always run, so 'conditions=[]' measures the channel alone); owl-smollm2/tic-smollm2 take "
                         "n, epochs, heldout, layers, lr, conditions, trait (an animal / a capitalised word), ...")
     p.set_defaults(func=_bench)
 
