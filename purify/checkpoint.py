@@ -110,6 +110,42 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
     return ckpt
 
 
+def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = None, scope: str = "") -> int:
+    """Check a DeepSpeed checkpoint directory (``<name>.ckpt/checkpoint/[zero_pp_rank_0_]mp_rank_00_model_states.pt``,
+    every ZeRO stage) before anyone restores from it, and return its step: it must hold the model states DeepSpeed
+    writes, and the shapes of the parameters it trained (``param_shapes``) must be those of ``expected`` (the model's
+    ``state_dict``), else it was written for another model; ``scope``: compare only the names that start with it
+    (``"student."`` where purifier heads are built later, inside the fit).
+
+    Raises:
+        CheckpointError: one line naming the directory and what is wrong.
+    """
+    path = Path(path)
+    found = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt")) if path.is_dir() else []
+    states = found[0] if found else path / "checkpoint" / "mp_rank_00_model_states.pt"  # ZeRO-3: zero_pp_rank_0_...
+    if path.is_file():
+        raise CheckpointError(f"resume: {path} is a single-file checkpoint; a DeepSpeed strategy resumes only its own "
+                              "sharded checkpoint directories")
+    if not states.is_file():
+        raise CheckpointError(f"resume: {path} is not a DeepSpeed checkpoint (no checkpoint/*model_states.pt in it); "
+                              f"{_FIX}")
+    try:
+        ckpt = torch.load(states, map_location="cpu", weights_only=True)
+        step = int(ckpt["global_step"])
+        shapes = {k: tuple(v) for group in ckpt["param_shapes"] for k, v in group.items()}
+    except Exception as err:  # damaged, truncated, or another kind of file under that name
+        raise CheckpointError(f"resume: {states} cannot be read as a DeepSpeed checkpoint ({type(err).__name__}: "
+                              f"{first_line(err, 160)}); {_FIX}") from None
+    if expected is not None:
+        foreign = [k for k, shape in shapes.items() if k.startswith(scope)
+                   and (k not in expected or tuple(expected[k].shape) != shape)]
+        if foreign:
+            raise CheckpointError(f"resume: {path} was written for another model ({len(foreign)} tensors it holds do "
+                                  f"not fit, e.g. {foreign[0]}); resume a checkpoint of this recipe's student and "
+                                  "purifiers")
+    return step
+
+
 class VerifiedCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic writes with a tensor sha256, verified loads (see the module docstring).
 

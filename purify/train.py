@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
-from purify.checkpoint import VerifiedCheckpointIO, load_verified
+from purify.checkpoint import VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
@@ -131,10 +132,10 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
-    step = _check_resume(recipe, run) if recipe.resume is not None and recipe.strategy in ("auto", "ddp") else None
+    step = _check_resume(recipe, run) if recipe.resume is not None else None
     # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
     if rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
-        _check_existing_run(output_dir, recipe.resume, step)
+        _check_existing_run(output_dir, recipe, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     ckpt_dir = output_dir / "checkpoints"
@@ -194,12 +195,37 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
-def _check_existing_run(output_dir: Path, resume: str | None, step: int | None) -> None:
+CONTINUABLE = ("resume", "export", "trainer.max_steps", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+               "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.checkpoint_every_n_steps")
+"""Recipe keys a run continued in its own directory may change (how long it trains, what it logs and saves); any
+other change would make its ``recipe.yaml`` and ``lineage.json`` describe training it did not have."""
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def _changed_keys(output_dir: Path, recipe: Recipe) -> list[str]:
+    """The recipe keys outside :data:`CONTINUABLE` whose values differ from the run's stored ``recipe.yaml``."""
+    stored_file = output_dir / "recipe.yaml"
+    if not stored_file.is_file():
+        return []
+    stored = _flat(yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {})
+    now = _flat(yaml.safe_load(to_yaml(recipe)))
+    return sorted(k for k in stored.keys() | now.keys()
+                  if stored.get(k) != now.get(k) and not any(k == c or k.startswith(c + ".") for c in CONTINUABLE))
+
+
+def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> None:
     """Refuse, before anything is written, a launch that would overwrite the run ``output_dir`` already holds: a
-    fresh start; a ``resume`` from another directory's checkpoint; or one from an earlier step than the run's latest
-    checkpoint (``checkpoints/lineage.json``'s step; ``step`` is the checkpoint's, ``None`` where the strategy's
-    sharded checkpoint is not read before the fit). Resuming from the latest checkpoint — an interrupted run, or a
-    finished one given more ``trainer.max_steps`` — continues the run in place."""
+    fresh start; a ``resume`` from another directory's checkpoint; one from an earlier step than the run's latest
+    checkpoint (``checkpoints/lineage.json``'s step; ``step`` is the checkpoint's); or one whose recipe differs from
+    the run's beyond :data:`CONTINUABLE` (teachers, loss, seed, data…: its record would describe training it did not
+    have). Resuming from the latest checkpoint — an interrupted run, or a finished one given more
+    ``trainer.max_steps`` — with the same recipe continues the run in place."""
+    resume = recipe.resume
     ckpt_dir = output_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir)
     to_continue = f"resume={latest} to continue that one" if latest else \
@@ -216,13 +242,27 @@ def _check_existing_run(output_dir: Path, resume: str | None, step: int | None) 
         raise RecipeError(f"resume: {resume} is at step {step}, but {output_dir} holds that run up to step {last}; "
                           f"resuming there would overwrite it: give a new output_dir to replay from step {step}, or "
                           f"{to_continue}")
+    changed = _changed_keys(output_dir, recipe)
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise RecipeError(f"resume: the recipe differs from the one {output_dir} was trained with ({shown}); "
+                          "continuing in place would record one run that never was: give a new output_dir (with this "
+                          f"resume=) for the changed recipe, or keep {output_dir / 'recipe.yaml'} (only "
+                          "trainer.max_steps and logging/checkpoint settings may change)")
 
 
 def _check_resume(recipe: Recipe, run: Run) -> int:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
-    (:func:`purify.checkpoint.load_verified`), or one already at or past ``trainer.max_steps``. Returns its step."""
-    run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked too
-    step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
+    (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
+    deepspeed_step`), or one already at or past ``trainer.max_steps``. Returns its step."""
+    if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
+        if recipe.strategy != "deepspeed_stage_3":
+            run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
+        step = deepspeed_step(recipe.resume, run.distiller.trained_state(),
+                              scope="student." if recipe.strategy == "deepspeed_stage_3" else "")
+    else:
+        run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked
+        step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
     if step >= recipe.trainer.max_steps:
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")

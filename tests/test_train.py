@@ -181,6 +181,12 @@ def test_a_run_is_never_rewound_or_replaced_by_a_resume(mlp_recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"resume: .*other/checkpoints/last\.ckpt is not a checkpoint of .*full, "
                                           r"which already holds another run; give a new output_dir"):
         train(mlp_recipe(steps=20, sub="full", resume=str(other / "checkpoints" / "last.ckpt")))
+    # a changed recipe continued in place would leave a record of one run that never was (teachers, loss, seed …)
+    with pytest.raises(RecipeError, match=r"resume: the recipe differs from the one .*full was trained with "
+                                          r"\(loss.name, seed\); continuing in place would record one run that never "
+                                          r"was: give a new output_dir"):
+        train(mlp_recipe(steps=30, sub="full", resume=str(full / "checkpoints" / "last.ckpt"),
+                         **{"loss.name": "reverse_kl", "seed": 5}))
     assert {p: p.read_bytes() for p in full.rglob("*") if p.is_file()} == before  # nothing written
 
     # from its latest checkpoint a run continues in place: its logs kept, no `-v1` checkpoint copies

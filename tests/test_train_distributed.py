@@ -120,3 +120,30 @@ def test_zero3_resume_rebuilds_sharded_teachers_and_continues_exactly(single, ze
     resumed = run(tmp, "z3resumed", *ZERO3, f"resume={ckpt}")
     for key in zero3:
         torch.testing.assert_close(resumed[key], zero3[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("trainer.max_steps=5",), r"resume: .*step5\.ckpt is at step 5, and trainer\.max_steps is 5: nothing left to "
+                               r"train"),
+    (("student={arch: aux_mlp, kwargs: {in_dim: 16, hidden: [64], n_aux: 3}}",),
+     r"resume: .*step5\.ckpt was written for another model \(\d+ tensors it holds do not fit, e\.g\. student\."),
+    (("resume={empty}",), r"resume: .*empty\.ckpt is not a DeepSpeed checkpoint \(no checkpoint/\*model_states\.pt"),
+])
+def test_a_deepspeed_resume_is_checked_before_anything_is_written(single, zero3, extra, message):
+    """Under DeepSpeed a checkpoint of another model failed inside the fit with a traceback, one at max_steps trained
+    nothing and exported a run marked finished, and a directory that is no checkpoint left a failed run behind: all
+    three are one line now, before the output directory exists."""
+    tmp, _ = single
+    (tmp / "empty.ckpt").mkdir(exist_ok=True)
+    out = tmp / f"refused-{len(list(tmp.glob('refused-*')))}"
+    args = [a.replace("{empty}", str(tmp / "empty.ckpt")) for a in extra]
+    step5 = tmp / "zero3" / "checkpoints" / "step5.ckpt"
+    resume = [] if any(a.startswith("resume=") for a in args) else [f"resume={step5}"]
+    cmd = [sys.executable, "-m", "purify", "train", str(tmp / "recipe.yaml"), f"output_dir={out}",
+           "trainer.accelerator=cpu", *ZERO3, *resume, *args]
+    proc = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"},
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("purify: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not out.exists()
