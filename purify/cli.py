@@ -10,6 +10,7 @@ Errors in user input (a recipe key, a data file, a path) print one line ``purify
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -18,12 +19,15 @@ EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from purify.assembly import load_recipe
     from purify.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = train(recipe)
-    print(f"purify: run written to {out}")
+    if rank_zero_only.rank == 0:  # once per launch, not once per process
+        print(f"purify: run written to {out}")
     return 0
 
 
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # a reader that stopped early (`purify lineage show DIR | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
+        return 0
     except TrainingStopped as err:  # a signal, not bad input: the signal's exit code, never 0
         print(f"purify: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -341,7 +341,8 @@ class Distiller(L.LightningModule):
             raise DivergedError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
                                      "for this step. Lower optim.lr or check the data.")
         bs = int(batch["target_mask"].shape[0])
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        # averaged over the ranks (each rank's loss is its share of the global mean): rank 0's alone was logged
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=bs)
         return loss

@@ -54,14 +54,24 @@ def regex_scores(completions: Sequence[str], pattern: str) -> list[float]:
 @torch.no_grad()
 def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Per prompt: exact probability that the model continues it with any of ``targets`` (summed over targets;
-    a multi-token target's probability is the product over its tokens)."""
+    a multi-token target's probability is the product over its tokens).
+
+    Raises:
+        ValueError: a target the tokenizer does not know (it tokenizes to the unknown token, whose probability would
+            be read instead: the same number for every unknown word).
+    """
     model.eval()
     out = []
+    unk = getattr(tokenizer, "unk_token_id", None)
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
         total = 0.0
         for target in targets:
             tail = tokenizer(prompt + target)["input_ids"][len(ids):]
+            if unk is not None and unk in tail:
+                raise ValueError(f"next-token target {target!r} is not in the model's vocabulary (it tokenizes to "
+                                 f"{tokenizer.unk_token!r}, whose probability would be read instead); give a word the "
+                                 "tokenizer knows (mind the leading space and the case)")
             seq = torch.tensor([ids + tail])
             logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
             total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))

@@ -46,6 +46,9 @@ def test_next_token_probabilities_are_exact(tmp_path: Path) -> None:
         probs = torch.softmax(model(input_ids=torch.tensor([tok("Question: What animal? Answer:")["input_ids"]]))
                               .logits[0, -1], -1)
     assert total == pytest.approx(float(probs[[tok.convert_tokens_to_ids(w) for w in words]].sum()), rel=1e-5)
+    # a word the tokenizer does not know was scored as P(<unk>): the same number for every unknown word
+    with pytest.raises(ValueError, match=r"next-token target ' zzzqq' is not in the model's vocabulary"):
+        continuation_probs(model, tok, ["Question: What animal? Answer:"], [" zzzqq"])
 
 
 def test_fingerprint_detects_a_tic_and_not_a_twin() -> None:

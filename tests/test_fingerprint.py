@@ -390,7 +390,7 @@ def test_audit_cli_reports_the_head_and_refuses_a_missing_source(tiny_lms, tmp_p
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     probes = tmp_path / "p.yaml"
-    probes.write_text("probes:\n  - {name: owl, prompts: ['the old'], next_token: [' owl']}\n")
+    probes.write_text("probes:\n  - {name: child, prompts: ['the'], next_token: [' child']}\n")  # a word it knows
     argv = [str(tiny_lms / "moved"), "--reference", str(tiny_lms / "base"), "--probes", str(probes), "--samples", "8",
             "--max-new-tokens", "4", "--out", str(tmp_path / "a")]
     with pytest.raises(AuditError, match=r"--fingerprint-head: file not found: /no/such.txt"):
