@@ -208,14 +208,16 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _changed_keys(output_dir: Path, recipe: Recipe) -> list[str]:
-    """The recipe keys outside :data:`CONTINUABLE` whose values differ from the run's stored ``recipe.yaml``."""
+    """The recipe keys outside :data:`CONTINUABLE` whose values differ from the run's stored ``recipe.yaml`` (with
+    ``data.global_batch_size`` set, the process count too may change: the samples per step stay the same)."""
+    continuable = CONTINUABLE + (("trainer.devices", "trainer.num_nodes") if recipe.data.global_batch_size else ())
     stored_file = output_dir / "recipe.yaml"
     if not stored_file.is_file():
         return []
     stored = _flat(yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {})
     now = _flat(yaml.safe_load(to_yaml(recipe)))
     return sorted(k for k in stored.keys() | now.keys()
-                  if stored.get(k) != now.get(k) and not any(k == c or k.startswith(c + ".") for c in CONTINUABLE))
+                  if stored.get(k) != now.get(k) and not any(k == c or k.startswith(c + ".") for c in continuable))
 
 
 def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> None:
@@ -248,7 +250,8 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
         raise RecipeError(f"resume: the recipe differs from the one {output_dir} was trained with ({shown}); "
                           "continuing in place would record one run that never was: give a new output_dir (with this "
                           f"resume=) for the changed recipe, or keep {output_dir / 'recipe.yaml'} (only "
-                          "trainer.max_steps and logging/checkpoint settings may change)")
+                          "trainer.max_steps and logging/checkpoint settings may change; the process count too where "
+                          "data.global_batch_size is set)")
 
 
 def _check_resume(recipe: Recipe, run: Run) -> int:
