@@ -526,6 +526,7 @@ def parse_recipe_problems(path: str | Path | None = None,
     items: list[tuple[str, Any]] = [(k, v) for k, v in _leaves(Recipe, data, schema)
                                     if not any(p.startswith(f"{k}:") or p.startswith(f"{k}.") or p.startswith(f"{k}[")
                                                for p in problems)]
+    overridden: set[int] = set()  # the items that come from the command line
     for item in overrides or []:
         if "=" not in item:
             problems.append(f"override {item!r}: expected key=value (e.g. trainer.max_steps=20)")
@@ -537,17 +538,20 @@ def parse_recipe_problems(path: str | Path | None = None,
             continue
         try:
             items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
+            overridden.add(len(items) - 1)
         except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
             problems.append(f"override {item!r}: cannot read the value ({first_line(err)}); give YAML as on a "
                             "recipe line, e.g. key=[a,b] or 'key={name: x}' (no ${...} interpolations)")
     merged = OmegaConf.merge(schema)
-    for key, value in items:
+    for index, (key, value) in enumerate(items):
         past = _past_the_end(merged, key)
         if past:
             problems.append(past)
             continue
         try:  # update() also reaches into list items: purifiers.0.threshold=0.1
             _open_optional_section(merged, key)
+            if index in overridden and isinstance(value, DictConfig):
+                _clear(merged, key)  # a mapping on the command line replaces the entry, it is not merged into it
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as err:
             problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
@@ -596,6 +600,23 @@ def _past_the_end(cfg: DictConfig, key: str) -> str | None:
         else:
             return None
     return None
+
+
+def _clear(cfg: DictConfig, key: str) -> None:
+    """Put the entry at a dotted ``key`` back to its schema's defaults (a section: its dataclass; a purifier entry: an
+    empty mapping), so that a mapping given for it on the command line replaces it whole: ``'purifiers.0={name:
+    anchor}'`` no longer keeps the old entry's other keys (reported as the user's), ``'student={packaged: x}'`` no
+    longer keeps the recipe's other source."""
+    tp: Any = Recipe
+    for part in key.split("."):
+        if part.isdigit():
+            args = typing.get_args(_strip_optional(tp))
+            tp = args[0] if args else Any
+        else:
+            tp = _field_types(tp).get(part, Any) if dataclasses.is_dataclass(tp) else Any
+        tp = _strip_optional(tp)
+    fresh = OmegaConf.structured(tp) if dataclasses.is_dataclass(tp) else {}
+    OmegaConf.update(cfg, key, fresh, merge=False)
 
 
 def _open_optional_section(cfg: DictConfig, key: str) -> None:

@@ -110,3 +110,20 @@ def test_a_tilde_in_a_recipe_path_is_the_users_home(tmp_path, monkeypatch):
     assert r.data.train == str(tmp_path / "train.jsonl") and r.output_dir == str(tmp_path / "runs" / "a")
     with pytest.raises(RecipeError, match=f"resume: checkpoint not found: {tmp_path}/nope.ckpt"):
         load(tmp_path, resume="~/nope.ckpt")
+
+
+def test_a_mapping_on_the_command_line_replaces_the_entry_whole():
+    """``'purifiers.0={name: anchor, weight: 0.01}'`` on the adversary recipe kept the adversary's other keys (then
+    reported as the user's: "purifiers[0].target: unknown key"); ``'student={packaged: x}'`` kept the recipe's builtin
+    ("got builtin, packaged"). A mapping given for an entry now replaces it; a dotted key still changes one value."""
+    from purify.config import LoraSpec, parse_recipe_problems
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipe, problems = parse_recipe_problems(str(root / "adversary.yaml"), ["purifiers.0={name: anchor, weight: 0.01}"])
+    assert problems == [] and recipe.purifiers == [{"name": "anchor", "weight": 0.01}]
+    recipe, problems = parse_recipe_problems(str(root / "lora.yaml"), ["student={packaged: smollm2-135m}"])
+    assert problems == [] and recipe.student.packaged == "smollm2-135m" and recipe.student.builtin is None
+    recipe, _ = parse_recipe_problems(str(root / "lora.yaml"), ["student.lora={r: 16}"])
+    assert recipe.student.lora == LoraSpec(r=16)
+    recipe, _ = parse_recipe_problems(str(root / "lora.yaml"), ["student.lora.r=16"])
+    assert recipe.student.lora.r == 16 and recipe.student.lora.target_modules  # dotted: the rest kept
