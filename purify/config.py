@@ -323,16 +323,24 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     return out
 
 
+def loss_value_problems(beta: float, temperature: float, hard_label_weight: float) -> list[tuple[str, str]]:
+    """``(key, problem)`` for each loss setting out of its range: the one rule set behind :func:`loss_problems` and
+    the library loss functions (:meth:`purify.losses_chunked.LossSpec.of`)."""
+    out = []
+    if not 0.0 <= beta <= 1.0:
+        out.append(("beta", f"{beta} is not in [0, 1]"))
+    if not (temperature > 0 and math.isfinite(temperature)):
+        out.append(("temperature", f"must be a finite number > 0, got {temperature}"))
+    if not (hard_label_weight >= 0 and math.isfinite(hard_label_weight)):
+        out.append(("hard_label_weight", f"must be a finite number >= 0, got {hard_label_weight}"))
+    return out
+
+
 def loss_problems(loss: LossConfig) -> list[str]:
     """What is wrong with a :class:`LossConfig` on its own, one ``loss.<key>: ...`` line each (a recipe's, and a
     :class:`purify.module.Distiller` built in Python)."""
-    out = []
-    if not 0.0 <= loss.beta <= 1.0:
-        out.append(f"loss.beta: {loss.beta} is not in [0, 1]")
-    if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
-        out.append(f"loss.temperature: must be a finite number > 0, got {loss.temperature}")
-    if not (loss.hard_label_weight >= 0 and math.isfinite(loss.hard_label_weight)):
-        out.append(f"loss.hard_label_weight: must be a finite number >= 0, got {loss.hard_label_weight}")
+    out = [f"loss.{key}: {problem}" for key, problem in
+           loss_value_problems(loss.beta, loss.temperature, loss.hard_label_weight)]
     sl = loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
         out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.losses_chunked import LossSpec, chunked_loss, kl_from_log_probs, reduce_rows, settings_problem, upcast
+from purify.losses_chunked import LossSpec, active_rows, chunked_loss, kl_from_log_probs, reduce_rows, upcast
 from purify.types import IGNORE_INDEX, LossName
 
 __all__ = [
@@ -179,11 +179,7 @@ def distillation_loss(
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and labels is None:
         raise ValueError("distillation_loss: hard-label cross-entropy needs `labels`")
-    if name != "ce" and name not in SOFT_LOSSES:
-        raise ValueError(f"distillation_loss: unknown loss name {name!r}; expected one of {[*SOFT_LOSSES, 'ce']}")
-    problem = settings_problem(temperature, hard_label_weight, beta if name == "jsd" else 0.5)
-    if problem:
-        raise ValueError(f"distillation_loss: {problem}")
+    spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
     if num_items is None:  # counted over the positions: a scalar or (T,) weight counts every one of them
@@ -192,8 +188,6 @@ def distillation_loss(
     lab = labels if uses_ce else None
     teacher = None if name == "ce" else teacher_logits
     if chunk_size != 0 and _chunkable(student_logits, teacher, weight, lab, num_items):
-        spec = LossSpec(name=name, beta=beta, temperature=temperature, ignore_index=IGNORE_INDEX,
-                        ce_weight=hard_label_weight if name != "ce" else 1.0)
         return chunked_loss(student_logits, teacher, weight, lab, num_items, spec, chunk_size)
     return _exact_loss(student_logits, teacher_logits, weight, name, beta, temperature, lab, hard_label_weight,
                        num_items)
@@ -213,9 +207,7 @@ def _chunkable(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: 
 def _exact_loss(student: Tensor, teacher: Tensor, weight: Tensor, name: str, beta: float, temperature: float,
                 labels: Tensor | None, hard_label_weight: float, num_items: float | Tensor) -> Tensor:
     """The unchunked autograd path; rows that do not count are zeroed first so NaN/-inf there stay harmless."""
-    active = weight != 0
-    if name == "ce":
-        active = active & (labels != IGNORE_INDEX)  # type: ignore[operator]
+    active = active_rows(name, weight, labels)
     if not bool(active.all()):
         keep = active[..., None]
         student = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))

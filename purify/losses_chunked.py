@@ -27,6 +27,7 @@ their gradient exactly 0, whatever their logits hold (NaN or ``-inf`` included; 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from purify.config import loss_value_problems
+from purify.types import IGNORE_INDEX, LossName
 
 CHUNK_BYTES = 8 * 2**20
 """Size of one float32 ``chunk_rows × V`` temporary; the default ``chunk_rows`` is ``CHUNK_BYTES // (4·V)``."""
@@ -50,17 +54,30 @@ class LossSpec:
     ce_weight: float = 0.0
     ignore_index: int = -100
 
+    @classmethod
+    def of(cls, name: str, beta: float, temperature: float, hard_label_weight: float, caller: str) -> LossSpec:
+        """The spec of one call of a loss function (``distillation_loss``'s arguments), its settings checked by the
+        rules a recipe's ``loss`` section follows (:func:`purify.config.loss_value_problems`; ``beta`` only for
+        ``jsd``).
 
-def settings_problem(temperature: float, hard_label_weight: float, beta: float) -> str | None:
-    """What is wrong with a loss's settings (the library functions refuse them; a recipe's are checked as
-    ``loss.*``), or ``None``."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        return f"temperature must be a finite number > 0, got {temperature}"
-    if not (math.isfinite(hard_label_weight) and hard_label_weight >= 0):
-        return f"hard_label_weight must be a finite number >= 0, got {hard_label_weight}"
-    if not 0.0 <= beta <= 1.0:
-        return f"beta must be in [0, 1], got {beta}"
-    return None
+        Raises:
+            ValueError: ``caller`` and an unknown loss name, or every setting out of range.
+        """
+        names = list(typing.get_args(LossName))
+        if name not in names:
+            raise ValueError(f"{caller}: unknown loss name {name!r}; expected one of {names}")
+        problems = loss_value_problems(beta if name == "jsd" else 0.5, temperature, hard_label_weight)
+        if problems:
+            raise ValueError(f"{caller}: " + "; ".join(f"{key} {problem}" for key, problem in problems))
+        return cls(name=name, beta=beta, temperature=temperature, ignore_index=IGNORE_INDEX,
+                   ce_weight=hard_label_weight if name != "ce" else 1.0)
+
+
+def active_rows(name: str, weight: Tensor, labels: Tensor | None, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The positions that count: weight ≠ 0 and, for ``ce``, a label that is not ``ignore_index`` (the others are
+    never read)."""
+    active = weight != 0
+    return active & (labels != ignore_index) if name == "ce" else active  # type: ignore[operator]
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -254,9 +271,7 @@ def chunked_loss(student: Tensor, teacher: Tensor | None, weight: Tensor, labels
     t_flat = teacher.reshape(-1, vocab) if teacher is not None else None
     w = weight.expand(student.shape[:-1]).reshape(-1)
     lab = labels.reshape(-1) if labels is not None else None
-    active = w != 0
-    if spec.name == "ce":
-        active = active & (lab != spec.ignore_index)  # type: ignore[operator]
+    active = active_rows(spec.name, w, lab, spec.ignore_index)
     n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_rows or default_chunk_rows(vocab)
     if student.requires_grad and torch.is_grad_enabled():

@@ -26,13 +26,13 @@ from torch.autograd.function import once_differentiable
 from purify.losses_chunked import (
     LossSpec,
     _chunks,
+    active_rows,
     default_chunk_rows,
     reduce_rows,
     rows_loss_grad,
-    settings_problem,
     upcast,
 )
-from purify.types import IGNORE_INDEX, LossName
+from purify.types import LossName
 
 __all__ = ["fused_linear_distillation_loss"]
 
@@ -168,9 +168,7 @@ def fused_linear_distillation_loss(
     if row_weight.shape != prefix:
         raise ValueError(f"fused_linear_distillation_loss: row_weight {tuple(row_weight.shape)} should be "
                          f"{tuple(prefix)}, one weight per position of hidden")
-    problem = settings_problem(temperature, hard_label_weight, beta if name == "jsd" else 0.5)
-    if problem:
-        raise ValueError(f"fused_linear_distillation_loss: {problem}")
+    spec = LossSpec.of(name, beta, temperature, hard_label_weight, "fused_linear_distillation_loss")
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and (labels is None or labels.shape != prefix):
         raise ValueError(f"fused_linear_distillation_loss: hard-label cross-entropy needs labels of shape "
@@ -195,13 +193,9 @@ def fused_linear_distillation_loss(
                    None if teacher_bias is None else teacher_bias.detach())
     w = row_weight.detach().reshape(-1)
     lab = labels.reshape(-1) if uses_ce and labels is not None else None
-    active = w != 0
-    if name == "ce":
-        active = active & (lab != IGNORE_INDEX)  # type: ignore[operator]
+    active = active_rows(name, w, lab)
     if num_items is None:
         num_items = (w > 0).sum().clamp_min(1)
     n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
-    spec = LossSpec(name=name, beta=beta, temperature=temperature, ignore_index=IGNORE_INDEX,
-                    ce_weight=hard_label_weight if name != "ce" else 1.0)
     rows = chunk_size or max(1, MATMUL_BYTES // (4 * vocab))
     return FusedLinearDistillLoss.apply(flat_h, weight, bias, teacher, w, lab, active, n, spec, rows)

@@ -78,6 +78,8 @@ def test_masked_rows_are_never_read_and_the_incoming_gradient_scales():
     ({"teacher_logits": None}, r"give the teacher as teacher_logits, or as teacher_hidden"),
     ({"teacher_logits": torch.zeros(2, 9, 12)}, r"teacher_logits \(2, 9, 12\) should be \(2, 9, 13\)"),
     ({"name": "ce"}, r"hard-label cross-entropy needs labels of shape \(2, 9\)"),
+    ({"name": "kl"}, r"unknown loss name 'kl'; expected one of \['forward_kl'"),  # ran the JSD branch silently
+    ({"temperature": 0.0}, r"temperature must be a finite number > 0, got 0.0"),
 ])
 def test_a_mismatched_input_is_refused_by_name(kwargs, message):
     hidden, weight, bias, t_hidden, t_weight, mask, _ = _case()
