@@ -38,7 +38,7 @@ from purify.config import (
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
-from purify.models import ARCHITECTURES, LoadedModel, build_model, fused_problem, logit_width, state_sha256
+from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, state_sha256
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
@@ -297,9 +297,6 @@ def build_run(recipe: Recipe) -> Run:
                                                                   f"{where} ({type(model).__name__})")
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
-    fused = fused_problem(student.module, "student") if recipe.loss.fused_linear else None
-    if fused:
-        raise RecipeError(f"loss.fused_linear: {fused}; turn fused_linear off")
     cross = cross_base_teachers(configs, student, teachers)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,

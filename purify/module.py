@@ -96,7 +96,10 @@ class Distiller(L.LightningModule):
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
                      for key, given in (("teacher_names", teacher_names), ("teacher_weights", teacher_weights))
                      if given is not None and len(given) != count]
-        if problems:  # what a recipe's validation says, for a Distiller built in Python
+        fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
+        if fused:
+            problems.append(f"loss.fused_linear: {fused}; turn fused_linear off")
+        if problems:  # what a recipe's validation says, for a Distiller built in Python (build_run builds one too)
             raise RecipeError(problems)
         self.student = student
         builder = teachers if deferred else None
@@ -160,9 +163,6 @@ class Distiller(L.LightningModule):
                               total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
                               student_tokenizer=self.tokenizers["student_tokenizer"],
                               teacher_tokenizers=self.tokenizers["teacher_tokenizers"])
-        problem = fused_problem(self.student, "student") if self.loss_config.fused_linear else None
-        if problem:
-            raise RecipeError(f"loss.fused_linear: {problem}; turn fused_linear off")
         frozen = [f"purifiers[{i}]: {purifier_name(p)} edits the student's full weights, which a LoRA student keeps "
                   "frozen (only the adapter trains); remove the purifier or train the whole student"
                   for i, p in enumerate(self.purifiers) if is_lora(self.student) and _edits_weights(p)]
