@@ -33,7 +33,6 @@ from purify.types import IGNORE_INDEX, ModelOutput
 
 PURIFIER_STATE = "purifiers.pt"
 """The purifiers' state dict in a ``PurifyTrainer`` checkpoint (and ``save_model`` directory), beside the model."""
-_MISSING = "__no_purifier_state__"
 
 
 def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +103,8 @@ class PurifyTrainer(Trainer):
         self.distiller.to(self.args.device)
         # the purifiers' base is the student as given, before train(resume_from_checkpoint=...) loads a checkpoint
         self.distiller.snapshot_base()
-        self._purifier_state: dict[str, Any] | None = None  # from a checkpoint, loaded once the purifiers are set up
+        # a resumed run's checkpoint and the purifier state it holds (None: none saved), loaded once they are set up
+        self._resumed: tuple[str, dict[str, Any] | None] | None = None
         self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model)
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
@@ -126,13 +126,15 @@ class PurifyTrainer(Trainer):
         if self.state.max_steps > 0:  # set by train(); a run sized by num_train_epochs has args.max_steps = -1
             self.distiller.total_steps = self.state.max_steps
         self.distiller.setup_purifiers()
-        saved, self._purifier_state = self._purifier_state, None
-        if saved is not None and _MISSING in saved and self.distiller.purifiers.state_dict():
-            raise ValueError(f"resume_from_checkpoint: {saved[_MISSING]} holds no {PURIFIER_STATE} for this run's "
-                             "purifier heads (saved by another trainer, or before purify saved them); resuming would "
-                             "restart the heads from scratch under a restored optimizer: start afresh")
-        if saved is not None and _MISSING not in saved:  # resumed: the heads as the checkpoint saved them
-            self.distiller.purifiers.load_state_dict(saved)
+        if self._resumed is not None:  # the heads as the checkpoint saved them
+            checkpoint, saved = self._resumed
+            self._resumed = None
+            if saved is None and self.distiller.purifiers.state_dict():
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no {PURIFIER_STATE} for this run's "
+                                 "purifier heads (saved by another trainer, or before purify saved them); resuming "
+                                 "would restart the heads from scratch under a restored optimizer: start afresh")
+            if saved is not None:
+                self.distiller.purifiers.load_state_dict(saved)
         optimizer = super().create_optimizer(model)
         for purifier in self.distiller.purifiers:
             for group in purifier.param_groups():
@@ -154,8 +156,8 @@ class PurifyTrainer(Trainer):
         (:meth:`create_optimizer`). A checkpoint without it, for purifiers that have state, is refused."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PURIFIER_STATE)
-        self._purifier_state = (torch.load(path, weights_only=True, map_location="cpu") if os.path.isfile(path)
-                                else {_MISSING: resume_from_checkpoint})
+        saved = torch.load(path, weights_only=True, map_location="cpu") if os.path.isfile(path) else None
+        self._resumed = (resume_from_checkpoint, saved)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
