@@ -102,12 +102,18 @@ def load_verified(path: str | Path, expected: dict[str, torch.Tensor] | None = N
         foreign = [k for k in state if k not in expected or (not k.endswith("_extra_state")
                                                              and tuple(state[k].shape) != tuple(expected[k].shape))]
         missing = [k for k in expected if k not in state]
-        if foreign or missing:
-            what = f"{len(foreign)} tensors it holds do not fit" if foreign else f"{len(missing)} tensors are missing"
-            example = (foreign or missing)[0]
-            raise CheckpointError(f"resume: {path} was written for another model ({what}, e.g. {example}); resume a "
-                                  "checkpoint of this recipe's student and purifiers")
+        _refuse_another_model(path, foreign, missing)
     return ckpt
+
+
+def _refuse_another_model(path: Path, foreign: list[str], missing: list[str] | None = None) -> None:
+    """Raise the one-line refusal of a checkpoint written for another model: tensors it holds that do not fit the
+    model (``foreign``), else tensors the model has that it lacks (``missing``); nothing when both are empty."""
+    if foreign or missing:
+        what = f"{len(foreign)} tensors it holds do not fit" if foreign else f"{len(missing)} tensors are missing"
+        example = (foreign or missing)[0]  # type: ignore[index]
+        raise CheckpointError(f"resume: {path} was written for another model ({what}, e.g. {example}); resume a "
+                              "checkpoint of this recipe's student and purifiers")
 
 
 def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = None, scope: str = "") -> int:
@@ -139,10 +145,7 @@ def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = 
     if expected is not None:
         foreign = [k for k, shape in shapes.items() if k.startswith(scope)
                    and (k not in expected or tuple(expected[k].shape) != shape)]
-        if foreign:
-            raise CheckpointError(f"resume: {path} was written for another model ({len(foreign)} tensors it holds do "
-                                  f"not fit, e.g. {foreign[0]}); resume a checkpoint of this recipe's student and "
-                                  "purifiers")
+        _refuse_another_model(path, foreign)
     return step
 
 
