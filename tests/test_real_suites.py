@@ -100,8 +100,10 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     md = Path(out, "summary.md").read_text()
     assert "sampled once" in md and "CIs leave out the variance of the teachers' sampling" in md  # said plainly
     assert "Vanilla:soft − control:soft P(Moreover), paired by seed" in md
+    stored = Path(out, "summary.json").read_text()
     again = rereport(out)  # statistics re-derived from summary.json alone: the same report
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
+    assert Path(out, "summary.json").read_text() == stored  # byte for byte: a re-derivation leaves no diff behind
     assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))
 
 

@@ -74,7 +74,7 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
                   Suite.curve_keys)
     new = lm_common.summarise(suite, runs, old["wall_seconds"])
     settings = {**old["settings"], "conditions": new["settings"]["conditions"]}
-    summary = {**{k: v for k, v in old.items() if k not in ("frontier_gap",)}, **new, "settings": settings}
+    summary = {**old, **new, "settings": settings}  # the stored key order: a re-derivation leaves no diff behind
     # the seeds' base and teacher scores are stored as statistics only: re-derived from their means, their intervals
     # would collapse to zero width, so they are kept as the run wrote them
     summary["base"], summary["teacher"] = old["base"], old["teacher"]

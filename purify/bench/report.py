@@ -333,23 +333,30 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
                              gridspec_kw={"width_ratios": [1, 1.5]} if zoom else None, squeeze=False)
     axes = list(axes[0])
     n = len(curve)
+    lo, hi = (min(positive) * 0.9, curve[-1][xkey] * 2.2) if zoom else (0.0, 0.0)
+    spans = [max(positive) / min(positive) if positive else 1.0, hi / lo if zoom else 1.0]
+
+    def minor_labels(span: float) -> Any:  # a log axis' minor ticks: every one within a decade, 2 and 5 within three
+        def label(x: float, _: Any) -> str:
+            mantissa = round(x / 10 ** math.floor(math.log10(x)))
+            return f"{x:.3g}" if span < 10 or (span < 1000 and mantissa in (2, 5)) else ""
+        return label
+
     for k, ax in enumerate(axes):
         _draw(ax, summary, xkey, annotate=[0, 1, 2] if zoom and k == 0 else [0, n // 4, n // 2, -1] if n else [])
         if logx:
-            from matplotlib.ticker import FormatStrFormatter
+            from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-            ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g") if k == 1 else FormatStrFormatter(""))
+            ax.xaxis.set_minor_formatter(FuncFormatter(minor_labels(spans[k])))
         ax.set_xlabel(f"{xlabel}{', log scale' if logx else ''} (lower = better fidelity)")
     axes[0].set_ylabel("trait transfer (0 = none, 1 = teacher's)")
     if zoom:
-        x_end = curve[-1][xkey]
-        lo = min(positive) * 0.9
         axes[0].set_title("full range", fontsize=10)
-        axes[1].set_xlim(lo, x_end * 2.2)
+        axes[1].set_xlim(lo, hi)
         axes[1].set_title(f"zoom: {xkey} up to 2.2 × vanilla's final", fontsize=10)
-        axes[0].axvspan(lo, x_end * 2.2, color="tab:blue", alpha=0.05, lw=0)
+        axes[0].axvspan(lo, hi, color="tab:blue", alpha=0.05, lw=0)
     title = (f"{summary['suite']} ({summary.get('protocol', '')}): transfer vs fidelity, "
              f"{len(summary['seeds'])} seeds, mean ± 95% CI")
     fig.suptitle("\n".join(textwrap.wrap(title, 120)))
