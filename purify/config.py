@@ -344,6 +344,9 @@ def loss_problems(loss: LossConfig) -> list[str]:
     sl = loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
         out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")
+    if sl is not None and (loss.name == "ce" or loss.hard_label_weight > 0):
+        out.append("loss.logit_slice: hard labels (loss.name ce, or loss.hard_label_weight > 0) are token ids of the "
+                   "whole vocabulary, not of the slice; drop the slice or the hard labels")
     if loss.fused_linear and sl is not None:
         out.append("loss.fused_linear: distils every logit of the output layer; it cannot take loss.logit_slice "
                    "(drop one of the two)")
@@ -359,6 +362,22 @@ def logit_slice_problem(logit_slice: list[int] | None, width: int, model: str) -
             f"with stop <= {width}")
 
 
+def on_policy_value_problems(op: OnPolicyConfig) -> list[str]:
+    """What is wrong with an :class:`OnPolicyConfig`'s values, one ``on_policy.<key>: ...`` line each: a recipe's,
+    and one given in Python (:func:`purify.on_policy.sampler_for`, which every trainer builds its sampler with)."""
+    out = []
+    if not 0.0 <= op.lam <= 1.0:
+        out.append(f"on_policy.lam: {op.lam} is not in [0, 1]; 0 = off-policy, 1 = every step on student samples")
+    if not (op.temperature > 0 and math.isfinite(op.temperature)):
+        out.append(f"on_policy.temperature: must be a finite number > 0, got {op.temperature}; 1.0 samples the "
+                   "student as it is")
+    if not 0.0 < op.top_p <= 1.0:
+        out.append(f"on_policy.top_p: {op.top_p} is not in (0, 1]; 1.0 keeps the full distribution")
+    if op.max_new_tokens < 1:
+        out.append(f"on_policy.max_new_tokens: must be >= 1, got {op.max_new_tokens}")
+    return out
+
+
 def _on_policy_problems(recipe: Recipe) -> list[str]:
     """``on_policy`` values, and on-policy only where it can work: a language-model student sampling its own text
     that every teacher scores as a model (purifiers that need teachers in their own tokenization are refused by
@@ -366,15 +385,7 @@ def _on_policy_problems(recipe: Recipe) -> list[str]:
     op = recipe.on_policy
     if op is None:
         return []
-    out = []
-    if not 0.0 <= op.lam <= 1.0:
-        out.append(f"on_policy.lam: {op.lam} is not in [0, 1]; 0 = off-policy, 1 = every step on student samples")
-    if not op.temperature > 0:
-        out.append(f"on_policy.temperature: must be > 0, got {op.temperature}; 1.0 samples the student as it is")
-    if not 0.0 < op.top_p <= 1.0:
-        out.append(f"on_policy.top_p: {op.top_p} is not in (0, 1]; 1.0 keeps the full distribution")
-    if op.max_new_tokens < 1:
-        out.append(f"on_policy.max_new_tokens: must be >= 1, got {op.max_new_tokens}")
+    out = on_policy_value_problems(op)
     if recipe.student.arch is not None:
         out.append("on_policy: the student samples its own text, but student.arch is a vector model with no "
                    "tokenizer; give a language-model student or remove on_policy")

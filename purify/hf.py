@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purify.config import LossConfig, OnPolicyConfig
+from purify.losses import distillation_loss
 from purify.models import model_forward
 from purify.module import Distiller
 from purify.on_policy import sampler_for
@@ -69,10 +70,12 @@ class PurifyTrainer(Trainer):
     Behaves like ``Trainer`` for a causal-LM fine-tune: gradient accumulation is normalised by the token count of
     the whole accumulated (and, with ``average_tokens_across_devices``, all-device) batch — transformers'
     ``num_items_in_batch`` — so ``8 × 1`` and ``4 × 2`` give the same update; ``evaluate()`` and ``eval_strategy``
-    report the distillation objective on the evaluation set as ``eval_loss`` (and pass the student's logits to
-    ``compute_metrics`` unless ``prediction_loss_only``: every position, as the model returns them, so position
-    ``t`` predicts ``label_ids[:, t + 1]``). Student-side purifier terms are averaged over the
-    accumulation steps, as under ``purify train``.
+    report the distillation objective against the primary teacher on the evaluation set, without purifiers, as
+    ``eval_loss`` (evaluating leaves the purifiers' state and random streams as they were; it passes the student's
+    logits to ``compute_metrics`` unless ``prediction_loss_only``: every position, as the model returns them, so
+    position ``t`` predicts ``label_ids[:, t + 1]``). Student-side purifier terms are averaged over the accumulation
+    steps, as under ``purify train``. Batches keep a ``source`` column (the adversary's ``target: source``) though
+    the model's ``forward`` does not take it.
 
     Args:
         teachers: frozen teachers sharing the student's tokenizer (``teachers[0]`` is the primary target).
@@ -112,6 +115,13 @@ class PurifyTrainer(Trainer):
         self._loss_shifts_labels = True
         self.loss_is_scaled_for_ga = True  # compute_loss does the accumulation scaling itself
         self.add_callback(_ParameterPurifierCallback(self.distiller))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The columns Trainer keeps (``remove_unused_columns``): the model's ``forward`` arguments, plus ``source``,
+        which :func:`hf_batch` passes on to purifiers (the adversary's ``target: source``)."""
+        super()._set_signature_columns_if_needed()
+        if "source" not in self._signature_columns:
+            self._signature_columns.append("source")
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's optimizer plus each purifier head as its own group (no weight decay; learning rate ``head_lr``,
@@ -161,25 +171,41 @@ class PurifyTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
         batch = hf_batch(inputs)
-        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if model.training else 1
+        if not model.training:
+            return self._evaluation_loss(batch, return_outputs)
+        progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
+        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
         if num_items_in_batch is not None:
             batch["num_items"] = num_items_in_batch
-        if model.training and self.distiller.on_policy is not None:
+        if self.distiller.on_policy is not None:
             devices = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
                                                    rank=self.args.process_index)
         full = None
-        if return_outputs:  # every position's logits for compute_metrics, as a plain model gives them (one forward)
+        if return_outputs:  # every position's logits, as a plain model gives them (one forward)
             needs = any(getattr(p, "needs_hidden", False) for p in self.distiller.purifiers)
             full = model_forward(self.distiller.student, batch, hidden=needs, shift=False)
         loss, _, _ = self.distiller.compute_loss_and_output(
             batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0,
-            student_output=None if full is None else ModelOutput(
-                logits=full.logits[:, :-1], hidden=None if full.hidden is None else full.hidden[:, :-1]))
-        if num_items_in_batch is None and model.training:
+            student_output=None if full is None else self.distiller.restrict(ModelOutput(
+                logits=full.logits[:, :-1], hidden=None if full.hidden is None else full.hidden[:, :-1]), model))
+        if num_items_in_batch is None:
             loss = loss / steps  # no token count: a mean per micro-batch, averaged over the accumulation steps
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
         return (loss, {"logits": full.logits}) if full is not None else loss
+
+    def _evaluation_loss(self, batch: dict[str, Any], return_outputs: bool) -> Any:
+        """``evaluate()``/``predict()``'s loss: the distillation objective between the student and the primary
+        teacher (:meth:`purify.module.Distiller.evaluation_targets`) on this batch, no purifier run — their terms
+        and random streams belong to training, so evaluating changes nothing a later step does and ``eval_loss`` is
+        comparable across purifier settings. With ``return_outputs`` also the student's logits at every position."""
+        cfg = self.distiller.loss_config
+        student = self.distiller.student
+        full = model_forward(student, batch, shift=False)
+        logits = self.distiller.restrict(ModelOutput(logits=full.logits[:, :-1]), student).logits
+        t_logits, weight = self.distiller.evaluation_targets(batch, logits.dtype)
+        loss = distillation_loss(logits, t_logits, weight, name=cfg.name, beta=cfg.beta, temperature=cfg.temperature,
+                                 labels=batch.get("labels"), hard_label_weight=cfg.hard_label_weight)
+        return (loss, {"logits": full.logits}) if return_outputs else loss

@@ -84,7 +84,10 @@ def generalized_jsd(
         return reverse_kl(student_logits, teacher_logits, temperature)
     s = F.log_softmax(upcast(student_logits) / temperature, -1)
     t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
-    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), dim=0)
+    # an entry neither puts mass on (both -inf) is left out of the mixture: logsumexp's gradient there is NaN
+    both = torch.isneginf(s) & torch.isneginf(t)
+    m = torch.logsumexp(torch.stack([t.masked_fill(both, 0.0) + math.log(beta),
+                                     s.masked_fill(both, 0.0) + math.log1p(-beta)]), dim=0)
     return (beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)) * temperature**2
 
 
@@ -104,7 +107,7 @@ def hard_label_ce(student_logits: Tensor, labels: Tensor, temperature: float = 1
     """
     del temperature
     flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
-    out = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    out = F.cross_entropy(flat, labels.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="none")
     return out.reshape(labels.shape)
 
 

@@ -91,9 +91,13 @@ def upcast(x: Tensor) -> Tensor:
 
 
 def kl_from_log_probs(p_logp: Tensor, q_logp: Tensor) -> Tensor:
-    """``KL(p || q)`` over the last dimension, from log-probabilities; ``0·log 0`` counted as 0."""
+    """``KL(p || q)`` over the last dimension, from log-probabilities; ``0·log 0`` counted as 0.
+
+    The log-ratio is zeroed where ``p = 0`` before the product (not the product afterwards): where both are
+    ``-inf`` (a vocabulary entry masked in both) it is NaN, and ``where`` after the product passes ``0 · NaN`` back
+    as the gradient."""
     p = p_logp.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (p_logp - q_logp)).sum(-1)
+    return (p * (p_logp - q_logp).masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def _kl_and_centered(q_logp: Tensor, m_logp: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:

@@ -159,12 +159,23 @@ def fused_linear_distillation_loss(
             (:data:`MATMUL_BYTES`).
 
     Raises:
-        ValueError: a shape that does not match, no teacher for a soft loss, or two teachers.
+        ValueError: a shape that does not match, no teacher for a soft loss, or two teachers (``teacher_bias`` is part
+            of the ``teacher_weight`` form), ``hidden`` and ``weight`` of two dtypes outside autocast, a
+            ``row_weight`` that requires grad, ``chunk_size < 1``.
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"fused_linear_distillation_loss: hidden {tuple(hidden.shape)} does not match the output "
                          f"layer {tuple(weight.shape)} (expected hidden (..., H) and weight (V, H))")
     vocab, prefix = weight.shape[0], hidden.shape[:-1]
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"fused_linear_distillation_loss: hidden is {hidden.dtype} and weight {weight.dtype}; give "
+                         "them one dtype, or call it inside torch.autocast")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"fused_linear_distillation_loss: chunk_size must be >= 1 positions, or None (about 64 MiB "
+                         f"of logits per chunk), got {chunk_size}; the fused loss always chunks")
+    if row_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fused_linear_distillation_loss: row_weight requires grad, but the fused loss takes the "
+                         "position weights as constants; detach them, or use distillation_loss to learn them")
     if row_weight.shape != prefix:
         raise ValueError(f"fused_linear_distillation_loss: row_weight {tuple(row_weight.shape)} should be "
                          f"{tuple(prefix)}, one weight per position of hidden")
@@ -173,7 +184,7 @@ def fused_linear_distillation_loss(
     if uses_ce and (labels is None or labels.shape != prefix):
         raise ValueError(f"fused_linear_distillation_loss: hard-label cross-entropy needs labels of shape "
                          f"{tuple(prefix)}")
-    given = [teacher_logits is not None, teacher_hidden is not None or teacher_weight is not None]
+    given = [teacher_logits is not None, any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))]
     if name != "ce" and sum(given) != 1:
         raise ValueError("fused_linear_distillation_loss: give the teacher as teacher_logits, or as teacher_hidden "
                          "with teacher_weight (one of the two)")
@@ -191,7 +202,7 @@ def fused_linear_distillation_loss(
                              f"must match the student's {tuple(prefix)} positions and V = {vocab}")
         teacher = ("linear", teacher_hidden.detach().reshape(-1, teacher_weight.shape[1]), teacher_weight.detach(),
                    None if teacher_bias is None else teacher_bias.detach())
-    w = row_weight.detach().reshape(-1)
+    w = row_weight.reshape(-1)
     lab = labels.reshape(-1) if uses_ce and labels is not None else None
     active = active_rows(name, w, lab)
     if num_items is None:

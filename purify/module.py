@@ -206,14 +206,17 @@ class Distiller(L.LightningModule):
     # ---------------------------------------------------------------- forward
     def run_model(self, model: nn.Module, batch: Batch, hidden: bool = False) -> ModelOutput:
         """Run any model on a batch, restricted to ``loss.logit_slice`` when set."""
-        out = model_forward(model, batch, hidden=hidden)
+        return self.restrict(model_forward(model, batch, hidden=hidden), model)
+
+    def restrict(self, out: ModelOutput, model: nn.Module) -> ModelOutput:
+        """``model``'s output ``out`` restricted to ``loss.logit_slice`` when set (the logits the loss distils)."""
         sl = self.loss_config.logit_slice
-        if sl is not None:
-            problem = logit_slice_problem(sl, out.logits.shape[-1], type(model).__name__)
-            if problem:  # a model that does not say its width (logit_width) is checked here, at its first forward
-                raise RecipeError(problem)
-            out = ModelOutput(logits=out.logits[..., sl[0]:sl[1]], hidden=out.hidden)
-        return out
+        if sl is None:
+            return out
+        problem = logit_slice_problem(sl, out.logits.shape[-1], type(model).__name__)
+        if problem:  # a model that does not say its width (logit_width) is checked here, at its first forward
+            raise RecipeError(problem)
+        return ModelOutput(logits=out.logits[..., sl[0]:sl[1]], hidden=out.hidden)
 
     def _of_kind(self, kind: type) -> list[Any]:
         return [p for p in self.purifiers if isinstance(p, kind)]
@@ -354,14 +357,23 @@ class Distiller(L.LightningModule):
             for key, value in p.last_metrics.items():
                 self.log(f"purify/{i}_{purifier_name(p)}/{key}", value, batch_size=batch_size)
 
+    def evaluation_targets(self, batch: Batch, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """What the student is compared with on held-out data: the primary teacher's logits (restricted to
+        ``loss.logit_slice``, upcast as in :meth:`teacher_targets`) and the batch's target mask, no purifier
+        applied — or, for a primary teacher in its own tokenization, the targets :meth:`teacher_targets` aligns into
+        the student's. Returns ``(teacher logits, weight)``."""
+        self.setup_purifiers()
+        if 0 in batch.get("teacher_batches", {}):  # a cross-base primary: compare in the student's space
+            targets = self.teacher_targets(batch, dtype)
+            return targets.logits, targets.weight
+        with torch.no_grad():
+            logits = _upcast(self.run_model(self.teachers[0], batch)).logits
+        return logits, batch["target_mask"].to(torch.promote_types(dtype, torch.float32))
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         s_out = self.run_model(self.student, batch)
         labels = batch.get("labels") if self.loss_config.logit_slice is None else None
-        if 0 in batch.get("teacher_batches", {}):  # a cross-base primary: compare in the student's space
-            targets = self.teacher_targets(batch, s_out.logits.dtype)
-            t_logits, mask = targets.logits, targets.weight
-        else:
-            t_logits, mask = self.run_model(self.teachers[0], batch).logits, batch["target_mask"]
+        t_logits, mask = self.evaluation_targets(batch, s_out.logits.dtype)
         self.val_fidelity.update(s_out.logits, t_logits, mask, labels)
 
     def on_validation_epoch_end(self) -> None:

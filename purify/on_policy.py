@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from purify.config import OnPolicyConfig
+from purify.config import OnPolicyConfig, on_policy_value_problems
 from purify.data import TeacherTokenizer, collate_encoded, encode_teacher
-from purify.types import IGNORE_INDEX, Batch
+from purify.types import IGNORE_INDEX, Batch, RecipeError
 
 __all__ = ["OnPolicySampler", "cross_base_inputs", "decode_spans", "is_on_policy_step", "prompt_lengths",
            "prompt_rows", "rebuild_batch", "sample_completions", "sampler_for"]
@@ -349,6 +349,9 @@ def sampler_for(config: OnPolicyConfig | None, seed: int, tokenizer: Any | None,
     what cross-base teachers' batches are re-tokenised with on sampled steps."""
     if config is None:
         return None
+    problems = on_policy_value_problems(config)
+    if problems:  # what a recipe's validation says, for a config given in Python
+        raise RecipeError(problems)
     mcfg = getattr(model, "config", None)
 
     def token(name: str) -> int | None:

@@ -29,6 +29,10 @@ def test_valid_recipe_converts_to_typed_dataclasses(tmp_path):
     ("strategy=deepspeed_stage2", r"strategy: unknown strategy 'deepspeed_stage2'; did you mean 'deepspeed_stage_2'"),
     ("data.train=/nope/x.jsonl", r"data.train: file not found: /nope/x.jsonl"),
     ("loss.logit_slice=[5,2]", r"loss.logit_slice: expected \[start, stop\)"),
+    # hard labels are ids of the whole vocabulary: they indexed the slice's logits (another token's, or past the end)
+    ("loss.hard_label_weight=0.5", r"loss.logit_slice: hard labels \(loss.name ce, or loss.hard_label_weight > 0\) "
+                                   r"are token ids of the whole vocabulary, not of the slice"),
+    ("loss.name=ce", r"loss.logit_slice: hard labels"),
     ("purifiers=[{name: nosuch}]", r"purifiers\[0\].name: unknown purifier 'nosuch'"),
     ("resume=/nope.ckpt", r"resume: checkpoint not found"),
     ("teachers=[]", r"teachers: at least one teacher"),

@@ -32,7 +32,8 @@ def setup():
     return tok, student, teacher, rows
 
 
-def _trainer(setup, tmp_path, student, batch, accumulate, teachers=None, purifiers=(), steps=1, **kwargs):
+def _trainer(setup, tmp_path, student, batch, accumulate, teachers=None, purifiers=(), steps=1, loss=None, train=None,
+             **kwargs):
     tok, _, teacher, rows = setup
     args = TrainingArguments(str(tmp_path / f"b{batch}a{accumulate}"), max_steps=steps,
                              per_device_train_batch_size=batch, per_device_eval_batch_size=4,
@@ -40,8 +41,8 @@ def _trainer(setup, tmp_path, student, batch, accumulate, teachers=None, purifie
                              lr_scheduler_type="constant", report_to=[], save_strategy="no",
                              use_cpu=True, dataloader_drop_last=False, **kwargs)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    return PurifyTrainer(model=student, teachers=teachers or [teacher], purifiers=purifiers, args=args,
-                         train_dataset=rows, eval_dataset=rows, data_collator=collator)
+    return PurifyTrainer(model=student, teachers=teachers or [teacher], purifiers=purifiers, args=args, loss=loss,
+                         train_dataset=train or rows, eval_dataset=train or rows, data_collator=collator)
 
 
 @pytest.mark.parametrize("shape", [(4, 2), (1, 8)])
@@ -84,6 +85,72 @@ def test_evaluate_returns_the_distillation_objective_as_eval_loss(setup, tmp_pat
             logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         assert out.predictions.shape == (*out.label_ids.shape, logits.shape[-1])
         torch.testing.assert_close(torch.as_tensor(out.predictions), logits, rtol=1e-5, atol=1e-5)
+
+
+def _noisy(teacher, scale=0.3, seed=1):
+    torch.manual_seed(seed)
+    other = copy.deepcopy(teacher)
+    for p in other.parameters():
+        p.data.add_(scale * torch.randn_like(p))
+    return other
+
+
+def test_eval_loss_is_the_distillation_term_alone_on_the_sliced_logits(setup, tmp_path):
+    """With ``loss.logit_slice`` evaluate() crashed (the logits it compared were not sliced); and eval_loss carried the
+    student-side purifier terms (an anchor of weight 100 made it 14× the distillation term). It is the distillation
+    term against the primary teacher on the slice, by hand."""
+    from purify import Anchor, AnchorConfig
+    from purify.config import LossConfig
+
+    tok, student, teacher, rows = setup
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, purifiers=[Anchor(AnchorConfig(weight=100.0))],
+                       steps=2, loss=LossConfig(logit_slice=[0, 10]))
+    trainer.train()
+    metrics = trainer.evaluate()
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    losses = []
+    for i in range(0, len(rows), 4):
+        inputs = collator(rows[i:i + 4])
+        mask = (inputs["labels"][:, 1:] != -100).float()
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "target_mask": mask}
+        with torch.no_grad():
+            s, t = model_forward(trainer.model, batch).logits, model_forward(teacher, batch).logits
+        losses.append(distillation_loss(s[..., :10], t[..., :10], mask, name="forward_kl").item())
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_evaluating_during_training_changes_nothing_it_trains(setup, tmp_path):
+    """Evaluation ran the purifiers, drawing from their random streams (a random divergence mask, a function
+    anchor's neutral inputs): turning ``eval_strategy`` on changed the trained weights (by 2e-4 here)."""
+    from purify import DivergenceMask, DivergenceMaskConfig
+
+    _, student, teacher, _ = setup
+    other = _noisy(teacher)
+
+    def run(**kw):
+        mask = DivergenceMask(DivergenceMaskConfig(flag="random", rate=0.5, reference="others"))
+        trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, teachers=[teacher, other],
+                           purifiers=[mask], steps=4, **kw)
+        trainer.train()
+        return trainer.model
+
+    plain, evaluated = run(), run(eval_strategy="steps", eval_steps=1)
+    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), student.parameters()))
+    assert moved > 1e-3
+    for a, b in zip(plain.parameters(), evaluated.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_source_column_reaches_the_adversary_with_default_arguments(setup, tmp_path):
+    """Trainer drops dataset columns its model's forward does not take (``remove_unused_columns``, on by default):
+    ``source`` never reached ``target: source`` ("needs batch['source']" though every record had one)."""
+    _, student, teacher, rows = setup
+    sourced = [dict(r, source=i % 2) for i, r in enumerate(rows)]
+    adversary = _RecordingAdversary(AdversaryConfig(name="adversary", weight=0.1, target="source"))
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, purifiers=[adversary], steps=2, train=sourced)
+    trainer.train()
+    moved = max((v - adversary.initial[k]).abs().max().item() for k, v in adversary.head.state_dict().items())
+    assert moved > 1e-6
 
 
 def test_eval_strategy_steps_logs_eval_loss_during_training(setup, tmp_path):

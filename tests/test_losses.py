@@ -186,6 +186,28 @@ def test_nan_and_inf_at_masked_positions_give_finite_loss_and_zero_grad(name, ch
     assert grad[0, 4:].abs().sum() == 0 and grad[1, 0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_vocabulary_entry_masked_in_both_models_gives_the_same_finite_gradient_on_both_paths(name):
+    """Entries both models set to -inf (a padded vocabulary) on real target positions: the chunked path's gradient
+    was finite, the exact path's (also taken when the teacher requires grad) NaN for reverse KL and JSD."""
+    s, te, w, _ = _ragged(seed=6)
+    s[..., -2:] = te[..., -2:] = float("-inf")
+    grads = [_loss_and_grad(s, te, w, name=name, chunk_size=chunk) for chunk in (0, None)]
+    (exact, exact_grad), (chunked, chunked_grad) = grads
+    assert torch.isfinite(exact) and torch.isfinite(exact_grad).all(), name
+    torch.testing.assert_close(exact, chunked)
+    torch.testing.assert_close(exact_grad, chunked_grad)
+    assert exact_grad[..., -2:].abs().sum() == 0
+
+
+def test_hard_labels_of_any_integer_dtype_on_both_paths():
+    """int32 labels worked on the chunked path and failed on the exact one ("expected target dtype to be Long")."""
+    s, te, w, labels = _ragged(seed=7)
+    ref = [_loss_and_grad(s, te, w, name="ce", labels=labels, chunk_size=chunk)[0] for chunk in (0, None)]
+    got = [_loss_and_grad(s, te, w, name="ce", labels=labels.int(), chunk_size=chunk)[0] for chunk in (0, None)]
+    torch.testing.assert_close(got, ref)
+
+
 def test_ce_ignores_nan_logits_where_the_label_is_ignore_index():
     s, te, _, labels = _ragged(seed=4)
     w = torch.ones(labels.shape, dtype=s.dtype)

@@ -80,6 +80,16 @@ def test_masked_rows_are_never_read_and_the_incoming_gradient_scales():
     ({"name": "ce"}, r"hard-label cross-entropy needs labels of shape \(2, 9\)"),
     ({"name": "kl"}, r"unknown loss name 'kl'; expected one of \['forward_kl'"),  # ran the JSD branch silently
     ({"temperature": 0.0}, r"temperature must be a finite number > 0, got 0.0"),
+    # each of these ran: a raw matmul dtype error, an empty torch.cat, the default size, a silently dropped gradient,
+    # a silently ignored teacher bias
+    ({"hidden": torch.zeros(2, 9, 5)}, r"hidden is torch.float32 and weight torch.float64; give them one dtype, or "
+                                       r"call it inside torch.autocast"),
+    ({"chunk_size": -3}, r"chunk_size must be >= 1 positions, or None .* got -3; the fused loss always chunks"),
+    ({"chunk_size": 0}, r"chunk_size must be >= 1 positions"),
+    ({"row_weight": torch.ones(2, 9, dtype=torch.float64, requires_grad=True)},
+     r"row_weight requires grad, but the fused loss takes the position weights as constants"),
+    ({"teacher_bias": torch.zeros(13, dtype=torch.float64)},
+     r"give the teacher as teacher_logits, or as teacher_hidden"),
 ])
 def test_a_mismatched_input_is_refused_by_name(kwargs, message):
     hidden, weight, bias, t_hidden, t_weight, mask, _ = _case()

@@ -323,7 +323,7 @@ def test_purify_trainer_sampled_batch_is_a_mean_over_its_own_tokens(tok, tmp_pat
 # ------------------------------------------------------------------ bad recipes
 @pytest.mark.parametrize(("extra", "message"), [
     (["on_policy.lam=2"], r"on_policy.lam: 2.0 is not in \[0, 1\]"),
-    (["on_policy.temperature=0"], r"on_policy.temperature: must be > 0"),
+    (["on_policy.temperature=0"], r"on_policy.temperature: must be a finite number > 0"),
     (["on_policy.top_p=0"], r"on_policy.top_p: 0.0 is not in \(0, 1\]"),
     (["on_policy.max_new_tokens=0"], r"on_policy.max_new_tokens: must be >= 1"),
 ])
@@ -333,6 +333,24 @@ def test_bad_on_policy_recipe_is_one_error_line(lm_root, tmp_path, capsys, extra
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("purify: error: ") and re.search(message, err[0]), err
     assert not (tmp_path / "bad" / "student").exists()
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (OnPolicyConfig(lam=1.0, temperature=0.0), r"on_policy.temperature: must be a finite number > 0, got 0.0"),
+    (OnPolicyConfig(top_p=0.0), r"on_policy.top_p: 0.0 is not in \(0, 1\]"),
+    (OnPolicyConfig(lam=7.0), r"on_policy.lam: 7.0 is not in \[0, 1\]"),
+    (OnPolicyConfig(max_new_tokens=0), r"on_policy.max_new_tokens: must be >= 1, got 0"),
+])
+def test_an_on_policy_config_given_in_python_is_checked_as_a_recipe_is(config, message):
+    """A Distiller or PurifyTrainer built in Python took these: lam 7 and top_p 0 trained silently, temperature 0
+    failed mid-train() inside generate."""
+    from purify.module import Distiller
+    from purify.types import RecipeError
+
+    cfg = LlamaConfig(vocab_size=12, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    with pytest.raises(RecipeError, match=message):
+        Distiller(LlamaForCausalLM(cfg), [LlamaForCausalLM(cfg)], on_policy=config)
 
 
 def test_on_policy_with_a_vector_student_or_a_logit_cache_is_refused(tmp_path, capsys, lm_root):

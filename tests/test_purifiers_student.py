@@ -193,6 +193,19 @@ def test_token_pooling_scores_each_target_position_and_skips_unknown_sources():
         adversary.extra_loss({"target_mask": mask}, out, progress=0.5)
 
 
+def test_a_bf16_students_hidden_states_reach_the_float32_head():
+    """A student loaded in bfloat16 (no autocast) crashed the adversary: "mat1 and mat2 must have the same dtype"."""
+    adversary = Adversary(AdversaryConfig(target="source", num_sources=2, ramp="constant"))
+    adversary.setup(PurifierContext(student=mlp(0), teachers=[mlp(7)], teacher_names=["t"], teacher_weights=[1.0]))
+    hidden = torch.randn(4, 3, 32).bfloat16().requires_grad_(True)
+    batch_ = {"target_mask": torch.ones(4, 3), "source": torch.tensor([0, 1, 1, 0])}
+    adversary.extra_loss(batch_, ModelOutput(logits=torch.zeros(4, 3, 13), hidden=hidden), progress=0.5).backward()
+    assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+    plain = hidden.detach().float()
+    expected = F.cross_entropy(adversary.head(plain.mean(1)), batch_["source"])
+    assert adversary.last_metrics["disc_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_lineage_targets_follow_a_stable_per_example_assignment():
     adversary = Adversary(AdversaryConfig(weight=0.1))
     teachers = [mlp(7), mlp(8), mlp(9)]

@@ -387,6 +387,16 @@ def test_truncation_by_hand(knobs, expected):
     assert torch.equal(torch.isinf(got), expected == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_keeps_k_tokens_when_maxima_tie(dtype):
+    """Tied maxima (common in bf16 logits): topk's k plus argmax's first maximum, when topk had picked other ones,
+    kept k + 1 tokens."""
+    logits = torch.zeros(2, 10, dtype=dtype)
+    logits[1, 4:] = 1.0  # six tied maxima, none at index 0
+    assert keep_mask(logits.float().log_softmax(-1), top_k=3).sum(-1).tolist() == [3, 3]
+    assert torch.isfinite(truncate(logits, top_k=3)).sum(-1).tolist() == [3, 3]
+
+
 def test_kept_mass_and_tokens_are_logged():
     purifier = TailTruncation(TailTruncationConfig(top_p=0.8))
     got = apply(purifier, outs(HEAD))

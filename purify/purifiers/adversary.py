@@ -123,6 +123,9 @@ def example_lineage(batch: Batch, num_teachers: int) -> Tensor:
 class Adversary(StudentPurifier, TargetPurifier):
     """Discriminator head with gradient reversal (see the module docstring).
 
+    The head is built in :meth:`setup` (its width is the student's): in your own loop, call ``setup`` before
+    ``load_state_dict`` of a saved adversary (a :class:`purify.module.Distiller` does, in ``setup_purifiers``).
+
     Args:
         config: the validated recipe entry.
     """
@@ -176,7 +179,8 @@ class Adversary(StudentPurifier, TargetPurifier):
         """
         cfg = self.config
         assert self.head is not None and student_output.hidden is not None, "call setup() and pass hidden states"
-        hidden = student_output.hidden
+        # in the head's dtype (float32 as setup builds it), whatever the student's (a bf16 student's hidden states)
+        hidden = student_output.hidden.to(next(self.head.parameters()).dtype)
         mask = batch["target_mask"].to(hidden.dtype)
         labels = self.labels(batch).to(hidden.device)
         scale = cfg.weight * (dann_lambda(progress) if cfg.ramp == "dann" else 1.0)

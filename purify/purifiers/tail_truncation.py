@@ -70,9 +70,11 @@ def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None
         ``(..., V)`` bool.
     """
     keep = torch.ones_like(logp, dtype=torch.bool)
+    top1 = logp.argmax(-1, keepdim=True)
     if top_k is not None:
         idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1).indices
         keep &= torch.zeros_like(keep).scatter(-1, idx, True)
+        top1 = idx[..., :1]  # a maximum topk kept: argmax's, among tied maxima, could be another (k + 1 kept)
     if top_p is not None:
         sorted_logp, order = logp.sort(dim=-1, descending=True)
         probs = sorted_logp.exp()
@@ -80,7 +82,6 @@ def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None
         keep &= torch.zeros_like(keep).scatter(-1, order, before < top_p)
     if min_prob is not None:
         keep &= logp.exp() >= min_prob
-    top1 = logp.argmax(-1, keepdim=True)
     return keep.scatter(-1, top1, True)
 
 
