@@ -33,7 +33,7 @@ from purify.purifiers.base import Purifier
 from purify.types import IGNORE_INDEX, ModelOutput
 
 PURIFIER_STATE = "purifiers.pt"
-"""The purifiers' state dict in a ``PurifyTrainer`` checkpoint (and ``save_model`` directory), beside the model."""
+"""The purifiers' state dict in a ``PurifyTrainer`` checkpoint, beside the model."""
 
 
 def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +108,7 @@ class PurifyTrainer(Trainer):
         self.distiller.snapshot_base()
         # a resumed run's checkpoint and the purifier state it holds (None: none saved), loaded once they are set up
         self._resumed: tuple[str, dict[str, Any] | None] | None = None
+        self._in_checkpoint = False  # set while Trainer writes a checkpoint: _save adds the purifiers' state
         self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model)
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
@@ -153,12 +154,21 @@ class PurifyTrainer(Trainer):
                                                **({"lr": self.head_lr} if self.head_lr is not None else {})})
         return optimizer
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """A checkpoint as ``Trainer`` writes it, with the purifiers' state beside the model (:meth:`_save`)."""
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The model as ``Trainer`` saves it, plus the purifiers' state (heads, a function anchor's stream position)
-        as :data:`PURIFIER_STATE` beside it, so a checkpoint resumes them."""
+        """The model as ``Trainer`` saves it; in a checkpoint also the purifiers' state (heads, a function anchor's
+        stream position) as :data:`PURIFIER_STATE` beside it, so a resume restores them (``save_model`` on its own
+        exports the model alone)."""
         super()._save(output_dir, state_dict)
         state = self.distiller.purifiers.state_dict()
-        if state:
+        if state and self._in_checkpoint:
             torch.save(state, os.path.join(output_dir or self.args.output_dir, PURIFIER_STATE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

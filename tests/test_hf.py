@@ -260,6 +260,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one_with_purifiers(setup, tmp_pa
     for a, b in zip(whole.distiller.purifiers.state_dict().values(), resumed.distiller.purifiers.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in whole.distiller.purifiers.parameters())  # zeroed after each step (added up)
+    whole.save_model(str(tmp_path / "export"))  # an export is the model alone: the heads belong to checkpoints
+    assert (tmp_path / "export" / "model.safetensors").is_file() and not (tmp_path / "export" / "purifiers.pt").exists()
     if kind == "adversary":
         (tmp_path / "ck" / "checkpoint-3" / "purifiers.pt").unlink()
         again = _resumable(setup, tmp_path, copy.deepcopy(student), [teacher, other], purifiers(), save=False)
