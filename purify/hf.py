@@ -53,11 +53,19 @@ def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
 class _ParameterPurifierCallback(TrainerCallback):
     def __init__(self, distiller: Distiller) -> None:
         self.distiller = distiller
+        self.before_done = False  # the parameter purifiers' before_step ran this step (in PurifyTrainer's clipping)
+
+    def before_step(self) -> None:
+        """The parameter purifiers' ``before_step``, once per optimizer step."""
+        if not self.before_done:
+            self.distiller.on_before_optimizer_step()
+            self.before_done = True
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.distiller.on_before_optimizer_step()
+        self.before_step()  # without gradient clipping (max_grad_norm 0) it runs here
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.before_done = False
         self.distiller.after_optimizer_step()
         # Trainer zeroes the model's gradients only (model.zero_grad()): the heads' would add up over every step
         for p in self.distiller.purifiers.parameters():
@@ -115,7 +123,8 @@ class PurifyTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self.loss_is_scaled_for_ga = True  # compute_loss does the accumulation scaling itself
-        self.add_callback(_ParameterPurifierCallback(self.distiller))
+        self._purifier_hooks = _ParameterPurifierCallback(self.distiller)
+        self.add_callback(self._purifier_hooks)
 
     def _set_signature_columns_if_needed(self) -> None:
         """The columns Trainer keeps (``remove_unused_columns``): the model's ``forward`` arguments, plus ``source``,
@@ -153,6 +162,16 @@ class PurifyTrainer(Trainer):
                     optimizer.add_param_group({**group, "weight_decay": 0.0,
                                                **({"lr": self.head_lr} if self.head_lr is not None else {})})
         return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """``purify train``'s order and scope (Lightning's ``gradient_clip_val``): the parameter purifiers edit the
+        raw accumulated gradients first, then the student's and the purifier heads' gradients are clipped together to
+        ``max_grad_norm`` (``Trainer`` clips the model's alone, before its pre-optimizer-step callbacks)."""
+        self._purifier_hooks.before_step()
+        heads = [p for p in self.distiller.purifiers.parameters() if p.grad is not None]
+        if not heads or self.is_deepspeed_enabled or self.is_fsdp_enabled:  # their own clipping: as Trainer does it
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *heads], self.args.max_grad_norm)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """A checkpoint as ``Trainer`` writes it, with the purifiers' state beside the model (:meth:`_save`)."""

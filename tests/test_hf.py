@@ -153,6 +153,45 @@ def test_a_source_column_reaches_the_adversary_with_default_arguments(setup, tmp
     assert moved > 1e-6
 
 
+class _GradientRecorder:
+    """A parameter-side purifier that records the student's gradient norm each time ``before_step`` runs."""
+
+    @staticmethod
+    def make():
+        from purify.purifiers.base import ParameterPurifier
+
+        class Recorder(ParameterPurifier):
+            name = "recorder"
+
+            def __init__(self):
+                torch.nn.Module.__init__(self)
+                self.last_metrics, self.norms = {}, []
+
+            def before_step(self, student):
+                self.norms.append(float(torch.cat([p.grad.flatten() for p in student.parameters()]).norm()))
+
+        return Recorder()
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_parameter_purifiers_see_the_raw_gradients_once_per_step_and_heads_are_clipped_too(setup, tmp_path, clip):
+    """As ``purify train`` (Lightning's gradient_clip_val): parameter purifiers edit the raw accumulated gradients,
+    then the student's and the heads' gradients are clipped together. Trainer clipped the model alone, before the
+    purifiers ran (they saw clipped gradients; the adversary's head took unclipped steps)."""
+    _, student, teacher, _ = setup
+    recorder = _GradientRecorder.make()
+    adversary = _RecordingAdversary(AdversaryConfig(name="adversary", weight=0.1, target="lineage", ramp="constant"))
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, teachers=[teacher, _noisy(teacher)],
+                       purifiers=[adversary, recorder], steps=2, max_grad_norm=clip)
+    trainer.train()
+    assert len(recorder.norms) == 2  # once per optimizer step, with or without clipping
+    if clip:
+        assert recorder.norms[0] > 100 * clip  # raw, not clipped
+        moved = torch.cat([(a - b).flatten() for a, b in zip(trainer.model.parameters(), student.parameters())]
+                          + [(v - adversary.initial[k]).flatten() for k, v in adversary.head.state_dict().items()])
+        assert float(moved.detach().norm()) <= 2 * 0.1 * clip * (1 + 1e-4)  # two SGD steps of lr 0.1, each <= clip
+
+
 def test_eval_strategy_steps_logs_eval_loss_during_training(setup, tmp_path):
     _, student, _, _ = setup
     trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, eval_strategy="steps", eval_steps=1)
