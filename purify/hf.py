@@ -107,6 +107,10 @@ class PurifyTrainer(Trainer):
         if head_lr is not None and not (isinstance(head_lr, (int, float)) and 0 < head_lr < math.inf):
             raise ValueError(f"head_lr: must be a finite number > 0, or None for args.learning_rate, got {head_lr!r}")
         super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor: {self.args.label_smoothing_factor} smooths Trainer's own "
+                             "cross-entropy, which PurifyTrainer replaces by the distillation objective (loss=...); "
+                             "set it to 0")
         self.head_lr = head_lr
         self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
                                    total_steps=max(1, self.args.max_steps), student_tokenizer=self.processing_class,

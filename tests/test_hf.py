@@ -262,6 +262,9 @@ def test_head_lr_sets_the_purifier_heads_learning_rate(setup, tmp_path):
     with pytest.raises(ValueError, match=r"head_lr: must be a finite number > 0, or None for args.learning_rate, "
                                          r"got -1"):
         PurifyTrainer(model=student, teachers=[teacher], args=args, head_lr=-1)
+    smoothed = TrainingArguments(str(tmp_path / "s"), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"label_smoothing_factor: 0.1 smooths Trainer's own cross-entropy"):
+        PurifyTrainer(model=student, teachers=[teacher], args=smoothed)  # was silently ignored
 
 
 def _resumable(setup, tmp_path, student, teachers, purifiers, save: bool):
