@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
         return 0
     except TrainingStopped as err:  # a signal, not bad input: the signal's exit code, never 0
-        print(f"purify: error: {err}", file=sys.stderr)
+        if err.report:
+            print(f"purify: error: {err}", file=sys.stderr)
         return err.exit_code
     except (ValueError, ArithmeticError, GGUFError, FileNotFoundError) as err:
         # purify's own errors (RecipeError with one line per problem, DataError, CacheError, CheckpointError,

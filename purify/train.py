@@ -47,6 +47,40 @@ class LineageCallback(Callback):
             write_lineage(self.directory, {**self.snapshot(trainer), "status": "checkpoint"})
 
 
+class SigtermAtStepEnd(Callback):
+    """Several processes: a SIGTERM stops every rank at the same step, without a collective inside a signal handler.
+
+    Lightning's SIGTERM handler broadcasts from rank 0 inside the handler, which pairs with whatever collective the
+    other ranks are in: a SIGTERM that reaches rank 0 while it writes a checkpoint (the other ranks wait at the
+    barrier after it) hangs the job for good. This handler only records the signal and forwards it to the processes
+    Lightning launched, as Lightning's does; at the end of each training step every rank takes the maximum of the
+    flags (one all-reduce, where all ranks take part) and, if any rank was signalled, all set Lightning's
+    ``received_sigterm`` together, so Lightning's loop stops them at the same step (``SIGTERMException``)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size < 2:
+            return  # one process: Lightning's handler has no other rank to meet
+
+        def record(signum: int, frame: Any) -> None:
+            if not self.signalled and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)  # the ranks this process launched
+            self.signalled = True
+
+        signal.signal(signal.SIGTERM, record)  # Lightning's teardown restores the handler it found
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            trainer._signal_connector.received_sigterm = True  # read by Lightning's loop at this step's end
+
+
 def _loggers(output_dir: Path, resume: bool = False) -> list[Logger]:
     """CSV (``logs/metrics.csv``) and TensorBoard when installed. A resumed run that finds ``logs/metrics.csv`` writes
     its rows to ``logs/resumed-<k>/metrics.csv`` (the first unused ``k``): Lightning's CSV logger would otherwise
@@ -132,12 +166,14 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
-    step = _check_resume(recipe, run) if recipe.resume is not None else None
+    step = _check_resume(recipe, run, _unfinished_here(output_dir, recipe)) if recipe.resume is not None else None
     # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
     if rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
         _check_existing_run(output_dir, recipe, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
+    if rank_zero_only.rank == 0 and step is not None and (output_dir / "lineage.json").is_file():
+        record["segments"] = _segments(read_lineage(output_dir), recipe, step)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
     # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
@@ -146,15 +182,19 @@ def train(recipe: Recipe) -> Path:
                                  every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
                                  save_last=True, enable_version_counter=False)
     try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
-        trainer = make_trainer(recipe, [checkpoint, lineage_cb], output_dir, expected=run.distiller.trained_state)
+        trainer = make_trainer(recipe, [checkpoint, lineage_cb, SigtermAtStepEnd()], output_dir,
+                               expected=run.distiller.trained_state)
     except (MisconfigurationException, ValueError, TypeError) as err:
         raise RecipeError(f"trainer: {first_line(err)}") from None
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
     write_lineage(output_dir, record)
+    trained = False
     try:
         trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
-        with _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):  # collective under ZeRO-3
+        trained = True
+        # a SIGTERM while the run is exported stops it as during the fit (Lightning's handler is gone by now)
+        with _sigterm_raises(), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
             if trainer.is_global_zero:
                 final = {**lineage_cb.snapshot(trainer), "status": "finished"}
                 if recipe.export:
@@ -168,11 +208,34 @@ def train(recipe: Recipe) -> Path:
             write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "status": "failed", "error": reason})
         if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)
             latest = latest_checkpoint(ckpt_dir)
-            raise TrainingStopped(f"train: {reason} at step {trainer.global_step}; {output_dir / 'lineage.json'} says "
-                                  "status: failed; " + (f"resume={latest} to continue" if latest else
-                                                        "no checkpoint was written yet"), 128 + signum) from None
+            where = (f"while exporting (training had finished, step {trainer.global_step})" if trained
+                     else f"at step {trainer.global_step}")
+            todo = ("to export it" if trained else "to continue") if latest else ""
+            raise TrainingStopped(f"train: {reason} {where}; {output_dir / 'lineage.json'} says status: failed; "
+                                  + (f"resume={latest} {todo}" if latest else "no checkpoint was written yet"),
+                                  128 + signum, report=trainer.is_global_zero) from None
         raise
     return output_dir
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Any:
+    """Within: SIGTERM raises Lightning's ``SIGTERMException`` (read by :func:`_stop_signal`) instead of killing the
+    process with ``lineage.json`` saying ``running``. Only on the main thread (where Python takes signals)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_signal(err: BaseException) -> int | None:
@@ -210,14 +273,32 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def _changed_keys(output_dir: Path, recipe: Recipe) -> list[str]:
     """The recipe keys outside :data:`CONTINUABLE` whose values differ from the run's stored ``recipe.yaml`` (with
     ``data.global_batch_size`` set, the process count too may change: the samples per step stay the same)."""
-    continuable = CONTINUABLE + (("trainer.devices", "trainer.num_nodes") if recipe.data.global_batch_size else ())
+    # output_dir: the directory the run is in, however it is spelt (relative, absolute, through a link, moved)
+    continuable = CONTINUABLE + ("output_dir",) + (("trainer.devices", "trainer.num_nodes")
+                                                   if recipe.data.global_batch_size else ())
     stored_file = output_dir / "recipe.yaml"
     if not stored_file.is_file():
         return []
-    stored = _flat(yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {})
+    try:
+        stored = _flat(yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"resume: {stored_file} cannot be read ({first_line(err)}); it records the run being "
+                          "continued: restore it, or give a new output_dir") from None
     now = _flat(yaml.safe_load(to_yaml(recipe)))
     return sorted(k for k in stored.keys() | now.keys()
                   if stored.get(k) != now.get(k) and not any(k == c or k.startswith(c + ".") for c in continuable))
+
+
+def _segments(before: dict[str, Any], recipe: Recipe, step: int) -> list[dict[str, Any]]:
+    """A run continued in place: its launches so far and this one, each as ``{"resume", "from_step", "max_steps"}``
+    (a launch trains from ``from_step`` to the next one's; ``max_steps`` is what its learning-rate schedule and
+    purifier ramps were planned over, so a run given more ``trainer.max_steps`` says that its first steps followed the
+    shorter plan). The first launch's ``from_step`` is 0, or absent where it resumed another run's checkpoint."""
+    first = before.get("recipe") or {}
+    earlier = before.get("segments") or [{"resume": first.get("resume"),
+                                          **({"from_step": 0} if first.get("resume") is None else {}),
+                                          "max_steps": (first.get("trainer") or {}).get("max_steps")}]
+    return [*earlier, {"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
 
 
 def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> None:
@@ -254,10 +335,20 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
                           "data.global_batch_size is set)")
 
 
-def _check_resume(recipe: Recipe, run: Run) -> int:
+def _unfinished_here(output_dir: Path, recipe: Recipe) -> bool:
+    """Whether ``resume`` continues, in place, a run of ``output_dir`` that failed (e.g. stopped while exporting)."""
+    record = output_dir / "lineage.json"
+    return (recipe.resume is not None and record.is_file()
+            and Path(recipe.resume).resolve().parent == (output_dir / "checkpoints").resolve()
+            and read_lineage(record).get("status") == "failed")
+
+
+def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> int:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
-    deepspeed_step`), or one already at or past ``trainer.max_steps``. Returns its step."""
+    deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` a failed run in place
+    from a checkpoint at ``trainer.max_steps`` (stopped while exporting: nothing is trained, the student is exported).
+    Returns its step."""
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
@@ -266,7 +357,7 @@ def _check_resume(recipe: Recipe, run: Run) -> int:
     else:
         run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked
         step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
-    if step >= recipe.trainer.max_steps:
+    if step > recipe.trainer.max_steps or (step == recipe.trainer.max_steps and not finishing):
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")
     return step

@@ -41,11 +41,13 @@ class RecipeError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """A signal (a scheduler's SIGTERM, Ctrl-C) stopped training before it finished; ``lineage.json`` says ``status:
-    failed``. ``exit_code`` is the shell's code for that signal (128 + its number), never 0."""
+    failed``. ``exit_code`` is the shell's code for that signal (128 + its number), never 0; ``report``: whether this
+    process says so (a multi-process run's first process; the others stop with the same code, silently)."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, report: bool = True) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.report = report
 
 
 class DivergedError(FloatingPointError):

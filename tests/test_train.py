@@ -1,5 +1,6 @@
 """End-to-end training on a tiny aux-MLP: artifacts, exact resume, lineage hashes, atomic saves, NaN stop."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -189,10 +190,15 @@ def test_a_run_is_never_rewound_or_replaced_by_a_resume(mlp_recipe, tmp_path):
                          **{"loss.name": "reverse_kl", "seed": 5}))
     assert {p: p.read_bytes() for p in full.rglob("*") if p.is_file()} == before  # nothing written
 
-    # from its latest checkpoint a run continues in place: its logs kept, no `-v1` checkpoint copies
-    train(mlp_recipe(steps=30, sub="full", resume=str(full / "checkpoints" / "last.ckpt")))
+    # from its latest checkpoint a run continues in place: its logs kept, no `-v1` checkpoint copies; its directory
+    # however spelt (a relative or otherwise spelt output_dir was "a recipe that differs (output_dir)")
+    train(mlp_recipe(steps=30, sub="full", resume=str(full / "checkpoints" / "last.ckpt"),
+                     output_dir=f"{full.parent}/./{full.name}/"))
     record = read_lineage(full)
     assert record["status"] == "finished" and record["step"] == 30
+    # each launch and the length it planned its schedule over (the first 20 steps followed a 20-step plan)
+    assert record["segments"] == [{"resume": None, "from_step": 0, "max_steps": 20},
+                                  {"resume": str(full / "checkpoints" / "last.ckpt"), "from_step": 20, "max_steps": 30}]
     assert (full / "logs" / "metrics.csv").read_bytes() == before[full / "logs" / "metrics.csv"]
     resumed_steps = [int(r.split(",")[1]) for r in (full / "logs" / "resumed-1" / "metrics.csv").read_text()
                      .splitlines()[1:] if r.split(",")[1]]
@@ -240,3 +246,89 @@ def test_a_signalled_run_exits_with_the_signals_code_and_says_it_failed(tmp_path
     assert "Traceback" not in err
     record = read_lineage(out)
     assert record["status"] == "failed" and record["error"] == f"stopped by {sig}"
+
+
+def test_a_sigterm_while_exporting_fails_the_run_and_resume_finishes_it(tmp_path, mlp_recipe):
+    """After the fit Lightning's handler is gone: a SIGTERM during the export killed the process with lineage.json
+    saying running and no error line; and the resume=last.ckpt the SIGINT message named was refused ("nothing left
+    to train"). Now: exit 143, one line, status failed; that resume exports the run without training."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import mlp_overrides
+
+    out, recipe, marker = tmp_path / "run", tmp_path / "recipe.yaml", tmp_path / "exporting"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=10)), recipe)
+    slow = (f"import pathlib, sys, time\nimport purify.train as t\nexport = t.export_student\n"
+            f"def slow(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
+            f"    return export(*a, **k)\nt.export_student = slow\nfrom purify.cli import main\n"
+            f"sys.exit(main(['train', {str(recipe)!r}]))")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert marker.exists(), log.read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("purify: error: train: stopped by SIGTERM while exporting (training had finished, step "
+                           "10); ") and line.endswith("checkpoints/last.ckpt to export it"), line
+    assert read_lineage(out)["status"] == "failed" and not (out / "student").exists()
+    train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))  # was "nothing left"
+    record = read_lineage(out)
+    assert record["status"] == "finished" and record["step"] == 10 and (out / "student" / "lineage.json").is_file()
+    # a finished run at its max_steps is still refused: there is nothing to train or export
+    from purify.types import RecipeError
+
+    with pytest.raises(RecipeError, match=r"is at step 10, and trainer.max_steps is 10: nothing left to train"):
+        train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
+
+def test_a_sigterm_to_a_ddp_job_stops_every_rank_with_one_line(tmp_path):
+    """Lightning's SIGTERM handler broadcast from rank 0 inside the handler: signalled while rank 0 wrote a checkpoint
+    (rank 1 waiting at the barrier after it), the job hung for good; a SIGTERM at another moment printed rank 1's
+    connection traceback. Every rank now stops at the same step: exit 143, one line, lineage failed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import mlp_overrides
+
+    out, recipe = tmp_path / "o", tmp_path / "recipe.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=10**6, **{"trainer.checkpoint_every_n_steps": 5})
+                                          + ["strategy=ddp", "trainer.devices=2", "data.batch_size=8"]), recipe)
+    log = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "purify", "train", str(recipe)], stdout=stdout, stderr=stderr,
+                                start_new_session=True)  # its own process group: the signal reaches both ranks
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoints" / "step5.ckpt").exists() and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does; here while rank 0 writes last.ckpt
+            proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    err = log.read_text()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("purify: error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], lines  # rank 0 says it, once
+    assert read_lineage(out)["status"] == "failed"
