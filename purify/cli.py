@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
@@ -93,7 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
                                       ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
                                       ("--option", args.option or None), ("--protocol", args.protocol),
-                                      ("--threads", args.threads))
+                                      ("--threads", args.threads), ("--overwrite", args.overwrite or None))
              if value is not None]
     if args.rereport:
         from purify.bench.rederive import rereport
@@ -112,6 +113,10 @@ def _bench(args: argparse.Namespace) -> int:
     blocked = args.out is not None and not_a_directory(args.out)
     if blocked:
         raise BenchError(f"--out {args.out}: {blocked}; give a directory (created if missing)")
+    held = Path(args.out or "", "summary.json")
+    if args.out is not None and held.is_file() and not args.overwrite:  # e.g. a committed result under results/
+        raise BenchError(f"--out {args.out} holds a finished benchmark run ({held}); give a new --out, or add "
+                         "--overwrite to replace it")
     if args.seeds is not None and args.seeds < 3 and not args.quick:
         raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
     if args.seeds is not None and args.seeds < 1:
@@ -200,6 +205,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="aux-logits only: a .npz with X (float N×D) and y (int N)")
     p.add_argument("--out", default=None,
                    help="output directory (default: bench-out/<suite>, untracked; committed results/ take an --out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace the finished run it holds (refused otherwise: e.g. a committed result)")
     p.add_argument("--rereport", default=None, metavar="DIR",
                    help="re-derive DIR's statistics and verdicts from its summary.json (no training) and rewrite it")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
@@ -285,7 +292,11 @@ VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 class _Parser(argparse.ArgumentParser):
     """``argparse`` with purify's error form: one ``purify: error:`` line naming the fix, exit code 2 (its verbs'
-    parsers are of this class too)."""
+    parsers are of this class too). No abbreviated options: ``bench --seed 1000`` (the RNG seed of ``generate`` and
+    ``audit``) ran 1000 seeds as ``--seeds``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"purify: error: {message}; see `{self.prog} --help`\n")

@@ -102,6 +102,13 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_options_are_never_abbreviated(capsys):
+    """``bench --seed 3`` (the RNG seed of generate and audit) was taken as ``--seeds 3``: it ran a benchmark."""
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--seed", "3"])
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith("purify: error: ")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rereport", "{run}", "--seeds", "5", "--quick", "--option", "steps=3"],
      "re-derives a stored run as it was run; it takes no --seeds, --quick, --option"),
@@ -113,6 +120,10 @@ def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
     (["--rereport", "{damaged}"], "summary.json cannot be read as JSON (Expecting ',' delimiter"),
     (["--rereport", "{listed}"], "summary.json is not a benchmark run's record"),
     (["--rereport", "{run}"], "was written before summaries recorded protocol, seeds, conditions"),
+    (["--rereport", "{run}", "--overwrite"], "it takes no --overwrite"),
+    # a smoke test silently replaced a committed result (results/aux-logits) with a 2-seed quick run
+    (["--quick", "--out", "{run}"], "holds a finished benchmark run ({run}/summary.json); give a new --out, or add "
+                                    "--overwrite to replace it"),
 ])
 def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp_path, capsys, args, message):
     run, file, damaged, listed = tmp_path / "run", tmp_path / "taken", tmp_path / "damaged", tmp_path / "listed"
@@ -125,7 +136,7 @@ def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert main(["bench", *[a.format(run=run, file=file, damaged=damaged, listed=listed) for a in args]]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("purify: error: ") and message in err, err
+    assert err.count("\n") == 0 and err.startswith("purify: error: ") and message.format(run=run) in err, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
