@@ -166,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     banned = list(args.ban)
     if Path(args.out).is_dir():
         raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
+    if Path(args.out).exists() and not Path(args.out).is_file():  # /dev/stdout: refused before sampling
+        raise GenerateError(f"--out: {args.out} is not a regular file (a device or pipe); give the path of a .jsonl "
+                            "file to write")
     blocked = not_a_directory(Path(args.out).parent)
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")

@@ -57,9 +57,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     On any exception (a kill included) the temporary file is removed and ``path`` keeps its previous content, so a
     crash mid-write never leaves a half-written checkpoint, result or record. The file gets the mode the umask
-    gives a new file (``mkstemp`` would leave it private).
+    gives a new file (``mkstemp`` would leave it private). A link to a file is written through (the link stays).
+
+    Raises:
+        NotAFileError: ``path`` exists and is no regular file (a device such as ``/dev/stdout``, a pipe, a
+            directory): the rename would have replaced it by a file.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise NotAFileError(f"{path} is not a regular file (a device, pipe or directory); give the path of a file to "
+                            "write")
+    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -116,6 +124,10 @@ def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NotAFileError(ValueError):
+    """An output path that exists and is no regular file (:func:`atomic_path`)."""
 
 
 class NotUTF8Error(ValueError):

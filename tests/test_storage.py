@@ -1,0 +1,30 @@
+"""Atomic writes: a link to a file is written through; a path that is no regular file is refused, not replaced."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from purify.storage import NotAFileError, atomic_write_text
+
+
+def test_a_link_to_a_file_is_written_through_and_stays_a_link(tmp_path):
+    target, link = tmp_path / "data.jsonl", tmp_path / "latest.jsonl"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_a_device_or_pipe_is_refused_not_replaced_by_a_file(tmp_path):
+    """``--out /dev/stdout`` replaced the machine's /dev/stdout link by a regular file (as root)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout"
+    link.symlink_to(fifo)  # as /dev/stdout links to the process's output
+    for path in (fifo, link, tmp_path):
+        with pytest.raises(NotAFileError, match=r"is not a regular file \(a device, pipe or directory\); give the "
+                                                r"path of a file to write"):
+            atomic_write_text(path, "x")
+    assert link.is_symlink() and not fifo.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "stdout"]
