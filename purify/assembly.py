@@ -276,6 +276,18 @@ def cross_base_teachers(configs: list[PurifierConfig], student: LoadedModel,
     return {i: TeacherTokenizer(teachers[i].tokenizer, limits[i]) for i in differing}
 
 
+def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedModel:
+    """:func:`purify.models.build_model`, with what transformers cannot load (a hub name without network, a damaged
+    ``config.json``, a directory without weights) as one line naming the recipe key."""
+    try:
+        return build_model(spec, seed, deferred=True) if deferred else build_model(spec, seed)
+    except OSError as err:
+        source = next((f"{k} {getattr(spec, k)}" for k in ("path", "builtin", "gguf", "packaged", "tokenizer")
+                       if getattr(spec, k, None) is not None), "its source")
+        raise RecipeError(f"{where}: cannot load {source} ({first_line(err)}); give a local model directory, or "
+                          "make the hub reachable") from None
+
+
 def build_run(recipe: Recipe) -> Run:
     """Validate a recipe and build its models, purifiers, data module and lineage record (no training).
 
@@ -287,10 +299,9 @@ def build_run(recipe: Recipe) -> Run:
     """
     configs = validate(recipe)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    student = build_model(recipe.student, recipe.seed)
     sharded = recipe.strategy == "deepspeed_stage_3"
-    teachers = [build_model(spec, recipe.seed, deferred=True) if sharded else build_model(spec, recipe.seed)
-                for spec in recipe.teachers]
+    student = _built(recipe.student, "student", recipe.seed)
+    teachers = [_built(spec, f"teachers[{i}]", recipe.seed, deferred=sharded) for i, spec in enumerate(recipe.teachers)]
     for where, model in (("student", student.module), *((f"teachers[{i}]", t.module) for i, t in enumerate(teachers))):
         width = None if model is None else logit_width(model)
         problem = None if width is None else logit_slice_problem(recipe.loss.logit_slice, width,

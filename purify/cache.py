@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from purify.config import ModelSpec, TeacherSpec
-from purify.types import Batch, ModelOutput, RecipeError
+from purify.types import Batch, ModelOutput, RecipeError, first_line
 
 VERSION = 1
 MANIFEST, PLAN, SPLITS = "manifest.json", ".plan.json", ("train", "val")
@@ -112,8 +112,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CacheError(f"no finished logit cache in {directory} ({MANIFEST} missing); write one with "
                          f"`purify cache RECIPE --out {directory}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("version") != VERSION:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path} cannot be read ({first_line(err)}); rewrite the cache with `purify cache RECIPE "
+                         f"--out {directory}`") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise CacheError(f"{directory}: cache version {manifest.get('version')} is not {VERSION}; rewrite it")
     return manifest
 

@@ -174,7 +174,7 @@ def _write_index(directory: Path, keys: np.ndarray) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``purify cache RECIPE [key=value ...] --out DIR [--top-k 8]``."""
     parser.add_argument("recipe", help="recipe YAML whose teachers and data are cached")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides (omegaconf dotlist)")
     parser.add_argument("--out", required=True, help="cache directory (re-running resumes a partial cache)")
     parser.add_argument("--top-k", type=positive_int, default=8, help="token ids kept per position (default 8)")
     parser.add_argument("--shard-size", type=positive_int, default=1024, help="examples per shard (default 1024)")
@@ -188,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
     blocked = not_a_directory(args.out)
     if blocked:
         raise RecipeError(f"--out: {blocked}; give a cache directory")
+    if (Path(args.out) / "lineage.json").is_file():  # a training run or export: the cache would be written into it
+        raise RecipeError(f"--out: {args.out} holds a training run (lineage.json); give a directory of its own for "
+                          "the cache")
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -200,5 +203,6 @@ def run(args: argparse.Namespace) -> int:
     positions = sum(m["data"][s]["positions"] for s in SPLITS)
     print(f"purify: cached {len(m['teachers'])} teacher(s), k={m['k']}, {positions} positions in {args.out} "
           f"({m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_token_per_teacher']:.1f} bytes/token/teacher)")
-    print(f"purify: train from it with teachers: [{{cache: {args.out}, teacher: 0}}]")
+    entries = ", ".join(f"{{cache: {args.out}, teacher: {i}}}" for i in range(len(m["teachers"])))
+    print(f"purify: train from it with teachers: [{entries}]")  # every teacher: an ensemble needs them all
     return 0

@@ -55,7 +55,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "loss.name=jsd loss.beta=0.5 resume=outputs/run/checkpoints/last.ckpt",
                        epilog="Example: purify train recipes/quickstart.yaml output_dir=outputs/qs")
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.set_defaults(func=_train)
 
 
@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C outside a training run (purify train says where it stopped itself)
+        print("purify: error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # a reader that stopped early (`purify lineage show DIR | head`): not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
         return 0
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         if err.report:
             print(f"purify: error: {err}", file=sys.stderr)
         return err.exit_code
-    except (ValueError, ArithmeticError, GGUFError, FileNotFoundError) as err:
+    except (ValueError, ArithmeticError, GGUFError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as err:  # the last four: the user's paths (an output_dir the user may not write)
         # purify's own errors (RecipeError with one line per problem, DataError, CacheError, CheckpointError,
         # DivergedError, GenerateError, AuditError, ...) are `purify: error:` lines for the user; a ValueError or
         # ArithmeticError from elsewhere is a bug and keeps its traceback.

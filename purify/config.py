@@ -242,6 +242,16 @@ def _source_problems(spec: ModelSpec, where: str) -> list[str]:
         out.append(f"{where}.gguf: file not found: {spec.gguf}")
     if spec.path is not None and _looks_local(spec.path) and not Path(spec.path).exists():
         out.append(f"{where}.path: directory not found: {spec.path}")
+    elif spec.path is not None and Path(spec.path).is_file():
+        out.append(f"{where}.path: {spec.path} is a file; give the model's directory (the one holding config.json)")
+    elif spec.path is not None and Path(spec.path).is_dir() and not any(
+            Path(spec.path, name).is_file() for name in ("config.json", "adapter_config.json")):  # a model, a LoRA
+        run = Path(spec.path, "student", "config.json").is_file()
+        out.append(f"{where}.path: {spec.path} " + (f"is a purify run; its model is {Path(spec.path, 'student')}"
+                                                     if run else "holds no config.json: not a saved model directory"))
+    if spec.tokenizer is not None and Path(spec.tokenizer).is_file():
+        out.append(f"{where}.tokenizer: {spec.tokenizer} is a file; give the tokenizer's directory, a hub name or a "
+                   "builtin base")
     return out
 
 

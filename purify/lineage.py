@@ -78,13 +78,22 @@ def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], da
         "student": student,
         "teachers": teachers,
         "data": files,
-        "purifiers": purifiers,
+        "purifiers": [_with_source_sha256(p) for p in purifiers],
         "recipe": recipe,
         "metrics": metrics or {},
         "versions": versions(),
         "git": git_sha(Path(__file__).resolve().parent),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
     }
+
+
+def _with_source_sha256(purifier: dict[str, Any]) -> dict[str, Any]:
+    """A purifier entry, with ``source_sha256`` where its ``source`` is a file (a function anchor's or fingerprint
+    adversary's neutral text): what the student was held to is recorded by content, not by path alone."""
+    source = purifier.get("source") if isinstance(purifier, dict) else None
+    if isinstance(source, str) and Path(source).expanduser().is_file():
+        return {**purifier, "source_sha256": file_sha256(Path(source).expanduser())}
+    return purifier
 
 
 def write_lineage(directory: str | Path, record: dict[str, Any]) -> Path:

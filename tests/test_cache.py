@@ -176,3 +176,15 @@ def test_a_truncated_cache_fails_recipe_validation(written, tmp_path, damage):
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(RecipeError, match=rf"^teachers\[0\]\.cache: .*{damage} is damaged \(truncated or not a numpy "):
         load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+
+
+def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):
+    """A hand-edited or cut manifest.json was a JSONDecodeError traceback."""
+    import shutil
+
+    copy_ = tmp_path / "cache"
+    shutil.copytree(written, copy_)
+    (copy_ / "manifest.json").write_text('{"version": ')
+    with pytest.raises(RecipeError, match=r"manifest.json cannot be read \(.*\); rewrite the cache with `purify "
+                                          r"cache RECIPE --out "):
+        load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])

@@ -169,6 +169,8 @@ def _probe_file(tmp_path):
     (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "bogus"], "--device: unknown device 'bogus'"),
     (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "f", "x")), "--top-k", "4"], "is an existing file"),
     (lambda t: ["cache", "r.yaml", "--out", "c", "--batch-size", "-4"], "argument --batch-size: expected an integer"),
+    (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "lineage.json", "{}").parent)],  # wrote into the run
+     "holds a training run (lineage.json); give a directory of its own for the cache"),
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "{not json"))], "lineage.json: damaged, not valid"),
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "[1, 2]"))], "not a purify lineage record"),
     (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),

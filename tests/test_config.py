@@ -56,6 +56,23 @@ def test_model_spec_needs_exactly_one_source(tmp_path):
         load(tmp_path, **{"student": "{config: {hidden_size: 8}, tokenizer: x}"})
 
 
+def test_a_model_path_that_is_no_model_directory_is_named(tmp_path):
+    """A run directory, a weights file or a directory without config.json given as a model path was a transformers
+    traceback ("Couldn't instantiate the backend tokenizer", "config file ... is not a valid JSON file")."""
+    run, empty, weights = tmp_path / "run", tmp_path / "empty", tmp_path / "model.safetensors"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    empty.mkdir()
+    weights.write_bytes(b"x")
+    for path, message in ((run, rf"teachers\[0\].path: {run} is a purify run; its model is {run / 'student'}"),
+                          (empty, r"teachers\[0\].path: .*empty holds no config.json: not a saved model directory"),
+                          (weights, r"teachers\[0\].path: .*model.safetensors is a file; give the model's directory")):
+        with pytest.raises(RecipeError, match=message):
+            load(tmp_path, teachers=f"[{{path: {path}}}]")
+    with pytest.raises(RecipeError, match=r"student.tokenizer: .*model.safetensors is a file; give the tokenizer's"):
+        load(tmp_path, student=f"{{config: {{model_type: llama}}, tokenizer: {weights}}}")
+
+
 def test_overrides_need_key_value_and_recipe_file_must_exist(tmp_path):
     with pytest.raises(RecipeError, match="expected key=value"):
         load_recipe(None, ["trainer.max_steps"])
@@ -131,3 +148,15 @@ def test_a_mapping_on_the_command_line_replaces_the_entry_whole():
     assert recipe.student.lora == LoraSpec(r=16)
     recipe, _ = parse_recipe_problems(str(root / "lora.yaml"), ["student.lora.r=16"])
     assert recipe.student.lora.r == 16 and recipe.student.lora.target_modules  # dotted: the rest kept
+
+
+def test_a_model_transformers_cannot_load_is_one_line_naming_the_key(tmp_path):
+    """A damaged config.json (or a hub name without network) was transformers' OSError traceback."""
+    from purify.assembly import build_run
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(RecipeError, match=r"teachers\[0\]: cannot load path .*broken \(.*\); give a local model "
+                                          r"directory, or make the hub reachable"):
+        build_run(load(tmp_path, teachers=f"[{{path: {broken}}}]"))
