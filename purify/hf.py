@@ -50,14 +50,33 @@ def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def average_across_processes(params: Sequence[nn.Parameter]) -> None:
+    """Average ``params``' gradients over the data-parallel processes, in place (a missing gradient counts as 0).
+
+    The purifier heads live outside the model Trainer wraps in DDP, so nothing else averages their gradients: each
+    rank's head would drift apart, and clipping the student together with them would scale the student's (averaged)
+    gradients by a different factor on each rank. A no-op in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
 class _ParameterPurifierCallback(TrainerCallback):
     def __init__(self, distiller: Distiller) -> None:
         self.distiller = distiller
         self.before_done = False  # the parameter purifiers' before_step ran this step (in PurifyTrainer's clipping)
 
     def before_step(self) -> None:
-        """The parameter purifiers' ``before_step``, once per optimizer step."""
+        """The heads' gradients averaged over processes, then the parameter purifiers' ``before_step``, once per
+        optimizer step."""
         if not self.before_done:
+            average_across_processes(list(self.distiller.purifiers.parameters()))
             self.distiller.on_before_optimizer_step()
             self.before_done = True
 

@@ -361,7 +361,8 @@ class Distiller(L.LightningModule):
         """What the student is compared with on held-out data: the primary teacher's logits (restricted to
         ``loss.logit_slice``, upcast as in :meth:`teacher_targets`) and the batch's target mask, no purifier
         applied — or, for a primary teacher in its own tokenization, the targets :meth:`teacher_targets` aligns into
-        the student's. Returns ``(teacher logits, weight)``."""
+        the student's (every target-side purifier applies there, the alignment among them, and a random one draws
+        from its stream). Returns ``(teacher logits, weight)``."""
         self.setup_purifiers()
         if 0 in batch.get("teacher_batches", {}):  # a cross-base primary: compare in the student's space
             targets = self.teacher_targets(batch, dtype)

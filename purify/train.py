@@ -48,28 +48,31 @@ class LineageCallback(Callback):
 
 
 class SigtermAtStepEnd(Callback):
-    """Several processes: a SIGTERM stops every rank at the same step, without a collective inside a signal handler.
+    """A SIGTERM stops every rank at the same step, without a collective inside a signal handler.
 
     Lightning's SIGTERM handler broadcasts from rank 0 inside the handler, which pairs with whatever collective the
     other ranks are in: a SIGTERM that reaches rank 0 while it writes a checkpoint (the other ranks wait at the
-    barrier after it) hangs the job for good. This handler only records the signal and forwards it to the processes
-    Lightning launched, as Lightning's does; at the end of each training step every rank takes the maximum of the
-    flags (one all-reduce, where all ranks take part) and, if any rank was signalled, all set Lightning's
-    ``received_sigterm`` together, so Lightning's loop stops them at the same step (``SIGTERMException``)."""
+    barrier after it) hangs the job for good. This callback puts its own handler in Lightning's place (in ``setup``,
+    before Lightning registers it): it records the signal and forwards it to the processes Lightning launched, as
+    Lightning's does; one process sets Lightning's ``received_sigterm`` at once (Lightning's behaviour); several
+    all-reduce the flag at the end of each training step (where every rank takes part) and, if any rank was
+    signalled, all set ``received_sigterm`` together, so Lightning's loop stops them at the same step
+    (``SIGTERMException``). :attr:`signalled` also tells a caller about a signal that came after the last step."""
 
     def __init__(self) -> None:
         self.signalled = False
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size < 2:
-            return  # one process: Lightning's handler has no other rank to meet
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        connector = trainer._signal_connector
 
         def record(signum: int, frame: Any) -> None:
             if not self.signalled and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)  # the ranks this process launched
             self.signalled = True
+            if trainer.world_size < 2:
+                connector.received_sigterm = True
 
-        signal.signal(signal.SIGTERM, record)  # Lightning's teardown restores the handler it found
+        connector._sigterm_notifier_fn = record  # what Lightning registers for SIGTERM (restored at its teardown)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -166,7 +169,11 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
-    step = _check_resume(recipe, run, _unfinished_here(output_dir, recipe)) if recipe.resume is not None else None
+    # a run left unfinished in place (stopped or killed while exporting) may be resumed at max_steps to export it;
+    # decided by the launch's first process (the ranks it launches start after it rewrote lineage.json)
+    first = rank_zero_only.rank == 0
+    finishing = _unfinished_here(output_dir, recipe) if first else True
+    step = _check_resume(recipe, run, finishing) if recipe.resume is not None else None
     # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
     if rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
         _check_existing_run(output_dir, recipe, step)
@@ -182,7 +189,8 @@ def train(recipe: Recipe) -> Path:
                                  every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
                                  save_last=True, enable_version_counter=False)
     try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
-        trainer = make_trainer(recipe, [checkpoint, lineage_cb, SigtermAtStepEnd()], output_dir,
+        sigterm = SigtermAtStepEnd()
+        trainer = make_trainer(recipe, [checkpoint, lineage_cb, sigterm], output_dir,
                                expected=run.distiller.trained_state)
     except (MisconfigurationException, ValueError, TypeError) as err:
         raise RecipeError(f"trainer: {first_line(err)}") from None
@@ -193,10 +201,14 @@ def train(recipe: Recipe) -> Path:
     try:
         trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
         trained = True
+        if sigterm.signalled:  # after the last step (final validation or checkpoint): stop before exporting
+            raise SIGTERMException()
         # a SIGTERM while the run is exported stops it as during the fit (Lightning's handler is gone by now)
-        with _sigterm_raises(), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
+        with _sigterm_raises(trainer), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
             if trainer.is_global_zero:
                 final = {**lineage_cb.snapshot(trainer), "status": "finished"}
+                if not final["metrics"] and (ckpt_dir / "lineage.json").is_file():  # exported without training
+                    final["metrics"] = read_lineage(ckpt_dir / "lineage.json").get("metrics", {})
                 if recipe.export:
                     export_student(run, output_dir / "student", final)
                 write_lineage(output_dir, final)
@@ -219,9 +231,11 @@ def train(recipe: Recipe) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Any:
+def _sigterm_raises(trainer: L.Trainer) -> Any:
     """Within: SIGTERM raises Lightning's ``SIGTERMException`` (read by :func:`_stop_signal`) instead of killing the
-    process with ``lineage.json`` saying ``running``. Only on the main thread (where Python takes signals)."""
+    process with ``lineage.json`` saying ``running``, after forwarding it to the ranks ``trainer`` launched (they may
+    be waiting in a collective, e.g. ZeRO-3's gather of the weights). Only on the main thread (where Python takes
+    signals)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -229,6 +243,8 @@ def _sigterm_raises() -> Any:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        if trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)
         raise SIGTERMException()
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -336,11 +352,12 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
 
 
 def _unfinished_here(output_dir: Path, recipe: Recipe) -> bool:
-    """Whether ``resume`` continues, in place, a run of ``output_dir`` that failed (e.g. stopped while exporting)."""
+    """Whether ``resume`` continues, in place, a run of ``output_dir`` that did not finish (stopped while exporting:
+    ``failed``; killed outright there, e.g. SIGKILL after a SIGTERM's grace period: still ``running``)."""
     record = output_dir / "lineage.json"
     return (recipe.resume is not None and record.is_file()
             and Path(recipe.resume).resolve().parent == (output_dir / "checkpoints").resolve()
-            and read_lineage(record).get("status") == "failed")
+            and read_lineage(record).get("status") != "finished")
 
 
 def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> int:

@@ -309,3 +309,30 @@ def test_a_resumed_run_equals_the_uninterrupted_one_with_purifiers(setup, tmp_pa
         again = _resumable(setup, tmp_path, copy.deepcopy(student), [teacher, other], purifiers(), save=False)
         with pytest.raises(ValueError, match=r"checkpoint-3 holds no purifiers.pt for this run's purifier heads"):
             again.train(resume_from_checkpoint=str(tmp_path / "ck" / "checkpoint-3"))
+
+
+def _average_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from purify.hf import average_across_processes
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        head = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+        head[0].grad = torch.full((3,), float(rank + 1))  # head[1] has no gradient on any rank
+        average_across_processes(head)
+        torch.save([p.grad for p in head], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_purifier_heads_gradients_are_averaged_over_processes(tmp_path):
+    """Under DDP the heads (outside the wrapped model) kept each rank's own gradient: the heads drifted apart and the
+    joint clipping scaled the student's synchronised gradients differently on each rank."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "grads")
+    mp.spawn(_average_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    for rank in (0, 1):
+        first, second = torch.load(f"{out}.{rank}")
+        assert torch.equal(first, torch.full((3,), 1.5)) and torch.equal(second, torch.zeros(2))

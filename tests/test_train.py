@@ -288,11 +288,47 @@ def test_a_sigterm_while_exporting_fails_the_run_and_resume_finishes_it(tmp_path
     train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))  # was "nothing left"
     record = read_lineage(out)
     assert record["status"] == "finished" and record["step"] == 10 and (out / "student" / "lineage.json").is_file()
+    assert record["metrics"] == read_lineage(out / "checkpoints" / "lineage.json")["metrics"] != {}  # the trained
+    # killed outright while exporting (SIGKILL after a SIGTERM's grace period): lineage.json still says running
+    import json
+    import shutil
+
+    shutil.rmtree(out / "student")
+    (out / "lineage.json").write_text(json.dumps({**record, "status": "running"}))
+    train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
+    assert read_lineage(out)["status"] == "finished" and (out / "student" / "lineage.json").is_file()
     # a finished run at its max_steps is still refused: there is nothing to train or export
     from purify.types import RecipeError
 
     with pytest.raises(RecipeError, match=r"is at step 10, and trainer.max_steps is 10: nothing left to train"):
         train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
+
+def test_a_ddp_run_left_unexported_is_finished_in_place(tmp_path):
+    """Under DDP the ranks Lightning launches start after rank 0 rewrote lineage.json (status running): they refused
+    the resume at max_steps ("nothing left to train"), Lightning killed rank 0, and the run was left running for good.
+    The launch's first process decides; every rank follows."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import mlp_overrides
+
+    out, recipe = tmp_path / "o", tmp_path / "recipe.yaml"
+    ddp = ["strategy=ddp", "trainer.devices=2", "data.batch_size=8"]
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=4, **{"trainer.checkpoint_every_n_steps": 2})
+                                          + ddp), recipe)
+    first = subprocess.run([sys.executable, "-m", "purify", "train", str(recipe)], capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(out / "student")  # as if killed outright while exporting
+    (out / "lineage.json").write_text(json.dumps({**read_lineage(out), "status": "running"}))
+    again = subprocess.run([sys.executable, "-m", "purify", "train", str(recipe),
+                            f"resume={out / 'checkpoints' / 'last.ckpt'}"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_lineage(out)["status"] == "finished" and (out / "student" / "lineage.json").is_file()
 
 def test_a_sigterm_to_a_ddp_job_stops_every_rank_with_one_line(tmp_path):
     """Lightning's SIGTERM handler broadcast from rank 0 inside the handler: signalled while rank 0 wrote a checkpoint
