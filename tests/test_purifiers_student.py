@@ -86,6 +86,9 @@ def test_gradient_reversal_is_identity_forward_and_flips_the_gradient():
     assert torch.equal(x.grad, -0.37 * incoming)
     assert dann_lambda(0.0) == 0.0
     assert dann_lambda(1.0) == pytest.approx(0.999909, abs=1e-6)
+    for bad in (-1.0, float("nan"), float("inf")):  # a negative scale helped the adversary instead (accepted silently)
+        with pytest.raises(ValueError, match=r"reverse_gradient: scale must be a finite number >= 0"):
+            GradientReversal(scale=bad)(x)
 
 
 # ------------------------------------------------------------------ adversary

@@ -42,7 +42,12 @@ def reverse_gradient(x: Tensor, scale: float) -> Tensor:
 
     Returns:
         A view of ``x`` with the reversed-gradient autograd node.
+
+    Raises:
+        ValueError: ``scale`` negative or not finite (a negative one would help the head's adversary, not reverse it).
     """
+    if not (scale >= 0 and math.isfinite(scale)):
+        raise ValueError(f"reverse_gradient: scale must be a finite number >= 0, got {scale}")
     return _ReverseGradient.apply(x, scale)
 
 
