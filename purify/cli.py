@@ -146,7 +146,9 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         summary = module.run_suite(args.suite, quick=args.quick, **kwargs)
     out = args.out or f"bench-out/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
-    return _result(summary, f"purify: {args.suite} results written to {out}")
+    ran = len(summary.get("seeds", []))
+    cut = f" ({ran} of the {args.seeds} seeds asked: a --quick run's cap)" if args.seeds and ran < args.seeds else ""
+    return _result(summary, f"purify: {args.suite} results written to {out}{cut}")
 
 
 def _result(summary: dict[str, Any], first: str) -> int:

@@ -221,3 +221,13 @@ def test_overrides_after_an_option_are_still_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # an unknown option after the recipe is still refused
         main(["cache", "recipes/quickstart.yaml", "--out", str(out), "--bogus"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_quick_run_says_when_it_ran_fewer_seeds_than_asked(tmp_path, capsys, monkeypatch):
+    """aux-logits' --quick caps the seeds at 2: `--seeds 5 --quick` ran 2 and said nothing of it."""
+    import purify.bench.aux_logits as aux
+
+    monkeypatch.setattr(aux, "run_suite", lambda **kw: {"seeds": [20, 21], "quick": True, "problems": ["smoke"]})
+    assert main(["bench", "--quick", "--seeds", "5", "--out", str(tmp_path / "o")]) == 0
+    assert "results written to " + str(tmp_path / "o") + " (2 of the 5 seeds asked: a --quick run's cap)" in \
+        capsys.readouterr().out
