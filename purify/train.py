@@ -169,17 +169,17 @@ def train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
-    # a run left unfinished in place (stopped or killed while exporting) may be resumed at max_steps to export it;
-    # decided by the launch's first process (the ranks it launches start after it rewrote lineage.json)
+    # what the run directory holds is read by the launch's first process only: a DDP launch's other ranks start after
+    # it rewrote lineage.json. A run left unfinished there (stopped or killed while exporting) may be resumed at
+    # max_steps to export it.
     first = rank_zero_only.rank == 0
     finishing = _unfinished_here(output_dir, recipe) if first else True
     step = _check_resume(recipe, run, finishing) if recipe.resume is not None else None
-    # only on the launch's first process: a DDP launch's other ranks start after it wrote lineage.json
-    if rank_zero_only.rank == 0 and (output_dir / "lineage.json").is_file():
+    if first and (output_dir / "lineage.json").is_file():
         _check_existing_run(output_dir, recipe, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
-    if rank_zero_only.rank == 0 and step is not None and (output_dir / "lineage.json").is_file():
+    if first and step is not None and (output_dir / "lineage.json").is_file():
         record["segments"] = _segments(read_lineage(output_dir), recipe, step)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
