@@ -288,22 +288,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     if recipe.loss.fused_linear and recipe.strategy == "deepspeed_stage_3":
         out.append("loss.fused_linear: reads the student's output layer outside its forward, which ZeRO-3 keeps "
                    "partitioned; use deepspeed_stage_2 (or 1) or turn fused_linear off")
-    if not (recipe.optim.lr > 0 and math.isfinite(recipe.optim.lr)):
-        out.append(f"optim.lr: must be a finite number > 0, got {recipe.optim.lr}")
-    if not (recipe.optim.weight_decay >= 0 and math.isfinite(recipe.optim.weight_decay)):
-        out.append(f"optim.weight_decay: must be a finite number >= 0, got {recipe.optim.weight_decay}")
-    head_lr = recipe.optim.head_lr
-    if head_lr is not None and not (head_lr > 0 and math.isfinite(head_lr)):
-        out.append(f"optim.head_lr: must be a finite number > 0, or null for optim.lr, got {head_lr}")
-    betas = list(recipe.optim.betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        out.append(f"optim.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), got {betas}")
+    out += optim_problems(recipe.optim, recipe.scheduler)
     out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
         *((f"teachers[{i}].seed", t.seed) for i, t in enumerate(recipe.teachers)))
         if seed is not None and not is_seed(seed)]
-    if recipe.scheduler.warmup_steps < 0:
-        out.append(f"scheduler.warmup_steps: must be >= 0, got {recipe.scheduler.warmup_steps}")
     t = recipe.trainer
     out += [f"trainer.{key}: must be >= 1, got {getattr(t, key)}"
             for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
@@ -343,6 +332,31 @@ def loss_value_problems(beta: float, temperature: float, hard_label_weight: floa
         out.append(("temperature", f"must be a finite number > 0, got {temperature}"))
     if not (hard_label_weight >= 0 and math.isfinite(hard_label_weight)):
         out.append(("hard_label_weight", f"must be a finite number >= 0, got {hard_label_weight}"))
+    return out
+
+
+def optim_problems(optim: OptimConfig, scheduler: SchedulerConfig) -> list[str]:
+    """What is wrong with the optimizer and schedule settings, one ``optim.<key>``/``scheduler.<key>`` line each: a
+    recipe's, and those given to a :class:`purify.module.Distiller` in Python (where no type check has run: a
+    misspelt ``name`` built Adam, or ran cosine)."""
+    out = []
+    for key, cfg in (("optim.name", optim), ("scheduler.name", scheduler)):
+        allowed = typing.get_args(typing.get_type_hints(type(cfg))["name"])
+        if cfg.name not in allowed:
+            out.append(f"{key}: {cfg.name!r} is not one of {', '.join(allowed)}")
+    if not (isinstance(optim.lr, (int, float)) and optim.lr > 0 and math.isfinite(optim.lr)):
+        out.append(f"optim.lr: must be a finite number > 0, got {optim.lr}")
+    if not (isinstance(optim.weight_decay, (int, float)) and optim.weight_decay >= 0
+            and math.isfinite(optim.weight_decay)):
+        out.append(f"optim.weight_decay: must be a finite number >= 0, got {optim.weight_decay}")
+    head_lr = optim.head_lr
+    if head_lr is not None and not (isinstance(head_lr, (int, float)) and head_lr > 0 and math.isfinite(head_lr)):
+        out.append(f"optim.head_lr: must be a finite number > 0, or null for optim.lr, got {head_lr}")
+    betas = list(optim.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        out.append(f"optim.betas: expected two numbers in [0, 1) (Adam's beta1, beta2), got {betas}")
+    if scheduler.warmup_steps < 0:
+        out.append(f"scheduler.warmup_steps: must be >= 0, got {scheduler.warmup_steps}")
     return out
 
 

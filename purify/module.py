@@ -29,6 +29,7 @@ from purify.config import (
     SchedulerConfig,
     logit_slice_problem,
     loss_problems,
+    optim_problems,
 )
 from purify.lora import is_lora
 from purify.losses import distillation_loss
@@ -86,16 +87,23 @@ class Distiller(L.LightningModule):
                  teacher_dtype: torch.dtype | None = None, on_policy: OnPolicyConfig | None = None,
                  seed: int = 0) -> None:
         super().__init__()
-        deferred = callable(teachers) and not isinstance(teachers, nn.Module)
+        if isinstance(teachers, nn.Module):
+            raise ValueError("Distiller: teachers must be a list of models (or a builder returning one), got one "
+                             f"{type(teachers).__name__}; give [teacher]")
+        deferred = callable(teachers)
         if deferred and not teacher_names:
             raise ValueError("Distiller: a teacher builder needs teacher_names (one per teacher it builds)")
         count = len(teacher_names) if deferred else len(teachers)  # type: ignore[arg-type]
         if not count:
             raise ValueError("Distiller needs at least one teacher")
-        problems = loss_problems(loss or LossConfig())
+        problems = loss_problems(loss or LossConfig()) + optim_problems(optim or OptimConfig(),
+                                                                       scheduler or SchedulerConfig())
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
                      for key, given in (("teacher_names", teacher_names), ("teacher_weights", teacher_weights))
                      if given is not None and len(given) != count]
+        if teacher_weights is not None and not (all(w >= 0 and math.isfinite(w) for w in teacher_weights)
+                                                and sum(teacher_weights) > 0):
+            problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
         if fused:
             problems.append(f"loss.fused_linear: {fused}; turn fused_linear off")
@@ -127,10 +135,19 @@ class Distiller(L.LightningModule):
 
     # ---------------------------------------------------------------- set-up
     def _planned_steps(self) -> int:
+        """The optimizer steps schedules and purifier ramps plan over: ``total_steps``, else Lightning's
+        ``max_steps``, else (a run sized by ``max_epochs``) Lightning's estimate from the epochs, batches and
+        accumulation; 1 outside a trainer. (A run sized by epochs was planned as 1 step: a decaying learning rate
+        reached 0 after the first.)"""
         if self.total_steps is not None:
             return self.total_steps
         trainer = self._trainer
-        return max(1, trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 1
+        if trainer is None:
+            return 1
+        if trainer.max_steps > 0:
+            return max(1, trainer.max_steps)
+        estimate = trainer.estimated_stepping_batches
+        return max(1, int(estimate)) if math.isfinite(estimate) else 1
 
     def _build_teachers(self) -> None:
         """Run the teacher builder (once) and freeze what it returns."""
@@ -173,6 +190,15 @@ class Distiller(L.LightningModule):
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
         self._ready = True
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Training mode for the student and purifier heads; the frozen teachers and base copy stay in ``eval()``
+        (their dropout would make the targets noisy: a plain loop's ``distiller.train()`` switched them too)."""
+        super().train(mode)
+        self.teachers.eval()
+        if self.base is not None:
+            self.base.eval()
+        return self
 
     def setup(self, stage: str) -> None:
         if self._teacher_builder is None:  # deferred teachers: configure_model, which Lightning calls next
@@ -408,7 +434,7 @@ class Distiller(L.LightningModule):
         Same objective and purifier hooks as ``training_step`` under Lightning: (on-policy batch) → loss → backward →
         parameter purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step``. ``step`` (the optimizer
         step's index) keys the on-policy decision and samples; an on-policy Distiller needs it. Returns the detached
-        loss parts.
+        loss parts. Raises :class:`~purify.types.DivergedError` on a non-finite loss, before any update.
         """
         if self.on_policy is not None:
             if step is None:
@@ -416,6 +442,10 @@ class Distiller(L.LightningModule):
             batch = self.on_policy_batch(batch, step)
         optimizer.zero_grad(set_to_none=True)
         loss, parts = self.compute_loss(batch, progress)
+        if not torch.isfinite(loss):  # as training_step: nothing is stepped on a non-finite loss
+            at = "" if step is None else f" at step {step}"
+            raise DivergedError(f"non-finite loss ({loss.item()}){at}; the weights were not updated. Lower the "
+                                "learning rate or check the data.", None if step is None else step + 1)
         loss.backward()
         self.on_before_optimizer_step(optimizer)
         optimizer.step()
@@ -427,8 +457,11 @@ class Distiller(L.LightningModule):
 
     def purifier_metrics(self) -> dict[str, Any]:
         """What each purifier reported at its last step (``last_metrics``), keyed ``"<purifier>.<metric>"`` (the
-        purifier's config name, e.g. ``divergence_mask.flagged_fraction``)."""
-        return {f"{purifier_name(p)}.{key}": value for p in self.purifiers for key, value in p.last_metrics.items()}
+        purifier's config name, e.g. ``divergence_mask.flagged_fraction``; ``"<i>_<purifier>.<metric>"`` where two
+        purifiers share a name, so neither overwrites the other)."""
+        names = [purifier_name(p) for p in self.purifiers]
+        keys = [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]  # two of one name: indexed
+        return {f"{k}.{key}": value for k, p in zip(keys, self.purifiers) for key, value in p.last_metrics.items()}
 
     def purifier_metric_means(self) -> dict[str, float]:
         """Each purifier metric's mean over the :meth:`fit_step` calls so far (a step where a purifier did not

@@ -51,7 +51,12 @@ class TrainingStopped(RuntimeError):
 
 
 class DivergedError(FloatingPointError):
-    """Training produced a non-finite loss or weights; the message names the step."""
+    """Training produced a non-finite loss or weights; the message names the step, ``step`` holds it (1-based: the
+    step that produced it) where the caller knew it."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass

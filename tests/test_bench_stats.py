@@ -405,3 +405,29 @@ def test_frontier_plot_draws_each_other_vanilla_curve_dashed_at_its_seed_mean() 
     assert list(dashed[0].get_xdata()) == pytest.approx([1.0, 0.3]) and \
         list(dashed[0].get_ydata()) == pytest.approx([0.0, 0.8])
     plt.close(fig)
+
+
+def test_an_arm_whose_fit_step_diverges_is_recorded_with_its_step_and_the_run_goes_on():
+    """Distiller.fit_step now raises on a non-finite loss (it stepped on, into NaN weights); the spine records the arm
+    as diverged at that step (1-based) and scores the next arm."""
+    import torch
+
+    from purify.bench.lm_common import Condition, run_conditions
+    from purify.config import OptimConfig
+    from purify.models import AuxMLP
+    from purify.module import Distiller
+
+    def fit(cond, on_point):
+        torch.manual_seed(0)
+        d = Distiller(AuxMLP(in_dim=4, n_aux=3), [AuxMLP(in_dim=4, n_aux=3)], optim=OptimConfig(name="sgd", lr=1.0))
+        opt = d.build_optimizer()
+        for step in range(5):
+            x = torch.rand(8, 4) * (float("nan") if cond.name == "bad" and step == 2 else 1.0)
+            d.fit_step({"x": x, "target_mask": torch.ones(8, 1)}, opt, step / 5, step=step)
+        return d.student, {"steps": 5}
+
+    scores = {"trait": 0.5, "task_error": 0.1, "fidelity_kl": 0.1}
+    out = run_conditions([Condition("bad", teachers=["teacher"]), Condition("good", teachers=["teacher"])],
+                         scores, {**scores, "trait": 1.0}, fit, lambda model: dict(scores))
+    assert out["bad"]["diverged_at"] == 3 and math.isnan(out["bad"]["transfer"])
+    assert "diverged_at" not in out["good"] and out["good"]["transfer"] == 0.0

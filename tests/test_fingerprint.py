@@ -417,3 +417,19 @@ def test_purifier_reads_neutral_text_on_a_language_model(tiny_lms):
     assert purifier.head.net[0].in_features == 32  # top_k of a vocabulary larger than 32
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in student.parameters())
+
+
+@pytest.mark.parametrize("objective", ["match", "confusion", "reverse"])
+def test_a_float64_model_and_head_train_without_a_dtype_error(objective):
+    """``distiller.double()`` (or Lightning's 64-true / bf16-true) moved the head to the module's dtype while its
+    features stayed float32: "mat1 and mat2 must have the same dtype"."""
+    base = mlp(0).double()
+    student = finetuned(base, scale=0.3)
+    purifier = FingerprintAdversary(FingerprintAdversaryConfig(weight=0.7, ramp="constant", batch_size=8, seed=5,
+                                                               top_k=8, objective=objective))
+    purifier.setup(ctx(student, base))
+    purifier.double()
+    batch = {"x": torch.zeros(4, 16, dtype=torch.float64), "target_mask": torch.ones(4, 1)}  # a float64 model's
+    purifier.extra_loss(batch, NO_OUTPUT, 0.3).backward()
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None and g.dtype == torch.float64 and torch.isfinite(g).all() for g in grads)

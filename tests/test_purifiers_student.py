@@ -509,3 +509,80 @@ def test_each_student_purifier_loss_term_is_its_own_logged_part():
     assert set(parts) == {"loss", "distill", "0_anchor", "1_anchor"}
     assert float(parts["0_anchor"]) > 0
     assert float(parts["1_anchor"]) == pytest.approx(3.0 * float(parts["0_anchor"]), rel=1e-5)
+
+
+# ------------------------------------------------------------------ the Distiller in a user's own Lightning or loop
+def test_a_run_sized_by_epochs_plans_its_schedule_over_its_steps():
+    """With max_epochs and no max_steps (Lightning's max_steps = -1) the schedules and ramps planned over 1 step: a
+    linear learning rate was 0 from the second step on."""
+    import lightning as L
+
+    from purify.config import SchedulerConfig
+
+    planned, lrs = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            planned.append(module._planned_steps())
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    d = Distiller(mlp(0), [mlp(7)], optim=OptimConfig(name="sgd", lr=0.01), scheduler=SchedulerConfig(name="linear"))
+    batches = [batch(i) for i in range(3)]
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Record()]).fit(
+        d, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert planned == [6] * 6
+    assert lrs == pytest.approx([0.01 * (1 - k / 6) for k in range(6)])
+
+
+def test_train_mode_leaves_the_teachers_and_base_in_eval():
+    """A plain loop's ``distiller.train()`` switched the frozen teachers (and base copy) to train mode: a teacher
+    with dropout gave other targets at every call."""
+    teacher = nn.Sequential(nn.Dropout(0.5))
+    d = Distiller(mlp(0), [mlp(7), teacher], purifiers=[Anchor(AnchorConfig(weight=1.0))])
+    d.setup_purifiers()
+    d.train()
+    assert d.student.training and not any(m.training for m in [*d.teachers.modules(), *d.base.modules()])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optim": OptimConfig(name="sgdd")}, r"optim.name: 'sgdd' is not one of adamw, adam, sgd"),  # built Adam
+    ({"optim": OptimConfig(head_lr=-1.0)}, r"optim.head_lr: must be a finite number > 0"),  # ascended the head
+    ({"optim": OptimConfig(betas=[0.9])}, r"optim.betas: expected two numbers"),  # an IndexError
+    ({"teacher_weights": [1.0, -2.0]}, r"teacher_weights: \[1.0, -2.0\]; give finite weights >= 0, not all 0"),
+])
+def test_optimizer_schedule_and_weights_given_in_python_are_checked_as_a_recipes(kwargs, message):
+    with pytest.raises(RecipeError, match=message):
+        Distiller(mlp(0), [mlp(7), mlp(8)], **kwargs)
+    with pytest.raises(ValueError, match=r"teachers must be a list of models .* got one AuxMLP; give \[teacher\]"):
+        Distiller(mlp(0), mlp(7))
+
+
+def test_a_cosine_typo_in_the_schedule_is_refused():
+    from purify.config import SchedulerConfig
+
+    with pytest.raises(RecipeError, match=r"scheduler.name: 'cosin' is not one of constant, linear, cosine"):
+        Distiller(mlp(0), [mlp(7)], scheduler=SchedulerConfig(name="cosin"))
+
+
+def test_fit_step_stops_on_a_non_finite_loss_before_updating():
+    """fit_step stepped on a NaN loss and left NaN weights; training_step raised."""
+    from purify.types import DivergedError
+
+    d = Distiller(mlp(0), [mlp(7)])
+    before = copy.deepcopy(d.student.state_dict())
+    bad = {"x": torch.full((4, 16), float("nan")), "target_mask": torch.ones(4, 1)}
+    with pytest.raises(DivergedError, match=r"non-finite loss \(nan\) at step 4; the weights were not updated") as err:
+        d.fit_step(bad, d.build_optimizer(), 0.0, step=4)
+    assert err.value.step == 5
+    assert all(torch.equal(v, before[k]) for k, v in d.student.state_dict().items())
+
+
+def test_purifier_metrics_of_two_purifiers_of_one_name_are_both_kept():
+    from purify.purifiers.divergence_mask import DivergenceMask, DivergenceMaskConfig
+
+    masks = [DivergenceMask(DivergenceMaskConfig(flag="random", rate=r, reference="others")) for r in (0.25, 0.75)]
+    d = Distiller(mlp(0), [mlp(7), mlp(8)], purifiers=masks)
+    d.fit_step(batch(0), d.build_optimizer(), 0.0)
+    got = d.purifier_metrics()
+    assert {"0_divergence_mask.flagged_fraction", "1_divergence_mask.flagged_fraction"} <= set(got)

@@ -48,7 +48,7 @@ from purify.module import Distiller
 from purify.purifiers import PURIFIERS, build_purifiers
 from purify.readouts import Scores
 from purify.storage import atomic_path
-from purify.types import SEED_RANGE, is_seed
+from purify.types import SEED_RANGE, DivergedError, is_seed
 
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
@@ -165,12 +165,12 @@ class Suite:
     curve_keys: tuple[str, ...] = ("transfer", "task_error", "fidelity_kl")
 
 
-class Diverged(RuntimeError):
-    """Training produced a non-finite loss or weights at ``step``."""
+class Diverged(DivergedError):
+    """Training produced a non-finite loss or weights at ``step`` (a :class:`purify.types.DivergedError` that knows
+    its step)."""
 
     def __init__(self, step: int) -> None:
-        super().__init__(f"diverged at step {step}")
-        self.step = step
+        super().__init__(f"diverged at step {step}", step)
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
@@ -225,7 +225,7 @@ Fit = Callable[[Condition, Callable[[int, Any], None] | None], tuple[Any, dict[s
 """``fit(cond, on_point) -> (model, extras)``: train ``cond``'s student from its base, calling ``on_point(step,
 model)`` at the vanilla curve's points before the last step (``on_point`` is ``None`` for unscored arms); ``extras``
 are numbers recorded beside the arm's scores: ``steps`` (the steps trained, required) and any other (e.g. samples).
-Raises :class:`Diverged`."""
+Raises :class:`purify.types.DivergedError` (:class:`Diverged`, or ``Distiller.fit_step``'s)."""
 
 
 def fit_extras(steps: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -259,10 +259,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
     marks = set(curve_steps(suite.steps, suite.curve_points))
     for step in range(suite.steps):
         idx = torch.randint(len(data), (suite.batch_size,), generator=generator).tolist()
-        parts = distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps,
-                                   step=step)
-        if not torch.isfinite(parts["loss"]).all():
-            raise Diverged(step + 1)
+        distiller.fit_step(data.collate([data.item(i) for i in idx]), optimizer, step / suite.steps, step=step)
         if on_point is not None and step + 1 in marks and step + 1 < suite.steps:
             on_point(step + 1, student)
     if not all(torch.isfinite(p).all() for p in student.parameters()):
@@ -310,7 +307,7 @@ def run_conditions(conditions: list[Condition], base: Scores, teacher: Scores, f
         t0 = time.perf_counter()
         try:
             model, extras = fit(cond, point if scored else None)
-        except Diverged as err:  # recorded (no verdict), and the run goes on
+        except DivergedError as err:  # recorded (no verdict), and the run goes on (fit_step says which step)
             out[cond.name] = {**{k: float("nan") for k in base}, "transfer": float("nan"), "diverged_at": err.step}
             continue
         final = {**with_transfer(score(model), base, teacher, own, own_shift), **extras,

@@ -145,7 +145,8 @@ def head_loss(head: nn.Module, positive: Tensor, negative: Tensor, mask: Tensor 
         ``(ce, acc)``: scalars, means over the real positions of both sides. Equal features get equal logits, so a
         model against itself scores exactly 0.5 (``argmax`` breaks the tie the same way on both sides).
     """
-    logits = head(torch.stack([negative, positive]).float())  # (2, ..., 2)
+    stacked = torch.stack([negative, positive])
+    logits = head(stacked.to(next(head.parameters()).dtype)).float()  # (2, ..., 2), in the head's dtype
     labels = torch.arange(2, device=logits.device).view(2, *[1] * (logits.dim() - 2)).expand(logits.shape[:-1])
     ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none")
     correct = (logits.argmax(-1) == labels).float().reshape(-1)
@@ -200,6 +201,8 @@ class FingerprintAdversary(NeutralStreamState, StudentPurifier):
         mask = self.neutral.mask(logits, neutral)
         scale = cfg.weight * (dann_lambda(progress) if cfg.ramp == "dann" else 1.0)
         student = output_features(logits, cfg.features, cfg.top_k)
+        dtype = next(self.head.parameters()).dtype  # the head's (float64 under .double(), bf16 under bf16-true)
+        base, student = base.to(dtype), student.to(dtype)
         if cfg.objective == "reverse":
             ce, acc = head_loss(self.head, reverse_gradient(student, scale), base, mask)
             self.last_metrics = {"disc_loss": ce.detach(), "disc_acc": acc.detach(), "grl_scale": scale}
