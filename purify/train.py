@@ -173,14 +173,15 @@ def train(recipe: Recipe) -> Path:
     # it rewrote lineage.json. A run left unfinished there (stopped or killed while exporting) may be resumed at
     # max_steps to export it.
     first = rank_zero_only.rank == 0
-    finishing = _unfinished_here(output_dir, recipe) if first else True
+    held = _held_in_place(output_dir, recipe.resume) if first else None
+    finishing = held.get("status") != "finished" if held is not None else not first
     step = _check_resume(recipe, run, finishing) if recipe.resume is not None else None
     if first and (output_dir / "lineage.json").is_file():
         _check_existing_run(output_dir, recipe, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
-    if first and step is not None and (output_dir / "lineage.json").is_file():
-        record["segments"] = _segments(read_lineage(output_dir), recipe, step)
+    if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
+        record["segments"] = _segments(held, recipe, step)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
     # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
@@ -332,7 +333,7 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
     if resume is None:
         raise RecipeError(f"output_dir: {output_dir} already holds a run (lineage.json); give a new output_dir, or "
                           f"{to_continue}")
-    if Path(resume).resolve().parent != ckpt_dir.resolve():
+    if not _in_place(output_dir, resume):
         raise RecipeError(f"resume: {resume} is not a checkpoint of {output_dir}, which already holds another run; "
                           f"give a new output_dir to continue from {resume}, or {to_continue}")
     recorded = ckpt_dir / "lineage.json"
@@ -351,21 +352,27 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
                           "data.global_batch_size is set)")
 
 
-def _unfinished_here(output_dir: Path, recipe: Recipe) -> bool:
-    """Whether ``resume`` continues, in place, a run of ``output_dir`` that did not finish (stopped while exporting:
-    ``failed``; killed outright there, e.g. SIGKILL after a SIGTERM's grace period: still ``running``)."""
+def _in_place(output_dir: Path, resume: str) -> bool:
+    """Whether checkpoint ``resume`` is one of ``output_dir``'s own (the run would continue in place)."""
+    return Path(resume).resolve().parent == (output_dir / "checkpoints").resolve()
+
+
+def _held_in_place(output_dir: Path, resume: str | None) -> dict[str, Any] | None:
+    """The ``lineage.json`` record of the run ``resume`` continues in place, read once (whether it finished — one
+    stopped or killed while exporting is ``failed`` or still ``running`` —, and its launches so far); ``None`` when
+    the launch does not continue a run of ``output_dir``."""
     record = output_dir / "lineage.json"
-    return (recipe.resume is not None and record.is_file()
-            and Path(recipe.resume).resolve().parent == (output_dir / "checkpoints").resolve()
-            and read_lineage(record).get("status") != "finished")
+    if resume is None or not record.is_file() or not _in_place(output_dir, resume):
+        return None
+    return read_lineage(record)
 
 
 def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> int:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
-    deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` a failed run in place
-    from a checkpoint at ``trainer.max_steps`` (stopped while exporting: nothing is trained, the student is exported).
-    Returns its step."""
+    deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` an unfinished run in
+    place from a checkpoint at ``trainer.max_steps`` (stopped or killed while exporting: nothing is trained, the
+    student is exported). Returns its step."""
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
