@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.losses_chunked import LossSpec, active_rows, chunked_loss, kl_from_log_probs, reduce_rows, upcast
+from purify.losses_chunked import (
+    LossSpec,
+    active_rows,
+    chunked_loss,
+    kl_from_log_probs,
+    positions_counted,
+    reduce_rows,
+    upcast,
+)
 from purify.types import IGNORE_INDEX, LossName
 
 __all__ = [
@@ -135,9 +143,8 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
         Scalar loss. Down-weighted positions lower the loss rather than re-scaling the others up; positions with
         weight 0 are left out of the sum, so a NaN or ``inf`` there does not poison it.
     """
-    if num_items is None:  # counted over the broadcast shape: a scalar or (T,) weight counts every position
-        shape = torch.broadcast_shapes(per_position.shape, weight.shape)
-        num_items = (weight.expand(shape) > 0).sum().clamp_min(1)
+    if num_items is None:
+        num_items = positions_counted(per_position.shape, weight)
     return reduce_rows(per_position, weight, num_items)
 
 
@@ -185,9 +192,8 @@ def distillation_loss(
     spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
-    if num_items is None:  # counted over the positions: a scalar or (T,) weight counts every one of them
-        shape = torch.broadcast_shapes(student_logits.shape[:-1], weight.shape)
-        num_items = (weight.expand(shape) > 0).sum().clamp_min(1)
+    if num_items is None:
+        num_items = positions_counted(student_logits.shape[:-1], weight)
     lab = labels if uses_ce else None
     teacher = None if name == "ce" else teacher_logits
     if chunk_size != 0 and _chunkable(student_logits, teacher, weight, lab, num_items):

@@ -73,6 +73,12 @@ class LossSpec:
                    ce_weight=hard_label_weight if name != "ce" else 1.0)
 
 
+def positions_counted(shape: torch.Size | tuple[int, ...], weight: Tensor) -> Tensor:
+    """The default ``num_items``: how many of the ``shape`` positions have weight > 0, at least 1 (``weight``
+    broadcast over them: a scalar or ``(T,)`` weight counts every position it covers)."""
+    return (weight.expand(torch.broadcast_shapes(shape, weight.shape)) > 0).sum().clamp_min(1)
+
+
 def active_rows(name: str, weight: Tensor, labels: Tensor | None, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """The positions that count: weight ≠ 0 and, for ``ce``, a label that is not ``ignore_index`` (the others are
     never read)."""

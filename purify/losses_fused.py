@@ -28,6 +28,7 @@ from purify.losses_chunked import (
     _chunks,
     active_rows,
     default_chunk_rows,
+    positions_counted,
     reduce_rows,
     rows_loss_grad,
     upcast,
@@ -206,7 +207,7 @@ def fused_linear_distillation_loss(
     lab = labels.reshape(-1) if uses_ce and labels is not None else None
     active = active_rows(name, w, lab)
     if num_items is None:
-        num_items = (w > 0).sum().clamp_min(1)
+        num_items = positions_counted(w.shape, w)
     n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_size or max(1, MATMUL_BYTES // (4 * vocab))
     return FusedLinearDistillLoss.apply(flat_h, weight, bias, teacher, w, lab, active, n, spec, rows)
