@@ -117,9 +117,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheError(f"{path} cannot be read ({first_line(err)}); rewrite the cache with `purify cache RECIPE "
                          f"--out {directory}`") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
-        manifest = manifest if isinstance(manifest, dict) else {}
-        raise CacheError(f"{directory}: cache version {manifest.get('version')} is not {VERSION}; rewrite it")
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != VERSION:
+        raise CacheError(f"{directory}: cache version {version} is not {VERSION}; rewrite it")
     return manifest
 
 

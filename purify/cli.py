@@ -113,8 +113,8 @@ def _bench(args: argparse.Namespace) -> int:
     blocked = args.out is not None and not_a_directory(args.out)
     if blocked:
         raise BenchError(f"--out {args.out}: {blocked}; give a directory (created if missing)")
-    held = Path(args.out or "", "summary.json")
-    if args.out is not None and held.is_file() and not args.overwrite:  # e.g. a committed result under results/
+    held = Path(args.out, "summary.json") if args.out is not None else None
+    if held is not None and held.is_file() and not args.overwrite:  # e.g. a committed result under results/
         raise BenchError(f"--out {args.out} holds a finished benchmark run ({held}); give a new --out, or add "
                          "--overwrite to replace it")
     if args.seeds is not None and args.seeds < 3 and not args.quick:

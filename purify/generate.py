@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.storage import atomic_write_text, not_a_directory, read_utf8
+from purify.storage import atomic_write_text, not_a_directory, not_a_file, read_utf8
 from purify.types import positive_int, probability_mass, seed_int, temperature
 
 
@@ -166,9 +166,8 @@ def run(args: argparse.Namespace) -> int:
     banned = list(args.ban)
     if Path(args.out).is_dir():
         raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
-    if Path(args.out).exists() and not Path(args.out).is_file():  # /dev/stdout: refused before sampling
-        raise GenerateError(f"--out: {args.out} is not a regular file (a device or pipe); give the path of a .jsonl "
-                            "file to write")
+    if not_a_file(args.out):  # /dev/stdout: refused before sampling, not at the write
+        raise GenerateError(f"--out: {args.out} {not_a_file(args.out)}; give the path of a .jsonl file to write")
     blocked = not_a_directory(Path(args.out).parent)
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")

@@ -64,9 +64,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             directory): the rename would have replaced it by a file.
     """
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise NotAFileError(f"{path} is not a regular file (a device, pipe or directory); give the path of a file to "
-                            "write")
+    if not_a_file(path):
+        raise NotAFileError(f"{path} {not_a_file(path)}; give the path of a file to write")
     path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
@@ -141,6 +140,14 @@ def read_utf8(path: str | Path) -> str:
     except UnicodeDecodeError as err:
         raise NotUTF8Error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                            "save it as UTF-8") from None
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why a file cannot be written at ``path`` by replacing it: ``"is not a regular file (...)"`` when it exists
+    and is a device (``/dev/stdout``), pipe or directory, else ``None``. Checked by :func:`atomic_path`, and before
+    a long run that writes there at its end."""
+    p = Path(path)
+    return "is not a regular file (a device, pipe or directory)" if p.exists() and not p.is_file() else None
 
 
 def not_a_directory(path: str | Path) -> str | None:
