@@ -42,6 +42,7 @@ from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, 
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
+from purify.purifiers.base import number_problems
 from purify.purifiers.cross_base import resolve_teachers
 from purify.strategy import build_strategy, check_global_batch, world_size
 from purify.types import RecipeError, first_line
@@ -107,7 +108,8 @@ def _purifier_configs(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
         except RecipeError as err:
             problems += err.problems
             continue
-        problems += [f"{where}.{p}" for p in cfg.problems() + cfg.recipe_problems(recipe)]
+        own = number_problems(cfg) or cfg.problems()
+        problems += [f"{where}.{p}" for p in own + cfg.recipe_problems(recipe)]
         configs.append(cfg)
     return configs, problems
 

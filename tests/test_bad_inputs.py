@@ -339,6 +339,40 @@ def test_a_misspelt_choice_in_a_purifier_config_is_refused_in_python(make, messa
         make(purify)
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("{name: anchor, weight: .nan}", r"^purifiers\[0\]\.weight: must be a finite number, got nan$"),
+    ("{name: adversary, weight: .inf, target: source}", r"^purifiers\[0\]\.weight: must be a finite number, got inf$"),
+    ("{name: delta_projection, strength: .nan}", r"^purifiers\[0\]\.strength: must be a finite number, got nan$"),
+    ("{name: delta_projection, max_relative_delta: .nan}",
+     r"^purifiers\[0\]\.max_relative_delta: must be a finite number or inf, got nan$"),
+    ("{name: function_anchor, noise_high: .inf}", r"^purifiers\[0\]\.noise_high: must be a finite number, got inf$"),
+    ("{name: tail_truncation, top_p: .nan}", r"^purifiers\[0\]\.top_p: must be a finite number, got nan$"),
+    ("{name: divergence_mask, reference: base, threshold: .nan}",
+     r"^purifiers\[0\]\.threshold: must be a finite number, got nan$"),
+])
+def test_a_non_finite_purifier_number_is_refused_at_load(tmp_path, entry, message):
+    """A NaN passed every ``x < 0`` check (the run then stopped on a non-finite loss, or, for a threshold, compared
+    false everywhere and trained as vanilla); now it is refused by name before anything runs."""
+    from purify.assembly import load_recipe
+    from purify.types import RecipeError
+
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(None, mlp_overrides(tmp_path, purifiers=f"[{entry}]"))
+    assert "\n" not in str(err.value)
+
+
+def test_non_finite_purifier_numbers_are_refused_in_python_and_inf_only_where_it_switches_a_check_off():
+    import purify
+
+    with pytest.raises(purify.RecipeError, match=r"^anchor\.weight: must be a finite number, got nan$"):
+        purify.Anchor(purify.AnchorConfig(weight=float("nan")))
+    with pytest.raises(purify.RecipeError, match=r"^delta_projection\.strength: must be a finite number, got inf$"):
+        purify.DeltaProjection(purify.DeltaProjectionConfig(strength=float("inf")))
+    with pytest.raises(purify.RecipeError, match=r"^ensemble\.weights: must be finite numbers, got \[1\.0, nan\]$"):
+        purify.Ensemble(purify.EnsembleConfig(weights=[1.0, float("nan")]))
+    purify.DeltaProjection(purify.DeltaProjectionConfig(max_relative_delta=float("inf")))  # no shared-init check
+
+
 def test_a_distiller_built_in_python_refuses_what_a_recipe_would():
     from purify import AuxMLP, Distiller, RecipeError
     from purify.config import LossConfig

@@ -15,6 +15,7 @@ discriminator accuracy, projected norm, …), which trainers log under ``purify/
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -67,6 +68,8 @@ class PurifierConfig:
     """
 
     name: str
+    unbounded: ClassVar[tuple[str, ...]] = ()
+    """Number fields where ``inf`` means something (a bound that ``inf`` switches off); NaN is refused everywhere."""
 
     def problems(self) -> list[str]:
         """What is wrong with this config on its own (empty when it can work)."""
@@ -81,6 +84,23 @@ class PurifierConfig:
         return Contract()
 
 
+def number_problems(config: Any) -> list[str]:
+    """A NaN in any number field of a purifier config (or in a list of numbers), or an infinity outside its
+    :attr:`PurifierConfig.unbounded` fields: the field checks compare with ``<``, which NaN passes, and either would
+    reach the loss as a non-finite value mid-run."""
+    out = []
+    allowed = getattr(config, "unbounded", ())
+    for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+        value = getattr(config, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)
+               and not (f.name in allowed and v == math.inf)]
+        if bad:
+            what = "finite numbers" if isinstance(value, (list, tuple)) else "a finite number"
+            out.append(f"{f.name}: must be {what}{' or inf' if f.name in allowed else ''}, got {value}")
+    return out
+
+
 def require_valid(config: Any) -> None:
     """Raise :class:`RecipeError` listing every problem of a purifier config (library use validates here): a value
     its field's type does not allow (a misspelt choice such as ``flag="logratios"``, which the purifier would
@@ -89,7 +109,7 @@ def require_valid(config: Any) -> None:
     name = getattr(config, "name", type(config).__name__)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         structured(type(config), {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{name}.")
-    problems = config.problems() if hasattr(config, "problems") else []
+    problems = number_problems(config) or (config.problems() if hasattr(config, "problems") else [])
     if problems:
         raise RecipeError([f"{name}.{p}" for p in problems])
 

@@ -65,7 +65,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional  # noqa: UP035 - omegaconf needs typing generics
+from typing import Any, ClassVar, List, Literal, Optional  # noqa: UP035 - omegaconf needs typing generics
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,7 @@ class DeltaProjectionConfig(PurifierConfig):
     """Recipe entry ``{name: delta_projection, ...}``."""
 
     name: str = "delta_projection"
+    unbounded: ClassVar[tuple[str, ...]] = ("max_relative_delta",)
     rank: int = 8  # singular directions of ΔW_T removed per matrix (0 = vanilla); not used by mode: global
     mode: Literal["displacement", "update", "global"] = "displacement"  # project θ − θ₀ after each step, the
     # gradient before it (per-matrix subspaces), or the gradient off the one flat direction of Δθ_T (global)
@@ -88,7 +89,7 @@ class DeltaProjectionConfig(PurifierConfig):
     teacher_index: int = 0  # which teacher is the fine-tune of the student's base
     include: List[str] = field(default_factory=lambda: ["*"])  # noqa: UP006 - glob patterns of names to project
     exclude: List[str] = field(default_factory=list)  # noqa: UP006 - glob patterns to leave alone (wins over include)
-    max_relative_delta: float = 1.0  # shared-init check: refuse a teacher with ‖θ_T − θ₀‖/‖θ₀‖ above this
+    max_relative_delta: float = 1.0  # shared-init check: refuse a teacher with ‖θ_T − θ₀‖/‖θ₀‖ above this (inf: off)
     output_layer: Optional[str] = None  # module whose rows outside loss.logit_slice are left out of Δθ_T; default:
     # get_output_embeddings() or `head`
 
