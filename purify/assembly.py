@@ -290,6 +290,17 @@ def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedMo
                           "make the hub reachable") from None
 
 
+def _check_widths(student: int | None, teachers: dict[int, int | None]) -> None:
+    """Refuse a teacher with the student's tokenizer whose logits are another width than the student's (an output
+    layer padded to another size, or a cache written by such a teacher): the loss compares them entry by entry."""
+    problems = [f"teachers[{i}]: its logits have {width} entries per position and the student's {student}; a teacher "
+                "with the student's tokenizer must score the same vocabulary (output layers padded to different "
+                "sizes are not supported); use a teacher, or a cache of one, with the student's output width"
+                for i, width in teachers.items() if None not in (student, width) and width != student]
+    if problems:
+        raise RecipeError(problems)
+
+
 def build_run(recipe: Recipe) -> Run:
     """Validate a recipe and build its models, purifiers, data module and lineage record (no training).
 
@@ -304,13 +315,16 @@ def build_run(recipe: Recipe) -> Run:
     sharded = recipe.strategy == "deepspeed_stage_3"
     student = _built(recipe.student, "student", recipe.seed)
     teachers = [_built(spec, f"teachers[{i}]", recipe.seed, deferred=sharded) for i, spec in enumerate(recipe.teachers)]
-    for where, model in (("student", student.module), *((f"teachers[{i}]", t.module) for i, t in enumerate(teachers))):
-        width = None if model is None else logit_width(model)
+    widths = [None if m is None else logit_width(m) for m in (student.module, *(t.module for t in teachers))]
+    for where, model, width in zip(["student", *(f"teachers[{i}]" for i in range(len(teachers)))],
+                                   (student.module, *(t.module for t in teachers)), widths):
         problem = None if width is None else logit_slice_problem(recipe.loss.logit_slice, width,
                                                                   f"{where} ({type(model).__name__})")
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
     cross = cross_base_teachers(configs, student, teachers)
+    if recipe.loss.logit_slice is None:  # same tokenizer, another output width: the loss met it at the first batch
+        _check_widths(widths[0], {i: w for i, w in enumerate(widths[1:]) if i not in cross})
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
                 "sha256": None if t.module is None else getattr(t.module, "recorded_sha256", None)

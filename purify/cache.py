@@ -164,6 +164,11 @@ class CachedTeacher(nn.Module):
         self.splits = {s: _Split(self.directory / s) for s in SPLITS if (self.directory / s / "index.npy").is_file()}
 
     @property
+    def logit_count(self) -> int:
+        """The teacher's logits per position (:func:`purify.models.logit_width`), as its manifest records them."""
+        return self.vocab_size
+
+    @property
     def recorded_sha256(self) -> str | None:
         """The sha256 of the teacher that wrote these logits, as its cache's manifest records it (this module has no
         weights of its own to hash)."""
@@ -196,24 +201,38 @@ def cache_spec_problems(spec: ModelSpec, where: str) -> list[str]:
         return [f"{where}.cache: {err}"]
     if not 0 <= spec.teacher < count:
         return [f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers"]
-    damaged = _damaged_file(Path(spec.cache))  # type: ignore[arg-type]
-    return [f"{where}.cache: {damaged} is damaged (truncated or not a numpy array); rerun purify cache into a new "
-            "directory"] if damaged else []
+    damaged = _damaged_file(Path(spec.cache), count)  # type: ignore[arg-type]
+    return [f"{where}.cache: {damaged[0]} is damaged ({damaged[1]}); rerun purify cache into a new directory"
+            ] if damaged else []
 
 
-def _damaged_file(directory: Path) -> Path | None:
-    """The first array file of a finished cache that does not open as the numpy array its header declares (a
-    truncated copy: the memory map is checked against the file size; nothing is read), else ``None``."""
+def _damaged_file(directory: Path, teachers: int) -> tuple[Path, str] | None:
+    """The first array file of a finished cache that is missing, does not open as the numpy array its header
+    declares (a truncated copy: the memory map is checked against the file size; nothing is read) or holds fewer
+    teachers or positions than the split's index points into, with what is wrong; else ``None``. (A missing shard
+    failed mid-training; a short one gave other positions' targets, silently.)"""
     for split in SPLITS:
-        index = directory / split / "index.npy"
-        if not index.is_file():
+        index_path = directory / split / "index.npy"
+        if not index_path.is_file():
             continue
-        files = [index, *(s / f"{n}.npy" for s in sorted((directory / split).glob("shard-*")) for n in ARRAYS[:3])]
-        for path in files:
-            try:
-                np.load(path, mmap_mode="r")
-            except (OSError, ValueError):
-                return path
+        try:
+            index = np.load(index_path, mmap_mode="r")
+        except (OSError, ValueError):
+            return index_path, "truncated or not a numpy array"
+        ends = np.zeros(int(index[:, 0].max()) + 1 if len(index) else 0, dtype=np.int64)
+        np.maximum.at(ends, index[:, 0].astype(np.int64), (index[:, 1] + index[:, 2]).astype(np.int64))
+        for shard, end in ((int(k), int(ends[k])) for k in np.unique(index[:, 0])):
+            for name in ARRAYS[:3]:
+                path = directory / split / f"shard-{shard:05d}" / f"{name}.npy"
+                if not path.is_file():
+                    return path, "missing"
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (OSError, ValueError):
+                    return path, "truncated or not a numpy array"
+                if array.ndim < 2 or array.shape[0] < teachers or array.shape[1] < end:
+                    return path, (f"shape {tuple(array.shape)}, but the index needs {teachers} teachers × {end} "
+                                  "positions")
     return None
 
 

@@ -148,9 +148,13 @@ def fused_problem(model: nn.Module, where: str) -> str | None:
 
 def logit_width(model: nn.Module) -> int | None:
     """How many logits ``model`` returns per position, where it says so without a forward (an :class:`AuxMLP`'s
-    classes plus auxiliary logits, a Hugging Face model's output embeddings), else ``None``."""
+    classes plus auxiliary logits, a module's ``logit_count`` such as a logit cache's vocabulary, a Hugging Face
+    model's output embeddings), else ``None``."""
     if isinstance(model, AuxMLP):
         return model.n_classes + model.n_aux
+    declared = getattr(model, "logit_count", None)  # a teacher without weights (a logit cache) says it
+    if isinstance(declared, int):
+        return declared
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     weight = getattr(head, "weight", None)

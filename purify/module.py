@@ -128,6 +128,7 @@ class Distiller(L.LightningModule):
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
+        self._owner_token = object()  # marks the purifiers this Distiller set up (a deepcopy keeps the pairing)
         self._configured = False
         self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
         self._metric_steps = 0
@@ -172,6 +173,7 @@ class Distiller(L.LightningModule):
         """Build deferred teachers, create the frozen base copy (if asked for) and call each purifier's ``setup``,
         once."""
         if self._ready:
+            self._check_purifiers_owned()
             return
         self._build_teachers()
         self.snapshot_base()
@@ -187,9 +189,20 @@ class Distiller(L.LightningModule):
             raise RecipeError(frozen)
         for p in self.purifiers:
             p.setup(ctx)
+            p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
         self._ready = True
+
+    def _check_purifiers_owned(self) -> None:
+        """Refuse to go on with a purifier that another Distiller has set up since this one did: its per-run state
+        (base copy, head, schedule length) is that run's now, and it would silently serve both."""
+        taken = [f"purifiers[{i}]: this {purifier_name(p)} instance was set up by another Distiller after this one; a "
+                 "purifier holds per-run state (its base copy, head, schedule), so two Distillers cannot share one "
+                 "instance: give each its own (copy.deepcopy(purifier) before either runs)"
+                 for i, p in enumerate(self.purifiers) if getattr(p, "_set_up_by", None) is not self._owner_token]
+        if taken:
+            raise RecipeError(taken)
 
     def train(self, mode: bool = True) -> Distiller:
         """Training mode for the student and purifier heads; the frozen teachers and base copy stay in ``eval()``

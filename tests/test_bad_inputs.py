@@ -166,6 +166,11 @@ CASES = {
         "optim.betas": "[0.9]", "optim.head_lr": 0}),
         [r"optim\.head_lr: must be a finite number > 0, or null for optim\.lr, got 0",
          r"optim\.betas: expected two numbers in \[0, 1\) \(Adam's beta1, beta2\), got \[0\.9\]"]),
+    "a teacher with the student's tokenizer and wider logits": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", teachers=(
+        "[{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+        f"num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 300}}, tokenizer: {lm / 'tok'}, seed: 1}}]")),
+        [r"teachers\[0\]: its logits have 300 entries per position and the student's \d+; a teacher with the "
+         r"student's tokenizer must score the same vocabulary"]),
     "logit_slice past the model's logits": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
         "loss.logit_slice": "[0, 500]"}), [r"loss\.logit_slice: \[0, 500\] reaches past the \d+ logits of"]),
 }
@@ -371,6 +376,30 @@ def test_non_finite_purifier_numbers_are_refused_in_python_and_inf_only_where_it
     with pytest.raises(purify.RecipeError, match=r"^ensemble\.weights: must be finite numbers, got \[1\.0, nan\]$"):
         purify.Ensemble(purify.EnsembleConfig(weights=[1.0, float("nan")]))
     purify.DeltaProjection(purify.DeltaProjectionConfig(max_relative_delta=float("inf")))  # no shared-init check
+
+
+def test_one_purifier_instance_serving_two_distillers_is_refused_when_the_first_is_used_again():
+    """The second Distiller's set-up took the instance over, and the first went on without a word: its anchor then
+    pulled the second student (the first one's got no anchor gradient at all). Using them one after the other stays allowed, and a
+    deepcopy of a Distiller keeps its own pairing."""
+    import copy
+
+    from purify import Anchor, AnchorConfig, AuxMLP, Distiller, RecipeError
+
+    def step(d):
+        d.fit_step({"x": torch.rand(4, 4), "target_mask": torch.ones(4, 1)}, d.build_optimizer(), 0.0)
+
+    shared = Anchor(AnchorConfig(weight=1.0))
+    first = Distiller(AuxMLP(in_dim=4, hidden=[8]), [AuxMLP(in_dim=4, hidden=[8])], purifiers=[shared])
+    step(first)
+    twin = copy.deepcopy(first)
+    second = Distiller(AuxMLP(in_dim=4, hidden=[8]), [AuxMLP(in_dim=4, hidden=[8])], purifiers=[shared])
+    step(second)  # one after the other: fine
+    assert shared._models[0] is second.student
+    with pytest.raises(RecipeError, match=r"^purifiers\[0\]: this anchor instance was set up by another Distiller "
+                                          r"after this one; .*copy\.deepcopy\(purifier\)"):
+        step(first)
+    step(twin)
 
 
 def test_a_distiller_built_in_python_refuses_what_a_recipe_would():

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from purify import cache, cache_writer
 from purify.cache import CachedTeacher, CacheError, check_cache
 from purify.cache_writer import write_cache
-from purify.config import RecipeError, to_dict
+from purify.config import RecipeError, TeacherSpec, to_dict
 from purify.assembly import load_recipe
 from purify.data import DistillDataModule, read_text
 from purify.lm.tokenizer import build_tokenizer
@@ -176,6 +176,49 @@ def test_a_truncated_cache_fails_recipe_validation(written, tmp_path, damage):
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(RecipeError, match=rf"^teachers\[0\]\.cache: .*{damage} is damaged \(truncated or not a numpy "):
         load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete", r"train/shard-00001/ids\.npy is damaged \(missing\)"),
+    ("short", r"train/shard-00001/logp\.npy is damaged \(shape \(2, 3, 8\), but the index needs 2 teachers × \d+ "
+              r"positions\)"),
+])
+def test_a_missing_or_short_shard_fails_recipe_validation(written, tmp_path, damage, message):
+    """A deleted shard failed mid-training ("No such file"); a shard array shorter than the index says trained to the
+    end on other positions' targets (the slice past its end came back short and was scattered anyway)."""
+    import shutil
+
+    copy_ = tmp_path / "cache"
+    shutil.copytree(written, copy_)
+    if damage == "delete":
+        (copy_ / "train/shard-00001/ids.npy").unlink()
+    else:
+        path = copy_ / "train/shard-00001/logp.npy"
+        np.save(path, np.load(path)[:, :3])
+    with pytest.raises(RecipeError, match=rf"^teachers\[0\]\.cache: .*{message}; rerun purify cache"):
+        load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+
+
+def test_a_cache_of_a_teacher_with_other_logit_width_is_refused_before_anything_is_written(setup, written, tmp_path):
+    """Same tokenizer, an output layer of another size (Qwen2.5-7B's 152064 rows against 0.5B's 151936): the loss
+    failed at the first batch with a size mismatch, after the run directory was written."""
+    import json
+    import shutil
+
+    root, recipe = setup
+    copy_ = tmp_path / "cache"
+    shutil.copytree(written, copy_)
+    manifest = json.loads((copy_ / "manifest.json").read_text())
+    width = manifest["teachers"][0]["vocab_size"]
+    manifest["teachers"][0]["vocab_size"] = width + 45
+    (copy_ / "manifest.json").write_text(json.dumps(manifest))
+    other = copy.deepcopy(recipe)
+    other.teachers = [TeacherSpec(cache=str(copy_), teacher=0)]
+    other.output_dir = str(tmp_path / "run")
+    with pytest.raises(RecipeError, match=rf"^teachers\[0\]: its logits have {width + 45} entries per position and "
+                                          rf"the student's {width}; a teacher with the student's tokenizer"):
+        build_run(other)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):
