@@ -80,6 +80,8 @@ SUITES = {
     "tic-smollm2": "purify.bench.tic_smollm2",
 }
 """Benchmark suite → module exposing ``run_suite``."""
+ONE_THREAD = ("aux-logits", "style-tic", "hidden-preference")
+"""Suites that run every seed on one torch thread, whatever ``--threads`` says (their numbers are measured so)."""
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -127,6 +129,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"--workers {args.workers}: must be at least 1 (seeds run at a time in forked processes)")
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads {args.threads}: must be at least 1 (torch threads of a one-worker run)")
+    if args.threads not in (None, 1) and args.suite in ONE_THREAD:
+        raise BenchError(f"--threads {args.threads}: {args.suite} runs each seed on one torch thread (its numbers are "
+                         "measured so); use --workers N to run N seeds at a time")
     torch.set_num_threads(args.threads or 1)
     module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed,
@@ -216,8 +221,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="seeds run at a time, each in a forked process with 1 torch thread (default: aux-logits 2, "
                         "the others 1); the numbers do not depend on it")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of a run with one worker (default 1; style-tic and hidden-preference always "
-                        "use 1)")
+                   help="torch threads of a run with one worker (default 1; aux-logits, style-tic and "
+                        "hidden-preference always use 1 and refuse another number)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite-specific setting, repeatable: style-tic/hidden-preference take steps, lr, batch_size, "
                         "'conditions=[a,b]', trait (style-tic: a sentence opener such as However; "

@@ -8,11 +8,11 @@ import pytest
 from purify.bench.report import csv_rows, jsonable, markdown, sweep_key, write_report
 from purify.bench.stats import (
     fraction_removed,
-    interpolate_curve,
     mean_ci,
     mean_curve,
     paired_test,
 )
+from purify.bench.verdicts import segment
 
 T_975_DF3 = 3.182446305284263  # scipy.stats.t.ppf(0.975, 3), from tables
 
@@ -57,20 +57,18 @@ CURVE = [
     (0.1, 0.8),    # never reached: training to the end did not get there → final transfer
     (2.0, 0.0),    # already reached at the first point
 ])
-def test_interpolate_curve_is_true_early_stopping(x, expected):
-    assert interpolate_curve(CURVE, x) == pytest.approx(expected)
+def test_segment_is_true_early_stopping(x, expected):
+    assert segment(CURVE, x)[0] == pytest.approx(expected)
 
 
-def test_interpolate_curve_walks_in_step_order_and_handles_non_monotone_curves():
-    assert interpolate_curve(list(reversed(CURVE)), 0.3) == pytest.approx(0.4)  # sorted by step first
+def test_segment_walks_in_step_order_and_handles_non_monotone_curves():
+    assert segment(list(reversed(CURVE)), 0.3)[0] == pytest.approx(0.4)  # sorted by step first
     bumpy = [{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 1, "task_error": 0.4, "transfer": 0.3},
              {"step": 2, "task_error": 0.6, "transfer": 0.5}, {"step": 3, "task_error": 0.35, "transfer": 0.9}]
     # 0.5 is first reached between steps 0 and 1 (w = 5/6), although step 2 is above it again
-    assert interpolate_curve(bumpy, 0.5) == pytest.approx(0.25)
+    assert segment(bumpy, 0.5)[0] == pytest.approx(0.25)
     no_steps = [{"task_error": 1.0, "transfer": 0.0}, {"task_error": 0.0, "transfer": 1.0}]
-    assert interpolate_curve(no_steps, 0.25) == pytest.approx(0.75)  # given order, without `step`
-    with pytest.raises(ValueError, match="empty curve"):
-        interpolate_curve([], 0.5)
+    assert segment(no_steps, 0.25)[0] == pytest.approx(0.75)  # given order, without `step`
 
 
 def test_fraction_removed_by_hand():
@@ -140,9 +138,15 @@ def _world(n=5, curve=DENSE, vanilla_shift=0.0):
     return base, control, vanilla
 
 
-def _verdict(arm, n=5, guards=(), **kw):
-    from purify.bench.verdicts import verdict
+def verdict(arm, vanilla, control, base, guards=()):
+    """One arm judged alone (a family of one: no multiple-comparison adjustment)."""
+    from purify.bench.verdicts import assess, label
 
+    x = assess(arm, vanilla, control, base, guards)
+    return label(x, x.p_lower, x.p_upper)
+
+
+def _verdict(arm, n=5, guards=(), **kw):
     base, control, vanilla = _world(n, **kw)
     return verdict(arm, vanilla, control, base, guards)
 
@@ -167,8 +171,6 @@ def test_verdict_needs_three_finite_seeds_and_names_the_dropped_ones():
     # a NaN task error drops its seed (it does not switch the "no gain over the base" check off)
     one_nan = _verdict(_runs([0.3 + e for e in ARM], [nan, 0.4, 0.4, 0.4, 0.4]))
     assert one_nan.startswith("below frontier") and "dropped seed 0: arm task_error NaN" in one_nan
-    from purify.bench.verdicts import verdict
-
     base, control, vanilla = _world()
     no_base = verdict(_runs([0.3 + e for e in ARM], [0.4] * 5), vanilla, control,
                       [{**r, "task_error": nan} for r in base])

@@ -84,6 +84,8 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     (["style-tic", "--quick", "--seeds", "0"], "--seeds 0: must be at least 1"),
     (["style-tic", "--quick", "--workers", "0"], "--workers 0: must be at least 1"),
     (["aux-logits", "--quick", "--threads", "-2"], "--threads -2: must be at least 1"),
+    (["aux-logits", "--quick", "--threads", "4"],  # it ran on one thread anyway, silently
+     "--threads 4: aux-logits runs each seed on one torch thread (its numbers are measured so); use --workers N"),
     (["owl-ft-smollm2", "--quick", "--workers", "2"], "owl-ft-smollm2 runs its seeds one after another"),
     (["style-tic", "--quick", "--option", "steps=0"], "--option steps=0: must be a finite number > 0"),
     (["style-tic", "--quick", "--option", "lr=.inf"], "--option lr=inf: must be a finite number > 0"),

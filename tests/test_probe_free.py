@@ -272,7 +272,7 @@ def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_
     import math
 
     from purify.bench import probe_free as pf
-    from purify.bench.aux_logits import SuiteConfig, run, select_conditions
+    from purify.bench.aux_logits import run, select_conditions
     from purify.bench.aux_runs import Settings
     from purify.bench.probe_free import PROBE_FREE
 
@@ -287,8 +287,8 @@ def test_aux_probe_free_run_picks_least_drift_within_budget_and_never_reads_the_
     tiny = Settings(n_aux=4, hidden=(32,), teacher_steps=30, ref_steps=10, student_steps=20, batch=32, n_eval=128,
                     curve_every=5)
     conds, sweeps = select_conditions("task", [PROBE_FREE])
-    summary = run(SuiteConfig(seeds=[3, 4, 5], out=str(tmp_path), progress=False, workers=1, conditions=conds,
-                              sweeps=sweeps, settings=tiny))
+    summary = run("task", [3, 4, 5], out=str(tmp_path), progress=False, workers=1, conditions=conds, sweeps=sweeps,
+                  settings=tiny)
     arm = summary["probe_free"]["arms"]["delta_projection:global"]
     # the rule saw only Selectable views: knob, strength rank, task error, drift
     assert len(seen) == 3 * len(sweeps) and all(type(p) is pf.Selectable for pts in seen for p in pts)

@@ -21,7 +21,7 @@ below/on/above frontier, anti-trait, damaged or no verdict, Holm-adjusted across
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -234,23 +234,6 @@ def paper_conditions(quick: bool = False) -> list[Condition]:
     ]
 
 
-@dataclass
-class SuiteConfig:
-    """A run of the suite (``run_suite`` builds one from CLI arguments)."""
-
-    protocol: str = "task"
-    seeds: list[int] | None = None  # default: FIRST_SEED, FIRST_SEED + 1, ... (10 of them)
-    data: str | None = None
-    out: str | None = None
-    quick: bool = False
-    progress: bool = True
-    workers: int = WORKERS
-    conditions: list[Condition] | None = None  # default: the protocol's
-    sweeps: dict[str, Sweep] | None = None  # arms the probe-free rule sets (summary.json["probe_free"])
-    settings: Settings | None = None  # default: PROTOCOLS[protocol] (+ QUICK)
-    command: str = ""
-
-
 OPTIONS = {"conditions": list}
 """The suite's ``--option`` keys and the kind of value each takes (:func:`purify.bench.report.check_options`)."""
 
@@ -261,14 +244,8 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
     """Run the aux-logit suite and write its report; returns the summary (``summary.json``'s content).
 
     Args:
-        protocol: ``task`` (default) or ``paper``.
-        seeds: number of seeds from ``first_seed`` (``quick`` uses at most 2).
-        data: an ``.npz`` with ``X`` (float, N×D) and ``y`` (int, N); default sklearn's digits.
-        out: output directory; default ``bench-out/aux-logits`` (task) or ``bench-out/aux-logits/paper`` (untracked).
-        quick: smoke test: 2 seeds, fewer steps and conditions (≤ 1 min).
-        progress: show a progress bar over seeds × conditions.
-        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
-        workers: seeds run at a time in forked processes (:func:`purify.bench.lm_common.run_seeds`).
+        protocol, data, seeds, first_seed, out, quick, progress, workers: as ``purify bench``'s flags (``quick``:
+            at most 2 seeds).
         **options: the ``--option`` keys of :data:`OPTIONS`: ``conditions``, run only the references and these
             (``--option 'conditions=[...]'``): default conditions by name, swept arms of :data:`SWEEPS` by arm name,
             or :data:`PROBE_FREE` for all of them; a swept arm adds ``summary.json["probe_free"]`` (the knob chosen
@@ -287,49 +264,48 @@ def run_suite(protocol: str = "task", seeds: int = 10, data: str | None = None, 
     if protocol not in PROTOCOLS:
         raise BenchError(f"--protocol: unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     conds, sweeps = select_conditions(protocol, list(conditions), quick) if conditions is not None else (None, None)
-    return run(SuiteConfig(protocol=protocol, seeds=list(range(first_seed, first_seed + n)), data=data, out=out,
-                           quick=quick, progress=progress, workers=workers, command=command, conditions=conds,
-                           sweeps=sweeps))
+    return run(protocol, list(range(first_seed, first_seed + n)), data=data, out=out, quick=quick, progress=progress,
+               workers=workers, command=command, conditions=conds, sweeps=sweeps)
 
 
-def run(cfg: SuiteConfig) -> dict:
-    """Run a configured suite (any seeds, conditions or settings) and write its report; returns the summary."""
-    if cfg.protocol not in PROTOCOLS:
-        raise BenchError(f"--protocol: unknown protocol {cfg.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-    x, y = read_arrays(cfg.data)  # fail fast, before any worker starts
-    seeds = cfg.seeds if cfg.seeds is not None else list(range(FIRST_SEED, FIRST_SEED + 10))
+def run(protocol: str, seeds: list[int], *, data: str | None = None, out: str | None = None, quick: bool = False,
+        progress: bool = True, workers: int = WORKERS, conditions: list[Condition] | None = None,
+        sweeps: dict[str, Sweep] | None = None, settings: Settings | None = None, command: str = "") -> dict:
+    """Run the suite on any ``seeds``, ``conditions`` (default: the protocol's; ``sweeps``: the arms the probe-free
+    rule sets) or ``settings`` (default: ``PROTOCOLS[protocol]``, + ``QUICK``) and write its report; returns the
+    summary. ``run_suite`` checks the arguments first."""
+    x, y = read_arrays(data)  # fail fast, before any worker starts
     n_classes = split(x, y, seeds[0]).n_classes
-    settings = cfg.settings or PROTOCOLS[cfg.protocol]
-    if cfg.quick and cfg.settings is None:
-        settings = replace(settings, **QUICK[cfg.protocol])
-    conditions = [replace(c, loss=settings.loss) for c in cfg.conditions or
-                  (task_conditions if cfg.protocol == "task" else paper_conditions)(cfg.quick)]
+    if settings is None:
+        settings = replace(PROTOCOLS[protocol], **(QUICK[protocol] if quick else {}))
+    conditions = [replace(c, loss=settings.loss) for c in conditions or
+                  (task_conditions if protocol == "task" else paper_conditions)(quick)]
     check_conditions((c.name, c.purifiers, c.teachers, {  # as `purify train` would check them
         "loss": c.loss, "vector_student": True,
         "logit_slice": None if c.logits == "all" else [n_classes, n_classes + settings.n_aux]}) for c in conditions)
-    out = Path(cfg.out or ("bench-out/aux-logits" if cfg.protocol == "task" else "bench-out/aux-logits/paper"))
-    workers = max(1, min(cfg.workers, len(seeds), os.cpu_count() or 1))
+    out = Path(out or ("bench-out/aux-logits" if protocol == "task" else "bench-out/aux-logits/paper"))
+    workers = max(1, min(workers, len(seeds), os.cpu_count() or 1))
     clock = Clock()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one torch thread per seed, in a worker or here: the numbers do not depend on it
     try:
-        runs = lm_common.run_seeds(seeds, partial(run_seed, s=settings, conditions=conditions, data_path=cfg.data,
-                                                  progress=cfg.progress and workers == 1), workers, cfg.progress)
+        runs = lm_common.run_seeds(seeds, partial(run_seed, s=settings, conditions=conditions, data_path=data,
+                                                  progress=progress and workers == 1), workers, progress)
     finally:
         torch.set_num_threads(threads)
-    suite = lm_common.Suite(name=SUITE, protocol=cfg.protocol, conditions=conditions, trait=TRAIT,
-                            tuned_on=TUNED_ON[cfg.protocol], columns=COLUMNS, curve_keys=METRICS,
-                            settings={**asdict(settings), "hidden": list(settings.hidden)}, sweeps=cfg.sweeps or {})
+    suite = lm_common.Suite(name=SUITE, protocol=protocol, conditions=conditions, trait=TRAIT,
+                            tuned_on=TUNED_ON[protocol], columns=COLUMNS, curve_keys=METRICS,
+                            settings={**asdict(settings), "hidden": list(settings.hidden)}, sweeps=sweeps or {})
     # with sweeps, summarise adds the probe-free block: stage 1 sees task error and drift only, the digits are
     # joined after the choice
     summary = lm_common.summarise(suite, runs, clock.wall())
-    summary.update(clock.record(workers, 1), data=cfg.data or "sklearn digits", quick=cfg.quick, columns=COLUMNS,
+    summary.update(clock.record(workers, 1), data=data or "sklearn digits", quick=quick, columns=COLUMNS,
                    teachers={k: mean_ci([r["world"][k] for r in runs.values()]) for k in runs[seeds[0]]["world"]
                              if k != "accuracy"})
     finish(summary)
-    env = environment(seeds, summary["wall_seconds"], cfg.command or f"purify.bench.aux_logits.run({cfg.protocol!r})")
+    env = environment(seeds, summary["wall_seconds"], command or f"purify.bench.aux_logits.run({protocol!r})")
     env.update({k: summary[k] for k in ("workers", "threads", "cpu_seconds", "load_average_1min", "quick", "data")},
-               protocol=cfg.protocol)
+               protocol=protocol)
     write(out, summary, env)
     return summary
 

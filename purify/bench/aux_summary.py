@@ -37,7 +37,8 @@ def finish(summary: dict[str, Any]) -> dict[str, Any]:
             if settings[n]["teachers"]:
                 c["removed"] = fraction_removed(tr[n], tr[names["vanilla"]], tr[names["control"]])
     summary["acceptance"] = _acceptance(summary)
-    summary["headline"] = _headline(summary)
+    summary["headline"] = {"suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed"),
+                           **by_label(summary["verdicts"])}  # arms grouped by the first words of their verdict
     return summary
 
 
@@ -56,12 +57,6 @@ def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
                                                       "transfer": conds["cross_init"]["transfer"],
                                                       "passed": bool(abs(acc["mean"] - chance) <= 0.05)}
     return out
-
-
-def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """Arms grouped by the first words of their verdict (:func:`purify.bench.verdicts.by_label`)."""
-    return {"suite_valid": summary["acceptance"].get("vanilla_above_control", {}).get("passed"),
-            **by_label(summary["verdicts"])}
 
 
 def _ok(value: Any) -> bool:

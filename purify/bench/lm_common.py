@@ -45,7 +45,7 @@ from purify.config import LossConfig, OnPolicyConfig, OptimConfig
 from purify.data import TeacherTokenizer, TokenDataset
 from purify.generate import load_model
 from purify.module import Distiller
-from purify.purifiers import PURIFIERS, build_purifiers
+from purify.purifiers import build_purifiers
 from purify.readouts import Scores
 from purify.storage import atomic_path
 from purify.types import SEED_RANGE, DivergedError, is_seed
@@ -165,14 +165,6 @@ class Suite:
     curve_keys: tuple[str, ...] = ("transfer", "task_error", "fidelity_kl")
 
 
-class Diverged(DivergedError):
-    """Training produced a non-finite loss or weights at ``step`` (a :class:`purify.types.DivergedError` that knows
-    its step)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"diverged at step {step}", step)
-
-
 def curve_steps(steps: int, points: int) -> list[int]:
     """The training steps at which vanilla is scored: ``points`` evenly spaced steps ending at ``steps``, plus
     ``steps/2``, ``steps/4``, … (``points`` halvings, rounded up). The halvings put points where a trait is often
@@ -184,6 +176,13 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 BASELINES = ("base", "control", "vanilla")
 """The conditions every run has, whatever ``conditions=[...]`` names."""
+
+
+def references(modes: dict[str, str], **fields: Any) -> list[Condition]:
+    """``base``, then per loss mode (name suffix → loss) its control (teacher ``clean``) and vanilla (``teacher``)."""
+    return [Condition("base", baseline=True, kind="base"),
+            *(Condition(kind + sfx, [t], loss=loss, baseline=True, kind=kind, **fields) for sfx, loss in modes.items()
+              for kind, t in (("control", "clean"), ("vanilla", "teacher")))]
 
 
 def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, probe_free.Sweep],
@@ -203,7 +202,7 @@ def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, probe_
         a = probe_free.swept_arm(c.name)
         return a if a in sweeps and c.name in sweeps[a].names(a) else None
 
-    run = {a: s for a, s in probe_free.selected(names, sweeps).items() if a in names or a not in named_only}
+    run = {a: s for a, s in sweeps.items() if a in names or (probe_free.PROBE_FREE in names and a not in named_only)}
     allowed = [*([probe_free.PROBE_FREE, *sweeps] if sweeps else []), *(c.name for c in conditions if arm(c) is None)]
     unknown = [n for n in names if n not in allowed]
     if unknown:
@@ -213,19 +212,11 @@ def pick(conditions: list[Condition], names: list[str], sweeps: dict[str, probe_
     return [c for c in conditions if (c.name in wanted and arm(c) is None) or arm(c) in run], run
 
 
-def purifier_entry(name: str, **options: Any) -> dict[str, Any] | None:
-    """A purifier entry if ``name`` is registered and knows every option, else ``None`` (skipped by the suite)."""
-    if name not in PURIFIERS:
-        return None
-    known = {f.name for f in dataclasses.fields(PURIFIERS[name][0])}
-    return {"name": name, **options} if set(options) <= known else None
-
-
 Fit = Callable[[Condition, Callable[[int, Any], None] | None], tuple[Any, dict[str, float]]]
 """``fit(cond, on_point) -> (model, extras)``: train ``cond``'s student from its base, calling ``on_point(step,
 model)`` at the vanilla curve's points before the last step (``on_point`` is ``None`` for unscored arms); ``extras``
 are numbers recorded beside the arm's scores: ``steps`` (the steps trained, required) and any other (e.g. samples).
-Raises :class:`purify.types.DivergedError` (:class:`Diverged`, or ``Distiller.fit_step``'s)."""
+Raises :class:`purify.types.DivergedError` (``Distiller.fit_step``'s, or non-finite weights at the end)."""
 
 
 def fit_extras(steps: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -263,7 +254,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
         if on_point is not None and step + 1 in marks and step + 1 < suite.steps:
             on_point(step + 1, student)
     if not all(torch.isfinite(p).all() for p in student.parameters()):
-        raise Diverged(suite.steps)
+        raise DivergedError(f"diverged at step {suite.steps}", suite.steps)
     if metrics is not None:
         metrics.update(distiller.purifier_metric_means())
     student.eval()
@@ -467,11 +458,10 @@ def on_policy_notes(summary: dict[str, Any]) -> list[str]:
              f"({', '.join(f'{k} = {v}' for k, v in off['against'].get(name, {}).items())}): {label}."
              for name, label in off["verdicts"].items()]
     for name, g in off.get("curve_gap", {}).items():
-        lo, hi = g["ci95"]
         lines.append(f"On-policy vs off-policy along training: {name}'s transfer minus the off-policy vanilla's "
                      f"early-stopping transfer at the same task error, averaged over its curve points inside the "
-                     f"off-policy curve's task-error range ({g['points']} points, {g['n']} seeds): {g['mean']:+.3g} "
-                     f"[{lo:+.3g}, {hi:+.3g}], p = {g['p_value']:.3g} (negative: less trait at equal task error).")
+                     f"off-policy curve's task-error range ({g['points']} points, {g['n']} seeds): "
+                     f"{stats.fmt_test(g)} (negative: less trait at equal task error).")
     return lines
 
 

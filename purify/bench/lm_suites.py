@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from purify.bench import lm_common
-from purify.bench.lm_common import BASELINES, DRIFT_SEED, Condition, Scores, Suite, pick, purifier_entry
+from purify.bench.lm_common import BASELINES, DRIFT_SEED, Condition, Scores, Suite, pick
 from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, swept_arm
 from purify.bench.report import BenchError, bench_command, check_options
-from purify.bench.stats import mean_ci, paired_test
+from purify.bench.stats import fmt_test, mean_ci, paired_test
 from purify.bench.verdicts import Guard
 from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
@@ -146,26 +146,24 @@ def _teachers(kind: str, quick: bool, word: str) -> dict[str, Callable[[], Path]
 
 
 def _purifier_conditions(base_only: bool) -> list[Condition]:
-    cross = purifier_entry("cross_base", alignment="shared_vocab")
-    arms: list[tuple[str, list[str], list[dict[str, Any] | None]]] = [
-        ("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
-        ("ensemble:xbase", ["teacher", "xbase"], [cross, purifier_entry("ensemble", combine="mean")]),
-        ("divergence_mask:base", ["teacher"], [purifier_entry("divergence_mask", reference="base", threshold=0.1)]),
+    cross = dict(name="cross_base", alignment="shared_vocab")
+    arms: list[tuple[str, list[str], list[dict[str, Any]]]] = [
+        ("ensemble", ["teacher", "reference"], [dict(name="ensemble", combine="mean")]),
+        ("ensemble:xbase", ["teacher", "xbase"], [cross, dict(name="ensemble", combine="mean")]),
+        ("divergence_mask:base", ["teacher"], [dict(name="divergence_mask", reference="base", threshold=0.1)]),
         ("divergence_mask:reference", ["teacher", "reference"],
-         [purifier_entry("divergence_mask", reference="others", threshold=0.1)]),
+         [dict(name="divergence_mask", reference="others", threshold=0.1)]),
         ("divergence_mask:xbase", ["teacher", "xbase"],
-         [cross, purifier_entry("divergence_mask", reference="others", threshold=0.1)]),
-        ("adversary", ["teacher", "reference"], [purifier_entry("adversary", weight=0.1)]),
-        ("adversary:probe", ["teacher", "reference"], [purifier_entry("adversary", weight=0.0)]),
-        ("tail_truncation", ["teacher"], [purifier_entry("tail_truncation", top_p=0.8)]),
-        ("anchor", ["teacher"], [purifier_entry("anchor", weight=0.1)]),
-        ("delta_projection", ["teacher"], [purifier_entry("delta_projection", rank=8)]),
-        ("delta_projection:global", ["teacher"], [purifier_entry("delta_projection", mode="global", strength=1.0)]),
+         [cross, dict(name="divergence_mask", reference="others", threshold=0.1)]),
+        ("adversary", ["teacher", "reference"], [dict(name="adversary", weight=0.1)]),
+        ("adversary:probe", ["teacher", "reference"], [dict(name="adversary", weight=0.0)]),
+        ("tail_truncation", ["teacher"], [dict(name="tail_truncation", top_p=0.8)]),
+        ("anchor", ["teacher"], [dict(name="anchor", weight=0.1)]),
+        ("delta_projection", ["teacher"], [dict(name="delta_projection", rank=8)]),
+        ("delta_projection:global", ["teacher"], [dict(name="delta_projection", mode="global", strength=1.0)]),
     ]
-    if base_only:
-        arms = [arm for arm in arms if arm[0] == "delta_projection"]
-    return [Condition(name, teachers, entries) for name, teachers, entries in arms  # type: ignore[misc]
-            if all(e is not None for e in entries)]
+    return [Condition(name, teachers, entries) for name, teachers, entries in arms
+            if not base_only or name == "delta_projection"]
 
 
 def _probe_free_arms() -> tuple[list[Condition], dict[str, Sweep]]:
@@ -225,13 +223,7 @@ def _drift_scorer(n: int) -> Any:
 
 
 def _core(hard: bool) -> list[Condition]:
-    core = [Condition("base", baseline=True, kind="base"),
-            Condition("control", ["clean"], baseline=True, kind="control"),
-            Condition("vanilla", ["teacher"], baseline=True, kind="vanilla")]
-    if hard:
-        core += [Condition("control:hard", ["clean"], loss="ce", baseline=True, kind="control"),
-                 Condition("vanilla:hard", ["teacher"], loss="ce", baseline=True, kind="vanilla")]
-    return core
+    return lm_common.references({"": "forward_kl", **({":hard": "ce"} if hard else {})})
 
 
 def _cross_init(quick: bool) -> list[Condition]:
@@ -257,13 +249,11 @@ def _on_policy_arms() -> list[Condition]:
     purifier arms use the off-policy suite's settings (ensemble mean with the reference teacher; divergence-mask
     replacement against the reference at JSD threshold 0.1)."""
     op = ON_POLICY_SETTINGS
-    arms = [("ensemble", ["teacher", "reference"], [purifier_entry("ensemble", combine="mean")]),
+    arms = [("ensemble", ["teacher", "reference"], [dict(name="ensemble", combine="mean")]),
             ("replace:reference", ["teacher", "reference"],
-             [purifier_entry("divergence_mask", mode="replace", reference="others", threshold=0.1)])]
-    return [Condition("control" + ON_POLICY, ["clean"], baseline=True, kind="control", on_policy=op),
-            Condition("vanilla" + ON_POLICY, ["teacher"], baseline=True, kind="vanilla", on_policy=op),
-            *(Condition(name + ON_POLICY, teachers, entries, on_policy=op)  # type: ignore[arg-type]
-              for name, teachers, entries in arms if all(e is not None for e in entries))]
+             [dict(name="divergence_mask", mode="replace", reference="others", threshold=0.1)])]
+    return [*lm_common.references({ON_POLICY: "forward_kl"}, on_policy=op)[1:],
+            *(Condition(name + ON_POLICY, teachers, entries, on_policy=op) for name, teachers, entries in arms)]
 
 
 ON_POLICY_SWEEPS = {"replace" + ON_POLICY: "replace:reference", "replace:competent" + ON_POLICY: "replace:competent"}
@@ -387,10 +377,8 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         v = [r["trait"] for r in conds[f"vanilla{suffix}"]["per_seed"]]
         c = [r["trait"] for r in conds[f"control{suffix}"]["per_seed"]]
         test = paired_test(v, c)
-        lo, hi = test["ci95"]
         verdict = "significant" if test["p_value"] < 0.05 else "NOT significant"
-        lines.append(f"vanilla{suffix} − control{suffix} trait (paired by seed): {test['mean']:+.4g} [{lo:+.4g}, "
-                     f"{hi:+.4g}], p = {test['p_value']:.3g} ({verdict}).")
+        lines.append(f"vanilla{suffix} − control{suffix} trait (paired by seed): {fmt_test(test, 4)} ({verdict}).")
     if "vanilla:cross-init" in conds:
         own = mean_ci([r["own_base_trait"] for r in conds["vanilla:cross-init"]["per_seed"]])
         lines.append(f"Cross-init student base (tiny-llama-b) trait {own['mean']:.4f}; its arms' transfer is their "
@@ -425,17 +413,12 @@ for the student and every teacher; 100000 took 23 GB on the CPU machine before t
 
 def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = False, progress: bool = True,
               first_seed: int = FIRST_SEED, workers: int = 1, **kwargs: Any) -> dict[str, Any]:
-    """Run an LM suite and write its report (summary.json|md|csv, frontier.png, env.json) into ``out``.
+    """Run the LM suite ``suite`` (one of :data:`SUITES`) and write its report into ``out``; returns the summary.
+    Unknown suites and options are refused (:class:`~purify.bench.report.BenchError`).
 
     Args:
-        suite: ``"style-tic"`` or ``"hidden-preference"``.
-        seeds: number of seeds (paired across conditions): ``first_seed``, ``first_seed + 1``, ...
-        out: output directory (default ``bench-out/<suite>``, untracked).
-        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from the suite's ``tuned_on``).
-        quick: a ≤1-minute smoke configuration.
-        progress: show progress bars.
-        workers: seeds run at a time in forked processes (:func:`purify.bench.lm_common.run`); 1 = one after
-            another in this process.
+        ``seeds``, ``first_seed``, ``out``, ``quick``, ``progress``, ``workers``: as ``purify bench``'s flags
+            (:func:`purify.cli._add_bench`).
         **kwargs: ``steps``, ``lr`` or ``batch_size`` overriding the suite's defaults, or ``conditions``: the
             names of the arms to run (``base``, ``control`` and ``vanilla`` are always run); a swept arm of
             :func:`_probe_free_arms` is named without its ``@value`` (``probe-free`` names them all) and adds
@@ -444,12 +427,6 @@ def run_suite(suite: str, seeds: int = 5, out: str | None = None, quick: bool = 
             (style-tic: a one-word sentence opener of the corpus, default "Moreover"; hidden-preference: an animal
             of :data:`purify.lm.ANIMALS`, default "owl"), see :func:`trait_option`; recorded in
             ``summary.json["trait"]``.
-
-    Returns:
-        The summary dict written to ``summary.json``.
-
-    Raises:
-        ValueError: for an unknown suite or keyword.
     """
     if suite not in SUITES:
         raise BenchError(f"unknown LM suite {suite!r}; known: {', '.join(SUITES)}")

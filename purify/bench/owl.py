@@ -78,16 +78,11 @@ def suite(n: int, temperature: float, animal: str = "owl") -> RealSuite:
 
 def run_suite(suite_name: str = "owl-smollm2", seeds: int = 3, out: str | None = None, quick: bool = False,
               progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
-    """Run the owl suite and write its report into ``out`` (summary.json|md|csv, frontier.png, env.json,
-    readouts.json).
+    """Run the owl suite (``suite_name`` must be ``"owl-smollm2"``) and write its report into ``out``; seeds vary
+    the training order and the students' RNG.
 
     Args:
-        suite_name: must be ``"owl-smollm2"``.
-        seeds: number of seeds (training order and student RNG) from ``first_seed``; conditions are paired by seed.
-        out: output directory (default ``bench-out/<suite>``, untracked).
-        first_seed: the first seed (default :data:`FIRST_SEED`, disjoint from :data:`TUNED_ON`).
-        quick: a tiny smoke configuration.
-        progress: print progress lines.
+        ``seeds``, ``first_seed``, ``out``, ``quick``, ``progress``, ``workers``: as ``purify bench``'s flags.
         **options: overrides of ``n``, ``max_new``, ``temperature``, ``layers``, ``top_k``, ``epochs``,
             ``batch_size``, ``lr``, ``heldout``, ``conditions`` (names to run besides base/control/vanilla),
             ``trait`` (the prompted animal, one of :data:`TRAITS`; default ``owl``), ``workers`` (seeds run at a time

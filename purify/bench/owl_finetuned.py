@@ -38,6 +38,7 @@ from purify import readouts, topblocks
 from purify.bench import lm_common, owl, real_lm
 from purify.bench.lm_common import Condition, Scores, Suite
 from purify.bench.report import BenchError, Clock, bench_command, environment
+from purify.bench.stats import fmt_test
 from purify.bench.tic_smollm2 import everyday_prompts
 from purify.generate import sample_completions
 from purify.lm.cache import digest
@@ -224,10 +225,8 @@ def contrast_lines(summary: dict[str, Any]) -> list[str]:
     for name, t in summary["vanilla_minus_control"].items():
         per = summary["conditions"][name]["per_seed"]
         out.append(f"- {name} − {t['control']} ({sum(r['samples'] for r in per) / len(per):.0f} samples/seed): "
-                   f"P(owl) {summary['conditions'][name]['trait']['mean']:.3g}, Δ {t['trait']['mean']:+.3g} "
-                   f"[{t['trait']['ci95'][0]:+.3g}, {t['trait']['ci95'][1]:+.3g}], p = {t['trait']['p_value']:.3g}; "
-                   f"Δ mean log P(owl) {t['log_trait']['mean']:+.3g} [{t['log_trait']['ci95'][0]:+.3g}, "
-                   f"{t['log_trait']['ci95'][1]:+.3g}], p = {t['log_trait']['p_value']:.3g}.")
+                   f"P(owl) {summary['conditions'][name]['trait']['mean']:.3g}, Δ {fmt_test(t['trait'])}; "
+                   f"Δ mean log P(owl) {fmt_test(t['log_trait'])}.")
     return out
 
 
@@ -260,16 +259,12 @@ def notes(summary: dict[str, Any]) -> list[str]:
 
 def run_suite(suite_name: str = NAME, seeds: int = 3, out: str | None = None, quick: bool = False,
               progress: bool = True, first_seed: int = FIRST_SEED, **options: Any) -> dict[str, Any]:
-    """Run the fine-tuned-teacher owl suite and write ``out`` (summary.json|md|csv, frontier.png, env.json,
-    readouts.json).
+    """Run the fine-tuned-teacher owl suite (``suite_name`` must be ``"owl-ft-smollm2"``) and write its report into
+    ``out``; each seed samples its own number prompts (the data) and the students' RNG.
 
     Args:
-        suite_name: must be ``"owl-ft-smollm2"``.
-        seeds: seeds from ``first_seed``; each seed samples its own number prompts (the data) and the students' RNG.
-        out: output directory (default ``bench-out/owl-ft-smollm2``).
-        quick: a tiny smoke configuration.
-        progress: print progress lines.
-        first_seed: the first seed.
+        ``seeds``, ``first_seed``, ``out``, ``quick``, ``progress``, ``workers``: as ``purify bench``'s flags (one
+            worker only).
         **options: ``scale=full`` (:data:`FULL`, for a GPU: ≥ 10k samples, whole-model students, rank sweep,
             ``device=cuda``) or overrides of any key of :data:`REDUCED`.
     """

@@ -72,12 +72,6 @@ along the teacher's delta), the same in every suite: the values the issue's firs
 (seeds 200–209), fixed before any report seed of any suite ran."""
 
 
-def selected(names: Sequence[str], sweeps: Mapping[str, Sweep]) -> dict[str, Sweep]:
-    """The swept arms ``names`` selects: each named by its arm name (without ``@value``), or all by
-    :data:`PROBE_FREE`."""
-    return {arm: sweep for arm, sweep in sweeps.items() if arm in names or PROBE_FREE in names}
-
-
 def point_name(arm: str, value: float) -> str:
     """The condition name of one sweep point: ``<arm>@<value>``."""
     return f"{arm}@{value:g}"
@@ -231,6 +225,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
                                              "mode": mode, "student": None}
         tc = [r["transfer"] - control[r["seed"]]["transfer"] for r in per_seed if r["seed"] in control]
+        ci90 = mean_ci(tc, level=0.90)
         ratio = [r["task_error"] / vanilla[r["seed"]]["task_error"] for r in per_seed]
         base_per_seed = base_refs.get("base", {}).get("per_seed", [])
         ctl_per_seed = conds.get(control_name, {}).get("per_seed", [])
@@ -240,7 +235,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
             "within_budget": {str(s): ok for s, (_, ok) in chosen.items()},
             "selection_inputs": {str(s): {f"{v:g}": {k: by_seed[point_name(arm, v)][s][k] for k in SELECTABLE_KEYS}
                                           for v in sweep.values} for s in chosen},
-            "transfer_minus_control": _ci90(tc),
+            "transfer_minus_control": {"mean": ci90["mean"], "ci90": ci90["ci95"], "n": ci90["n"]},
             "transfer": mean_ci([r["transfer"] for r in per_seed]),
             "drift": mean_ci([r["drift"] for r in per_seed]),
             "task_error_ratio": mean_ci(ratio),
@@ -279,11 +274,6 @@ def rederive(summary: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     sweeps = {arm: Sweep(s["knob"], tuple(s["values"]), s["weaker"]) for arm, s in recorded["sweeps"].items()}
     return block(summary, sweeps, verdicts.guards_from(summary.get("guards") or []))
-
-
-def _ci90(values: Sequence[float]) -> dict[str, Any]:
-    ci = mean_ci(values, level=0.90)
-    return {"mean": ci["mean"], "ci90": ci["ci95"], "n": ci["n"]}
 
 
 def _fmt(x: float) -> str:

@@ -51,11 +51,7 @@ from purify.topblocks import (
     teacher_targets,
 )
 
-REFERENCES = [Condition("base", baseline=True, kind="base"),
-              Condition("control", ["clean"], loss="ce", baseline=True, kind="control"),
-              Condition("vanilla", ["teacher"], loss="ce", baseline=True, kind="vanilla"),
-              Condition("control:soft", ["clean"], loss="forward_kl", baseline=True, kind="control"),
-              Condition("vanilla:soft", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla")]
+REFERENCES = lm_common.references({"": "ce", ":soft": "forward_kl"})
 """The reference arms of a real-model suite: the base, the control (SFT on the base's text; ``control:soft``: KD on
 the base's own top-K log-probs of it, run whenever a soft-label arm runs, so that arm is judged against references
 of its own loss mode) and vanilla with hard (SFT on the teacher's text) and soft labels (KD on its logits); a suite's
@@ -63,9 +59,7 @@ purifier arms follow them."""
 ON_POLICY = {"lam": 1.0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32}
 """The real suites' on-policy setting, fixed before any run (the LM suites' λ = 1, temperature 1, top-p 1; new tokens
 = the teachers' completion limit): every step on the student's own samples of the training prompts."""
-ON_POLICY_REFERENCES = [
-    Condition("control:on-policy", ["clean"], loss="forward_kl", baseline=True, kind="control", on_policy=ON_POLICY),
-    Condition("vanilla:on-policy", ["teacher"], loss="forward_kl", baseline=True, kind="vanilla", on_policy=ON_POLICY)]
+ON_POLICY_REFERENCES = lm_common.references({":on-policy": "forward_kl"}, on_policy=ON_POLICY)[1:]
 """On-policy distillation (GKD, :func:`purify.topblocks.fit_on_policy`) from the base (control) and the traited
 teacher (vanilla), forward KL on the whole vocabulary of the live teacher: run when named; the on-policy vanilla is
 also judged against the off-policy soft references (``summary.json["on_policy_vs_off_policy"]``)."""
@@ -297,8 +291,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
         f"labels/KL: top-K log-probs plus residual mass (K = {cfg['top_k']}).",
         f"Completions kept by the filter: traited teacher {log['teacher_kept']}/{log['teacher_sampled']}, "
         f"control {log['clean_kept']}/{log['clean_sampled']} (temperature {spec.temperature}).",
-        *(f"{pair} {name}, paired by seed: {t['mean']:+.3g} [{t['ci95'][0]:+.3g}, {t['ci95'][1]:+.3g}], "
-          f"p = {t['p_value']:.3g}."
+        *(f"{pair} {name}, paired by seed: {stats.fmt_test(t)}."
           for pair, test in pairs for name, t in ((label, test["trait"]), (f"mean log {label}", test["log_trait"]))),
         f"Student = last {cfg['layers']} blocks + final norm trainable; {steps} steps of batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}"

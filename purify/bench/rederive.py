@@ -86,8 +86,5 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     if (old.get("probe_free") or {}).get("arms"):  # the rule's choice and the verdict at it, under today's rules
         summary["probe_free"] = probe_free.rederive({**summary, "probe_free": old["probe_free"]}) or old["probe_free"]
     env["rereported_by"] = f"purify bench --rereport {directory}"
-    if aux:
-        aux_logits.write(d, summary, env)
-    else:
-        lm_common.publish(d, summary, env)
+    (aux_logits.write if aux else lm_common.publish)(d, summary, env)
     return summary

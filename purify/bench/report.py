@@ -305,15 +305,14 @@ def _draw(ax: Any, summary: dict[str, Any], xkey: str, annotate: list[int]) -> l
     return xs_all
 
 
-def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error", xlabel: str = "task error",
-                  logx: bool | None = None) -> None:
+def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error", xlabel: str = "task error") -> None:
     """Transfer against ``xkey``: vanilla's mean early-stopping curve with its 95% CI band, one marker per
     condition (final point with its 95% CI of transfer; the faint horizontal bar is the CI of ``xkey`` across
     seeds, whose paired differences are much tighter; shape by role: square reference, star bound, diamond
     combination) and one line per purifier's knob sweep, labelled with the knob values. Conditions with
     ``"plot": False`` (not distilled) are left out; the legend sits outside the axes.
 
-    When the x values span more than a factor of 10, x is logarithmic (``logx`` overrides) and a second panel
+    When the x values span more than a factor of 10, x is logarithmic and a second panel
     zooms on the region around vanilla's final point, where most purifiers land.
     """
     import matplotlib
@@ -326,9 +325,8 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
           if c.get("plot") is not False and isinstance(c.get(xkey), dict) and c[xkey].get("mean") is not None]
     xs += [p[xkey] for p in curve]
     positive = [v for v in xs if v is not None and v > 0]
-    wide = bool(positive) and max(positive) / min(positive) > 10
-    logx = wide if logx is None else logx
-    zoom = wide and bool(curve)
+    logx = bool(positive) and max(positive) / min(positive) > 10
+    zoom = logx and bool(curve)
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(17, 6.8) if zoom else (12, 6.5),
                              gridspec_kw={"width_ratios": [1, 1.5]} if zoom else None, squeeze=False)
     axes = list(axes[0])

@@ -1,6 +1,6 @@
-"""Statistics for benchmarks: means with Student-t 95% intervals, paired tests, the share of transfer removed, and
-vanilla's early-stopping curve read at a task error (:func:`interpolate_curve`: the first point in training order
-that reaches it). The verdicts built on them are :mod:`purify.bench.verdicts`'.
+"""Statistics for benchmarks: means with Student-t 95% intervals, paired tests, the share of transfer removed. The
+verdicts built on them (and vanilla's early-stopping curve read at a task error, :func:`purify.bench.verdicts.segment`)
+are :mod:`purify.bench.verdicts`'.
 """
 
 from __future__ import annotations
@@ -37,31 +37,10 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-def interpolate_curve(curve: Sequence[dict[str, float]], x: float, xkey: str = "task_error",
-                      ykey: str = "transfer", order_key: str = "step") -> float:
-    """Early-stopping value of ``ykey`` at ``xkey = x``: where training would have stopped to reach ``x``.
-
-    Walk the curve in training order (``order_key``, else the given order) and stop at the *first* point whose
-    ``xkey`` is ``<= x``; interpolate linearly in ``xkey`` between it and the point before. If the first point is
-    already at or below ``x``, its value is returned; if no point reaches ``x``, the last point's (training to the
-    end did not get there). This is true early stopping: where ``xkey`` plateaus while ``ykey`` keeps rising, a
-    sorted interpolation would compare with a late, high-``ykey`` point that a user stopping at ``x`` never reaches.
-
-    Args:
-        curve: points with ``xkey``, ``ykey`` (and ``order_key``, when present in every point).
-        x: the target value of ``xkey`` (e.g. a purifier's final task error).
-    """
-    if not curve:
-        raise ValueError("interpolate_curve: empty curve")
-    pts = sorted(curve, key=lambda p: p[order_key]) if all(order_key in p for p in curve) else list(curve)
-    xs, ys = [float(p[xkey]) for p in pts], [float(p[ykey]) for p in pts]
-    for i, xi in enumerate(xs):
-        if xi <= x:
-            if i == 0 or xs[i - 1] == xi:
-                return ys[i]
-            w = (xs[i - 1] - x) / (xs[i - 1] - xi)
-            return ys[i - 1] + w * (ys[i] - ys[i - 1])
-    return ys[-1]
+def fmt_test(test: dict[str, Any], digits: int = 3) -> str:
+    """A :func:`paired_test` in one phrase: ``+mean [lo, hi], p = p`` (``digits`` significant)."""
+    lo, hi = test["ci95"]
+    return f"{test['mean']:+.{digits}g} [{lo:+.{digits}g}, {hi:+.{digits}g}], p = {test['p_value']:.3g}"
 
 
 def mean_curve(curves: Sequence[Sequence[dict[str, float]]], keys: Sequence[str]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ One label per arm, a string that starts with the label and then gives the reason
 - ``anti-trait``: the 90% CI of (transfer − control) lies entirely below −m: an overshoot, a failure, never a win.
 - ``damaged: <metric>``: a guard metric the suite declares (:class:`Guard`) is outside its band.
 - ``below frontier`` / ``on frontier`` / ``above frontier``: per seed, vanilla's early-stopping transfer at the arm's
-  task error (:func:`purify.bench.stats.interpolate_curve`). Where the curve segment read there jumps by at least
+  task error (:func:`segment`). Where the curve segment read there jumps by at least
   half the claimed gap (the mean interpolated gap), the frontier in it is not measured: each claim is read at the
   segment end least favourable to it (``below`` at its lower-transfer end, ``above`` at its upper end). When the
   two readings disagree: ``no verdict: frontier unresolved``. A side is called when the paired t-test's
@@ -106,8 +106,12 @@ def loss_mode(loss: str, on_policy: Any = None) -> str:
 
 def segment(curve: Sequence[Mapping[str, float]], x: float, xkey: str = "task_error",
             ykey: str = "transfer") -> tuple[float, float, float]:
-    """``(interpolated, lower end, upper end)`` of the early-stopping segment of ``curve`` read at ``xkey = x``
-    (the same walk as :func:`purify.bench.stats.interpolate_curve`; at a measured point all three are equal)."""
+    """``(interpolated, lower end, upper end)`` of the early-stopping segment of ``curve`` read at ``xkey = x``: where
+    training would have stopped to reach ``x``. Walk the curve in ``step`` order (else the given order), stop at the
+    *first* point whose ``xkey`` is ``<= x`` and interpolate linearly from the point before (already there at the
+    first point: its value; never reached: the last point's). True early stopping: where ``xkey`` plateaus while
+    ``ykey`` keeps rising, a sorted interpolation would compare with a late point a user stopping at ``x`` never
+    reaches. At a measured point all three values are equal."""
     pts = sorted(curve, key=lambda p: p["step"]) if all("step" in p for p in curve) else list(curve)
     for i, p in enumerate(pts):
         if p[xkey] <= x:
@@ -236,14 +240,6 @@ def label(x: Assessment, p_lower: float, p_upper: float, alpha: float = 0.05) ->
     p = p_lower if lo_side != "above frontier" else p_upper
     reading = g["lower_reading"] if lo_side != "above frontier" else g["upper_reading"]
     return f"{lo_side} (gap {reading['mean']:+.3g}, p_adj = {p:.2g}){x.note}"
-
-
-def verdict(arm: Records, vanilla: Records, control: Records, base: Records, guards: Sequence[Guard] = (),
-            alpha: float = 0.05) -> str:
-    """The label of one arm judged alone (a family of one: no multiple-comparison adjustment); for judging several
-    arms of a run use :func:`judge`."""
-    x = assess(arm, vanilla, control, base, guards)
-    return label(x, x.p_lower, x.p_upper, alpha)
 
 
 def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] = (),
