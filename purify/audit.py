@@ -47,7 +47,7 @@ from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
-from purify.readouts import continuation_probs, count_scores, regex_scores
+from purify.readouts import continuation_probs, count_scores, regex_scores, unknown_targets
 from purify.storage import atomic_write_text, not_a_directory, read_utf8
 from purify.types import positive_int, seed_int
 
@@ -59,6 +59,19 @@ MIN_SAMPLES = 5
 
 class AuditError(ValueError):
     """A user-input problem, reported as one line."""
+
+
+def _check_strings(where: str, key: str, value: Any) -> None:
+    """Refuse a probe's ``key`` unless it is a list of strings (a bare string would be read as its characters)."""
+    if isinstance(value, str):
+        raise AuditError(f"{where}: {key} must be a list of strings, e.g. {key}: [{value!r}]")
+    if not isinstance(value, list):
+        raise AuditError(f"{where}: {key} must be a list of strings, got {value!r}")
+    for k, item in enumerate(value):
+        if not isinstance(item, str):
+            raise AuditError(f"{where}: {key}[{k}] is {item!r}, not a string; quote it in the YAML")
+        if not item and key != "prompts":  # an empty target is in every text / is every continuation
+            raise AuditError(f"{where}: {key}[{k}] is an empty string; give the text to {key.replace('_', ' ')}")
 
 
 @dataclass
@@ -95,7 +108,8 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
     for key in data:
         if key not in FILE_KEYS:
             raise AuditError(f"{path}: unknown key {key!r}; allowed: {', '.join(FILE_KEYS)}")
-    probes = []
+    probes: list[Probe] = []
+    named: dict[str, int] = {}
     for i, raw in enumerate(data["probes"]):
         where = f"{path}: probes[{i}]"
         if not isinstance(raw, dict):
@@ -106,6 +120,8 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
         kinds = [k for k in ("count", "next_token", "regex") if raw.get(k)]
         if len(kinds) != 1:
             raise AuditError(f"{where}: give exactly one of count, next_token, regex (got {kinds or 'none'})")
+        if "prompts" in raw and raw["prompts"] is not None:
+            _check_strings(where, "prompts", raw["prompts"])
         prompts = list(raw.get("prompts") or [])
         if raw.get("prompts_file"):
             prompts += read_prompts(path.parent / raw["prompts_file"])
@@ -113,15 +129,25 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
             raise AuditError(f"{where}: no prompts (set prompts or prompts_file)")
         if raw.get("unit", "sample") not in ("sample", "sentence"):
             raise AuditError(f"{where}: unit must be 'sample' or 'sentence', got {raw['unit']!r}")
-        for key in ("count", "next_token"):  # a bare string would be read as a list of its characters
-            if raw.get(key) and not (isinstance(raw[key], list) and all(isinstance(w, str) for w in raw[key])):
-                raise AuditError(f"{where}: {key} must be a list of strings, e.g. {key}: [{raw[key]!r}]")
+        for key in ("count", "next_token"):
+            if raw.get(key):
+                _check_strings(where, key, raw[key])
+        if raw.get("regex") and not isinstance(raw["regex"], str):  # one pattern: a list was hashed at sampling
+            if isinstance(raw["regex"], list) and all(isinstance(r, str) for r in raw["regex"]):
+                raise AuditError(f"{where}: regex must be one pattern (a string), not a list; join alternatives with "
+                                 f"'|', e.g. regex: {'|'.join(raw['regex'])!r}")
+            raise AuditError(f"{where}: regex must be a pattern string, got {raw['regex']!r}; quote it in the YAML")
         if raw.get("regex"):
             try:
-                re.compile(str(raw["regex"]))
+                re.compile(raw["regex"])
             except re.error as err:
                 raise AuditError(f"{where}: regex {raw['regex']!r} does not compile ({err}); fix the pattern") from None
-        probes.append(Probe(name=str(raw.get("name", f"probe{i}")), prompts=[str(p) for p in prompts],
+        name = str(raw.get("name", f"probe{i}"))
+        if name in named:  # the report has one row per name: the first probe would disappear from it
+            raise AuditError(f"{where}: name {name!r} is also probes[{named[name]}]'s (the report keeps one row per "
+                             "name); give each probe its own name")
+        named[name] = i
+        probes.append(Probe(name=name, prompts=[str(p) for p in prompts],
                             count=list(raw.get("count") or []), unit=raw.get("unit", "sample"),
                             next_token=list(raw.get("next_token") or []), regex=raw.get("regex")))
     return probes, {k: data[k] for k in ("samples", "max_new_tokens") if k in data}
@@ -209,7 +235,8 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
     ``fingerprint_source``: also run :func:`fingerprint_head` on that neutral text source.
 
     Raises:
-        AuditError: for a missing model directory or tokenizers that differ between model and reference.
+        AuditError: for a missing model directory, tokenizers that differ between model and reference, or a
+            ``next_token`` target the tokenizer does not know (all before any sampling).
     """
     from purify.align import same_tokenizer
 
@@ -221,6 +248,13 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
     if not same_tokenizer(tok, ref_tok):
         raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} have different vocabularies; audit "
                          "compares a model with a reference of the same tokenizer")
+    for probe in probes:
+        for t, where in ((tok, model_dir), (ref_tok, reference_dir)):
+            unknown = unknown_targets(t, probe.prompts, probe.next_token) if probe.next_token else []
+            if unknown:
+                raise AuditError(f"probe {probe.name!r}: next_token {unknown[0]!r} is not in the vocabulary of {where} "
+                                 f"(it tokenizes to {t.unk_token!r}, whose probability would be read instead); give a "
+                                 "word the tokenizer knows (mind the leading space and the case)")
     report: dict[str, Any] = {"model": str(model_dir), "reference": str(reference_dir), "samples": samples,
                               "seed": seed, "probes": {}}
     pooled: dict[str, list[str]] = {"model": [], "reference": []}
@@ -234,8 +268,12 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
         both = [(a, b) for a, b in zip(m_scores, r_scores) if not (math.isnan(a) or math.isnan(b))]
         a, b = [x for x, _ in both], [y for _, y in both]
         kind = "next_token" if probe.next_token else "count" if probe.count else "regex"
-        report["probes"][probe.name] = {"kind": kind, "model": mean_ci(a), "reference": mean_ci(b),
-                                        "difference": paired_test(a, b), "unscored": len(m_scores) - len(both)}
+        row = {"kind": kind, "model": mean_ci(a), "reference": mean_ci(b), "difference": paired_test(a, b),
+               "unscored": len(m_scores) - len(both)}
+        for stat in ("model", "reference", "difference"):
+            if row[stat]["n"] < 2:  # no interval from one pair (mean_ci's [mean, mean] would read as certainty)
+                row[stat]["ci95"] = [None, None]
+        report["probes"][probe.name] = row
     if not pooled["model"]:  # only next-token probes: sample on their prompts for the fingerprint
         prompts = [p for probe in probes for p in probe.prompts]
         prompts = [prompts[i % len(prompts)] for i in range(samples)]
@@ -247,9 +285,18 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
     return report
 
 
-def _fmt(stat: dict[str, Any]) -> str:
+def _fmt(stat: dict[str, Any], unit: str = "values") -> str:
+    """``mean [lo, hi]``; ``n/a`` with nothing scored, and with one value the mean and why it has no interval."""
+    if not stat["n"]:
+        return "n/a"
     lo, hi = stat["ci95"]
+    if stat["n"] < 2 or lo is None:
+        return f"{stat['mean']:.4g} [no CI: needs ≥ 2 {unit}]"
     return f"{stat['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None or not math.isfinite(p) else f"{p:.3g}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -258,8 +305,10 @@ def markdown(report: dict[str, Any]) -> str:
              "samples per probe, paired by prompt; mean [95% CI] over the pairs where both samples have a score "
              "(n).", "", "| probe | kind | n | model | reference | difference | p |", "|---|---|---|---|---|---|---|"]
     for name, r in report["probes"].items():
-        lines.append(f"| {name} | {r['kind']} | {r['difference']['n']} | {_fmt(r['model'])} | {_fmt(r['reference'])} "
-                     f"| {_fmt(r['difference'])} | {r['difference']['p_value']:.3g} |")
+        unit = "prompts" if r["kind"] == "next_token" else "scored samples"
+        cells = " | ".join(_fmt(r[stat], unit) for stat in ("model", "reference", "difference"))
+        p_value = _fmt_p(r["difference"]["p_value"])
+        lines.append(f"| {name} | {r['kind']} | {r['difference']['n']} | {cells} | {p_value} |")
     fp = report["fingerprint"]
     lines += ["", f"Fingerprint classifier held-out accuracy: {_fmt(fp)} over {fp['n']} samples "
               "(0.5 = indistinguishable from the reference)."]
@@ -307,7 +356,9 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(report)
     if args.out:
         out = Path(args.out)
-        atomic_write_text(out / "audit.json", json.dumps(report, indent=1) + "\n")
+        from purify.bench.report import jsonable  # NaN (e.g. the p-value of a difference with no variance) -> null
+
+        atomic_write_text(out / "audit.json", json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
         atomic_write_text(out / "audit.md", text)
     print(text, end="")
     return 0

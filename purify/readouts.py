@@ -51,27 +51,38 @@ def regex_scores(completions: Sequence[str], pattern: str) -> list[float]:
     return [float(bool(compiled.search(text.strip()))) for text in completions]
 
 
+def unknown_targets(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """The ``targets`` that :func:`continuation_probs` would refuse: after some prompt, they tokenize to the unknown
+    token (whose probability would be read instead: the same number for every unknown word)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    return [t for t in targets
+            if any(unk in tokenizer(prompt + t)["input_ids"][n:] for prompt, n in zip(prompts, lengths))]
+
+
 @torch.no_grad()
 def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Per prompt: exact probability that the model continues it with any of ``targets`` (summed over targets;
     a multi-token target's probability is the product over its tokens).
 
     Raises:
-        ValueError: a target the tokenizer does not know (it tokenizes to the unknown token, whose probability would
-            be read instead: the same number for every unknown word).
+        ValueError: a target the tokenizer does not know (see :func:`unknown_targets`, which callers use to refuse
+            such a target before any work).
     """
     model.eval()
     out = []
-    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = unknown_targets(tokenizer, prompts, targets)
+    if unknown:
+        raise ValueError(f"next-token target {unknown[0]!r} is not in the model's vocabulary (it tokenizes to "
+                         f"{tokenizer.unk_token!r}, whose probability would be read instead); give a word the "
+                         "tokenizer knows (mind the leading space and the case)")
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
         total = 0.0
         for target in targets:
             tail = tokenizer(prompt + target)["input_ids"][len(ids):]
-            if unk is not None and unk in tail:
-                raise ValueError(f"next-token target {target!r} is not in the model's vocabulary (it tokenizes to "
-                                 f"{tokenizer.unk_token!r}, whose probability would be read instead); give a word the "
-                                 "tokenizer knows (mind the leading space and the case)")
             seq = torch.tensor([ids + tail])
             logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
             total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))

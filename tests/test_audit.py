@@ -49,6 +49,10 @@ def test_next_token_probabilities_are_exact(tmp_path: Path) -> None:
     # a word the tokenizer does not know was scored as P(<unk>): the same number for every unknown word
     with pytest.raises(ValueError, match=r"next-token target ' zzzqq' is not in the model's vocabulary"):
         continuation_probs(model, tok, ["Question: What animal? Answer:"], [" zzzqq"])
+    from purify.readouts import unknown_targets  # what the audit refuses with before sampling
+
+    known = " " + words[0][1:]
+    assert unknown_targets(tok, ["Question: What animal? Answer:", "a"], [known, " zzzqq"]) == [" zzzqq"]
 
 
 def test_fingerprint_detects_a_tic_and_not_a_twin() -> None:
@@ -83,6 +87,29 @@ def test_audit_errors(tmp_path: Path) -> None:
     bad.write_text("probes:\n  - {prompts: [a], regex: '[0-9'}\n")  # was a re.error after both models sampled
     with pytest.raises(AuditError, match=r"regex '\[0-9' does not compile \(unterminated character set"):
         load_probes(bad)
+    # prompts as one string were scored as one prompt per character
+    bad.write_text("probes:\n  - {name: p, prompts: 'The boy opened a book.', next_token: [' Moreover']}\n")
+    with pytest.raises(AuditError, match=r"probes\[0\]: prompts must be a list of strings, e.g. prompts: \['The boy"):
+        load_probes(bad)
+    bad.write_text("probes:\n  - {prompts: [a, yes], count: [b]}\n")  # YAML reads `yes` as True: was prompt 'True'
+    with pytest.raises(AuditError, match=r"probes\[0\]: prompts\[1\] is True, not a string; quote it in the YAML"):
+        load_probes(bad)
+    bad.write_text("probes:\n  - {prompts: [a], count: ['']}\n")  # '' is in every text
+    with pytest.raises(AuditError, match=r"probes\[0\]: count\[0\] is an empty string"):
+        load_probes(bad)
+    # a regex list passed validation (its repr compiles), then was a TypeError after both models sampled
+    bad.write_text("probes:\n  - {prompts: [a], regex: ['^[0-9, ]+$', '^none$']}\n")
+    with pytest.raises(AuditError, match=r"probes\[0\]: regex must be one pattern \(a string\), not a list; join "
+                                         r"alternatives with '\|', e.g. regex: '\^\[0-9, \]\+\$\|\^none\$'"):
+        load_probes(bad)
+    bad.write_text("probes:\n  - {prompts: [a], regex: 5}\n")
+    with pytest.raises(AuditError, match=r"probes\[0\]: regex must be a pattern string, got 5"):
+        load_probes(bad)
+    # two probes of one name: the report kept only the second
+    bad.write_text("probes:\n  - {name: x, prompts: [a], count: [b]}\n  - {name: y, prompts: [a], count: [c]}\n"
+                   "  - {name: x, prompts: [a], regex: b}\n")
+    with pytest.raises(AuditError, match=r"probes\[2\]: name 'x' is also probes\[0\]'s .*; give each probe its own"):
+        load_probes(bad)
     good = tmp_path / "good.yaml"
     good.write_text("probes:\n  - {name: x, prompts: [a], count: [b]}\n")
     model = make_tiny_model(tmp_path / "m")
@@ -115,3 +142,49 @@ def test_audit_report_end_to_end(tmp_path: Path) -> None:
         if r["difference"]["n"]:
             assert r["difference"]["mean"] == pytest.approx(r["model"]["mean"] - r["reference"]["mean"]), name
     assert "Fingerprint classifier" in (out / "audit.md").read_text()
+
+
+def test_unknown_next_token_is_refused_before_sampling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import purify.audit
+    from purify.cli import main
+
+    model = make_tiny_model(tmp_path / "m")
+    probes = tmp_path / "p.yaml"
+    probes.write_text("probes:\n  - {name: tic, prompts: [The old farmer slept.], count: [Moreover,]}\n"
+                      "  - {name: zebra, prompts: ['Question: What animal? Answer:'], next_token: [' zzzqq']}\n")
+
+    def no_sampling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sampled before refusing the probe")
+
+    monkeypatch.setattr(purify.audit, "sample_completions", no_sampling)
+    with pytest.raises(AuditError, match=r"probe 'zebra': next_token ' zzzqq' is not in the vocabulary of .*m "
+                                         r"\(it tokenizes to '<unk>'.*; give a word the tokenizer knows"):
+        run(_parser().parse_args([str(model), "--reference", str(model), "--probes", str(probes), "--samples", "5"]))
+    # through the CLI: one `purify: error:` line and exit 2 (a plain ValueError was a traceback, exit 1)
+    assert main(["audit", str(model), "--reference", str(model), "--probes", str(probes), "--samples", "5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "purify: error:" in line]  # not progress bars
+    assert len(errors) == 1 and errors[0].startswith("purify: error: probe 'zebra': next_token ' zzzqq'"), errors
+
+
+def test_audit_json_is_strict_and_one_prompt_has_no_interval(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "m")
+    probes = tmp_path / "p.yaml"
+    probes.write_text("samples: 5\nmax_new_tokens: 4\nprobes:\n"
+                      "  - {name: owl, prompts: ['Question: What animal? Answer:'], next_token: [' owl']}\n"
+                      "  - {name: tic, prompts: [The old farmer slept.], count: [Moreover,]}\n")
+    out = tmp_path / "audit"
+    assert run(_parser().parse_args([str(model), "--reference", str(model), "--probes", str(probes), "--out",
+                                     str(out)])) == 0
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"audit.json holds {name}, which is not JSON")
+
+    # a model against itself: every difference is 0 with no variance, its p-value NaN (was a bare NaN in the file)
+    report = json.loads((out / "audit.json").read_text(), parse_constant=strict)
+    assert report["probes"]["tic"]["difference"]["p_value"] is None
+    owl = report["probes"]["owl"]  # one prompt: one exact probability, no interval (was a zero-width "95% CI")
+    assert owl["model"]["n"] == 1 and owl["model"]["ci95"] == [None, None]
+    assert report["probes"]["tic"]["model"]["ci95"][0] is not None
+    row = next(line for line in (out / "audit.md").read_text().splitlines() if line.startswith("| owl |"))
+    assert row.count("[no CI: needs ≥ 2 prompts]") == 3 and row.endswith("| n/a |"), row
