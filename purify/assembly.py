@@ -40,7 +40,7 @@ from purify.lineage import build_lineage
 from purify.lm.bases import BASES
 from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, state_sha256
 from purify.models_prepare import KNOWN_MODELS
-from purify.module import Distiller
+from purify.module import Distiller, shared_width
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
 from purify.purifiers.base import number_problems
 from purify.purifiers.cross_base import resolve_teachers
@@ -280,25 +280,29 @@ def cross_base_teachers(configs: list[PurifierConfig], student: LoadedModel,
 
 def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedModel:
     """:func:`purify.models.build_model`, with what transformers cannot load (a hub name without network, a damaged
-    ``config.json``, a directory without weights) as one line naming the recipe key."""
+    ``config.json``, a directory without weights) and what an ``arch`` builder refuses in its ``kwargs`` (a wrong
+    type or value) as one line naming the recipe key; unknown ``config`` keys and ``kwargs`` names are refused
+    first (:func:`purify.models.spec_problems`), before anything is built."""
+    from purify.models import arch_parameters, spec_problems
+
+    problems = spec_problems(spec, where)
+    if problems:
+        raise RecipeError(problems)
     try:
         return build_model(spec, seed, deferred=True) if deferred else build_model(spec, seed)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as err:
+        if spec.arch is None or isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise RecipeError(f"{where}.kwargs: {spec.arch} cannot be built from {dict(spec.kwargs)} "
+                          f"({type(err).__name__}: {first_line(err)}); {spec.arch} accepts "
+                          f"{arch_parameters(spec.arch)}") from None
     except OSError as err:
         source = next((f"{k} {getattr(spec, k)}" for k in ("path", "builtin", "gguf", "packaged", "tokenizer")
                        if getattr(spec, k, None) is not None), "its source")
         raise RecipeError(f"{where}: cannot load {source} ({first_line(err)}); give a local model directory, or "
                           "make the hub reachable") from None
-
-
-def _check_widths(student: int | None, teachers: dict[int, int | None]) -> None:
-    """Refuse a teacher with the student's tokenizer whose logits are another width than the student's (an output
-    layer padded to another size, or a cache written by such a teacher): the loss compares them entry by entry."""
-    problems = [f"teachers[{i}]: its logits have {width} entries per position and the student's {student}; a teacher "
-                "with the student's tokenizer must score the same vocabulary (output layers padded to different "
-                "sizes are not supported); use a teacher, or a cache of one, with the student's output width"
-                for i, width in teachers.items() if None not in (student, width) and width != student]
-    if problems:
-        raise RecipeError(problems)
 
 
 def build_run(recipe: Recipe) -> Run:
@@ -323,8 +327,10 @@ def build_run(recipe: Recipe) -> Run:
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
     cross = cross_base_teachers(configs, student, teachers)
-    if recipe.loss.logit_slice is None:  # same tokenizer, another output width: the loss met it at the first batch
-        _check_widths(widths[0], {i: w for i, w in enumerate(widths[1:]) if i not in cross})
+    if recipe.loss.logit_slice is None:  # same tokenizer, output layers padded to other sizes: before any write
+        same = {f"teachers[{i}]": w for i, w in enumerate(widths[1:]) if i not in cross}
+        shared_width({"student": widths[0], **same}, None if student.tokenizer is None else len(student.tokenizer),
+                     recipe.loss.fused_linear)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
                 "sha256": None if t.module is None else getattr(t.module, "recorded_sha256", None)

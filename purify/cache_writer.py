@@ -36,7 +36,7 @@ from purify.cache import (
 from purify.config import Recipe
 from purify.models import LoadedModel, build_model, freeze, model_forward, spec_tokenizer, state_sha256
 from purify.storage import atomic_dir, atomic_path, atomic_write_text, not_a_directory
-from purify.types import RecipeError, positive_int
+from purify.types import RecipeError, first_line, positive_int
 
 
 def _top_k(logits: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +80,14 @@ def _claim(out: Path, plan: dict[str, Any]) -> None:
     """Record what ``out`` is being written for, or refuse a directory that holds a cache of something else."""
     path = out / PLAN
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise CacheError(f"--out {out}: its {PLAN} cannot be read ({first_line(err)}), so what the partial cache "
+                             "there was written for is unknown; remove it or pick another --out") from None
+        if not isinstance(old, dict):
+            raise CacheError(f"--out {out}: its {PLAN} is not a JSON object; remove the partial cache or pick another "
+                             "--out")
         differs = sorted(key for key in set(old) | set(plan) if old.get(key) != plan.get(key))
         if differs:
             raise CacheError(f"--out {out}: holds a cache written with other {', '.join(differs)}; remove it or "

@@ -348,8 +348,12 @@ class DistillDataModule(L.LightningDataModule):
         else:
             g = torch.Generator().manual_seed(self.seed)
             order = torch.randperm(len(records), generator=g).tolist()
-            n_val = int(len(records) * cfg.val_fraction)
-            val = [records[i] for i in order[:n_val]] or records[:1]
+            n_val = max(1, int(len(records) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+            if n_val and len(records) - n_val < 1:  # validation on the one training record, silently
+                raise DataError(f"data.train: {cfg.train} has {len(records)} record(s): too few to hold out "
+                                f"val_fraction {cfg.val_fraction} for validation and train on the rest; give more "
+                                "records, or data.val")
+            val = [records[i] for i in order[:n_val]] or records[:1]  # val_fraction 0: validation is off
             records = [records[i] for i in order[n_val:]]
         return (TokenDataset(records, self.tokenizer, cfg.max_length, self.teacher_tokenizers),
                 TokenDataset(val, self.tokenizer, cfg.max_length, self.teacher_tokenizers))

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from purify.storage import atomic_write_text, not_a_directory, not_a_file, read_utf8
-from purify.types import positive_int, probability_mass, seed_int, temperature
+from purify.types import first_line, positive_int, probability_mass, seed_int, temperature
 
 
 class GenerateError(ValueError):
@@ -128,20 +128,70 @@ def write_jsonl(path: str | Path, records: list[dict[str, str]]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""File names any one of which a saved Hugging Face tokenizer holds."""
+
+
+def model_dir_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a local Hugging Face causal LM with its tokenizer that :func:`load_model` can load (a
+    missing directory, ``config.json``, safetensors weights or tokenizer, or the export of an ``arch`` student, a plain
+    torch model), as one line naming the directory; ``None`` when it looks loadable."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"model not found: {path} is not a directory holding a saved model"
+
+    def has(name: str) -> bool:
+        return (path / name).is_file()
+
+    if not has("config.json") and not has("adapter_config.json"):  # a model, a LoRA adapter
+        hint = f"; the run's export is {path / 'student'}" if (path / "student").is_dir() else ""
+        return f"model not found: {path} holds no saved model (no config.json){hint}"
+    if has("config.json"):
+        try:
+            config = json.loads(read_utf8(path / "config.json"))
+        except (ValueError, OSError) as err:
+            return f"{path}: config.json cannot be read ({first_line(err)}); give a saved Hugging Face model directory"
+        if isinstance(config, dict) and "arch" in config and "model_type" not in config:
+            return (f"{path} is the export of an `arch: {config['arch']}` student (a plain torch model, not a language "
+                    "model); audit and generate need a language model: a Hugging Face causal LM with a tokenizer")
+        if not isinstance(config, dict) or "model_type" not in config:
+            return (f"{path}: config.json has no model_type, so it is not a Hugging Face model; audit and generate "
+                    "need a language model: a Hugging Face causal LM with a tokenizer")
+    weights = ("model.safetensors", "model.safetensors.index.json") if has("config.json") else ()
+    weights += ("adapter_model.safetensors",) if has("adapter_config.json") else ()
+    if not any(has(name) for name in weights):
+        legacy = next((n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+                       if has(n)), None)
+        fix = (f"it holds only {legacy}, and purify loads safetensors only: re-save the model with "
+               "save_pretrained(safe_serialization=True)") if legacy else "give the directory save_pretrained wrote"
+        return f"{path}: holds no weights (no {' or '.join(weights)}); {fix}"
+    if not any(has(name) for name in TOKENIZER_FILES):
+        return (f"{path}: holds no tokenizer (no tokenizer.json or tokenizer_config.json); save the model's tokenizer "
+                "into it (tokenizer.save_pretrained)")
+    return None
+
+
 def load_model(path: str | Path) -> tuple[Any, Any]:
     """A local HF causal LM and its tokenizer (safetensors only, no remote code).
 
     Raises:
-        GenerateError: if ``path`` is not a directory.
+        GenerateError: if ``path`` is not such a model (:func:`model_dir_problem`) or transformers cannot load it,
+            one line naming the directory.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).is_dir():
-        raise GenerateError(f"model not found: {path} is not a directory holding a saved model")
-    if not any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json")):  # model, LoRA
-        hint = f"; the run's export is {Path(path) / 'student'}" if (Path(path) / "student").is_dir() else ""
-        raise GenerateError(f"model not found: {path} holds no saved model (no config.json){hint}")
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), AutoTokenizer.from_pretrained(path)
+    problem = model_dir_problem(path)
+    if problem:
+        raise GenerateError(problem)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError) as err:  # what transformers refuses there (not a causal LM, damaged)
+        raise GenerateError(f"cannot load {path} ({first_line(err)}); audit and generate need a local Hugging Face "
+                            "causal-LM directory with its tokenizer") from None
+    return model, tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,7 +93,9 @@ def _check_file(file: str | Path) -> Path:
     return path.resolve()
 
 
-def _check_dependencies() -> None:
+def check_dependencies() -> None:
+    """Raise :class:`GGUFDependencyError` (one line: what to install) unless the packages GGUF reading needs are
+    importable."""
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise GGUFDependencyError(
@@ -166,7 +168,7 @@ def load_gguf(
     hit = cached_model_dir(digest, cache_dir)
     if hit is not None:
         return hit
-    _check_dependencies()
+    check_dependencies()
 
     parent = cache_root(cache_dir) / "gguf"
     parent.mkdir(parents=True, exist_ok=True)

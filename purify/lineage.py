@@ -140,7 +140,10 @@ def format_lineage(record: dict[str, Any]) -> str:
         lines.append(f"data: {d['path']}  sha256={d['sha256']}")
     lines.append("purifiers: " + (", ".join(json.dumps(p, sort_keys=True) for p in record["purifiers"]) or "none"))
     if record.get("metrics"):
-        lines.append("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(record["metrics"].items())))
+        at = record.get("validated_at_step")
+        lines.append("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(record["metrics"].items()))
+                     + (f"  (val/* from the validation at step {at})" if at is not None and at != record.get("step")
+                        else ""))
     vers = record.get("versions", {})
     lines.append("versions: " + ", ".join(f"{k}={v}" for k, v in vers.items() if v))
     lines.append(f"git: {record.get('git')}")

@@ -8,8 +8,11 @@ and auxiliary logits of the subliminal-learning benchmark). :func:`model_forward
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 
 from purify.cache import CachedTeacher
 from purify.config import ModelSpec
-from purify.types import Batch, ModelOutput
+from purify.types import Batch, ModelOutput, RecipeError
 
 
 class AuxMLP(nn.Module):
@@ -49,6 +52,99 @@ class AuxMLP(nn.Module):
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"aux_mlp": AuxMLP}
 """Registered plain-torch builders, by recipe name (``arch:``). Their ``forward(batch, hidden)`` returns a
 :class:`ModelOutput`."""
+
+
+CONFIG_KWARGS = ("model_type", "rope_theta", "rope_scaling", "partial_rotary_factor", "attn_implementation",
+                 "experts_implementation", "torch_dtype", "dtype", "num_labels", "output_attentions", "name_or_path")
+"""Keys every transformers config accepts although some versions keep them neither as ``__init__`` parameters nor as
+attributes of their own name (read from ``**kwargs`` or folded into another field, e.g. ``rope_theta`` into
+``rope_parameters``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def config_fields(model_type: str) -> frozenset[str] | None:
+    """The keys a ``config:`` dict of this transformers ``model_type`` may hold: its config class's ``__init__``
+    parameters (of every class up its MRO), the attributes of a default instance and the class's properties, its
+    ``attribute_map`` aliases and :data:`CONFIG_KWARGS`; ``None`` for a model type transformers does not know."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return None
+    cls = CONFIG_MAPPING[model_type]
+    names = set(CONFIG_KWARGS) | set(getattr(cls, "attribute_map", {}) or {})
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {n for n, p in inspect.signature(init).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        default = cls()
+    except Exception:  # noqa: BLE001 - a config class without usable defaults: its signature alone
+        return frozenset(names)
+    names |= set(vars(default))
+    # the class's properties and plain attributes, read statically (running a property can warn of a deprecation)
+    static = {n: inspect.getattr_static(cls, n) for n in dir(cls) if not n.startswith("__")}
+    names |= {n for n, attr in static.items()
+              if isinstance(attr, property) or not (callable(attr) or isinstance(attr, classmethod))}
+    return frozenset(names)
+
+
+def config_key_problems(config: Mapping[str, Any], where: str) -> list[str]:
+    """A recipe's ``<where>.config`` keys that its ``model_type``'s transformers config does not know (transformers
+    would keep each as an extra attribute and build the model with the default), one line each with a did-you-mean;
+    empty when all are known or the model type is missing or unknown (other checks say so)."""
+    model_type = config.get("model_type")
+    known = config_fields(model_type) if isinstance(model_type, str) else None
+    if known is None:
+        return []
+    public = sorted(n for n in known if not n.startswith("_"))
+    out = []
+    for key in map(str, config):
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, public, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"see transformers' config of {model_type} for its fields"
+        out.append(f"{where}.config.{key}: unknown key for a {model_type} config; {hint}")
+    return out
+
+
+def arch_parameters(arch: str) -> str:
+    """The keyword arguments a registered architecture's builder accepts, with defaults: ``in_dim=64, ...``."""
+    params = inspect.signature(ARCHITECTURES[arch]).parameters.values()
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def arch_kwargs_problems(arch: str, kwargs: Mapping[str, Any], where: str) -> list[str]:
+    """A recipe's ``<where>.kwargs`` that the builder of ``arch`` does not accept (unknown names, missing required
+    ones), one line each naming its parameters; empty for an unregistered ``arch`` (another check says so)."""
+    if arch not in ARCHITECTURES:
+        return []
+    params = inspect.signature(ARCHITECTURES[arch]).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = f"{arch} accepts {arch_parameters(arch)}"
+    out = []
+    for key in map(str, kwargs):
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            out.append(f"{where}.kwargs: unknown parameter {key!r}; {hint}{accepted}")
+    for name in names:
+        if params[name].default is params[name].empty and name not in kwargs:
+            out.append(f"{where}.kwargs: missing {name!r}; {accepted}")
+    return out
+
+
+def spec_problems(spec: ModelSpec, where: str) -> list[str]:
+    """What :func:`build_model` refuses in a spec before building anything: unknown ``config`` keys
+    (:func:`config_key_problems`) and ``kwargs`` an ``arch`` builder does not take (:func:`arch_kwargs_problems`)."""
+    if spec.config is not None:
+        return config_key_problems(spec.config, where)
+    if spec.arch is not None:
+        return arch_kwargs_problems(spec.arch, spec.kwargs or {}, where)
+    return []
 
 
 @dataclass
@@ -158,7 +254,8 @@ def logit_width(model: nn.Module) -> int | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
+    shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())  # ZeRO-3 keeps the full shape aside
+    return int(shape[0]) if isinstance(weight, Tensor) and len(shape) == 2 else None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -218,7 +315,7 @@ def spec_tokenizer(spec: ModelSpec) -> Any | None:
     return load_tokenizer(spec.tokenizer or _resolve_dir(spec), spec.trust_remote_code)
 
 
-def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedModel:
+def build_model(spec: ModelSpec, seed: int, deferred: bool = False, where: str = "model") -> LoadedModel:
     """Build the module and tokenizer a spec describes.
 
     Args:
@@ -228,7 +325,14 @@ def build_model(spec: ModelSpec, seed: int, deferred: bool = False) -> LoadedMod
         deferred: describe the model (name, source, tokenizer, config) but leave ``module`` unbuilt until
             :meth:`LoadedModel.build` (how teachers reach ``configure_model`` under ZeRO-3). A ``cache`` teacher holds
             no weights and is always built.
+        where: the spec's recipe key (``student``, ``teachers[0]``), for error lines.
+
+    Raises:
+        RecipeError: :func:`spec_problems` (unknown ``config`` keys, ``kwargs`` the ``arch`` does not take).
     """
+    problems = spec_problems(spec, where)
+    if problems:
+        raise RecipeError(problems)
     if spec.cache is not None:
         return load_cached_teacher(spec.cache, getattr(spec, "teacher", 0), spec.name)
     init_seed = spec.seed if spec.seed is not None else seed

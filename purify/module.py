@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from purify.align import same_tokenizer
 from purify.config import (
     LossConfig,
     OnPolicyConfig,
@@ -35,7 +36,7 @@ from purify.lora import is_lora
 from purify.losses import distillation_loss
 from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
-from purify.models import decoder_hidden, freeze, fused_problem, model_forward, output_layer
+from purify.models import decoder_hidden, freeze, fused_problem, logit_width, model_forward, output_layer
 from purify.on_policy import sampler_for
 from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
@@ -47,6 +48,31 @@ def _edits_weights(purifier: Any) -> bool:
     """Whether a purifier's config declares that it edits the student's full weights (:class:`Contract`)."""
     contract = getattr(getattr(purifier, "config", None), "contract", None)
     return callable(contract) and bool(contract().edits_weights)
+
+
+def shared_width(widths: dict[str, int | None], tokens: int | None, fused: bool = False) -> int | None:
+    """The width the student and its same-tokenizer teachers (``widths``: recipe key → logits per position) are all
+    cut to where their output layers are padded to different sizes (Qwen2.5-7B's 152064 rows against 0.5B's
+    151936): the narrowest, which must still hold every one of the tokenizer's ``tokens`` (the rows past it are ids
+    no token has). ``None`` where the widths agree or one is unknown before a forward.
+
+    Raises:
+        RecipeError: the widths differ and the narrowest holds fewer than ``tokens`` (or there is no tokenizer: a
+            vector model's outputs are not a vocabulary), or ``fused`` (the fused loss builds each model's logits
+            from its own output layer).
+    """
+    if None in widths.values() or len(set(widths.values())) < 2:
+        return None
+    width = min(w for w in widths.values() if w is not None)
+    shown = ", ".join(f"{k} {v}" for k, v in widths.items())
+    if tokens is None or tokens > width:
+        raise RecipeError(f"teachers: the student and its teachers return logits of different widths ({shown})"
+                          + ("" if tokens is None else f", and the narrowest holds fewer than the tokenizer's {tokens} "
+                             "tokens") + "; give models that score the same vocabulary")
+    if fused:
+        raise RecipeError(f"loss.fused_linear: builds the logits from each model's own output layer, and the "
+                          f"student's and a teacher's are padded to different sizes ({shown}); turn fused_linear off")
+    return width
 
 
 def purifier_name(purifier: Any) -> str:
@@ -128,6 +154,8 @@ class Distiller(L.LightningModule):
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
+        self._shared_width: int | None = None  # set up by _shared_vocabulary
+        self._own_vocabulary: set[int] = set()  # teachers with another tokenizer: never cut to _shared_width
         self._owner_token = object()  # marks the purifiers this Distiller set up (a deepcopy keeps the pairing)
         self._configured = False
         self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
@@ -187,12 +215,27 @@ class Distiller(L.LightningModule):
                   for i, p in enumerate(self.purifiers) if is_lora(self.student) and _edits_weights(p)]
         if frozen:  # what recipe validation says (Contract.edits_weights), for a Distiller built in Python
             raise RecipeError(frozen)
+        self._shared_width = self._shared_vocabulary()
         for p in self.purifiers:
             p.setup(ctx)
             p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
+            self.on_policy.vocab_limit = self._shared_width  # no sample of an id a teacher has no logit for
         self._ready = True
+
+    def _shared_vocabulary(self) -> int | None:
+        """:func:`shared_width` of the student and its teachers with the student's tokenizer (teachers with another
+        tokenizer keep their own vocabulary: ``cross_base`` aligns them); records which teachers those are."""
+        tokenizer = self.tokenizers["student_tokenizer"]
+        if self.loss_config.logit_slice is not None:
+            return None
+        own = [(f"teachers[{i}]", t) for i, (t, tok) in enumerate(zip(self.teachers, self.tokenizers[
+            "teacher_tokenizers"])) if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]
+        width = shared_width({where: logit_width(m) for where, m in [("student", self.student), *own]},
+                             None if tokenizer is None else len(tokenizer), self.loss_config.fused_linear)
+        self._own_vocabulary = {id(t) for t in self.teachers} - {id(t) for _, t in own}
+        return width
 
     def _check_purifiers_owned(self) -> None:
         """Refuse to go on with a purifier that another Distiller has set up since this one did: its per-run state
@@ -248,10 +291,15 @@ class Distiller(L.LightningModule):
         return self.restrict(model_forward(model, batch, hidden=hidden), model)
 
     def restrict(self, out: ModelOutput, model: nn.Module) -> ModelOutput:
-        """``model``'s output ``out`` restricted to ``loss.logit_slice`` when set (the logits the loss distils)."""
+        """``model``'s output ``out`` restricted to ``loss.logit_slice`` when set (the logits the loss distils), or
+        cut to the student's and its same-tokenizer teachers' shared vocabulary where their output layers are
+        padded to different sizes (:meth:`_shared_vocabulary`)."""
         sl = self.loss_config.logit_slice
         if sl is None:
-            return out
+            width = self._shared_width
+            if width is None or out.logits.shape[-1] <= width or id(model) in self._own_vocabulary:
+                return out
+            return ModelOutput(logits=out.logits[..., :width], hidden=out.hidden)
         problem = logit_slice_problem(sl, out.logits.shape[-1], type(model).__name__)
         if problem:  # a model that does not say its width (logit_width) is checked here, at its first forward
             raise RecipeError(problem)

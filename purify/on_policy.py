@@ -86,7 +86,7 @@ def _left_padded(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicyConfig, *, pad_id: int,
-                       eos_id: int | None, seed: int) -> tuple[Tensor, Tensor]:
+                       eos_id: int | None, seed: int, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
     """The student's own completions of each prompt (``generate`` under ``no_grad``, KV cache on).
 
     The model samples in ``eval()`` mode (no dropout) and is put back in the mode it was in. Sampling uses only the
@@ -103,6 +103,8 @@ def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicy
         eos_id: end-of-text token id; a row stops after sampling it (``None``: every row samples
             ``max_new_tokens``).
         seed: seeds the sampling.
+        vocab_limit: never sample an id at or past it (a student whose output layer is padded past a teacher's:
+            those rows are ids no token has, which the teacher could not read).
 
     Returns:
         ``(tokens, counts)``: ``tokens`` ``(B, N)`` the sampled ids (padded with ``pad_id`` after a row's end),
@@ -112,6 +114,10 @@ def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicy
     generation = GenerationConfig(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
                                   max_new_tokens=config.max_new_tokens, min_new_tokens=1 if eos_id is not None else 0,
                                   use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    width = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    if vocab_limit is not None and width > vocab_limit:
+        generation.suppress_tokens = list(range(vocab_limit, width))
     # generate() fills every unset field from the model's own generation_config (a hub model's repetition penalty,
     # top-k, ...): hide it for the call, so only the fields above (and transformers' neutral defaults) apply.
     holder = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
@@ -260,6 +266,7 @@ class OnPolicySampler:
         self._counted, self._on = 0, 0  # decisions counted for steps [0, _counted): _on of them on-policy
         self._step, self._micro = -1, 0
         self.last_metrics: dict[str, float] = {}
+        self.vocab_limit: int | None = None  # the Distiller's shared vocabulary width, where output layers differ
 
     def limit_teachers(self, teachers: Sequence[nn.Module]) -> None:
         """Give each teacher tokenizer without a ``max_length`` its model's position limit
@@ -320,7 +327,7 @@ class OnPolicySampler:
         seed = int(np.random.SeedSequence([self.seed, step, self._micro, rank]).generate_state(1)[0])
         start = time.perf_counter()
         tokens, counts = sample_completions(model, prompts, self.config, pad_id=self.pad_id, eos_id=self.eos_id,
-                                            seed=seed)
+                                            seed=seed, vocab_limit=self.vocab_limit)
         elapsed = max(time.perf_counter() - start, 1e-9)
         out = rebuild_batch(batch, prompts, tokens, counts, self.pad_id)
         if cross:

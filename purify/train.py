@@ -25,7 +25,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
-from purify.checkpoint import VerifiedCheckpointIO, deepspeed_step, load_verified
+from purify.cache import MANIFEST, PLAN
+from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
@@ -37,10 +38,18 @@ class LineageCallback(Callback):
 
     def __init__(self, record: dict[str, Any], directory: Path) -> None:
         self.record, self.directory = record, directory
+        self.validated_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
 
     def snapshot(self, trainer: L.Trainer) -> dict[str, Any]:
+        """The record with the latest metrics and the step; ``val/*`` metrics are the latest validation's, whose step
+        ``validated_at_step`` gives (a checkpoint is written before the validation of its own step)."""
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        return {**self.record, "metrics": metrics, "step": trainer.global_step}
+        validated = {"validated_at_step": self.validated_at} if any(k.startswith("val/") for k in metrics) else {}
+        return {**self.record, "metrics": metrics, **validated, "step": trainer.global_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.is_global_zero:
@@ -175,13 +184,21 @@ def train(recipe: Recipe) -> Path:
     first = rank_zero_only.rank == 0
     held = _held_in_place(output_dir, recipe.resume) if first else None
     finishing = held.get("status") != "finished" if held is not None else not first
-    step = _check_resume(recipe, run, finishing) if recipe.resume is not None else None
+    step, digest = _check_resume(recipe, run, finishing) if recipe.resume is not None else (None, None)
+    cache = next((name for name in (MANIFEST, PLAN) if (output_dir / name).is_file()), None) if first else None
+    if cache:  # `purify cache` refuses the reverse
+        raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of its "
+                          "own (the cache could no longer be resumed or rewritten there)")
     if first and (output_dir / "lineage.json").is_file():
         _check_existing_run(output_dir, recipe, step)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
         record["segments"] = _segments(held, recipe, step)
+        record.update({k: held[k] for k in ("resumed_from",) if k in held})  # where its first launch started
+    elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
+        record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
+        record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
     # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
@@ -367,24 +384,38 @@ def _held_in_place(output_dir: Path, resume: str | None) -> dict[str, Any] | Non
     return read_lineage(record)
 
 
-def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> int:
+def _resumed_from(checkpoint: Path, step: int, digest: str | None) -> dict[str, Any]:
+    """A run started from another run's checkpoint: the checkpoint (path, step, the sha256 of its tensors as recorded
+    when it was written — a ``last.ckpt`` is rewritten as its run goes on) and that run's own record at the time
+    (its ``lineage.json``: teachers, loss, data, its own ``resumed_from``), so the new record describes every step."""
+    run_dir = checkpoint.resolve().parent.parent
+    source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
+    return {"checkpoint": str(checkpoint.resolve()), "step": step, "tensors_sha256": digest,
+            "run": str(run_dir) if source is not None else None,
+            "run_lineage": {k: v for k, v in (source or {}).items() if k != "metrics"} or None}
+
+
+def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[int, str | None]:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
     deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` an unfinished run in
     place from a checkpoint at ``trainer.max_steps`` (stopped or killed while exporting: nothing is trained, the
-    student is exported). Returns its step."""
+    student is exported). Returns its step and the sha256 of its tensors recorded when it was written (``None`` for
+    a DeepSpeed checkpoint directory or one written without it)."""
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
         step = deepspeed_step(recipe.resume, run.distiller.trained_state(),
                               scope="student." if recipe.strategy == "deepspeed_stage_3" else "")
+        digest = None
     else:
         run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked
-        step = int(load_verified(recipe.resume, run.distiller.trained_state())["global_step"])
+        ckpt = load_verified(recipe.resume, run.distiller.trained_state())
+        step, digest = int(ckpt["global_step"]), (ckpt.get(INTEGRITY_KEY) or {}).get("sha256")
     if step > recipe.trainer.max_steps or (step == recipe.trainer.max_steps and not finishing):
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")
-    return step
+    return step, digest
 
 
 def _full_weights(module: torch.nn.Module, sharded: bool) -> Any:

