@@ -31,7 +31,6 @@ question the purifier's gradient reversal trains a student to defeat. Exactly 0.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from purify.generate import GenerateError, load_model, read_prompts, sample_comp
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.readouts import continuation_probs, count_scores, regex_scores, unknown_targets
-from purify.storage import atomic_write_text, not_a_directory, read_utf8
+from purify.storage import atomic_write_json, atomic_write_text, not_a_directory, read_utf8
 from purify.types import positive_int, seed_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
@@ -356,9 +355,7 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(report)
     if args.out:
         out = Path(args.out)
-        from purify.bench.report import jsonable  # NaN (e.g. the p-value of a difference with no variance) -> null
-
-        atomic_write_text(out / "audit.json", json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
+        atomic_write_json(out / "audit.json", report)  # NaN (a p-value of a difference with no variance): null
         atomic_write_text(out / "audit.md", text)
     print(text, end="")
     return 0

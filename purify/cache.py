@@ -219,6 +219,8 @@ def _damaged_file(directory: Path, teachers: int) -> tuple[Path, str] | None:
             index = np.load(index_path, mmap_mode="r")
         except (OSError, ValueError):
             return index_path, "truncated or not a numpy array"
+        if index.ndim != 2 or index.shape[1] != 4 or index.dtype.kind not in "iu":
+            return index_path, f"shape {tuple(index.shape)} {index.dtype}, not the (examples, 4) integer index"
         ends = np.zeros(int(index[:, 0].max()) + 1 if len(index) else 0, dtype=np.int64)
         np.maximum.at(ends, index[:, 0].astype(np.int64), (index[:, 1] + index[:, 2]).astype(np.int64))
         for shard, end in ((int(k), int(ends[k])) for k in np.unique(index[:, 0])):

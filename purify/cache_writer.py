@@ -102,7 +102,7 @@ def _online_teachers(recipe: Recipe, tokenizer: Any | None) -> list[LoadedModel]
     for i, spec in enumerate(recipe.teachers):
         if spec.cache is not None:
             raise CacheError(f"teachers[{i}].cache: this teacher is already a cache; cache its online source")
-        teacher = build_model(spec, recipe.seed)
+        teacher = build_model(spec, recipe.seed, where=f"teachers[{i}]")
         if not same_tokenizer(tokenizer, teacher.tokenizer):
             raise CacheError(f"teachers[{i}].tokenizer: differs from the student's; only teachers in the student's "
                              "vocabulary can be cached")

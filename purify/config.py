@@ -279,7 +279,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append(f"data.val: file not found: {data.val}")
     if not 0.0 <= data.val_fraction < 1.0:
         out.append(f"data.val_fraction: {data.val_fraction} is not in [0, 1)")
-    elif data.val is None and data.val_fraction == 0 and recipe.trainer.limit_val_batches != 0:
+    elif data.val is None and data.val_fraction == 0 and recipe.trainer.limit_val_batches != 0 and \
+            data.train != "noise":  # noise validates on its own draws
         out.append("data.val_fraction: 0 holds out nothing, and validation would then read training data; give "
                    "data.val, a val_fraction > 0, or trainer.limit_val_batches=0 (no validation)")
     out += [f"data.{key}: must be >= 1, got {getattr(data, key)}"

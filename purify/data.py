@@ -352,7 +352,8 @@ class DistillDataModule(L.LightningDataModule):
             if n_val and len(records) - n_val < 1:  # validation on the one training record, silently
                 raise DataError(f"data.train: {cfg.train} has {len(records)} record(s): too few to hold out "
                                 f"val_fraction {cfg.val_fraction} for validation and train on the rest; give more "
-                                "records, or data.val")
+                                "records, data.val, or val_fraction: 0 with trainer.limit_val_batches=0 (no "
+                                "validation)")
             val = [records[i] for i in order[:n_val]] or records[:1]  # val_fraction 0: validation is off
             records = [records[i] for i in order[n_val:]]
         return (TokenDataset(records, self.tokenizer, cfg.max_length, self.teacher_tokenizers),

@@ -8,10 +8,13 @@ and auxiliary logits of the subliminal-learning benchmark). :func:`model_forward
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import inspect
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +80,9 @@ def config_fields(model_type: str) -> frozenset[str] | None:
         if init is not None:
             names |= {n for n, p in inspect.signature(init).parameters.items()
                       if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if klass.__module__.startswith("transformers.models."):  # keys read from **kwargs (gpt_neox's rotary_pct)
+            with contextlib.suppress(OSError, TypeError):
+                names |= set(re.findall(r"kwargs\.(?:get|pop)\(\s*[\"']([A-Za-z_]\w*)[\"']", inspect.getsource(klass)))
     try:
         default = cls()
     except Exception:  # noqa: BLE001 - a config class without usable defaults: its signature alone
@@ -90,21 +96,25 @@ def config_fields(model_type: str) -> frozenset[str] | None:
 
 
 def config_key_problems(config: Mapping[str, Any], where: str) -> list[str]:
-    """A recipe's ``<where>.config`` keys that its ``model_type``'s transformers config does not know (transformers
-    would keep each as an extra attribute and build the model with the default), one line each with a did-you-mean;
-    empty when all are known or the model type is missing or unknown (other checks say so)."""
+    """A recipe's ``<where>.config`` keys that look like a misspelt field of its ``model_type``'s transformers
+    config (transformers would keep each as an extra attribute and build the model with the default), one line each
+    with the did-you-mean; an unknown key close to no field is only warned about (a key that config reads in a way
+    :func:`config_fields` does not see must not block a run). Empty when the model type is missing or unknown
+    (other checks say so)."""
     model_type = config.get("model_type")
     known = config_fields(model_type) if isinstance(model_type, str) else None
     if known is None:
         return []
-    public = sorted(n for n in known if not n.startswith("_"))
+    fields = sorted(n for n in known if not n.startswith("_") and n != "attribute_map")
     out = []
-    for key in map(str, config):
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, public, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"see transformers' config of {model_type} for its fields"
-        out.append(f"{where}.config.{key}: unknown key for a {model_type} config; {hint}")
+    for key in (str(k) for k in config if str(k) not in known):
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if close:
+            out.append(f"{where}.config.{key}: unknown key for a {model_type} config; did you mean '{close[0]}'?")
+        else:
+            warnings.warn(f"{where}.config.{key}: not a field purify knows of transformers' {model_type} config; "
+                          "transformers keeps it as an attribute, which the model may ignore", UserWarning,
+                          stacklevel=2)
     return out
 
 

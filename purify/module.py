@@ -67,8 +67,10 @@ def shared_width(widths: dict[str, int | None], tokens: int | None, fused: bool 
     shown = ", ".join(f"{k} {v}" for k, v in widths.items())
     if tokens is None or tokens > width:
         raise RecipeError(f"teachers: the student and its teachers return logits of different widths ({shown})"
-                          + ("" if tokens is None else f", and the narrowest holds fewer than the tokenizer's {tokens} "
-                             "tokens") + "; give models that score the same vocabulary")
+                          + (f", and the narrowest holds fewer than the tokenizer's {tokens} tokens; give models "
+                             "that score the same vocabulary" if tokens is not None else "; give models that score "
+                             "the same outputs, or the student's tokenizer (student_tokenizer=...) where they share "
+                             "one"))
     if fused:
         raise RecipeError(f"loss.fused_linear: builds the logits from each model's own output layer, and the "
                           f"student's and a teacher's are padded to different sizes ({shown}); turn fused_linear off")
@@ -155,7 +157,7 @@ class Distiller(L.LightningModule):
         self.val_fidelity = FidelityMetrics()
         self._ready = False
         self._shared_width: int | None = None  # set up by _shared_vocabulary
-        self._own_vocabulary: set[int] = set()  # teachers with another tokenizer: never cut to _shared_width
+        self._own_vocabulary: set[int] = set()  # indices of teachers with another tokenizer: never cut
         self._owner_token = object()  # marks the purifiers this Distiller set up (a deepcopy keeps the pairing)
         self._configured = False
         self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
@@ -205,17 +207,18 @@ class Distiller(L.LightningModule):
             return
         self._build_teachers()
         self.snapshot_base()
+        self._shared_width = self._shared_vocabulary()
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
                               total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
                               student_tokenizer=self.tokenizers["student_tokenizer"],
-                              teacher_tokenizers=self.tokenizers["teacher_tokenizers"])
+                              teacher_tokenizers=self.tokenizers["teacher_tokenizers"],
+                              vocab_width=self._shared_width)
         frozen = [f"purifiers[{i}]: {purifier_name(p)} edits the student's full weights, which a LoRA student keeps "
                   "frozen (only the adapter trains); remove the purifier or train the whole student"
                   for i, p in enumerate(self.purifiers) if is_lora(self.student) and _edits_weights(p)]
         if frozen:  # what recipe validation says (Contract.edits_weights), for a Distiller built in Python
             raise RecipeError(frozen)
-        self._shared_width = self._shared_vocabulary()
         for p in self.purifiers:
             p.setup(ctx)
             p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's
@@ -234,7 +237,8 @@ class Distiller(L.LightningModule):
             "teacher_tokenizers"])) if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]
         width = shared_width({where: logit_width(m) for where, m in [("student", self.student), *own]},
                              None if tokenizer is None else len(tokenizer), self.loss_config.fused_linear)
-        self._own_vocabulary = {id(t) for t in self.teachers} - {id(t) for _, t in own}
+        kept = {id(t) for _, t in own}
+        self._own_vocabulary = {i for i, t in enumerate(self.teachers) if id(t) not in kept}
         return width
 
     def _check_purifiers_owned(self) -> None:
@@ -297,7 +301,8 @@ class Distiller(L.LightningModule):
         sl = self.loss_config.logit_slice
         if sl is None:
             width = self._shared_width
-            if width is None or out.logits.shape[-1] <= width or id(model) in self._own_vocabulary:
+            if width is None or out.logits.shape[-1] <= width or any(model is self.teachers[i]
+                                                                       for i in self._own_vocabulary):
                 return out
             return ModelOutput(logits=out.logits[..., :width], hidden=out.hidden)
         problem = logit_slice_problem(sl, out.logits.shape[-1], type(model).__name__)

@@ -41,6 +41,7 @@ from transformers import GenerationConfig
 
 from purify.config import OnPolicyConfig, on_policy_value_problems
 from purify.data import TeacherTokenizer, collate_encoded, encode_teacher
+from purify.models import logit_width
 from purify.types import IGNORE_INDEX, Batch, RecipeError
 
 __all__ = ["OnPolicySampler", "cross_base_inputs", "decode_spans", "is_on_policy_step", "prompt_lengths",
@@ -114,8 +115,7 @@ def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicy
     generation = GenerationConfig(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
                                   max_new_tokens=config.max_new_tokens, min_new_tokens=1 if eos_id is not None else 0,
                                   use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id)
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    width = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    width = logit_width(model) or 0  # ZeRO-3 partitions the head: its full shape is kept aside
     if vocab_limit is not None and width > vocab_limit:
         generation.suppress_tokens = list(range(vocab_limit, width))
     # generate() fills every unset field from the model's own generation_config (a hub model's repetition penalty,

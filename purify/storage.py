@@ -4,12 +4,15 @@ them. Standard library only, so the command line can import it without loading t
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -131,6 +134,28 @@ class NotAFileError(ValueError):
 
 class NotUTF8Error(ValueError):
     """A text input (recipe, data, prompts, probes) that is not UTF-8."""
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: NaN/inf become ``null``, tuples lists, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as strict JSON (:func:`jsonable`: no NaN a parser would refuse), indented, written atomically."""
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 def read_utf8(path: str | Path) -> str:

@@ -327,7 +327,8 @@ def _segments(before: dict[str, Any], recipe: Recipe, step: int) -> list[dict[st
     """A run continued in place: its launches so far and this one, each as ``{"resume", "from_step", "max_steps"}``
     (a launch trains from ``from_step`` to the next one's; ``max_steps`` is what its learning-rate schedule and
     purifier ramps were planned over, so a run given more ``trainer.max_steps`` says that its first steps followed the
-    shorter plan). The first launch's ``from_step`` is 0, or absent where it resumed another run's checkpoint."""
+    shorter plan). The first launch's ``from_step`` is 0; where it resumed another run's checkpoint, its record
+    already lists it (with that checkpoint's step), or — a run recorded before that — it has no ``from_step``."""
     first = before.get("recipe") or {}
     earlier = before.get("segments") or [{"resume": first.get("resume"),
                                           **({"from_step": 0} if first.get("resume") is None else {}),

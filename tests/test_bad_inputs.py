@@ -508,10 +508,12 @@ def test_real_config_keys_are_accepted_and_the_recipes_configs_too(model_type, t
     build_tokenizer(TEXTS, kind="char").save_pretrained(tmp_path / "tok")
     model = build_model(ModelSpec(config=real, tokenizer=str(tmp_path / "tok")), seed=0).module
     assert model.config.hidden_size == 16 and model.config.tie_word_embeddings
-    assert config_key_problems({**real, "hiden_size": 8, "zzz_unheard_of": 1}, "teachers[1]") == [
-        f"teachers[1].config.hiden_size: unknown key for a {model_type} config; did you mean 'hidden_size'?",
-        f"teachers[1].config.zzz_unheard_of: unknown key for a {model_type} config; see transformers' config of "
-        f"{model_type} for its fields"]
+    with pytest.warns(UserWarning, match=r"teachers\[1\]\.config\.zzz_unheard_of: not a field purify knows"):
+        # a key close to no field may be one the config reads some other way: warned about, not refused
+        assert config_key_problems({**real, "hiden_size": 8, "zzz_unheard_of": 1}, "teachers[1]") == [
+            f"teachers[1].config.hiden_size: unknown key for a {model_type} config; did you mean 'hidden_size'?"]
+    for key in ("rotary_pct", "rotary_emb_base"):  # read from **kwargs by gpt_neox's config (Pythia's keys)
+        assert config_key_problems({"model_type": "gpt_neox", key: 0.25}, "student") == []
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("**/*.yaml"))
     configs = [(f"{path.name}:{where}", spec["config"]) for path in recipes
                for where, spec in _model_specs(yaml.safe_load(path.read_text())) if spec.get("config")]

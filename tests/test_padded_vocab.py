@@ -110,3 +110,30 @@ def test_an_on_policy_student_wider_than_its_teacher_never_samples_an_id_the_tea
     assert int(sampled["input_ids"].max()) < len(tok)
     parts = d.fit_step(batch, d.build_optimizer(), 0.0, step=1)
     assert math.isfinite(float(parts["distill"]))
+
+
+def test_a_teacher_of_another_tokenizer_keeps_its_vocabulary_beside_a_padded_student_also_after_a_copy():
+    """A cross-base teacher is aligned to the width the loss reads (it was sized to the student's full output layer:
+    a size mismatch at the first step); after a deepcopy or pickle it is still never cut (the Distiller kept ids of
+    the original modules)."""
+    import copy
+    import pickle
+
+    from purify.data import TeacherTokenizer
+    from purify.purifiers import build_purifiers
+    from purify.types import ModelOutput
+
+    tok = build_tokenizer(TEXTS, kind="char")
+    other = build_tokenizer([t.upper() + " " + t for t in TEXTS], kind="char")
+    d = Distiller(_llama(len(tok) + 10, 0), [_llama(len(tok), 1), _llama(len(other) + 200, 2)],
+                  student_tokenizer=tok, teacher_tokenizers=[tok, other], optim=OptimConfig(name="sgd", lr=0.1),
+                  purifiers=build_purifiers([{"name": "cross_base", "alignment": "shared_vocab"},
+                                             {"name": "ensemble", "combine": "mean"}]))
+    data = TokenDataset([{"prompt": t[:4], "completion": t[4:]} for t in TEXTS], tok, max_length=32,
+                        teacher_tokenizers={1: TeacherTokenizer(other, None)})
+    parts = d.fit_step(data.collate([data.item(i) for i in range(4)]), d.build_optimizer(), 0.0)
+    assert math.isfinite(float(parts["distill"])) and d._shared_width == len(tok)
+    wide = ModelOutput(logits=torch.zeros(1, 1, len(other) + 200))
+    for copied in (d, copy.deepcopy(d), pickle.loads(pickle.dumps(d))):
+        assert copied.restrict(wide, copied.teachers[1]).logits.shape[-1] == len(other) + 200
+        assert copied.restrict(wide, copied.student).logits.shape[-1] == len(tok)

@@ -405,7 +405,7 @@ def test_rank_zero_equals_vanilla():
 
 @pytest.mark.parametrize("teacher, message", [
     (lambda: mlp(7), r"shared-init check\): ‖θ_T − θ₀‖/‖θ₀‖ = 1\.\d+ > max_relative_delta = 1\.0"),
-    (lambda: AuxMLP(in_dim=16, hidden=[32, 32], n_aux=4), r"head.weight has shape \(14, 32\) in the teacher"),
+    (lambda: AuxMLP(in_dim=16, hidden=[32, 16], n_aux=3), r"body.2.weight has shape \(16, 32\) in the teacher"),
     (lambda: AuxMLP(in_dim=16, hidden=[32], n_aux=3), r"parameter names differ \(only in the student: \['body.2"),
 ])
 def test_teacher_of_another_base_is_refused(teacher, message):

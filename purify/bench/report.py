@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from purify.assembly import purifier_problems
 from purify.bench.stats import mean_curve
 from purify.lineage import atomic_write_text, git_sha, versions
-from purify.storage import atomic_path
+from purify.storage import atomic_path, atomic_write_json, jsonable  # noqa: F401 - jsonable: re-exported
 
 
 class BenchError(ValueError):
@@ -365,23 +365,6 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
     plt.close(fig)
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types: NaN/inf become ``null``, tuples lists, numpy scalars Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    try:
-        value = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return value if math.isfinite(value) else None
-
-
 def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, Any], columns: list[tuple[str, str]],
                  notes: list[str], xkey: str = "task_error", xlabel: str = "task error", intro: list[str] | None = None,
                  sections: list[tuple[str, str]] | None = None) -> Path:
@@ -389,7 +372,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, An
     ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "summary.json", json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", markdown(summary, columns, notes, intro, sections))
     atomic_write_text(out / "summary.csv", csv_rows(summary))
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")

@@ -128,6 +128,9 @@ class PurifierContext:
         logit_slice: ``[start, stop)`` of the logits the loss distils (``loss.logit_slice``), or ``None``.
         student_tokenizer: the student's tokenizer (``None`` for vector models), for vocabulary alignment.
         teacher_tokenizers: one tokenizer (or ``None``) per teacher.
+        vocab_width: the student's logits per position as the loss reads them, where the student and its
+            same-tokenizer teachers have output layers padded to different sizes (the narrowest: every model in
+            the student's vocabulary is cut to it); ``None`` otherwise (the student's own width).
     """
 
     student: nn.Module
@@ -140,6 +143,7 @@ class PurifierContext:
     logit_slice: list[int] | None = None
     student_tokenizer: Any | None = None
     teacher_tokenizers: list[Any] = field(default_factory=list)
+    vocab_width: int | None = None
 
 
 class Purifier(nn.Module):

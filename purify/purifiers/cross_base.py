@@ -118,7 +118,7 @@ class CrossBase(TargetPurifier, StudentPurifier):
                           "targets pass through unchanged", UserWarning, stacklevel=2)
         self.aligned = [i for i in chosen if i in differing]
         self.names = list(ctx.teacher_names)
-        self.student_vocab = int(ctx.student.config.vocab_size)
+        self.student_vocab = ctx.vocab_width or int(ctx.student.config.vocab_size)  # what the loss reads
         if self.config.alignment == "shared_vocab":
             self.vmaps = {i: vocab_map(student_tok, teacher_toks[i]) for i in self.aligned}
 
