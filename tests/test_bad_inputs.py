@@ -171,7 +171,8 @@ CASES = {
     "one record: nothing to hold out for validation": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
         "data.train": _one_record(tmp)}),  # validated on its one training record, silently
         [r"data\.train: .*one\.jsonl has 1 record\(s\): too few to hold out val_fraction 0\.1 for "
-         r"validation and train on the rest; give more records, or data\.val"]),
+         r"validation and train on the rest; give more records, data\.val, or val_fraction: 0 with "
+         r"trainer\.limit_val_batches=0 \(no validation\)"]),
     "val_fraction 0 with validation on": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{"data.val_fraction": 0}),
         [r"data\.val_fraction: 0 holds out nothing, and validation would then read training data; give data\.val"]),
     "a teacher with fewer logits than the tokenizer has tokens": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", teachers=(

@@ -433,3 +433,30 @@ def test_an_arm_whose_fit_step_diverges_is_recorded_with_its_step_and_the_run_go
                          scores, {**scores, "trait": 1.0}, fit, lambda model: dict(scores))
     assert out["bad"]["diverged_at"] == 3 and math.isnan(out["bad"]["transfer"])
     assert "diverged_at" not in out["good"] and out["good"]["transfer"] == 0.0
+
+
+def test_the_frontier_plots_zoom_reaches_the_judged_arms_near_vanillas_final_point(tmp_path, monkeypatch) -> None:
+    """The zoom panel reached 2.2 x vanilla's final task error only: the on-policy arms (at 2.3-4 x) were left out of
+    it, and it showed vanilla alone. Arms within 5 x are in it now; one far beyond stays in the full panel only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from purify.bench.report import plot_frontier
+
+    def stat(x: float) -> dict:
+        return {"mean": x, "ci95": [x, x]}
+
+    curve = [{"step": s, "task_error": x, "transfer": y, "transfer_ci95": [y, y]}
+             for s, x, y in ((0, 100.0, 0.0), (50, 1.0, 0.5), (100, 0.01, 0.9))]
+    summary = {"suite": "t", "protocol": "p", "seeds": [1, 2, 3], "frontier": {"vanilla": curve},
+               "verdicts": {"near": "below frontier", "far": "below frontier"},
+               "conditions": {"vanilla": {"task_error": stat(0.01), "transfer": stat(0.9)},
+                              "near": {"task_error": stat(0.04), "transfer": stat(0.1)},
+                              "far": {"task_error": stat(3.0), "transfer": stat(0.0)}}}
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    plot_frontier(summary, tmp_path / "f.png")
+    zoom = figures[0].axes[1]
+    assert zoom.get_xlim()[1] == pytest.approx(0.04 * 1.25) and "up to 5 × vanilla's final" in zoom.get_title()
