@@ -38,7 +38,15 @@ from purify.config import (
 from purify.data import DistillDataModule, TeacherTokenizer
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
-from purify.models import ARCHITECTURES, LoadedModel, build_model, logit_width, state_sha256
+from purify.models import (
+    ARCHITECTURES,
+    LoadedModel,
+    arch_parameters,
+    build_model,
+    logit_width,
+    spec_problems,
+    state_sha256,
+)
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller, shared_width
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
@@ -77,6 +85,9 @@ def _source_problems(spec: Any, where: str) -> list[str]:
         return [f"{where}.builtin: unknown base {spec.builtin!r}; {hint}allowed: {', '.join(BASES)}"]
     if spec.cache is not None:
         return cache_spec_problems(spec, where)
+    misspelt = spec_problems(spec, where)  # unknown config keys, kwargs an arch does not take: every model's at once
+    if misspelt:
+        return misspelt
     if spec.config is not None:  # transformers' own checks of the values (types, heads dividing the width, ...)
         from transformers import AutoConfig
 
@@ -282,14 +293,9 @@ def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedMo
     """:func:`purify.models.build_model`, with what transformers cannot load (a hub name without network, a damaged
     ``config.json``, a directory without weights) and what an ``arch`` builder refuses in its ``kwargs`` (a wrong
     type or value) as one line naming the recipe key; unknown ``config`` keys and ``kwargs`` names are refused
-    first (:func:`purify.models.spec_problems`), before anything is built."""
-    from purify.models import arch_parameters, spec_problems
-
-    problems = spec_problems(spec, where)
-    if problems:
-        raise RecipeError(problems)
+    first, at validation (:func:`purify.models.spec_problems`, every model's at once)."""
     try:
-        return build_model(spec, seed, deferred=True) if deferred else build_model(spec, seed)
+        return build_model(spec, seed, deferred=deferred, where=where)
     except RecipeError:
         raise
     except (TypeError, ValueError, RuntimeError) as err:

@@ -187,9 +187,10 @@ CASES = {
         "student.config.hiden_size": 32}),
         [r"^purify: error: student\.config\.hiden_size: unknown key for a llama config; "
          r"did you mean 'hidden_size'\?$"]),
-    "a typo inside teachers[0].config": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
-        "teachers.0.config.num_hiden_layers": 2}),
-        [r"teachers\[0\]\.config\.num_hiden_layers: unknown key for a llama config; did you mean 'num_hidden_layers'"]),
+    "typos inside two models' configs, both at once": (lambda lm, tmp, ck: lm_args(lm, tmp / "o", **{
+        "student.config.hiden_size": 32, "teachers.0.config.num_hiden_layers": 2}),  # were found one model at a time
+        [r"student\.config\.hiden_size: unknown key for a llama config; did you mean 'hidden_size'",
+         r"teachers\[0\]\.config\.num_hiden_layers: unknown key for a llama config; did you mean 'num_hidden_layers'"]),
     "a typo in an arch's kwargs": (lambda lm, tmp, ck: mlp_overrides(
         tmp / "o", student="{arch: aux_mlp, kwargs: {in_dim: 16, hiden: [32], n_aux: 3}}"),
         [r"^purify: error: student\.kwargs: unknown parameter 'hiden'; did you mean 'hidden'\? aux_mlp accepts "
