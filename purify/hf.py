@@ -204,6 +204,15 @@ class PurifyTrainer(Trainer):
         finally:
             self._in_checkpoint = False
 
+    def _tune_save_checkpoint(self, checkpoint_dir: str) -> None:
+        """A Ray Tune trial's checkpoint (``Trainer`` writes it through ``save_model``): with the purifiers' state
+        too, as :meth:`_save_checkpoint`'s, so a trial resumed from it restores their heads."""
+        self._in_checkpoint = True
+        try:
+            super()._tune_save_checkpoint(checkpoint_dir)
+        finally:
+            self._in_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The model as ``Trainer`` saves it; in a checkpoint also the purifiers' state (heads, a function anchor's
         stream position) as :data:`PURIFIER_STATE` beside it, so a resume restores them (``save_model`` on its own

@@ -303,6 +303,11 @@ def test_a_resumed_run_equals_the_uninterrupted_one_with_purifiers(setup, tmp_pa
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in whole.distiller.purifiers.parameters())  # zeroed after each step (added up)
     whole.save_model(str(tmp_path / "export"))  # an export is the model alone: the heads belong to checkpoints
+    whole._tune_save_checkpoint(str(tmp_path / "tune"))  # a Ray Tune trial's checkpoint held the model alone
+    heads = tmp_path / "tune" / "checkpoint-6" / "purifiers.pt"
+    assert heads.is_file() == (kind == "adversary")  # the anchor has no state of its own
+    if kind == "adversary":
+        assert torch.load(heads, weights_only=True).keys() == whole.distiller.purifiers.state_dict().keys()
     assert (tmp_path / "export" / "model.safetensors").is_file() and not (tmp_path / "export" / "purifiers.pt").exists()
     if kind == "adversary":
         (tmp_path / "ck" / "checkpoint-3" / "purifiers.pt").unlink()
