@@ -28,7 +28,7 @@ from purify.assembly import Run, build_run, resolve_strategy
 from purify.cache import MANIFEST, PLAN
 from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
-from purify.lineage import read_lineage, write_lineage
+from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text
 from purify.types import RecipeError, TrainingStopped, first_line
 
@@ -390,7 +390,10 @@ def _resumed_from(checkpoint: Path, step: int, digest: str | None) -> dict[str, 
     when it was written — a ``last.ckpt`` is rewritten as its run goes on) and that run's own record at the time
     (its ``lineage.json``: teachers, loss, data, its own ``resumed_from``), so the new record describes every step."""
     run_dir = checkpoint.resolve().parent.parent
-    source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
+    try:  # a damaged or missing record there does not stop the resume: the checkpoint itself was verified
+        source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
+    except (LineageError, OSError):
+        source = None
     return {"checkpoint": str(checkpoint.resolve()), "step": step, "tensors_sha256": digest,
             "run": str(run_dir) if source is not None else None,
             "run_lineage": {k: v for k, v in (source or {}).items() if k != "metrics"} or None}

@@ -229,6 +229,9 @@ def test_a_run_started_from_another_runs_checkpoint_records_that_run_and_the_che
                      **{"loss.name": "reverse_kl"}))
     again = read_lineage(resumed)
     assert again["resumed_from"] == origin and [s["from_step"] for s in again["segments"]] == [10, 14]
+    (source / "lineage.json").write_text('{"damaged": ')  # the checkpoint is verified on its own: still resumable
+    other = read_lineage(train(mlp_recipe(steps=12, sub="other", resume=str(ckpt))))
+    assert other["resumed_from"]["run_lineage"] is None and other["resumed_from"]["step"] == 10
 
 
 def test_a_checkpoints_record_says_which_validation_its_metrics_come_from(mlp_recipe):
