@@ -295,7 +295,7 @@ def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedMo
     type or value) as one line naming the recipe key; unknown ``config`` keys and ``kwargs`` names are refused
     first, at validation (:func:`purify.models.spec_problems`, every model's at once)."""
     try:
-        return build_model(spec, seed, deferred=deferred, where=where)
+        return build_model(spec, seed, deferred=True) if deferred else build_model(spec, seed)
     except RecipeError:
         raise
     except (TypeError, ValueError, RuntimeError) as err:
