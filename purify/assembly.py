@@ -48,7 +48,7 @@ from purify.models import (
     state_sha256,
 )
 from purify.models_prepare import KNOWN_MODELS
-from purify.module import Distiller, shared_width
+from purify.module import Distiller
 from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
 from purify.purifiers.base import number_problems
 from purify.purifiers.cross_base import resolve_teachers
@@ -325,18 +325,13 @@ def build_run(recipe: Recipe) -> Run:
     sharded = recipe.strategy == "deepspeed_stage_3"
     student = _built(recipe.student, "student", recipe.seed)
     teachers = [_built(spec, f"teachers[{i}]", recipe.seed, deferred=sharded) for i, spec in enumerate(recipe.teachers)]
-    widths = [None if m is None else logit_width(m) for m in (student.module, *(t.module for t in teachers))]
-    for where, model, width in zip(["student", *(f"teachers[{i}]" for i in range(len(teachers)))],
-                                   (student.module, *(t.module for t in teachers)), widths):
+    for where, model in (("student", student.module), *((f"teachers[{i}]", t.module) for i, t in enumerate(teachers))):
+        width = None if model is None else logit_width(model)
         problem = None if width is None else logit_slice_problem(recipe.loss.logit_slice, width,
                                                                   f"{where} ({type(model).__name__})")
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
     cross = cross_base_teachers(configs, student, teachers)
-    if recipe.loss.logit_slice is None:  # same tokenizer, output layers padded to other sizes: before any write
-        same = {f"teachers[{i}]": w for i, w in enumerate(widths[1:]) if i not in cross}
-        shared_width({"student": widths[0], **same}, None if student.tokenizer is None else len(student.tokenizer),
-                     recipe.loss.fused_linear)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
                 "sha256": None if t.module is None else getattr(t.module, "recorded_sha256", None)
@@ -357,6 +352,7 @@ def build_run(recipe: Recipe) -> Run:
                           student_tokenizer=student.tokenizer, teacher_tokenizers=[t.tokenizer for t in teachers],
                           teacher_dtype=torch.bfloat16 if bf16 else None, on_policy=recipe.on_policy,
                           seed=recipe.seed)
+    distiller.shared_vocabulary()  # same tokenizer, output layers padded to other sizes: refused before any write
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
                                    teacher_tokenizers=cross or None)
     caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]

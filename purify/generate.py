@@ -216,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     banned = list(args.ban)
     if Path(args.out).is_dir():
         raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
-    if not_a_file(args.out):  # /dev/stdout: refused before sampling, not at the write
-        raise GenerateError(f"--out: {args.out} {not_a_file(args.out)}; give the path of a .jsonl file to write")
+    if problem := not_a_file(args.out):  # /dev/stdout: refused before sampling, not at the write
+        raise GenerateError(f"--out: {args.out} {problem}; give the path of a .jsonl file to write")
     blocked = not_a_directory(Path(args.out).parent)
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")

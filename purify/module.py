@@ -156,7 +156,7 @@ class Distiller(L.LightningModule):
         self.base: nn.Module | None = None
         self.val_fidelity = FidelityMetrics()
         self._ready = False
-        self._shared_width: int | None = None  # set up by _shared_vocabulary
+        self._shared_width: int | None = None  # set up by shared_vocabulary
         self._own_vocabulary: set[int] = set()  # indices of teachers with another tokenizer: never cut
         self._owner_token = object()  # marks the purifiers this Distiller set up (a deepcopy keeps the pairing)
         self._configured = False
@@ -207,7 +207,7 @@ class Distiller(L.LightningModule):
             return
         self._build_teachers()
         self.snapshot_base()
-        self._shared_width = self._shared_vocabulary()
+        self._shared_width = self.shared_vocabulary()
         ctx = PurifierContext(student=self.student, teachers=list(self.teachers), teacher_names=self.teacher_names,
                               teacher_weights=self.teacher_weights, base=self.base, forward=self.run_model,
                               total_steps=self._planned_steps(), logit_slice=self.loss_config.logit_slice,
@@ -227,18 +227,20 @@ class Distiller(L.LightningModule):
             self.on_policy.vocab_limit = self._shared_width  # no sample of an id a teacher has no logit for
         self._ready = True
 
-    def _shared_vocabulary(self) -> int | None:
+    def shared_vocabulary(self) -> int | None:
         """:func:`shared_width` of the student and its teachers with the student's tokenizer (teachers with another
-        tokenizer keep their own vocabulary: ``cross_base`` aligns them); records which teachers those are."""
-        tokenizer = self.tokenizers["student_tokenizer"]
+        tokenizer keep their own vocabulary: ``cross_base`` aligns them); records which teachers those are.
+        :meth:`setup_purifiers` calls it; :func:`purify.assembly.build_run` too, so a recipe is refused before
+        anything is written (teachers not built yet, under ZeRO-3, are checked at set-up)."""
         if self.loss_config.logit_slice is not None:
             return None
-        own = [(f"teachers[{i}]", t) for i, (t, tok) in enumerate(zip(self.teachers, self.tokenizers[
-            "teacher_tokenizers"])) if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]
-        width = shared_width({where: logit_width(m) for where, m in [("student", self.student), *own]},
+        tokenizer = self.tokenizers["student_tokenizer"]
+        same = [i for i, tok in enumerate(self.tokenizers["teacher_tokenizers"][:len(self.teachers)])
+                if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]
+        width = shared_width({"student": logit_width(self.student),
+                              **{f"teachers[{i}]": logit_width(self.teachers[i]) for i in same}},
                              None if tokenizer is None else len(tokenizer), self.loss_config.fused_linear)
-        kept = {id(t) for _, t in own}
-        self._own_vocabulary = {i for i, t in enumerate(self.teachers) if id(t) not in kept}
+        self._own_vocabulary = set(range(len(self.teachers))) - set(same)
         return width
 
     def _check_purifiers_owned(self) -> None:
@@ -297,7 +299,7 @@ class Distiller(L.LightningModule):
     def restrict(self, out: ModelOutput, model: nn.Module) -> ModelOutput:
         """``model``'s output ``out`` restricted to ``loss.logit_slice`` when set (the logits the loss distils), or
         cut to the student's and its same-tokenizer teachers' shared vocabulary where their output layers are
-        padded to different sizes (:meth:`_shared_vocabulary`)."""
+        padded to different sizes (:meth:`shared_vocabulary`)."""
         sl = self.loss_config.logit_slice
         if sl is None:
             width = self._shared_width

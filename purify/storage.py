@@ -67,8 +67,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             directory): the rename would have replaced it by a file.
     """
     path = Path(path)
-    if not_a_file(path):
-        raise NotAFileError(f"{path} {not_a_file(path)}; give the path of a file to write")
+    if problem := not_a_file(path):
+        raise NotAFileError(f"{path} {problem}; give the path of a file to write")
     path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")

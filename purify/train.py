@@ -195,7 +195,8 @@ def train(recipe: Recipe) -> Path:
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
         record["segments"] = _segments(held, recipe, step)
-        record.update({k: held[k] for k in ("resumed_from",) if k in held})  # where its first launch started
+        if "resumed_from" in held:  # where its first launch started
+            record["resumed_from"] = held["resumed_from"]
     elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
         record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
         record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest)
