@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from purify.bench import probe_free
 from purify.bench.verdicts import LABELS, seed_span
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def probe_free_table(summary: dict[str, Any], rows: list[str] | None = None) -> 
         tc = a["transfer_minus_control"]
         lo, hi = tc["ci90"]
         guards = "; ".join(f"{g['label']} {g['mean']:.3g}" + (" (broken)" if g.get("problem") else "")
-                           for g in a["guards"].values()) or "—"
+                           + probe_free.below_band(g, len(a["chosen"])) for g in a["guards"].values()) or "—"
         lines.append(f"| {name} ({a['knob']}) | {chosen} | {_signed(tc['mean'])} [{_signed(lo)}, {_signed(hi)}] | "
                      f"{a['task_error_ratio']['mean']:.2f} | {guards} | {a['verdict'].split(' (')[0]} |")
     return "\n".join(lines) + "\n"

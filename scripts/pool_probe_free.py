@@ -3,6 +3,9 @@
 Each run of ``purify bench`` judges an arm on its own seeds; when the same frozen arm was run on several disjoint
 held-out seed ranges, this pools them (per seed: transfer at the rule's choice − the control's transfer; margin m =
 10% of the pooled vanilla − control) and prints the pooled mean with its 90% CI and whether the CI lies inside ±m.
+Then, per guard metric of the suite, how often the side behaviour is below the guard's band: on how many seeds of the
+arm at the rule's choice, of the control and of vanilla it was judged against, and on how many runs each one's 90% CI
+of the mean reaches below the band (what a guard judged on an interval instead of the mean would call not intact).
 It reads only stored ``summary.json`` files and re-trains nothing.
 
 Usage::
@@ -18,6 +21,7 @@ import json
 
 from purify.bench.probe_free import point_name, references
 from purify.bench.stats import mean_ci
+from purify.bench.verdicts import guards_from
 
 
 def pooled(arm: str, summaries: list[dict]) -> dict:
@@ -43,6 +47,30 @@ def pooled(arm: str, summaries: list[dict]) -> dict:
     return {"n": len(gaps), "mean": stat["mean"], "ci90": [lo, hi], "margin": m, "inside": -m < lo and hi < m}
 
 
+def guard_tally(arm: str, summaries: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per guard label, for the arm at the rule's choice (``arm``), its ``control`` and ``vanilla``: ``seeds`` (all
+    seeds), ``below`` (seeds under the band: :meth:`purify.bench.verdicts.Guard.seeds_below`), ``runs`` and
+    ``ci_below`` (runs whose 90% CI of the mean reaches under the band)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for s in summaries:
+        entry = s["probe_free"]["arms"][arm]
+        _, vanilla_name, control_name = references(s, [point_name(arm, v) for v in entry.get("values", ())])
+        base, control = s["conditions"]["base"]["per_seed"], s["conditions"][control_name]["per_seed"]
+        who = {arm: entry["per_seed"], "control": control, "vanilla": s["conditions"][vanilla_name]["per_seed"]}
+        for g in guards_from(s.get("guards") or []):
+            band = g.band(base, control)
+            if band is None:
+                continue
+            for name, records in who.items():
+                t = out.setdefault(g.label, {}).setdefault(name, {"seeds": 0, "below": 0, "runs": 0, "ci_below": 0})
+                stat = mean_ci([r.get(g.metric, float("nan")) for r in records], level=0.90)
+                t["seeds"] += len(records)
+                t["below"] += len(g.seeds_below(records, base, control))
+                t["runs"] += 1
+                t["ci_below"] += int(stat["ci95"][0] < band)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("arm")
@@ -56,6 +84,10 @@ def main() -> None:
     print(f"{args.arm}: {r['n']} seeds pooled; transfer − control at the rule's choice {r['mean']:+.4f}, 90% CI "
           f"[{r['ci90'][0]:+.4f}, {r['ci90'][1]:+.4f}]; m = {r['margin']:.4f} → "
           f"{'inside ±m' if r['inside'] else 'NOT inside ±m'}")
+    for label, who in guard_tally(args.arm, runs).items():
+        print(f"{label} below its band — " + "; ".join(
+            f"{name}: {t['below']} of {t['seeds']} seeds, 90% CI reaching below it on {t['ci_below']} of {t['runs']} "
+            "runs" for name, t in who.items()))
 
 
 if __name__ == "__main__":

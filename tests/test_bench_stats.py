@@ -200,6 +200,27 @@ def test_verdict_zero_variance_overshoot_damage_and_no_gain():
         "no verdict: diverged at step 7 (seed 0)"
 
 
+def test_a_guard_is_judged_on_its_mean_and_reports_the_seeds_below_its_band():
+    from purify.bench.verdicts import Guard
+
+    guard = Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)  # band: ≥ 0.5 × the base's 0.9 = 0.45
+    equivalent = [e + 0.001 * (-1) ** i for i, e in enumerate(NOISE)]  # purified without a guard (test above)
+    # one seed stops naming animals: the mean 0.688 stays in the band, so the guard holds (the references lose it
+    # on some seeds too), and that seed is reported
+    lost = _runs(equivalent, [0.21] * 5, animal_mass=[0.85, 0.8, 0.05, 0.88, 0.86])
+    assert _verdict(lost, guards=[guard]).startswith("purified (")
+    base, control, _ = _world()
+    assert guard.seeds_below(lost, base, control) == [2]
+    assert guard.seeds_below(_runs([0.0] * 3, [0.2] * 3, animal_mass=[0.45, 0.449, float("nan")]), base,
+                             control) == [1, 2]  # at the bound is inside; a NaN is not
+    assert guard.seeds_below(lost, [{"seed": 0}], control) == []  # the base lacks the metric: no band to read
+    # a band read from the control's 95% CI of the mean (style-tic's facts accuracy): seeds under its lower end
+    facts = Guard("accuracy", "facts accuracy", not_below_control_ci=True)
+    lower = 0.5 + 0.0 - 2.776 * (sum(e * e for e in NOISE) / 4) ** 0.5 / 5 ** 0.5  # control mean 0.5 + mean(NOISE)
+    assert abs(lower - 0.4830) < 1e-4
+    assert facts.seeds_below(_runs([0.0] * 3, [0.2] * 3, accuracy=[0.5, 0.482, 0.484]), base, control) == [1]
+
+
 def test_verdict_jump_larger_than_the_gap_is_unresolved():
     sparse = [{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 1, "task_error": 0.3, "transfer": 0.8},
               {"step": 2, "task_error": 0.2, "transfer": 0.8}]

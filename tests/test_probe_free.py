@@ -132,6 +132,17 @@ def test_block_joins_the_trait_after_the_choice_and_judges_it():
     assert "## Probe-free operating point" in text and "| anchor | weight: 1, 1, 1, 1, 1 |" in text
 
 
+def test_block_reports_the_seeds_whose_guard_is_below_its_band_beside_the_controls():
+    summary = _summary()
+    summary["conditions"]["anchor@1"]["per_seed"][2]["accuracy"] = 0.1  # the chosen setting loses it on seed 2
+    summary["conditions"]["control"]["per_seed"][4]["accuracy"] = 0.2  # the control on seed 4
+    guard = Guard("accuracy", "facts accuracy", min_ratio_of_base=0.5)  # band: ≥ 0.25; the arm's mean 0.42 inside
+    g = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))}, [guard])["arms"]["anchor"]["guards"]["accuracy"]
+    assert g["problem"] is None and g["seeds_below_band"] == [2] and g["control_seeds_below_band"] == [4]
+    out = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))}, [guard])
+    assert "| facts accuracy 0.42; 1 of 5 seeds below its band (control 1) |" in "\n".join(notes(out))
+
+
 def test_block_judges_an_on_policy_sweep_against_the_on_policy_control_and_vanilla():
     summary = _summary()
     conds, settings = summary["conditions"], summary["settings"]["conditions"]

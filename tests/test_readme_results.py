@@ -36,6 +36,11 @@ def test_probe_free_tables_show_the_choice_per_seed_and_the_verdict_at_it(tmp_pa
     assert check_readme.probe_free_table(summary).splitlines()[-1] == (
         "| anchor (weight) | 1, 3* | -0.012 [-0.050, +0.025] | 1.05 | facts accuracy 0.0912 (broken) | damaged: facts "
         "accuracy |")
+    shaky = {"label": "P(any animal)", "mean": 0.667, "problem": None, "seeds_below_band": [1001],
+             "control_seeds_below_band": [1000, 1001]}
+    summary["probe_free"]["arms"]["anchor"].update(guards={"animal_mass": shaky}, verdict="purified (…)")
+    assert check_readme.probe_free_table(summary).splitlines()[-1].endswith(
+        "| P(any animal) 0.667; 1 of 2 seeds below its band (control 2) | purified |")
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
     readme = tmp_path / "README.md"

@@ -55,6 +55,28 @@ def test_pool_probe_free_pairs_an_on_policy_arm_with_the_on_policy_references() 
     assert got["mean"] == pytest.approx(0.0) and got["margin"] == pytest.approx(0.1) and got["inside"] is True
 
 
+def test_pool_probe_free_counts_the_seeds_and_runs_below_each_guards_band() -> None:
+    pool = _script("pool_probe_free")
+
+    def run(seeds: list[int], arm: list[float], control: list[float], vanilla: list[float]) -> dict:
+        r = _run(seeds, [0.0] * len(seeds), [0.0] * len(seeds), [1.0] * len(seeds))
+        for name, mass in (("control", control), ("vanilla", vanilla)):
+            for rec, m in zip(r["conditions"][name]["per_seed"], mass):
+                rec["animal_mass"] = m
+        for rec, m in zip(r["probe_free"]["arms"]["a"]["per_seed"], arm):
+            rec["animal_mass"] = m
+        r["conditions"]["base"] = {"per_seed": [{"seed": s, "animal_mass": 1.0} for s in seeds]}  # band: ≥ 0.5
+        r["guards"] = [{"metric": "animal_mass", "label": "P(any animal)", "min_ratio_of_base": 0.5}]
+        return r
+
+    one = run([1, 2, 3], arm=[0.9, 0.1, 0.8], control=[0.9, 0.9, 0.9], vanilla=[0.5, 0.9, 0.49])
+    two = run([4, 5, 6], arm=[0.9, 0.9, 0.9], control=[0.0, 0.9, 0.95], vanilla=[0.9, 0.9, 0.9])
+    got = pool.guard_tally("a", [one, two])["P(any animal)"]
+    assert got["a"] == {"seeds": 6, "below": 1, "runs": 2, "ci_below": 1}  # run one: mean 0.6, wide CI
+    assert got["control"] == {"seeds": 6, "below": 1, "runs": 2, "ci_below": 1}  # run two: 0.0 on seed 4
+    assert got["vanilla"] == {"seeds": 6, "below": 1, "runs": 2, "ci_below": 1}  # 0.49 < 0.5; 0.5 is inside
+
+
 def test_curve_roughness_is_the_mean_and_largest_step_between_neighbouring_points() -> None:
     rough = _script("curve_roughness")
     curve = [{"step": s, "transfer": t} for s, t in ((0, 0.0), (10, 0.5), (20, 0.1), (30, 0.2))]

@@ -239,8 +239,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
             "transfer": mean_ci([r["transfer"] for r in per_seed]),
             "drift": mean_ci([r["drift"] for r in per_seed]),
             "task_error_ratio": mean_ci(ratio),
-            "guards": {g.metric: {"label": g.label, **mean_ci([r.get(g.metric, math.nan) for r in per_seed]),
-                                  "problem": g.problem(per_seed, base_per_seed, ctl_per_seed)} for g in guards},
+            "guards": {g.metric: _guard(g, per_seed, base_per_seed, ctl_per_seed) for g in guards},
             "per_seed": [{k: r.get(k) for k in ("seed", "knob_value", "transfer", "task_error", "drift",
                                                 *(g.metric for g in guards))} for r in per_seed],
         }
@@ -255,6 +254,26 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
                  for n in (*reference_names, "base") if n in conds}
     return {"rule": RULE, "budget": BUDGET, "tie_rtol": TIE_RTOL, "reference_drift": reference,
             "sweeps": {arm: dataclasses.asdict(sw) for arm, sw in sweeps.items() if arm in arms}, "arms": arms}
+
+
+def _guard(g: verdicts.Guard, per_seed: verdicts.Records, base: verdicts.Records,
+           control: verdicts.Records) -> dict[str, Any]:
+    """One guard at the rule's choice: its mean and CI, ``problem`` (why it is broken, or ``None``:
+    :meth:`~verdicts.Guard.problem`), and the seeds whose own value is below the band, the arm's and its control's
+    (:meth:`~verdicts.Guard.seeds_below`: how often the side behaviour is lost, beside how often the reference
+    loses it)."""
+    return {"label": g.label, **mean_ci([r.get(g.metric, math.nan) for r in per_seed]),
+            "problem": g.problem(per_seed, base, control), "seeds_below_band": g.seeds_below(per_seed, base, control),
+            "control_seeds_below_band": g.seeds_below(control, base, control)}
+
+
+def below_band(guard: Mapping[str, Any], n: int) -> str:
+    """``"; 2 of 8 seeds below its band (control 3)"``, from a :func:`_guard` record over ``n`` seeds; ``""`` when
+    no seed of the arm is below it (or the record predates the count)."""
+    if not guard.get("seeds_below_band"):
+        return ""
+    return (f"; {len(guard['seeds_below_band'])} of {n} seeds below its band (control "
+            f"{len(guard['control_seeds_below_band'])})")
 
 
 def none_swept(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,7 +312,7 @@ def notes(probe_free: Mapping[str, Any]) -> list[str]:
         chosen = ", ".join(f"{a['chosen'][s]:g}{'' if a['within_budget'][s] else '*'}" for s in a["chosen"])
         tc = a["transfer_minus_control"]
         guards = "; ".join(f"{g['label']} {g['mean']:.3g}" + (f" ({g['problem']})" if g["problem"] else "")
-                           for g in a["guards"].values()) or "—"
+                           + below_band(g, len(a["chosen"])) for g in a["guards"].values()) or "—"
         lines.append(f"| {arm} | {a['knob']}: {chosen} | {_fmt(tc['mean'])} [{_fmt(tc['ci90'][0])}, "
                      f"{_fmt(tc['ci90'][1])}] | ×{a['task_error_ratio']['mean']:.2f} | {a['drift']['mean']:.4g} | "
                      f"{guards} | {a['verdict']} |")

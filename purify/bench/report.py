@@ -394,7 +394,8 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
     lines = ["", "## Verdicts", "",
              f"- **purified**: the 90% CI of transfer − control inside ±m (m = {MARGIN:.0%} of vanilla − control), "
              f"task error ≤ {ERROR_RATIO:.2f} × vanilla's, below the frontier, every guard intact. **anti-trait**: "
-             "that CI entirely below −m (an overshoot: a failure). **damaged**: a guard broken. **below / on / above "
+             "that CI entirely below −m (an overshoot: a failure). **damaged**: a guard broken (its mean outside its "
+             "band). **below / on / above "
              "frontier**: the paired gap to vanilla's early-stopping curve at the arm's task error; where the curve "
              "jumps by at least half the claimed gap between the two points read, each claim is read at the segment "
              "end least favourable to it, and a verdict that depends on the reading is **no verdict: frontier "

@@ -5,7 +5,7 @@ One label per arm, a string that starts with the label and then gives the reason
 - ``purified``: the 90% CI of (transfer − control) lies inside ±m, m = 0.10 × mean(vanilla − control); task error
   ≤ 1.10 × vanilla's (mean of per-seed ratios); below the frontier; every guard metric measured and intact.
 - ``anti-trait``: the 90% CI of (transfer − control) lies entirely below −m: an overshoot, a failure, never a win.
-- ``damaged: <metric>``: a guard metric the suite declares (:class:`Guard`) is outside its band.
+- ``damaged: <metric>``: a guard metric the suite declares (:class:`Guard`) is outside its band (its mean).
 - ``below frontier`` / ``on frontier`` / ``above frontier``: per seed, vanilla's early-stopping transfer at the arm's
   task error (:func:`segment`). Where the curve segment read there jumps by at least
   half the claimed gap (the mean interpolated gap), the frontier in it is not measured: each claim is read at the
@@ -40,11 +40,17 @@ MARGIN, ERROR_RATIO = 0.10, 1.10
 class Guard:
     """A behaviour that must survive purification, read from one per-seed metric.
 
+    Broken (``damaged``) when the arm's *mean* falls below a bound. Judged on the mean, not per seed or on an
+    interval, because the references lose side behaviours on some seeds too (on hidden-preference the on-policy
+    control, the student an ideal purifier should match, names no animal on about a quarter of its seeds: README,
+    "Guards per seed"), so a stricter guard would fail an ideal purifier. Which seeds fall below the band is
+    reported beside the verdict (:meth:`seeds_below`), for the arm and for its control.
+
     Attributes:
         metric: per-seed key (e.g. ``animal_mass``).
         label: name in reports (e.g. ``P(any animal)``).
-        min_ratio_of_base: intact when mean(arm) ≥ this × mean(base).
-        not_below_control_ci: intact when mean(arm) ≥ the lower end of the control's 95% CI of the mean.
+        min_ratio_of_base: bound: this × mean(base).
+        not_below_control_ci: bound: the lower end of the control's 95% CI of the mean.
     """
 
     metric: str
@@ -52,26 +58,42 @@ class Guard:
     min_ratio_of_base: float | None = None
     not_below_control_ci: bool = False
 
-    def problem(self, arm: Records, base: Records, control: Records) -> str | None:
-        """``None`` when intact, ``"not measured"`` when the arm lacks the metric, else why it is broken."""
-        values = _finite(r.get(self.metric) for r in arm)
-        if not values:
-            return "not measured"
-        mean = float(np.mean(values))
+    def _bounds(self, base: Records, control: Records) -> list[tuple[float, str]] | None:
+        """``[(bound, how a mean under it is reported)]``, or ``None`` when a reference lacks the metric."""
+        out = []
         if self.min_ratio_of_base is not None:
             ref = _finite(r.get(self.metric) for r in base)
             if not ref:
-                return "not measured"
-            bound = self.min_ratio_of_base * float(np.mean(ref))
-            if mean < bound:
-                return f"{mean:.3g} < {self.min_ratio_of_base:g} × the base's {np.mean(ref):.3g}"
+                return None
+            out.append((self.min_ratio_of_base * float(np.mean(ref)),
+                        f"< {self.min_ratio_of_base:g} × the base's {np.mean(ref):.3g}"))
         if self.not_below_control_ci:
             ci = mean_ci(_finite(r.get(self.metric) for r in control))
             if ci["n"] == 0:
-                return "not measured"
-            if mean < ci["ci95"][0]:
-                return f"{mean:.3g} below the control's 95% CI [{ci['ci95'][0]:.3g}, {ci['ci95'][1]:.3g}]"
-        return None
+                return None
+            out.append((ci["ci95"][0], f"below the control's 95% CI [{ci['ci95'][0]:.3g}, {ci['ci95'][1]:.3g}]"))
+        return out
+
+    def problem(self, arm: Records, base: Records, control: Records) -> str | None:
+        """``None`` when the arm's mean is inside the band, ``"not measured"`` when the arm or a reference lacks the
+        metric, else why it is broken."""
+        values, bounds = _finite(r.get(self.metric) for r in arm), self._bounds(base, control)
+        if not values or bounds is None:
+            return "not measured"
+        mean = float(np.mean(values))
+        return next((f"{mean:.3g} {under}" for bound, under in bounds if mean < bound), None)
+
+    def band(self, base: Records, control: Records) -> float | None:
+        """The least value inside the band (the highest bound), or ``None`` when a reference lacks the metric."""
+        bounds = self._bounds(base, control)
+        return max(b for b, _ in bounds) if bounds else None
+
+    def seeds_below(self, records: Records, base: Records, control: Records) -> list[int]:
+        """The seeds of ``records`` whose own value is under the band (or not finite); ``[]`` when a reference lacks
+        the metric."""
+        band = self.band(base, control)
+        return [] if band is None else [r["seed"] for r in records
+                                        if not _ok(r.get(self.metric)) or r[self.metric] < band]
 
 
 def guards_from(entries: Sequence[Mapping[str, Any]]) -> list[Guard]:
