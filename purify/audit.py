@@ -47,7 +47,7 @@ from purify.generate import GenerateError, load_model, read_prompts, sample_comp
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.readouts import continuation_probs, count_scores, regex_scores, unknown_targets
-from purify.storage import atomic_write_json, atomic_write_text, not_a_directory, read_utf8
+from purify.storage import atomic_write_json, atomic_write_text, cannot_write_under, read_utf8
 from purify.types import positive_int, seed_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     if samples < MIN_SAMPLES:
         raise AuditError(f"samples: {samples} is too few for the fingerprint test's {MIN_SAMPLES}-fold held-out "
                          f"accuracy; give at least {MIN_SAMPLES}")
-    blocked = args.out and not_a_directory(args.out)
+    blocked = args.out and cannot_write_under(args.out)
     if blocked:
         raise AuditError(f"--out: {blocked}; give a directory for audit.md and audit.json")
     torch.manual_seed(args.seed)

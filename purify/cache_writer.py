@@ -35,7 +35,7 @@ from purify.cache import (
 )
 from purify.config import Recipe
 from purify.models import LoadedModel, build_model, freeze, model_forward, spec_tokenizer, state_sha256
-from purify.storage import atomic_dir, atomic_path, atomic_write_text, not_a_directory
+from purify.storage import atomic_dir, atomic_path, atomic_write_text, cannot_write_under
 from purify.types import RecipeError, first_line, positive_int
 
 
@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the cache; print where, its size and bytes per token. Returns the exit code."""
-    blocked = not_a_directory(args.out)
+    blocked = cannot_write_under(args.out)
     if blocked:
         raise RecipeError(f"--out: {blocked}; give a cache directory")
     if (Path(args.out) / "lineage.json").is_file():  # a training run or export: the cache would be written into it

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 EPILOG = "Run `purify VERB --help` for a verb's options. Docs: README.md."
@@ -89,8 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from purify.bench.report import BenchError
-    from purify.storage import not_a_directory
+    from purify.bench.report import BenchError, check_run
     from purify.types import first_line
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
@@ -112,21 +110,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"{', '.join(foreign)}: aux-logits only; {args.suite} takes its settings as --option "
                          "KEY=VALUE (see `purify bench --help`)")
     args.protocol = args.protocol or "task"
-    blocked = args.out is not None and not_a_directory(args.out)
-    if blocked:
-        raise BenchError(f"--out {args.out}: {blocked}; give a directory (created if missing)")
-    held = Path(args.out, "summary.json") if args.out is not None else None
-    if held is not None and held.is_file() and not args.overwrite:  # e.g. a committed result under results/
-        raise BenchError(f"--out {args.out} holds a finished benchmark run ({held}); give a new --out, or add "
-                         "--overwrite to replace it")
-    if args.seeds is not None and args.seeds < 3 and not args.quick:
-        raise BenchError(f"--seeds {args.seeds}: a verdict needs at least 3 seeds (--quick runs a smoke test)")
-    if args.seeds is not None and args.seeds < 1:
-        raise BenchError(f"--seeds {args.seeds}: must be at least 1")
-    if args.first_seed is not None and args.first_seed < 0:
-        raise BenchError(f"--first-seed {args.first_seed}: seeds are non-negative integers")
-    if args.workers is not None and args.workers < 1:
-        raise BenchError(f"--workers {args.workers}: must be at least 1 (seeds run at a time in forked processes)")
+    check_run(out=args.out, seeds=args.seeds, first_seed=args.first_seed, workers=args.workers, quick=args.quick,
+              overwrite=args.overwrite, min_seeds=3)
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads {args.threads}: must be at least 1 (torch threads of a one-worker run)")
     if args.threads not in (None, 1) and args.suite in ONE_THREAD:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.storage import atomic_write_text, not_a_directory, not_a_file, read_utf8
+from purify.storage import atomic_write_text, cannot_write_under, not_a_file, read_utf8
 from purify.types import first_line, positive_int, probability_mass, seed_int, temperature
 
 
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         raise GenerateError(f"--out: {args.out} is a directory; give the path of a .jsonl file to write")
     if problem := not_a_file(args.out):  # /dev/stdout: refused before sampling, not at the write
         raise GenerateError(f"--out: {args.out} {problem}; give the path of a .jsonl file to write")
-    blocked = not_a_directory(Path(args.out).parent)
+    blocked = cannot_write_under(Path(args.out).parent)
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")
     if args.ban_file:

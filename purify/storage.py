@@ -175,6 +175,22 @@ def not_a_file(path: str | Path) -> str | None:
     return "is not a regular file (a device, pipe or directory)" if p.exists() and not p.is_file() else None
 
 
+def cannot_write_under(path: str | Path) -> str | None:
+    """Why a directory cannot be written at ``path`` (created if missing): :func:`not_a_directory`'s reason, or
+    ``"cannot create anything in <x> (...)"`` when its first existing ancestor refuses a new entry (read-only, no
+    permission, ``/proc``), found by creating and removing an empty directory there. For commands that write their
+    result at the end of a long run (a benchmark, a cache, an audit), so they are refused before it."""
+    blocked = not_a_directory(path)
+    if blocked:
+        return blocked
+    existing = next((q for q in (Path(path), *Path(path).parents) if q.exists()), Path("."))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".purify-probe-", dir=existing))
+    except OSError as err:
+        return f"cannot create anything in {existing} ({err.strerror or err})"
+    return None
+
+
 def not_a_directory(path: str | Path) -> str | None:
     """Why ``path`` cannot be (or be created as) a directory: ``"<x> is an existing file"`` for the first existing
     file among it and its parents, else ``None``. Checked before a run, so it does not fail at its end."""

@@ -1,10 +1,12 @@
 """Run an LM suite (``style-tic`` / ``hidden-preference``) with its seeds in parallel worker processes.
 
 The committed LM runs in README were launched with this script; it is ``purify bench SUITE --workers N`` (default
-2) with ``--out`` required, progress lines per finished seed only, and no lower bound on ``--seeds`` (a two-seed
-re-run that records purifier metrics is not a verdict run). The seeds, their per-seed code and the report are the
-benchmark spine's (:func:`purify.bench.lm_common.run_seeds`); only the scheduling differs, and ``env.json`` records
-the equivalent ``purify bench ... --workers N`` command.
+2) with ``--out`` required, progress lines per finished seed only, and no lower bound on ``--seeds`` but 1 (a
+two-seed re-run that records purifier metrics is not a verdict run). Its flags are checked as ``purify bench``'s
+before anything runs (:func:`purify.bench.report.check_run`): an ``--out`` holding a finished run, e.g. a committed
+result, is refused unless ``--overwrite``; a bad flag or option is one ``lm_parallel_seeds: error:`` line, exit 2.
+The seeds, their per-seed code and the report are the benchmark spine's (:func:`purify.bench.lm_common.run_seeds`);
+only the scheduling differs, and ``env.json`` records the equivalent ``purify bench ... --workers N`` command.
 
 Usage::
 
@@ -19,6 +21,8 @@ import sys
 from typing import Any
 
 from purify.bench import lm_suites
+from purify.bench.report import BenchError, check_run
+from purify.types import first_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,14 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quick", action="store_true", help="the suite's smoke-test size")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace a finished run")
     a = p.parse_args(argv)
-    kwargs: dict[str, Any] = {}
-    if a.option:
-        from omegaconf import OmegaConf
+    try:
+        check_run(out=a.out, seeds=a.seeds, first_seed=a.first_seed, workers=a.workers, quick=a.quick,
+                  overwrite=a.overwrite)
+        kwargs: dict[str, Any] = {}
+        if a.option:
+            from omegaconf import OmegaConf
 
-        kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(a.option)))
-    lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
-                         quick=a.quick, workers=a.workers, **kwargs)
+            try:
+                kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(a.option), resolve=True))
+            except Exception as err:  # omegaconf's and yaml's parse errors
+                raise BenchError(f"--option: cannot read {' '.join(a.option)!r} ({first_line(err)}); give "
+                                 "KEY=VALUE, lists as KEY=[a,b]") from None
+        lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
+                             quick=a.quick, workers=a.workers, **kwargs)
+    except BenchError as err:
+        print(f"lm_parallel_seeds: error: {err}", file=sys.stderr)
+        return 2
     print(f"{a.suite} results written to {a.out}")
     return 0
 

@@ -372,6 +372,33 @@ def test_rereport_rederives_a_committed_run_from_its_per_seed_records(tmp_path, 
     assert (tmp_path / "run" / "summary.md").read_text() == md
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda s, e: s["conditions"]["vanilla"]["per_seed"].pop(), "condition 'vanilla' has no per-seed record for each"),
+    (lambda s, e: s["conditions"].pop("adversary"), "condition 'adversary' has no per-seed record"),
+    (lambda s, e: s.pop("wall_seconds"), "was written before summaries recorded wall_seconds"),
+    (lambda s, e: e.update(seeds=[7, 8, 9]), "env.json is of a run on seeds [7, 8, 9], the summary's are [0, 1, 2]"),
+])
+def test_rereport_of_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, capsys, damage, message):
+    """Each was a traceback (IndexError, KeyError) or, for another run's env.json, a mixed record written, exit 0."""
+    import shutil
+    from pathlib import Path
+
+    from purify.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "hidden-preference" / "animal-mass", run)
+    summary, env = (json.loads((run / f).read_text()) for f in ("summary.json", "env.json"))
+    assert summary["seeds"] == [0, 1, 2]
+    damage(summary, env)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "env.json").write_text(json.dumps(env))
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    assert main(["bench", "--rereport", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("purify: error: --rereport: ") and message in err, err
+    assert {p: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_rereport_keeps_a_probe_free_runs_notes_block_and_seed_statistics(tmp_path, capsys):
     import shutil
     from pathlib import Path

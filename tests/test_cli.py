@@ -128,6 +128,8 @@ def test_options_are_never_abbreviated(capsys):
     # a smoke test silently replaced a committed result (results/aux-logits) with a 2-seed quick run
     (["--quick", "--out", "{run}"], "holds a finished benchmark run ({run}/summary.json); give a new --out, or add "
                                     "--overwrite to replace it"),
+    # found only when the report was written, after every seed had run
+    (["--quick", "--out", "/proc/purify-bench"], "--out /proc/purify-bench: cannot create anything in /proc"),
 ])
 def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp_path, capsys, args, message):
     run, file, damaged, listed = tmp_path / "run", tmp_path / "taken", tmp_path / "damaged", tmp_path / "listed"
@@ -172,6 +174,11 @@ def _probe_file(tmp_path):
      "bad.yaml: not valid YAML at line 2"),
     (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "bogus"], "--device: unknown device 'bogus'"),
     (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "f", "x")), "--top-k", "4"], "is an existing file"),
+    (lambda t: ["cache", "r.yaml", "--out", "/proc/purify-cache"], "--out: cannot create anything in /proc"),
+    (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--out", "/proc/purify-audit"],
+     "--out: cannot create anything in /proc"),
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "/proc/purify-gen/o.jsonl"],
+     "--out: cannot create anything in /proc"),
     (lambda t: ["cache", "r.yaml", "--out", "c", "--batch-size", "-4"], "argument --batch-size: expected an integer"),
     (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "lineage.json", "{}").parent)],  # wrote into the run
      "holds a training run (lineage.json); give a directory of its own for the cache"),

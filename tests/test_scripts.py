@@ -77,6 +77,31 @@ def test_pool_probe_free_counts_the_seeds_and_runs_below_each_guards_band() -> N
     assert got["vanilla"] == {"seeds": 6, "below": 1, "runs": 2, "ci_below": 1}  # 0.49 < 0.5; 0.5 is inside
 
 
+@pytest.mark.parametrize("args, message", [
+    # a smoke test through the script replaced a committed result (purify bench refused the same --out)
+    (["--quick", "--seeds", "1", "--out", "{run}"], "--out {run} holds a finished benchmark run"),
+    (["--quick", "--seeds", "0", "--out", "{new}"], "--seeds 0: must be at least 1"),
+    (["--quick", "--first-seed", "-5", "--out", "{new}"], "--first-seed -5: seeds are non-negative integers"),
+    (["--quick", "--out", "{new}", "--option", "conditions=[nope"], "--option: cannot read 'conditions=[nope'"),
+    (["--quick", "--out", "/proc/purify-script"], "cannot create anything in /proc"),
+])
+def test_lm_parallel_seeds_checks_its_flags_as_purify_bench_does(tmp_path, capsys, monkeypatch, args, message):
+    from purify.bench import lm_suites
+
+    script = _script("lm_parallel_seeds")
+    monkeypatch.setattr(lm_suites, "run_suite", lambda *a, **k: pytest.fail("the suite ran"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"suite": "style-tic"}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert script.main(["style-tic", *[a.format(run=run, new=tmp_path / "new") for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("lm_parallel_seeds: error: ") and \
+        message.format(run=run) in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists()
+
+
 def test_curve_roughness_is_the_mean_and_largest_step_between_neighbouring_points() -> None:
     rough = _script("curve_roughness")
     curve = [{"step": s, "transfer": t} for s, t in ((0, 0.0), (10, 0.5), (20, 0.1), (30, 0.2))]

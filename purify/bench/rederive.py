@@ -54,12 +54,21 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
         raise BenchError(f"--rereport {directory}: that run is of suite {old.get('suite')!r}, not {suite_name!r}; "
                          "drop the suite name")
     aux = old.get("suite") == "aux-logits"
-    missing = [k for k in ("suite", "protocol", "seeds", "conditions", *REQUIRED, *(() if aux else ("notes",)))
-               if k not in old]
+    missing = [k for k in ("suite", "protocol", "seeds", "conditions", "wall_seconds", *REQUIRED,
+                           *(() if aux else ("notes",))) if k not in old]
     if missing or "conditions" not in old.get("settings", {}):
         raise BenchError(f"--rereport: {d / 'summary.json'} was written before summaries recorded "
                          f"{', '.join(missing or ['settings.conditions'])}; re-run the command in its env.json")
     env = _stored(d / "env.json")
+    if env.get("seeds") != old["seeds"]:  # a summary copied beside another run's record
+        raise BenchError(f"--rereport: {d / 'env.json'} is of a run on seeds {env.get('seeds')}, the summary's are "
+                         f"{old['seeds']}; put the summary back beside its own env.json")
+    for c in old["settings"]["conditions"]:
+        records = (old["conditions"].get(c.get("name")) or {}).get("per_seed")
+        if not isinstance(records, list) or [isinstance(r, dict) and r.get("seed") for r in records] != old["seeds"]:
+            raise BenchError(f"--rereport: {d / 'summary.json'}: condition {c.get('name')!r} has no per-seed record "
+                             f"for each of its seeds {old['seeds']} in order; restore it (git checkout) or re-run the "
+                             "command in its env.json")
     conds = [Condition(**{k: v for k, v in c.items() if k in FIELDS}) for c in old["settings"]["conditions"]]
     derived = ("seed", "distance_to_control", "fidelity_loss", "task_error_ratio", "frontier_gap")
     runs = {s: {"base": {k: v["mean"] for k, v in old.get("base", {}).items()},

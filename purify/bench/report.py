@@ -46,6 +46,40 @@ def check_conditions(arms: Iterable[tuple[str, Sequence[Any], Sequence[str], dic
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a word", list: "a list, as KEY=[a,b]"}
 
 
+def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | None, workers: int | None,
+              quick: bool, overwrite: bool, min_seeds: int = 1) -> None:
+    """Refuse a benchmark run's flags before anything runs (``purify bench``, ``scripts/lm_parallel_seeds.py``).
+
+    Raises:
+        BenchError: an ``out`` that cannot be written (a file on its path, a read-only or missing-permission
+            ancestor: :func:`purify.storage.cannot_write_under`) or that holds a finished run (its ``summary.json``,
+            e.g. a committed result) without ``overwrite``; fewer than ``min_seeds`` seeds (none below 1, even with
+            ``quick``); a seed range outside :data:`purify.types.SEED_RANGE`; ``workers`` below 1.
+    """
+    from purify.storage import cannot_write_under
+    from purify.types import SEED_RANGE, is_seed
+
+    blocked = out is not None and cannot_write_under(out)
+    if blocked:
+        raise BenchError(f"--out {out}: {blocked}; give a directory you can write (created if missing)")
+    held = Path(out, "summary.json") if out is not None else None
+    if held is not None and held.is_file() and not overwrite:  # e.g. a committed result under results/
+        raise BenchError(f"--out {out} holds a finished benchmark run ({held}); give a new --out, or add "
+                         "--overwrite to replace it")
+    if seeds is not None and seeds < min_seeds and not quick:
+        raise BenchError(f"--seeds {seeds}: a verdict needs at least {min_seeds} seeds (--quick runs a smoke test)")
+    if seeds is not None and seeds < 1:
+        raise BenchError(f"--seeds {seeds}: must be at least 1")
+    if first_seed is not None and first_seed < 0:
+        raise BenchError(f"--first-seed {first_seed}: seeds are non-negative integers")
+    last = None if first_seed is None else first_seed + max(seeds or 1, 1) - 1
+    if last is not None and not is_seed(last):
+        raise BenchError(f"--first-seed {first_seed} --seeds {seeds}: the last seed {last} is not {SEED_RANGE}; give "
+                         "a smaller --first-seed")
+    if workers is not None and workers < 1:
+        raise BenchError(f"--workers {workers}: must be at least 1 (seeds run at a time in forked processes)")
+
+
 def check_options(options: Mapping[str, Any], kinds: Mapping[str, type]) -> None:
     """Refuse suite options (``--option KEY=VALUE``) the suite does not take, or whose value is not of the kind it
     needs (``kinds``: key → ``bool``, ``int``, ``float`` (an integer is fine), ``str``, ``list`` or ``object`` for
