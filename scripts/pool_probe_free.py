@@ -78,8 +78,16 @@ def main() -> None:
     args = p.parse_args()
     runs = []
     for path in args.summaries:
-        with open(path) as f:
-            runs.append(json.load(f))
+        try:
+            with open(path) as f:
+                run = json.load(f)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"pool_probe_free: error: {path}: cannot read it as JSON ({err})") from None
+        arms = (run.get("probe_free") or {}).get("arms") or {} if isinstance(run, dict) else {}
+        if args.arm not in arms:
+            raise SystemExit(f"pool_probe_free: error: {path} has no probe-free arm {args.arm!r} (its probe-free "
+                             f"arms: {', '.join(sorted(arms)) or 'none'})")
+        runs.append(run)
     r = pooled(args.arm, runs)
     print(f"{args.arm}: {r['n']} seeds pooled; transfer − control at the rule's choice {r['mean']:+.4f}, 90% CI "
           f"[{r['ci90'][0]:+.4f}, {r['ci90'][1]:+.4f}]; m = {r['margin']:.4f} → "

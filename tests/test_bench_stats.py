@@ -118,6 +118,41 @@ def test_report_files_tables_and_csv(tmp_path):
     assert jsonable({"a": (1, float("inf"))}) == {"a": [1, None]}
 
 
+def test_report_writes_summary_json_last_and_drops_an_earlier_runs_readouts(tmp_path, monkeypatch):
+    import purify.bench.report as report
+
+    (tmp_path / "readouts.json").write_text("{}")  # left by a real-model run this --overwrite replaces
+    write_report(tmp_path, _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [])
+    assert not (tmp_path / "readouts.json").exists()
+    # summary.json marks a finished run (a second --out is refused over it): a write that fails before the end
+    # leaves none behind
+    monkeypatch.setattr(report, "plot_frontier", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path / "new", _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [])
+    assert not (tmp_path / "new" / "summary.json").exists()
+
+
+def test_one_seed_is_never_significant_and_caveats_count_the_seeds_read_at_vanillas_final_point():
+    from purify.bench.aux_summary import _acceptance, past_the_curve
+    from purify.bench.lm_common import _above
+
+    one = ({"per_seed": [{"transfer": 1.0}]}, {"per_seed": [{"transfer": 0.0}]})
+    assert not _above(*one)  # its "interval" is [1, 1]: it said significantly above from one seed
+    assert _above({"per_seed": [{"transfer": t} for t in (1.0, 1.1, 0.9)]}, {"per_seed": [{"transfer": 0.0}] * 3})
+    single = {"mean": 1.0, "ci95": [1.0, 1.0], "n": 1}
+    assert not _acceptance({"conditions": {"vanilla": {"vs_control": single}, "control": {}},
+                            "protocol": "task"})["vanilla_above_control"]["passed"]  # aux printed PASS
+    curve = [{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 1, "task_error": 0.5, "transfer": 0.4}]
+    summary = {"verdicts": {"arm": "…", "hard-arm": "…"}, "judged_against": {"hard-arm": {"vanilla": "van-h"}},
+               "conditions": {
+                   "vanilla": {"per_seed": [{"seed": 0, "curve": curve}, {"seed": 1, "curve": curve[:1]}]},
+                   "van-h": {"per_seed": [{"seed": 0, "curve": curve}, {"seed": 1, "curve": curve}]},
+                   "arm": {"per_seed": [{"seed": 0, "task_error": 0.6}, {"seed": 1, "task_error": 0.6}]},
+                   "hard-arm": {"per_seed": [{"seed": 0, "task_error": 0.4}, {"seed": 1, "task_error": 0.4}]}}}
+    # arm: below seed 1's curve only (its curve ends at 1.0); hard-arm: below its own vanilla's on both seeds
+    assert past_the_curve(summary) == ["arm (1 of 2 seeds)", "hard-arm (2 of 2 seeds)"]
+
+
 # ------------------------------------------------------------------ two-sided verdicts (purify.bench.verdicts)
 NOISE = [0.01, -0.02, 0.015, -0.005, 0.0]
 ARM = [0.0, 0.01, -0.01, 0.02, -0.015]  # arms vary otherwise than the control

@@ -441,6 +441,17 @@ def test_bench_on_policy_arms_build_and_are_judged_in_their_own_mode() -> None:
     assert off["against"] == {"vanilla:on-policy": {"base": "base", "control": "control", "vanilla": "vanilla"}}
     assert set(off["verdicts"]) == {"vanilla:on-policy"}
     assert not summary["problems"]  # each vanilla is above the control of its own mode
+    # the arm's columns read the references its verdict is judged against (they read the off-policy ones: the row
+    # said transfer − control +0.3 and task error ×1.3 beside a verdict computed from +0.3 − 0 and 1.3 / 1.2)
+    ens = summary["conditions"]["ensemble:on-policy"]
+    assert [r["distance_to_control"] for r in ens["per_seed"]] == pytest.approx([0.3] * 5)  # − control:on-policy
+    assert [r["fidelity_loss"] for r in ens["per_seed"]] == pytest.approx(
+        [(1.3 + 0.01 * s) / (1.2 + 0.01 * s) - 1 for s in range(5)])  # ÷ vanilla:on-policy's task error
+    assert ens["vs_control"]["mean"] == pytest.approx(0.3)
+    # a baseline's columns read the run's first control and vanilla
+    van = summary["conditions"]["vanilla:on-policy"]
+    assert [r["fidelity_loss"] for r in van["per_seed"]] == pytest.approx(
+        [(1.2 + 0.01 * s) / (1.0 + 0.01 * s) - 1 for s in range(5)])
 
 
 def test_bench_distill_on_policy_condition_trains_on_student_samples(tmp_path: Path, tok) -> None:

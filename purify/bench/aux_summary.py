@@ -47,7 +47,7 @@ def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "vanilla" in conds and "control" in conds:
         diff = conds["vanilla"]["vs_control"]
-        out["vanilla_above_control"] = {"difference": diff, "passed": bool(diff["ci95"][0] > 0)}
+        out["vanilla_above_control"] = {"difference": diff, "passed": bool(diff["n"] > 1 and diff["ci95"][0] > 0)}
     if summary["protocol"] == "paper":
         van = conds["vanilla"]["transfer"]
         out["same_init_transfer_at_least_0.3"] = {"transfer": van, "passed": bool(van["mean"] >= 0.3)}
@@ -129,13 +129,11 @@ def notes(summary: dict[str, Any]) -> list[str]:
     if sweep:
         lines.append("- delta_projection `global` strength sweep (reported whole, not only the tuned value): "
                      + "; ".join(f"α = {a}: {v}" for a, v in sweep) + ".")
-    curve = summary.get("frontier", {}).get("vanilla") or []
-    if curve:
-        floor = min(p["task_error"] for p in curve)
-        past = [n for n in summary["verdicts"] if conds[n]["task_error"]["mean"] < floor]
-        lines.append("- A condition whose task error is lower than any point of vanilla's mean curve is compared with "
-                     "vanilla's final transfer (no early-stopping point has that fidelity): "
-                     f"{', '.join(past) or 'none here'}. Read their gap beside **removed**.")
+    if summary.get("frontier", {}).get("vanilla"):
+        lines.append("- Where a condition's task error on a seed is lower than every point of that seed's vanilla "
+                     "curve, its gap there is read at vanilla's final transfer (no early-stopping point has that "
+                     f"fidelity): {', '.join(past_the_curve(summary)) or 'none here'}. Read their gap beside "
+                     "**removed**.")
     if not paper:
         lines.append("- tail_truncation: **not applicable** — it sets the tail's target mass to 0 (log-prob −∞), which "
                      "an MSE loss on raw logits cannot compare with (recipes with loss.name: mse refuse it). It runs "
@@ -158,6 +156,20 @@ def notes(summary: dict[str, Any]) -> list[str]:
         lines.append("- ensemble, divergence_mask and adversary need reference teachers, which the paper protocol "
                      "does not have: they run in the task protocol.")
     return lines + verdict_notes(summary)
+
+
+def past_the_curve(summary: dict[str, Any]) -> list[str]:
+    """``"arm (k of n seeds)"`` for each judged arm whose task error on k seeds is below every point of that seed's
+    curve of the vanilla it is judged against (there :func:`purify.bench.verdicts.segment` reads the final point)."""
+    conds, against = summary["conditions"], summary.get("judged_against") or {}
+    out = []
+    for n in summary["verdicts"]:
+        vanilla = {r["seed"]: r.get("curve") for r in conds[against.get(n, {}).get("vanilla", "vanilla")]["per_seed"]}
+        k = sum(1 for r in conds[n]["per_seed"]
+                if vanilla.get(r["seed"]) and r["task_error"] < min(p["task_error"] for p in vanilla[r["seed"]]))
+        if k:
+            out.append(f"{n} ({k} of {len(conds[n]['per_seed'])} seeds)")
+    return out
 
 
 def _brief(c: dict[str, Any], gap: dict[str, Any] | None = None) -> str:
@@ -194,7 +206,7 @@ def headline_lines(summary: dict[str, Any]) -> list[str]:
     lines += [f"- {n} (knows the trait; upper bound, not a purifier): {_brief(conds[n], gaps.get(n))} → {verdict}"
               for n, verdict in summary.get("bounds", {}).items()]
     pf = probe_free.notes(summary.get("probe_free") or {})
-    if pf:
+    if (summary.get("probe_free") or {}).get("arms"):
         pf += ["drift = KL(softmax θ₀ ‖ softmax S) of the undistilled class logits on 2048 held-out noise inputs "
                "(no digit, no label); task error as in the table below. Selection inputs per seed and point are in "
                "summary.json['probe_free']['arms'][arm]['selection_inputs']."]

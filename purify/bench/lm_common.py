@@ -353,26 +353,8 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
     by_name = {c.name: c for c in suite.conditions}
     names = list(by_name)
     main = {c.kind: c.name for c in reversed(suite.conditions) if c.baseline and c.student is None}  # first of each
-    control = {s: runs[s]["conditions"][main["control"]]["transfer"] for s in seeds} if "control" in main else {}
-    vanilla_err = {s: runs[s]["conditions"][main["vanilla"]]["task_error"] for s in seeds}
-    conditions: dict[str, Any] = {}
-    for name in names:
-        per_seed = []
-        for s in seeds:
-            rec = {"seed": s, **runs[s]["conditions"][name]}
-            if control:
-                rec["distance_to_control"] = rec["transfer"] - control[s]
-            rec["fidelity_loss"] = rec["task_error"] / vanilla_err[s] - 1.0
-            per_seed.append(rec)
-        keys = dict.fromkeys([*METRICS, *(k for k, _ in suite.columns), "fidelity_loss"])
-        cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in keys
-                                if all(k in r for r in per_seed)}
-        if control and name != main["control"]:
-            cond["vs_control"] = stats.paired_test([r["transfer"] for r in per_seed], [control[s] for s in seeds])
-        cond["per_seed"] = per_seed
-        conditions[name] = {**({"role": by_name[name].role} if by_name[name].role else {}),
-                            **({} if by_name[name].plot else {"plot": False}), **cond}
-    entries = {n: {"per_seed": conditions[n]["per_seed"], "baseline": c.baseline, "kind": c.kind, "mode": mode(c),
+    records = {n: [{"seed": s, **runs[s]["conditions"][n]} for s in seeds] for n in names}
+    entries = {n: {"per_seed": records[n], "baseline": c.baseline, "kind": c.kind, "mode": mode(c),
                    "student": c.student} for n, c in by_name.items()}
     judged = verdicts.judge(entries, suite.guards)
     bounds = {}
@@ -381,6 +363,26 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
                                 n: {**entries[n], "baseline": False}}, suite.guards)
         bounds[n] = alone["verdicts"][n]
         judged["frontier_gap"].update(alone["frontier_gap"])
+    conditions: dict[str, Any] = {}
+    for name in names:
+        # an arm's columns read the control and vanilla its verdict is judged against (its own loss mode: an
+        # on-policy arm against the on-policy ones); baselines and bounds the suite's first control and vanilla
+        ref = judged["against"].get(name, main)
+        control = {r["seed"]: r["transfer"] for r in records[ref["control"]]} if "control" in ref else {}
+        vanilla_err = {r["seed"]: r["task_error"] for r in records[ref["vanilla"]]}
+        per_seed = records[name]
+        for rec in per_seed:
+            if control:
+                rec["distance_to_control"] = rec["transfer"] - control[rec["seed"]]
+            rec["fidelity_loss"] = rec["task_error"] / vanilla_err[rec["seed"]] - 1.0
+        keys = dict.fromkeys([*METRICS, *(k for k, _ in suite.columns), "fidelity_loss"])
+        cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in keys
+                                if all(k in r for r in per_seed)}
+        if control and name != ref["control"]:
+            cond["vs_control"] = stats.paired_test([r["transfer"] for r in per_seed], [control[s] for s in seeds])
+        cond["per_seed"] = per_seed
+        conditions[name] = {**({"role": by_name[name].role} if by_name[name].role else {}),
+                            **({} if by_name[name].plot else {"plot": False}), **cond}
     problems = [f"{v.name} ({mode(v)}) transfer is not significantly above {c.name}'s" for v in suite.conditions
                 for c in suite.conditions if v.kind == "vanilla" and c.kind == "control" and mode(v) == mode(c)
                 and v.student is None and c.student is None and not _above(conditions[v.name], conditions[c.name])]
@@ -467,7 +469,7 @@ def on_policy_notes(summary: dict[str, Any]) -> list[str]:
 
 def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:
     test = stats.paired_test([r["transfer"] for r in vanilla["per_seed"]], [r["transfer"] for r in control["per_seed"]])
-    return bool(test["ci95"][0] > 0)
+    return bool(test["n"] > 1 and test["ci95"][0] > 0)  # one seed has no interval (mean_ci gives [m, m])
 
 
 def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -408,14 +408,17 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, An
                  notes: list[str], xkey: str = "task_error", xlabel: str = "task error", intro: list[str] | None = None,
                  sections: list[tuple[str, str]] | None = None) -> Path:
     """Write every output file of a benchmark run into ``out_dir``; returns it (see :func:`markdown` for
-    ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``)."""
+    ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``). ``summary.json``, the file that marks
+    a finished run, is written last; a ``readouts.json`` an earlier run left there (``--overwrite``) is removed (the
+    LM suites' writer adds this run's own)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "summary.json", summary)
+    (out / "readouts.json").unlink(missing_ok=True)
     atomic_write_text(out / "summary.md", markdown(summary, columns, notes, intro, sections))
     atomic_write_text(out / "summary.csv", csv_rows(summary))
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
     plot_frontier(summary, out / "frontier.png", xkey, xlabel)
+    atomic_write_json(out / "summary.json", summary)
     return out
 
 
@@ -436,7 +439,9 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
              f"unresolved**. No verdict either from fewer than {MIN_SEEDS} finite seeds, zero variance, task error "
              "not below the base's, or vanilla not significantly above control.",
              f"- p_adj: Holm-adjusted across the {n} arm(s) with a frontier test in this run; each arm is judged "
-             "against the control and vanilla of its own loss mode (`judged_against` in summary.json)."]
+             "against the control and vanilla of its own loss mode (`judged_against` in summary.json), and its "
+             "transfer − control and task error ÷ vanilla's columns read the same two (a baseline's: the run's "
+             "first control and vanilla)."]
     guards = summary.get("guards") or []
     if guards:
         rules = [f"{g['label']} ≥ {g['min_ratio_of_base']:g} × the base's" if g.get("min_ratio_of_base") is not None
