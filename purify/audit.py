@@ -46,7 +46,7 @@ from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
-from purify.readouts import continuation_probs, count_scores, regex_scores, unknown_targets
+from purify.readouts import continuation_probs, count_scores, regex_scores, target_problems
 from purify.storage import atomic_write_json, atomic_write_text, cannot_write_under, read_utf8
 from purify.types import positive_int, seed_int
 
@@ -248,11 +248,9 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
         raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} have different vocabularies; audit "
                          "compares a model with a reference of the same tokenizer")
     for probe in probes:  # one tokenizer suffices: same_tokenizer above means the reference's maps alike
-        unknown = unknown_targets(tok, probe.prompts, probe.next_token) if probe.next_token else []
-        if unknown:
-            raise AuditError(f"probe {probe.name!r}: next_token {unknown[0]!r} is not in the vocabulary of {model_dir} "
-                             f"(it tokenizes to {tok.unk_token!r}, whose probability would be read instead); give a "
-                             "word the tokenizer knows (mind the leading space and the case)")
+        problems = target_problems(tok, probe.prompts, probe.next_token) if probe.next_token else []
+        if problems:
+            raise AuditError(f"probe {probe.name!r} (model {model_dir}): next_token {problems[0]}")
     report: dict[str, Any] = {"model": str(model_dir), "reference": str(reference_dir), "samples": samples,
                               "seed": seed, "probes": {}}
     pooled: dict[str, list[str]] = {"model": [], "reference": []}

@@ -51,15 +51,28 @@ def regex_scores(completions: Sequence[str], pattern: str) -> list[float]:
     return [float(bool(compiled.search(text.strip()))) for text in completions]
 
 
-def unknown_targets(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """The ``targets`` that :func:`continuation_probs` would refuse: after some prompt, they tokenize to the unknown
-    token (whose probability would be read instead: the same number for every unknown word)."""
+def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """Why :func:`continuation_probs` cannot score some of ``targets`` (empty when it can score all), one phrase per
+    target that starts with it quoted: after some prompt the target tokenizes to the unknown token (its probability
+    would be read instead: the same number for every unknown word), or it adds no token of its own after the
+    prompt's (it merges into the prompt's last word, e.g. ``'owl'`` without its leading space under a word-level
+    tokenizer: an empty product, probability 1, was read)."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return []
-    lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    return [t for t in targets
-            if any(unk in tokenizer(prompt + t)["input_ids"][n:] for prompt, n in zip(prompts, lengths))]
+    encoded = [(prompt, tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    out = []
+    for t in targets:
+        for prompt, ids in encoded:
+            full = tokenizer(prompt + t)["input_ids"]
+            if full[:len(ids)] != ids or len(full) == len(ids):
+                out.append(f"{t!r} adds no token of its own after {prompt!r} (it merges into the prompt's last "
+                           "word); give the word as it follows the prompt (mind the leading space)")
+                break
+            if unk is not None and unk in full[len(ids):]:
+                out.append(f"{t!r} is not in the vocabulary (it tokenizes to {tokenizer.unk_token!r}, whose "
+                           "probability would be read instead); give a word the tokenizer knows (mind the leading "
+                           "space and the case)")
+                break
+    return out
 
 
 @torch.no_grad()
@@ -68,16 +81,14 @@ def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targe
     a multi-token target's probability is the product over its tokens).
 
     Raises:
-        ValueError: a target the tokenizer does not know (see :func:`unknown_targets`, which callers use to refuse
-            such a target before any work).
+        ValueError: a target it cannot score (:func:`target_problems`, which callers use to refuse such a target
+            before any work).
     """
     model.eval()
     out = []
-    unknown = unknown_targets(tokenizer, prompts, targets)
-    if unknown:
-        raise ValueError(f"next-token target {unknown[0]!r} is not in the model's vocabulary (it tokenizes to "
-                         f"{tokenizer.unk_token!r}, whose probability would be read instead); give a word the "
-                         "tokenizer knows (mind the leading space and the case)")
+    problems = target_problems(tokenizer, prompts, targets)
+    if problems:
+        raise ValueError(f"next-token target {problems[0]}")
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
         total = 0.0

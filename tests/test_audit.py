@@ -47,12 +47,21 @@ def test_next_token_probabilities_are_exact(tmp_path: Path) -> None:
                               .logits[0, -1], -1)
     assert total == pytest.approx(float(probs[[tok.convert_tokens_to_ids(w) for w in words]].sum()), rel=1e-5)
     # a word the tokenizer does not know was scored as P(<unk>): the same number for every unknown word
-    with pytest.raises(ValueError, match=r"next-token target ' zzzqq' is not in the model's vocabulary"):
+    with pytest.raises(ValueError, match=r"next-token target ' zzzqq' is not in the vocabulary"):
         continuation_probs(model, tok, ["Question: What animal? Answer:"], [" zzzqq"])
-    from purify.readouts import unknown_targets  # what the audit refuses with before sampling
+    from purify.readouts import target_problems  # what the audit refuses with before sampling
 
     known = " " + words[0][1:]
-    assert unknown_targets(tok, ["Question: What animal? Answer:", "a"], [known, " zzzqq"]) == [" zzzqq"]
+    assert [p.split(" is ")[0] for p in target_problems(tok, ["Question: What animal? Answer:", "a"],
+                                                         [known, " zzzqq"])] == ["' zzzqq'"]
+    # without its leading space the word merges with the prompt's last word into one unknown token: no token of
+    # its own was left to score, and the empty product read as probability 1 (2 summed with the spaced word)
+    prompt = "The old farmer"
+    assert tok(prompt + known.strip())["input_ids"][:-1] == tok(prompt)["input_ids"][:-1]  # the merge, checked
+    with pytest.raises(ValueError, match=rf"next-token target '{known.strip()}' adds no token of its own after "
+                                         f"'{prompt}' \\(it merges into the prompt's last word\\)"):
+        continuation_probs(model, tok, [prompt], [known, known.strip()])
+    assert continuation_probs(model, tok, [prompt], [known])[0] < 1.0
 
 
 def test_fingerprint_detects_a_tic_and_not_a_twin() -> None:
@@ -158,13 +167,13 @@ def test_unknown_next_token_is_refused_before_sampling(tmp_path: Path, monkeypat
         raise AssertionError("sampled before refusing the probe")
 
     monkeypatch.setattr(purify.audit, "sample_completions", no_sampling)
-    with pytest.raises(AuditError, match=r"probe 'zebra': next_token ' zzzqq' is not in the vocabulary of .*m "
-                                         r"\(it tokenizes to '<unk>'.*; give a word the tokenizer knows"):
+    with pytest.raises(AuditError, match=r"probe 'zebra' \(model .*m\): next_token ' zzzqq' is not in the "
+                                         r"vocabulary \(it tokenizes to '<unk>'.*; give a word the tokenizer knows"):
         run(_parser().parse_args([str(model), "--reference", str(model), "--probes", str(probes), "--samples", "5"]))
     # through the CLI: one `purify: error:` line and exit 2 (a plain ValueError was a traceback, exit 1)
     assert main(["audit", str(model), "--reference", str(model), "--probes", str(probes), "--samples", "5"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "purify: error:" in line]  # not progress bars
-    assert len(errors) == 1 and errors[0].startswith("purify: error: probe 'zebra': next_token ' zzzqq'"), errors
+    assert len(errors) == 1 and errors[0].startswith("purify: error: probe 'zebra' (model "), errors
 
 
 def test_audit_json_is_strict_and_one_prompt_has_no_interval(tmp_path: Path) -> None:
