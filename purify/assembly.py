@@ -35,7 +35,7 @@ from purify.config import (
     structured,
     to_dict,
 )
-from purify.data import DistillDataModule, TeacherTokenizer
+from purify.data import DataError, DistillDataModule, TeacherTokenizer, load_records
 from purify.lineage import build_lineage
 from purify.lm.bases import BASES
 from purify.models import (
@@ -244,12 +244,39 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
         problems += contract_problems(configs, recipe)
     problems += _batch_problems(recipe)
+    problems += _label_problems(configs, recipe)
     if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
         try:
             resolve_strategy(recipe)
         except RecipeError as err:
             problems += err.problems
     return configs, problems
+
+
+def _label_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
+    """An ``adversary`` with ``target: source`` against the data it will read: records with no ``source`` field at
+    all, or more distinct sources than ``num_sources`` (each was a ValueError at the first training step, after the
+    run directory was written). Reads the data files only for such a purifier."""
+    wants = [(i, c) for i, c in enumerate(configs) if c.name == "adversary" and getattr(c, "target", "") == "source"]
+    out: list[str] = []
+    for key in ("train", "val") if wants else ():
+        path = getattr(recipe.data, key)
+        if path is None or (key == "val" and not Path(path).is_file()):
+            continue
+        try:
+            sources = sorted({r["source"] for r in load_records(path) if "source" in r}) if path != "noise" else []
+        except (OSError, DataError, ValueError):
+            continue  # unreadable data is reported where the data are checked
+        for i, cfg in wants:
+            if not sources:
+                out.append(f"purifiers[{i}].target: source needs data records with a 'source' field (which lineage "
+                           f"produced each); data.{key} {path} has none: add it, or use target: lineage with 2+ "
+                           "teachers")
+            elif len(sources) > cfg.num_sources:
+                shown = ", ".join(map(repr, sources[:5])) + (", ..." if len(sources) > 5 else "")
+                out.append(f"purifiers[{i}].num_sources: {cfg.num_sources}, but data.{key} has {len(sources)} "
+                           f"distinct sources ({shown}); give num_sources: {len(sources)}")
+    return out
 
 
 @dataclass

@@ -275,6 +275,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     data = recipe.data
     if data.train not in ("bundled", "noise") and not Path(data.train).is_file():
         out.append(f"data.train: file not found: {data.train}; give a .jsonl/.txt path, 'bundled' or 'noise'")
+    if data.train == "noise" and recipe.student.arch is None:  # was a KeyError: 'input_ids' at the first batch
+        out.append("data.train: noise gives vectors for `arch` students (vector models); a language-model student "
+                   "needs text: give a .jsonl/.txt path or 'bundled'")
     if data.val is not None and not Path(data.val).is_file():
         out.append(f"data.val: file not found: {data.val}")
     if not 0.0 <= data.val_fraction < 1.0:
@@ -367,8 +370,10 @@ def optim_problems(optim: OptimConfig, scheduler: SchedulerConfig) -> list[str]:
 def loss_problems(loss: LossConfig) -> list[str]:
     """What is wrong with a :class:`LossConfig` on its own, one ``loss.<key>: ...`` line each (a recipe's, and a
     :class:`purify.module.Distiller` built in Python)."""
-    out = [f"loss.{key}: {problem}" for key, problem in
-           loss_value_problems(loss.beta, loss.temperature, loss.hard_label_weight)]
+    names = typing.get_args(LossName)
+    out = [] if loss.name in names else [f"loss.name: unknown loss {loss.name!r}; expected one of {list(names)}"]
+    out += [f"loss.{key}: {problem}" for key, problem in
+            loss_value_problems(loss.beta, loss.temperature, loss.hard_label_weight)]
     sl = loss.logit_slice
     if sl is not None and (len(sl) != 2 or not 0 <= sl[0] < sl[1]):
         out.append(f"loss.logit_slice: expected [start, stop) with 0 <= start < stop, got {list(sl)}")

@@ -449,6 +449,8 @@ def test_a_distiller_built_in_python_refuses_what_a_recipe_would():
         ({"loss": LossConfig(logit_slice=[2, 1])}, r"loss.logit_slice: expected \[start, stop\)"),
         ({"loss": LossConfig(hard_label_weight=-1)}, r"loss.hard_label_weight: must be a finite number >= 0"),
         ({"teacher_weights": [1.0, 1.0]}, r"teacher_weights: 2 given for 1 teachers"),
+        # accepted, then a plain ValueError at the first fit_step
+        ({"loss": LossConfig(name="foo")}, r"loss.name: unknown loss 'foo'; expected one of \['forward_kl', "),
     ]:
         with pytest.raises(RecipeError, match=message):
             Distiller(student, [teacher], **kwargs)

@@ -130,17 +130,23 @@ def test_options_are_never_abbreviated(capsys):
                                     "--overwrite to replace it"),
     # found only when the report was written, after every seed had run
     (["--quick", "--out", "/proc/purify-bench"], "--out /proc/purify-bench: cannot create anything in /proc"),
+    # the report was written into a training run's directory, beside its checkpoints and lineage.json
+    (["--quick", "--out", "{trained}", "--overwrite"],
+     "holds a training run (lineage.json); give a directory of its own"),
 ])
 def test_a_bench_request_that_would_be_ignored_or_fail_late_is_refused_first(tmp_path, capsys, args, message):
     run, file, damaged, listed = tmp_path / "run", tmp_path / "taken", tmp_path / "damaged", tmp_path / "listed"
-    for d in (run, damaged, listed):
+    trained = tmp_path / "trained"
+    for d in (run, damaged, listed, trained):
         d.mkdir()
+    (trained / "lineage.json").write_text("{}")
     (run / "summary.json").write_text('{"suite": "aux-logits"}')
     (damaged / "summary.json").write_text('{"suite": "aux-logits" "seeds": [1]}')  # a hand edit gone wrong
     (listed / "summary.json").write_text("[1, 2]")
     file.write_text("a file")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert main(["bench", *[a.format(run=run, file=file, damaged=damaged, listed=listed) for a in args]]) == 2
+    assert main(["bench", *[a.format(run=run, file=file, damaged=damaged, listed=listed, trained=trained)
+                            for a in args]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("purify: error: ") and message.format(run=run) in err, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -240,3 +246,45 @@ def test_a_quick_run_says_when_it_ran_fewer_seeds_than_asked(tmp_path, capsys, m
     assert main(["bench", "--quick", "--seeds", "5", "--out", str(tmp_path / "o")]) == 0
     assert "results written to " + str(tmp_path / "o") + " (2 of the 5 seeds asked: a --quick run's cap)" in \
         capsys.readouterr().out
+
+
+def test_a_sigterm_stops_a_benchmark_and_its_seed_workers(tmp_path):
+    """The forked seed workers ran on as orphans (the parent died of SIGTERM's default action, exit 143, no line)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid: int) -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(stat.parent.name))
+        return out
+
+    log = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "purify", "bench", "aux-logits", "--quick", "--workers", "2",
+                                 "--out", str(tmp_path / "o")], stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while len(workers := children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None and len(workers) >= 2, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("purify: error: stopped by SIGTERM: nothing was written to the output "
+                                            "directory"), err
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)  # the pool terminated them
+    assert not (tmp_path / "o").exists()

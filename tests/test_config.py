@@ -47,6 +47,31 @@ def test_bad_recipe_fails_with_one_line_naming_the_key(tmp_path, override, messa
     assert "\n" not in str(err.value)
 
 
+def test_noise_data_for_a_language_model_student_is_refused_at_load():
+    """It passed validation, wrote the run directory and died at the first batch with KeyError: 'input_ids'."""
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(RecipeError, match=r"^data\.train: noise gives vectors for `arch` students \(vector models\); "
+                                          r"a language-model student needs text") as err:
+        load_recipe(root / "recipes" / "quickstart.yaml", ["data.train=noise"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_source_adversary_is_checked_against_the_data_it_will_read(tmp_path):
+    """Both were a ValueError traceback at the first training step, after the run directory was written."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "adversary.yaml"
+    with pytest.raises(RecipeError, match=r"^purifiers\[0\]\.target: source needs data records with a 'source' "
+                                          r"field .*; data\.train bundled has none"):
+        load_recipe(recipe, ["purifiers.0.target=source"])
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(f'{{"prompt": "a", "completion": " b {i}", "source": "{s}"}}\n'
+                            for i, s in enumerate("xyzz")))
+    with pytest.raises(RecipeError, match=r"^purifiers\[0\]\.num_sources: 2, but data\.train has 3 distinct sources "
+                                          r"\('x', 'y', 'z'\); give num_sources: 3$"):
+        load_recipe(recipe, ["purifiers.0.target=source", f"data.train={data}"])
+    ok = load_recipe(recipe, ["purifiers.0.target=source", "purifiers.0.num_sources=3", f"data.train={data}"])
+    assert ok.purifiers[0]["num_sources"] == 3
+
+
 def test_model_spec_needs_exactly_one_source(tmp_path):
     with pytest.raises(RecipeError, match=r"student: give exactly one of .* \(got path, arch\)"):
         load(tmp_path, **{"student": "{arch: aux_mlp, path: /x}"})

@@ -18,6 +18,22 @@ def library_blocks() -> list[str]:
 NAMES = ["pytorch", "fused", "hf_trainer", "lightning", "readouts"]
 
 
+def test_readme_purifier_stacks_are_valid_recipes():
+    """The README's example ``purifiers:`` block was refused by purify itself (adversary: lineage must come first,
+    and ensemble may not follow it)."""
+    import yaml
+
+    from purify.assembly import load_recipe
+
+    blocks = re.findall(r"```yaml\n(purifiers:.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    assert blocks
+    for block in blocks:
+        entries = yaml.safe_load(block)["purifiers"]
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ensemble.yaml",
+                             [f"purifiers={entries}"])
+        assert [p["name"] for p in recipe.purifiers] == [e["name"] for e in entries]
+
+
 def test_readme_has_the_five_library_examples():
     blocks = library_blocks()
     assert len(blocks) == len(NAMES)

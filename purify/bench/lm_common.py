@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import multiprocessing as mp
+import signal
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -514,7 +515,9 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
     _FORKED["one_seed"] = one_seed
     done = {}
     try:
-        with mp.get_context("fork").Pool(workers) as pool:
+        # a worker takes SIGTERM's default action: the parent's handler (purify bench: unwind) is not theirs
+        with mp.get_context("fork").Pool(workers, initializer=signal.signal,
+                                          initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             for seed, record in pool.imap_unordered(_forked_seed, seeds):
                 done[seed] = record
                 if progress:

@@ -52,8 +52,9 @@ def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | No
 
     Raises:
         BenchError: an ``out`` that cannot be written (a file on its path, a read-only or missing-permission
-            ancestor: :func:`purify.storage.cannot_write_under`) or that holds a finished run (its ``summary.json``,
-            e.g. a committed result) without ``overwrite``; fewer than ``min_seeds`` seeds (none below 1, even with
+            ancestor: :func:`purify.storage.cannot_write_under`), that holds a training run (``lineage.json``), or
+            that holds a finished benchmark run (its ``summary.json``, e.g. a committed result) without
+            ``overwrite``; fewer than ``min_seeds`` seeds (none below 1, even with
             ``quick``); a seed range outside :data:`purify.types.SEED_RANGE`; ``workers`` below 1.
     """
     from purify.storage import cannot_write_under
@@ -62,6 +63,8 @@ def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | No
     blocked = out is not None and cannot_write_under(out)
     if blocked:
         raise BenchError(f"--out {out}: {blocked}; give a directory you can write (created if missing)")
+    if out is not None and Path(out, "lineage.json").is_file():  # a training run: the report would mix into it
+        raise BenchError(f"--out {out} holds a training run (lineage.json); give a directory of its own")
     held = Path(out, "summary.json") if out is not None else None
     if held is not None and held.is_file() and not overwrite:  # e.g. a committed result under results/
         raise BenchError(f"--out {out} holds a finished benchmark run ({held}); give a new --out, or add "
