@@ -543,3 +543,8 @@ def test_the_frontier_plots_zoom_reaches_the_judged_arms_near_vanillas_final_poi
     plot_frontier(summary, tmp_path / "f.png")
     zoom = figures[0].axes[1]
     assert zoom.get_xlim()[1] == pytest.approx(0.04 * 1.25) and "up to 5 × vanilla's final" in zoom.get_title()
+    # an arm's own vanilla (on-policy: vanilla:on-policy, at 0.045 here) is in the zoom beside it
+    summary["conditions"]["vanilla:on-policy"] = {"task_error": stat(0.045), "transfer": stat(0.8)}
+    summary["judged_against"] = {"near": {"vanilla": "vanilla:on-policy"}, "far": {"vanilla": "vanilla:on-policy"}}
+    plot_frontier(summary, tmp_path / "g.png")
+    assert figures[-1].axes[1].get_xlim()[1] == pytest.approx(0.045 * 1.25)

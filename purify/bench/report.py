@@ -350,8 +350,9 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
     ``"plot": False`` (not distilled) are left out; the legend sits outside the axes.
 
     When the x values span more than a factor of 10, x is logarithmic and a second panel
-    zooms on the region around vanilla's final point and the judged arms within 5 × of it (most purifiers land
-    there; the panel reached 2.2 × only, and arms at 2.5–4 × were left out of it).
+    zooms on the region around vanilla's final point and the judged arms within 5 × of it, with the vanilla each is
+    judged against (most purifiers land there; the panel reached 2.2 × only, and arms at 2.5–4 × were left out of
+    it; an on-policy arm's own vanilla was left out).
     """
     import matplotlib
 
@@ -370,9 +371,11 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
     axes = list(axes[0])
     n = len(curve)
     final = curve[-1][xkey] if zoom else 0.0
-    arms = [summary["conditions"][a][xkey]["mean"] for a in summary.get("verdicts", {})
+    # the judged arms, and the vanilla each is judged against (an on-policy arm's is vanilla:on-policy)
+    judged = [*summary.get("verdicts", {}), *(r["vanilla"] for r in summary.get("judged_against", {}).values())]
+    arms = [summary["conditions"][a][xkey]["mean"] for a in dict.fromkeys(judged)
             if isinstance(summary["conditions"].get(a, {}).get(xkey), dict)]
-    near = [x for x in arms if x is not None and 0 < x <= 5 * final]  # the judged arms around vanilla's final
+    near = [x for x in arms if x is not None and 0 < x <= 5 * final]  # those around vanilla's final
     lo, hi = (min(positive) * 0.9, max([final * 2.2, *(x * 1.25 for x in near)])) if zoom else (0.0, 0.0)
     spans = [max(positive) / min(positive) if positive else 1.0, hi / lo if zoom else 1.0]
 
