@@ -243,8 +243,9 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     problems += purifier_problems
     if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
         problems += contract_problems(configs, recipe)
+        if not purifier_problems:
+            problems += _label_problems(configs, recipe)
     problems += _batch_problems(recipe)
-    problems += _label_problems(configs, recipe)
     if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
         try:
             resolve_strategy(recipe)
@@ -254,15 +255,14 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
 
 
 def _label_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
-    """An ``adversary`` with ``target: source`` against the data it will read: records with no ``source`` field at
-    all, or more distinct sources than ``num_sources`` (each was a ValueError at the first training step, after the
-    run directory was written). Reads the data files only for such a purifier."""
+    """An ``adversary`` with ``target: source`` against the training data it will read: records with no ``source``
+    field at all, or more distinct sources than ``num_sources`` (each was a ValueError at the first training step,
+    after the run directory was written). Validation data are not read for it (validation never uses the labels).
+    Reads the file only for such a purifier."""
     wants = [(i, c) for i, c in enumerate(configs) if c.name == "adversary" and getattr(c, "target", "") == "source"]
     out: list[str] = []
-    for key in ("train", "val") if wants else ():
+    for key in ("train",) if wants else ():
         path = getattr(recipe.data, key)
-        if path is None or (key == "val" and not Path(path).is_file()):
-            continue
         try:
             sources = sorted({r["source"] for r in load_records(path) if "source" in r}) if path != "noise" else []
         except (OSError, DataError, ValueError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -89,8 +88,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from purify.bench.lm_common import sigterm_stops
     from purify.bench.report import BenchError, check_run
-    from purify.types import TrainingStopped, first_line
+    from purify.types import first_line
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
                                       ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
@@ -119,11 +119,6 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError(f"--threads {args.threads}: {args.suite} runs each seed on one torch thread (its numbers are "
                          "measured so); use --workers N to run N seeds at a time")
     torch.set_num_threads(args.threads or 1)
-
-    def stop(signum: int, _frame: Any) -> NoReturn:  # the forked seed workers ran on as orphans after a SIGTERM
-        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}: nothing was written to the output "
-                              "directory", 128 + signum)
-
     module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed,
                                 "workers": args.workers}.items() if v is not None}
@@ -137,14 +132,11 @@ def _bench(args: argparse.Namespace) -> int:
         except (OmegaConfBaseException, YAMLError, ValueError) as err:
             raise BenchError(f"--option: cannot read {' '.join(args.option)!r} ({first_line(err)}); give KEY=VALUE, "
                              "lists as KEY=[a,b]") from None
-    before = signal.signal(signal.SIGTERM, stop)  # unwinds the worker pool (it terminates its workers), as Ctrl-C
-    try:
+    with sigterm_stops():  # unwinds the seed workers' pool (it terminates them), as Ctrl-C does
         if args.suite == "aux-logits":
             summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
         else:
             summary = module.run_suite(args.suite, quick=args.quick, **kwargs)
-    finally:
-        signal.signal(signal.SIGTERM, before)
     out = args.out or f"bench-out/{args.suite}" + ("/paper" if args.protocol == "paper" else "")
     ran = len(summary.get("seeds", []))
     cut = f" ({ran} of the {args.seeds} seeds asked: a --quick run's cap)" if args.seeds and ran < args.seeds else ""

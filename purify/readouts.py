@@ -65,7 +65,8 @@ def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[st
             full = tokenizer(prompt + t)["input_ids"]
             if full[:len(ids)] != ids or len(full) == len(ids):
                 out.append(f"{t!r} adds no token of its own after {prompt!r} (it merges into the prompt's last "
-                           "word); give the word as it follows the prompt (mind the leading space)")
+                           "word, or the tokenizer ends every text with a special token); give the word as it "
+                           "follows the prompt (mind the leading space)")
                 break
             if unk is not None and unk in full[len(ids):]:
                 out.append(f"{t!r} is not in the vocabulary (it tokenizes to {tokenizer.unk_token!r}, whose "

@@ -21,8 +21,9 @@ import sys
 from typing import Any
 
 from purify.bench import lm_suites
+from purify.bench.lm_common import sigterm_stops
 from purify.bench.report import BenchError, check_run
-from purify.types import first_line
+from purify.types import TrainingStopped, first_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +49,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # omegaconf's and yaml's parse errors
                 raise BenchError(f"--option: cannot read {' '.join(a.option)!r} ({first_line(err)}); give "
                                  "KEY=VALUE, lists as KEY=[a,b]") from None
-        lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
-                             quick=a.quick, workers=a.workers, **kwargs)
+        with sigterm_stops():  # the forked seed workers are terminated with it (they ran on as orphans)
+            lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
+                                 quick=a.quick, workers=a.workers, **kwargs)
     except BenchError as err:
         print(f"lm_parallel_seeds: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"lm_parallel_seeds: error: {err}", file=sys.stderr)
+        return err.exit_code
     print(f"{a.suite} results written to {a.out}")
     return 0
 

@@ -59,7 +59,7 @@ def test_next_token_probabilities_are_exact(tmp_path: Path) -> None:
     prompt = "The old farmer"
     assert tok(prompt + known.strip())["input_ids"][:-1] == tok(prompt)["input_ids"][:-1]  # the merge, checked
     with pytest.raises(ValueError, match=rf"next-token target '{known.strip()}' adds no token of its own after "
-                                         f"'{prompt}' \\(it merges into the prompt's last word\\)"):
+                                         f"'{prompt}' \\(it merges into the prompt's last word"):
         continuation_probs(model, tok, [prompt], [known, known.strip()])
     assert continuation_probs(model, tok, [prompt], [known])[0] < 1.0
 

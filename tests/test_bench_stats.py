@@ -125,11 +125,15 @@ def test_report_writes_summary_json_last_and_drops_an_earlier_runs_readouts(tmp_
     write_report(tmp_path, _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [])
     assert not (tmp_path / "readouts.json").exists()
     # summary.json marks a finished run (a second --out is refused over it): a write that fails before the end
-    # leaves none behind
+    # leaves none behind, not even the earlier run's it was replacing (--overwrite), beside the new files
+    assert (tmp_path / "summary.json").exists()
     monkeypatch.setattr(report, "plot_frontier", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        write_report(tmp_path / "new", _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [])
-    assert not (tmp_path / "new" / "summary.json").exists()
+        write_report(tmp_path, _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [])
+    assert not (tmp_path / "summary.json").exists()
+    monkeypatch.undo()
+    write_report(tmp_path, _summary(), {"seeds": [0, 1]}, [("transfer", "transfer")], [], readouts={"a": 1})
+    assert json.loads((tmp_path / "readouts.json").read_text()) == {"a": 1}
 
 
 def test_one_seed_is_never_significant_and_caveats_count_the_seeds_read_at_vanillas_final_point():

@@ -248,6 +248,22 @@ def test_a_quick_run_says_when_it_ran_fewer_seeds_than_asked(tmp_path, capsys, m
         capsys.readouterr().out
 
 
+def test_sigterm_stops_raises_in_this_process_and_restores_the_handler():
+    """What purify bench and scripts/lm_parallel_seeds.py run under (the script's workers were orphaned too)."""
+    import os
+    import signal
+
+    from purify.bench.lm_common import sigterm_stops
+    from purify.types import TrainingStopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM: the run did not finish") as stop:
+        with sigterm_stops():
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+            pytest.fail("no TrainingStopped")
+    assert stop.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_sigterm_stops_a_benchmark_and_its_seed_workers(tmp_path):
     """The forked seed workers ran on as orphans (the parent died of SIGTERM's default action, exit 143, no line)."""
     import signal
@@ -281,8 +297,8 @@ def test_a_sigterm_stops_a_benchmark_and_its_seed_workers(tmp_path):
             proc.kill()
     err = log.read_text()
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1] == ("purify: error: stopped by SIGTERM: nothing was written to the output "
-                                            "directory"), err
+    assert err.strip().splitlines()[-1] == ("purify: error: stopped by SIGTERM: the run did not finish (its output "
+                                            "directory gets a summary.json only when one does)"), err
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)

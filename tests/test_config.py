@@ -70,6 +70,11 @@ def test_a_source_adversary_is_checked_against_the_data_it_will_read(tmp_path):
         load_recipe(recipe, ["purifiers.0.target=source", f"data.train={data}"])
     ok = load_recipe(recipe, ["purifiers.0.target=source", "purifiers.0.num_sources=3", f"data.train={data}"])
     assert ok.purifiers[0]["num_sources"] == 3
+    # validation never reads the labels: held-out data without them (or with others) is fine
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a", "completion": " c", "source": "w"}\n')
+    load_recipe(recipe, ["purifiers.0.target=source", "purifiers.0.num_sources=3", f"data.train={data}",
+                         f"data.val={val}"])
 
 
 def test_model_spec_needs_exactly_one_source(tmp_path):

@@ -15,16 +15,16 @@ its early-stopping frontier. Statistics and files come from :mod:`purify.bench.s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import multiprocessing as mp
 import signal
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -48,8 +48,7 @@ from purify.generate import load_model
 from purify.module import Distiller
 from purify.purifiers import build_purifiers
 from purify.readouts import Scores
-from purify.storage import atomic_path
-from purify.types import SEED_RANGE, DivergedError, is_seed
+from purify.types import SEED_RANGE, DivergedError, TrainingStopped, is_seed
 
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
@@ -505,9 +504,7 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
     Raises:
         BenchError: a seed outside :data:`purify.types.SEED_RANGE` (e.g. ``--first-seed`` near 2**32), before any
             seed runs."""
-    outside = [s for s in seeds if not is_seed(s)]
-    if outside:
-        raise BenchError(f"seeds {seeds[0]}–{seeds[-1]}: {outside[0]} is not {SEED_RANGE}; give a smaller --first-seed")
+    check_seeds(seeds)
     workers = max(1, min(workers, len(seeds)))
     if workers == 1:
         return {s: one_seed(s) for s in seeds}
@@ -529,6 +526,31 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
     return {s: done[s] for s in sorted(done)}
 
 
+def check_seeds(seeds: list[int]) -> None:
+    """Refuse ``seeds`` outside :data:`purify.types.SEED_RANGE` (e.g. ``--first-seed`` near 2**32) with a
+    :class:`BenchError`; :func:`run` calls it before any teacher is built, :func:`run_seeds` before any seed runs."""
+    outside = [s for s in seeds if not is_seed(s)]
+    if outside:
+        raise BenchError(f"seeds {seeds[0]}–{seeds[-1]}: {outside[0]} is not {SEED_RANGE}; give a smaller --first-seed")
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While a benchmark runs (``purify bench``, ``scripts/lm_parallel_seeds.py``): a SIGTERM raises
+    :class:`~purify.types.TrainingStopped` (exit 143) in this process, as Ctrl-C raises KeyboardInterrupt, so
+    :func:`run_seeds`' pool unwinds and terminates its forked workers (they ran on as orphans after the parent died
+    of SIGTERM's default action). The previous handler comes back after. Main thread only."""
+    def stop(signum: int, _frame: Any) -> NoReturn:
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}: the run did not finish (its output "
+                              "directory gets a summary.json only when one does)", 128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
         notes: Callable[[dict[str, Any]], list[str]], command: str, workers: int = 1,
         quick: bool = False) -> dict[str, Any]:
@@ -538,6 +560,7 @@ def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,
     only the scheduling differs; the suite's own notes counted inside the workers are then missing, and the report
     says so)."""
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in suite.conditions)
+    check_seeds(seeds)  # before the teachers are built (a new trait's take minutes)
     clock = Clock()
     used = {"teacher", *(k for c in suite.conditions for k in c.teachers)}
     loaded = {k: load_model(p() if callable(p) else p) for k, p in suite.teachers.items() if k in used}
@@ -557,10 +580,8 @@ def publish(out: str | Path, summary: dict[str, Any], env: dict[str, Any]) -> di
     """The one report writer of the LM suites (the real-model ones included, and :mod:`purify.bench.rederive`):
     ``summary.json|md|csv``, ``frontier.png`` and ``env.json`` into ``out`` with the summary's ``columns`` and
     :func:`report_notes`, and ``readouts.json`` when the summary has ``readouts``. Returns ``summary``."""
-    write_report(out, summary, env, summary["columns"], report_notes(summary), intro=headline_lines(summary))
-    if "readouts" in summary:
-        with atomic_path(Path(out) / "readouts.json") as tmp:
-            tmp.write_text(json.dumps(summary["readouts"], indent=1))
+    write_report(out, summary, env, summary["columns"], report_notes(summary), intro=headline_lines(summary),
+                 readouts=summary.get("readouts"))
     return summary
 
 

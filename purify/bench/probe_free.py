@@ -269,8 +269,8 @@ def _guard(g: verdicts.Guard, per_seed: verdicts.Records, base: verdicts.Records
 
 def below_band(guard: Mapping[str, Any], n: int) -> str:
     """``"; 2 of 8 seeds below its band (control 3)"``, from a :func:`_guard` record over ``n`` seeds; ``""`` when
-    no seed of the arm is below it (or the record predates the count)."""
-    if not guard.get("seeds_below_band"):
+    no seed of the arm or of its control is below it (or the record predates the count)."""
+    if not guard.get("seeds_below_band") and not guard.get("control_seeds_below_band"):
         return ""
     return (f"; {len(guard['seeds_below_band'])} of {n} seeds below its band (control "
             f"{len(guard['control_seeds_below_band'])})")

@@ -412,18 +412,22 @@ def plot_frontier(summary: dict[str, Any], path: Path, xkey: str = "task_error",
 
 def write_report(out_dir: str | Path, summary: dict[str, Any], env: dict[str, Any], columns: list[tuple[str, str]],
                  notes: list[str], xkey: str = "task_error", xlabel: str = "task error", intro: list[str] | None = None,
-                 sections: list[tuple[str, str]] | None = None) -> Path:
+                 sections: list[tuple[str, str]] | None = None, readouts: Any = None) -> Path:
     """Write every output file of a benchmark run into ``out_dir``; returns it (see :func:`markdown` for
-    ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``). ``summary.json``, the file that marks
-    a finished run, is written last; a ``readouts.json`` an earlier run left there (``--overwrite``) is removed (the
-    LM suites' writer adds this run's own)."""
+    ``columns``, ``intro``, ``sections``; :func:`plot_frontier` for ``xkey``; ``readouts``: ``readouts.json``'s
+    content, or ``None`` for none). ``summary.json`` marks a finished run: an earlier run's is removed first and
+    this run's written last, so a write cut short (a signal, a full disk) leaves no finished-looking mix of two
+    runs (``--overwrite``); so is an earlier run's ``readouts.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
     (out / "readouts.json").unlink(missing_ok=True)
     atomic_write_text(out / "summary.md", markdown(summary, columns, notes, intro, sections))
     atomic_write_text(out / "summary.csv", csv_rows(summary))
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
     plot_frontier(summary, out / "frontier.png", xkey, xlabel)
+    if readouts is not None:
+        atomic_write_text(out / "readouts.json", json.dumps(readouts, indent=1))
     atomic_write_json(out / "summary.json", summary)
     return out
 

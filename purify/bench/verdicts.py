@@ -42,9 +42,9 @@ class Guard:
 
     Broken (``damaged``) when the arm's *mean* falls below a bound. Judged on the mean, not per seed or on an
     interval, because the references lose side behaviours on some seeds too (on hidden-preference the on-policy
-    control, the student an ideal purifier should match, names no animal on about a quarter of its seeds: README,
-    "Guards per seed"), so a stricter guard would fail an ideal purifier. Which seeds fall below the band is
-    reported beside the verdict (:meth:`seeds_below`), for the arm and for its control.
+    control, the student an ideal purifier should match, is under P(any animal)'s band on about a quarter of its
+    seeds: README, "Guards per seed"), so a stricter guard would fail an ideal purifier. Which seeds fall below the
+    band is reported beside the verdict (:meth:`seeds_below`), for the arm and for its control.
 
     Attributes:
         metric: per-seed key (e.g. ``animal_mass``).
