@@ -358,6 +358,9 @@ def build_run(recipe: Recipe) -> Run:
                                                                   f"{where} ({type(model).__name__})")
         if problem:  # before anything is written (a model that does not say its width: at its first forward)
             raise RecipeError(problem)
+    # training draws (dropout, purifier heads) from a stream that does not depend on how much the build drew: a
+    # builtin base pretrained on a cold PURIFY_CACHE drew a lot, a cached one nothing (the "same" run differed by node)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
     cross = cross_base_teachers(configs, student, teachers)
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,

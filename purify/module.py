@@ -162,6 +162,8 @@ class Distiller(L.LightningModule):
         self._configured = False
         self._metric_sums: dict[str, Tensor] = {}  # purifier metrics summed over fit_step calls
         self._metric_steps = 0
+        self._rng_base: int | None = None  # the run's seed, read at the first Lightning training step
+        self._rng_step, self._micro = -1, 0  # the optimizer step and micro-batch last seeded (_seed_step)
         self._fusable_teacher: bool | None = None  # loss.fused_linear: may the teacher be fused too (_teacher_fusable)
 
     # ---------------------------------------------------------------- set-up
@@ -425,7 +427,20 @@ class Distiller(L.LightningModule):
         return self._fusable_teacher and not self._of_kind(TargetPurifier) and 0 not in batch.get("teacher_batches", {})
 
     # ---------------------------------------------------------------- lightning hooks
+    def _seed_step(self) -> None:
+        """Re-seed the global random streams (dropout draws from them) from the run's seed, the optimizer step and
+        the micro-batch within it. A resumed run then draws what the uninterrupted one drew at each step: the
+        stream itself is in no checkpoint, and whatever else draws from it between steps (a DataLoader's base
+        seed, a validation pass) shifted it (a LoRA student with dropout 0.1 resumed 0.0097 off)."""
+        step = self.global_step
+        self._micro = self._micro + 1 if self._rng_step == step else 0
+        self._rng_step = step
+        if self._rng_base is None:
+            self._rng_base = torch.initial_seed()  # build_run's seed_everything(recipe.seed), on every launch
+        torch.manual_seed((self._rng_base * 1_000_003 + step * 1_009 + self._micro) % 2**63)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        self._seed_step()
         if self.on_policy is not None:
             trainer = self._trainer
             scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
@@ -562,6 +577,7 @@ class Distiller(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(_NOT_SAVED)]:
             del state[key]
+
 
     def trained_state(self) -> dict[str, Tensor]:
         """What a checkpoint of this module holds: its state without the frozen teachers and the base copy."""

@@ -309,7 +309,8 @@ def _changed_keys(output_dir: Path, recipe: Recipe) -> list[str]:
     """The recipe keys outside :data:`CONTINUABLE` whose values differ from the run's stored ``recipe.yaml`` (with
     ``data.global_batch_size`` set, the process count too may change: the samples per step stay the same)."""
     # output_dir: the directory the run is in, however it is spelt (relative, absolute, through a link, moved)
-    continuable = CONTINUABLE + ("output_dir",) + (("trainer.devices", "trainer.num_nodes")
+    # data.batch_size is derived from it then (per process): it changes with the process count
+    continuable = CONTINUABLE + ("output_dir",) + (("trainer.devices", "trainer.num_nodes", "data.batch_size")
                                                    if recipe.data.global_batch_size else ())
     stored_file = output_dir / "recipe.yaml"
     if not stored_file.is_file():

@@ -409,3 +409,20 @@ def test_a_sigterm_to_a_ddp_job_stops_every_rank_with_one_line(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("purify: error:")]
     assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0], lines  # rank 0 says it, once
     assert read_lineage(out)["status"] == "failed"
+
+
+def test_a_process_count_change_under_a_global_batch_is_no_recipe_change(tmp_path):
+    """Documented as allowed, always refused: data.batch_size, derived per process from data.global_batch_size,
+    changed with trainer.devices and was not exempt."""
+    from purify.assembly import load_recipe
+    from purify.config import to_yaml
+    from purify.train import _changed_keys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    ddp = ["strategy=ddp", "trainer.accelerator=cpu", "data.global_batch_size=16"]
+    two = load_recipe(recipe, [*ddp, "trainer.devices=2"])
+    (tmp_path / "recipe.yaml").write_text(to_yaml(two))
+    one = load_recipe(recipe, [*ddp, "trainer.devices=1"])
+    assert (two.data.batch_size, one.data.batch_size) == (8, 16)
+    assert _changed_keys(tmp_path, one) == []
+    assert _changed_keys(tmp_path, load_recipe(recipe, [*ddp, "trainer.devices=1", "seed=3"])) == ["seed"]
