@@ -190,7 +190,7 @@ def train(recipe: Recipe) -> Path:
         raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of its "
                           "own (the cache could no longer be resumed or rewritten there)")
     if first and (output_dir / "lineage.json").is_file():
-        _check_existing_run(output_dir, recipe, step)
+        _check_existing_run(output_dir, recipe, step, run.lineage)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
     if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
@@ -338,13 +338,16 @@ def _segments(before: dict[str, Any], recipe: Recipe, step: int) -> list[dict[st
     return [*earlier, {"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
 
 
-def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> None:
+def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
+                        built: dict[str, Any] | None = None) -> None:
     """Refuse, before anything is written, a launch that would overwrite the run ``output_dir`` already holds: a
     fresh start; a ``resume`` from another directory's checkpoint; one from an earlier step than the run's latest
     checkpoint (``checkpoints/lineage.json``'s step; ``step`` is the checkpoint's); or one whose recipe differs from
     the run's beyond :data:`CONTINUABLE` (teachers, loss, seed, data…: its record would describe training it did not
-    have). Resuming from the latest checkpoint — an interrupted run, or a finished one given more
-    ``trainer.max_steps`` — with the same recipe continues the run in place."""
+    have), or whose data, teachers or student base at the same paths now hold other contents (their sha256 in
+    ``built``, this launch's lineage record, against the run's ``lineage.json``). Resuming from the latest
+    checkpoint — an interrupted run, or a finished one given more ``trainer.max_steps`` — with the same recipe and
+    inputs continues the run in place."""
     resume = recipe.resume
     ckpt_dir = output_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir)
@@ -370,6 +373,25 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None) -> N
                           f"resume=) for the changed recipe, or keep {output_dir / 'recipe.yaml'} (only "
                           "trainer.max_steps and logging/checkpoint settings may change; the process count too where "
                           "data.global_batch_size is set)")
+    swapped = _changed_contents(read_lineage(output_dir / "lineage.json"), built or {})
+    if swapped:
+        raise RecipeError(f"resume: {', '.join(swapped)} changed since {output_dir} was trained (same path, other "
+                          "contents: the sha256 differs from its lineage.json); continuing in place would record one "
+                          "run that never was: restore them, or give a new output_dir (with this resume=)")
+
+
+def _changed_contents(held: dict[str, Any], built: dict[str, Any]) -> list[str]:
+    """What a lineage record names by sha256 — data files, teachers, the student's initial weights — whose hash in
+    ``built`` differs from ``held``'s (a hash missing on either side, e.g. a ZeRO-3 teacher not yet built, is not
+    compared)."""
+    def hashes(record: dict[str, Any]) -> dict[str, Any]:
+        out = {f"data file {d.get('path')}": d.get("sha256") for d in record.get("data") or [] if isinstance(d, dict)}
+        out |= {f"teachers[{i}] ({t.get('name')})": t.get("sha256")
+                for i, t in enumerate(record.get("teachers") or []) if isinstance(t, dict)}
+        out["the student's initial weights"] = (record.get("student") or {}).get("init_sha256")
+        return out
+    before, now = hashes(held), hashes(built)
+    return [k for k, v in before.items() if v and now.get(k) and now[k] != v]
 
 
 def _in_place(output_dir: Path, resume: str) -> bool:

@@ -426,3 +426,26 @@ def test_a_process_count_change_under_a_global_batch_is_no_recipe_change(tmp_pat
     assert (two.data.batch_size, one.data.batch_size) == (8, 16)
     assert _changed_keys(tmp_path, one) == []
     assert _changed_keys(tmp_path, load_recipe(recipe, [*ddp, "trainer.devices=1", "seed=3"])) == ["seed"]
+
+
+def test_continuing_in_place_on_data_with_other_contents_is_refused(tmp_path):
+    """The recipe text was compared, the files it names were not: a run resumed on rewritten data at the same path
+    trained on, and its record then named only the new file's sha256 for every step."""
+    from purify.assembly import load_recipe
+    from purify.types import RecipeError
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    data, out = tmp_path / "d.jsonl", tmp_path / "run"
+    write = lambda verb: data.write_text("".join(  # noqa: E731
+        json.dumps({"prompt": "The boy", "completion": f" {verb} a book {i}."}) + "\n" for i in range(40)))
+    write("opened")
+    small = [f"data.train={data}", f"output_dir={out}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+             "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false"]
+    train(load_recipe(recipe, [*small, "trainer.max_steps=2"]))
+    more = load_recipe(recipe, [*small, "trainer.max_steps=4", f"resume={out / 'checkpoints' / 'last.ckpt'}"])
+    write("closed")
+    with pytest.raises(RecipeError, match=rf"resume: data file {data} changed since {out} was trained \(same path, "
+                                          r"other contents"):
+        train(more)
+    write("opened")  # restored: the run continues in place
+    assert read_lineage(train(more))["step"] == 4
