@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import warnings
@@ -189,7 +190,8 @@ def train(recipe: Recipe) -> Path:
     if cache:  # `purify cache` refuses the reverse
         raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of its "
                           "own (the cache could no longer be resumed or rewritten there)")
-    if first and (output_dir / "lineage.json").is_file():
+    existed = first and (output_dir / "lineage.json").is_file()
+    if existed:
         _check_existing_run(output_dir, recipe, step, run.lineage)
     run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
     record: dict[str, Any] = {**run.lineage, "status": "running"}
@@ -214,8 +216,15 @@ def train(recipe: Recipe) -> Path:
     except (MisconfigurationException, ValueError, TypeError) as err:
         raise RecipeError(f"trainer: {first_line(err)}") from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
-    write_lineage(output_dir, record)
+    claim = _claim(output_dir) if first else None  # held until this launch ends: one launch at a time writes a run
+    try:
+        if first and not existed and (output_dir / "lineage.json").is_file():  # a launch started beside this one
+            _check_existing_run(output_dir, recipe, step, run.lineage)        # wrote it after the check above
+        atomic_write_text(output_dir / "recipe.yaml", to_yaml(recipe))
+        write_lineage(output_dir, record)
+    except BaseException:
+        _release(claim)
+        raise
     trained = False
     try:
         trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
@@ -246,7 +255,35 @@ def train(recipe: Recipe) -> Path:
                                   + (f"resume={latest} {todo}" if latest else "no checkpoint was written yet"),
                                   128 + signum, report=trainer.is_global_zero) from None
         raise
+    finally:
+        _release(claim)
     return output_dir
+
+
+def _claim(output_dir: Path) -> int:
+    """An exclusive lock on ``output_dir`` (``flock`` on the directory itself: no file left behind, released when
+    the process ends, however it ends), held by a launch's first process while it writes the run. Two launches
+    started together (a requeued job beside its old allocation, a job array sharing a directory) both passed the
+    existing-run checks and wrote one directory: one recipe.yaml beside the other's lineage.json.
+
+    Raises:
+        RecipeError: another launch holds it.
+    """
+    import fcntl
+
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RecipeError(f"output_dir: another launch is writing {output_dir} right now; wait for it to end (then "
+                          "resume= its latest checkpoint to continue it), or give a new output_dir") from None
+    return fd
+
+
+def _release(claim: int | None) -> None:
+    if claim is not None:
+        os.close(claim)  # closing the descriptor drops the lock
 
 
 @contextlib.contextmanager

@@ -449,3 +449,25 @@ def test_continuing_in_place_on_data_with_other_contents_is_refused(tmp_path):
         train(more)
     write("opened")  # restored: the run continues in place
     assert read_lineage(train(more))["step"] == 4
+
+
+def test_a_second_launch_into_a_directory_another_is_writing_is_refused(mlp_recipe, tmp_path):
+    """Two launches started together both passed the existing-run check and wrote one directory (one recipe.yaml
+    beside the other's lineage.json, a mixed metrics.csv, "run written" exit 0)."""
+    import fcntl
+    import os
+
+    from purify.types import RecipeError
+
+    recipe = mlp_recipe(steps=2, sub="shared")
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True)
+    fd = os.open(out, os.O_RDONLY)  # what the first launch holds while it writes the run
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(RecipeError, match=rf"output_dir: another launch is writing {out} right now; wait for it"):
+            train(recipe)
+        assert list(out.iterdir()) == []  # nothing written
+    finally:
+        os.close(fd)
+    assert read_lineage(train(recipe))["status"] == "finished"  # and once it ended, the launch goes ahead
