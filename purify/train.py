@@ -30,7 +30,7 @@ from purify.cache import MANIFEST, PLAN
 from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
-from purify.storage import atomic_dir, atomic_write_text
+from purify.storage import atomic_dir, atomic_write_text, cannot_write_under
 from purify.types import RecipeError, TrainingStopped, first_line
 
 
@@ -177,6 +177,9 @@ def train(recipe: Recipe) -> Path:
     verified; an ``output_dir`` that already holds a run is refused unless the recipe resumes.
     """
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
+    blocked = rank_zero_only.rank == 0 and cannot_write_under(recipe.output_dir)
+    if blocked:  # a read-only file system was an OSError traceback after every model was built
+        raise RecipeError(f"output_dir: {blocked}; give a directory you can write (created if missing)")
     run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
     # what the run directory holds is read by the launch's first process only: a DDP launch's other ranks start after

@@ -304,3 +304,15 @@ def test_a_sigterm_stops_a_benchmark_and_its_seed_workers(tmp_path):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{w}").exists() for w in workers)  # the pool terminated them
     assert not (tmp_path / "o").exists()
+
+
+def test_train_into_a_directory_it_cannot_write_is_one_line_before_any_model_is_built(capsys, monkeypatch):
+    """A read-only file system was an OSError traceback after every model had been built."""
+    import purify.train
+
+    monkeypatch.setattr(purify.train, "build_run", lambda recipe: pytest.fail("built the models first"))
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    assert main(["train", recipe, "output_dir=/proc/purify-train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("purify: error: output_dir: cannot create anything in /proc (") and \
+        err.endswith("); give a directory you can write (created if missing)")

@@ -229,6 +229,17 @@ def test_a_run_started_from_another_runs_checkpoint_records_that_run_and_the_che
                      **{"loss.name": "reverse_kl"}))
     again = read_lineage(resumed)
     assert again["resumed_from"] == origin and [s["from_step"] for s in again["segments"]] == [10, 14]
+    from purify.lineage import format_lineage  # `purify lineage show` says so too (it printed neither)
+
+    shown = format_lineage(again).splitlines()
+    assert f"resumed from: {ckpt.resolve()} (step 10 of run {source}; trained there with teacher(s) " in \
+        next(line for line in shown if line.startswith("resumed from:"))
+    assert shown[[i for i, line in enumerate(shown) if line.startswith("resumed from:")][0]].endswith(
+        ", loss forward_kl)")
+    assert [line for line in shown if line.startswith("launch:")] == [
+        f"launch: from step 10 (max_steps 14), resumed from {ckpt}",
+        f"launch: from step 14 (max_steps 16), resumed from {resumed / 'checkpoints' / 'last.ckpt'}"]
+    assert any(line.startswith("loss: name=reverse_kl") for line in shown)
     (source / "lineage.json").write_text('{"damaged": ')  # the checkpoint is verified on its own: still resumable
     other = read_lineage(train(mlp_recipe(steps=12, sub="other", resume=str(ckpt))))
     assert other["resumed_from"]["run_lineage"] is None and other["resumed_from"]["step"] == 10
