@@ -413,6 +413,10 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
                           f"resume=) for the changed recipe, or keep {output_dir / 'recipe.yaml'} (only "
                           "trainer.max_steps and logging/checkpoint settings may change; the process count too where "
                           "data.global_batch_size is set)")
+    stale = [p.name for p in (output_dir / "student", output_dir / "student-merged") if p.exists()]
+    if stale and not recipe.export:  # the old export would sit beside a record of a later step, marked finished
+        raise RecipeError(f"export: false would leave {output_dir}'s {' and '.join(stale)} (an earlier step's export) "
+                          "beside the continued run's record; keep export: true, or move it out first")
     swapped = _changed_contents(read_lineage(output_dir / "lineage.json"), built or {})
     if swapped:
         raise RecipeError(f"resume: {', '.join(swapped)} changed since {output_dir} was trained (same path, other "

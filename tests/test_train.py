@@ -482,3 +482,18 @@ def test_a_second_launch_into_a_directory_another_is_writing_is_refused(mlp_reci
     finally:
         os.close(fd)
     assert read_lineage(train(recipe))["status"] == "finished"  # and once it ended, the launch goes ahead
+
+
+def test_continuing_a_finished_run_without_export_is_refused_while_its_old_export_is_there(mlp_recipe):
+    """student/ stayed the step-10 model beside a lineage.json that said finished at step 12."""
+    from purify.types import RecipeError
+
+    out = train(mlp_recipe(steps=10, sub="exported"))
+    more = mlp_recipe(steps=12, sub="exported", resume=str(out / "checkpoints" / "last.ckpt"), export="false")
+    with pytest.raises(RecipeError, match=r"export: false would leave .*exported's student \(an earlier step's "
+                                          r"export\) beside the continued run's record"):
+        train(more)
+    import shutil
+
+    shutil.move(out / "student", out.parent / "step10-student")
+    assert read_lineage(train(more))["step"] == 12 and not (out / "student").exists()
