@@ -455,8 +455,8 @@ class Distiller(L.LightningModule):
         bs = int(batch["target_mask"].shape[0])
         # averaged over the ranks (each rank's loss is its share of the global mean): rank 0's alone was logged
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)
-        for name, value in parts.items():
-            self.log(f"train/{name}", value, batch_size=bs)
+        for name, value in parts.items():  # the loss's parts too (every rank has the same ones): rank 0's share was
+            self.log(f"train/{name}", value, batch_size=bs, sync_dist=True)  # logged, train/loss ≠ train/distill
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:

@@ -66,6 +66,10 @@ def test_two_processes_equal_one(single, strategy):
     got = run(tmp, strategy, f"strategy={strategy}", "trainer.devices=2", "data.batch_size=8")
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-4)
+    # the logged loss and its parts are the global batch's (train/distill was rank 0's half alone)
+    one, two = (json.loads((tmp / n / "lineage.json").read_text())["metrics"] for n in ("single", strategy))
+    for key in ("train/loss", "train/distill"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
 ZERO3 = ("strategy=deepspeed_stage_3", "trainer.devices=2", "data.batch_size=8", NO_PERSISTENCE)
