@@ -34,6 +34,10 @@ from purify.storage import atomic_dir, atomic_write_text, cannot_write_under
 from purify.types import RecipeError, TrainingStopped, first_line
 
 
+CHECKPOINT_LINEAGE = "purify_lineage"
+"""Checkpoint key of the record of the run that wrote it (its lineage.json at the time, without metrics)."""
+
+
 class LineageCallback(Callback):
     """Writes ``lineage.json`` (with the current metrics) beside the checkpoints at every save."""
 
@@ -53,6 +57,8 @@ class LineageCallback(Callback):
         return {**self.record, "metrics": metrics, **validated, "step": trainer.global_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the checkpoint carries its run's record: a copy elsewhere still says which run trained it (resumed_from)
+        checkpoint[CHECKPOINT_LINEAGE] = {k: v for k, v in self.snapshot(trainer).items() if k != "metrics"}
         if trainer.is_global_zero:
             write_lineage(self.directory, {**self.snapshot(trainer), "status": "checkpoint"})
 
@@ -188,7 +194,7 @@ def train(recipe: Recipe) -> Path:
     first = rank_zero_only.rank == 0
     held = _held_in_place(output_dir, recipe.resume) if first else None
     finishing = held.get("status") != "finished" if held is not None else not first
-    step, digest = _check_resume(recipe, run, finishing) if recipe.resume is not None else (None, None)
+    step, digest, written_by = _check_resume(recipe, run, finishing) if recipe.resume is not None else (None,) * 3
     cache = next((name for name in (MANIFEST, PLAN) if (output_dir / name).is_file()), None) if first else None
     if cache:  # `purify cache` refuses the reverse
         raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of its "
@@ -204,7 +210,7 @@ def train(recipe: Recipe) -> Path:
             record["resumed_from"] = held["resumed_from"]
     elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
         record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
-        record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest)
+        record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest, written_by)
     ckpt_dir = output_dir / "checkpoints"
     lineage_cb = LineageCallback(record, ckpt_dir)
     # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
@@ -453,10 +459,19 @@ def _held_in_place(output_dir: Path, resume: str | None) -> dict[str, Any] | Non
     return read_lineage(record)
 
 
-def _resumed_from(checkpoint: Path, step: int, digest: str | None) -> dict[str, Any]:
+def _resumed_from(checkpoint: Path, step: int, digest: str | None,
+                  written_by: dict[str, Any] | None = None) -> dict[str, Any]:
     """A run started from another run's checkpoint: the checkpoint (path, step, the sha256 of its tensors as recorded
     when it was written — a ``last.ckpt`` is rewritten as its run goes on) and that run's own record at the time
-    (its ``lineage.json``: teachers, loss, data, its own ``resumed_from``), so the new record describes every step."""
+    (its ``lineage.json``: teachers, loss, data, its own ``resumed_from``), so the new record describes every step.
+    That record is the one the checkpoint carries (``written_by``), else — a checkpoint written before they carried
+    one, or a DeepSpeed directory — the one of the run directory it sits in (a copy in another run's directory was
+    credited to that run)."""
+    if written_by is not None:
+        run_dir = (written_by.get("recipe") or {}).get("output_dir") if isinstance(written_by.get("recipe"), dict) \
+            else None
+        return {"checkpoint": str(checkpoint.resolve()), "step": step, "tensors_sha256": digest,
+                "run": str(run_dir) if run_dir else None, "run_lineage": written_by}
     run_dir = checkpoint.resolve().parent.parent
     try:  # a damaged or missing record there does not stop the resume: the checkpoint itself was verified
         source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
@@ -467,27 +482,29 @@ def _resumed_from(checkpoint: Path, step: int, digest: str | None) -> dict[str, 
             "run_lineage": {k: v for k, v in (source or {}).items() if k != "metrics"} or None}
 
 
-def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[int, str | None]:
+def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[int, str | None, dict[str, Any] | None]:
     """Refuse ``resume`` before anything is written: a checkpoint that is damaged or of another model
     (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
     deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` an unfinished run in
     place from a checkpoint at ``trainer.max_steps`` (stopped or killed while exporting: nothing is trained, the
-    student is exported). Returns its step and the sha256 of its tensors recorded when it was written (``None`` for
-    a DeepSpeed checkpoint directory or one written without it)."""
+    student is exported). Returns its step, the sha256 of its tensors recorded when it was written and the record of
+    the run that wrote it (:data:`CHECKPOINT_LINEAGE`; both ``None`` for a DeepSpeed checkpoint directory or one
+    written without them)."""
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
         step = deepspeed_step(recipe.resume, run.distiller.trained_state(),
                               scope="student." if recipe.strategy == "deepspeed_stage_3" else "")
-        digest = None
+        digest, written_by = None, None
     else:
         run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked
         ckpt = load_verified(recipe.resume, run.distiller.trained_state())
         step, digest = int(ckpt["global_step"]), (ckpt.get(INTEGRITY_KEY) or {}).get("sha256")
+        written_by = ckpt.get(CHECKPOINT_LINEAGE) if isinstance(ckpt.get(CHECKPOINT_LINEAGE), dict) else None
     if step > recipe.trainer.max_steps or (step == recipe.trainer.max_steps and not finishing):
         raise RecipeError(f"resume: {recipe.resume} is at step {step}, and trainer.max_steps is "
                           f"{recipe.trainer.max_steps}: nothing left to train; raise trainer.max_steps above {step}")
-    return step, digest
+    return step, digest, written_by
 
 
 def _full_weights(module: torch.nn.Module, sharded: bool) -> Any:

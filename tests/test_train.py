@@ -240,9 +240,19 @@ def test_a_run_started_from_another_runs_checkpoint_records_that_run_and_the_che
         f"launch: from step 10 (max_steps 14), resumed from {ckpt}",
         f"launch: from step 14 (max_steps 16), resumed from {resumed / 'checkpoints' / 'last.ckpt'}"]
     assert any(line.startswith("loss: name=reverse_kl") for line in shown)
-    (source / "lineage.json").write_text('{"damaged": ')  # the checkpoint is verified on its own: still resumable
+    # the checkpoint carries its run's record: a damaged lineage.json beside it, or a copy of it in another run's
+    # checkpoints/ (which was credited to that run, with its teacher and loss), still names the run that trained it
+    (source / "lineage.json").write_text('{"damaged": ')
     other = read_lineage(train(mlp_recipe(steps=12, sub="other", resume=str(ckpt))))
-    assert other["resumed_from"]["run_lineage"] is None and other["resumed_from"]["step"] == 10
+    assert other["resumed_from"]["run_lineage"]["recipe"]["loss"]["name"] == "forward_kl"
+    assert other["resumed_from"]["run"] == str(source) and other["resumed_from"]["step"] == 10
+    import shutil
+
+    copied = resumed / "checkpoints" / "copied.ckpt"  # a run trained with reverse_kl
+    shutil.copy(ckpt, copied)
+    third = read_lineage(train(mlp_recipe(steps=12, sub="third", resume=str(copied))))
+    assert third["resumed_from"]["run"] == str(source) and third["resumed_from"]["checkpoint"] == str(copied)
+    assert third["resumed_from"]["run_lineage"]["recipe"]["loss"]["name"] == "forward_kl"
 
 
 def test_a_checkpoints_record_says_which_validation_its_metrics_come_from(mlp_recipe):
