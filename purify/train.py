@@ -33,7 +33,6 @@ from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.storage import atomic_dir, atomic_write_text, cannot_write_under
 from purify.types import RecipeError, TrainingStopped, first_line
 
-
 CHECKPOINT_LINEAGE = "purify_lineage"
 """Checkpoint key of the record of the run that wrote it (its lineage.json at the time, without metrics)."""
 
@@ -269,22 +268,27 @@ def train(recipe: Recipe) -> Path:
     return output_dir
 
 
-def _claim(output_dir: Path) -> int:
+def _claim(output_dir: Path) -> int | None:
     """An exclusive lock on ``output_dir`` (``flock`` on the directory itself: no file left behind, released when
     the process ends, however it ends), held by a launch's first process while it writes the run. Two launches
     started together (a requeued job beside its old allocation, a job array sharing a directory) both passed the
     existing-run checks and wrote one directory: one recipe.yaml beside the other's lineage.json.
 
+    Returns the locked descriptor, or ``None`` on a file system that does not lock (the launch goes on unclaimed).
+
     Raises:
         RecipeError: another launch holds it.
     """
+    import errno
     import fcntl
 
     fd = os.open(output_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
         os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without flock (some
+            return None                                                        # Lustre/NFS mounts): no claim
         raise RecipeError(f"output_dir: another launch is writing {output_dir} right now; wait for it to end (then "
                           "resume= its latest checkpoint to continue it), or give a new output_dir") from None
     return fd

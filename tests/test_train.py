@@ -494,6 +494,18 @@ def test_a_second_launch_into_a_directory_another_is_writing_is_refused(mlp_reci
     assert read_lineage(train(recipe))["status"] == "finished"  # and once it ended, the launch goes ahead
 
 
+def test_a_file_system_that_cannot_lock_does_not_stop_a_launch(mlp_recipe, monkeypatch):
+    """Some Lustre/NFS mounts refuse flock altogether (ENOLCK, EOPNOTSUPP): that is not another launch."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert read_lineage(train(mlp_recipe(steps=2, sub="nolock")))["status"] == "finished"
+
+
 def test_continuing_a_finished_run_without_export_is_refused_while_its_old_export_is_there(mlp_recipe):
     """student/ stayed the step-10 model beside a lineage.json that said finished at step 12."""
     from purify.types import RecipeError
