@@ -221,8 +221,8 @@ def train(recipe: Recipe) -> Path:
         sigterm = SigtermAtStepEnd()
         trainer = make_trainer(recipe, [checkpoint, lineage_cb, sigterm], output_dir,
                                expected=run.distiller.trained_state)
-    except (MisconfigurationException, ValueError, TypeError) as err:
-        raise RecipeError(f"trainer: {first_line(err)}") from None
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # ImportError: a precision plugin's
+        raise RecipeError(f"trainer: {first_line(err)}") from None                  # package (transformer-engine)
     output_dir.mkdir(parents=True, exist_ok=True)
     claim = _claim(output_dir) if first else None  # held until this launch ends: one launch at a time writes a run
     try:

@@ -155,6 +155,8 @@ CASES = {
                              r"train; raise trainer\.max_steps above 4"]),
     "Lightning refuses a trainer setting": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
         "trainer.precision": "bogus"}), [r"trainer: .*bogus"]),
+    "a precision whose package is not installed": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
+        "trainer.precision": "transformer-engine"}), [r"^purify: error: trainer: .*transformer_engine"]),  # traceback
     "out-of-range trainer and optimizer numbers": (lambda lm, tmp, ck: mlp_overrides(tmp / "o", **{
         "trainer.val_check_interval": 0, "trainer.devices": 0, "trainer.gradient_clip_val": -1,
         "optim.weight_decay": -1, "scheduler.warmup_steps": -3, "trainer.limit_val_batches": -1}),
