@@ -578,7 +578,6 @@ class Distiller(L.LightningModule):
         for key in [k for k in state if k.startswith(_NOT_SAVED)]:
             del state[key]
 
-
     def trained_state(self) -> dict[str, Tensor]:
         """What a checkpoint of this module holds: its state without the frozen teachers and the base copy."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(_NOT_SAVED)}
