@@ -260,22 +260,22 @@ def _label_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
     after the run directory was written). Validation data are not read for it (validation never uses the labels).
     Reads the file only for such a purifier."""
     wants = [(i, c) for i, c in enumerate(configs) if c.name == "adversary" and getattr(c, "target", "") == "source"]
-    out: list[str] = []
-    for key in ("train",) if wants else ():
-        path = getattr(recipe.data, key)
-        try:
-            sources = sorted({r["source"] for r in load_records(path) if "source" in r}) if path != "noise" else []
-        except (OSError, DataError, ValueError):
-            continue  # unreadable data is reported where the data are checked
-        for i, cfg in wants:
-            if not sources:
-                out.append(f"purifiers[{i}].target: source needs data records with a 'source' field (which lineage "
-                           f"produced each); data.{key} {path} has none: add it, or use target: lineage with 2+ "
-                           "teachers")
-            elif len(sources) > cfg.num_sources:
-                shown = ", ".join(map(repr, sources[:5])) + (", ..." if len(sources) > 5 else "")
-                out.append(f"purifiers[{i}].num_sources: {cfg.num_sources}, but data.{key} has {len(sources)} "
-                           f"distinct sources ({shown}); give num_sources: {len(sources)}")
+    if not wants:
+        return []
+    path = recipe.data.train
+    try:
+        sources = sorted({r["source"] for r in load_records(path) if "source" in r}) if path != "noise" else []
+    except (OSError, DataError, ValueError):
+        return []  # unreadable data is reported where the data are checked
+    out = []
+    for i, cfg in wants:
+        if not sources:
+            out.append(f"purifiers[{i}].target: source needs data records with a 'source' field (which lineage "
+                       f"produced each); data.train {path} has none: add it, or use target: lineage with 2+ teachers")
+        elif len(sources) > cfg.num_sources:
+            shown = ", ".join(map(repr, sources[:5])) + (", ..." if len(sources) > 5 else "")
+            out.append(f"purifiers[{i}].num_sources: {cfg.num_sources}, but data.train has {len(sources)} distinct "
+                       f"sources ({shown}); give num_sources: {len(sources)}")
     return out
 
 

@@ -89,8 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from purify.bench.lm_common import sigterm_stops
-    from purify.bench.report import BenchError, check_run
-    from purify.types import first_line
+    from purify.bench.report import BenchError, check_run, parse_options
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
                                       ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
@@ -122,16 +121,8 @@ def _bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(SUITES[args.suite])
     kwargs = {k: v for k, v in {"seeds": args.seeds, "out": args.out, "first_seed": args.first_seed,
                                 "workers": args.workers}.items() if v is not None}
-    if args.option:
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-        from yaml import YAMLError
-
-        try:  # each suite checks its own keys and values
-            kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.option), resolve=True))
-        except (OmegaConfBaseException, YAMLError, ValueError) as err:
-            raise BenchError(f"--option: cannot read {' '.join(args.option)!r} ({first_line(err)}); give KEY=VALUE, "
-                             "lists as KEY=[a,b]") from None
+    if args.option:  # each suite checks its own keys and values
+        kwargs.update(parse_options(args.option))
     with sigterm_stops():  # unwinds the seed workers' pool (it terminates them), as Ctrl-C does
         if args.suite == "aux-logits":
             summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)

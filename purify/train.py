@@ -56,10 +56,11 @@ class LineageCallback(Callback):
         return {**self.record, "metrics": metrics, **validated, "step": trainer.global_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        snapshot = self.snapshot(trainer)
         # the checkpoint carries its run's record: a copy elsewhere still says which run trained it (resumed_from)
-        checkpoint[CHECKPOINT_LINEAGE] = {k: v for k, v in self.snapshot(trainer).items() if k != "metrics"}
+        checkpoint[CHECKPOINT_LINEAGE] = {k: v for k, v in snapshot.items() if k != "metrics"}
         if trainer.is_global_zero:
-            write_lineage(self.directory, {**self.snapshot(trainer), "status": "checkpoint"})
+            write_lineage(self.directory, {**snapshot, "status": "checkpoint"})
 
 
 class SigtermAtStepEnd(Callback):
@@ -472,17 +473,17 @@ def _resumed_from(checkpoint: Path, step: int, digest: str | None,
     one, or a DeepSpeed directory — the one of the run directory it sits in (a copy in another run's directory was
     credited to that run)."""
     if written_by is not None:
-        run_dir = (written_by.get("recipe") or {}).get("output_dir") if isinstance(written_by.get("recipe"), dict) \
-            else None
-        return {"checkpoint": str(checkpoint.resolve()), "step": step, "tensors_sha256": digest,
-                "run": str(run_dir) if run_dir else None, "run_lineage": written_by}
-    run_dir = checkpoint.resolve().parent.parent
-    try:  # a damaged or missing record there does not stop the resume: the checkpoint itself was verified
-        source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
-    except (LineageError, OSError):
-        source = None
+        recipe = written_by.get("recipe")
+        run_dir, source = recipe.get("output_dir") if isinstance(recipe, dict) else None, written_by
+    else:
+        run_dir = checkpoint.resolve().parent.parent
+        try:  # a damaged or missing record there does not stop the resume: the checkpoint itself was verified
+            source = read_lineage(run_dir / "lineage.json") if (run_dir / "lineage.json").is_file() else None
+        except (LineageError, OSError):
+            source = None
+        run_dir = run_dir if source is not None else None
     return {"checkpoint": str(checkpoint.resolve()), "step": step, "tensors_sha256": digest,
-            "run": str(run_dir) if source is not None else None,
+            "run": str(run_dir) if run_dir else None,
             "run_lineage": {k: v for k, v in (source or {}).items() if k != "metrics"} or None}
 
 

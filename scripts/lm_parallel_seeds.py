@@ -22,8 +22,8 @@ from typing import Any
 
 from purify.bench import lm_suites
 from purify.bench.lm_common import sigterm_stops
-from purify.bench.report import BenchError, check_run
-from purify.types import TrainingStopped, first_line
+from purify.bench.report import BenchError, check_run, parse_options
+from purify.types import TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_run(out=a.out, seeds=a.seeds, first_seed=a.first_seed, workers=a.workers, quick=a.quick,
                   overwrite=a.overwrite)
-        kwargs: dict[str, Any] = {}
-        if a.option:
-            from omegaconf import OmegaConf
-
-            try:
-                kwargs.update(OmegaConf.to_container(OmegaConf.from_dotlist(a.option), resolve=True))
-            except Exception as err:  # omegaconf's and yaml's parse errors
-                raise BenchError(f"--option: cannot read {' '.join(a.option)!r} ({first_line(err)}); give "
-                                 "KEY=VALUE, lists as KEY=[a,b]") from None
+        kwargs: dict[str, Any] = parse_options(a.option) if a.option else {}
         with sigterm_stops():  # the forked seed workers are terminated with it (they ran on as orphans)
             lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
                                  quick=a.quick, workers=a.workers, **kwargs)

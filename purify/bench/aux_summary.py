@@ -10,7 +10,7 @@ import numpy as np
 
 from purify.bench import probe_free, report
 from purify.bench.report import timing_lines, verdict_notes
-from purify.bench.stats import fraction_removed, mean_ci
+from purify.bench.stats import clearly_above_zero, fraction_removed, mean_ci
 from purify.bench.verdicts import by_label
 
 METRICS = ("transfer", "task_error", "fidelity_kl", "agreement", "accuracy", "drift")
@@ -47,7 +47,7 @@ def _acceptance(summary: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "vanilla" in conds and "control" in conds:
         diff = conds["vanilla"]["vs_control"]
-        out["vanilla_above_control"] = {"difference": diff, "passed": bool(diff["n"] > 1 and diff["ci95"][0] > 0)}
+        out["vanilla_above_control"] = {"difference": diff, "passed": clearly_above_zero(diff)}
     if summary["protocol"] == "paper":
         van = conds["vanilla"]["transfer"]
         out["same_init_transfer_at_least_0.3"] = {"transfer": van, "passed": bool(van["mean"] >= 0.3)}

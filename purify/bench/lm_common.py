@@ -35,6 +35,7 @@ from purify.bench.report import (
     BenchError,
     Clock,
     check_conditions,
+    check_seeds,
     environment,
     headline_lines,
     timing_lines,
@@ -48,7 +49,7 @@ from purify.generate import load_model
 from purify.module import Distiller
 from purify.purifiers import build_purifiers
 from purify.readouts import Scores
-from purify.types import SEED_RANGE, DivergedError, TrainingStopped, is_seed
+from purify.types import DivergedError, TrainingStopped
 
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
@@ -468,8 +469,8 @@ def on_policy_notes(summary: dict[str, Any]) -> list[str]:
 
 
 def _above(vanilla: dict[str, Any], control: dict[str, Any]) -> bool:
-    test = stats.paired_test([r["transfer"] for r in vanilla["per_seed"]], [r["transfer"] for r in control["per_seed"]])
-    return bool(test["n"] > 1 and test["ci95"][0] > 0)  # one seed has no interval (mean_ci gives [m, m])
+    return stats.clearly_above_zero(stats.paired_test([r["transfer"] for r in vanilla["per_seed"]],
+                                                      [r["transfer"] for r in control["per_seed"]]))
 
 
 def columns(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -524,14 +525,6 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
     finally:
         _FORKED.clear()
     return {s: done[s] for s in sorted(done)}
-
-
-def check_seeds(seeds: list[int]) -> None:
-    """Refuse ``seeds`` outside :data:`purify.types.SEED_RANGE` (e.g. ``--first-seed`` near 2**32) with a
-    :class:`BenchError`; :func:`run` calls it before any teacher is built, :func:`run_seeds` before any seed runs."""
-    outside = [s for s in seeds if not is_seed(s)]
-    if outside:
-        raise BenchError(f"seeds {seeds[0]}–{seeds[-1]}: {outside[0]} is not {SEED_RANGE}; give a smaller --first-seed")
 
 
 @contextlib.contextmanager

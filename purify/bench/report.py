@@ -58,29 +58,54 @@ def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | No
             ``quick``); a seed range outside :data:`purify.types.SEED_RANGE`; ``workers`` below 1.
     """
     from purify.storage import cannot_write_under
-    from purify.types import SEED_RANGE, is_seed
 
-    blocked = out is not None and cannot_write_under(out)
-    if blocked:
-        raise BenchError(f"--out {out}: {blocked}; give a directory you can write (created if missing)")
-    if out is not None and Path(out, "lineage.json").is_file():  # a training run: the report would mix into it
-        raise BenchError(f"--out {out} holds a training run (lineage.json); give a directory of its own")
-    held = Path(out, "summary.json") if out is not None else None
-    if held is not None and held.is_file() and not overwrite:  # e.g. a committed result under results/
-        raise BenchError(f"--out {out} holds a finished benchmark run ({held}); give a new --out, or add "
-                         "--overwrite to replace it")
+    if out is not None:
+        blocked = cannot_write_under(out)
+        if blocked:
+            raise BenchError(f"--out {out}: {blocked}; give a directory you can write (created if missing)")
+        if Path(out, "lineage.json").is_file():  # a training run: the report would mix into it
+            raise BenchError(f"--out {out} holds a training run (lineage.json); give a directory of its own")
+        held = Path(out, "summary.json")
+        if held.is_file() and not overwrite:  # e.g. a committed result under results/
+            raise BenchError(f"--out {out} holds a finished benchmark run ({held}); give a new --out, or add "
+                             "--overwrite to replace it")
     if seeds is not None and seeds < min_seeds and not quick:
         raise BenchError(f"--seeds {seeds}: a verdict needs at least {min_seeds} seeds (--quick runs a smoke test)")
     if seeds is not None and seeds < 1:
         raise BenchError(f"--seeds {seeds}: must be at least 1")
     if first_seed is not None and first_seed < 0:
         raise BenchError(f"--first-seed {first_seed}: seeds are non-negative integers")
-    last = None if first_seed is None else first_seed + max(seeds or 1, 1) - 1
-    if last is not None and not is_seed(last):
-        raise BenchError(f"--first-seed {first_seed} --seeds {seeds}: the last seed {last} is not {SEED_RANGE}; give "
-                         "a smaller --first-seed")
+    if first_seed is not None:
+        check_seeds([first_seed, first_seed + max(seeds or 1, 1) - 1])
     if workers is not None and workers < 1:
         raise BenchError(f"--workers {workers}: must be at least 1 (seeds run at a time in forked processes)")
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Refuse ``seeds`` outside :data:`purify.types.SEED_RANGE` (e.g. ``--first-seed`` near 2**32) with a
+    :class:`BenchError`: :func:`check_run` on the flags, the LM suites' run before any teacher is built and the seed
+    scheduler before any seed runs (:mod:`purify.bench.lm_common`)."""
+    from purify.types import SEED_RANGE, is_seed
+
+    outside = [s for s in seeds if not is_seed(s)]
+    if outside:
+        raise BenchError(f"seeds {seeds[0]}–{seeds[-1]}: {outside[0]} is not {SEED_RANGE}; give a smaller --first-seed")
+
+
+def parse_options(options: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags as a dict (omegaconf's dotlist: ``KEY=[a,b]`` a list); a flag omegaconf or YAML
+    cannot read is a :class:`BenchError` (each suite then checks its own keys and values, :func:`check_options`)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    from purify.types import first_line
+
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=True)  # type: ignore[return-value]
+    except (OmegaConfBaseException, YAMLError, ValueError) as err:
+        raise BenchError(f"--option: cannot read {' '.join(options)!r} ({first_line(err)}); give KEY=VALUE, lists "
+                         "as KEY=[a,b]") from None
 
 
 def check_options(options: Mapping[str, Any], kinds: Mapping[str, type]) -> None:

@@ -37,6 +37,12 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+def clearly_above_zero(test: dict[str, Any]) -> bool:
+    """Whether a :func:`paired_test`'s 95% CI lies above 0 — never from one seed, whose "interval" is
+    ``[mean, mean]`` (:func:`mean_ci`): it said vanilla was significantly above control from one seed."""
+    return bool(test["n"] > 1 and test["ci95"][0] > 0)
+
+
 def fmt_test(test: dict[str, Any], digits: int = 3) -> str:
     """A :func:`paired_test` in one phrase: ``+mean [lo, hi], p = p`` (``digits`` significant)."""
     lo, hi = test["ci95"]
