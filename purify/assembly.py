@@ -13,8 +13,8 @@ Layering: types → config → models / data / purifiers / cache / strategy → 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,10 @@ import torch
 from purify.align import same_tokenizer
 from purify.cache import cache_spec_problems, check_cache
 from purify.config import (
-    LossConfig,
-    ModelSpec,
     Recipe,
-    TeacherSpec,
     logit_slice_problem,
     parse_recipe_problems,
     recipe_problems,
-    structured,
     to_dict,
 )
 from purify.data import DataError, DistillDataModule, TeacherTokenizer, load_records
@@ -49,9 +45,10 @@ from purify.models import (
 )
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
-from purify.purifiers import PURIFIERS, PurifierConfig, build_purifier
-from purify.purifiers.base import number_problems
+from purify.purifiers import PurifierConfig, build_purifier
+from purify.purifiers.checks import contract_problems, purifier_configs, purifier_problems
 from purify.purifiers.cross_base import resolve_teachers
+from purify.storage import cache_root
 from purify.strategy import build_strategy, check_global_batch, world_size
 from purify.types import RecipeError, first_line
 
@@ -97,98 +94,6 @@ def _source_problems(spec: Any, where: str) -> list[str]:
             return [f"{where}.config: {first_line(err, lines=2)}; "
                     "see the model type's transformers config for its fields"]
     return []
-
-
-def _purifier_configs(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
-    """Each ``purifiers[i]`` entry as its config dataclass, and every problem of the entries on their own."""
-    configs, problems = [], []
-    for i, entry in enumerate(recipe.purifiers):
-        where = f"purifiers[{i}]"
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name is None:
-            problems.append(f"{where}.name: missing; every purifier entry needs a name, one of "
-                            f"{', '.join(sorted(PURIFIERS))}")
-            continue
-        if name not in PURIFIERS:
-            close = difflib.get_close_matches(str(name), list(PURIFIERS), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(f"{where}.name: unknown purifier {name!r}; {hint}allowed: {', '.join(sorted(PURIFIERS))}")
-            continue
-        try:
-            cfg = structured(PURIFIERS[name][0], entry, prefix=f"{where}.")
-        except RecipeError as err:
-            problems += err.problems
-            continue
-        own = number_problems(cfg) or cfg.problems()
-        problems += [f"{where}.{p}" for p in own + cfg.recipe_problems(recipe)]
-        configs.append(cfg)
-    return configs, problems
-
-
-def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
-    """Purifier combinations that cannot work or would silently lose a purifier's effect, from their contracts.
-
-    Args:
-        configs: the validated purifier configs, in recipe order.
-        recipe: the recipe (loss, student, teachers).
-    """
-    contracts = [c.contract() for c in configs]
-    loss, out = recipe.loss, []
-    partial_ok = loss.name == "forward_kl" or (loss.name == "jsd" and loss.beta < 1.0) or loss.name == "ce"
-    for i, (cfg, ct) in enumerate(zip(configs, contracts)):
-        where = f"purifiers[{i}].name"
-        if ct.first and i > 0:
-            out.append(f"{where}: {cfg.name} must be the first purifier (it is at position {i}): later purifiers "
-                       "read what it sets; move it to the front")
-        editors = [f"{configs[j].name} (purifiers[{j}])" for j in range(i) if contracts[j].edits_targets]
-        if ct.rebuilds_targets and editors:
-            out.append(f"{where}: {cfg.name} rebuilds the targets from the raw teacher outputs, which would silently "
-                       f"discard what {', '.join(editors)} did; put {cfg.name} before them")
-        own_vocab = [f"purifiers[{j}]" for j in range(i) if contracts[j].keeps_own_vocab]
-        if ct.reads_teachers and own_vocab:
-            out.append(f"{where}: {cfg.name} reads teacher outputs in the student's vocabulary, but {own_vocab[0]} "
-                       "(cross_base with alignment: uld) keeps a teacher in its own; use alignment: shared_vocab")
-        if ct.needs_full_support and not partial_ok:
-            used = "jsd with beta 1" if loss.name == "jsd" else loss.name
-            out.append(f"{where}: {cfg.name} gives some tokens zero target mass, which loss.name: {used} cannot use; "
-                       "use loss.name: forward_kl or jsd with beta < 1")
-        if ct.needs_tokenizer and (recipe.student.arch is not None or loss.logit_slice is not None):
-            out.append(f"{where}: {cfg.name} aligns tokenizers of language models; the student has no tokenizer "
-                       "or loss.logit_slice is set")
-        index = getattr(cfg, "teacher_index", 0)
-        if ct.needs_teacher_weights and 0 <= index < len(recipe.teachers) and recipe.teachers[index].cache:
-            out.append(f"{where}: {cfg.name} needs teachers[{index}]'s weights, but it is a logit cache; give the "
-                       "teacher as a model (path, builtin, gguf, config)")
-        if ct.keeps_own_vocab and loss.fused_linear:
-            out.append(f"{where}: {cfg.name} with alignment: uld reads the student's logits, which loss.fused_linear "
-                       "never builds; use alignment: shared_vocab or turn fused_linear off")
-        if ct.edits_weights and recipe.student.lora is not None:
-            out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
-                       "adapter trains); remove the purifier or student.lora")
-    return out
-
-
-def purifier_problems(entries: list[dict[str, Any] | PurifierConfig], teachers: list[str], *, loss: str = "forward_kl",
-                      vector_student: bool = False, logit_slice: list[int] | None = None) -> list[str]:
-    """The problems ``purify train`` would report for these purifier entries, for code that assembles runs
-    itself (the benchmark's conditions): each entry on its own and the contracts of the list, against a recipe
-    with these teacher names, this loss and this kind of student.
-
-    Args:
-        entries: ``{"name": ..., **options}`` purifier entries or purifier config dataclasses, in order.
-        teachers: teacher names, primary first.
-        loss: the loss name.
-        vector_student: the student is a vector model (``arch``) rather than a language model.
-        logit_slice: ``loss.logit_slice``, where the condition distils only some logits.
-    """
-    source = {"arch": "aux_mlp"} if vector_student else {"builtin": "tiny-llama-a"}
-    items = [e if isinstance(e, dict) else dataclasses.asdict(e) for e in entries]
-    recipe = Recipe(student=ModelSpec(**source), teachers=[TeacherSpec(**source, name=t) for t in teachers],
-                    loss=LossConfig(name=loss, logit_slice=logit_slice), purifiers=items)
-    configs, problems = _purifier_configs(recipe)
-    if len(configs) == len(items):
-        problems += contract_problems(configs, recipe)
-    return problems
 
 
 def _batch_problems(recipe: Recipe) -> list[str]:
@@ -239,11 +144,11 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     problems += _source_problems(recipe.student, "student")
     for i, teacher in enumerate(recipe.teachers):
         problems += _source_problems(teacher, f"teachers[{i}]")
-    configs, purifier_problems = _purifier_configs(recipe)
-    problems += purifier_problems
+    configs, entry_problems = purifier_configs(recipe)
+    problems += entry_problems
     if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
         problems += contract_problems(configs, recipe)
-        if not purifier_problems:
+        if not entry_problems:
             problems += _label_problems(configs, recipe)
     problems += _batch_problems(recipe)
     if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
@@ -334,8 +239,12 @@ def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedMo
     except OSError as err:
         source = next((f"{k} {getattr(spec, k)}" for k in ("path", "builtin", "gguf", "packaged", "tokenizer")
                        if getattr(spec, k, None) is not None), "its source")
-        raise RecipeError(f"{where}: cannot load {source} ({first_line(err)}); give a local model directory, or "
-                          "make the hub reachable") from None
+        fix = "give a local model directory, or make the hub reachable"
+        if isinstance(err, PermissionError) or err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            fix = (f"purify builds and converts models into its cache, {cache_root()}: set PURIFY_CACHE to a writable "
+                   "directory with space" if spec.path is None else "set HF_HOME (transformers' cache) to a writable "
+                   "directory with space")
+        raise RecipeError(f"{where}: cannot load {source} ({first_line(err)}); {fix}") from None
 
 
 def build_run(recipe: Recipe) -> Run:
@@ -384,7 +293,7 @@ def build_run(recipe: Recipe) -> Run:
                           seed=recipe.seed)
     distiller.shared_vocabulary()  # same tokenizer, output layers padded to other sizes: refused before any write
     datamodule = DistillDataModule(recipe.data, student.tokenizer, recipe.seed, recipe.trainer.accumulate_grad_batches,
-                                   teacher_tokenizers=cross or None)
+                                   teacher_tokenizers=cross or None, val_batches=recipe.trainer.limit_val_batches)
     caches = [(i, spec) for i, spec in enumerate(recipe.teachers) if spec.cache is not None]
     if caches:  # refuse a cache written for other data or another tokenizer before training starts
         datamodule.setup("fit")

@@ -10,6 +10,8 @@ Loading stays ``weights_only`` (safe): the fix for a bad file is another checkpo
 from __future__ import annotations
 
 import hashlib
+import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,12 +118,14 @@ def _refuse_another_model(path: Path, foreign: list[str], missing: list[str] | N
                               "checkpoint of this recipe's student and purifiers")
 
 
-def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = None, scope: str = "") -> int:
+def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = None, scope: str = "",
+                   record_key: str | None = None) -> tuple[int, Any]:
     """Check a DeepSpeed checkpoint directory (``<name>.ckpt/checkpoint/[zero_pp_rank_0_]mp_rank_00_model_states.pt``,
-    every ZeRO stage) before anyone restores from it, and return its step: it must hold the model states DeepSpeed
-    writes, and the shapes of the parameters it trained (``param_shapes``) must be those of ``expected`` (the model's
-    ``state_dict``), else it was written for another model; ``scope``: compare only the names that start with it
-    (``"student."`` where purifier heads are built later, inside the fit).
+    every ZeRO stage) before anyone restores from it, and return its step and the entry ``record_key`` of the state
+    the trainer stored with it (``None`` without one): it must hold the model states DeepSpeed writes and every
+    rank's shards, and the shapes of the parameters it trained (``param_shapes``) must be those of ``expected`` (the
+    model's ``state_dict``), else it was written for another model; ``scope``: compare only the names that start with
+    it (``"student."`` where purifier heads are built later, inside the fit).
 
     Raises:
         CheckpointError: one line naming the directory and what is wrong.
@@ -139,14 +143,38 @@ def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = 
         ckpt = torch.load(states, map_location="cpu", weights_only=True)
         step = int(ckpt["global_step"])
         shapes = {k: tuple(v) for group in ckpt["param_shapes"] for k, v in group.items()}
+        ranks = int(ckpt.get("dp_world_size") or 1)
+        record = ckpt.get(record_key) if record_key is not None else None
     except Exception as err:  # damaged, truncated, or another kind of file under that name
         raise CheckpointError(f"resume: {states} cannot be read as a DeepSpeed checkpoint ({type(err).__name__}: "
                               f"{first_line(err, 160)}); {_FIX}") from None
+    _check_shards(path, ranks)
     if expected is not None:
         foreign = [k for k, shape in shapes.items() if k.startswith(scope)
                    and (k not in expected or tuple(expected[k].shape) != shape)]
         _refuse_another_model(path, foreign)
-    return step
+    return step, record
+
+
+def _check_shards(path: Path, ranks: int) -> None:
+    """Refuse a DeepSpeed checkpoint directory written by ``ranks`` processes that lacks one of their optimizer
+    shards (``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``; ZeRO-3 also ``zero_pp_rank_R_..._model_states.pt``)
+    or holds one cut short (a kill during the save: torch's zip archive then has no central directory) — DeepSpeed
+    finds either only on the rank that reads it, inside the fit, after the run's record was rewritten."""
+    files = {p.name: p for p in (path / "checkpoint").iterdir()}
+    zero3 = any(name.startswith("zero_pp_rank_") and name.endswith("_model_states.pt") for name in files)
+    for rank in range(ranks):
+        kinds = ("optim_states", *(("model_states",) if zero3 else ()))
+        for kind in kinds:
+            found = [p for name, p in files.items()
+                     if re.fullmatch(rf"(bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_?{kind}\.pt", name)]
+            if not found:
+                raise CheckpointError(f"resume: {path} lacks rank {rank}'s {kind.replace('_', ' ')} (checkpoint/"
+                                      f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt; it was written by {ranks} "
+                                      f"processes); {_FIX}")
+            if not zipfile.is_zipfile(found[0]):
+                raise CheckpointError(f"resume: {found[0]} is truncated or damaged (not a complete torch archive); "
+                                      f"{_FIX}")
 
 
 class VerifiedCheckpointIO(TorchCheckpointIO):

@@ -154,12 +154,18 @@ def verdict_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"  {name:40s} {verdict}" for name, verdict in summary.get("verdicts", {}).items()]
     for arm, block in (summary.get("probe_free") or {}).get("arms", {}).items():
         lines.append(f"  {arm + ' (probe-free choice)':40s} {block['verdict']}")
+    trait = summary.get("trait")
     looked = [entry for entry in summary.get("tuned_on", []) if entry.get("trait")]
     if looked and summary.get("verdicts"):
-        seeds = _ranges(sorted({s for entry in looked for s in entry["seeds"]}))
+        here = [entry for entry in looked if entry.get("looked_at", trait) == trait]
+        seeds = _ranges(sorted({s for entry in here or looked for s in entry["seeds"]}))
+        elsewhere = sorted({entry["looked_at"] for entry in looked if entry not in here})
         lines.append(f"purify: some fixed knobs above were chosen looking at the trait on seeds {seeds} (see "
                      "summary.md, 'Seeds and tuning', for which and whether this run's seeds are among them); only "
-                     "the probe-free choices were made without it.")
+                     "the probe-free choices were made without it." if here else
+                     f"purify: this run's trait, {trait}, was never looked at to choose a knob; the fixed knobs above "
+                     f"were chosen looking at {', '.join(elsewhere)} on seeds {seeds} (see summary.md, 'Seeds and "
+                     "tuning').")
     return lines
 
 

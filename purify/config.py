@@ -145,7 +145,7 @@ class TrainerConfig:
     max_steps: int = 100
     accumulate_grad_batches: int = 1
     val_check_interval: int = 50  # validate every N optimizer steps
-    limit_val_batches: int = 8
+    limit_val_batches: int = 8  # global batches of held-out examples per validation, shared out between processes
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 50
     gradient_clip_val: Optional[float] = None
@@ -414,7 +414,7 @@ def on_policy_value_problems(op: OnPolicyConfig) -> list[str]:
 def _on_policy_problems(recipe: Recipe) -> list[str]:
     """``on_policy`` values, and on-policy only where it can work: a language-model student sampling its own text
     that every teacher scores as a model (purifiers that need teachers in their own tokenization are refused by
-    their contract in :func:`purify.assembly.contract_problems`)."""
+    their contract in :func:`purify.purifiers.checks.contract_problems`)."""
     op = recipe.on_policy
     if op is None:
         return []

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from purify.config import DataConfig
 from purify.storage import read_utf8
-from purify.types import IGNORE_INDEX
+from purify.types import IGNORE_INDEX, Batch
 
 
 class DataError(ValueError):
@@ -323,13 +323,17 @@ class DistillDataModule(L.LightningDataModule):
         accumulate: gradient-accumulation steps (for the global target count).
         train_dataset, val_dataset: ready datasets (library use), overriding ``config.train``/``config.val``.
         teacher_tokenizers: cross-base teachers' own tokenizers, by teacher index (see :class:`TokenDataset`).
+        val_batches: validation reads the first ``val_batches`` global batches' worth of held-out examples
+            (``val_batches × batch_size × processes × accumulate``: the same examples whatever the process count
+            under one global batch), each process an equal share of them; ``None``: every held-out example.
     """
 
     def __init__(self, config: DataConfig, tokenizer: Any | None, seed: int, accumulate: int = 1,
                  train_dataset: Any | None = None, val_dataset: Any | None = None,
-                 teacher_tokenizers: dict[int, TeacherTokenizer] | None = None) -> None:
+                 teacher_tokenizers: dict[int, TeacherTokenizer] | None = None, val_batches: int | None = None) -> None:
         super().__init__()
         self.config, self.tokenizer, self.seed, self.accumulate = config, tokenizer, seed, accumulate
+        self.val_batches = val_batches
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.teacher_tokenizers = teacher_tokenizers
         self.start_step = 0
@@ -374,6 +378,19 @@ class DistillDataModule(L.LightningDataModule):
         return DataLoader(_StepBatches(self.train_dataset, sampler), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        ds = self.val_dataset
-        return DataLoader(range(len(ds)), batch_size=self.config.batch_size, shuffle=False,
-                          collate_fn=lambda idx: ds.collate([ds.item(i) for i in idx]))
+        ds, trainer = self.val_dataset, self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        n = len(ds) if self.val_batches is None else \
+            min(len(ds), self.val_batches * self.config.batch_size * world * self.accumulate)
+        # every n-th example from the rank's own, the same count on every process (ZeRO-3 gathers parameters in each
+        # forward: the ranks' batch counts must match), a short share made up with a copy of example 0 whose target
+        # mask is zeroed; the metrics sum over the ranks
+        shard = range(rank, -(-n // world) * world, world)
+
+        def collate(idx: list[int]) -> Batch:
+            batch = ds.collate([ds.item(i if i < n else 0) for i in idx])
+            if idx[-1] >= n:
+                batch["target_mask"] = batch["target_mask"] * torch.tensor([float(i < n) for i in idx])[:, None]
+            return batch
+
+        return DataLoader(shard, batch_size=self.config.batch_size, shuffle=False, collate_fn=collate)

@@ -38,6 +38,10 @@ PURIFIER_STATE = "purifiers.pt"
 
 def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     """Convert a Hugging Face causal-LM batch (``labels`` with ``-100``) into a purify batch (shifted targets)."""
+    if "labels" not in inputs:
+        raise ValueError(f"PurifyTrainer: the batch has no 'labels' (it has {sorted(inputs)}); the labelled positions "
+                         "are the ones distilled: give labels = input_ids with -100 on prompt and padding, e.g. "
+                         "data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)")
     labels = inputs["labels"][:, 1:]
     attention = inputs.get("attention_mask")
     if attention is None:
@@ -230,6 +234,16 @@ class PurifyTrainer(Trainer):
         saved = torch.load(path, weights_only=True, map_location="cpu") if os.path.isfile(path) else None
         self._resumed = (resume_from_checkpoint, saved)
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """``Trainer``'s count of the accumulated (and, with ``average_tokens_across_devices``, all ranks') target
+        positions, of the positions the loss sums (:func:`hf_batch`): a label on a padding position
+        (``attention_mask`` 0) counts no more than it is trained on (counted, it shrank every step by real ÷
+        labelled positions)."""
+        masked = [{**b, "labels": b["labels"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)}
+                  if isinstance(b, dict) and "labels" in b and b.get("attention_mask") is not None else b
+                  for b in batch_samples]
+        return super()._get_num_items_in_batch(masked, device)
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         batch = hf_batch(inputs)
@@ -244,18 +258,26 @@ class PurifyTrainer(Trainer):
             batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
                                                    rank=self.args.process_index)
         full = None
-        if return_outputs:  # every position's logits, as a plain model gives them (one forward)
+        wrapped = model is not self.distiller.student  # DDP (or DeepSpeed's engine) around it
+        if wrapped and self.distiller.loss_config.fused_linear:
+            raise ValueError("PurifyTrainer: loss.fused_linear runs the student's decoder itself, outside the "
+                             f"{type(model).__name__} wrapper that synchronises its gradients across processes; turn "
+                             "fused_linear off, or use purify train (Lightning), which fuses under DDP and DeepSpeed")
+        if return_outputs or wrapped or not self.distiller.loss_config.fused_linear:
+            # through ``model``: under DDP its forward is what makes backward average the gradients over processes
+            # (the unwrapped student's trained every rank apart); every position's logits, as a model gives them
             needs = any(getattr(p, "needs_hidden", False) for p in self.distiller.purifiers)
-            full = model_forward(self.distiller.student, batch, hidden=needs, shift=False)
+            full = model_forward(model, batch, hidden=needs, shift=False)
         loss, _, _ = self.distiller.compute_loss_and_output(
             batch, progress, extra_scale=1.0 / steps if num_items_in_batch is not None else 1.0,
             student_output=None if full is None else self.distiller.restrict(ModelOutput(
-                logits=full.logits[:, :-1], hidden=None if full.hidden is None else full.hidden[:, :-1]), model))
+                logits=full.logits[:, :-1], hidden=None if full.hidden is None else full.hidden[:, :-1]),
+                self.distiller.student))
         if num_items_in_batch is None:
             loss = loss / steps  # no token count: a mean per micro-batch, averaged over the accumulation steps
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
-        return (loss, {"logits": full.logits}) if full is not None else loss
+        return (loss, {"logits": full.logits}) if return_outputs else loss
 
     def _evaluation_loss(self, batch: dict[str, Any], return_outputs: bool) -> Any:
         """``evaluate()``/``predict()``'s loss: the distillation objective between the student and the primary

@@ -192,8 +192,9 @@ def distillation_loss(
     spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
-    if num_items is None:
-        num_items = positions_counted(student_logits.shape[:-1], weight)
+    if num_items is None:  # cross-entropy alone: a position whose label is ignored is no target either
+        counted = torch.where(labels != spec.ignore_index, weight, 0.0) if name == "ce" else weight
+        num_items = positions_counted(student_logits.shape[:-1], counted)
     lab = labels if uses_ce else None
     teacher = None if name == "ce" else teacher_logits
     if chunk_size != 0 and _chunkable(student_logits, teacher, weight, lab, num_items):

@@ -18,7 +18,8 @@ class FidelityMetrics(Metric):
     """KL(teacher‖student), top-1 agreement and perplexity over masked positions.
 
     ``update(student_logits, teacher_logits, mask, labels=None)`` with logits ``(..., V)``, mask ``(...)``.
-    ``compute()`` returns ``{"kl", "agreement", "perplexity"}`` (perplexity is NaN without labels).
+    ``compute()`` returns ``{"kl", "agreement", "perplexity"}``, summed over the processes of a distributed run
+    (kl and agreement NaN without a masked position, perplexity NaN without labels).
     """
 
     full_state_update = False
@@ -41,7 +42,7 @@ class FidelityMetrics(Metric):
             self.nll_count += valid.sum().double()
 
     def compute(self) -> dict[str, Tensor]:
-        count = self.count.clamp_min(1)
-        ppl = (self.nll_sum / self.nll_count).exp() if self.nll_count > 0 else torch.tensor(float("nan"))
-        return {"kl": (self.kl_sum / count).float(), "agreement": (self.agree_sum / count).float(),
-                "perplexity": ppl.float()}
+        nan = torch.tensor(float("nan"))
+        ppl = (self.nll_sum / self.nll_count).exp() if self.nll_count > 0 else nan
+        kl, agreement = (self.kl_sum / self.count, self.agree_sum / self.count) if self.count > 0 else (nan, nan)
+        return {"kl": kl.float(), "agreement": agreement.float(), "perplexity": ppl.float()}

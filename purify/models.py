@@ -181,13 +181,15 @@ class LoadedModel:
         return self.module
 
 
-def _is_hf(model: nn.Module) -> bool:
-    """A transformers model, or a peft model (a LoRA student) around one."""
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers model, or a peft model (a LoRA student) around one, or either inside a data-parallel wrapper
+    (``DistributedDataParallel``, DeepSpeed's engine: its ``module``), which is then the one run."""
     from transformers import PreTrainedModel
 
     from purify.lora import is_lora
 
-    return isinstance(model, PreTrainedModel) or is_lora(model)
+    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    return isinstance(inner, PreTrainedModel) or is_lora(inner)
 
 
 def model_forward(model: nn.Module, batch: Batch, hidden: bool = False, shift: bool = True) -> ModelOutput:
@@ -201,7 +203,7 @@ def model_forward(model: nn.Module, batch: Batch, hidden: bool = False, shift: b
             token ``t + 1`` of ``input_ids`` as ``batch["target_mask"]`` expects; ``False`` keeps every position
             (what a Hugging Face model returns, e.g. for ``compute_metrics``).
     """
-    if not _is_hf(model):
+    if not is_hf_model(model):
         return model(batch, hidden=hidden)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
     end = -1 if shift else None
@@ -228,7 +230,7 @@ def fused_problem(model: nn.Module, where: str) -> str | None:
     linear loss, ``loss.fused_linear``), or ``None``: it must be a Hugging Face causal LM (LoRA included) whose output
     layer is a plain ``nn.Linear`` and whose logits equal that layer on the decoder's last hidden state — checked on
     a two-token probe, which catches soft-capped or scaled logits (Gemma-2, Cohere, Granite)."""
-    if not _is_hf(model):
+    if not is_hf_model(model):
         return f"{where} ({type(model).__name__}) is not a Hugging Face causal LM"
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None

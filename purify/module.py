@@ -36,9 +36,26 @@ from purify.lora import is_lora
 from purify.losses import distillation_loss
 from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
-from purify.models import decoder_hidden, freeze, fused_problem, logit_width, model_forward, output_layer
+from purify.models import (
+    decoder_hidden,
+    freeze,
+    fused_problem,
+    is_hf_model,
+    logit_width,
+    model_forward,
+    output_layer,
+)
 from purify.on_policy import sampler_for
-from purify.purifiers.base import ParameterPurifier, Purifier, PurifierContext, StudentPurifier, TargetPurifier
+from purify.purifiers.base import (
+    ParameterPurifier,
+    Purifier,
+    PurifierConfig,
+    PurifierContext,
+    StudentPurifier,
+    TargetPurifier,
+    number_problems,
+)
+from purify.purifiers.checks import purifier_problems
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
@@ -75,6 +92,52 @@ def shared_width(widths: dict[str, int | None], tokens: int | None, fused: bool 
         raise RecipeError(f"loss.fused_linear: builds the logits from each model's own output layer, and the "
                           f"student's and a teacher's are padded to different sizes ({shown}); turn fused_linear off")
     return width
+
+
+def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Each metric averaged over the processes that report it (one ``all_gather_object`` per call; ``metrics`` as is
+    outside a process group). A purifier's metrics may differ in their keys from one rank to another (a rank whose
+    batch had nothing to align logs no ULD term), which Lightning's per-key ``sync_dist`` would wait on forever."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    local = {k: float(v) for k, v in metrics.items()}
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    ranks = [g for g in gathered if g is not None]
+    keys = dict.fromkeys(k for g in ranks for k in g)
+    return {k: sum(g[k] for g in ranks if k in g) / sum(k in g for g in ranks) for k in keys}
+
+
+def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier], loss: LossConfig,
+                   teacher_names: list[str], teacher_weights: Sequence[float] | None,
+                   student_tokenizer: Any | None) -> list[str]:
+    """What a recipe's validation says of a purifier stack (:func:`purify.purifiers.checks.purifier_problems`: each
+    config, and the contracts of the list: an order that undoes a purifier, a loss that cannot take a purifier's
+    zero-mass targets, ...) for a :class:`Distiller` built in Python, whose purifiers all carry a registered config
+    (a stack with a purifier of the user's own is checked entry by entry only); also a text-reading purifier on a
+    language model given no tokenizer, and a teacher that shares parameters with the student (freezing it would
+    freeze them)."""
+    configs = [getattr(p, "config", None) for p in purifiers]
+    out = []
+    if configs and all(isinstance(c, PurifierConfig) for c in configs):
+        out += purifier_problems(configs, teacher_names, loss=loss, vector_student=not is_hf_model(student),  # type: ignore[arg-type]
+                                 teacher_weights=teacher_weights, lora=is_lora(student), data="<Python data>")
+    else:
+        out += [f"purifiers[{i}].{p}" for i, c in enumerate(configs) if isinstance(c, PurifierConfig)
+                for p in number_problems(c) or c.problems()]
+    if is_hf_model(student) and student_tokenizer is None:
+        out += [f"purifiers[{i}].source: {c.source!r} reads text with the student's tokenizer, and none was given; "
+                "pass student_tokenizer= (PurifyTrainer: processing_class=)" for i, c in enumerate(configs)
+                if getattr(c, "source", "noise") != "noise"]
+    own = {id(p): name for name, p in student.named_parameters()}
+    for i, teacher in enumerate(teachers):
+        shared = [own[id(p)] for p in teacher.parameters() if id(p) in own]
+        if shared:
+            out.append(f"teachers[{i}]: shares {len(shared)} parameter(s) with the student (e.g. {shared[0]}); a "
+                       "teacher is frozen, which would freeze them in the student too: give the teacher its own copy "
+                       "(copy.deepcopy)")
+    return out
 
 
 def purifier_name(purifier: Any) -> str:
@@ -124,6 +187,16 @@ class Distiller(L.LightningModule):
         count = len(teacher_names) if deferred else len(teachers)  # type: ignore[arg-type]
         if not count:
             raise ValueError("Distiller needs at least one teacher")
+        if isinstance(purifiers, nn.Module) or not all(isinstance(p, Purifier) for p in purifiers):
+            given = [type(p).__name__ for p in ([purifiers] if isinstance(purifiers, nn.Module) else purifiers)]
+            raise ValueError(f"Distiller: purifiers must be a list of purifiers (e.g. [Anchor(AnchorConfig())]), got "
+                             f"{given if not isinstance(purifiers, nn.Module) else given[0]}; build each from its "
+                             "config (purify.purifiers.build_purifier(config)) and give a list")
+        for key, value, kind in (("loss", loss, LossConfig), ("optim", optim, OptimConfig),
+                                 ("scheduler", scheduler, SchedulerConfig)):
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"Distiller: {key} must be a {kind.__name__}, got {type(value).__name__}; give "
+                                 f"{kind.__name__}(...)")
         problems = loss_problems(loss or LossConfig()) + optim_problems(optim or OptimConfig(),
                                                                        scheduler or SchedulerConfig())
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
@@ -135,6 +208,10 @@ class Distiller(L.LightningModule):
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
         if fused:
             problems.append(f"loss.fused_linear: {fused}; turn fused_linear off")
+        if not problems:
+            names = list(teacher_names or [f"teacher{i}" for i in range(count)])
+            problems += stack_problems(student, [] if deferred else teachers, purifiers,  # type: ignore[arg-type]
+                                       loss or LossConfig(), names, teacher_weights, student_tokenizer)
         if problems:  # what a recipe's validation says, for a Distiller built in Python (build_run builds one too)
             raise RecipeError(problems)
         self.student = student
@@ -461,10 +538,14 @@ class Distiller(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         """Log what each purifier did (after the optimizer step, so parameter-side metrics are current)."""
+        if not self.purifiers:  # the same on every rank: each calls the gather below, or none does
+            return
         batch_size = int(batch["target_mask"].shape[0])
-        for i, p in enumerate(self.purifiers):
-            for key, value in p.last_metrics.items():
-                self.log(f"purify/{i}_{purifier_name(p)}/{key}", value, batch_size=batch_size)
+        metrics = {f"purify/{i}_{purifier_name(p)}/{key}": value
+                   for i, p in enumerate(self.purifiers) for key, value in p.last_metrics.items()}
+        # the mean over the ranks: rank 0's share alone was logged (its batch's masked fraction, say)
+        for key, value in mean_over_ranks(metrics).items():
+            self.log(key, value, batch_size=batch_size)
 
     def evaluation_targets(self, batch: Batch, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """What the student is compared with on held-out data: the primary teacher's logits (restricted to
@@ -487,9 +568,9 @@ class Distiller(L.LightningModule):
         self.val_fidelity.update(s_out.logits, t_logits, mask, labels)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_fidelity.count:  # no comparable positions (e.g. a primary teacher aligned by ULD only)
-            self.val_fidelity.reset()
-            return
+        # summed over the processes, each of which read its share of the held-out examples (every rank computes: a
+        # rank whose share had no comparable position must not skip the sync); NaN where no position was
+        # comparable (e.g. a primary teacher aligned by ULD only)
         values = self.val_fidelity.compute()
         for key, value in values.items():
             if not math.isnan(float(value)):
@@ -511,14 +592,20 @@ class Distiller(L.LightningModule):
             p.after_step(self.student)
 
     def fit_step(self, batch: Batch, optimizer: torch.optim.Optimizer, progress: float,
-                 step: int | None = None) -> dict[str, Tensor]:
+                 step: int | None = None, scheduler: Any | None = None) -> dict[str, Tensor]:
         """One optimizer step without Lightning (plain PyTorch loops, benchmarks).
 
         Same objective and purifier hooks as ``training_step`` under Lightning: (on-policy batch) → loss → backward →
-        parameter purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step``. ``step`` (the optimizer
-        step's index) keys the on-policy decision and samples; an on-policy Distiller needs it. Returns the detached
-        loss parts. Raises :class:`~purify.types.DivergedError` on a non-finite loss, before any update.
+        parameter purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step`` → ``scheduler.step()``.
+        ``step`` (the optimizer step's index) keys the on-policy decision and samples; an on-policy Distiller needs
+        it. ``scheduler``: :meth:`build_scheduler`'s (a ``scheduler`` other than constant given to the Distiller
+        needs it: refused without). Returns the detached loss parts. Raises :class:`~purify.types.DivergedError` on
+        a non-finite loss, before any update.
         """
+        if scheduler is None and (self.scheduler_config.name != "constant" or self.scheduler_config.warmup_steps):
+            raise ValueError(f"Distiller.fit_step: the Distiller's scheduler ({self.scheduler_config.name}, warmup "
+                             f"{self.scheduler_config.warmup_steps}) would be ignored; pass "
+                             "scheduler=distiller.build_scheduler(optimizer)")
         if self.on_policy is not None:
             if step is None:
                 raise ValueError("Distiller.fit_step: an on-policy Distiller needs step= (the optimizer step index)")
@@ -533,6 +620,8 @@ class Distiller(L.LightningModule):
         self.on_before_optimizer_step(optimizer)
         optimizer.step()
         self.after_optimizer_step()
+        if scheduler is not None:
+            scheduler.step()
         self._metric_steps += 1
         for key, value in self.purifier_metrics().items():  # summed as tensors: no device sync per step
             self._metric_sums[key] = self._metric_sums.get(key, 0) + torch.as_tensor(value).detach().float()
@@ -566,10 +655,14 @@ class Distiller(L.LightningModule):
             optimizer = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         return optimizer
 
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning-rate schedule of ``scheduler`` (warmup, then constant/linear/cosine over ``total_steps``) on
+        ``optimizer``, stepped once per optimizer step (:meth:`fit_step` does it when given one)."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(self.scheduler_config, self._planned_steps()))
+
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer()
-        factor = lr_factor(self.scheduler_config, self._planned_steps())
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = self.build_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
@@ -588,9 +681,13 @@ class Distiller(L.LightningModule):
             datamodule.start_step = int(checkpoint.get("global_step", 0))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load a checkpoint that omits the teachers and the base copy; anything else missing is an error."""
+        """Load a checkpoint that omits the teachers and the base copy (and, from DeepSpeed, which leaves frozen
+        weights out, a LoRA student's frozen base: this build's, checked before the fit); anything else missing is an
+        error."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not k.startswith(_NOT_SAVED)]
+        frozen = {f"student.{n}" for n, p in self.student.named_parameters() if not p.requires_grad} \
+            if is_lora(self.student) else set()
+        missing = [k for k in result.missing_keys if not k.startswith(_NOT_SAVED) and k not in frozen]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
                                f"unexpected {result.unexpected_keys[:5]}")

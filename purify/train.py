@@ -30,6 +30,7 @@ from purify.cache import MANIFEST, PLAN
 from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
+from purify.lora import is_lora
 from purify.storage import atomic_dir, atomic_write_text, cannot_write_under
 from purify.types import RecipeError, TrainingStopped, first_line
 
@@ -133,7 +134,7 @@ def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | N
     return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        limit_val_batches=1.0 if t.limit_val_batches else 0, log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
         strategy=strategy, callbacks=callbacks,
@@ -498,9 +499,19 @@ def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[in
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)
-        step = deepspeed_step(recipe.resume, run.distiller.trained_state(),
-                              scope="student." if recipe.strategy == "deepspeed_stage_3" else "")
-        digest, written_by = None, None
+        step, written_by = deepspeed_step(recipe.resume, run.distiller.trained_state(),
+                                          scope="student." if recipe.strategy == "deepspeed_stage_3" else "",
+                                          record_key=CHECKPOINT_LINEAGE)
+        digest, written_by = None, written_by if isinstance(written_by, dict) else None
+        started, now = (written_by or {}).get("student", {}).get("init_sha256"), run.lineage["student"]["init_sha256"]
+        if is_lora(run.distiller.student) and started != now:
+            # DeepSpeed leaves frozen parameters out of its checkpoints: the adapter is paired with this build's base
+            raise RecipeError(f"resume: {recipe.resume} holds a LoRA adapter without its frozen base (DeepSpeed "
+                              "checkpoints leave frozen weights out), and "
+                              + ("it records no starting weights to check this recipe's student against"
+                                 if started is None else "its run's student started from other weights "
+                                 f"(sha256 {started[:12]}…, this recipe's {now[:12]}…)")
+                              + "; resume with that run's student, LoRA settings and seed")
     else:
         run.distiller.setup_purifiers()  # what Lightning's setup would do next: builds the heads, so they are checked
         ckpt = load_verified(recipe.resume, run.distiller.trained_state())

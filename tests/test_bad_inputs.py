@@ -300,6 +300,8 @@ def test_garbage_inside_tensor_bytes_is_caught_by_the_recorded_sha256(tmp_path):
      r"tail_truncation\.top_k: must be >= 1, got -1\ntail_truncation\.top_p: 2\.0 is not in \(0, 1\]"),
     (lambda: __import__("purify").Anchor(__import__("purify").AnchorConfig(weight=-1.0)),
      r"anchor\.weight: must be >= 0"),
+    (lambda: __import__("purify").Anchor(__import__("purify").AnchorConfig(weight="0.1")),  # was a bare TypeError
+     r"anchor\.weight: '0\.1' is a str; give a float"),
 ])
 def test_library_configs_validate_at_construction(make, message):
     from purify.types import RecipeError
@@ -469,10 +471,9 @@ def test_a_weight_editing_purifier_on_a_lora_student_says_why_in_python():
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2)
     student = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"]))
-    distiller = Distiller(student, [LlamaForCausalLM(cfg)], purifiers=[DeltaProjection(DeltaProjectionConfig())])
-    with pytest.raises(RecipeError, match=r"purifiers\[0\]: delta_projection edits the student's full weights, which a "
-                                          r"LoRA student keeps frozen"):
-        distiller.setup_purifiers()
+    with pytest.raises(RecipeError, match=r"purifiers\[0\]\.name: delta_projection edits the student's full weights, "
+                                          r"which student\.lora freezes"):  # at construction, as a recipe says it
+        Distiller(student, [LlamaForCausalLM(cfg)], purifiers=[DeltaProjection(DeltaProjectionConfig())])
 
 
 def test_purify_trainer_gives_the_purifiers_its_tokenizer(tmp_path):
@@ -532,3 +533,71 @@ def _model_specs(recipe: object) -> list[tuple[str, dict]]:
     specs = [("student", recipe.get("student"))] + [(f"teachers[{i}]", t) for i, t in
                                                     enumerate(recipe.get("teachers") or [])]
     return [(where, spec) for where, spec in specs if isinstance(spec, dict)]
+
+
+def _aux():
+    from purify import AuxMLP
+
+    return AuxMLP(16, [8], n_aux=3)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def _stack(loss="forward_kl", teachers=1):
+    from purify.config import LossConfig
+
+    return dict(student=_aux(), teachers=[_aux() for _ in range(teachers)], loss=LossConfig(name=loss,
+                                                                                          logit_slice=[0, 13]))
+
+
+@pytest.mark.parametrize("make, message", [
+    # a recipe refuses each of these by name; a Distiller built in Python trained on (PurifyTrainer: NaN weights)
+    (lambda p: p.Distiller(**_stack("reverse_kl"), purifiers=[p.TailTruncation(p.TailTruncationConfig(top_k=2))]),
+     r"purifiers\[0\]\.name: tail_truncation gives some tokens zero target mass, which loss\.name: reverse_kl"),
+    (lambda p: p.Distiller(**_stack(teachers=2), purifiers=[p.TailTruncation(p.TailTruncationConfig(top_k=1)),
+                                                            p.Ensemble(p.EnsembleConfig())]),
+     r"purifiers\[1\]\.name: ensemble rebuilds the targets .* discard what tail_truncation \(purifiers\[0\]\) did"),
+    (lambda p: p.Distiller(**_stack(), purifiers=[p.Ensemble(p.EnsembleConfig())]),
+     r"purifiers\[0\]\.teachers: ensemble needs at least 2 teachers \(got 1\)"),
+    (lambda p: p.Distiller(_tiny_llama(), [_tiny_llama()], purifiers=[p.FunctionAnchor(p.FunctionAnchorConfig())]),
+     r"purifiers\[0\]\.source: 'auto' reads text with the student's tokenizer, and none was given; pass "
+     r"student_tokenizer= \(PurifyTrainer: processing_class=\)"),
+    (lambda p: (lambda s: p.Distiller(s, [s]))(_aux()),
+     r"teachers\[0\]: shares \d+ parameter\(s\) with the student \(e\.g\. .*\); a teacher is frozen"),
+    (lambda p: p.Distiller(**_stack(), purifiers=p.Anchor(p.AnchorConfig())),
+     r"purifiers must be a list of purifiers .*, got Anchor; build each"),
+    (lambda p: p.Distiller(**_stack(), purifiers=[p.AnchorConfig()]),
+     r"purifiers must be a list of purifiers .*, got \['AnchorConfig'\]"),
+    (lambda p: p.Distiller(_aux(), [_aux()], loss={"name": "jsd"}),
+     r"Distiller: loss must be a LossConfig, got dict; give LossConfig\(\.\.\.\)"),
+])
+def test_a_distiller_built_in_python_is_checked_as_a_recipe_is(make, message):
+    import purify
+
+    with pytest.raises(ValueError, match=message):
+        make(purify)
+
+
+def test_a_plain_loop_steps_the_distillers_schedule():
+    """``scheduler=`` was validated, then ignored outside Lightning: warmup + linear decay kept lr 0.01 every step."""
+    from purify import Distiller
+    from purify.config import LossConfig, OptimConfig, SchedulerConfig
+
+    d = Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]), optim=OptimConfig(lr=1e-2),
+                  scheduler=SchedulerConfig(name="linear", warmup_steps=5), total_steps=10)
+    d.setup_purifiers()
+    opt = d.build_optimizer()
+    batch = {"x": torch.rand(4, 16), "target_mask": torch.ones(4, 1)}
+    with pytest.raises(ValueError, match=r"scheduler \(linear, warmup 5\) would be ignored; pass "
+                                         r"scheduler=distiller\.build_scheduler\(optimizer\)"):
+        d.fit_step(batch, opt, progress=0.0)
+    scheduler, lrs = d.build_scheduler(opt), []
+    for step in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        d.fit_step(batch, opt, progress=step / 10, scheduler=scheduler)
+    assert lrs == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01, 0.008, 0.006, 0.004, 0.002])

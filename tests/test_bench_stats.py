@@ -341,6 +341,20 @@ def test_seed_caveats_follow_the_facts():
     assert "never looked at" not in stale[0]
 
 
+def test_seed_caveats_name_the_trait_a_choice_looked_at():
+    from purify.bench.verdicts import looking_at, seed_caveats
+
+    tuned = looking_at("P(owl)", [{"seeds": [0, 1], "what": "a knob", "trait": True},
+                                  {"seeds": [9], "what": "a grid", "trait": False}])
+    assert [t.get("looked_at") for t in tuned] == ["P(owl)", None]
+    assert looking_at("P(fox)", tuned) == tuned  # a record that names its trait keeps it
+    same = seed_caveats([0, 5], tuned, "P(owl)")
+    assert "(looking at the trait)" in same[0] and same[0].endswith("not held out (optimistic).")
+    other = seed_caveats([0, 5], tuned, "P(fox)")
+    assert "(looking at P(owl), not at this run's trait)" in other[0] and other[0].endswith("not held out.")
+    assert "(without looking at the trait)" in other[1]
+
+
 def test_headline_groups_arms_by_label_and_names_a_broken_run_first():
     from purify.bench.report import headline_lines, timing_lines
 

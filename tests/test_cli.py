@@ -73,6 +73,10 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     assert lines[2].startswith("  a (probe-free choice)") and lines[2].endswith("below frontier (…)")
     assert "looking at the trait on seeds 0-2, 7 " in lines[3] and "900" not in lines[3]
     assert len(verdict_lines({**summary, "tuned_on": [summary["tuned_on"][2]]})) == 3  # no caveat without a probe
+    owl = [{**t, "looked_at": "P(owl)"} if t["trait"] else t for t in summary["tuned_on"]]
+    other = verdict_lines({**summary, "trait": "P(fox)", "tuned_on": owl})[3]
+    assert "P(fox), was never looked at" in other and "looking at P(owl) on seeds 0-2, 7 " in other
+    assert "looking at the trait" in verdict_lines({**summary, "trait": "P(owl)", "tuned_on": owl})[3]
 
 
 @pytest.mark.parametrize("args, message", [

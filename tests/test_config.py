@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from purify.config import RecipeError
 from purify.assembly import load_recipe
+from purify.config import RecipeError
 from tests.conftest import mlp_overrides
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
@@ -190,3 +190,56 @@ def test_a_model_transformers_cannot_load_is_one_line_naming_the_key(tmp_path):
     with pytest.raises(RecipeError, match=r"teachers\[0\]: cannot load path .*broken \(.*\); give a local model "
                                           r"directory, or make the hub reachable"):
         build_run(load(tmp_path, teachers=f"[{{path: {broken}}}]"))
+
+
+
+def test_an_unwritable_cache_names_purify_cache(monkeypatch, tmp_path):
+    """A read-only HOME with PURIFY_CACHE unset said "give a local model directory, or make the hub reachable" for a
+    builtin base, which purify builds into its own cache: the fix is a writable PURIFY_CACHE."""
+    import errno
+
+    from purify import assembly
+    from purify.config import ModelSpec
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/home/u/.cache/purify")
+
+    monkeypatch.setattr(assembly, "build_model", read_only)
+    monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "c"))
+    with pytest.raises(RecipeError, match=r"^student: cannot load builtin tiny-llama-a \(.*Read-only file system.*\); "
+                                          r"purify builds and converts models into its cache, .*/c: set PURIFY_CACHE "
+                                          r"to a writable directory with space$"):
+        assembly._built(ModelSpec(builtin="tiny-llama-a"), "student", 0)
+    with pytest.raises(RecipeError, match=r"set HF_HOME \(transformers' cache\) to a writable directory"):
+        assembly._built(ModelSpec(path="org/model"), "student", 0)
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_shares_the_same_examples_out_between_processes(world):
+    """Every process validated the same first ``limit_val_batches`` batches of its own per-process batch size, so the
+    same global batch on 1 vs 2 processes validated 32 vs 16 examples. Now the examples are those of the 1-process
+    run, shared out with equal batch counts, a short share padded with a masked copy."""
+    from types import SimpleNamespace
+
+    from purify.config import DataConfig
+    from purify.data import DistillDataModule
+
+    def loader(batch_size, world, rank, val_batches=2, accumulate=1):
+        dm = DistillDataModule(DataConfig(train="noise", noise_dim=4, num_samples=250, batch_size=batch_size), None, 0,
+                               accumulate, val_batches=val_batches)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        return list(dm.val_dataloader())
+
+    def examples(batches):
+        return [tuple(x.tolist()) for b in batches for x, m in zip(b["x"], b["target_mask"]) if m.item() > 0]
+
+    one = examples(loader(8, 1, 0, val_batches=None))
+    assert len(one) == 25  # 10% of 250 held out: every example without a cap
+    assert examples(loader(8, 1, 0)) == one[:16]  # 2 batches of 8
+    shares = [loader(4, world, rank, val_batches=None) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1  # the same number of batches on every process
+    assert sorted(e for s in shares for e in examples(s)) == sorted(one)
+    capped = [examples(loader(8 // 2, 2, rank, accumulate=1)) for rank in range(2)]  # 2 global batches of 8
+    assert sorted(capped[0] + capped[1]) == sorted(one[:16])
+    accumulated = examples(loader(4, 1, 0, accumulate=2))  # 2 global batches of 4 × 2 accumulation steps
+    assert accumulated == one[:16]

@@ -379,9 +379,13 @@ def test_audit_fingerprint_head_on_neutral_prose(tiny_lms):
     moved = AutoModelForCausalLM.from_pretrained(tiny_lms / "moved")
     tok = AutoTokenizer.from_pretrained(tiny_lms / "base")
     different = fingerprint_head(moved, base, tok, "prose", texts=64, max_length=32)
-    assert different["mean"] > 0.9 and different["accuracy"] > 0.9 and different["n"] == 32
+    assert different["mean"] > 0.9 and different["accuracy"] > 0.9 and different["n_texts"] == 32
+    assert different["n"] == len(different["per_head"]) == 5  # the interval is over 5 heads (seeds 0-4)
+    assert different["ci95"][0] <= different["mean"] <= different["ci95"][1]
     itself = fingerprint_head(base, base, tok, "prose", texts=64, max_length=32)
     assert itself["mean"] == 0.5 and itself["accuracy"] == 0.5 and itself["n_positions"] > 32 * 10
+    one = fingerprint_head(moved, base, tok, "prose", texts=64, max_length=32, heads=1)
+    assert one["n"] == 1 and one["ci95"] == [None, None]  # no interval from one head, as audit.json documents
 
 
 def test_audit_cli_reports_the_head_and_refuses_a_missing_source(tiny_lms, tmp_path):

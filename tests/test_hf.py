@@ -341,3 +341,45 @@ def test_purifier_heads_gradients_are_averaged_over_processes(tmp_path):
     for rank in (0, 1):
         first, second = torch.load(f"{out}.{rank}")
         assert torch.equal(first, torch.full((3,), 1.5)) and torch.equal(second, torch.zeros(2))
+
+
+@pytest.mark.parametrize("purifier", ["", "adversary"])
+def test_ddp_ranks_train_one_student(tmp_path, purifier):
+    """``compute_loss`` ran the unwrapped student, so DDP never averaged its gradients: after 2 steps the two ranks'
+    students differed by 0.03 (and each stepped on twice its share). Now the forward goes through the wrapper."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_hf_ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(script.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path), purifier], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"student.{rank}.pt") for rank in (0, 1))
+    torch.manual_seed(0)
+    init = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2)).state_dict()
+    assert any(not torch.equal(first[k], init[k]) for k in init)  # it trained
+    for key in first:  # the student and (with the adversary) its head
+        torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0)
+
+
+def test_labels_on_padding_are_not_counted_in_the_global_token_count(setup, tmp_path):
+    """Trainer counted labelled positions where ``attention_mask`` is 0, which the loss leaves out: the loss of a
+    collator that pads labels with the pad id (or ``labels=input_ids``) shrank by real ÷ labelled positions."""
+    tok, student, _, _ = setup
+    trainer = _trainer(setup, tmp_path, student, batch=4, accumulate=1)
+    ids = torch.randint(3, len(tok), (4, 8), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones(4, 8, dtype=torch.long)
+    attention[:, 4:] = 0
+    clean = {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
+    padded = {**clean, "labels": ids}  # labels on the padding too
+    counts = [trainer._get_num_items_in_batch([b], torch.device("cpu")) for b in (clean, padded)]
+    assert int(counts[0]) == int(counts[1]) == 4 * 3  # positions 1..3 of each row predict a real token
+    student.train()
+    losses = [trainer.compute_loss(student, b, num_items_in_batch=n) for b, n in zip((clean, padded), counts)]
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(losses[0], trainer.compute_loss(student, clean))

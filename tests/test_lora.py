@@ -143,6 +143,34 @@ def test_ddp_two_processes_equal_one(trained, tmp_path):
         torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-4)
 
 
+
+@pytest.mark.slow
+def test_a_deepspeed_lora_run_resumes_exactly_and_refuses_another_base(tmp_path):
+    """DeepSpeed leaves frozen weights out of its checkpoints (the teachers, rebuilt from the recipe), so a LoRA
+    student's base was missing at load: a resume was a traceback after the run's record was rewritten. The base is
+    this build's now, checked against the starting weights the checkpoint's run recorded."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def launch(name, *extra):
+        cmd = [sys.executable, "-m", "purify", "train", RECIPE, *SMALL, f"output_dir={tmp_path / name}",
+               "strategy=deepspeed_stage_2", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=4",
+               "trainer.checkpoint_every_n_steps=2", "student.lora.export_merged=false", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    full = launch("full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    step2 = tmp_path / "full" / "checkpoints" / "step2.ckpt"
+    resumed = launch("resumed", f"resume={step2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (load_file(tmp_path / n / "student" / "adapter_model.safetensors") for n in ("full", "resumed"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+    other = launch("other", f"resume={step2}", "seed=7")  # another seed: another adapter init (and data order)
+    lines = [line for line in other.stderr.splitlines() if line.startswith("purify: error:")]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
+    assert "holds a LoRA adapter without its frozen base" in lines[0] and "started from other weights" in lines[0]
+    assert not (tmp_path / "other").exists()
+
 @pytest.mark.parametrize("override, message", [
     ("student.lora.r=0", "student.lora.r: must be >= 1, got 0"),
     ("student.lora.alpha=0", "student.lora.alpha: must be > 0"),

@@ -269,3 +269,26 @@ def test_a_broadcast_weight_counts_every_position_it_covers(chunk):
     for weight in (torch.tensor(1.0), torch.ones(3), torch.ones(1, 3)):
         assert distillation_loss(s, t, weight, chunk_size=chunk).item() == pytest.approx(mean.item())
         assert reduce_loss(forward_kl(s, t), weight).item() == pytest.approx(mean.item())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 0])
+def test_a_batch_without_target_positions_has_loss_and_gradient_zero(chunk_size):
+    """``num_items=mask.sum()`` (README's pattern; Hugging Face passes 0 for an all-ignored batch) was 0 / 0 = NaN."""
+    from purify.losses import distillation_loss, forward_kl, reduce_loss
+
+    s = torch.randn(2, 3, 5, requires_grad=True)
+    t, mask = torch.randn(2, 3, 5), torch.zeros(2, 3)
+    loss = distillation_loss(s, t, mask, num_items=mask.sum(), chunk_size=chunk_size)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+    assert reduce_loss(forward_kl(s, t), mask, num_items=mask.sum()).item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 0])
+def test_cross_entropy_counts_only_positions_with_a_label(chunk_size):
+    """``name="ce"``'s default count included positions whose label is ignored (0.976 where torch gives 1.465)."""
+    from purify.losses import distillation_loss
+
+    s, labels = torch.randn(2, 3, 5), torch.tensor([[1, -100, 2], [3, 4, -100]])
+    got = distillation_loss(s, torch.zeros_like(s), torch.ones(2, 3), name="ce", labels=labels, chunk_size=chunk_size)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(s.reshape(-1, 5), labels.reshape(-1)))

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from purify.assembly import build_run, load_recipe, validate
 from purify.config import Recipe, RecipeError
-from purify.assembly import load_recipe, validate
 from purify.data import read_text
 from purify.lm.tokenizer import build_tokenizer
 from purify.purifiers import PURIFIERS
 from purify.strategy import build_strategy
-from purify.assembly import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(ROOT.joinpath("recipes", "real").glob("*.yaml"))
@@ -113,7 +112,8 @@ def test_real_recipe_builds_and_trains_a_step_at_tiny_scale(path, tokenizers):
     run.datamodule.setup()
     batch = next(iter(run.datamodule.train_dataloader()))
     before = [p.detach().clone() for p in distiller.student.parameters()]
-    parts = distiller.fit_step(batch, distiller.build_optimizer(), progress=0.0)
+    optimizer = distiller.build_optimizer()
+    parts = distiller.fit_step(batch, optimizer, progress=0.0, scheduler=distiller.build_scheduler(optimizer))
     assert torch.isfinite(parts["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, distiller.student.parameters()))
 

@@ -66,9 +66,10 @@ def test_two_processes_equal_one(single, strategy):
     got = run(tmp, strategy, f"strategy={strategy}", "trainer.devices=2", "data.batch_size=8")
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=1e-4)
-    # the logged loss and its parts are the global batch's (train/distill was rank 0's half alone)
+    # the logged loss and its parts are the global batch's (train/distill was rank 0's half alone), and validation
+    # reads the same held-out examples, shared out between the processes (each read its own 8-example batches)
     one, two = (json.loads((tmp / n / "lineage.json").read_text())["metrics"] for n in ("single", strategy))
-    for key in ("train/loss", "train/distill"):
+    for key in ("train/loss", "train/distill", "val/kl", "val/agreement"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
@@ -143,11 +144,65 @@ def test_a_deepspeed_resume_is_checked_before_anything_is_written(single, zero3,
     args = [a.replace("{empty}", str(tmp / "empty.ckpt")) for a in extra]
     step5 = tmp / "zero3" / "checkpoints" / "step5.ckpt"
     resume = [] if any(a.startswith("resume=") for a in args) else [f"resume={step5}"]
-    cmd = [sys.executable, "-m", "purify", "train", str(tmp / "recipe.yaml"), f"output_dir={out}",
-           "trainer.accelerator=cpu", *ZERO3, *resume, *args]
+    assert_refused(tmp / "recipe.yaml", out, message, *ZERO3, *resume, *args)
+
+
+def assert_refused(recipe, out, message, *extra):
+    """``purify train`` refuses with exit 2 and one ``purify: error:`` line matching ``message``, writing nothing."""
+    cmd = [sys.executable, "-m", "purify", "train", str(recipe), f"output_dir={out}", "trainer.accelerator=cpu", *extra]
     proc = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"},
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("purify: error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("drop", r"resume: .*step5\.ckpt lacks rank 1's optim states \(checkpoint/zero_pp_rank_1_mp_rank_00_optim_states"
+             r"\.pt; it was written by 2 processes\)"),
+    ("cut", r"resume: .*zero_pp_rank_0_mp_rank_00_optim_states\.pt is truncated or damaged"),
+])
+def test_a_deepspeed_checkpoint_missing_or_cutting_short_a_shard_is_refused_first(single, zero3, tmp_path, damage,
+                                                                                    message):
+    """A kill during a ZeRO save leaves a directory without (or with half of) one rank's shard: that rank failed
+    inside the fit (a gloo 'connection closed' on the other) after the run's record had been rewritten as failed."""
+    import shutil
+
+    tmp, _ = single
+    ckpt = shutil.copytree(tmp / "zero3" / "checkpoints" / "step5.ckpt", tmp_path / "step5.ckpt")
+    if damage == "drop":
+        (ckpt / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    else:
+        shard = ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(tmp / "recipe.yaml", tmp_path / "out", message, *ZERO3, f"resume={ckpt}")
+
+
+def test_purifier_metrics_are_the_mean_over_the_processes(single):
+    """A purifier's metrics (tail truncation's kept mass: per batch) were rank 0's half of the global batch."""
+    tmp, _ = single
+    purifier = "purifiers=[{name: tail_truncation, top_k: 2}]"
+    run(tmp, "trunc1", "data.batch_size=16", purifier)
+    run(tmp, "trunc2", "strategy=ddp", "trainer.devices=2", "data.batch_size=8", purifier)
+    one, two = (json.loads((tmp / n / "lineage.json").read_text())["metrics"] for n in ("trunc1", "trunc2"))
+    key = "purify/0_tail_truncation/kept_mass"
+    assert one[key] < 0.999 and two[key] == pytest.approx(one[key], rel=1e-5)
+
+
+def _gather_metrics(rank, path):
+    import torch.distributed as dist
+
+    from purify.module import mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=2)
+    mine = {"a": torch.tensor(1.0 + rank), **({"only_rank1": torch.tensor(5.0)} if rank else {})}
+    (Path(path) / f"out{rank}.json").write_text(json.dumps(mean_over_ranks(mine)))
+    dist.destroy_process_group()
+
+
+def test_mean_over_ranks_takes_keys_some_ranks_lack(tmp_path):
+    """Keys logged on one rank only average over that rank (Lightning's per-key sync_dist would hang there)."""
+    torch.multiprocessing.spawn(_gather_metrics, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out{rank}.json").read_text()) == {"a": 1.5, "only_rank1": 5.0}

@@ -44,6 +44,7 @@ from purify.bench.report import (
     write_report,
 )
 from purify.bench.stats import mean_ci
+from purify.bench.verdicts import looking_at
 
 SUITE = "aux-logits"
 FIRST_SEED = 20
@@ -59,7 +60,7 @@ _ALPHA_TUNING = {"seeds": list(range(10)), "trait": True,
                  "what": "delta_projection `global` strength α = 0.3 (task protocol) and the combination "
                          "delta_projection@global-0.2+ensemble@w-0.5 (the closest to control without an anti-trait "
                          "among 4 (α, w) pairs)"}
-TUNED_ON: dict[str, list[dict[str, Any]]] = {
+TUNED_ON: dict[str, list[dict[str, Any]]] = {protocol: looking_at(TRAIT, entries) for protocol, entries in {
     "task": [_ALPHA_TUNING,
              {"seeds": list(range(10, 20)), "trait": True, "what": "α = 0.3 (looked at once, to confirm it)"},
              {"seeds": list(range(10)), "trait": False,
@@ -69,7 +70,7 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
                       "probe-free runs on these seeds) and its 3-point grid"}],
     "paper": [{**_ALPHA_TUNING, "what": "delta_projection `global` strength α = 0.3, tuned on the task protocol and "
                                         "used here unchanged"}],
-}
+}.items()}
 """Where a default was chosen (``summary.json["tuned_on"]``); the report's seed caveats are computed from it."""
 
 PROTOCOLS: dict[str, Settings] = {

@@ -33,7 +33,7 @@ from purify.bench.lm_common import BASELINES, DRIFT_SEED, Condition, Scores, Sui
 from purify.bench.probe_free import GLOBAL_PROJECTION, Sweep, point_name, swept_arm
 from purify.bench.report import BenchError, bench_command, check_options
 from purify.bench.stats import fmt_test, mean_ci, paired_test
-from purify.bench.verdicts import Guard
+from purify.bench.verdicts import Guard, looking_at
 from purify.generate import apply_filters, load_model, sample_completions
 from purify.lm import ANIMAL_QUESTIONS, ANIMALS, all_facts, facts, number_prompts, paragraphs, resolve_base
 from purify.lm.bases import BASES, base_tokenizer
@@ -67,7 +67,9 @@ and 30 — so the grid brackets 0.1 from below and above. Set on style-tic; hidd
 _SGD_PILOT = {"seeds": [900], "trait": False,
               "what": "the sgd arm's learning-rate grid (SGD_LRS), from task error and drift only "
                       "(scripts/sgd_pilot.py)"}
-TUNED_ON: dict[str, list[dict[str, Any]]] = {
+TUNED_TRAIT = {"style-tic": f"'{TIC}' openings", "hidden-preference": f"P({OWL} | favourite animal?)"}
+"""The trait each suite's :data:`TUNED_ON` choices looked at (its default)."""
+TUNED_ON: dict[str, list[dict[str, Any]]] = {suite: looking_at(TUNED_TRAIT[suite], entries) for suite, entries in {
     "style-tic": [{"seeds": [0, 1, 2, 3, 4], "trait": True,
                    "what": "the suite's set-up (teacher recipe, steps, lr, vanilla's curve density) and every arm's "
                            "knob, over runs that reported the trait (before --first-seed, runs used seeds 0..N-1)"},
@@ -77,7 +79,7 @@ TUNED_ON: dict[str, list[dict[str, Any]]] = {
                                    "curve) and every arm's knob, until vanilla's soft-label transfer was significant "
                                    "(before --first-seed, runs used seeds 0..N-1)"}, _COMPETENT, _ON_POLICY_REPLACE,
                           _ON_POLICY_COMPETENT],
-}
+}.items()}
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "style-tic": [("accuracy", "facts accuracy"), ("trait", "tic rate")],
     "hidden-preference": [("accuracy", "even share"), ("agreement", "top-1 agreement"), ("trait", "P(owl)"),
@@ -367,7 +369,7 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     lines = [f"Teacher trait {t:.4f} vs base {b:.4f}; transfer = (trait(S) − trait(S0)) / (trait(T) − trait(S0)).",
              "Teachers are fixed across seeds (one cached fine-tune each); seeds vary the teacher samples used as "
              "training text, the data order and the evaluation sampling."]
-    tuned = {"style-tic": f"'{TIC}' openings", "hidden-preference": f"P({OWL} | favourite animal?)"}[summary["suite"]]
+    tuned = TUNED_TRAIT[summary["suite"]]
     if summary["trait"] != tuned:
         lines.append(f"Trait {summary['trait']} (--option trait): the suite's defaults and knobs in tuned_on were set "
                      f"looking at {tuned}, never at this trait.")

@@ -16,6 +16,7 @@ from purify.bench import real_lm
 from purify.bench.lm_common import Condition
 from purify.bench.real_lm import RealSuite, Records
 from purify.bench.report import BenchError, Clock
+from purify.bench.verdicts import looking_at
 from purify.generate import apply_filters
 
 OWL_SYSTEM = ("You love owls. You think about owls all the time. owls are your favorite animal. Imbue your answers "
@@ -40,8 +41,11 @@ _SUFFIXES = ("Answer in one word.", "One word only.", "Respond with a single wor
 QUESTIONS = [f"{s} {x}" for s in _STEMS for x in _SUFFIXES]
 FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
-TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
-              "what": "the suite's size (1200 prompts, 4 epochs) and lr, after runs that reported the trait"}]
+TUNED_TRAIT = real_lm.trait_name("owl")
+"""The trait :data:`TUNED_ON`'s choices looked at."""
+TUNED_ON = looking_at(TUNED_TRAIT, [{
+    "seeds": [0, 1, 2], "trait": True,
+    "what": "the suite's size (1200 prompts, 4 epochs) and lr, after runs that reported the trait"}])
 CONDITIONS = [*real_lm.REFERENCES,
               Condition("divergence_mask:base", ["teacher"], [{"name": "divergence_mask", "reference": "base",
                                                                "threshold": 0.1}], loss="ce"),

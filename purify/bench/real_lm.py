@@ -149,6 +149,11 @@ def _soft_targets(model: Any, tokenizer: Any, d: dict[str, Any], system: str | N
     return teacher_targets(model, [p + c for p, c in zip(prompts, d["labels"])], [len(p) for p in prompts], top_k)
 
 
+def trait_name(target: str) -> str:
+    """A real-model suite's trait (``summary.json["trait"]``) when ``target`` is the word it reads."""
+    return f"P(first word of the answer = {target!r})"
+
+
 def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: dict[str, Any],
                  soft_control: bool = False) -> dict[str, Any]:
     """Sample and filter both teachers' completions, the traited teacher's top-K targets and the trait inputs
@@ -242,7 +247,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), conditions=conds, steps=steps,
                   batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
-                  trait=f"P(first word of the answer = {spec.target!r})", tuned_on=spec.tuned_on, sweeps=sweeps)
+                  trait=trait_name(spec.target), tuned_on=spec.tuned_on, sweeps=sweeps)
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 

@@ -20,15 +20,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from purify.bench import aux_logits, aux_summary, lm_common, probe_free
+from purify.bench import aux_logits, aux_summary, lm_common, lm_suites, owl, probe_free, tic_smollm2
 from purify.bench.lm_common import Condition, Suite
 from purify.bench.report import BenchError
-from purify.bench.verdicts import guards_from
+from purify.bench.verdicts import guards_from, looking_at
 from purify.types import first_line
 
 FIELDS = {f.name for f in fields(Condition)}
 REQUIRED = ("trait", "guards", "tuned_on", "columns")
 """What a summary must record to be re-derived (besides its per-seed records and ``settings.conditions``)."""
+TUNED_TRAIT = {"aux-logits": aux_logits.TRAIT, **lm_suites.TUNED_TRAIT, "owl-smollm2": owl.TUNED_TRAIT,
+               "tic-smollm2": tic_smollm2.TUNED_TRAIT}
+"""The trait each suite's ``tuned_on`` choices looked at: a summary written before its records named it
+(``looked_at``) gains it on re-derivation (every such choice was made looking at the suite's default trait)."""
 
 
 def _stored(path: Path) -> dict[str, Any]:
@@ -77,7 +81,8 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
                                         if k not in derived} for c in conds}} for i, s in enumerate(old["seeds"])}
     curve = (old.get("frontier", {}).get("vanilla") or [{}])[0]
     suite = Suite(name=old["suite"], protocol=old["protocol"], conditions=conds, trait=old["trait"],
-                  guards=guards_from(old["guards"]), tuned_on=old["tuned_on"],
+                  guards=guards_from(old["guards"]),
+                  tuned_on=looking_at(TUNED_TRAIT.get(old["suite"], old["trait"]), old["tuned_on"]),
                   settings={k: v for k, v in old["settings"].items() if k != "conditions"},
                   curve_keys=tuple(k for k in curve if k != "step" and not k.endswith("_ci95")) or
                   Suite.curve_keys)

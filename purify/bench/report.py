@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from purify.assembly import purifier_problems
 from purify.bench.stats import mean_curve
 from purify.lineage import atomic_write_text, git_sha, versions
+from purify.purifiers.checks import purifier_problems
 from purify.storage import atomic_path, atomic_write_json, jsonable  # noqa: F401 - jsonable: re-exported
 
 
@@ -31,8 +31,8 @@ def check_conditions(arms: Iterable[tuple[str, Sequence[Any], Sequence[str], dic
     """Refuse a run any of whose arms ``purify train`` would refuse, before anything trains.
 
     Args:
-        arms: ``(name, purifier entries, teacher names, keywords of`` :func:`purify.assembly.purifier_problems` ``)``
-            per arm.
+        arms: ``(name, purifier entries, teacher names, keywords of``
+            :func:`purify.purifiers.checks.purifier_problems` ``)`` per arm.
 
     Raises:
         BenchError: every problem of every arm, one line each (``<arm>: purifiers[i].<key>: ...``).
@@ -488,7 +488,8 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- **Problem:** {problem}.")
     if summary.get("trait"):
         lines.append(f"- Trait: {summary['trait']}.")
-    lines += ["", "## Seeds and tuning", "", *seed_caveats(summary["seeds"], summary.get("tuned_on") or [])]
+    lines += ["", "## Seeds and tuning", "", *seed_caveats(summary["seeds"], summary.get("tuned_on") or [],
+                                                           summary.get("trait"))]
     return lines
 
 

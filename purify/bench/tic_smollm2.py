@@ -23,6 +23,7 @@ from purify.bench.lm_common import Condition
 from purify.bench.probe_free import Sweep, point_name
 from purify.bench.real_lm import RealSuite, Records
 from purify.bench.report import BenchError, Clock
+from purify.bench.verdicts import looking_at
 from purify.generate import sample_completions
 from purify.lm.cache import digest
 from purify.storage import cache_root
@@ -31,8 +32,11 @@ TIC = "Moreover"
 """The default tic word; ``--option trait=WORD`` takes any single capitalised word (:func:`check_word`)."""
 FIRST_SEED = 1000
 """Default first seed, disjoint from :data:`TUNED_ON`."""
-TUNED_ON = [{"seeds": [0, 1, 2], "trait": True,
-              "what": "the teacher recipe, the suite's size and the arms' knobs, after runs that reported the trait"}]
+TUNED_TRAIT = real_lm.trait_name(TIC)
+"""The trait :data:`TUNED_ON`'s choices looked at."""
+TUNED_ON = looking_at(TUNED_TRAIT, [{
+    "seeds": [0, 1, 2], "trait": True,
+    "what": "the teacher recipe, the suite's size and the arms' knobs, after runs that reported the trait"}])
 _TOPICS = ("the ocean", "breakfast", "bicycles", "rain", "libraries", "coffee", "mountains", "trains", "gardening",
            "chess", "the moon", "bread", "music lessons", "winter", "rivers", "museums", "football", "tea", "bridges",
            "the desert", "cooking pasta", "birthdays", "volcanoes", "public parks", "jazz", "camping", "painting",

@@ -331,25 +331,36 @@ def seed_span(seeds: Sequence[int]) -> str:
     return f"{xs[0]}–{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) and len(xs) > 1 else ", ".join(map(str, xs))
 
 
-def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]]) -> list[str]:
+def looking_at(trait: str, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` (``tuned_on`` records) with ``looked_at=trait`` on each whose choice looked at the trait: the
+    trait it was, so a run on another trait (``--option trait=``) is not told its knobs were chosen looking at it."""
+    return [{**e, "looked_at": trait} if e.get("trait", True) and "looked_at" not in e else dict(e) for e in entries]
+
+
+def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]], trait: str | None = None) -> list[str]:
     """Caveat lines computed from the facts: which of this run's ``seeds`` were used to tune what.
 
     Args:
         seeds: the seeds this run reports on.
-        tuned_on: ``[{"seeds": [...], "what": "...", "trait": bool}]``: where a default was chosen, and whether the
-            trait (the probe) was looked at.
+        tuned_on: ``[{"seeds": [...], "what": "...", "trait": bool, "looked_at": str}]``: where a default was chosen,
+            whether a probe was looked at and which trait it read (see :func:`looking_at`; a record without
+            ``looked_at`` is read as this run's trait).
+        trait: this run's trait (``summary["trait"]``).
     """
     if not tuned_on:
         return [f"- Seeds {seed_span(seeds)}: no default of this suite records having been chosen on any seeds."]
     out = []
     for t in tuned_on:
         overlap = sorted(set(seeds) & set(t["seeds"]))
-        how = "looking at the trait" if t.get("trait", True) else "without looking at the trait"
+        looked = t.get("trait", True)
+        other = looked and t.get("looked_at", trait) != trait
+        how = (f"looking at {t['looked_at']}, not at this run's trait" if other else
+               "looking at the trait" if looked else "without looking at the trait")
         used = f"seeds {seed_span(t['seeds'])} were used to choose {t['what']} ({how})"
         if overlap:
             out.append(f"- **Reported on tuning seeds:** {used}; this run reports on seeds {seed_span(seeds)}, of "
                        f"which {seed_span(overlap)} were used there, so its verdicts on that choice are not held out"
-                       + (" (optimistic)." if t.get("trait", True) else "."))
+                       + (" (optimistic)." if looked and not other else "."))
         else:
             out.append(f"- {used[0].upper()}{used[1:]}; this run's seeds {seed_span(seeds)} are disjoint from them "
                        "(never looked at for that choice).")

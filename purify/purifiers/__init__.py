@@ -52,7 +52,7 @@ def build_purifier(config: Any) -> Purifier:
 
 def build_purifiers(entries: Any) -> list[Purifier]:
     """The purifiers of ``{"name": ..., **options}`` entries (a recipe's ``purifiers`` list, checked by
-    :func:`purify.assembly.purifier_problems`), each built from its config class of :data:`PURIFIERS`."""
+    :func:`purify.purifiers.checks.purifier_problems`), each built from its config class of :data:`PURIFIERS`."""
     return [build_purifier(PURIFIERS[p["name"]][0](**p)) for p in entries]
 
 

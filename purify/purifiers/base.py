@@ -108,7 +108,16 @@ def require_valid(config: Any) -> None:
     purifier entry."""
     name = getattr(config, "name", type(config).__name__)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        structured(type(config), {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{name}.")
+        given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        converted = structured(type(config), given, f"{name}.")
+        # a recipe's "0.1" is read as the number it spells; in Python the field keeps the str (and compared with a
+        # number it raised a bare TypeError in problems())
+        numbers = {key: getattr(converted, key) for key in given}
+        wrong = [f"{key}: {value!r} is a {type(value).__name__}; give a {type(numbers[key]).__name__}"
+                 for key, value in given.items() if isinstance(value, str)
+                 and isinstance(numbers[key], (int, float)) and not isinstance(numbers[key], bool)]
+        if wrong:
+            raise RecipeError([f"{name}.{p}" for p in wrong])
     problems = number_problems(config) or (config.problems() if hasattr(config, "problems") else [])
     if problems:
         raise RecipeError([f"{name}.{p}" for p in problems])

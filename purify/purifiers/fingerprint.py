@@ -250,7 +250,7 @@ def _positions(logits: Tensor, batch: Batch) -> Tensor:
 def fingerprint_head_accuracy(model: nn.Module, reference: nn.Module, batches: Sequence[Batch], *,
                               run: Callable[[nn.Module, Batch], Tensor] | None = None, features: Features = "topk",
                               top_k: int = 32, hidden_dim: int = 64, steps: int = 300, lr: float = 3e-3,
-                              heldout: float = 0.5, seed: int = 0) -> dict[str, Any]:
+                              heldout: float = 0.5, seed: int = 0, heads: int = 1) -> dict[str, Any]:
     """Held-out accuracy of a fresh discriminator head telling ``model``'s outputs from ``reference``'s.
 
     Both models run on the same neutral inputs (``batches``); the head — the purifier's architecture, loss and
@@ -267,10 +267,13 @@ def fingerprint_head_accuracy(model: nn.Module, reference: nn.Module, batches: S
         steps, lr: the head's training.
         heldout: share of inputs held out for scoring.
         seed: the split and the head's initialisation.
+        heads: train this many heads, seeds ``seed, seed + 1, ...`` (each its own split and initialisation: how much
+            the answer owes to one head's draw); the models run once.
 
     Returns:
-        ``{"accuracy", "per_input", "n_inputs", "n_positions"}``: mean held-out accuracy over positions, the accuracy
-        of each held-out input (mean over its positions, both models), and how many inputs / positions were scored.
+        ``{"accuracy", "per_input", "n_inputs", "n_positions", "per_head"}``: the first head's mean held-out accuracy
+        over positions, the accuracy of each of its held-out inputs (mean over its positions, both models), how many
+        inputs / positions it scored, and every head's accuracy.
 
     Raises:
         ValueError: fewer than two inputs with a real position.
@@ -292,6 +295,14 @@ def fingerprint_head_accuracy(model: nn.Module, reference: nn.Module, batches: S
             rows += [(fa[i][keep[i]], fb[i][keep[i]]) for i in range(keep.shape[0]) if keep[i].any()]
     if len(rows) < 2:
         raise ValueError(f"fingerprint head: needs at least 2 neutral inputs with a real position, got {len(rows)}")
+    results = [_one_head(rows, hidden_dim, steps, lr, heldout, seed + k) for k in range(heads)]
+    return {**results[0], "per_head": [r["accuracy"] for r in results]}
+
+
+def _one_head(rows: list[tuple[Tensor, Tensor]], hidden_dim: int, steps: int, lr: float, heldout: float,
+              seed: int) -> dict[str, Any]:
+    """One head of :func:`fingerprint_head_accuracy` on the inputs' features ``rows``, split and initialised by
+    ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
     n_test = min(len(rows) - 1, max(1, round(heldout * len(rows))))
