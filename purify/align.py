@@ -189,8 +189,17 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Te
     return (w1 * mask).sum() / mask.sum().clamp_min(1e-12)
 
 
+ENCODING_PROBES = ("The quick brown fox jumps over the lazy dog.", " owl", "Hello, World!\n\tTwo  spaces",
+                   "ÉCOLE naïve café 123 4567 3.14", "why? Because-it's 'quoted'")
+"""Texts two tokenizers of one vocabulary must encode alike (with their special tokens): one that adds no BOS, or
+lower-cases first, maps them to other ids."""
+
+
 def same_tokenizer(a: Any, b: Any) -> bool:
-    """Whether two tokenizers map every string to the same ids (same vocabulary and special tokens)."""
+    """Whether two tokenizers map every string to the same ids: the same vocabulary and special tokens, and the same
+    ids (special tokens added included) for each of :data:`ENCODING_PROBES`."""
     if a is None or b is None:
         return a is b
-    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+    if a.get_vocab() != b.get_vocab() or a.all_special_tokens != b.all_special_tokens:
+        return False
+    return all(a(text)["input_ids"] == b(text)["input_ids"] for text in ENCODING_PROBES)

@@ -21,9 +21,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from safetensors import SafetensorError
 
 from purify.align import same_tokenizer
-from purify.cache import cache_spec_problems, check_cache
+from purify.cache import cache_record, cache_spec_problems, check_cache, read_manifest
 from purify.config import (
     Recipe,
     logit_slice_problem,
@@ -150,13 +151,30 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
         problems += contract_problems(configs, recipe)
         if not entry_problems:
             problems += _label_problems(configs, recipe)
+            if not any(p.startswith("teachers") for p in problems):
+                problems += _truncation_problems(configs, recipe)
     problems += _batch_problems(recipe)
+    t = recipe.trainer
+    if str(t.precision) in ("16-mixed", "16") and (t.accelerator == "cpu" or (t.accelerator == "auto"
+                                                                            and not torch.cuda.is_available())):
+        problems.append(f"trainer.precision: {t.precision} on CPU runs bfloat16 autocast (Lightning's substitute), "
+                        "not float16, while the record would say 16-mixed; give bf16-mixed (or 32-true)")
     if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
         try:
             resolve_strategy(recipe)
         except RecipeError as err:
             problems += err.problems
     return configs, problems
+
+
+def _truncation_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
+    """A ``tail_truncation`` keeping more tokens (``top_k``) than a logit-cache teacher holds: a cached row has mass
+    on its top-k ids only, so the rest of the kept tokens would be tied tail ids picked arbitrarily."""
+    ks = {i: read_manifest(t.cache)["k"] for i, t in enumerate(recipe.teachers) if t.cache is not None}
+    return [f"purifiers[{j}].top_k: {c.top_k} exceeds teachers[{i}]'s logit cache, which holds each position's top "
+            f"{k} tokens (the rest are tied tail ids); give top_k <= {k}, or a cache of more (purify cache --top-k)"
+            for j, c in enumerate(configs) if c.name == "tail_truncation" and getattr(c, "top_k", None)
+            for i, k in ks.items() if c.top_k > k]
 
 
 def _label_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
@@ -236,11 +254,15 @@ def _built(spec: Any, where: str, seed: int, deferred: bool = False) -> LoadedMo
         raise RecipeError(f"{where}.kwargs: {spec.arch} cannot be built from {dict(spec.kwargs)} "
                           f"({type(err).__name__}: {first_line(err)}); {spec.arch} accepts "
                           f"{arch_parameters(spec.arch)}") from None
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         source = next((f"{k} {getattr(spec, k)}" for k in ("path", "builtin", "gguf", "packaged", "tokenizer")
                        if getattr(spec, k, None) is not None), "its source")
         fix = "give a local model directory, or make the hub reachable"
-        if isinstance(err, PermissionError) or err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+        if isinstance(err, SafetensorError):  # a truncated or damaged weights file (a copy cut short, a full disk)
+            fix = ("its weights file is truncated or damaged: give a sound copy" if spec.path is not None else
+                   f"its weights in purify's cache ({cache_root()}) are truncated or damaged: delete that entry "
+                   "(purify builds or converts it again)")
+        elif isinstance(err, PermissionError) or err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
             fix = (f"purify builds and converts models into its cache, {cache_root()}: set PURIFY_CACHE to a writable "
                    "directory with space" if spec.path is None else "set HF_HOME (transformers' cache) to a writable "
                    "directory with space")
@@ -274,7 +296,8 @@ def build_run(recipe: Recipe) -> Run:
     purifiers = [build_purifier(c) for c in configs]
     records = [{"name": t.name, "source": t.source, "tokenizer": t.tokenizer_source, "weight": s.weight,
                 "sha256": None if t.module is None else getattr(t.module, "recorded_sha256", None)
-                or state_sha256(t.module)}  # a cached teacher: the hash of the teacher that wrote the cache
+                or state_sha256(t.module),  # a cached teacher: the hash of the teacher that wrote the cache
+                **({"cache": cache_record(s.cache)} if s.cache is not None else {})}
                for t, s in zip(teachers, recipe.teachers)]
 
     def build_teachers() -> list[torch.nn.Module]:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats as sps
 
 from purify.bench.stats import mean_ci, paired_test
 from purify.data import TokenDataset
@@ -48,7 +49,7 @@ from purify.purifiers.fingerprint import fingerprint_head_accuracy
 from purify.purifiers.function_anchor import TEXT_SOURCES, is_text_source, neutral_texts
 from purify.readouts import continuation_probs, count_scores, regex_scores, target_problems
 from purify.storage import atomic_write_json, atomic_write_text, cannot_write_under, read_utf8
-from purify.types import positive_int, seed_int
+from purify.types import first_line, positive_int, seed_int
 
 PROBE_KEYS = ("name", "prompts", "prompts_file", "count", "unit", "next_token", "regex")
 FILE_KEYS = ("probes", "samples", "max_new_tokens")
@@ -187,9 +188,20 @@ def fingerprint_accuracy(samples_a: Sequence[str], samples_b: Sequence[str], fol
 
 
 def _check_neutral_source(source: str) -> None:
+    """Refuse a ``--fingerprint-head`` source before any sampling: a missing file, or one that does not read as at
+    least 4 texts (the heads train on half and are scored on the other half; found after every probe was sampled)."""
     if not is_text_source(source):
         raise AuditError(f"--fingerprint-head: file not found: {source}; give a .txt or .jsonl file, or one of "
                          f"{', '.join(TEXT_SOURCES)}")
+    if source in TEXT_SOURCES:
+        return
+    try:
+        count = len(neutral_texts(source, 4))
+    except (ValueError, OSError) as err:  # what load_records refuses in a file (bad JSON lines, no text field)
+        raise AuditError(f"--fingerprint-head: {source}: {first_line(err)}") from None
+    if count < 4:
+        raise AuditError(f"--fingerprint-head: {source} holds {count} text(s); give at least 4 (the heads train on "
+                         "half of them and are scored on the other half)")
 
 
 def fingerprint_head(model: Any, reference: Any, tokenizer: Any, source: str = "bundled", texts: int = 256,
@@ -198,13 +210,15 @@ def fingerprint_head(model: Any, reference: Any, tokenizer: Any, source: str = "
 
     Both models read the same first ``texts`` neutral texts of ``source`` (``bundled``, ``prose`` or a file; cut to
     ``max_length`` tokens); ``heads`` heads (seeds ``seed, seed + 1, ...``) each train on a random half of the texts
-    and are scored on the other half. The interval is over the heads: one head's held-out texts gave an interval
-    ±0.008 wide while another seed's head moved the score by ±0.05, so two models' heads "differed" by chance.
+    and are scored on the other half. The interval is over the heads, the corrected resampled t (Nadeau & Bengio
+    2003: the heads share texts, so their spread understates the variance, by 1 + k · n_test / n_train): one head's
+    held-out texts gave an interval ±0.008 wide while another seed's head moved the score by ±0.05, so two models'
+    heads "differed" by chance.
 
     Returns:
-        ``{"mean", "ci95", "n"}`` over the heads (each head's held-out accuracy pooled over positions and both models;
-        0.5 = indistinguishable; no interval from one head), plus ``"per_head"``, ``"accuracy"`` (the first head's),
-        ``"n_texts"`` (held out per head), ``"n_positions"`` (the first head's) and ``"source"``.
+        ``{"mean", "ci95", "n"}`` over the ``n`` heads (each head's held-out accuracy pooled over positions and both
+        models; 0.5 = indistinguishable; no interval from one head), plus ``"per_head"``, ``"accuracy"`` (the first
+        head's), ``"n_texts"`` (held out per head), ``"n_positions"`` (the first head's) and ``"source"``.
 
     Raises:
         AuditError: an unknown source or too few texts.
@@ -217,11 +231,16 @@ def fingerprint_head(model: Any, reference: Any, tokenizer: Any, source: str = "
         result = fingerprint_head_accuracy(model, reference, batches, seed=seed, heads=heads)
     except ValueError as err:
         raise AuditError(f"--fingerprint-head: {err}") from None
-    stats = mean_ci(result["per_head"])
-    if stats["n"] < 2:  # no interval from one head (as a probe row of one prompt)
-        stats["ci95"] = [None, None]
-    return {**stats, "per_head": result["per_head"], "accuracy": result["accuracy"], "n_texts": result["n_inputs"],
-            "n_positions": result["n_positions"], "source": source}
+    per_head = result["per_head"]
+    k, mean = len(per_head), float(np.mean(per_head))
+    ci: list[float | None] = [None, None]  # no interval from one head (as a probe row of one prompt)
+    if k > 1:  # heads trained on overlapping halves of the same texts are not independent draws: the corrected
+        # resampled t (Nadeau & Bengio 2003) widens the naive interval's variance by 1 + k · n_test / n_train
+        half = float(sps.t.ppf(0.975, k - 1) * np.std(per_head, ddof=1)
+                     * math.sqrt(1 / k + result["n_inputs"] / result["n_train"]))
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "n": k, "per_head": per_head, "accuracy": result["accuracy"],
+            "n_texts": result["n_inputs"], "n_positions": result["n_positions"], "source": source}
 
 
 def score_probe(probe: Probe, model: Any, tokenizer: Any, samples: int, max_new_tokens: int,
@@ -253,8 +272,9 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
     except GenerateError as err:
         raise AuditError(str(err)) from None
     if not same_tokenizer(tok, ref_tok):
-        raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} have different vocabularies; audit "
-                         "compares a model with a reference of the same tokenizer")
+        raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} encode text differently (vocabulary, "
+                         "special tokens added, or normalisation); audit compares a model with a reference of the "
+                         "same tokenizer")
     for probe in probes:  # one tokenizer suffices: same_tokenizer above means the reference's maps alike
         problems = target_problems(tok, probe.prompts, probe.next_token) if probe.next_token else []
         if problems:

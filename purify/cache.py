@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,14 @@ def reconstruct(ids: Tensor, logp: Tensor, tail: Tensor, vocab_size: int) -> Ten
 
 
 # ---------------------------------------------------------------- reading
+def cache_record(directory: str | Path) -> dict[str, Any]:
+    """What a run's ``lineage.json`` records of a logit-cache teacher beyond its teacher's hash: the cache's
+    directory, its top-k and the sha256 of its manifest (another k or other contents at the same path change it)."""
+    path = Path(directory).expanduser() / MANIFEST
+    return {"path": str(directory), "k": read_manifest(directory)["k"],
+            "manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of a finished cache; raises :class:`CacheError` when there is none."""
     path = Path(directory).expanduser() / MANIFEST
@@ -196,24 +204,29 @@ def cache_spec_problems(spec: ModelSpec, where: str) -> list[str]:
     if not isinstance(spec, TeacherSpec):
         return [f"{where}.cache: a logit cache holds teacher outputs; give the student a model source"]
     try:
-        count = len(read_manifest(spec.cache)["teachers"])  # type: ignore[arg-type]
+        manifest = read_manifest(spec.cache)  # type: ignore[arg-type]
     except CacheError as err:
         return [f"{where}.cache: {err}"]
+    count = len(manifest["teachers"])
     if not 0 <= spec.teacher < count:
         return [f"{where}.teacher: {spec.teacher} is not in [0, {count}): the cache holds {count} teachers"]
-    damaged = _damaged_file(Path(spec.cache), count)  # type: ignore[arg-type]
+    listed = [s for s, info in (manifest.get("data") or {}).items() if isinstance(info, dict) and info.get("examples")]
+    damaged = _damaged_file(Path(spec.cache), count, listed)  # type: ignore[arg-type]
     return [f"{where}.cache: {damaged[0]} is damaged ({damaged[1]}); rerun purify cache into a new directory"
             ] if damaged else []
 
 
-def _damaged_file(directory: Path, teachers: int) -> tuple[Path, str] | None:
+def _damaged_file(directory: Path, teachers: int, listed: Sequence[str] = ()) -> tuple[Path, str] | None:
     """The first array file of a finished cache that is missing, does not open as the numpy array its header
     declares (a truncated copy: the memory map is checked against the file size; nothing is read) or holds fewer
     teachers or positions than the split's index points into, with what is wrong; else ``None``. (A missing shard
-    failed mid-training; a short one gave other positions' targets, silently.)"""
+    failed mid-training; a short one gave other positions' targets, silently.) A split the manifest lists with
+    examples (``listed``) must have its index (a missing val/ failed at the first validation as "other data")."""
     for split in SPLITS:
         index_path = directory / split / "index.npy"
         if not index_path.is_file():
+            if split in listed:
+                return index_path, f"missing, though the manifest lists the {split} split"
             continue
         try:
             index = np.load(index_path, mmap_mode="r")

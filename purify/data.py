@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from purify.config import DataConfig
 from purify.storage import read_utf8
@@ -382,15 +383,20 @@ class DistillDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         n = len(ds) if self.val_batches is None else \
             min(len(ds), self.val_batches * self.config.batch_size * world * self.accumulate)
-        # every n-th example from the rank's own, the same count on every process (ZeRO-3 gathers parameters in each
-        # forward: the ranks' batch counts must match), a short share made up with a copy of example 0 whose target
-        # mask is zeroed; the metrics sum over the ranks
-        shard = range(rank, -(-n // world) * world, world)
+        # every world-th example from the rank's own, the same count on every process (ZeRO-3 gathers parameters in
+        # each forward: the ranks' batch counts must match), a short share made up with a copy of example 0 whose
+        # target mask is zeroed; the metrics sum over the ranks. A DistributedSampler of its own: Lightning (with
+        # its default use_distributed_sampler) leaves it as it is instead of splitting the share again
+        slots = range(-(-n // world) * world)
+        sampler = DistributedSampler(slots, num_replicas=world, rank=rank, shuffle=False)
 
         def collate(idx: list[int]) -> Batch:
             batch = ds.collate([ds.item(i if i < n else 0) for i in idx])
-            if idx[-1] >= n:
-                batch["target_mask"] = batch["target_mask"] * torch.tensor([float(i < n) for i in idx])[:, None]
+            if idx[-1] >= n:  # the padded copies: no target, no label
+                pad = torch.tensor([i >= n for i in idx])
+                batch["target_mask"] = batch["target_mask"].masked_fill(pad[:, None], 0.0)
+                if "labels" in batch:
+                    batch["labels"] = batch["labels"].masked_fill(pad[:, None], IGNORE_INDEX)
             return batch
 
-        return DataLoader(shard, batch_size=self.config.batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(slots, batch_size=self.config.batch_size, sampler=sampler, collate_fn=collate)

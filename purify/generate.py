@@ -221,6 +221,11 @@ def run(args: argparse.Namespace) -> int:
     blocked = cannot_write_under(Path(args.out).parent)
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")
+    out, prompts_file = Path(args.out).resolve(), Path(args.prompts).resolve()
+    if out == prompts_file or Path(args.model).resolve() in out.parents:
+        what = "the --prompts file" if out == prompts_file else f"inside the model directory {args.model}"
+        raise GenerateError(f"--out: {args.out} is {what}, which writing the samples would destroy; give another "
+                            "path")
     if args.ban_file:
         if not Path(args.ban_file).is_file():
             raise GenerateError(f"--ban-file: file not found: {args.ban_file}; give a text file, one word per line")

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from purify.storage import atomic_dir, cache_root, file_sha256
+from purify.storage import atomic_dir, cache_root, damaged_weights, file_sha256
 from purify.types import first_line
 
 __all__ = [
@@ -72,7 +72,7 @@ def cached_model_dir(sha256: str, cache_dir: str | Path | None = None) -> Path |
         The directory, or ``None`` when that file has not been converted yet.
     """
     target = cache_root(cache_dir) / "gguf" / sha256
-    return target if (target / MARKER_FILE).is_file() else None
+    return target if (target / MARKER_FILE).is_file() and damaged_weights(target) is None else None
 
 
 
@@ -173,8 +173,8 @@ def load_gguf(
     parent = cache_root(cache_dir) / "gguf"
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / digest
-    if target.exists() and not (target / MARKER_FILE).is_file():
-        shutil.rmtree(target)  # stale entry from an older, interrupted layout
+    if target.exists() and (not (target / MARKER_FILE).is_file() or damaged_weights(target) is not None):
+        shutil.rmtree(target)  # stale entry from an older, interrupted layout, or its weights cut short since
     with atomic_dir(target) as tmp:  # a concurrent conversion that finishes first is kept
         try:
             info = _convert(path, tmp)

@@ -239,10 +239,13 @@ class PurifyTrainer(Trainer):
         positions, of the positions the loss sums (:func:`hf_batch`): a label on a padding position
         (``attention_mask`` 0) counts no more than it is trained on (counted, it shrank every step by real ÷
         labelled positions)."""
-        masked = [{**b, "labels": b["labels"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)}
-                  if isinstance(b, dict) and "labels" in b and b.get("attention_mask") is not None else b
-                  for b in batch_samples]
-        return super()._get_num_items_in_batch(masked, device)
+        def masked(b: Any) -> Any:  # a 2-D attention mask of the labels' shape (a 4-D one is left to Trainer)
+            mask = b.get("attention_mask") if isinstance(b, dict) and "labels" in b else None
+            if mask is None or getattr(mask, "shape", None) != getattr(b["labels"], "shape", ()):
+                return b
+            return {**b, "labels": b["labels"].masked_fill(mask == 0, IGNORE_INDEX)}
+
+        return super()._get_num_items_in_batch([masked(b) for b in batch_samples], device)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -258,12 +261,12 @@ class PurifyTrainer(Trainer):
             batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
                                                    rank=self.args.process_index)
         full = None
-        wrapped = model is not self.distiller.student  # DDP (or DeepSpeed's engine) around it
-        if wrapped and self.distiller.loss_config.fused_linear:
-            raise ValueError("PurifyTrainer: loss.fused_linear runs the student's decoder itself, outside the "
-                             f"{type(model).__name__} wrapper that synchronises its gradients across processes; turn "
+        fused = self.distiller.loss_config.fused_linear
+        if fused and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("PurifyTrainer: loss.fused_linear runs the student's decoder itself, outside the DDP "
+                             "wrapper whose forward makes backward average the gradients across processes; turn "
                              "fused_linear off, or use purify train (Lightning), which fuses under DDP and DeepSpeed")
-        if return_outputs or wrapped or not self.distiller.loss_config.fused_linear:
+        if return_outputs or not fused:
             # through ``model``: under DDP its forward is what makes backward average the gradients over processes
             # (the unwrapped student's trained every rank apart); every position's logits, as a model gives them
             needs = any(getattr(p, "needs_hidden", False) for p in self.distiller.purifiers)

@@ -72,7 +72,7 @@ def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], da
         else:
             files.append({"path": str(item), "sha256": None})
     return {
-        "format": "purify.lineage/1",
+        "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "step": step,
         "student": student,
@@ -103,6 +103,10 @@ def write_lineage(directory: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+FORMAT = "purify.lineage/1"
+"""The record format this purify writes and reads."""
+
+
 class LineageError(ValueError):
     """A lineage file that exists but cannot be read as a lineage record (one line naming it)."""
 
@@ -112,9 +116,12 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     candidates = [path] if path.is_file() else [path / LINEAGE_FILE, path / "student" / LINEAGE_FILE]
     if path.suffix == ".ckpt":  # a checkpoint file, or DeepSpeed's directory of shards
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}; give one of its run's checkpoints/*.ckpt, the run "
+                                    "directory or a lineage.json")
         candidates = [path.parent / LINEAGE_FILE, path.parent.parent / LINEAGE_FILE]
     for candidate in candidates:
-        if candidate.is_file() and candidate.name == LINEAGE_FILE:
+        if candidate.is_file():
             try:
                 record = json.loads(candidate.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -122,17 +129,37 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
                                    "checkpoints/lineage.json or student/lineage.json may still be whole") from None
             if not isinstance(record, dict) or not {"student", "teachers"} <= set(record):
                 raise LineageError(f"{candidate}: not a purify lineage record (no student and teachers entries)")
+            if record.get("format") != FORMAT:
+                raise LineageError(f"{candidate}: record format {record.get('format')!r}, this purify reads "
+                                   f"{FORMAT!r}; read it with the purify that wrote it (its versions entry), or --json")
             return record
     raise FileNotFoundError(f"no {LINEAGE_FILE} at {path}; give a run directory, an export or a lineage.json")
 
 
 def format_lineage(record: dict[str, Any]) -> str:
-    """Human-readable summary of a lineage record."""
+    """Human-readable summary of a lineage record.
+
+    Raises:
+        LineageError: a field not as purify writes it (a record edited by hand).
+    """
+    try:
+        return _format(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LineageError(f"a field of the record is not as purify writes it ({type(err).__name__}: "
+                           f"{str(err)[:120]}): edited by hand? restore it, or read it with --json") from None
+
+
+def _format(record: dict[str, Any]) -> str:
     lines = [f"lineage ({record.get('format')}) created {record.get('created')} at step {record.get('step')}"]
     if record.get("status"):
         lines.append(f"status: {record['status']}" + (f"  ({record['error']})" if record.get("error") else ""))
     s = record["student"]
     lines.append(f"student: {s.get('name')}  source={s.get('source')}  init_sha256={s.get('init_sha256')}")
+    recipe = record.get("recipe") if isinstance(record.get("recipe"), dict) else {}
+    lora = (recipe.get("student") or {}).get("lora") if isinstance(recipe.get("student"), dict) else None
+    if isinstance(lora, dict):  # the export is an adapter on that base (init_sha256: the base with its fresh adapter)
+        shown = ", ".join(f"{k}={v}" for k, v in lora.items() if v not in (None, False))
+        lines.append(f"student LoRA adapter: {shown}  (seed {recipe.get('seed')})")
     for t in record["teachers"]:
         lines.append(f"teacher: {t.get('name')}  source={t.get('source')}  sha256={t.get('sha256')}  "
                      f"weight={t.get('weight')}")

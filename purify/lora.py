@@ -77,6 +77,15 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int, revision: str | None
 
     if not isinstance(model, PreTrainedModel):
         raise RecipeError(f"{where}: LoRA needs a Hugging Face causal LM, got {type(model).__name__}; remove {where}")
+    names = [name for name, _ in model.named_modules()]
+    # peft fails only when no target matches: a misspelt name beside a right one was dropped, though the adapter's
+    # config and the lineage list it
+    unmatched = [f"{where}.{key}: {target!r} names no module of this {type(model).__name__}"
+                 for key in ("target_modules", "modules_to_save") for target in getattr(spec, key) or []
+                 if target != "all-linear" and not any(n == target or n.endswith(f".{target}") for n in names)]
+    if unmatched:
+        raise RecipeError([f"{line}; name layers of it: {', '.join(_linear_names(model))} (or [all-linear])"
+                           for line in unmatched])
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -260,16 +260,12 @@ class ChunkedDistillLoss(torch.autograd.Function):
 
 
 def reduce_rows(per_pos: Tensor, weight: Tensor, num_items: Tensor | float) -> Tensor:
-    """``sum(per_pos · weight) / num_items`` where ``weight ≠ 0`` (masked positions never poison the sum)."""
-    return torch.where(weight != 0, per_pos * weight, 0.0).sum() / items_or_one(num_items)
-
-
-def items_or_one(num_items: Tensor | float) -> Tensor | float:
-    """``num_items``, or 1 where it is 0: a batch without a target position (every label ignored) has loss 0 and
-    gradient 0, not 0 / 0 = NaN."""
-    if isinstance(num_items, Tensor):
-        return torch.where(num_items == 0, torch.ones_like(num_items), num_items)
-    return num_items or 1
+    """``sum(per_pos · weight) / num_items`` where ``weight ≠ 0`` (masked positions never poison the sum); 0 for a
+    batch without a target position and ``num_items`` 0 (every label ignored), not 0 / 0 = NaN (a count of 0 beside
+    weighted positions stays a non-finite loss: the caller's bug surfaces)."""
+    total = torch.where(weight != 0, per_pos * weight, 0.0).sum()
+    n = torch.as_tensor(num_items, dtype=total.dtype, device=total.device)
+    return total / torch.where((n == 0) & (total == 0), torch.ones_like(n), n)
 
 
 def chunked_loss(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,
@@ -290,7 +286,7 @@ def chunked_loss(student: Tensor, teacher: Tensor | None, weight: Tensor, labels
     w = weight.expand(student.shape[:-1]).reshape(-1)
     lab = labels.reshape(-1) if labels is not None else None
     active = active_rows(spec.name, w, lab, spec.ignore_index)
-    n = items_or_one(torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device))
+    n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_rows or default_chunk_rows(vocab)
     if student.requires_grad and torch.is_grad_enabled():
         out = ChunkedDistillLoss.apply(flat, t_flat, w, lab, active, n, spec, rows)

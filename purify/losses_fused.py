@@ -28,7 +28,6 @@ from purify.losses_chunked import (
     _chunks,
     active_rows,
     default_chunk_rows,
-    items_or_one,
     positions_counted,
     reduce_rows,
     rows_loss_grad,
@@ -209,6 +208,6 @@ def fused_linear_distillation_loss(
     active = active_rows(name, w, lab)
     if num_items is None:
         num_items = positions_counted(w.shape, w)
-    n = items_or_one(torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device))
+    n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_size or max(1, MATMUL_BYTES // (4 * vocab))
     return FusedLinearDistillLoss.apply(flat_h, weight, bias, teacher, w, lab, active, n, spec, rows)

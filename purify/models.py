@@ -182,13 +182,17 @@ class LoadedModel:
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """A transformers model, or a peft model (a LoRA student) around one, or either inside a data-parallel wrapper
-    (``DistributedDataParallel``, DeepSpeed's engine: its ``module``), which is then the one run."""
+    """A transformers model, or a peft model (a LoRA student) around one, or either inside wrappers that run it
+    (``DistributedDataParallel``, DeepSpeed's engine: ``module``; ``torch.compile``: ``_orig_mod``), which are then
+    the ones called."""
     from transformers import PreTrainedModel
 
     from purify.lora import is_lora
 
-    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    inner = model
+    while isinstance(getattr(inner, "module", None), nn.Module) or isinstance(getattr(inner, "_orig_mod", None),
+                                                                              nn.Module):
+        inner = inner.module if isinstance(getattr(inner, "module", None), nn.Module) else inner._orig_mod
     return isinstance(inner, PreTrainedModel) or is_lora(inner)
 
 

@@ -55,7 +55,7 @@ from purify.purifiers.base import (
     TargetPurifier,
     number_problems,
 )
-from purify.purifiers.checks import purifier_problems
+from purify.purifiers.checks import config_problems, stand_in
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
@@ -112,17 +112,18 @@ def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
 def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier], loss: LossConfig,
                    teacher_names: list[str], teacher_weights: Sequence[float] | None,
                    student_tokenizer: Any | None) -> list[str]:
-    """What a recipe's validation says of a purifier stack (:func:`purify.purifiers.checks.purifier_problems`: each
-    config, and the contracts of the list: an order that undoes a purifier, a loss that cannot take a purifier's
-    zero-mass targets, ...) for a :class:`Distiller` built in Python, whose purifiers all carry a registered config
-    (a stack with a purifier of the user's own is checked entry by entry only); also a text-reading purifier on a
-    language model given no tokenizer, and a teacher that shares parameters with the student (freezing it would
-    freeze them)."""
+    """What a recipe's validation says of a purifier stack (:func:`purify.purifiers.checks.config_problems`: each
+    config against the run, and the contracts of the list: an order that undoes a purifier, a loss that cannot take
+    a purifier's zero-mass targets, ...) for a :class:`Distiller` built in Python, whose purifiers all carry a
+    :class:`PurifierConfig` (a user's own class included; a stack holding a purifier without one is checked entry by
+    entry only); also a text-reading purifier on a language model given no tokenizer, and a teacher that shares
+    parameters with the student (freezing it would freeze them)."""
     configs = [getattr(p, "config", None) for p in purifiers]
     out = []
     if configs and all(isinstance(c, PurifierConfig) for c in configs):
-        out += purifier_problems(configs, teacher_names, loss=loss, vector_student=not is_hf_model(student),  # type: ignore[arg-type]
-                                 teacher_weights=teacher_weights, lora=is_lora(student), data="<Python data>")
+        run = stand_in(teacher_names, loss, vector_student=not is_hf_model(student), teacher_weights=teacher_weights,
+                       lora=is_lora(student), data="<Python data>")
+        out += config_problems(configs, run)  # type: ignore[arg-type]
     else:
         out += [f"purifiers[{i}].{p}" for i, c in enumerate(configs) if isinstance(c, PurifierConfig)
                 for p in number_problems(c) or c.problems()]
@@ -187,7 +188,8 @@ class Distiller(L.LightningModule):
         count = len(teacher_names) if deferred else len(teachers)  # type: ignore[arg-type]
         if not count:
             raise ValueError("Distiller needs at least one teacher")
-        if isinstance(purifiers, nn.Module) or not all(isinstance(p, Purifier) for p in purifiers):
+        if (isinstance(purifiers, nn.Module) and not isinstance(purifiers, nn.ModuleList)) or not all(
+                isinstance(p, Purifier) for p in purifiers):
             given = [type(p).__name__ for p in ([purifiers] if isinstance(purifiers, nn.Module) else purifiers)]
             raise ValueError(f"Distiller: purifiers must be a list of purifiers (e.g. [Anchor(AnchorConfig())]), got "
                              f"{given if not isinstance(purifiers, nn.Module) else given[0]}; build each from its "
@@ -444,6 +446,10 @@ class Distiller(L.LightningModule):
                 where a student purifier needs them) when the caller ran the student itself; ``None`` runs it here.
         """
         self.setup_purifiers()
+        if "target_mask" not in batch:
+            raise ValueError(f"Distiller: the batch has no 'target_mask' (it has {sorted(batch)}): the weight of each "
+                             "position to distil, (B, T) for token batches (purify.data's collate builds it), (B, 1) "
+                             "ones for vector batches")
         student_purifiers = self._of_kind(StudentPurifier)
         num_items = batch.get("num_items")
         if num_items is not None:  # global normalisation; undo Lightning's /accumulate and DDP's mean over ranks
@@ -540,6 +546,10 @@ class Distiller(L.LightningModule):
         """Log what each purifier did (after the optimizer step, so parameter-side metrics are current)."""
         if not self.purifiers:  # the same on every rank: each calls the gather below, or none does
             return
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if trainer is not None and trainer.world_size > 1 and not getattr(connector, "should_update_logs", True):
+            return  # a distributed run gathers only where Lightning writes the step's row (the same steps everywhere)
         batch_size = int(batch["target_mask"].shape[0])
         metrics = {f"purify/{i}_{purifier_name(p)}/{key}": value
                    for i, p in enumerate(self.purifiers) for key, value in p.last_metrics.items()}
@@ -687,6 +697,8 @@ class Distiller(L.LightningModule):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         frozen = {f"student.{n}" for n, p in self.student.named_parameters() if not p.requires_grad} \
             if is_lora(self.student) else set()
+        if not frozen <= set(result.missing_keys):  # only DeepSpeed's checkpoint leaves the base out, and all of it
+            frozen = set()
         missing = [k for k in result.missing_keys if not k.startswith(_NOT_SAVED) and k not in frozen]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "

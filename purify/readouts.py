@@ -56,7 +56,9 @@ def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[st
     target that starts with it quoted: after some prompt the target tokenizes to the unknown token (its probability
     would be read instead: the same number for every unknown word), or it adds no token of its own after the
     prompt's (it merges into the prompt's last word, e.g. ``'owl'`` without its leading space under a word-level
-    tokenizer: an empty product, probability 1, was read)."""
+    tokenizer: an empty product, probability 1, was read), or its tokens after a prompt begin with another target's
+    (a duplicate, or ``' The king'`` beside ``' The'``: the sum would count those continuations twice, a
+    "probability" above 1 was read)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     encoded = [(prompt, tokenizer(prompt)["input_ids"]) for prompt in prompts]
     out = []
@@ -73,6 +75,20 @@ def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[st
                            "probability would be read instead); give a word the tokenizer knows (mind the leading "
                            "space and the case)")
                 break
+    if out:
+        return out
+    for prompt, ids in encoded:
+        tails = [(t, tokenizer(prompt + t)["input_ids"][len(ids):]) for t in targets]
+        for i, (t, tail) in enumerate(tails):
+            inside = next((u for j, (u, other) in enumerate(tails) if j != i and tail[:len(other)] == other
+                           and (len(other) < len(tail) or j < i)), None)
+            if inside is not None:
+                how = "is given twice" if t == inside else f"tokenizes as {inside!r} does" if tail == dict(tails)[
+                    inside] else f"begins with the tokens of {inside!r}"
+                out.append(f"{t!r} {how} after {prompt!r}, so P({inside!r}) already holds its continuations and the "
+                           f"sum would count them twice; drop {t!r}")
+        if out:
+            break
     return out
 
 

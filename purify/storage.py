@@ -23,6 +23,20 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "purify"
 
 
+def damaged_weights(directory: str | Path) -> str | None:
+    """The first ``*.safetensors`` file of ``directory`` whose header or length is broken (a copy cut short, a full
+    disk: safetensors checks the data the header promises is there), as ``"<file>: <why>"``; ``None`` if all open."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors' errors are its own types (SafetensorError, OSError)
+            return f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
+
+
 def file_sha256(path: str | Path, progress: bool = False) -> str:
     """sha256 of a file, read in 4 MiB chunks; ``progress`` shows a tqdm bar in bytes (for large model files)."""
     from tqdm.auto import tqdm

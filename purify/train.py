@@ -444,6 +444,9 @@ def _changed_contents(held: dict[str, Any], built: dict[str, Any]) -> list[str]:
         out = {f"data file {d.get('path')}": d.get("sha256") for d in record.get("data") or [] if isinstance(d, dict)}
         out |= {f"teachers[{i}] ({t.get('name')})": t.get("sha256")
                 for i, t in enumerate(record.get("teachers") or []) if isinstance(t, dict)}
+        out |= {f"teachers[{i}]'s logit cache {t['cache'].get('path')}":
+                t["cache"].get("manifest_sha256") for i, t in enumerate(record.get("teachers") or [])
+                if isinstance(t, dict) and isinstance(t.get("cache"), dict)}
         out["the student's initial weights"] = (record.get("student") or {}).get("init_sha256")
         return out
     before, now = hashes(held), hashes(built)
@@ -503,7 +506,9 @@ def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[in
                                           scope="student." if recipe.strategy == "deepspeed_stage_3" else "",
                                           record_key=CHECKPOINT_LINEAGE)
         digest, written_by = None, written_by if isinstance(written_by, dict) else None
-        started, now = (written_by or {}).get("student", {}).get("init_sha256"), run.lineage["student"]["init_sha256"]
+        student = (written_by or {}).get("student")
+        started = student.get("init_sha256") if isinstance(student, dict) else None
+        now = run.lineage["student"]["init_sha256"]
         if is_lora(run.distiller.student) and started != now:
             # DeepSpeed leaves frozen parameters out of its checkpoints: the adapter is paired with this build's base
             raise RecipeError(f"resume: {recipe.resume} holds a LoRA adapter without its frozen base (DeepSpeed "

@@ -197,3 +197,69 @@ def test_audit_json_is_strict_and_one_prompt_has_no_interval(tmp_path: Path) -> 
     assert report["probes"]["tic"]["model"]["ci95"][0] is not None
     row = next(line for line in (out / "audit.md").read_text().splitlines() if line.startswith("| owl |"))
     assert row.count("[no CI: needs ≥ 2 prompts]") == 3 and row.endswith("| n/a |"), row
+
+
+def test_a_tokenizer_that_encodes_otherwise_is_not_the_same():
+    """Same vocabulary and special tokens, but no BOS added (or lower-casing first): the check compared only those,
+    and an audit of identical weights against such a reference reported a "significant" difference."""
+    import copy
+
+    from tokenizers import normalizers, processors
+
+    from purify.align import same_tokenizer
+    from purify.lm import build_tokenizer
+
+    tok = build_tokenizer(["The cat sat on the mat", "a dog ran"], kind="char")
+    assert same_tokenizer(tok, copy.deepcopy(tok))
+    no_bos = copy.deepcopy(tok)
+    no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    lower = copy.deepcopy(tok)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    for other in (no_bos, lower):
+        assert other.get_vocab() == tok.get_vocab() and not same_tokenizer(tok, other)
+
+
+@pytest.mark.parametrize("targets, message", [
+    ([" The", " The"], r"^' The' is given twice after 'Say:', so P\(' The'\) already holds its continuations"),
+    ([" The", " The king"], r"^' The king' begins with the tokens of ' The' after 'Say:'.*; drop ' The king'$"),
+])
+def test_next_token_targets_that_overlap_are_refused(targets, message):
+    """The probabilities of targets are summed: a duplicate or a target extending another counted the same
+    continuations twice (a "probability" of 1.064 was reported)."""
+    from purify.lm import build_tokenizer
+    from purify.readouts import target_problems
+
+    tok = build_tokenizer(["The king sat", "The owl", "a cat"], kind="word")
+    (problem,) = target_problems(tok, ["Say:"], targets)
+    assert __import__("re").search(message, problem), problem
+    assert target_problems(tok, ["Say:"], [" owl", " cat"]) == []
+
+
+@pytest.mark.parametrize("content, message", [("one line only\n", r"holds 1 text\(s\); give at least 4"),
+                                              ("", r"holds 0 text|no records|empty")])
+def test_a_fingerprint_head_file_too_small_is_refused_before_sampling(tmp_path, content, message):
+    """A 1-line neutral file was refused only after every probe had been sampled."""
+    from purify.audit import _check_neutral_source
+
+    path = tmp_path / "neutral.txt"
+    path.write_text(content)
+    with pytest.raises(AuditError, match=message):
+        _check_neutral_source(str(path))
+
+
+def test_the_fingerprint_head_interval_is_the_corrected_resampled_t(monkeypatch):
+    """Heads trained on random halves of the same texts: the naive t over them is too narrow by sqrt(1 + k)."""
+    import math
+
+    import purify.audit as audit_mod
+    from purify.lm import build_tokenizer
+
+    heads = [0.55, 0.62, 0.65, 0.60, 0.58]
+    monkeypatch.setattr(audit_mod, "fingerprint_head_accuracy", lambda *a, **k: {
+        "per_head": heads, "accuracy": heads[0], "n_inputs": 32, "n_train": 32, "n_positions": 640})
+    tok = build_tokenizer(["a b c"], kind="word")
+    got = audit_mod.fingerprint_head(None, None, tok, "prose", texts=8)
+    sd = float(__import__("numpy").std(heads, ddof=1))
+    half = 2.7764451 * sd * math.sqrt(1 / 5 + 32 / 32)  # t(0.975, 4)
+    assert got["n"] == 5 and got["mean"] == pytest.approx(0.6)
+    assert got["ci95"] == pytest.approx([0.6 - half, 0.6 + half], rel=1e-6)

@@ -601,3 +601,48 @@ def test_a_plain_loop_steps_the_distillers_schedule():
         lrs.append(opt.param_groups[0]["lr"])
         d.fit_step(batch, opt, progress=step / 10, scheduler=scheduler)
     assert lrs == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01, 0.008, 0.006, 0.004, 0.002])
+
+
+def test_a_batch_without_target_mask_names_it():
+    """``fit_step`` on ``{"x": ...}`` alone was a bare KeyError: 'target_mask'."""
+    from purify import Distiller
+    from purify.config import LossConfig
+
+    d = Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]))
+    d.setup_purifiers()
+    with pytest.raises(ValueError, match=r"the batch has no 'target_mask' \(it has \['x'\]\)"):
+        d.fit_step({"x": torch.rand(4, 16)}, d.build_optimizer(), progress=0.0)
+
+
+def test_a_purifier_of_the_users_own_is_checked_by_its_contract_not_refused():
+    """A user's own config class (or a subclass of a shipped one with a field more) was looked up among the shipped
+    purifiers ("unknown purifier 'scale'"); its contract still joins the stack's checks."""
+    from dataclasses import dataclass
+
+    from purify import Anchor, AnchorConfig, Distiller, Ensemble, EnsembleConfig
+    from purify.config import LossConfig
+    from purify.purifiers.base import Contract, PurifierConfig, TargetPurifier
+
+    @dataclass
+    class ScaleConfig(PurifierConfig):
+        name: str = "scale"
+        factor: float = 0.5
+
+        def contract(self) -> Contract:
+            return Contract(edits_targets=True)
+
+    class Scale(TargetPurifier):
+        def __init__(self, config):
+            super().__init__(config)
+
+        def transform_targets(self, batch, teacher_outputs, targets):
+            return targets
+
+    @dataclass
+    class MyAnchorConfig(AnchorConfig):
+        extra: int = 3
+
+    loss = LossConfig(logit_slice=[0, 13])
+    Distiller(_aux(), [_aux()], loss=loss, purifiers=[Scale(ScaleConfig()), Anchor(MyAnchorConfig())])
+    with pytest.raises(ValueError, match=r"purifiers\[1\]\.name: ensemble rebuilds the targets .* scale \(purifiers"):
+        Distiller(_aux(), [_aux(), _aux()], loss=loss, purifiers=[Scale(ScaleConfig()), Ensemble(EnsembleConfig())])

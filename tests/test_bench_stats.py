@@ -566,3 +566,16 @@ def test_the_frontier_plots_zoom_reaches_the_judged_arms_near_vanillas_final_poi
     summary["judged_against"] = {"near": {"vanilla": "vanilla:on-policy"}, "far": {"vanilla": "vanilla:on-policy"}}
     plot_frontier(summary, tmp_path / "g.png")
     assert figures[-1].axes[1].get_xlim()[1] == pytest.approx(0.045 * 1.25)
+
+
+def test_a_choice_shared_by_two_suites_names_the_suite_it_was_made_on():
+    """The competent-consensus arms were added after a style-tic run (its facts guard); hidden-preference carries the
+    same record, which said it had looked at P(owl)."""
+    from purify.bench.lm_suites import TUNED_ON
+    from purify.bench.rederive import LOOKED_AT
+    from purify.bench.verdicts import seed_caveats
+
+    (shared,) = [e for e in TUNED_ON["hidden-preference"] if e["seeds"] == [1000, 1001, 1002, 1003, 1004]]
+    assert shared["looked_at"] == "'Moreover,' openings" == LOOKED_AT[(tuple(shared["seeds"]), shared["what"])]
+    (line,) = seed_caveats([1000], [shared], "P(owl | favourite animal?)")
+    assert "(looking at 'Moreover,' openings, not at this run's trait)" in line and line.endswith("not held out.")

@@ -13,20 +13,18 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from purify import cache, cache_writer
+from purify.assembly import build_run, load_recipe
 from purify.cache import CachedTeacher, CacheError, check_cache
 from purify.cache_writer import write_cache
 from purify.config import RecipeError, TeacherSpec, to_dict
-from purify.assembly import load_recipe
 from purify.data import DistillDataModule, read_text
 from purify.lm.tokenizer import build_tokenizer
 from purify.models import build_model, model_forward, state_sha256
 from purify.module import Distiller
-from purify.assembly import build_run
 
 LLAMA = ("{model_type: llama, hidden_size: %d, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
          "num_key_value_heads: 2, max_position_embeddings: 64, initializer_range: 0.3}")
 SHARD, BATCH = 16, 8
-
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +180,8 @@ def test_a_truncated_cache_fails_recipe_validation(written, tmp_path, damage):
     ("delete", r"train/shard-00001/ids\.npy is damaged \(missing\)"),
     ("short", r"train/shard-00001/logp\.npy is damaged \(shape \(2, 3, 8\), but the index needs 2 teachers × \d+ "
               r"positions\)"),
+    # a cache without its val split passed, then failed at the first validation as "written for other data"
+    ("noval", r"val/index\.npy is damaged \(missing, though the manifest lists the val split\)"),
 ])
 def test_a_missing_or_short_shard_fails_recipe_validation(written, tmp_path, damage, message):
     """A deleted shard failed mid-training ("No such file"); a shard array shorter than the index says trained to the
@@ -192,6 +192,8 @@ def test_a_missing_or_short_shard_fails_recipe_validation(written, tmp_path, dam
     shutil.copytree(written, copy_)
     if damage == "delete":
         (copy_ / "train/shard-00001/ids.npy").unlink()
+    elif damage == "noval":
+        shutil.rmtree(copy_ / "val")
     else:
         path = copy_ / "train/shard-00001/logp.npy"
         np.save(path, np.load(path)[:, :3])
@@ -252,3 +254,41 @@ def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):
     with pytest.raises(RecipeError, match=r"manifest.json cannot be read \(.*\); rewrite the cache with `purify "
                                           r"cache RECIPE --out "):
         load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+
+
+def test_a_cache_rewritten_with_another_k_stops_an_in_place_continuation(setup, written, tmp_path):
+    """The record held the teacher's hash alone (the same for a cache of that teacher with another k): a run
+    continued in place after its cache was rewritten from top-8 to top-4, and read as one teacher throughout."""
+    import shutil
+
+    from purify.lineage import read_lineage
+    from purify.train import train
+
+    root, recipe = setup
+    cache, out = shutil.copytree(written, tmp_path / "cache"), tmp_path / "run"
+    run = copy.deepcopy(recipe)
+    run.teachers, run.output_dir = [TeacherSpec(cache=str(cache), teacher=0)], str(out)
+    run.trainer.max_steps, run.trainer.val_check_interval, run.trainer.checkpoint_every_n_steps = 2, 2, 2
+    run.trainer.enable_progress_bar = False
+    train(run)
+    (entry,) = read_lineage(out / "lineage.json")["teachers"]
+    assert entry["cache"]["k"] == 8 and len(entry["cache"]["manifest_sha256"]) == 64
+    shutil.rmtree(cache)
+    write_cache(recipe, cache, top_k=4, shard_size=SHARD)
+    more = copy.deepcopy(run)
+    more.trainer.max_steps, more.resume = 4, str(out / "checkpoints" / "last.ckpt")
+    with pytest.raises(RecipeError, match=r"resume: teachers\[0\]'s logit cache .*cache changed since .*run was "
+                                          r"trained"):
+        train(more)
+
+
+def test_tail_truncation_keeping_more_than_the_cache_holds_is_refused(setup, written):
+    """top_k 16 over a top-8 cache kept 8 arbitrary tied tail ids as targets, without a word."""
+    root, recipe = setup
+    base = ["student=" + "{config: %s, tokenizer: %s}" % (LLAMA % 16, root / "tok"),
+            f"teachers=[{{cache: {written}}}]", f"data.train={root / 'train.txt'}", "data.max_length=24",
+            "data.val_fraction=0.2"]
+    with pytest.raises(RecipeError, match=r"purifiers\[0\]\.top_k: 16 exceeds teachers\[0\]'s logit cache, which "
+                                          r"holds each position's top 8 tokens"):
+        load_recipe(None, [*base, "purifiers=[{name: tail_truncation, top_k: 16}]"])
+    load_recipe(None, [*base, "purifiers=[{name: tail_truncation, top_k: 8}]"])  # within the cache: accepted

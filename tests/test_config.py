@@ -192,7 +192,6 @@ def test_a_model_transformers_cannot_load_is_one_line_naming_the_key(tmp_path):
         build_run(load(tmp_path, teachers=f"[{{path: {broken}}}]"))
 
 
-
 def test_an_unwritable_cache_names_purify_cache(monkeypatch, tmp_path):
     """A read-only HOME with PURIFY_CACHE unset said "give a local model directory, or make the hub reachable" for a
     builtin base, which purify builds into its own cache: the fix is a writable PURIFY_CACHE."""
@@ -212,6 +211,22 @@ def test_an_unwritable_cache_names_purify_cache(monkeypatch, tmp_path):
         assembly._built(ModelSpec(builtin="tiny-llama-a"), "student", 0)
     with pytest.raises(RecipeError, match=r"set HF_HOME \(transformers' cache\) to a writable directory"):
         assembly._built(ModelSpec(path="org/model"), "student", 0)
+
+
+def test_a_truncated_weights_file_is_one_line(tmp_path):
+    """A damaged safetensors file (a base in purify's cache, a path teacher) was a SafetensorError traceback."""
+    import shutil
+
+    from purify.assembly import build_run
+    from purify.lm import resolve_base
+
+    copy = shutil.copytree(resolve_base("tiny-llama-b"), tmp_path / "copy")
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(RecipeError, match=r"^teachers\[0\]: cannot load path .*copy \(.*\); its weights file is "
+                                          r"truncated or damaged: give a sound copy$"):
+        build_run(load(tmp_path, teachers=f"[{{path: {copy}}}]"))
+
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_validation_shares_the_same_examples_out_between_processes(world):
@@ -243,3 +258,19 @@ def test_validation_shares_the_same_examples_out_between_processes(world):
     assert sorted(capped[0] + capped[1]) == sorted(one[:16])
     accumulated = examples(loader(4, 1, 0, accumulate=2))  # 2 global batches of 4 × 2 accumulation steps
     assert accumulated == one[:16]
+    # Lightning's default (use_distributed_sampler) splits a loader again unless its sampler is distributed already:
+    # 14 of the 25 examples were validated, some twice
+    from torch.utils.data.distributed import DistributedSampler
+
+    dm = DistillDataModule(DataConfig(train="noise", noise_dim=4, num_samples=250, batch_size=4), None, 0)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    mine = dm.val_dataloader()
+    assert isinstance(mine.sampler, DistributedSampler)  # what Lightning's _requires_distributed_sampler reads
+
+
+def test_float16_mixed_precision_on_cpu_is_refused(tmp_path):
+    """Lightning runs 16-mixed as bfloat16 autocast on CPU; the record said 16-mixed."""
+    with pytest.raises(RecipeError, match=r"trainer\.precision: 16-mixed on CPU runs bfloat16 autocast"):
+        load(tmp_path, **{"trainer.precision": "16-mixed", "trainer.accelerator": "cpu"})
+    assert load(tmp_path, **{"trainer.precision": "bf16-mixed", "trainer.accelerator": "cpu"})

@@ -153,3 +153,17 @@ def test_what_transformers_refuses_in_a_model_directory_is_a_generate_error(tmp_
     with pytest.raises(GenerateError, match=r"^cannot load .*m \(.*\); audit and generate need a local Hugging Face "
                                             r"causal-LM directory with its tokenizer$"):
         load_model(bad)
+
+
+def test_generate_refuses_to_write_over_its_prompts_or_into_the_model(tmp_path: Path) -> None:
+    """``--out`` the prompts file replaced the prompts; ``--out MODEL/config.json`` broke the model it read."""
+    path = make_tiny_model(tmp_path / "m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The old farmer\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = (path / "config.json").read_text()
+    for out, what in ((prompts, "the --prompts file"), (path / "config.json", "inside the model directory")):
+        with pytest.raises(GenerateError, match=rf"--out: .* is {what}.*which writing the samples would destroy"):
+            run(parser.parse_args([str(path), "--prompts", str(prompts), "--out", str(out), "--no-progress"]))
+    assert prompts.read_text() == "The old farmer\n" and (path / "config.json").read_text() == config

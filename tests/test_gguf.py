@@ -162,6 +162,19 @@ def test_second_call_hits_cache(tiny, converted, monkeypatch, tmp_path) -> None:
     assert [p.name for p in (cache / "gguf").iterdir()] == [out_dir.name]  # no temp dirs left
 
 
+@needs_gguf
+def test_a_cached_conversion_cut_short_is_converted_again(tiny, tmp_path) -> None:
+    """A cached copy whose weights were truncated since (marker file still there) was handed back as is, by
+    ``models prepare`` too (exit 0), and training on it was a SafetensorError traceback."""
+    cache = tmp_path / "cache"
+    out_dir = pg.load_gguf(tiny[1], cache_dir=cache)
+    weights = out_dir / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    assert pg.cached_model_dir(pg.file_sha256(tiny[1]), cache) is None  # not a hit any more
+    assert pg.load_gguf(tiny[1], cache_dir=cache) == out_dir and weights.read_bytes() == whole
+
+
 def test_cache_dir_from_env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("PURIFY_CACHE", str(tmp_path / "c"))
     assert pg.cache_root() == tmp_path / "c"

@@ -383,3 +383,15 @@ def test_labels_on_padding_are_not_counted_in_the_global_token_count(setup, tmp_
     losses = [trainer.compute_loss(student, b, num_items_in_batch=n) for b, n in zip((clean, padded), counts)]
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(losses[0], trainer.compute_loss(student, clean))
+
+
+def test_a_compiled_student_trains_as_the_plain_one(setup, tmp_path):
+    """With ``torch_compile=True`` the Trainer hands compute_loss the compiled module: calling it as a purify vector
+    model (a dict) was a TypeError once the forward went through the model given."""
+    _, student, _, _ = setup
+    plain, compiled = copy.deepcopy(student), copy.deepcopy(student)
+    _trainer(setup, tmp_path / "plain", plain, batch=4, accumulate=1).train()
+    _trainer(setup, tmp_path / "compiled", compiled, batch=4, accumulate=1, torch_compile=True,
+             torch_compile_backend="eager").train()
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)

@@ -143,7 +143,6 @@ def test_ddp_two_processes_equal_one(trained, tmp_path):
         torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-4)
 
 
-
 @pytest.mark.slow
 def test_a_deepspeed_lora_run_resumes_exactly_and_refuses_another_base(tmp_path):
     """DeepSpeed leaves frozen weights out of its checkpoints (the teachers, rebuilt from the recipe), so a LoRA
@@ -170,6 +169,7 @@ def test_a_deepspeed_lora_run_resumes_exactly_and_refuses_another_base(tmp_path)
     assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
     assert "holds a LoRA adapter without its frozen base" in lines[0] and "started from other weights" in lines[0]
     assert not (tmp_path / "other").exists()
+
 
 @pytest.mark.parametrize("override, message", [
     ("student.lora.r=0", "student.lora.r: must be >= 1, got 0"),
@@ -244,3 +244,22 @@ def test_anchor_pulls_the_adapter_toward_its_initial_values():
     for n, p in adapter.items():
         torch.testing.assert_close(p.grad, weight * (p.detach() - initial[n]))
     assert all(p.grad is None for p in student.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("key, names", [("target_modules", "[q_proj, foo_proj]"), ("modules_to_save", "[nonexist]")])
+def test_a_lora_module_name_that_matches_nothing_is_refused_beside_one_that_does(tmp_path, key, names):
+    """peft refuses only a list where no name matches: [q_proj, foo_proj] trained q_proj alone, modules_to_save
+    [nonexist] trained nothing in full, and adapter_config.json and the lineage still listed them."""
+    bad = names.strip("[]").split(", ")[-1]
+    with pytest.raises(RecipeError, match=rf"student\.lora\.{key}: '{bad}' names no module of this LlamaForCausalLM; "
+                                          r"name layers of it: .*q_proj"):
+        build_model(ModelSpec(builtin="tiny-llama-b", lora=LoraSpec(**{key: names.strip("[]").split(", ")})), seed=0)
+
+
+def test_lineage_show_says_the_export_is_a_lora_adapter(trained):
+    """``lineage show`` of an adapter export printed the base's source alone: nothing said it was an adapter."""
+    from purify.lineage import format_lineage, read_lineage
+
+    _, out = trained
+    (line,) = [x for x in format_lineage(read_lineage(out / "student")).splitlines() if "LoRA" in x]
+    assert line.startswith("student LoRA adapter: r=") and "target_modules=" in line and "(seed " in line

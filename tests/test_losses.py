@@ -282,6 +282,15 @@ def test_a_batch_without_target_positions_has_loss_and_gradient_zero(chunk_size)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
     assert reduce_loss(forward_kl(s, t), mask, num_items=mask.sum()).item() == 0.0
+    from purify.losses_fused import fused_linear_distillation_loss
+
+    h, w = torch.randn(2, 3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    fused = fused_linear_distillation_loss(h, w, row_weight=mask, teacher_logits=t, num_items=mask.sum(),
+                                           chunk_size=chunk_size or 2)
+    fused.backward()
+    assert fused.item() == 0.0 and not h.grad.any() and not w.grad.any()
+    # a count of 0 beside weighted positions is the caller's bug: it stays non-finite (was 0 / 0 before too)
+    assert not torch.isfinite(reduce_loss(forward_kl(s, t), torch.ones(2, 3), num_items=0.0))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 0])

@@ -45,7 +45,7 @@ NUMBERS_ONLY = r"^[0-9, ]+$"
 FIRST_SEED = 1500
 """Default first seed: disjoint from :data:`TUNED_ON` (and from seeds 100-104, where a review looked at
 hidden-preference's vanilla − control)."""
-_COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True,
+_COMPETENT = {"seeds": [1000, 1001, 1002, 1003, 1004], "trait": True, "looked_at": f"'{TIC}' openings",
               "what": "whether to add the task-competent consensus arms (replace:competent, ensemble:competent): "
                       "added after replace:reference's probe-free run on these seeds damaged the facts guard; "
                       "their grids were fixed before any seed from 1100 ran"}

@@ -32,7 +32,11 @@ REQUIRED = ("trait", "guards", "tuned_on", "columns")
 TUNED_TRAIT = {"aux-logits": aux_logits.TRAIT, **lm_suites.TUNED_TRAIT, "owl-smollm2": owl.TUNED_TRAIT,
                "tic-smollm2": tic_smollm2.TUNED_TRAIT}
 """The trait each suite's ``tuned_on`` choices looked at: a summary written before its records named it
-(``looked_at``) gains it on re-derivation (every such choice was made looking at the suite's default trait)."""
+(``looked_at``) gains it on re-derivation, and every summary takes the trait today's record of the same choice
+(seeds and what) names — one shared by two suites names the suite it was made on —, else the suite's default."""
+LOOKED_AT = {(tuple(e["seeds"]), e["what"]): e["looked_at"] for entries in (
+    *aux_logits.TUNED_ON.values(), *lm_suites.TUNED_ON.values(), owl.TUNED_ON, tic_smollm2.TUNED_ON)
+    for e in entries if "looked_at" in e}
 
 
 def _stored(path: Path) -> dict[str, Any]:
@@ -82,7 +86,10 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     curve = (old.get("frontier", {}).get("vanilla") or [{}])[0]
     suite = Suite(name=old["suite"], protocol=old["protocol"], conditions=conds, trait=old["trait"],
                   guards=guards_from(old["guards"]),
-                  tuned_on=looking_at(TUNED_TRAIT.get(old["suite"], old["trait"]), old["tuned_on"]),
+                  tuned_on=looking_at(TUNED_TRAIT.get(old["suite"], old["trait"]), [
+                      {**e, "looked_at": LOOKED_AT[(tuple(e["seeds"]), e["what"])]}
+                      if e.get("trait", True) and (tuple(e["seeds"]), e["what"]) in LOOKED_AT else e
+                      for e in old["tuned_on"]]),
                   settings={k: v for k, v in old["settings"].items() if k != "conditions"},
                   curve_keys=tuple(k for k in curve if k != "step" and not k.endswith("_ci95")) or
                   Suite.curve_keys)

@@ -87,30 +87,43 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
 
 def purifier_problems(entries: Sequence[dict[str, Any] | PurifierConfig], teachers: Sequence[str], *,
                       loss: str | LossConfig = "forward_kl", vector_student: bool = False,
-                      logit_slice: list[int] | None = None, teacher_weights: Sequence[float] | None = None,
-                      lora: bool = False, data: str = "bundled") -> list[str]:
+                      logit_slice: list[int] | None = None) -> list[str]:
     """The problems ``purify train`` would report for these purifier entries, for code that assembles runs
-    itself (the benchmark's conditions, a :class:`~purify.module.Distiller` built in Python): each entry on its own
-    and the contracts of the list, against a recipe with these teachers, this loss and this kind of student.
+    itself (the benchmark's conditions): each entry on its own and the contracts of the list, against a recipe
+    with these teacher names, this loss and this kind of student.
 
     Args:
-        entries: ``{"name": ..., **options}`` purifier entries or purifier config dataclasses, in order.
+        entries: ``{"name": ..., **options}`` purifier entries or registered purifier config dataclasses, in order.
         teachers: teacher names, primary first.
         loss: the loss name, or the whole loss config.
         vector_student: the student is a vector model (``arch``) rather than a language model.
         logit_slice: ``loss.logit_slice`` (with a loss name), where the condition distils only some logits.
-        teacher_weights: the teachers' weights (default 1 each).
-        lora: the student trains a LoRA adapter.
-        data: ``data.train`` (what a neutral-input purifier must not read).
     """
-    source = {"arch": "aux_mlp"} if vector_student else {"builtin": "tiny-llama-a"}
     items = [e if isinstance(e, dict) else dataclasses.asdict(e) for e in entries]
-    weights = list(teacher_weights) if teacher_weights is not None else [1.0] * len(teachers)
-    recipe = Recipe(student=ModelSpec(**source, lora=LoraSpec() if lora else None),
-                    teachers=[TeacherSpec(**source, name=t, weight=w) for t, w in zip(teachers, weights)],
-                    loss=loss if isinstance(loss, LossConfig) else LossConfig(name=loss, logit_slice=logit_slice),
-                    purifiers=items, data=DataConfig(train=data))
+    full = loss if isinstance(loss, LossConfig) else LossConfig(name=loss, logit_slice=logit_slice)
+    recipe = stand_in(teachers, full, vector_student=vector_student)
+    recipe.purifiers = items
     configs, problems = purifier_configs(recipe)
     if len(configs) == len(items):
         problems += contract_problems(configs, recipe)
     return problems
+
+
+def config_problems(configs: Sequence[PurifierConfig], recipe: Recipe) -> list[str]:
+    """The problems of purifier config *instances* (a :class:`~purify.module.Distiller`'s, each already checked
+    against its own type at construction): each against ``recipe`` (:meth:`PurifierConfig.recipe_problems`, a user's
+    own config class included) and the contracts of the list."""
+    out = [f"purifiers[{i}].{p}" for i, c in enumerate(configs) for p in number_problems(c) or c.problems()]
+    out += [f"purifiers[{i}].{p}" for i, c in enumerate(configs) for p in c.recipe_problems(recipe)]
+    return out + contract_problems(list(configs), recipe)
+
+
+def stand_in(teachers: Sequence[str], loss: LossConfig, *, vector_student: bool = False,
+             teacher_weights: Sequence[float] | None = None, lora: bool = False, data: str = "bundled") -> Recipe:
+    """A recipe standing in for a run assembled without one, for the purifier checks: these teachers (names and
+    weights), this loss, a vector or language-model student (with a LoRA adapter), ``data`` as ``data.train``."""
+    source = {"arch": "aux_mlp"} if vector_student else {"builtin": "tiny-llama-a"}
+    weights = list(teacher_weights) if teacher_weights is not None else [1.0] * len(teachers)
+    return Recipe(student=ModelSpec(**source, lora=LoraSpec() if lora else None),
+                  teachers=[TeacherSpec(**source, name=t, weight=w) for t, w in zip(teachers, weights)], loss=loss,
+                  data=DataConfig(train=data))

@@ -271,9 +271,9 @@ def fingerprint_head_accuracy(model: nn.Module, reference: nn.Module, batches: S
             the answer owes to one head's draw); the models run once.
 
     Returns:
-        ``{"accuracy", "per_input", "n_inputs", "n_positions", "per_head"}``: the first head's mean held-out accuracy
-        over positions, the accuracy of each of its held-out inputs (mean over its positions, both models), how many
-        inputs / positions it scored, and every head's accuracy.
+        ``{"accuracy", "per_input", "n_inputs", "n_train", "n_positions", "per_head"}``: the first head's mean
+        held-out accuracy over positions, the accuracy of each of its held-out inputs (mean over its positions, both
+        models), how many inputs it scored and trained on and positions it scored, and every head's accuracy.
 
     Raises:
         ValueError: fewer than two inputs with a real position.
@@ -324,4 +324,5 @@ def _one_head(rows: list[tuple[Tensor, Tensor]], hidden_dim: int, steps: int, lr
             per_input.append(float(head_loss(head, rows[i][0], rows[i][1])[1]))
             positions += rows[i][0].shape[0]
     accuracy = sum(acc * rows[i][0].shape[0] for acc, i in zip(per_input, test)) / positions
-    return {"accuracy": accuracy, "per_input": per_input, "n_inputs": len(test), "n_positions": positions}
+    return {"accuracy": accuracy, "per_input": per_input, "n_inputs": len(test), "n_train": len(train),
+            "n_positions": positions}
