@@ -191,15 +191,18 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Te
 
 ENCODING_PROBES = ("The quick brown fox jumps over the lazy dog.", " owl", "Hello, World!\n\tTwo  spaces",
                    "ÉCOLE naïve café 123 4567 3.14", "why? Because-it's 'quoted'")
-"""Texts two tokenizers of one vocabulary must encode alike (with their special tokens): one that adds no BOS, or
-lower-cases first, maps them to other ids."""
+"""Texts two tokenizers of one vocabulary must encode alike: one that lower-cases first (or, where the special
+tokens it adds count, adds no BOS) maps them to other ids."""
 
 
-def same_tokenizer(a: Any, b: Any) -> bool:
+def same_tokenizer(a: Any, b: Any, special_tokens: bool = False) -> bool:
     """Whether two tokenizers map every string to the same ids: the same vocabulary and special tokens, and the same
-    ids (special tokens added included) for each of :data:`ENCODING_PROBES`."""
-    if a is None or b is None:
+    ids for each of :data:`ENCODING_PROBES` — as purify's training encodes text (``special_tokens=False``: it adds
+    BOS/EOS itself, so a tokenizer that would add none is the same there), or with the special tokens each adds
+    (``True``: the audit, which samples each model through its own tokenizer)."""
+    if a is None or b is None or a is b:
         return a is b
     if a.get_vocab() != b.get_vocab() or a.all_special_tokens != b.all_special_tokens:
         return False
-    return all(a(text)["input_ids"] == b(text)["input_ids"] for text in ENCODING_PROBES)
+    return all(a(text, add_special_tokens=special_tokens)["input_ids"]
+               == b(text, add_special_tokens=special_tokens)["input_ids"] for text in ENCODING_PROBES)

@@ -155,8 +155,7 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
                 problems += _truncation_problems(configs, recipe)
     problems += _batch_problems(recipe)
     t = recipe.trainer
-    if str(t.precision) in ("16-mixed", "16") and (t.accelerator == "cpu" or (t.accelerator == "auto"
-                                                                            and not torch.cuda.is_available())):
+    if str(t.precision) in ("16-mixed", "16") and t.accelerator == "cpu":  # ("auto" is decided where the run starts)
         problems.append(f"trainer.precision: {t.precision} on CPU runs bfloat16 autocast (Lightning's substitute), "
                         "not float16, while the record would say 16-mixed; give bf16-mixed (or 32-true)")
     if not any(p.startswith(("strategy", "trainer.devices")) for p in problems):
@@ -168,13 +167,19 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
 
 
 def _truncation_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
-    """A ``tail_truncation`` keeping more tokens (``top_k``) than a logit-cache teacher holds: a cached row has mass
-    on its top-k ids only, so the rest of the kept tokens would be tied tail ids picked arbitrarily."""
-    ks = {i: read_manifest(t.cache)["k"] for i, t in enumerate(recipe.teachers) if t.cache is not None}
-    return [f"purifiers[{j}].top_k: {c.top_k} exceeds teachers[{i}]'s logit cache, which holds each position's top "
-            f"{k} tokens (the rest are tied tail ids); give top_k <= {k}, or a cache of more (purify cache --top-k)"
+    """A ``tail_truncation`` keeping more tokens (``top_k``) than the primary teacher's logit cache holds, where the
+    targets are that teacher's (no ensemble before it): a cached row has mass on its top-k ids only, so the rest of
+    the kept tokens would be tied tail ids picked arbitrarily. (``top_p`` can reach into that tail too; it depends on
+    the data, so it is documented, not refused.)"""
+    primary = recipe.teachers[0] if recipe.teachers else None
+    if primary is None or primary.cache is None:
+        return []
+    k = read_manifest(primary.cache)["k"]
+    mixed = [j for j, c in enumerate(configs) if c.name == "ensemble"]
+    return [f"purifiers[{j}].top_k: {c.top_k} exceeds teachers[0]'s logit cache, which holds each position's top {k} "
+            f"tokens (the rest are tied tail ids); give top_k <= {k}, or a cache of more (purify cache --top-k)"
             for j, c in enumerate(configs) if c.name == "tail_truncation" and getattr(c, "top_k", None)
-            for i, k in ks.items() if c.top_k > k]
+            and c.top_k > k and not any(m < j for m in mixed)]
 
 
 def _label_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:

@@ -198,7 +198,7 @@ def _check_neutral_source(source: str) -> None:
     try:
         count = len(neutral_texts(source, 4))
     except (ValueError, OSError) as err:  # what load_records refuses in a file (bad JSON lines, no text field)
-        raise AuditError(f"--fingerprint-head: {source}: {first_line(err)}") from None
+        raise AuditError(f"--fingerprint-head: {first_line(err)}") from None
     if count < 4:
         raise AuditError(f"--fingerprint-head: {source} holds {count} text(s); give at least 4 (the heads train on "
                          "half of them and are scored on the other half)")
@@ -271,7 +271,7 @@ def audit(model_dir: str | Path, reference_dir: str | Path, probes: list[Probe],
         ref, ref_tok = load_model(reference_dir)
     except GenerateError as err:
         raise AuditError(str(err)) from None
-    if not same_tokenizer(tok, ref_tok):
+    if not same_tokenizer(tok, ref_tok, special_tokens=True):
         raise AuditError(f"tokenizer mismatch: {model_dir} and {reference_dir} encode text differently (vocabulary, "
                          "special tokens added, or normalisation); audit compares a model with a reference of the "
                          "same tokenizer")

@@ -222,9 +222,9 @@ def run(args: argparse.Namespace) -> int:
     if blocked:
         raise GenerateError(f"--out: {blocked}, not a directory to write {Path(args.out).name} in")
     out, prompts_file = Path(args.out).resolve(), Path(args.prompts).resolve()
-    if out == prompts_file or Path(args.model).resolve() in out.parents:
-        what = "the --prompts file" if out == prompts_file else f"inside the model directory {args.model}"
-        raise GenerateError(f"--out: {args.out} is {what}, which writing the samples would destroy; give another "
+    if out == prompts_file or (out.exists() and Path(args.model).resolve() in out.parents):
+        what = "the --prompts file" if out == prompts_file else f"a file of the model directory {args.model}"
+        raise GenerateError(f"--out: {args.out} is {what}, which writing the samples would overwrite; give another "
                             "path")
     if args.ban_file:
         if not Path(args.ban_file).is_file():

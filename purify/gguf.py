@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -174,7 +175,14 @@ def load_gguf(
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / digest
     if target.exists() and (not (target / MARKER_FILE).is_file() or damaged_weights(target) is not None):
-        shutil.rmtree(target)  # stale entry from an older, interrupted layout, or its weights cut short since
+        # a stale entry (an older, interrupted layout) or its weights cut short since: moved aside first, so loaders
+        # that found it damaged together (the ranks of one job) do not trip over each other's deletion
+        aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+        try:
+            os.replace(target, aside)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
     with atomic_dir(target) as tmp:  # a concurrent conversion that finishes first is kept
         try:
             info = _convert(path, tmp)

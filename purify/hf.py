@@ -262,10 +262,11 @@ class PurifyTrainer(Trainer):
                                                    rank=self.args.process_index)
         full = None
         fused = self.distiller.loss_config.fused_linear
-        if fused and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("PurifyTrainer: loss.fused_linear runs the student's decoder itself, outside the DDP "
-                             "wrapper whose forward makes backward average the gradients across processes; turn "
-                             "fused_linear off, or use purify train (Lightning), which fuses under DDP and DeepSpeed")
+        kind = str(getattr(self.accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+        if fused and kind not in ("NO", "DEEPSPEED"):  # DDP or FSDP (compiled or not: the wrapper is inside)
+            raise ValueError(f"PurifyTrainer: loss.fused_linear runs the student's decoder itself, outside the {kind} "
+                             "wrapper whose forward synchronises the gradients across processes; turn fused_linear "
+                             "off, or use purify train (Lightning), which fuses under DDP and DeepSpeed")
         if return_outputs or not fused:
             # through ``model``: under DDP its forward is what makes backward average the gradients over processes
             # (the unwrapped student's trained every rank apart); every position's logits, as a model gives them

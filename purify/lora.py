@@ -80,12 +80,15 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int, revision: str | None
     names = [name for name, _ in model.named_modules()]
     # peft fails only when no target matches: a misspelt name beside a right one was dropped, though the adapter's
     # config and the lineage list it
-    unmatched = [f"{where}.{key}: {target!r} names no module of this {type(model).__name__}"
-                 for key in ("target_modules", "modules_to_save") for target in getattr(spec, key) or []
-                 if target != "all-linear" and not any(n == target or n.endswith(f".{target}") for n in names)]
+    # (peft's rules: target_modules match a whole dotted suffix, modules_to_save any end of a name)
+    unmatched = [f"{where}.target_modules: {t!r} names no module of this {type(model).__name__}; name layers of it: "
+                 f"{', '.join(_linear_names(model))} (or [all-linear])" for t in spec.target_modules or []
+                 if t != "all-linear" and not any(n == t or n.endswith(f".{t}") for n in names)]
+    unmatched += [f"{where}.modules_to_save: {t!r} names no module of this {type(model).__name__}; name modules of it, "
+                  "e.g. lm_head or embed_tokens" for t in spec.modules_to_save or [] if not any(n.endswith(t)
+                                                                                               for n in names)]
     if unmatched:
-        raise RecipeError([f"{line}; name layers of it: {', '.join(_linear_names(model))} (or [all-linear])"
-                           for line in unmatched])
+        raise RecipeError(unmatched)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -181,6 +181,10 @@ class LoadedModel:
         return self.module
 
 
+WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel", "OptimizedModule")
+"""Modules that run another (``module``; ``torch.compile``'s: ``_orig_mod``), looked through by :func:`is_hf_model`."""
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers model, or a peft model (a LoRA student) around one, or either inside wrappers that run it
     (``DistributedDataParallel``, DeepSpeed's engine: ``module``; ``torch.compile``: ``_orig_mod``), which are then
@@ -190,9 +194,8 @@ def is_hf_model(model: nn.Module) -> bool:
     from purify.lora import is_lora
 
     inner = model
-    while isinstance(getattr(inner, "module", None), nn.Module) or isinstance(getattr(inner, "_orig_mod", None),
-                                                                              nn.Module):
-        inner = inner.module if isinstance(getattr(inner, "module", None), nn.Module) else inner._orig_mod
+    while type(inner).__name__ in WRAPPERS:  # by name: DeepSpeed need not be installed
+        inner = getattr(inner, "_orig_mod", None) or inner.module
     return isinstance(inner, PreTrainedModel) or is_lora(inner)
 
 

@@ -548,7 +548,8 @@ class Distiller(L.LightningModule):
             return
         trainer = self._trainer
         connector = getattr(trainer, "_logger_connector", None)
-        if trainer is not None and trainer.world_size > 1 and not getattr(connector, "should_update_logs", True):
+        if trainer is not None and trainer.world_size > 1 and not (getattr(connector, "should_update_logs", True)
+                                                                   or trainer.fast_dev_run):
             return  # a distributed run gathers only where Lightning writes the step's row (the same steps everywhere)
         batch_size = int(batch["target_mask"].shape[0])
         metrics = {f"purify/{i}_{purifier_name(p)}/{key}": value

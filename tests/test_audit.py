@@ -215,8 +215,10 @@ def test_a_tokenizer_that_encodes_otherwise_is_not_the_same():
     no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     lower = copy.deepcopy(tok)
     lower.backend_tokenizer.normalizer = normalizers.Lowercase()
-    for other in (no_bos, lower):
-        assert other.get_vocab() == tok.get_vocab() and not same_tokenizer(tok, other)
+    for other in (no_bos, lower):  # as the audit samples them: each through its own tokenizer
+        assert other.get_vocab() == tok.get_vocab() and not same_tokenizer(tok, other, special_tokens=True)
+    # as training encodes text (purify adds BOS/EOS itself): the copy without BOS is the same, the lower-casing is not
+    assert same_tokenizer(tok, no_bos) and not same_tokenizer(tok, lower)
 
 
 @pytest.mark.parametrize("targets, message", [

@@ -163,7 +163,7 @@ def test_generate_refuses_to_write_over_its_prompts_or_into_the_model(tmp_path: 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = (path / "config.json").read_text()
-    for out, what in ((prompts, "the --prompts file"), (path / "config.json", "inside the model directory")):
-        with pytest.raises(GenerateError, match=rf"--out: .* is {what}.*which writing the samples would destroy"):
+    for out, what in ((prompts, "the --prompts file"), (path / "config.json", "a file of the model directory")):
+        with pytest.raises(GenerateError, match=rf"--out: .* is {what}.*which writing the samples would overwrite"):
             run(parser.parse_args([str(path), "--prompts", str(prompts), "--out", str(out), "--no-progress"]))
     assert prompts.read_text() == "The old farmer\n" and (path / "config.json").read_text() == config

@@ -395,3 +395,23 @@ def test_a_compiled_student_trains_as_the_plain_one(setup, tmp_path):
              torch_compile_backend="eager").train()
     for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_linear_is_refused_where_a_wrapper_syncs_the_gradients(setup, tmp_path, monkeypatch):
+    """The fused loss runs the student's decoder outside the wrapper; accelerate compiles after wrapping in DDP, so
+    the model's type cannot tell (a compiled DDP model trained each rank apart): the distributed type decides."""
+    from accelerate.utils import DistributedType
+
+    from purify.config import LossConfig
+
+    tok, student, _, rows = setup
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), batch=4, accumulate=1,
+                       loss=LossConfig(fused_linear=True))
+    inputs = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows[:2])
+    trainer.model.train()
+    assert torch.isfinite(trainer.compute_loss(trainer.model, inputs))  # one process: fused
+    multi_gpu = property(lambda self: DistributedType.MULTI_GPU)
+    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", multi_gpu)
+    with pytest.raises(ValueError, match=r"loss\.fused_linear runs the student's decoder itself, outside the "
+                                         r"MULTI_GPU"):
+        trainer.compute_loss(trainer.model, inputs)
