@@ -533,8 +533,11 @@ class Distiller(L.LightningModule):
                     self.log(f"train/{key}", self.on_policy.last_metrics[key], batch_size=len(batch["target_mask"]))
         loss, parts = self.compute_loss(batch, progress=min(1.0, self.global_step / self._planned_steps()))
         if not torch.isfinite(loss):
+            precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+            fix = (f"Under trainer.precision {precision}, float16 overflows easily: use bf16-mixed or 32-true, or "
+                   "lower optim.lr." if precision.startswith("16") else "Lower optim.lr or check the data.")
             raise DivergedError(f"non-finite loss ({loss.item()}) at step {self.global_step}; nothing was saved "
-                                     "for this step. Lower optim.lr or check the data.")
+                                f"for this step. {fix}")
         bs = int(batch["target_mask"].shape[0])
         # averaged over the ranks (each rank's loss is its share of the global mean): rank 0's alone was logged
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)

@@ -519,3 +519,18 @@ def test_continuing_a_finished_run_without_export_is_refused_while_its_old_expor
 
     shutil.move(out / "student", out.parent / "step10-student")
     assert read_lineage(train(more))["step"] == 12 and not (out / "student").exists()
+
+
+def test_a_float16_run_that_overflows_names_the_precision(tmp_path):
+    """A 16-true run that diverged was told to lower the learning rate or check the data."""
+    teacher = AuxMLP(in_dim=4, hidden=[8], n_aux=2)
+    with torch.no_grad():
+        teacher.head.weight.fill_(1e5)  # logits past float16's range
+    distiller = Distiller(AuxMLP(in_dim=4, hidden=[8], n_aux=2), [teacher])
+    batch = {"x": torch.rand(8, 4), "target_mask": torch.ones(8, 1)}
+    loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
+    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, precision="16-true",
+                        accelerator="cpu")
+    with pytest.raises(FloatingPointError, match=r"Under trainer\.precision 16-true, float16 overflows easily"):
+        trainer.fit(distiller, train_dataloaders=loader)
