@@ -166,7 +166,7 @@ def _format(record: dict[str, Any]) -> str:
     for d in record["data"]:
         lines.append(f"data: {d['path']}  sha256={d['sha256']}")
     lines.append("purifiers: " + (", ".join(json.dumps(p, sort_keys=True) for p in record["purifiers"]) or "none"))
-    loss = (record.get("recipe") or {}).get("loss") if isinstance(record.get("recipe"), dict) else None
+    loss = recipe.get("loss")
     if isinstance(loss, dict):
         lines.append("loss: " + ", ".join(f"{k}={v}" for k, v in loss.items() if v not in (None, False)))
     for seg in record.get("segments") or []:  # a run continued in place: its launches
@@ -176,8 +176,8 @@ def _format(record: dict[str, Any]) -> str:
     if isinstance(came, dict):  # its first steps were another run's
         src = came.get("run_lineage") if isinstance(came.get("run_lineage"), dict) else {}
         teachers = ", ".join(str(t.get("source")) for t in src.get("teachers") or [] if isinstance(t, dict))
-        recipe = src.get("recipe") if isinstance(src.get("recipe"), dict) else {}
-        src_loss = (recipe.get("loss") or {}).get("name") if isinstance(recipe.get("loss"), dict) else None
+        src_recipe = src.get("recipe") if isinstance(src.get("recipe"), dict) else {}
+        src_loss = (src_recipe.get("loss") or {}).get("name") if isinstance(src_recipe.get("loss"), dict) else None
         lines.append(f"resumed from: {came.get('checkpoint')} (step {came.get('step')}"
                      + (f" of run {came['run']}" if came.get("run") else "")
                      + (f"; trained there with teacher(s) {teachers}" if teachers else "")

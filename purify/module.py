@@ -53,9 +53,8 @@ from purify.purifiers.base import (
     PurifierContext,
     StudentPurifier,
     TargetPurifier,
-    number_problems,
 )
-from purify.purifiers.checks import config_problems, stand_in
+from purify.purifiers.checks import config_problems, entry_problems, stand_in
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
@@ -125,8 +124,7 @@ def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers:
                        lora=is_lora(student), data="<Python data>")
         out += config_problems(configs, run)  # type: ignore[arg-type]
     else:
-        out += [f"purifiers[{i}].{p}" for i, c in enumerate(configs) if isinstance(c, PurifierConfig)
-                for p in number_problems(c) or c.problems()]
+        out += [p for i, c in enumerate(configs) if isinstance(c, PurifierConfig) for p in entry_problems(i, c)]
     if is_hf_model(student) and student_tokenizer is None:
         out += [f"purifiers[{i}].source: {c.source!r} reads text with the student's tokenizer, and none was given; "
                 "pass student_tokenizer= (PurifyTrainer: processing_class=)" for i, c in enumerate(configs)

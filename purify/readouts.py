@@ -60,32 +60,37 @@ def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[st
     (a duplicate, or ``' The king'`` beside ``' The'``: the sum would count those continuations twice, a
     "probability" above 1 was read)."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    encoded = [(prompt, tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    # per prompt: each target's tokens after the prompt's, or None where the prompt's own tokens change
+    tails: dict[str, list[list[int] | None]] = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        fulls = [tokenizer(prompt + t)["input_ids"] for t in targets]
+        tails[prompt] = [full[len(ids):] if full[:len(ids)] == ids else None for full in fulls]
     out = []
-    for t in targets:
-        for prompt, ids in encoded:
-            full = tokenizer(prompt + t)["input_ids"]
-            if full[:len(ids)] != ids or len(full) == len(ids):
+    for k, t in enumerate(targets):
+        for prompt, per_target in tails.items():
+            if not per_target[k]:
                 out.append(f"{t!r} adds no token of its own after {prompt!r} (it merges into the prompt's last "
                            "word, or the tokenizer ends every text with a special token); give the word as it "
                            "follows the prompt (mind the leading space)")
                 break
-            if unk is not None and unk in full[len(ids):]:
+            if unk is not None and unk in per_target[k]:
                 out.append(f"{t!r} is not in the vocabulary (it tokenizes to {tokenizer.unk_token!r}, whose "
                            "probability would be read instead); give a word the tokenizer knows (mind the leading "
                            "space and the case)")
                 break
     if out:
         return out
-    for prompt, ids in encoded:
-        tails = [(t, tokenizer(prompt + t)["input_ids"][len(ids):]) for t in targets]
-        for i, (t, tail) in enumerate(tails):
-            inside = next((u for j, (u, other) in enumerate(tails) if j != i and tail[:len(other)] == other
-                           and (len(other) < len(tail) or j < i)), None)
+    for prompt, per_target in tails.items():
+        for i, (t, tail) in enumerate(zip(targets, per_target)):
+            # the first other target whose tokens begin this one's (an equal one only if listed before it)
+            inside = next(((u, other) for j, (u, other) in enumerate(zip(targets, per_target)) if j != i
+                           and tail[:len(other)] == other and (len(other) < len(tail) or j < i)), None)
             if inside is not None:
-                how = "is given twice" if t == inside else f"tokenizes as {inside!r} does" if tail == dict(tails)[
-                    inside] else f"begins with the tokens of {inside!r}"
-                out.append(f"{t!r} {how} after {prompt!r}, so P({inside!r}) already holds its continuations and the "
+                u, other = inside
+                how = ("is given twice" if t == u else f"tokenizes as {u!r} does" if tail == other
+                       else f"begins with the tokens of {u!r}")
+                out.append(f"{t!r} {how} after {prompt!r}, so P({u!r}) already holds its continuations and the "
                            f"sum would count them twice; drop {t!r}")
         if out:
             break

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from purify.types import first_line
+
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The cache root: ``cache_dir`` if given, else ``$PURIFY_CACHE``, else ``~/.cache/purify`` (not created)."""
@@ -33,7 +35,7 @@ def damaged_weights(directory: str | Path) -> str | None:
             with safe_open(str(path), framework="pt") as fh:
                 fh.keys()
         except Exception as err:  # noqa: BLE001 - safetensors' errors are its own types (SafetensorError, OSError)
-            return f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            return f"{path.name}: {first_line(err)}"
     return None
 
 

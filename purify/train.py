@@ -496,9 +496,10 @@ def _check_resume(recipe: Recipe, run: Run, finishing: bool = False) -> tuple[in
     (:func:`purify.checkpoint.load_verified`; a DeepSpeed checkpoint directory: :func:`purify.checkpoint.
     deepspeed_step`), or one already at or past ``trainer.max_steps`` — but for ``finishing`` an unfinished run in
     place from a checkpoint at ``trainer.max_steps`` (stopped or killed while exporting: nothing is trained, the
-    student is exported). Returns its step, the sha256 of its tensors recorded when it was written and the record of
-    the run that wrote it (:data:`CHECKPOINT_LINEAGE`; both ``None`` for a DeepSpeed checkpoint directory or one
-    written without them)."""
+    student is exported). Returns its step, the sha256 of its tensors recorded when it was written (``None`` for a
+    DeepSpeed checkpoint directory) and the record of the run that wrote it (:data:`CHECKPOINT_LINEAGE`; ``None``
+    for a checkpoint written without one). A LoRA student's DeepSpeed checkpoint, which leaves the frozen base out,
+    must record the starting weights of this build."""
     if recipe.strategy.startswith("deepspeed"):  # its parameters' names and shapes, and its step, without the shards
         if recipe.strategy != "deepspeed_stage_3":
             run.distiller.setup_purifiers()  # (ZeRO-3 builds its teachers and purifiers inside the fit)

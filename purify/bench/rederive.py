@@ -23,7 +23,7 @@ from typing import Any
 from purify.bench import aux_logits, aux_summary, lm_common, lm_suites, owl, probe_free, tic_smollm2
 from purify.bench.lm_common import Condition, Suite
 from purify.bench.report import BenchError
-from purify.bench.verdicts import guards_from, looking_at
+from purify.bench.verdicts import guards_from
 from purify.types import first_line
 
 FIELDS = {f.name for f in fields(Condition)}
@@ -86,10 +86,9 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     curve = (old.get("frontier", {}).get("vanilla") or [{}])[0]
     suite = Suite(name=old["suite"], protocol=old["protocol"], conditions=conds, trait=old["trait"],
                   guards=guards_from(old["guards"]),
-                  tuned_on=looking_at(TUNED_TRAIT.get(old["suite"], old["trait"]), [
-                      {**e, "looked_at": LOOKED_AT[(tuple(e["seeds"]), e["what"])]}
-                      if e.get("trait", True) and (tuple(e["seeds"]), e["what"]) in LOOKED_AT else e
-                      for e in old["tuned_on"]]),
+                  tuned_on=[{**e, "looked_at": LOOKED_AT.get((tuple(e["seeds"]), e["what"]), e.get(
+                      "looked_at", TUNED_TRAIT.get(old["suite"], old["trait"])))} if e.get("trait", True) else e
+                      for e in old["tuned_on"]],
                   settings={k: v for k, v in old["settings"].items() if k != "conditions"},
                   curve_keys=tuple(k for k in curve if k != "step" and not k.endswith("_ci95")) or
                   Suite.curve_keys)

@@ -36,10 +36,16 @@ def purifier_configs(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
         except RecipeError as err:
             problems += err.problems
             continue
-        own = number_problems(cfg) or cfg.problems()
-        problems += [f"{where}.{p}" for p in own + cfg.recipe_problems(recipe)]
+        problems += entry_problems(i, cfg, recipe)
         configs.append(cfg)
     return configs, problems
+
+
+def entry_problems(i: int, cfg: PurifierConfig, recipe: Recipe | None = None) -> list[str]:
+    """``purifiers[i]``'s problems: its own (number fields, :meth:`PurifierConfig.problems`) and, given the run it
+    sits in, :meth:`PurifierConfig.recipe_problems`."""
+    own = number_problems(cfg) or cfg.problems()
+    return [f"purifiers[{i}].{p}" for p in own + (cfg.recipe_problems(recipe) if recipe is not None else [])]
 
 
 def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:
@@ -113,9 +119,8 @@ def config_problems(configs: Sequence[PurifierConfig], recipe: Recipe) -> list[s
     """The problems of purifier config *instances* (a :class:`~purify.module.Distiller`'s, each already checked
     against its own type at construction): each against ``recipe`` (:meth:`PurifierConfig.recipe_problems`, a user's
     own config class included) and the contracts of the list."""
-    out = [f"purifiers[{i}].{p}" for i, c in enumerate(configs) for p in number_problems(c) or c.problems()]
-    out += [f"purifiers[{i}].{p}" for i, c in enumerate(configs) for p in c.recipe_problems(recipe)]
-    return out + contract_problems(list(configs), recipe)
+    entries = [p for i, c in enumerate(configs) for p in entry_problems(i, c, recipe)]
+    return entries + contract_problems(list(configs), recipe)
 
 
 def stand_in(teachers: Sequence[str], loss: LossConfig, *, vector_student: bool = False,
