@@ -31,3 +31,7 @@ trainer = PurifyTrainer(model=student, teachers=teachers, purifiers=purifiers, a
 trainer.train()
 heads = {f"purifiers.{k}": v for k, v in trainer.distiller.purifiers.state_dict().items()}
 torch.save({**student.state_dict(), **heads}, os.path.join(out, f"student.{os.environ['RANK']}.pt"))
+# leave the process group before exit: a gloo group left to the interpreter's teardown sometimes aborted a rank
+# ("terminate called without an active exception", exit -6) after the run had finished
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
