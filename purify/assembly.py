@@ -330,7 +330,8 @@ def build_run(recipe: Recipe) -> Run:
             check_cache(spec.cache, student.tokenizer, splits, f"teachers[{i}].cache")
     lineage = build_lineage(
         student={"name": student.name, "source": student.source, "tokenizer": student.tokenizer_source,
-                 "init_sha256": state_sha256(student.module)},
+                 "init_sha256": state_sha256(student.module),
+                 **({"base_sha256": student.module.base_sha256} if hasattr(student.module, "base_sha256") else {})},
         teachers=records,
         data=[recipe.data.train] + ([recipe.data.val] if recipe.data.val else []),
         purifiers=[to_dict(c) for c in configs],

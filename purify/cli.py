@@ -313,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # key=value overrides after an option (``recipe.yaml --out DIR a=1``): still overrides
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from purify.gguf import GGUFError
-    from purify.types import TrainingStopped
-
+    try:  # these import torch (a second or more): a Ctrl-C meanwhile is the same one line as later
+        from purify.gguf import GGUFError
+        from purify.types import TrainingStopped
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C outside a training run (purify train says where it stopped itself)
-        print("purify: error: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BrokenPipeError:  # a reader that stopped early (`purify lineage show DIR | head`): not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
         return 0
@@ -338,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"purify: error: {line}", file=sys.stderr)
         return 2
+
+
+def _interrupted() -> int:
+    print("purify: error: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

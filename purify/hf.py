@@ -283,6 +283,15 @@ class PurifyTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
         return (loss, {"logits": full.logits}) if return_outputs else loss
 
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """Trainer's, except that a loss-only step (``evaluate()`` without ``compute_metrics``) of a batch without
+        ``labels`` is refused like training's: Trainer would skip the loss and ``evaluate()`` return no ``eval_loss``.
+        ``predict()`` of unlabelled rows still returns the logits."""
+        if prediction_loss_only and "labels" in self.label_names and inputs.get("labels") is None:
+            hf_batch({k: v for k, v in inputs.items() if k != "labels"})  # raises, naming what the batch holds
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     def _evaluation_loss(self, batch: dict[str, Any], return_outputs: bool) -> Any:
         """``evaluate()``/``predict()``'s loss: the distillation objective between the student and the primary
         teacher (:meth:`purify.module.Distiller.evaluation_targets`) on this batch, no purifier run — their terms

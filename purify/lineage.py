@@ -52,7 +52,8 @@ def build_lineage(*, student: dict[str, Any], teachers: list[dict[str, Any]], da
     """Assemble a lineage record.
 
     Args:
-        student: ``{"name", "source", "init_sha256", ...}`` of the student's base.
+        student: ``{"name", "source", "init_sha256", ...}`` of the student's base (a LoRA student: also
+            ``base_sha256``, the base's weights without the adapter that ``init_sha256`` includes).
         teachers: one ``{"name", "source", "sha256", "weight", ...}`` per teacher.
         data: data files to hash (``bundled``/``noise`` are recorded as such).
         purifiers: purifier configs as dicts.
@@ -157,9 +158,11 @@ def _format(record: dict[str, Any]) -> str:
     lines.append(f"student: {s.get('name')}  source={s.get('source')}  init_sha256={s.get('init_sha256')}")
     recipe = record.get("recipe") if isinstance(record.get("recipe"), dict) else {}
     lora = (recipe.get("student") or {}).get("lora") if isinstance(recipe.get("student"), dict) else None
-    if isinstance(lora, dict):  # the export is an adapter on that base (init_sha256: the base with its fresh adapter)
+    if isinstance(lora, dict):  # the export is an adapter on that base (init_sha256: base + fresh adapter; base_sha256
+        # the base alone)
         shown = ", ".join(f"{k}={v}" for k, v in lora.items() if v not in (None, False))
-        lines.append(f"student LoRA adapter: {shown}  (seed {recipe.get('seed')})")
+        base = f"  on base sha256={s['base_sha256']}" if s.get("base_sha256") else ""
+        lines.append(f"student LoRA adapter: {shown}  (seed {recipe.get('seed')}){base}")
     for t in record["teachers"]:
         lines.append(f"teacher: {t.get('name')}  source={t.get('source')}  sha256={t.get('sha256')}  "
                      f"weight={t.get('weight')}")

@@ -185,11 +185,17 @@ def distillation_loss(
         num_items: global count of target positions (see :func:`reduce_loss`).
         chunk_size: positions per chunk; ``None`` picks about 8 MiB of float32 per temporary, ``0`` the exact
             (unchunked) autograd path.
+
+    Raises:
+        ValueError: naming the argument: logits of two vocabularies, a weight or labels that do not match the
+            student's positions, labels outside ``[0, V)`` other than ``IGNORE_INDEX``, a bad ``name``/``beta``/...
     """
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and labels is None:
         raise ValueError("distillation_loss: hard-label cross-entropy needs `labels`")
     spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
+    _check_inputs(student_logits, None if name == "ce" else teacher_logits, weight, labels if uses_ce else None,
+                  spec.ignore_index)
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
     if num_items is None:  # cross-entropy alone: a position whose label is ignored is no target either
@@ -201,6 +207,46 @@ def distillation_loss(
         return chunked_loss(student_logits, teacher, weight, lab, num_items, spec, chunk_size)
     return _exact_loss(student_logits, teacher_logits, weight, name, beta, temperature, lab, hard_label_weight,
                        num_items)
+
+
+def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,
+                  ignore_index: int) -> None:
+    """One ``ValueError`` naming the argument, where torch would say "size of tensor a (…) must match" or, on a
+    GPU, assert on the device: logits of different vocabularies, a weight or labels that do not cover the student's
+    positions, labels outside ``[0, V)`` other than ``ignore_index`` (checking them reads the labels once)."""
+    def shape(x: Tensor) -> str:
+        return str(tuple(x.shape))
+
+    if not (isinstance(student, Tensor) and student.is_floating_point() and student.dim() >= 1):
+        got = f"{student.dtype} {shape(student)}" if isinstance(student, Tensor) else type(student).__name__
+        raise ValueError(f"distillation_loss: student_logits must be a floating-point tensor (..., V), got {got}")
+    prefix, vocab = student.shape[:-1], student.shape[-1]
+    if teacher is not None:
+        if teacher.dim() < 1 or teacher.shape[-1] != vocab:
+            raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} and student_logits {shape(student)} "
+                             "differ in the vocabulary (last) dimension; a teacher of another tokenizer needs the "
+                             "cross_base purifier, a padded vocabulary loss.logit_slice")
+        try:
+            torch.broadcast_shapes(teacher.shape[:-1], prefix)
+        except RuntimeError:
+            raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} do not match student_logits "
+                             f"{shape(student)}: one teacher distribution per student position") from None
+    for what, x in (("weight", weight), ("labels", labels)):
+        try:  # a weight may broadcast (a scalar, one per time step); labels name one token per position
+            fits = x is None or (torch.broadcast_shapes(x.shape, prefix) == prefix if what == "weight"
+                                 else x.shape == prefix)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"distillation_loss: {what} {shape(x)} does not match student_logits' positions "
+                             f"{tuple(prefix)} (one value per position, the vocabulary dimension left out)")
+    if labels is not None:
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"distillation_loss: labels must be integer token ids, got {labels.dtype}")
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"distillation_loss: labels hold {labels[bad][0].item()}, outside the student's "
+                             f"vocabulary [0, {vocab}) and not the ignore index {ignore_index}")
 
 
 def _chunkable(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,

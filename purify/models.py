@@ -412,7 +412,11 @@ def _with_lora(factory: Callable[[], nn.Module], spec: ModelSpec, seed: int) -> 
     def make_lora() -> nn.Module:
         from purify.lora import apply_lora
 
-        return apply_lora(factory(), lora, seed, revision=spec.revision)
+        base = factory()
+        digest = state_sha256(base)  # before the adapter: comparable with the base's own hash (a teacher's, a hub's)
+        model = apply_lora(base, lora, seed, revision=spec.revision)
+        model.base_sha256 = digest
+        return model
 
     return make_lora
 

@@ -320,3 +320,19 @@ def test_train_into_a_directory_it_cannot_write_is_one_line_before_any_model_is_
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("purify: error: output_dir: cannot create anything in /proc (") and \
         err.endswith("); give a directory you can write (created if missing)")
+
+
+def test_ctrl_c_while_torch_is_imported_is_the_one_interrupted_line(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C in the first second (main imports torch before its handler) printed a KeyboardInterrupt traceback."""
+    import sys
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "purify.gguf":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "purify.gguf", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert main(["lineage", "show", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "purify: error: interrupted (Ctrl-C)\n"

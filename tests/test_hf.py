@@ -87,6 +87,18 @@ def test_evaluate_returns_the_distillation_objective_as_eval_loss(setup, tmp_pat
         torch.testing.assert_close(torch.as_tensor(out.predictions), logits, rtol=1e-5, atol=1e-5)
 
 
+def test_evaluate_of_rows_without_labels_is_refused_and_predict_still_returns_logits(setup, tmp_path):
+    """evaluate() on rows without a labels column returned metrics without eval_loss (Trainer skips the loss when a
+    batch has no labels), silently: it is refused like train(); predict() of the same rows still gives the logits."""
+    tok, student, _, rows = setup
+    unlabelled = [{k: v for k, v in row.items() if k != "labels"} for row in rows]
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, train=unlabelled)
+    with pytest.raises(ValueError, match="the batch has no 'labels'.*attention_mask.*input_ids"):
+        trainer.evaluate()
+    out = trainer.predict(unlabelled[:4])
+    assert out.predictions.shape[0] == 4 and out.predictions.shape[-1] == len(tok)
+
+
 def _noisy(teacher, scale=0.3, seed=1):
     torch.manual_seed(seed)
     other = copy.deepcopy(teacher)

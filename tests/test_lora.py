@@ -1,6 +1,7 @@
 """LoRA students (student.lora through peft): only the adapter trains, exports load with peft and plain transformers
 and give the trained student's logits, exact resume, validation of the section and of weight-editing purifiers."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -263,3 +264,15 @@ def test_lineage_show_says_the_export_is_a_lora_adapter(trained):
     _, out = trained
     (line,) = [x for x in format_lineage(read_lineage(out / "student")).splitlines() if "LoRA" in x]
     assert line.startswith("student LoRA adapter: r=") and "target_modules=" in line and "(seed " in line
+
+
+def test_a_lora_students_lineage_names_its_bases_own_hash(trained):
+    """``init_sha256`` of a LoRA student hashes the base with its freshly seeded adapter: an auditor could not match
+    it with the base's hash (a teacher's, a hub's). ``base_sha256`` is the hash of the base built without LoRA."""
+    from purify.lineage import read_lineage
+    from purify.models import build_model, state_sha256
+
+    recipe, out = trained
+    student = read_lineage(out / "student")["student"]
+    plain = build_model(dataclasses.replace(recipe.student, lora=None), seed=recipe.seed).module
+    assert student["base_sha256"] == state_sha256(plain) != student["init_sha256"]

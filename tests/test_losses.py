@@ -260,6 +260,29 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.parametrize("chunk", [0, None])
+def test_mismatched_inputs_are_named_not_left_to_torch(chunk):
+    """Logits of two vocabularies, a weight or labels off the positions, float labels or a label outside the
+    vocabulary gave torch's "size of tensor a (7) must match" or "Target 9 is out of bounds" (a device-side assert
+    on a GPU); each is one ValueError naming the argument now."""
+    s, t, w = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.ones(2, 3)
+    labels = torch.randint(0, 5, (2, 3))
+    cases = [((s, torch.randn(2, 3, 7), w), {}, r"teacher_logits \(2, 3, 7\).*vocabulary.*cross_base"),
+             ((s, torch.randn(2, 4, 5), w), {}, r"teacher_logits \(2, 4, 5\) do not match"),
+             ((s, t, torch.ones(2, 4)), {}, r"weight \(2, 4\) does not match student_logits' positions \(2, 3\)"),
+             ((s, t, w), {"name": "ce", "labels": labels[:, :2]}, r"labels \(2, 2\) does not match"),
+             ((s, t, w), {"name": "ce", "labels": labels.float()}, "labels must be integer token ids"),
+             ((s, t, w), {"hard_label_weight": 0.5, "labels": labels.masked_fill(labels == labels[0, 0], 9)},
+              r"labels hold 9, outside the student's vocabulary \[0, 5\)"),
+             ((s.long(), t, w), {}, "student_logits must be a floating-point tensor")]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            distillation_loss(*args, chunk_size=chunk, **kwargs)
+    ignored = labels.masked_fill(labels == labels[0, 0], -100)  # the ignore index is no token: accepted
+    assert torch.isfinite(distillation_loss(s, t, w, name="ce", labels=ignored, chunk_size=chunk))
+    assert torch.isfinite(distillation_loss(s, t[:1], w, chunk_size=chunk))  # a teacher broadcast over the batch
+
+
+@pytest.mark.parametrize("chunk", [0, None])
 def test_a_broadcast_weight_counts_every_position_it_covers(chunk):
     """A scalar or ``(T,)`` weight broadcast over ``(B, T)`` positions: the default ``num_items`` counted the weight's
     own elements (a scalar weight returned the sum, 6x the mean; a (T,) one 2x); it counts the positions now."""
