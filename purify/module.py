@@ -54,16 +54,10 @@ from purify.purifiers.base import (
     StudentPurifier,
     TargetPurifier,
 )
-from purify.purifiers.checks import config_problems, entry_problems, stand_in
+from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in
 from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
-
-
-def _edits_weights(purifier: Any) -> bool:
-    """Whether a purifier's config declares that it edits the student's full weights (:class:`Contract`)."""
-    contract = getattr(getattr(purifier, "config", None), "contract", None)
-    return callable(contract) and bool(contract().edits_weights)
 
 
 def shared_width(widths: dict[str, int | None], tokens: int | None, fused: bool = False) -> int | None:
@@ -123,8 +117,9 @@ def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers:
         run = stand_in(teacher_names, loss, vector_student=not is_hf_model(student), teacher_weights=teacher_weights,
                        lora=is_lora(student), data="<Python data>")
         out += config_problems(configs, run)  # type: ignore[arg-type]
-    else:
-        out += [p for i, c in enumerate(configs) if isinstance(c, PurifierConfig) for p in entry_problems(i, c)]
+    else:  # a purifier without a config among them: each config on its own
+        out += [p for i, c in enumerate(configs) if isinstance(c, PurifierConfig)
+                for p in entry_problems(i, c) + (frozen_by_lora(i, c) if is_lora(student) else [])]
     if is_hf_model(student) and student_tokenizer is None:
         out += [f"purifiers[{i}].source: {c.source!r} reads text with the student's tokenizer, and none was given; "
                 "pass student_tokenizer= (PurifyTrainer: processing_class=)" for i, c in enumerate(configs)
@@ -293,11 +288,6 @@ class Distiller(L.LightningModule):
                               student_tokenizer=self.tokenizers["student_tokenizer"],
                               teacher_tokenizers=self.tokenizers["teacher_tokenizers"],
                               vocab_width=self._shared_width)
-        frozen = [f"purifiers[{i}]: {purifier_name(p)} edits the student's full weights, which a LoRA student keeps "
-                  "frozen (only the adapter trains); remove the purifier or train the whole student"
-                  for i, p in enumerate(self.purifiers) if is_lora(self.student) and _edits_weights(p)]
-        if frozen:  # what recipe validation says (Contract.edits_weights), for a Distiller built in Python
-            raise RecipeError(frozen)
         for p in self.purifiers:
             p.setup(ctx)
             p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's

@@ -466,7 +466,7 @@ def test_a_weight_editing_purifier_on_a_lora_student_says_why_in_python():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from purify import DeltaProjection, DeltaProjectionConfig, Distiller, RecipeError
+    from purify import DeltaProjection, DeltaProjectionConfig, Distiller, RecipeError, TargetPurifier
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2)
@@ -474,6 +474,13 @@ def test_a_weight_editing_purifier_on_a_lora_student_says_why_in_python():
     with pytest.raises(RecipeError, match=r"purifiers\[0\]\.name: delta_projection edits the student's full weights, "
                                           r"which student\.lora freezes"):  # at construction, as a recipe says it
         Distiller(student, [LlamaForCausalLM(cfg)], purifiers=[DeltaProjection(DeltaProjectionConfig())])
+
+    class NoConfig(TargetPurifier):  # a user's purifier without a PurifierConfig: the stack is checked entry by entry
+        def transform_targets(self, batch, teacher_outputs, targets):
+            return targets
+
+    with pytest.raises(RecipeError, match=r"^purifiers\[1\]\.name: delta_projection edits the student's full weights"):
+        Distiller(student, [LlamaForCausalLM(cfg)], purifiers=[NoConfig(), DeltaProjection(DeltaProjectionConfig())])
 
 
 def test_purify_trainer_gives_the_purifiers_its_tokenizer(tmp_path):

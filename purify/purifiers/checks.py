@@ -85,10 +85,16 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
         if ct.keeps_own_vocab and loss.fused_linear:
             out.append(f"{where}: {cfg.name} with alignment: uld reads the student's logits, which loss.fused_linear "
                        "never builds; use alignment: shared_vocab or turn fused_linear off")
-        if ct.edits_weights and recipe.student.lora is not None:
-            out.append(f"{where}: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
-                       "adapter trains); remove the purifier or student.lora")
+        if recipe.student.lora is not None:
+            out += frozen_by_lora(i, cfg)
     return out
+
+
+def frozen_by_lora(i: int, cfg: PurifierConfig) -> list[str]:
+    """``purifiers[i]`` of a LoRA student, if it edits the full weights the adapter keeps frozen
+    (:attr:`Contract.edits_weights`)."""
+    return [f"purifiers[{i}].name: {cfg.name} edits the student's full weights, which student.lora freezes (only the "
+            "adapter trains); remove the purifier or student.lora"] if cfg.contract().edits_weights else []
 
 
 def purifier_problems(entries: Sequence[dict[str, Any] | PurifierConfig], teachers: Sequence[str], *,
