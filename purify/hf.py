@@ -254,8 +254,10 @@ class PurifyTrainer(Trainer):
             return self._evaluation_loss(batch, return_outputs)
         progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
-        if num_items_in_batch is not None:
-            batch["num_items"] = num_items_in_batch
+        if num_items_in_batch is not None:  # all ranks' count: DDP's mean over ranks is undone on this term alone
+            # (Trainer multiplies the whole loss by the processes, which weighed each purifier term that many times)
+            spread = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            batch["num_items"] = num_items_in_batch / spread
         if self.distiller.on_policy is not None:
             devices = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
@@ -279,8 +281,6 @@ class PurifyTrainer(Trainer):
                 self.distiller.student))
         if num_items_in_batch is None:
             loss = loss / steps  # no token count: a mean per micro-batch, averaged over the accumulation steps
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is all ranks'
         return (loss, {"logits": full.logits}) if return_outputs else loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,

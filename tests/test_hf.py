@@ -379,6 +379,40 @@ def test_ddp_ranks_train_one_student(tmp_path, purifier):
         torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0)
 
 
+def _run_hf_ddp(out, processes: int, *options: str) -> dict:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_hf_ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(script.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), str(script), str(out), *options], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / "student.0.pt")
+
+
+def test_two_processes_train_a_purified_student_as_one_does(tmp_path):
+    """Under DDP the whole loss was multiplied by the number of processes (right for the distillation term, whose
+    count is all ranks'): every student-side purifier term weighed twice on 2 processes (an anchor of weight 1 pulled
+    as one of weight 2; a constant-gradient term moved the weights 0.2 instead of 0.1). 1 × 4 rows = 2 × 2 rows now."""
+    one = _run_hf_ddp(tmp_path / "one", 1, "anchor")
+    two = _run_hf_ddp(tmp_path / "two", 2, "anchor")
+    moved = max((one[k] - v).abs().max().item() for k, v in _initial_tiny().items())
+    assert moved > 1e-3  # it trained
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-6, rtol=0)
+
+
+def _initial_tiny() -> dict:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2)).state_dict()
+
+
 def test_labels_on_padding_are_not_counted_in_the_global_token_count(setup, tmp_path):
     """Trainer counted labelled positions where ``attention_mask`` is 0, which the loss leaves out: the loss of a
     collator that pads labels with the pad id (or ``labels=input_ids``) shrank by real ÷ labelled positions."""
