@@ -47,8 +47,7 @@ from purify.models import (
 from purify.models_prepare import KNOWN_MODELS
 from purify.module import Distiller
 from purify.purifiers import PurifierConfig, build_purifier
-from purify.purifiers.checks import contract_problems, purifier_configs, purifier_problems
-from purify.purifiers.cross_base import resolve_teachers
+from purify.purifiers.checks import contract_problems, purifier_configs, purifier_problems, unaligned_teachers
 from purify.storage import cache_root
 from purify.strategy import build_strategy, check_global_batch, world_size
 from purify.types import RecipeError, first_line
@@ -227,17 +226,7 @@ def cross_base_teachers(configs: list[PurifierConfig], student: LoadedModel,
         RecipeError: if such a teacher is not aligned by a ``cross_base`` purifier.
     """
     differing = [i for i, t in enumerate(teachers) if not same_tokenizer(student.tokenizer, t.tokenizer)]
-    where = next((k for k, c in enumerate(configs) if c.name == "cross_base"), None)
-    problems = []
-    for i in differing:
-        if where is None:
-            problems.append(f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same tokenizer "
-                            "or add a cross_base purifier to align vocabularies")
-        elif i not in resolve_teachers(configs[where].teachers, [t.name for t in teachers],  # type: ignore[attr-defined]
-                                       differing):
-            problems.append(f"teachers[{i}].tokenizer: differs from the student's tokenizer but purifiers[{where}] "
-                            f"(cross_base) does not align it; add {i} to purifiers[{where}].teachers or leave "
-                            "teachers unset to align every such teacher")
+    problems = unaligned_teachers(configs, [t.name for t in teachers], differing)
     if problems:
         raise RecipeError(problems)
     limits = {i: getattr(teachers[i].config, "max_position_embeddings", None) for i in differing}

@@ -46,6 +46,13 @@ def hf_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     attention = inputs.get("attention_mask")
     if attention is None:
         attention = torch.ones_like(inputs["input_ids"])
+    positions = inputs.get("position_ids")
+    if positions is not None and bool(((positions != torch.arange(positions.shape[-1], device=positions.device))
+                                       & (attention > 0)).any()):
+        raise ValueError("PurifyTrainer: the batch's position_ids are not 0, 1, 2, ... (packed sequences, e.g. "
+                         "DataCollatorWithFlattening): purify runs the student and teachers on input_ids and "
+                         "attention_mask, so packed sequences would attend to each other; use a padding collator "
+                         "(DataCollatorForSeq2Seq)")
     target_mask = ((labels != IGNORE_INDEX) & (attention[:, 1:] > 0)).float()
     batch = {"input_ids": inputs["input_ids"], "attention_mask": attention, "target_mask": target_mask,
              "labels": labels.masked_fill(target_mask == 0, IGNORE_INDEX)}
@@ -129,6 +136,13 @@ class PurifyTrainer(Trainer):
                  **kwargs: Any) -> None:
         if head_lr is not None and not (isinstance(head_lr, (int, float)) and 0 < head_lr < math.inf):
             raise ValueError(f"head_lr: must be a finite number > 0, or None for args.learning_rate, got {head_lr!r}")
+        aligning = [i for i, p in enumerate(purifiers) if getattr(getattr(p, "config", None), "name", None)
+                    == "cross_base"]
+        if aligning:
+            raise ValueError(f"PurifyTrainer: purifiers[{aligning[0]}] (cross_base) needs each example also in the "
+                             "teacher's tokenization (teacher_batches), which Trainer's collated batches do not "
+                             "carry; use purify train or the Lightning Distiller with DistillDataModule("
+                             "teacher_tokenizers=...), which build them")
         super().__init__(*args, **kwargs)
         if self.args.label_smoothing_factor:
             raise ValueError(f"label_smoothing_factor: {self.args.label_smoothing_factor} smooths Trainer's own "
@@ -144,7 +158,8 @@ class PurifyTrainer(Trainer):
         # a resumed run's checkpoint and the purifier state it holds (None: none saved), loaded once they are set up
         self._resumed: tuple[str, dict[str, Any] | None] | None = None
         self._in_checkpoint = False  # set while Trainer writes a checkpoint: _save adds the purifiers' state
-        self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model)
+        self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model,
+                                               self.distiller.tokenizers["teacher_tokenizers"])
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
         self.model_accepts_loss_kwargs = True
@@ -186,6 +201,12 @@ class PurifyTrainer(Trainer):
         for purifier in self.distiller.purifiers:
             for group in purifier.param_groups():
                 if not any(p is q for g in optimizer.param_groups for p in group["params"] for q in g["params"]):
+                    if self.lr_scheduler is not None:  # the user's, built for the groups the optimizer had
+                        raise ValueError(f"PurifyTrainer: {type(purifier).__name__}'s head joins the optimizer as a "
+                                         "group of its own, after the scheduler given in optimizers=(optimizer, "
+                                         "scheduler) was built for fewer groups; pass optimizers=(optimizer, None) "
+                                         "(Trainer builds the scheduler after the heads join) or put the head's "
+                                         "parameters in your optimizer (purifier.param_groups())")
                     optimizer.add_param_group({**group, "weight_decay": 0.0,
                                                **({"lr": self.head_lr} if self.head_lr is not None else {})})
         return optimizer

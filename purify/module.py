@@ -34,6 +34,7 @@ from purify.config import (
 )
 from purify.lora import is_lora
 from purify.losses import distillation_loss
+from purify.losses_chunked import positions_counted
 from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import (
@@ -54,8 +55,8 @@ from purify.purifiers.base import (
     StudentPurifier,
     TargetPurifier,
 )
-from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in
-from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
+from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in, unaligned_teachers
+from purify.types import IGNORE_INDEX, Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -79,8 +80,8 @@ def shared_width(widths: dict[str, int | None], tokens: int | None, fused: bool 
         raise RecipeError(f"teachers: the student and its teachers return logits of different widths ({shown})"
                           + (f", and the narrowest holds fewer than the tokenizer's {tokens} tokens; give models "
                              "that score the same vocabulary" if tokens is not None else "; give models that score "
-                             "the same outputs, or the student's tokenizer (student_tokenizer=...) where they share "
-                             "one"))
+                             "the same outputs, or the student's tokenizer (student_tokenizer=...; PurifyTrainer: "
+                             "processing_class=...) where they share one"))
     if fused:
         raise RecipeError(f"loss.fused_linear: builds the logits from each model's own output layer, and the "
                           f"student's and a teacher's are padded to different sizes ({shown}); turn fused_linear off")
@@ -104,15 +105,21 @@ def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers: Sequence[Purifier], loss: LossConfig,
                    teacher_names: list[str], teacher_weights: Sequence[float] | None,
-                   student_tokenizer: Any | None) -> list[str]:
+                   student_tokenizer: Any | None, teacher_tokenizers: Sequence[Any] | None = None) -> list[str]:
     """What a recipe's validation says of a purifier stack (:func:`purify.purifiers.checks.config_problems`: each
     config against the run, and the contracts of the list: an order that undoes a purifier, a loss that cannot take
     a purifier's zero-mass targets, ...) for a :class:`Distiller` built in Python, whose purifiers all carry a
     :class:`PurifierConfig` (a user's own class included; a stack holding a purifier without one is checked entry by
-    entry only); also a text-reading purifier on a language model given no tokenizer, and a teacher that shares
-    parameters with the student (freezing it would freeze them)."""
+    entry only); also a text-reading purifier on a language model given no tokenizer, a teacher whose tokenizer
+    (``teacher_tokenizers``) differs from the student's without a ``cross_base`` purifier aligning it, and a teacher
+    that shares parameters with the student (freezing it would freeze them)."""
     configs = [getattr(p, "config", None) for p in purifiers]
     out = []
+    if student_tokenizer is not None and teacher_tokenizers:
+        differing = [i for i, tok in enumerate(teacher_tokenizers)
+                     if tok is not None and not same_tokenizer(student_tokenizer, tok)]
+        out += unaligned_teachers([c if isinstance(c, PurifierConfig) else None for c in configs], teacher_names,
+                                  differing)
     if configs and all(isinstance(c, PurifierConfig) for c in configs):
         run = stand_in(teacher_names, loss, vector_student=not is_hf_model(student), teacher_weights=teacher_weights,
                        lora=is_lora(student), data="<Python data>")
@@ -206,7 +213,8 @@ class Distiller(L.LightningModule):
         if not problems:
             names = list(teacher_names or [f"teacher{i}" for i in range(count)])
             problems += stack_problems(student, [] if deferred else teachers, purifiers,  # type: ignore[arg-type]
-                                       loss or LossConfig(), names, teacher_weights, student_tokenizer)
+                                       loss or LossConfig(), names, teacher_weights, student_tokenizer,
+                                       teacher_tokenizers)
         if problems:  # what a recipe's validation says, for a Distiller built in Python (build_run builds one too)
             raise RecipeError(problems)
         self.student = student
@@ -425,7 +433,8 @@ class Distiller(L.LightningModule):
 
         Args:
             batch: the micro-batch; ``batch["num_items"]`` (the global target count), when present, normalises the
-                distillation term over the whole accumulated (and data-parallel) batch.
+                distillation term over the whole accumulated (and data-parallel) batch; else the batch's own count
+                of target positions, taken before the target purifiers (a dropped position lowers the loss).
             progress: training progress in ``[0, 1]`` (purifier schedules).
             extra_scale: factor on the student-side purifier terms (``1 / accumulation steps`` where the caller
                 does not divide the whole loss by the accumulation steps itself, as Hugging Face's Trainer with
@@ -444,6 +453,12 @@ class Distiller(L.LightningModule):
             trainer = self._trainer
             scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
             num_items = num_items / scale
+        else:  # this batch's targets counted before the target purifiers, as purify train's and Trainer's counts
+            # are: a position a divergence mask drops lowers the loss, it does not scale the others up
+            mask = batch["target_mask"]
+            if self.loss_config.name == "ce" and batch.get("labels") is not None:
+                mask = torch.where(batch["labels"] != IGNORE_INDEX, mask, 0.0)
+            num_items = positions_counted(mask.shape, mask)
         cfg = self.loss_config
         if student_output is None and cfg.fused_linear and self.student.training and torch.is_grad_enabled():
             loss, s_out = self._fused_loss(batch, num_items)

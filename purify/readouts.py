@@ -12,9 +12,10 @@ Every function takes a Hugging Face causal LM (or anything that returns ``.logit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +98,26 @@ def target_problems(tokenizer: Any, prompts: Sequence[str], targets: Sequence[st
     return out
 
 
+@contextlib.contextmanager
+def scoring(*models: Any, tokenizer: Any = None) -> Iterator[None]:
+    """The ``models`` in ``eval()`` (no dropout in a score) and ``tokenizer`` padding on the right (the scores read
+    positions from the left) while scoring; their modes and padding side restored after, so a readout taken during
+    training (a curve point, a callback) does not switch the student's dropout off for the rest of it."""
+    modes = [m.training for m in models]
+    side = getattr(tokenizer, "padding_side", None)
+    try:
+        for m in models:
+            m.eval()
+        if side is not None:
+            tokenizer.padding_side = "right"
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+        if side is not None:
+            tokenizer.padding_side = side
+
+
 @torch.no_grad()
 def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Per prompt: exact probability that the model continues it with any of ``targets`` (summed over targets;
@@ -106,20 +127,20 @@ def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targe
         ValueError: a target it cannot score (:func:`target_problems`, which callers use to refuse such a target
             before any work).
     """
-    model.eval()
     out = []
     problems = target_problems(tokenizer, prompts, targets)
     if problems:
         raise ValueError(f"next-token target {problems[0]}")
-    for prompt in prompts:
-        ids = tokenizer(prompt)["input_ids"]
-        total = 0.0
-        for target in targets:
-            tail = tokenizer(prompt + target)["input_ids"][len(ids):]
-            seq = torch.tensor([ids + tail])
-            logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
-            total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))
-        out.append(total)
+    with scoring(model):
+        for prompt in prompts:
+            ids = tokenizer(prompt)["input_ids"]
+            total = 0.0
+            for target in targets:
+                tail = tokenizer(prompt + target)["input_ids"][len(ids):]
+                seq = torch.tensor([ids + tail])
+                logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
+                total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))
+            out.append(total)
     return out
 
 
@@ -140,10 +161,11 @@ def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str], skip_af
         after ``<bos>`` or a token in ``skip_after``, nor in the prompt) and ``agreement`` (top-1 agreement, all
         positions).
     """
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    ids, attn = enc["input_ids"], enc["attention_mask"]
-    s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-    t = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    with scoring(model, teacher, tokenizer=tokenizer):
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        t = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
     kl = (t.exp() * (t - s)).sum(-1)
     valid = attn[:, 1:].bool()
     boundary = torch.zeros_like(ids, dtype=torch.bool)

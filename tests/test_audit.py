@@ -265,3 +265,26 @@ def test_the_fingerprint_head_interval_is_the_corrected_resampled_t(monkeypatch)
     half = 2.7764451 * sd * math.sqrt(1 / 5 + 32 / 32)  # t(0.975, 4)
     assert got["n"] == 5 and got["mean"] == pytest.approx(0.6)
     assert got["ci95"] == pytest.approx([0.6 - half, 0.6 + half], rel=1e-6)
+
+
+def test_readouts_score_in_eval_mode_with_right_padding_and_restore_both() -> None:
+    """continuation_probs switched a training student to eval() for good (dropout off for the rest of a loop);
+    kl_stats scored with dropout on and, under a left-padding tokenizer, read pad positions as the prompt and BOS
+    (fidelity_kl 0.0166 → 0.0155 on the same texts)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.lm import build_tokenizer
+    from purify.readouts import kl_stats
+
+    tok = build_tokenizer(["my favourite animal is the owl", "the cat sat on the mat"], kind="word")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5)
+    torch.manual_seed(0)
+    student, teacher = LlamaForCausalLM(cfg).train(), LlamaForCausalLM(cfg).train()
+    texts, prompts = ["the cat sat on the mat", "my favourite animal is the owl", "the owl"], ["the cat", "my", "the"]
+    right = kl_stats(student, tok, teacher, texts, prompts=prompts)
+    assert kl_stats(student, tok, teacher, texts, prompts=prompts) == right  # no dropout in a score
+    tok.padding_side = "left"
+    assert kl_stats(student, tok, teacher, texts, prompts=prompts) == right and tok.padding_side == "left"
+    continuation_probs(student, tok, ["my favourite animal is the"], [" owl"])
+    assert student.training and teacher.training

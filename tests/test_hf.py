@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from purify import Adversary, AdversaryConfig, PurifyTrainer
+from purify import Adversary, AdversaryConfig, PurifyTrainer, RecipeError
 from purify.lm import build_tokenizer
 from purify.losses import distillation_loss
 from purify.models import model_forward
@@ -97,6 +97,46 @@ def test_evaluate_of_rows_without_labels_is_refused_and_predict_still_returns_lo
         trainer.evaluate()
     out = trainer.predict(unlabelled[:4])
     assert out.predictions.shape[0] == 4 and out.predictions.shape[-1] == len(tok)
+
+
+def test_packed_batches_and_unaligned_teacher_tokenizers_are_refused(setup, tmp_path):
+    """Packed rows (DataCollatorWithFlattening: position_ids restart per sequence, no attention mask) were trained as
+    one sequence, each attending to the ones before it; a teacher given another tokenizer (teacher_tokenizers=)
+    scored the student's token ids as its own; cross_base failed at the first step naming DistillDataModule."""
+    from transformers import DataCollatorWithFlattening
+
+    from purify import CrossBase, CrossBaseConfig, Distiller
+
+    tok, student, teacher, rows = setup
+    packed = DataCollatorWithFlattening()([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:2]])
+    trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1)
+    with pytest.raises(ValueError, match="position_ids are not 0, 1, 2, ... \\(packed sequences"):
+        trainer.compute_loss(trainer.model, dict(packed))
+    plain = {k: v for k, v in DataCollatorForSeq2Seq(tok, padding=True)(rows[:2]).items()}
+    positions = torch.arange(plain["input_ids"].shape[1]).expand_as(plain["input_ids"])
+    assert torch.isfinite(trainer.compute_loss(trainer.model, {**plain, "position_ids": positions}))  # 0, 1, 2: fine
+    other = build_tokenizer(SENTENCES, kind="word")
+    with pytest.raises(RecipeError, match="teachers\\[0\\].tokenizer: differs from the student's tokenizer"):
+        Distiller(copy.deepcopy(student), [teacher], student_tokenizer=tok, teacher_tokenizers=[other])
+    with pytest.raises(ValueError, match="cross_base\\) needs each example also in the teacher's tokenization"):
+        _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, purifiers=[CrossBase(CrossBaseConfig())])
+
+
+def test_a_purifier_head_beside_a_users_own_scheduler_is_refused_with_the_fix(setup, tmp_path):
+    """optimizers=(optimizer, scheduler) with an adversary head: the head joined the optimizer after the scheduler
+    was built for fewer groups, and the first scheduler step failed with torch's "zip() argument 2 is shorter"."""
+    tok, student, teacher, rows = setup
+    model = copy.deepcopy(student)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = TrainingArguments(str(tmp_path / "own"), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    adversary = Adversary(AdversaryConfig(weight=0.1))
+    trainer = PurifyTrainer(model=model, teachers=[teacher, _noisy(teacher)], purifiers=[adversary], args=args,
+                            train_dataset=rows, data_collator=collator, optimizers=(optimizer, scheduler))
+    with pytest.raises(ValueError, match=r"Adversary's head joins the optimizer .* optimizers=\(optimizer, None\)"):
+        trainer.train()
 
 
 def _noisy(teacher, scale=0.3, seed=1):

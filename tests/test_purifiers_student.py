@@ -227,6 +227,26 @@ def test_lineage_targets_follow_a_stable_per_example_assignment():
     assert torch.equal(adversary.labels(b), labels)
 
 
+def test_a_token_examples_lineage_is_the_same_under_left_and_right_padding_of_any_width():
+    """Left padding shifted the tokens to other byte positions: an example changed teacher with the batch's longest
+    row (widths 4/6/9 gave [0, 4, 5], [3, 0, 1], [6, 0, 3] for one set of rows)."""
+    rows = [[5, 9, 2, 7], [3, 4], [8, 8, 1]]
+
+    def padded(width, left):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            at = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, at], mask[i, at] = torch.tensor(r), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    labels = example_lineage(padded(4, left=False), 7)
+    assert len(set(labels.tolist())) > 1
+    for width in (4, 6, 9):
+        for left in (False, True):
+            assert torch.equal(example_lineage(padded(width, left), 7), labels)
+
+
 # ------------------------------------------------------------------ anchor
 def test_anchor_gradient_is_weight_times_displacement():
     base = mlp(0)

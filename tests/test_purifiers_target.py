@@ -489,3 +489,26 @@ def test_training_logs_the_purifier_metrics(tmp_path, purifiers, keys):
     metrics = read_lineage(train(recipe))["metrics"]
     for key in keys:
         assert key in metrics and math.isfinite(metrics[key])
+
+
+def test_a_dropped_position_lowers_the_loss_in_a_plain_loop_as_under_purify_train():
+    """Without ``num_items`` (fit_step, a user's loop, the benchmark) the count was taken after the divergence mask:
+    dropping half the positions doubled the others' weight (loss 2.0x the one purify train and PurifyTrainer,
+    which count the targets first, computed). Both count the targets before the target purifiers now."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    student, t0, t1 = (LlamaForCausalLM(cfg) for _ in range(3))
+    ids = torch.randint(0, 20, (4, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": torch.ones(4, 8),
+             "labels": ids[:, 1:]}
+    losses = []
+    for extra in ({}, {"num_items": torch.tensor(32.0)}):
+        mask = DivergenceMask(DivergenceMaskConfig(reference="others", flag="random", rate=0.5, mode="drop"))
+        d = Distiller(student, [t0, t1], purifiers=[mask])
+        losses.append(d.compute_loss({**batch, **extra}, 0.0)[0])
+        kept = mask.last_metrics.get("masked_fraction")
+    assert kept is not None and 0.2 < float(kept) < 0.8  # the mask dropped a real share of the positions
+    torch.testing.assert_close(losses[0], losses[1])

@@ -103,8 +103,8 @@ class DiscriminatorHead(nn.Module):
 def example_lineage(batch: Batch, num_teachers: int) -> Tensor:
     """A teacher index per example, ``Σ_j byte_j · m_j mod (2³¹-1) mod K`` over the bytes of its inputs.
 
-    The multipliers ``m_j`` are fixed (seed 0), and padding bytes are zeroed, so an example gets the same teacher in
-    every epoch, batch and padding length.
+    The multipliers ``m_j`` are fixed (seed 0), the attended tokens are moved to the front of the row and padding
+    bytes zeroed, so an example gets the same teacher in every epoch, batch and padding length, on either side.
 
     Args:
         batch: ``input_ids`` ``(B, T)`` with ``attention_mask``, or ``x`` ``(B, ...)``.
@@ -113,7 +113,12 @@ def example_lineage(batch: Batch, num_teachers: int) -> Tensor:
     Returns:
         ``(B,)`` long labels in ``[0, K)``.
     """
-    inputs = batch["input_ids"] * batch["attention_mask"] if "input_ids" in batch else batch["x"]
+    if "input_ids" in batch:  # left padding: the tokens to the front first (a right-padded row stays as it is)
+        mask = batch["attention_mask"]
+        first = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+        inputs = torch.gather(batch["input_ids"] * mask, 1, first)
+    else:
+        inputs = batch["x"]
     rows = inputs.contiguous().view(torch.uint8).reshape(inputs.shape[0], -1).long()
     gen = torch.Generator().manual_seed(0)
     multipliers = torch.randint(1, _PRIME, (rows.shape[1],), generator=gen).to(rows.device)

@@ -90,6 +90,22 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
     return out
 
 
+def unaligned_teachers(configs: Sequence[PurifierConfig | None], teacher_names: Sequence[str],
+                       differing: Sequence[int]) -> list[str]:
+    """The teachers in ``differing`` (their tokenizer is not the student's) that no ``cross_base`` purifier aligns:
+    such a teacher would score the student's token ids as its own."""
+    from purify.purifiers.cross_base import resolve_teachers
+
+    where = next((k for k, c in enumerate(configs) if c is not None and c.name == "cross_base"), None)
+    if where is None:
+        return [f"teachers[{i}].tokenizer: differs from the student's tokenizer; use the same tokenizer or add a "
+                "cross_base purifier to align vocabularies" for i in differing]
+    aligned = resolve_teachers(configs[where].teachers, list(teacher_names), list(differing))  # type: ignore[union-attr]
+    return [f"teachers[{i}].tokenizer: differs from the student's tokenizer but purifiers[{where}] (cross_base) does "
+            f"not align it; add {i} to purifiers[{where}].teachers or leave teachers unset to align every such "
+            "teacher" for i in differing if i not in aligned]
+
+
 def frozen_by_lora(i: int, cfg: PurifierConfig) -> list[str]:
     """``purifiers[i]`` of a LoRA student, if it edits the full weights the adapter keeps frozen
     (:attr:`Contract.edits_weights`)."""
