@@ -136,11 +136,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _result(summary: dict[str, Any], first: str) -> int:
     """Print what a benchmark run (or its re-derivation) found: ``first``, then its verdicts
-    (:func:`verdict_lines`); a quick run is said to be no result, and one its own summary calls broken prints none."""
+    (:func:`verdict_lines`); a quick run is said to be no result, and a quick one its own summary calls broken
+    prints none (a full run prints its problems before its verdicts)."""
     print(first)
     if summary.get("quick") and summary.get("problems"):
         print(f"purify: quick run, no verdicts: {'; '.join(summary['problems'])}")
         return 0
+    for problem in summary.get("problems") or []:
+        print(f"purify: problem: {problem}: no arm judged against these two gets a verdict")
     if summary.get("quick"):
         print("purify: quick run (smoke test), not a result:")
     print("\n".join(verdict_lines(summary)))
@@ -151,6 +154,8 @@ def verdict_lines(summary: dict[str, Any]) -> list[str]:
     """What ``purify bench`` prints after a run: each arm's verdict, each probe-free arm's verdict at the rule's
     choice, and — when any knob of the run was chosen looking at the trait (``summary["tuned_on"]``) — one line
     saying so, so a fixed arm's ``purified`` is not read as a probe-free result."""
+    from purify.bench.verdicts import tuned_here
+
     lines = [f"  {name:40s} {verdict}" for name, verdict in summary.get("verdicts", {}).items()]
     for arm, block in (summary.get("probe_free") or {}).get("arms", {}).items():
         lines.append(f"  {arm + ' (probe-free choice)':40s} {block['verdict']}")
@@ -160,10 +165,13 @@ def verdict_lines(summary: dict[str, Any]) -> list[str]:
         here = [entry for entry in looked if entry.get("looked_at", trait) == trait]
         seeds = _ranges(sorted({s for entry in here or looked for s in entry["seeds"]}))
         elsewhere = sorted({entry["looked_at"] for entry in looked if entry not in here})
-        lines.append(f"purify: some fixed knobs above were chosen looking at the trait on seeds {seeds} (see "
-                     "summary.md, 'Seeds and tuning', for which and whether this run's seeds are among them); only "
-                     "the probe-free choices were made without it." if here else
-                     f"purify: this run's trait, {trait}, was never looked at to choose a knob; the fixed knobs above "
+        tuned = tuned_here(summary.get("seeds") or [], looked, trait)
+        lines.append((f"purify: some knobs above were chosen looking at the trait on seeds {seeds} (see summary.md, "
+                      "'Seeds and tuning', for which); "
+                      + (f"this run reports on {_ranges(tuned)} of them: verdicts on those choices are optimistic; "
+                         if tuned else "this run's seeds are not among them; ")
+                      + "the probe-free rule's per-seed choice never reads the trait.") if here else
+                     f"purify: this run's trait, {trait}, was never looked at to choose a knob; the knobs above "
                      f"were chosen looking at {', '.join(elsewhere)} on seeds {seeds} (see summary.md, 'Seeds and "
                      "tuning').")
     return lines

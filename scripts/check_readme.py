@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from purify.bench import probe_free
-from purify.bench.verdicts import LABELS, seed_span
+from purify.bench.verdicts import LABELS, seed_span, tuned_here
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- (results|probe-free)-table: (\S+)(?: rows=(\S+))? -->\n)(.*?)(<!-- /\2-table -->)", re.S)
@@ -100,17 +100,20 @@ def probe_free_table(summary: dict[str, Any], rows: list[str] | None = None) -> 
 def scoreboard(root: Path = ROOT) -> str:
     """One row per probe-free arm of every ``results/**/summary.json`` under ``root``, by verdict label (a win first,
     :data:`purify.bench.verdicts.LABELS`), then by path: the verdict at the rule's choice, the trait, the run, its
-    seeds — held out (``fresh``) when disjoint from every ``tuned_on`` entry that looked at the trait, else ``tuning
-    seeds``; ``pre-registered`` when a ``PREREGISTERED.md`` sits beside the summary — transfer − control with its 90%
+    seeds — held out (``fresh``) when disjoint from every ``tuned_on`` entry that looked at the run's trait
+    (:func:`purify.bench.verdicts.tuned_here`), else ``tuning seeds``; ``quick run: not a result`` for a smoke test;
+    ``pre-registered`` when a ``PREREGISTERED.md`` sits beside the summary — transfer − control with its 90%
     CI, the equivalence margin m (``–`` where the verdict was reached before it was needed, e.g. ``damaged``) and the
     task error relative to vanilla's."""
     rows = []
     for path in sorted((root / "results").glob("**/summary.json")):
         summary = json.loads(path.read_text())
         seeds = sorted(summary["seeds"])
-        tuned = any(set(seeds) & set(t["seeds"]) for t in summary.get("tuned_on") or [] if t.get("trait", True))
-        flags = ["tuning seeds" if tuned else "fresh", *(["pre-registered"] if (path.parent / "PREREGISTERED.md")
-                                                         .exists() else [])]
+        tuned = tuned_here(seeds, summary.get("tuned_on") or [], summary.get("trait"))
+        env = path.parent / "env.json"  # a quick run before summaries recorded it: its command says so
+        quick = summary.get("quick") or (env.exists() and "--quick" in json.loads(env.read_text()).get("command", ""))
+        flags = ["tuning seeds" if tuned else "fresh", *(["quick run: not a result"] if quick else []),
+                 *(["pre-registered"] if (path.parent / "PREREGISTERED.md").exists() else [])]
         run = path.parent.relative_to(root / "results").as_posix()
         for arm, a in ((summary.get("probe_free") or {}).get("arms") or {}).items():
             label = next((k for k in LABELS if a["verdict"].startswith(k)), "no verdict")

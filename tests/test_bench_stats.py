@@ -253,6 +253,14 @@ def test_a_guard_is_judged_on_its_mean_and_reports_the_seeds_below_its_band():
     assert guard.seeds_below(_runs([0.0] * 3, [0.2] * 3, animal_mass=[0.45, 0.449, float("nan")]), base,
                              control) == [1, 2]  # at the bound is inside; a NaN is not
     assert guard.seeds_below(lost, [{"seed": 0}], control) == []  # the base lacks the metric: no band to read
+    # measured on 3 of 5 seeds (NaN, missing): "every guard intact" was read on the 3 finite ones, and it was purified
+    partly = _runs(equivalent, [0.21] * 5, animal_mass=[0.85, float("nan"), 0.8, None, 0.86])
+    out = _verdict(partly, guards=[guard])
+    assert out.startswith("below frontier") and "guard P(any animal) not measured on seed(s) 1, 3" in out
+    assert _verdict(_runs(equivalent, [0.21] * 5, animal_mass=[0.1, float("nan"), 0.1, 0.1, 0.1]),
+                    guards=[guard]).startswith("damaged: P(any animal) (0.1 <")  # broken where it was measured
+    assert _verdict(_runs(equivalent, [0.21] * 5, animal_mass=[True] * 5), guards=[guard]).startswith(
+        "below frontier")  # a bool is no measurement
     # a band read from the control's 95% CI of the mean (style-tic's facts accuracy): seeds under its lower end
     facts = Guard("accuracy", "facts accuracy", not_below_control_ci=True)
     lower = 0.5 + 0.0 - 2.776 * (sum(e * e for e in NOISE) / 4) ** 0.5 / 5 ** 0.5  # control mean 0.5 + mean(NOISE)
@@ -310,7 +318,7 @@ def test_judge_pairs_each_arm_with_the_vanilla_of_its_loss_mode_and_skips_baseli
 
 
 def test_judge_holm_adjusts_across_arms():
-    from purify.bench.verdicts import assess, judge
+    from purify.bench.verdicts import assess, holm, judge
 
     base, control, vanilla = _world()
     arms = {f"arm{i}": _runs([0.55 + (1 + i) * e for e in ARM], [0.4] * 5) for i in range(4)}
@@ -327,6 +335,13 @@ def test_judge_holm_adjusts_across_arms():
         expected[k] = running
     assert order[0] == "arm0" and out["p_adjusted"] == pytest.approx(expected)
     assert out["p_adjusted"]["arm0"] == pytest.approx(4 * raw["arm0"])
+    # an arm called "above frontier" records the p of the reading that decided it (the upper end's)
+    above = {**conds, "worse": {"per_seed": _runs([0.95 + e for e in ARM], [0.4] * 5), "mode": "soft"}}
+    judged = judge(above)
+    assert judged["verdicts"]["worse"].startswith("above frontier")
+    upper = {k: assess(v["per_seed"], vanilla, control, base).p_upper for k, v in above.items() if "kind" not in v}
+    assert judged["p_adjusted"]["worse"] == pytest.approx(holm(upper)["worse"])
+    assert f"p_adj = {judged['p_adjusted']['worse']:.2g}" in judged["verdicts"]["worse"]
 
 
 def test_seed_caveats_follow_the_facts():
@@ -367,8 +382,15 @@ def test_headline_groups_arms_by_label_and_names_a_broken_run_first():
                           "- **damaged** (1): c", "- **no verdict** (1): e"]  # a win first, an overshoot no win
     assert lines[7] == "- a at the probe-free choice: **damaged: facts accuracy**"
     broken = headline_lines({"verdicts": {}, "problems": ["vanilla transfer is not above control's"]})
-    assert broken[2].startswith("- **Problem:** vanilla transfer") and "mean nothing" in broken[2]
+    assert broken[2].startswith("- **Problem:** vanilla transfer") and "no arm judged against" in broken[2]
     assert broken[3] == "- No purifier arm was judged in this run."
+    # a run reporting on seeds a knob was chosen on, looking at its trait, says so before any verdict
+    tuned = {"verdicts": {"a": "purified (…)"}, "seeds": [8, 9, 10, 11], "trait": "P(owl)",
+             "tuned_on": [{"seeds": [0, 1, 9, 10], "trait": True, "looked_at": "P(owl)", "what": "a"},
+                          {"seeds": [11], "trait": False, "what": "b"},
+                          {"seeds": [8], "trait": True, "looked_at": "P(fox)", "what": "c"}]}
+    assert headline_lines(tuned)[2].startswith("- **Reported on tuning seeds** 9–10: some knobs")
+    assert not any("tuning seeds" in x for x in headline_lines({**tuned, "seeds": [11, 12, 13]}))
     timed = {"wall_seconds": 100.0, "cpu_seconds": 180.0, "workers": 2, "threads": 1,
              "load_average_1min": {"start": 2.5, "end": 3.0}}
     assert timing_lines(timed) == ["Measured wall time 100 s with 2 worker processes, 1 torch thread each; 180 CPU s "
@@ -394,7 +416,8 @@ def test_aux_headline_lists_an_overshoot_as_anti_trait():
     lines = headline_lines(summary)
     at = lines.index("- **anti-trait** (1):")
     assert lines[at + 1].startswith("  - delta_projection@global-0.5: transfer -0.088")
-    assert lines[2].startswith("- vanilla transfer") and lines[2].endswith("**PASS**")
+    assert lines[2].startswith("- **Reported on tuning seeds** 10–19")  # its seeds confirmed α = 0.3 (tuned_on)
+    assert lines[3].startswith("- vanilla transfer") and lines[3].endswith("**PASS**")
 
 
 def test_bench_refuses_fewer_than_three_seeds_with_one_line(capsys):

@@ -72,6 +72,10 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     assert lines[0].split() == ["a@1", "purified", "(…)"] and lines[1].split() == ["b", "on", "frontier"]
     assert lines[2].startswith("  a (probe-free choice)") and lines[2].endswith("below frontier (…)")
     assert "looking at the trait on seeds 0-2, 7 " in lines[3] and "900" not in lines[3]
+    assert "this run's seeds are not among them" in lines[3]  # the summary holds no seeds
+    assert "reports on 1-2 of them: verdicts on those choices are optimistic" in verdict_lines(
+        {**summary, "seeds": [1, 2, 3]})[3]
+    assert "only the probe-free choices" not in lines[3]  # the probe-free arms and grids are tuning choices too
     assert len(verdict_lines({**summary, "tuned_on": [summary["tuned_on"][2]]})) == 3  # no caveat without a probe
     owl = [{**t, "looked_at": "P(owl)"} if t["trait"] else t for t in summary["tuned_on"]]
     other = verdict_lines({**summary, "trait": "P(fox)", "tuned_on": owl})[3]
@@ -99,6 +103,8 @@ def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> N
     (["hidden-preference", "--quick", "--data", "x.npz"], "--data: aux-logits only"),
     (["--quick", "--option", "conditions=[vanilla"], "--option: cannot read 'conditions=[vanilla'"),
     (["--quick", "--option", "steps=${seed}"], "--option: cannot read"),
+    (["aux-logits", "--quick", "--option", "conditions=[probe-free]", "--option", "conditions=[oracle]"],
+     "--option conditions given 2 times; give each key once"),  # ran the oracle alone, silently
     (["--quick", "--seeds", "2", "--first-seed", "4294967295"], "4294967296 is not a seed, an integer in [0, 2**32)"),
 ])
 def test_bad_bench_request_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):

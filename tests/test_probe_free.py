@@ -132,6 +132,38 @@ def test_block_joins_the_trait_after_the_choice_and_judges_it():
     assert "## Probe-free operating point" in text and "| anchor | weight: 1, 1, 1, 1, 1 |" in text
 
 
+def test_a_seed_where_every_setting_diverged_leaves_the_arm_without_a_verdict():
+    """The rule dropped a seed where every swept setting diverged, silently, and judged the survivors: settings
+    diverging on 2 of 5 seeds and at the control elsewhere gave a probe-free ``purified`` on 3 seeds."""
+    summary = _summary()
+    for name in ("anchor@0.3", "anchor@1", "anchor@3"):
+        for seed in (1, 3):
+            summary["conditions"][name]["per_seed"][seed]["diverged_at"] = 7
+    arm = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    assert arm["undecided_seeds"] == [1, 3] and list(arm["chosen"]) == ["0", "2", "4"]
+    assert arm["verdict"].startswith("no verdict: the rule chose no setting on seed(s) 1, 3 (every swept setting")
+    assert "undecided_seeds" not in block(_summary(), {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+
+
+def test_probe_free_verdicts_are_holm_adjusted_with_the_runs_arms():
+    """The probe-free arms were adjusted among themselves (a family of one here) while summary.md said across the
+    run's arms: the run's judged arms are in their family now."""
+    from purify.bench.verdicts import judge
+
+    summary = _summary()
+    entries = {c["name"]: {"per_seed": summary["conditions"][c["name"]]["per_seed"], "baseline": c["baseline"],
+                           "kind": c["kind"], "mode": "forward_kl", "student": None}
+               for c in summary["settings"]["conditions"]}
+    summary["verdicts"] = judge(entries)["verdicts"]
+    assert set(summary["verdicts"]) == {"anchor@0.3", "anchor@1", "anchor@3"}
+    alone = block(_summary(), {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    joint = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    # the probe-free arm is anchor@1 on every seed: same raw p; joined by the run's two judged arms the family grows
+    family = 1 + sum(1 for v in summary["verdicts"].values() if v.split(" ")[0] in ("purified", "below", "on",
+                                                                                   "above", "no") and "p_adj" in v)
+    assert family >= 2 and joint["p_adjusted"] > alone["p_adjusted"]
+
+
 def test_block_reports_the_seeds_whose_guard_is_below_its_band_beside_the_controls():
     summary = _summary()
     summary["conditions"]["anchor@1"]["per_seed"][2]["accuracy"] = 0.1  # the chosen setting loses it on seed 2

@@ -195,7 +195,9 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
 
     Stage 1 (no trait): per seed, :func:`choose_per_seed` on the :class:`Selectable` views. Stage 2: the chosen
     setting's full record per seed (trait, transfer, guards) forms a probe-free arm, judged with
-    :func:`purify.bench.verdicts.judge` against the run's base, control and vanilla (Holm across the probe-free arms).
+    :func:`purify.bench.verdicts.judge` against the run's base, control and vanilla, Holm-adjusted across the run's
+    arms (its verdicts' family) and the probe-free arms together. A seed of the run on which the rule chose nothing
+    (every setting diverged) leaves the arm without a verdict, naming the seeds.
 
     Args:
         summary: a suite's summary (``conditions`` with ``per_seed`` records; ``settings.conditions``).
@@ -209,7 +211,12 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
     base_refs = _baselines(summary)
     arms: dict[str, Any] = {}
-    judged_input = dict(base_refs)
+    undecided: dict[str, list[int]] = {}
+    settings = {c["name"]: c for c in summary.get("settings", {}).get("conditions", [])}
+    # the run's own arms join the family: the probe-free verdicts are Holm-adjusted across every arm of the run
+    judged_input = {**base_refs, **{n: {"per_seed": conds[n]["per_seed"], "baseline": False, "kind": None,
+                                        "mode": _mode(settings.get(n, {})), "student": None}
+                                    for n in summary.get("verdicts", {}) if n in conds}}
     reference_names: list[str] = []
     for arm, sweep in sweeps.items():
         if not all(n in conds for n in sweep.names(arm)):
@@ -219,6 +226,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         reference_names += [n for n in (vanilla_name, control_name) if n not in reference_names]
         vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
         chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
+        undecided[arm] = sorted(set(vanilla) - set(chosen))  # every setting diverged (or unscored) there
         # stage 2: join the trait and everything else of the chosen setting
         per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
                     for s, (p, _) in chosen.items()]
@@ -248,6 +256,11 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         for arm in arms:
             key = f"probe-free:{arm}"
             arms[arm]["verdict"] = judged["verdicts"].get(key, "no verdict")
+            if undecided[arm]:  # a seed the rule could not decide on is the arm failing there, not a lost record
+                arms[arm]["undecided_seeds"] = undecided[arm]
+                arms[arm]["verdict"] = (f"no verdict: the rule chose no setting on seed(s) "
+                                        f"{', '.join(map(str, undecided[arm]))} (every swept setting diverged there "
+                                        "or has no finite task error and drift)")
             arms[arm]["p_adjusted"] = judged["p_adjusted"].get(key)
             arms[arm]["frontier_gap"] = judged["frontier_gap"].get(key)
     reference = {n: {"drift": mean_ci([r.get("drift", math.nan) for r in conds[n]["per_seed"]])}

@@ -101,6 +101,11 @@ def parse_options(options: Sequence[str]) -> dict[str, Any]:
 
     from purify.types import first_line
 
+    keys = [o.split("=", 1)[0].strip() for o in options]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # the dotlist keeps the last silently: `conditions=[a] conditions=[b]` ran b alone
+        raise BenchError(f"--option {twice[0]} given {keys.count(twice[0])} times; give each key once (a list "
+                         "as KEY=[a,b])")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=True)  # type: ignore[return-value]
     except (OmegaConfBaseException, YAMLError, ValueError) as err:
@@ -473,7 +478,8 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
              "end least favourable to it, and a verdict that depends on the reading is **no verdict: frontier "
              f"unresolved**. No verdict either from fewer than {MIN_SEEDS} finite seeds, zero variance, task error "
              "not below the base's, or vanilla not significantly above control.",
-             f"- p_adj: Holm-adjusted across the {n} arm(s) with a frontier test in this run; each arm is judged "
+             f"- p_adj: Holm-adjusted across the {n} arm(s) with a frontier test in this run (a probe-free arm's: "
+             "across those and the probe-free arms together); each arm is judged "
              "against the control and vanilla of its own loss mode (`judged_against` in summary.json), and its "
              "transfer − control and task error ÷ vanilla's columns read the same two (a baseline's: the run's "
              "first control and vanilla)."]
@@ -498,12 +504,17 @@ def headline_lines(summary: Mapping[str, Any], first: Sequence[str] = (),
     """The first lines of a suite's ``summary.md``: the suite's problems (a broken run says so before any verdict),
     the suite's own ``first`` lines (aux-logits: its acceptance checks), its purifier arms grouped by verdict label
     (with ``brief(arm)``, one line of numbers per arm), each swept arm's verdict at the probe-free rule's choice."""
-    from purify.bench.verdicts import LABELS, by_label
+    from purify.bench.verdicts import LABELS, by_label, seed_span, tuned_here
 
     groups = by_label(summary.get("verdicts") or {})
+    tuned = tuned_here(summary.get("seeds") or [], summary.get("tuned_on") or [], summary.get("trait"))
     lines = ["## Headline", "", *(["- **quick run** (smoke test: fewer steps, seeds or conditions): not a result."]
                                   if summary.get("quick") else []),
-             *(f"- **Problem:** {p}: the verdicts below mean nothing." for p in summary.get("problems") or []), *first]
+             *(f"- **Problem:** {p}: no arm judged against these two gets a verdict." for p in
+               summary.get("problems") or []),
+             *([f"- **Reported on tuning seeds** {seed_span(tuned)}: some knobs of this suite were chosen looking at "
+                "this trait on them (see 'Seeds and tuning'); verdicts on those choices are optimistic."]
+               if tuned and groups else []), *first]
     for label in LABELS:
         names = groups.get(label.replace(" ", "_"), [])
         if names and brief:

@@ -75,13 +75,16 @@ class Guard:
         return out
 
     def problem(self, arm: Records, base: Records, control: Records) -> str | None:
-        """``None`` when the arm's mean is inside the band, ``"not measured"`` when the arm or a reference lacks the
-        metric, else why it is broken."""
+        """``None`` when the arm's mean is inside the band; why it is broken when the mean of its finite values is
+        under it; else ``"not measured"`` (``"not measured on seeds …"``) when the arm or a reference lacks the
+        metric on any seed: a guard measured on some seeds only is not "intact"."""
         values, bounds = _finite(r.get(self.metric) for r in arm), self._bounds(base, control)
         if not values or bounds is None:
             return "not measured"
         mean = float(np.mean(values))
-        return next((f"{mean:.3g} {under}" for bound, under in bounds if mean < bound), None)
+        broken = next((f"{mean:.3g} {under}" for bound, under in bounds if mean < bound), None)
+        missing = [r["seed"] for r in arm if not _ok(r.get(self.metric))]
+        return broken or (f"not measured on seed(s) {', '.join(map(str, missing))}" if missing else None)
 
     def band(self, base: Records, control: Records) -> float | None:
         """The least value inside the band (the highest bound), or ``None`` when a reference lacks the metric."""
@@ -113,7 +116,7 @@ def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
 
 
 def _finite(values: Any) -> list[float]:
-    return [float(v) for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    return [float(v) for v in values if _ok(v)]
 
 
 def _ok(value: Any) -> bool:
@@ -202,8 +205,8 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
     unmeasured = []
     for g in guards:
         problem = g.problem(a, b, c)
-        if problem == "not measured":
-            unmeasured.append(g.label)
+        if problem and problem.startswith("not measured"):
+            unmeasured.append(f"{g.label} {problem}")
         elif problem:
             return Assessment(f"damaged: {g.label} ({problem})", seeds)
     van_minus_ctl = [x["transfer"] - y["transfer"] for x, y in zip(v, c)]
@@ -238,7 +241,7 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
            "upper_reading": mean_ci(upper), "segment_jump": max(r[2] - r[1] for r in reads),
            "sparse_seeds": [s for s, sp in zip(seeds, sparse) if sp], "task_error_ratio": ratio,
            "transfer_minus_control": {"mean": tc_mean, "ci90": tc_ci}, "margin": margin}
-    extra = "; ".join(x for x in (f"guard {', '.join(unmeasured)} not measured" if unmeasured else "",
+    extra = "; ".join(x for x in (f"guard {', '.join(unmeasured)}" if unmeasured else "",
                                   note.strip(" ()")) if x)
     return Assessment(None, seeds, gap, _t(lower)[1], _t(upper)[1], purified, f" ({extra})" if extra else "")
 
@@ -276,7 +279,8 @@ def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] =
         guards: the suite's guard metrics.
 
     Returns:
-        ``{"verdicts": {arm: label}, "p_adjusted": {arm: Holm-adjusted p of the lower-end reading},
+        ``{"verdicts": {arm: label}, "p_adjusted": {arm: Holm-adjusted p of the reading that decided the label
+        (the upper-end reading's for ``above frontier``, else the lower end's)},
         "frontier_gap": {arm: gap statistics}, "against": {arm: {"base", "control", "vanilla"}}}``.
     """
     refs: dict[tuple[str, Any], str] = {}
@@ -304,9 +308,9 @@ def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] =
                              conditions[pair["base"]]["per_seed"], guards)  # type: ignore[index]
     p_lo = holm({n: x.p_lower for n, x in found.items() if x.label is None})
     p_hi = holm({n: x.p_upper for n, x in found.items() if x.label is None})
-    return {"verdicts": {n: label(x, p_lo.get(n, float("nan")), p_hi.get(n, float("nan")), alpha)
-                         for n, x in found.items()},
-            "p_adjusted": {n: p_lo[n] for n in p_lo},
+    labels = {n: label(x, p_lo.get(n, float("nan")), p_hi.get(n, float("nan")), alpha) for n, x in found.items()}
+    return {"verdicts": labels,
+            "p_adjusted": {n: p_hi[n] if labels[n].startswith("above frontier") else p_lo[n] for n in p_lo},
             "frontier_gap": {n: x.gap for n, x in found.items() if x.gap},
             "against": against}
 
@@ -335,6 +339,13 @@ def looking_at(trait: str, entries: Sequence[Mapping[str, Any]]) -> list[dict[st
     """``entries`` (``tuned_on`` records) with ``looked_at=trait`` on each whose choice looked at the trait: the
     trait it was, so a run on another trait (``--option trait=``) is not told its knobs were chosen looking at it."""
     return [{**e, "looked_at": trait} if e.get("trait", True) and "looked_at" not in e else dict(e) for e in entries]
+
+
+def tuned_here(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]], trait: str | None = None) -> list[int]:
+    """The ``seeds`` a ``tuned_on`` entry used to choose a knob looking at this run's ``trait``: verdicts on those
+    choices are not held out (optimistic)."""
+    return sorted({s for t in tuned_on if t.get("trait", True) and t.get("looked_at", trait) == trait
+                   for s in t["seeds"]} & set(seeds))
 
 
 def seed_caveats(seeds: Sequence[int], tuned_on: Sequence[Mapping[str, Any]], trait: str | None = None) -> list[str]:
