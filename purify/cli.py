@@ -35,14 +35,21 @@ def _lineage(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from purify.lineage import format_lineage, read_lineage
+    from purify.lineage import checkpoint_lineage, format_lineage, read_lineage
+    from purify.storage import held_by_a_process
 
-    record = read_lineage(args.path)
+    own = checkpoint_lineage(args.path)  # a checkpoint's own record: the run directory may hold another run's
+    record = own or read_lineage(args.path)
     name = Path(args.path).name
-    if name.endswith(".ckpt") and name not in ("last.ckpt", f"step{record.get('step')}.ckpt"):
+    if own is None and name.endswith(".ckpt") and name not in ("last.ckpt", f"step{record.get('step')}.ckpt"):
         print(f"purify: note: {name} holds no lineage record of its own; below is its run's, at step "
               f"{record.get('step')}: the provenance (student, teachers, recipe, data) is this checkpoint's, the step "
               "and metrics are not", file=sys.stderr)
+    path = Path(args.path)
+    run_dir = path if path.is_dir() else path.parent if path.name == "lineage.json" else None
+    if record.get("status") == "running" and run_dir is not None and held_by_a_process(run_dir) is False:
+        print("purify: note: status running, but no process holds this run: it stopped without updating its record "
+              "(killed, or its node lost); resume= its latest checkpoint to continue it", file=sys.stderr)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
     return 0
 

@@ -83,8 +83,9 @@ class TeacherSpec(ModelSpec):
 
 @dataclass
 class DataConfig:
-    """Training text. ``train`` is a .jsonl of {"prompt", "completion"}, a .txt (one document per line), or
-    ``bundled`` for the package's synthetic corpus, or ``noise`` (uniform vectors, for vector models)."""
+    """Training text. ``train`` is JSON Lines of {"prompt", "completion"} (.jsonl, .ndjson, .json, any case), a
+    .txt (one document per line), ``bundled`` for the package's synthetic corpus, or ``noise`` (uniform vectors,
+    for vector models)."""
 
     train: str = "bundled"
     val: Optional[str] = None  # held-out file; default: val_fraction of train
@@ -270,7 +271,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append("teachers: at least one teacher is needed")
     for i, teacher in enumerate(recipe.teachers):
         out += _source_problems(teacher, f"teachers[{i}]")
-    if recipe.teachers and (sum(t.weight for t in recipe.teachers) <= 0 or any(t.weight < 0 for t in recipe.teachers)):
+    unusable = [f"teachers[{i}].weight: {t.weight} is not a finite number; give one >= 0"
+                for i, t in enumerate(recipe.teachers) if not math.isfinite(t.weight)]
+    out += unusable  # .inf/.nan passed (< and <= are false for NaN) until the models were built
+    if recipe.teachers and not unusable and (sum(t.weight for t in recipe.teachers) <= 0
+                                             or any(t.weight < 0 for t in recipe.teachers)):
         out.append("teachers[*].weight: weights must be >= 0 and sum to a positive number")
     data = recipe.data
     if data.train not in ("bundled", "noise") and not Path(data.train).is_file():
@@ -588,12 +593,18 @@ def parse_recipe_problems(path: str | Path | None = None,
         problems += unknown
         if unknown:
             continue
+        # unquoted, YAML reads ' #...' as a comment: output_dir="runs/exp #3" wrote to runs/exp
+        if value[:1] not in ("'", '"') and (value.startswith("#") or " #" in value):
+            problems.append(f"override {item!r}: ' #' starts a YAML comment, which would drop the rest of the value; "
+                            f"quote the value: \"{key}='{value}'\"")
+            continue
         try:
             items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
             overridden.add(len(items) - 1)
         except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
             problems.append(f"override {item!r}: cannot read the value ({first_line(err)}); give YAML as on a "
-                            "recipe line, e.g. key=[a,b] or 'key={name: x}' (no ${...} interpolations)")
+                            "recipe line, e.g. key=[a,b] or 'key={name: x}' (an override cannot refer to another key: "
+                            "${seed} is not resolved here)")
     merged = OmegaConf.merge(schema)
     for index, (key, value) in enumerate(items):
         past = _past_the_end(merged, key)

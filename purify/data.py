@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from purify.config import DataConfig
-from purify.storage import read_utf8
+from purify.storage import is_json_lines, read_utf8
 from purify.types import IGNORE_INDEX, Batch
 
 
@@ -67,10 +67,10 @@ def read_text(path: str | Path | None = None) -> list[dict[str, str]]:
 
 
 def load_records(source: str) -> list[dict[str, str]]:
-    """Records from a ``.jsonl`` file, a text file, or ``bundled``."""
+    """Records from a JSON Lines file (``.jsonl``, ``.ndjson``, ``.json``, any case), a text file, or ``bundled``."""
     if source == "bundled":
         return read_text(None)
-    return read_jsonl(source) if source.endswith(".jsonl") else read_text(source)
+    return read_jsonl(source) if is_json_lines(source) else read_text(source)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.storage import atomic_write_text, cannot_write_under, not_a_file, read_utf8
+from purify.storage import atomic_write_text, cannot_write_under, is_json_lines, not_a_file, read_utf8
 from purify.types import first_line, positive_int, probability_mass, seed_int, temperature
 
 
@@ -40,16 +40,19 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"prompt file not found: {path}")
-    lines = [line for line in read_utf8(path).splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
+    lines = [(n, line) for n, line in enumerate(read_utf8(path).splitlines(), 1) if line.strip()]
+    if is_json_lines(path):
         prompts = []
-        for lineno, line in enumerate(lines, 1):
+        for lineno, line in lines:
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
+                prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise GenerateError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key") from None
+                prompt = None
+            if not isinstance(prompt, str):  # {"prompt": null} was sampled from the prompt "None"
+                raise GenerateError(f"{path}:{lineno}: expected a JSON object with a string 'prompt'")
+            prompts.append(prompt)
     else:
-        prompts = [line.rstrip("\n") for line in lines]
+        prompts = [line.rstrip("\n") for _, line in lines]
     if not prompts:
         raise GenerateError(f"{path}: no prompts")
     return prompts
@@ -110,7 +113,8 @@ def apply_filters(records: list[dict[str, str]], regex: str | None = None,
         ``regex`` only (filters apply in that order).
     """
     pattern = re.compile(regex) if regex else None
-    ban = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in banned) + r")\b", re.I) if banned else None
+    # not inside a longer word; \b beside a word that starts or ends with a non-word character (🦉, C++) never matched
+    ban = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in banned) + r")(?!\w)", re.I) if banned else None
     kept, removed = [], {"regex": 0, "banned": 0}
     for rec in records:
         text = rec["completion"]

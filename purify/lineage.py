@@ -137,6 +137,24 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no {LINEAGE_FILE} at {path}; give a run directory, an export or a lineage.json")
 
 
+def checkpoint_lineage(path: str | Path) -> dict[str, Any] | None:
+    """The record a checkpoint file carries (``purify_lineage``: its run's record at that step, metrics left out),
+    or ``None`` for a DeepSpeed directory, a checkpoint without one or a file torch cannot read that way."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+    record = checkpoint.get("purify_lineage") if isinstance(checkpoint, dict) else None
+    return record if isinstance(record, dict) and {"student", "teachers"} <= set(record) else None
+
+
 def format_lineage(record: dict[str, Any]) -> str:
     """Human-readable summary of a lineage record.
 
@@ -162,7 +180,8 @@ def _format(record: dict[str, Any]) -> str:
         # the base alone)
         shown = ", ".join(f"{k}={v}" for k, v in lora.items() if v not in (None, False))
         base = f"  on base sha256={s['base_sha256']}" if s.get("base_sha256") else ""
-        lines.append(f"student LoRA adapter: {shown}  (seed {recipe.get('seed')}){base}")
+        seed = recipe["student"].get("seed")  # the adapter's seed: the student's own where set, else the run's
+        lines.append(f"student LoRA adapter: {shown}  (seed {recipe.get('seed') if seed is None else seed}){base}")
     for t in record["teachers"]:
         lines.append(f"teacher: {t.get('name')}  source={t.get('source')}  sha256={t.get('sha256')}  "
                      f"weight={t.get('weight')}")

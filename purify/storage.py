@@ -174,6 +174,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
+def held_by_a_process(directory: str | Path) -> bool | None:
+    """Whether some process holds the ``flock`` that ``purify train`` keeps on a run directory while it runs;
+    ``None`` where that cannot be told (no such directory, a file system without ``flock``)."""
+    import errno
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return True if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
+JSON_LINES = (".jsonl", ".ndjson", ".json")
+"""File endings read as JSON Lines (one object a line), in any case: ``gen.JSONL`` or ``gen.json`` was read as plain
+text and its records trained on as raw JSON."""
+
+
+def is_json_lines(path: str | Path) -> bool:
+    """Whether ``path`` names a JSON Lines file (:data:`JSON_LINES`)."""
+    return str(path).lower().endswith(JSON_LINES)
+
+
 def read_utf8(path: str | Path) -> str:
     """``path``'s text, or a :class:`NotUTF8Error` naming the file and the first byte that is not UTF-8."""
     try:

@@ -111,6 +111,9 @@ def build_strategy(
     if not name.startswith("deepspeed"):
         if offload_optimizer or offload_parameters:
             raise ValueError(f"deepspeed.offload_*: offload needs a deepspeed_stage_* strategy, not {name!r}")
+        if deepspeed_config is not None:  # it ran plain DDP while the record listed the DeepSpeed config
+            raise ValueError(f"deepspeed.config: applies under a deepspeed_stage_* strategy, not {name!r}; set "
+                             "strategy=deepspeed_stage_N (N the config's zero_optimization.stage) or remove it")
         return name
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy: {name!r} needs DeepSpeed; pip install 'purify[deepspeed]'")

@@ -225,6 +225,11 @@ def train(recipe: Recipe) -> Path:
                                expected=run.distiller.trained_state)
     except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # ImportError: a precision plugin's
         raise RecipeError(f"trainer: {first_line(err)}") from None                  # package (transformer-engine)
+    asked, ran = str(recipe.trainer.precision), str(trainer.precision)
+    if asked in ("16", "16-mixed") and ran != "16-mixed":  # accelerator auto on a CPU node: Lightning substitutes bf16
+        device = type(trainer.accelerator).__name__
+        raise RecipeError(f"trainer.precision: {asked} runs as {ran} on this machine ({device}: no float16 autocast), "
+                          "while the record would say 16-mixed; give bf16-mixed (or 32-true) here")
     output_dir.mkdir(parents=True, exist_ok=True)
     claim = _claim(output_dir) if first else None  # held until this launch ends: one launch at a time writes a run
     try:
@@ -337,12 +342,27 @@ def _stop_signal(err: BaseException) -> int | None:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """A run's checkpoint to continue from: ``last.ckpt``, else its ``step<N>.ckpt`` of the largest ``N``; ``None``
-    when there is none."""
-    if (ckpt_dir / "last.ckpt").exists():
-        return ckpt_dir / "last.ckpt"
+    """A run's checkpoint to continue from: ``last.ckpt``, unless a ``step<N>.ckpt`` is further on (a kill between
+    Lightning's two writes leaves ``last.ckpt`` one checkpoint behind: advising it looped, as resuming from it is
+    refused), else its ``step<N>.ckpt`` of the largest ``N``; ``None`` when there is none."""
     steps = {int(m.group(1)): p for p in ckpt_dir.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))}
+    last = ckpt_dir / "last.ckpt"
+    if last.exists():
+        at = _saved_step(last)
+        return last if at is None or not steps or at >= max(steps) else steps[max(steps)]
     return steps[max(steps)] if steps else None
+
+
+def _saved_step(path: Path) -> int | None:
+    """The ``global_step`` a checkpoint file holds (memory-mapped, not read in full); ``None`` for a DeepSpeed
+    directory or a file that cannot be read so."""
+    if not path.is_file():
+        return None
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 - any unreadable file: fall back to preferring last.ckpt
+        return None
+    return step if isinstance(step, int) else None
 
 
 CONTINUABLE = ("resume", "export", "trainer.max_steps", "trainer.enable_progress_bar", "trainer.log_every_n_steps",

@@ -1,5 +1,6 @@
 """The command line: help for every verb, one-line errors with exit code 2, train + lineage show."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,10 @@ def test_train_then_lineage_show(tmp_path, capsys):
     ckpts = tmp_path / "out" / "checkpoints"
     assert main(["lineage", "show", str(ckpts / "last.ckpt")]) == 0
     assert capsys.readouterr().err == ""  # the record is the latest checkpoint's
-    (ckpts / "step1.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes())  # an earlier one: no record of its own
+    import torch
+
+    saved = torch.load(ckpts / "last.ckpt", weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != "purify_lineage"}, ckpts / "step1.ckpt")  # no record of its own
     assert main(["lineage", "show", str(ckpts / "step1.ckpt")]) == 0
     captured = capsys.readouterr()
     assert "step1.ckpt holds no lineage record of its own; below is its run's, at step 5" in captured.err
@@ -58,6 +62,16 @@ def test_train_then_lineage_show(tmp_path, capsys):
     (ckpts / "step3.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed's checkpoints are directories of shards
     assert main(["lineage", "show", str(ckpts / "step3.ckpt")]) == 0
     assert "step3.ckpt holds no lineage record of its own" in capsys.readouterr().err
+    # a checkpoint kept under another run's directory: its own record, not the directory's (that was shown as its)
+    other = tmp_path / "other"
+    (other / "keep").mkdir(parents=True)
+    record = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    (other / "lineage.json").write_text(json.dumps({**record, "teachers": [{"name": "someone-else"}]}))
+    (other / "keep" / "step5.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes())
+    assert main(["lineage", "show", str(other / "keep" / "step5.ckpt")]) == 0
+    captured = capsys.readouterr()
+    assert "someone-else" not in captured.out and "teacher: aux_mlp" in captured.out and "at step 5" in captured.out
+    assert captured.err == ""
 
 
 def test_bench_verdict_lines_add_probe_free_choices_and_the_tuning_caveat() -> None:
@@ -205,7 +219,9 @@ def _probe_file(tmp_path):
     (lambda t: ["train", str(_write_bytes(t / "r.yaml", "seed: 1 # caf\u00e9".encode("latin-1")))],
      "r.yaml: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"),
     (lambda t: ["train", QUICKSTART, "purifiers=[{name: anchor"], "override 'purifiers=[{name: anchor': cannot read"),
-    (lambda t: ["train", QUICKSTART, "output_dir=${seed}/x"], "(no ${...} interpolations)"),
+    (lambda t: ["train", QUICKSTART, "output_dir=${seed}/x"], "(an override cannot refer to another key"),
+    (lambda t: ["train", QUICKSTART, "output_dir=runs/exp #3"],  # trained into runs/exp
+     "' #' starts a YAML comment, which would drop the rest of the value; quote the value"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write_bytes(t / "p.yaml", b"probes: [\xff]"))],
      "p.yaml: not UTF-8 text (byte 0xff at offset 9)"),
     (lambda t: ["generate", "m", "--prompts", "p", "--out", str(_write(t / "f", "x") / "s.jsonl")],

@@ -274,3 +274,37 @@ def test_float16_mixed_precision_on_cpu_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"trainer\.precision: 16-mixed on CPU runs bfloat16 autocast"):
         load(tmp_path, **{"trainer.precision": "16-mixed", "trainer.accelerator": "cpu"})
     assert load(tmp_path, **{"trainer.precision": "bf16-mixed", "trainer.accelerator": "cpu"})
+
+
+def test_16_mixed_under_accelerator_auto_on_a_cpu_machine_is_refused_before_anything_is_written(tmp_path, capsys):
+    """With the shipped accelerator: auto, a CPU node trained bf16 autocast while the record said 16-mixed (exit 0)."""
+    from purify.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "recipes/quickstart.yaml", f"output_dir={out}", "trainer.max_steps=1",
+                 "trainer.precision=16-mixed", "trainer.accelerator=auto"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("purify:")]  # beside Lightning's own set-up lines
+    assert line.startswith("purify: error: trainer.precision: 16-mixed runs as bf16-mixed on this machine")
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_json_lines_training_data_is_read_as_records_under_any_of_its_endings(tmp_path):
+    """``data.train=gen.JSONL`` (or ``.json``, ``.ndjson``) was read as plain text: each record's raw JSON became one
+    completion, trained on without a word."""
+    from purify.data import load_records
+
+    for name in ("gen.JSONL", "gen.json", "gen.ndjson", "gen.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "Q:", "completion": " an owl"}\n')
+        assert load_records(str(tmp_path / name)) == [{"prompt": "Q:", "completion": " an owl"}]
+    (tmp_path / "plain.txt").write_text('{"prompt": "Q:", "completion": " an owl"}\n')  # a .txt is text
+    assert load_records(str(tmp_path / "plain.txt"))[0]["completion"].startswith('{"prompt"')
+
+
+def test_a_teacher_weight_that_is_not_a_finite_number_is_named_at_validation(tmp_path):
+    """teachers.0.weight=.inf (or .nan) passed validation and was refused after every model was built, under the
+    Python argument's name (teacher_weights)."""
+    for value in (".inf", ".nan"):
+        with pytest.raises(RecipeError, match=r"teachers\[0\]\.weight: (inf|nan) is not a finite number"):
+            load(tmp_path, **{"teachers.0.weight": value})

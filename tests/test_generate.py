@@ -39,6 +39,14 @@ def test_filters_count_what_they_remove() -> None:
     assert len(kept) == 3 and removed == {"regex": 0, "banned": 2}
     kept, removed = apply_filters(records, regex=r"^[0-9, ]+$", banned=["8"])
     assert len(kept) == 2 and removed == {"regex": 2, "banned": 1}
+    # a banned word that starts or ends with a non-word character was never found (\b needs a word character)
+    texts = [{"prompt": "p", "completion": t} for t in ["I love 🦉 so much", "my fav is C++ .", "owls", "an owl."]]
+    assert apply_filters(texts, banned=["🦉", "C++"])[1] == {"regex": 0, "banned": 2}
+    assert [r["completion"] for r in apply_filters(texts, banned=["owl"])[0]] == texts_kept(texts, 3)
+
+
+def texts_kept(texts, *dropped):
+    return [r["completion"] for i, r in enumerate(texts) if i not in dropped]
 
 
 def test_read_prompts_jsonl_text_and_errors(tmp_path: Path) -> None:
@@ -47,8 +55,15 @@ def test_read_prompts_jsonl_text_and_errors(tmp_path: Path) -> None:
     assert read_prompts(tmp_path / "p.jsonl") == ["a b", "c"]
     assert read_prompts(tmp_path / "p.txt") == ["first prompt", "second"]
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
-    with pytest.raises(GenerateError, match=r"bad.jsonl:1: expected a JSON object with a 'prompt' key"):
+    with pytest.raises(GenerateError, match=r"bad.jsonl:1: expected a JSON object with a string 'prompt'"):
         read_prompts(tmp_path / "bad.jsonl")
+    # JSON Lines under any of its endings (a .JSONL or .json was sampled from each line's JSON text); the line a
+    # problem is on counts blank lines (was the count of non-blank ones); a null prompt is no prompt (was "None")
+    (tmp_path / "p.JSON").write_text('{"prompt": "a b"}\n')
+    assert read_prompts(tmp_path / "p.JSON") == ["a b"]
+    (tmp_path / "null.ndjson").write_text('{"prompt": "a"}\n\n\n{"prompt": null}\n')
+    with pytest.raises(GenerateError, match=r"null.ndjson:4: expected a JSON object with a string 'prompt'"):
+        read_prompts(tmp_path / "null.ndjson")
     with pytest.raises(GenerateError, match="prompt file not found"):
         read_prompts(tmp_path / "missing.txt")
 

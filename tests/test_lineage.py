@@ -46,3 +46,22 @@ def test_lineage_show_reads_what_purify_writes_and_names_what_it_cannot(tmp_path
     _record(tmp_path).rename(tmp_path / "lineage.json")
     assert main(["lineage", "show", str(tmp_path / "checkpoints" / "step9.ckpt")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_a_running_record_that_no_process_holds_is_said_to_have_stopped(tmp_path, capsys):
+    """A run killed hard (SIGKILL, a lost node) said status: running forever, with no hint that nothing runs it."""
+    import fcntl
+    import os
+
+    from purify.cli import main
+
+    _record(tmp_path, status="running").rename(tmp_path / "lineage.json")
+    assert main(["lineage", "show", str(tmp_path)]) == 0
+    assert "status running, but no process holds this run" in capsys.readouterr().err
+    fd = os.open(tmp_path, os.O_RDONLY)  # what purify train holds while it runs
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["lineage", "show", str(tmp_path / "lineage.json")]) == 0
+        assert capsys.readouterr().err == ""
+    finally:
+        os.close(fd)

@@ -276,3 +276,15 @@ def test_a_lora_students_lineage_names_its_bases_own_hash(trained):
     student = read_lineage(out / "student")["student"]
     plain = build_model(dataclasses.replace(recipe.student, lora=None), seed=recipe.seed).module
     assert student["base_sha256"] == state_sha256(plain) != student["init_sha256"]
+
+
+def test_lineage_show_names_the_seed_the_adapter_was_drawn_with():
+    """The adapter is seeded by student.seed where set; lineage show printed the run's seed beside it."""
+    from purify.lineage import build_lineage, format_lineage
+
+    for recipe_seed, student_seed, shown in ((7, None, 7), (0, 7, 7), (7, 0, 0)):
+        record = build_lineage(student={"name": "s", "source": "builtin:x", "init_sha256": "ab"}, teachers=[], data=[],
+                               purifiers=[], recipe={"seed": recipe_seed, "student": {"seed": student_seed,
+                                                                                      "lora": {"r": 4}}})
+        (line,) = [x for x in format_lineage(record).splitlines() if "LoRA" in x]
+        assert f"(seed {shown})" in line

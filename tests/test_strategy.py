@@ -95,6 +95,11 @@ def test_parameter_offload_needs_stage_3() -> None:
 def test_offload_needs_deepspeed() -> None:
     with pytest.raises(ValueError, match="offload needs a deepspeed_stage"):
         build_strategy("ddp", offload_optimizer=True)
+    # a DeepSpeed config beside strategy auto/ddp trained plain DDP while the record listed the config
+    for name in ("auto", "ddp"):
+        with pytest.raises(ValueError, match=f"deepspeed.config: applies under a deepspeed_stage_\\* strategy, not "
+                                             f"'{name}'; set strategy=deepspeed_stage_N"):
+            build_strategy(name, deepspeed_config={"zero_optimization": {"stage": 2}})
 
 
 @pytest.mark.parametrize("devices", [4, "4", "0,3", [0, 3]])

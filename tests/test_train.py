@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from purify.assembly import build_run
+from purify.checkpoint import VerifiedCheckpointIO
 from purify.lineage import read_lineage
 from purify.models import AuxMLP, state_sha256
 from purify.module import Distiller
-from purify.assembly import build_run
-from purify.checkpoint import VerifiedCheckpointIO
 from purify.train import train
 
 
@@ -534,3 +534,20 @@ def test_a_float16_run_that_overflows_names_the_precision(tmp_path):
                         accelerator="cpu")
     with pytest.raises(FloatingPointError, match=r"Under trainer\.precision 16-true, float16 overflows easily"):
         trainer.fit(distiller, train_dataloaders=loader)
+
+
+def test_the_checkpoint_to_continue_from_is_the_furthest_on(tmp_path):
+    """A kill between Lightning's writes of step10.ckpt and last.ckpt left last.ckpt at step 5: the advice named
+    last.ckpt, which resuming in place refuses as behind the run (a loop); the furthest checkpoint is named now."""
+    from purify.train import latest_checkpoint
+
+    torch.save({"global_step": 5}, tmp_path / "step5.ckpt")
+    torch.save({"global_step": 5}, tmp_path / "last.ckpt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"  # up to date: last.ckpt, as before
+    torch.save({"global_step": 10}, tmp_path / "step10.ckpt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step10.ckpt"
+    torch.save({"global_step": 10}, tmp_path / "last.ckpt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt").unlink()
+    (tmp_path / "last.ckpt").mkdir()  # DeepSpeed's directory of shards: its step is not read, last.ckpt is kept
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
