@@ -33,3 +33,21 @@ def test_every_shipped_lm_arm_passes_train_validation():
     conds = lm_suites._core(True) + lm_suites._purifier_conditions(False) + swept
     check_conditions((c.name, c.purifiers, c.teachers, {"loss": c.loss}) for c in conds)
     assert any(c.purifiers for c in conds)
+
+
+def test_every_suites_default_seeds_are_disjoint_from_its_tuning_seeds():
+    """A suite's default run reports on held-out seeds: nothing checked it, so a new suite (or a choice recorded on
+    seeds inside a default range) could report on its tuning seeds by default."""
+    import importlib
+    import inspect
+
+    from purify.cli import SUITES
+
+    for suite, module_name in SUITES.items():
+        module = importlib.import_module(module_name)
+        defaults = inspect.signature(module.run_suite).parameters
+        first, count = defaults["first_seed"].default, defaults["seeds"].default
+        tuned = getattr(module, "TUNED_ON", None) or []
+        entries = [e for group in (tuned.values() if isinstance(tuned, dict) else [tuned]) for e in group]
+        looked = {s for e in entries if e.get("trait", True) for s in e["seeds"]}
+        assert not looked & set(range(first, first + count)), (suite, sorted(looked & set(range(first, first + count))))

@@ -143,6 +143,12 @@ def test_a_seed_where_every_setting_diverged_leaves_the_arm_without_a_verdict():
     assert arm["undecided_seeds"] == [1, 3] and list(arm["chosen"]) == ["0", "2", "4"]
     assert arm["verdict"].startswith("no verdict: the rule chose no setting on seed(s) 1, 3 (every swept setting")
     assert "undecided_seeds" not in block(_summary(), {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    # the strongest setting diverging on one seed: the rule chose among the others there, and the report says so
+    partial = _summary()
+    partial["conditions"]["anchor@3"]["per_seed"][2]["diverged_at"] = 5
+    out = block(partial, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})
+    assert out["arms"]["anchor"]["diverged_settings"] == {"2": [3.0]} and "undecided_seeds" not in out["arms"]["anchor"]
+    assert "- anchor: settings that diverged, by seed (the rule chose among the others there): 2: 3" in notes(out)
 
 
 def test_probe_free_verdicts_are_holm_adjusted_with_the_runs_arms():

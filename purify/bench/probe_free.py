@@ -212,6 +212,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     base_refs = _baselines(summary)
     arms: dict[str, Any] = {}
     undecided: dict[str, list[int]] = {}
+    vanilla_of: dict[str, Mapping[int, Any]] = {}
     settings = {c["name"]: c for c in summary.get("settings", {}).get("conditions", [])}
     # the run's own arms join the family: the probe-free verdicts are Holm-adjusted across every arm of the run
     judged_input = {**base_refs, **{n: {"per_seed": conds[n]["per_seed"], "baseline": False, "kind": None,
@@ -225,6 +226,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         mode, vanilla_name, control_name = references(summary, sweep.names(arm))
         reference_names += [n for n in (vanilla_name, control_name) if n not in reference_names]
         vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
+        vanilla_of[arm] = vanilla
         chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
         undecided[arm] = sorted(set(vanilla) - set(chosen))  # every setting diverged (or unscored) there
         # stage 2: join the trait and everything else of the chosen setting
@@ -256,6 +258,12 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         for arm in arms:
             key = f"probe-free:{arm}"
             arms[arm]["verdict"] = judged["verdicts"].get(key, "no verdict")
+            diverged = {str(s): [v for v in sweeps[arm].values
+                                 if by_seed[point_name(arm, v)][s].get("diverged_at") is not None]
+                        for s in sorted(set(vanilla_of[arm]) & set(by_seed[point_name(arm, sweeps[arm].values[0])]))}
+            diverged = {s: vs for s, vs in diverged.items() if vs}
+            if diverged:  # the rule chose among the others there: said beside the choice, not hidden in its inputs
+                arms[arm]["diverged_settings"] = diverged
             if undecided[arm]:  # a seed the rule could not decide on is the arm failing there, not a lost record
                 arms[arm]["undecided_seeds"] = undecided[arm]
                 arms[arm]["verdict"] = (f"no verdict: the rule chose no setting on seed(s) "
@@ -330,6 +338,10 @@ def notes(probe_free: Mapping[str, Any]) -> list[str]:
                      f"{_fmt(tc['ci90'][1])}] | ×{a['task_error_ratio']['mean']:.2f} | {a['drift']['mean']:.4g} | "
                      f"{guards} | {a['verdict']} |")
     ref = probe_free.get("reference_drift", {})
+    diverged = [f"- {arm}: settings that diverged, by seed (the rule chose among the others there): "
+                + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in vs)}" for s, vs in a["diverged_settings"].items())
+                for arm, a in arms.items() if a.get("diverged_settings")]
+    lines += ["", *diverged] if diverged else []
     lines += ["", "(* = no swept setting within the task budget on that seed: the least task error was taken.) "
               "Off-task drift of the references: " + ", ".join(f"{n} {v['drift']['mean']:.4g}" for n, v in ref.items())
               + "."]
