@@ -39,7 +39,12 @@ def _lineage(args: argparse.Namespace) -> int:
     from purify.storage import held_by_a_process
 
     own = checkpoint_lineage(args.path)  # a checkpoint's own record: the run directory may hold another run's
-    record = own or read_lineage(args.path)
+    try:
+        near = read_lineage(args.path) if own is not None else None
+    except (FileNotFoundError, ValueError):
+        near = None
+    same = near is not None and all(near.get(k) == own.get(k) for k in ("step", "student", "teachers", "created"))
+    record = near if same else own or read_lineage(args.path)  # the run's copy at that step also has its metrics
     name = Path(args.path).name
     if own is None and name.endswith(".ckpt") and name not in ("last.ckpt", f"step{record.get('step')}.ckpt"):
         print(f"purify: note: {name} holds no lineage record of its own; below is its run's, at step "
@@ -48,8 +53,9 @@ def _lineage(args: argparse.Namespace) -> int:
     path = Path(args.path)
     run_dir = path if path.is_dir() else path.parent if path.name == "lineage.json" else None
     if record.get("status") == "running" and run_dir is not None and held_by_a_process(run_dir) is False:
-        print("purify: note: status running, but no process holds this run: it stopped without updating its record "
-              "(killed, or its node lost); resume= its latest checkpoint to continue it", file=sys.stderr)
+        print("purify: note: status running, but no process on this machine holds this run: unless it runs on "
+              "another node, it stopped without updating its record (killed); resume= its latest checkpoint to "
+              "continue it", file=sys.stderr)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
     return 0
 

@@ -593,10 +593,10 @@ def parse_recipe_problems(path: str | Path | None = None,
         problems += unknown
         if unknown:
             continue
-        # unquoted, YAML reads ' #...' as a comment: output_dir="runs/exp #3" wrote to runs/exp
-        if value[:1] not in ("'", '"') and (value.startswith("#") or " #" in value):
-            problems.append(f"override {item!r}: ' #' starts a YAML comment, which would drop the rest of the value; "
-                            f"quote the value: \"{key}='{value}'\"")
+        dropped = _yaml_comment(value)  # output_dir="runs/exp #3" wrote to runs/exp
+        if dropped:
+            problems.append(f"override {item!r}: YAML reads {dropped!r} as a comment and would drop it; quote the "
+                            f"value in YAML (e.g. \"output_dir='runs/exp #3'\") or leave the '#' out")
             continue
         try:
             items.append((key, OmegaConf.from_dotlist([f"v={value}"]).v))
@@ -626,6 +626,16 @@ def parse_recipe_problems(path: str | Path | None = None,
     except OmegaConfBaseException as err:
         return None, problems + _explain(err, schema).problems
     return _expand_home(recipe), problems
+
+
+def _yaml_comment(value: str) -> str:
+    """The end of an override's value that YAML reads as a comment and drops (``""`` when none): text after the
+    last token the YAML scanner finds (a quoted ``'x #y'`` inside a list is part of its token)."""
+    try:
+        tokens = [t for t in yaml.scan(value) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+    except yaml.YAMLError:
+        return ""  # unreadable: the parse below names it
+    return value[max((t.end_mark.index for t in tokens), default=0):].strip()
 
 
 PATH_FIELDS = ("path", "gguf", "tokenizer", "cache")

@@ -125,8 +125,10 @@ class PurifyTrainer(Trainer):
             normalised by their own sampled-token count (then averaged over accumulation steps and devices).
         head_lr: learning rate of the purifier heads' parameter groups (``purify train``'s ``optim.head_lr``);
             ``None`` = ``args.learning_rate``. The Trainer's scheduler scales it like the student's.
-        teacher_tokenizers: each teacher's tokenizer where it differs from the student's (``cross_base``); the
-            student's is ``processing_class`` (purifiers with text sources, e.g. ``function_anchor``, tokenize with it).
+        teacher_tokenizers: each teacher's tokenizer (or ``None``): one that differs from the student's is refused
+            (``cross_base``, which aligns such a teacher, needs batches Trainer does not build: use ``purify
+            train``); the student's is ``processing_class`` (purifiers with text sources, e.g. ``function_anchor``,
+            tokenize with it).
         *args, **kwargs: passed to ``transformers.Trainer`` (``model`` is the student).
     """
 
@@ -279,9 +281,9 @@ class PurifyTrainer(Trainer):
             # (Trainer multiplies the whole loss by the processes, which weighed each purifier term that many times)
             spread = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             batch["num_items"] = num_items_in_batch / spread
-        if self.distiller.on_policy is not None:
-            devices = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps * devices,
+        if self.distiller.on_policy is not None:  # a sampled batch counts its own tokens, this rank's share (DDP
+            # averages the ranks' losses), over the accumulation steps
+            batch = self.distiller.on_policy_batch(batch, self.state.global_step, count_scale=steps,
                                                    rank=self.args.process_index)
         full = None
         fused = self.distiller.loss_config.fused_linear

@@ -139,7 +139,11 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_lineage(path: str | Path) -> dict[str, Any] | None:
     """The record a checkpoint file carries (``purify_lineage``: its run's record at that step, metrics left out),
-    or ``None`` for a DeepSpeed directory, a checkpoint without one or a file torch cannot read that way."""
+    or ``None`` for a DeepSpeed directory, a checkpoint without one or a file torch cannot read with
+    ``weights_only`` (a single-file DeepSpeed export holding other classes).
+
+    Raises:
+        LineageError: the record is of another format than this purify reads."""
     import pickle
 
     import torch
@@ -152,7 +156,12 @@ def checkpoint_lineage(path: str | Path) -> dict[str, Any] | None:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
         return None
     record = checkpoint.get("purify_lineage") if isinstance(checkpoint, dict) else None
-    return record if isinstance(record, dict) and {"student", "teachers"} <= set(record) else None
+    if not (isinstance(record, dict) and {"student", "teachers"} <= set(record)):
+        return None
+    if record.get("format") != FORMAT:
+        raise LineageError(f"{path}: record format {record.get('format')!r}, this purify reads {FORMAT!r}; read it "
+                           "with the purify that wrote it (its versions entry), or --json")
+    return record
 
 
 def format_lineage(record: dict[str, Any]) -> str:

@@ -188,7 +188,8 @@ def distillation_loss(
 
     Raises:
         ValueError: naming the argument: logits of two vocabularies, a weight or labels that do not match the
-            student's positions, labels outside ``[0, V)`` other than ``IGNORE_INDEX``, a bad ``name``/``beta``/...
+            student's positions, labels outside ``[0, V)`` other than ``IGNORE_INDEX`` (labels on the CPU), a bad
+            ``name``/``beta``/...
     """
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and labels is None:
@@ -213,7 +214,8 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
                   ignore_index: int) -> None:
     """One ``ValueError`` naming the argument, where torch would say "size of tensor a (…) must match" or, on a
     GPU, assert on the device: logits of different vocabularies, a weight or labels that do not cover the student's
-    positions, labels outside ``[0, V)`` other than ``ignore_index`` (checking them reads the labels once)."""
+    positions, labels outside ``[0, V)`` other than ``ignore_index`` (on the CPU: on an accelerator the check would
+    synchronise every step, and the kernel asserts instead)."""
     def shape(x: Tensor) -> str:
         return str(tuple(x.shape))
 
@@ -243,8 +245,9 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
     if labels is not None:
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"distillation_loss: labels must be integer token ids, got {labels.dtype}")
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if bool(bad.any()):
+        # on an accelerator, reading the check back would stall every step: the range is left to the kernel there
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index) if labels.device.type == "cpu" else None
+        if bad is not None and bool(bad.any()):
             raise ValueError(f"distillation_loss: labels hold {labels[bad][0].item()}, outside the student's "
                              f"vocabulary [0, {vocab}) and not the ignore index {ignore_index}")
 

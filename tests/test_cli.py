@@ -50,7 +50,9 @@ def test_train_then_lineage_show(tmp_path, capsys):
     capsys.readouterr()
     ckpts = tmp_path / "out" / "checkpoints"
     assert main(["lineage", "show", str(ckpts / "last.ckpt")]) == 0
-    assert capsys.readouterr().err == ""  # the record is the latest checkpoint's
+    captured = capsys.readouterr()
+    assert captured.err == ""  # the record is the latest checkpoint's
+    assert "metrics: " in captured.out  # its run's copy at that step: the checkpoint's own leaves them out
     import torch
 
     saved = torch.load(ckpts / "last.ckpt", weights_only=True)
@@ -221,7 +223,7 @@ def _probe_file(tmp_path):
     (lambda t: ["train", QUICKSTART, "purifiers=[{name: anchor"], "override 'purifiers=[{name: anchor': cannot read"),
     (lambda t: ["train", QUICKSTART, "output_dir=${seed}/x"], "(an override cannot refer to another key"),
     (lambda t: ["train", QUICKSTART, "output_dir=runs/exp #3"],  # trained into runs/exp
-     "' #' starts a YAML comment, which would drop the rest of the value; quote the value"),
+     "YAML reads '#3' as a comment and would drop it; quote the value in YAML"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write_bytes(t / "p.yaml", b"probes: [\xff]"))],
      "p.yaml: not UTF-8 text (byte 0xff at offset 9)"),
     (lambda t: ["generate", "m", "--prompts", "p", "--out", str(_write(t / "f", "x") / "s.jsonl")],

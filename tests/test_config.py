@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from purify.assembly import load_recipe
 from purify.config import RecipeError
@@ -276,6 +277,7 @@ def test_float16_mixed_precision_on_cpu_is_refused(tmp_path):
     assert load(tmp_path, **{"trainer.precision": "bf16-mixed", "trainer.accelerator": "cpu"})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU runs float16 autocast: nothing to refuse")
 def test_16_mixed_under_accelerator_auto_on_a_cpu_machine_is_refused_before_anything_is_written(tmp_path, capsys):
     """With the shipped accelerator: auto, a CPU node trained bf16 autocast while the record said 16-mixed (exit 0)."""
     from purify.cli import main
@@ -308,3 +310,19 @@ def test_a_teacher_weight_that_is_not_a_finite_number_is_named_at_validation(tmp
     for value in (".inf", ".nan"):
         with pytest.raises(RecipeError, match=r"teachers\[0\]\.weight: (inf|nan) is not a finite number"):
             load(tmp_path, **{"teachers.0.weight": value})
+
+
+def test_an_override_whose_end_yaml_would_drop_as_a_comment_is_refused_and_a_quoted_one_kept(tmp_path):
+    """output_dir="runs/exp #3" trained into runs/exp (YAML's comment); a quoted value, or a '#' inside a word or a
+    quoted list item, is the value."""
+    from purify.config import parse_recipe_problems
+
+    quickstart = "recipes/quickstart.yaml"
+    for value in ("runs/exp #3", "'runs/exp' #3", "#3"):
+        _, problems = parse_recipe_problems(quickstart, [f"output_dir={value}"])
+        assert len(problems) == 1 and "as a comment and would drop it" in problems[0], (value, problems)
+    for value, kept in (("'runs/exp #3'", "runs/exp #3"), ("a#b", "a#b"), ("https://x/a#b", "https://x/a#b")):
+        recipe, problems = parse_recipe_problems(quickstart, [f"output_dir={value}"])
+        assert not problems and recipe.output_dir == kept
+    _, problems = parse_recipe_problems(quickstart, ["purifiers=[{name: function_anchor, source: 'x #y.txt'}]"])
+    assert not any("comment" in p for p in problems)

@@ -139,6 +139,35 @@ def test_a_purifier_head_beside_a_users_own_scheduler_is_refused_with_the_fix(se
         trainer.train()
 
 
+def test_an_on_policy_step_weighs_the_same_on_one_process_or_two(setup, tmp_path, monkeypatch):
+    """Under DDP a sampled step's distillation term came out 1/(number of processes) of its weight once the loss
+    was no longer multiplied by the processes (its count was scaled by them too): each rank's loss is its own
+    sampled tokens' mean, whatever the number of processes."""
+    from accelerate import Accelerator
+
+    from purify.config import OnPolicyConfig
+
+    tok, student, teacher, rows = setup
+    args = TrainingArguments(str(tmp_path / "op"), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    trainer = PurifyTrainer(model=copy.deepcopy(student), teachers=[teacher], args=args, train_dataset=rows,
+                            data_collator=collator, processing_class=tok,
+                            on_policy=OnPolicyConfig(lam=1.0, max_new_tokens=4))
+    trainer.model.train()
+    inputs = collator(rows[:4])
+    count = int((inputs["labels"][:, 1:] != -100).sum())
+    losses = []
+    for processes in (1, 2):  # two ranks holding the same rows: Trainer's count is twice one rank's
+        monkeypatch.setattr(Accelerator, "num_processes", property(lambda self, n=processes: n))
+        trainer.distiller.on_policy._step = -1  # the same samples: micro-batch 0 of step 0 again
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, dict(inputs),
+                                               num_items_in_batch=torch.tensor(processes * count)))
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[0], losses[1])
+
+
 def _noisy(teacher, scale=0.3, seed=1):
     torch.manual_seed(seed)
     other = copy.deepcopy(teacher)

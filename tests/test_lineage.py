@@ -57,7 +57,7 @@ def test_a_running_record_that_no_process_holds_is_said_to_have_stopped(tmp_path
 
     _record(tmp_path, status="running").rename(tmp_path / "lineage.json")
     assert main(["lineage", "show", str(tmp_path)]) == 0
-    assert "status running, but no process holds this run" in capsys.readouterr().err
+    assert "status running, but no process on this machine holds this run" in capsys.readouterr().err
     fd = os.open(tmp_path, os.O_RDONLY)  # what purify train holds while it runs
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -141,7 +141,15 @@ def test_a_seed_where_every_setting_diverged_leaves_the_arm_without_a_verdict():
             summary["conditions"][name]["per_seed"][seed]["diverged_at"] = 7
     arm = block(summary, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
     assert arm["undecided_seeds"] == [1, 3] and list(arm["chosen"]) == ["0", "2", "4"]
-    assert arm["verdict"].startswith("no verdict: the rule chose no setting on seed(s) 1, 3 (every swept setting")
+    assert arm["verdict"].startswith("no verdict: the rule chose no setting on seed(s) 1, 3 (seed 1: every swept "
+                                     "setting diverged or has no finite task error and drift; seed 3: every")
+    assert arm["p_adjusted"] is None and arm["frontier_gap"] is None  # out of the Holm family
+    # a seed a sweep point has no record of is named as such (it is no divergence)
+    missing = _summary()
+    missing["conditions"]["anchor@1"]["per_seed"] = missing["conditions"]["anchor@1"]["per_seed"][:4]
+    arm = block(missing, {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
+    assert arm["verdict"].startswith("no verdict: the rule chose no setting on seed(s) 4 (seed 4: no record of "
+                                     "anchor@1)")
     assert "undecided_seeds" not in block(_summary(), {"anchor": Sweep("weight", (0.3, 1.0, 3.0))})["arms"]["anchor"]
     # the strongest setting diverging on one seed: the rule chose among the others there, and the report says so
     partial = _summary()

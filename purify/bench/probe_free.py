@@ -211,8 +211,8 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
     by_seed = {n: {r["seed"]: r for r in c["per_seed"]} for n, c in conds.items()}
     base_refs = _baselines(summary)
     arms: dict[str, Any] = {}
-    undecided: dict[str, list[int]] = {}
-    vanilla_of: dict[str, Mapping[int, Any]] = {}
+    undecided: dict[str, dict[int, str]] = {}
+    diverged: dict[str, dict[str, list[float]]] = {}
     settings = {c["name"]: c for c in summary.get("settings", {}).get("conditions", [])}
     # the run's own arms join the family: the probe-free verdicts are Holm-adjusted across every arm of the run
     judged_input = {**base_refs, **{n: {"per_seed": conds[n]["per_seed"], "baseline": False, "kind": None,
@@ -226,14 +226,21 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         mode, vanilla_name, control_name = references(summary, sweep.names(arm))
         reference_names += [n for n in (vanilla_name, control_name) if n not in reference_names]
         vanilla, control = by_seed.get(vanilla_name, {}), by_seed.get(control_name, {})
-        vanilla_of[arm] = vanilla
         chosen = choose_per_seed(sweep, arm, by_seed, vanilla)  # stage 1: no trait
-        undecided[arm] = sorted(set(vanilla) - set(chosen))  # every setting diverged (or unscored) there
+        points = {v: by_seed[point_name(arm, v)] for v in sweep.values}
+        # a seed of the run the rule decided nothing on is the arm failing there, not a record to leave out
+        undecided[arm] = {s: "no vanilla record" if s not in vanilla else
+                          "; ".join(f"no record of {point_name(arm, v)}" for v, recs in points.items() if s not in recs)
+                          or "every swept setting diverged or has no finite task error and drift"
+                          for s in sorted(set(summary.get("seeds") or vanilla) | set(vanilla)) if s not in chosen}
+        diverged[arm] = {str(s): vs for s in chosen if (vs := [v for v, recs in points.items()
+                                                              if recs[s].get("diverged_at") is not None])}
         # stage 2: join the trait and everything else of the chosen setting
         per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
                     for s, (p, _) in chosen.items()]
-        judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
-                                             "mode": mode, "student": None}
+        if not undecided[arm]:  # an arm without a verdict stays out of the Holm family
+            judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
+                                                 "mode": mode, "student": None}
         tc = [r["transfer"] - control[r["seed"]]["transfer"] for r in per_seed if r["seed"] in control]
         ci90 = mean_ci(tc, level=0.90)
         ratio = [r["task_error"] / vanilla[r["seed"]]["task_error"] for r in per_seed]
@@ -258,17 +265,13 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         for arm in arms:
             key = f"probe-free:{arm}"
             arms[arm]["verdict"] = judged["verdicts"].get(key, "no verdict")
-            diverged = {str(s): [v for v in sweeps[arm].values
-                                 if by_seed[point_name(arm, v)][s].get("diverged_at") is not None]
-                        for s in sorted(set(vanilla_of[arm]) & set(by_seed[point_name(arm, sweeps[arm].values[0])]))}
-            diverged = {s: vs for s, vs in diverged.items() if vs}
-            if diverged:  # the rule chose among the others there: said beside the choice, not hidden in its inputs
-                arms[arm]["diverged_settings"] = diverged
-            if undecided[arm]:  # a seed the rule could not decide on is the arm failing there, not a lost record
-                arms[arm]["undecided_seeds"] = undecided[arm]
+            if diverged[arm]:  # the rule chose among the others there: said beside the choice, not only as NaN
+                arms[arm]["diverged_settings"] = diverged[arm]
+            if undecided[arm]:
+                arms[arm]["undecided_seeds"] = list(undecided[arm])
                 arms[arm]["verdict"] = (f"no verdict: the rule chose no setting on seed(s) "
-                                        f"{', '.join(map(str, undecided[arm]))} (every swept setting diverged there "
-                                        "or has no finite task error and drift)")
+                                        f"{', '.join(map(str, undecided[arm]))} ("
+                                        + "; ".join(f"seed {s}: {why}" for s, why in undecided[arm].items()) + ")")
             arms[arm]["p_adjusted"] = judged["p_adjusted"].get(key)
             arms[arm]["frontier_gap"] = judged["frontier_gap"].get(key)
     reference = {n: {"drift": mean_ci([r.get("drift", math.nan) for r in conds[n]["per_seed"]])}
