@@ -181,7 +181,10 @@ class Purifier(nn.Module):
 
 
 class TargetPurifier(Purifier):
-    """Transforms teacher targets: ``(batch, teacher outputs, targets) -> targets``."""
+    """Transforms teacher targets: ``(batch, teacher outputs, targets) -> targets``.
+
+    The loss is normalised by the batch's target positions counted before any target purifier (``target_mask``, or
+    the run's global count): lowering ``targets.weight`` lowers the loss, raising it raises it."""
 
     kind = "target"
 
