@@ -365,24 +365,42 @@ class DistillDataModule(L.LightningDataModule):
                 TokenDataset(val, self.tokenizer, cfg.max_length, self.teacher_tokenizers))
 
     def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None and self.val_dataset is None and self.config.train == "bundled":
+            raise DataError("DistillDataModule: train_dataset given without val_dataset, so validation would read "
+                            "config.train, purify's bundled corpus; give val_dataset= (held-out examples of yours)")
         if self.train_dataset is None or self.val_dataset is None:
             train, val = self._datasets()
             self.train_dataset = self.train_dataset or train
             self.val_dataset = self.val_dataset or val
 
-    def train_dataloader(self) -> DataLoader:
+    def _layout(self) -> tuple[int, int, int]:
+        """``(processes, this rank, accumulation steps)``: the attached Trainer's (its ``accumulate_grad_batches``:
+        the loss divides the global target count by it, so a datamodule counting another was k times off), else
+        one process and ``accumulate``."""
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if trainer is None:
+            return 1, 0, self.accumulate
+        return trainer.world_size, trainer.global_rank, int(trainer.accumulate_grad_batches)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank, accumulate = self._layout()
+        size, batch = self.config.global_batch_size, self.config.batch_size
+        if size is not None and size != batch * world * accumulate:  # purify train derives batch_size from it
+            raise DataError(f"data.global_batch_size {size}, but batch_size {batch} × {world} process(es) × "
+                            f"{accumulate} accumulation step(s) = {batch * world * accumulate}; set batch_size (or "
+                            "Trainer(accumulate_grad_batches=...)) to match, or leave global_batch_size unset")
+        # the stream starts at the Trainer's step (restored before the loaders are built): a fresh fit after a
+        # resumed one, or a second fit on one Trainer, started where the last checkpoint load had set it
+        start = self.trainer.global_step if self.trainer is not None else self.start_step
         counts = [self.train_dataset.num_targets(i) for i in range(len(self.train_dataset))]
-        sampler = GlobalBatchSampler(counts, self.config.batch_size, self.accumulate, world, rank, self.seed,
-                                     self.start_step)
+        sampler = GlobalBatchSampler(counts, self.config.batch_size, accumulate, world, rank, self.seed, start)
         return DataLoader(_StepBatches(self.train_dataset, sampler), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        ds, trainer = self.val_dataset, self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        ds = self.val_dataset
+        world, rank, accumulate = self._layout()
         n = len(ds) if self.val_batches is None else \
-            min(len(ds), self.val_batches * self.config.batch_size * world * self.accumulate)
+            min(len(ds), self.val_batches * self.config.batch_size * world * accumulate)
         # every world-th example from the rank's own, the same count on every process (ZeRO-3 gathers parameters in
         # each forward: the ranks' batch counts must match), a short share made up with a copy of example 0 whose
         # target mask is zeroed; the metrics sum over the ranks. A DistributedSampler of its own: Lightning (with

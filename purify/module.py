@@ -260,7 +260,12 @@ class Distiller(L.LightningModule):
         if trainer.max_steps > 0:
             return max(1, trainer.max_steps)
         estimate = trainer.estimated_stepping_batches
-        return max(1, int(estimate)) if math.isfinite(estimate) else 1
+        if not math.isfinite(estimate) or estimate < 1:  # an endless stream (DistillDataModule's): Lightning
+            # estimates inf or -1, and the run was planned as 1 step
+            raise RecipeError("trainer: a run sized by max_epochs over data without an end (DistillDataModule's "
+                              "stream) has no planned length for its schedule and purifier ramps; give "
+                              "Trainer(max_steps=...) or Distiller(total_steps=...)")
+        return max(1, int(estimate))
 
     def _build_teachers(self) -> None:
         """Run the teacher builder (once) and freeze what it returns."""
@@ -594,12 +599,21 @@ class Distiller(L.LightningModule):
                 self.log(f"val/{key}", value, prog_bar=key == "kl")
         self.val_fidelity.reset()
 
+    def on_train_start(self) -> None:
+        """Training mode for the student and heads (:meth:`train`): Lightning keeps a module's mode as it was given,
+        and a student from ``from_pretrained`` comes in ``eval()``: it trained with dropout off. A run without a
+        planned length (``max_epochs`` over an endless stream) is refused here (:meth:`_planned_steps`)."""
+        self._planned_steps()
+        self.train()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Run the parameter-side purifiers' ``before_step`` on the accumulated gradients."""
+        """Run the parameter-side purifiers' ``before_step`` on the accumulated gradients (a subclass overriding
+        this hook calls ``super().on_before_optimizer_step(optimizer)``, or the parameter purifiers do nothing)."""
         for p in self._of_kind(ParameterPurifier):
             p.before_step(self.student)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the parameter purifiers' ``after_step`` (an override calls ``super()`` too)."""
         super().optimizer_step(*args, **kwargs)
         self.after_optimizer_step()
 
