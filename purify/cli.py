@@ -44,7 +44,8 @@ def _lineage(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError):
         near = None
     same = near is not None and all(near.get(k) == own.get(k) for k in ("step", "student", "teachers", "created"))
-    record = near if same else own or read_lineage(args.path)  # the run's copy at that step also has its metrics
+    # the run's copy at that step also has its metrics; a record saved in a checkpoint is that checkpoint's state
+    record = near if same else {**own, "status": "checkpoint"} if own else read_lineage(args.path)
     name = Path(args.path).name
     if own is None and name.endswith(".ckpt") and name not in ("last.ckpt", f"step{record.get('step')}.ckpt"):
         print(f"purify: note: {name} holds no lineage record of its own; below is its run's, at step "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from purify.align import same_tokenizer
 from purify.config import LossConfig, OnPolicyConfig
 from purify.losses import distillation_loss
 from purify.models import model_forward
@@ -138,6 +139,16 @@ class PurifyTrainer(Trainer):
                  **kwargs: Any) -> None:
         if head_lr is not None and not (isinstance(head_lr, (int, float)) and 0 < head_lr < math.inf):
             raise ValueError(f"head_lr: must be a finite number > 0, or None for args.learning_rate, got {head_lr!r}")
+        student_tokenizer = kwargs.get("processing_class")
+        if student_tokenizer is not None and teacher_tokenizers:  # said here: the Distiller's own line would send a
+            # PurifyTrainer user to cross_base, refused below
+            other = [i for i, t in enumerate(teacher_tokenizers) if t is not None and not same_tokenizer(
+                student_tokenizer, t)]
+            if other:
+                raise ValueError(f"PurifyTrainer: teachers[{other[0]}]'s tokenizer differs from the student's "
+                                 "(processing_class): a teacher of another tokenizer is aligned by cross_base, which "
+                                 "needs batches Trainer does not build; use purify train or the Lightning Distiller "
+                                 "with DistillDataModule(teacher_tokenizers=...)")
         aligning = [i for i, p in enumerate(purifiers) if getattr(getattr(p, "config", None), "name", None)
                     == "cross_base"]
         if aligning:

@@ -118,6 +118,10 @@ def test_packed_batches_and_unaligned_teacher_tokenizers_are_refused(setup, tmp_
     other = build_tokenizer(SENTENCES, kind="word")
     with pytest.raises(RecipeError, match="teachers\\[0\\].tokenizer: differs from the student's tokenizer"):
         Distiller(copy.deepcopy(student), [teacher], student_tokenizer=tok, teacher_tokenizers=[other])
+    with pytest.raises(ValueError, match="PurifyTrainer: teachers\\[0\\]'s tokenizer differs from the student's"):
+        PurifyTrainer(model=copy.deepcopy(student), teachers=[teacher], processing_class=tok,
+                      teacher_tokenizers=[other], args=TrainingArguments(str(tmp_path / "x"), use_cpu=True,
+                                                                          report_to=[]))
     with pytest.raises(ValueError, match="cross_base\\) needs each example also in the teacher's tokenization"):
         _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, purifiers=[CrossBase(CrossBaseConfig())])
 

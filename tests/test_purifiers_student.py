@@ -494,10 +494,14 @@ def test_lineage_adversary_must_come_first_and_not_beside_an_ensemble(tmp_path):
     with pytest.raises(RecipeError, match=r"purifiers\[1\]\.name: adversary must be the first purifier"):
         load_recipe(None, mlp_overrides(tmp_path, teachers=two,
                                         purifiers="[{name: anchor}, {name: adversary, target: lineage}]"))
-    with pytest.raises(RecipeError, match=r"purifiers\[1\]\.name: ensemble rebuilds the targets .* discard what "
-                                          r"adversary \(purifiers\[0\]\)"):
-        load_recipe(None, mlp_overrides(tmp_path, teachers=two,
-                                        purifiers="[{name: adversary, target: lineage}, {name: ensemble}]"))
+    # either order was refused by the other's rule, each message sending the user to the other order
+    for stack in ("[{name: adversary, target: lineage}, {name: ensemble}]",
+                  "[{name: ensemble}, {name: adversary, target: lineage}]"):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(None, mlp_overrides(tmp_path, teachers=two, purifiers=stack))
+        (problem,) = err.value.problems
+        assert problem.startswith("purifiers[1].name: adversary (purifiers[") and "do not combine in either order" \
+            in problem
 
 
 def test_fit_step_keeps_each_purifier_metric_mean_over_its_steps():

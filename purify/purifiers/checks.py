@@ -58,13 +58,23 @@ def contract_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str
     contracts = [c.contract() for c in configs]
     loss, out = recipe.loss, []
     partial_ok = loss.name == "forward_kl" or (loss.name == "jsd" and loss.beta < 1.0) or loss.name == "ce"
+    # a purifier that must come first and sets the targets, beside one that rebuilds them from the raw outputs:
+    # each order is refused by the other's rule (the two messages sent the user back and forth): said once
+    setters = [j for j, ct in enumerate(contracts) if ct.first and ct.edits_targets]
+    rebuilders = [j for j, ct in enumerate(contracts) if ct.rebuilds_targets]
+    clash = {setters[0], rebuilders[0]} if setters and rebuilders else set()
+    if clash:
+        f, r = setters[0], rebuilders[0]
+        out.append(f"purifiers[{max(f, r)}].name: {configs[f].name} (purifiers[{f}]) must set the targets first and "
+                   f"{configs[r].name} (purifiers[{r}]) rebuilds them from the raw teacher outputs: the two do not "
+                   "combine in either order; use one of them")
     for i, (cfg, ct) in enumerate(zip(configs, contracts)):
         where = f"purifiers[{i}].name"
-        if ct.first and i > 0:
+        if ct.first and i > 0 and i not in clash:
             out.append(f"{where}: {cfg.name} must be the first purifier (it is at position {i}): later purifiers "
                        "read what it sets; move it to the front")
         editors = [f"{configs[j].name} (purifiers[{j}])" for j in range(i) if contracts[j].edits_targets]
-        if ct.rebuilds_targets and editors:
+        if ct.rebuilds_targets and editors and i not in clash:
             out.append(f"{where}: {cfg.name} rebuilds the targets from the raw teacher outputs, which would silently "
                        f"discard what {', '.join(editors)} did; put {cfg.name} before them")
         own_vocab = [f"purifiers[{j}]" for j in range(i) if contracts[j].keeps_own_vocab]
