@@ -243,7 +243,7 @@ def test_validation_shares_the_same_examples_out_between_processes(world):
         dm = DistillDataModule(DataConfig(train="noise", noise_dim=4, num_samples=250, batch_size=batch_size), None, 0,
                                accumulate, val_batches=val_batches)
         dm.setup("fit")
-        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, accumulate_grad_batches=accumulate)
         return list(dm.val_dataloader())
 
     def examples(batches):
@@ -265,7 +265,7 @@ def test_validation_shares_the_same_examples_out_between_processes(world):
 
     dm = DistillDataModule(DataConfig(train="noise", noise_dim=4, num_samples=250, batch_size=4), None, 0)
     dm.setup("fit")
-    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, accumulate_grad_batches=1)
     mine = dm.val_dataloader()
     assert isinstance(mine.sampler, DistributedSampler)  # what Lightning's _requires_distributed_sampler reads
 
