@@ -289,7 +289,8 @@ class PurifyTrainer(Trainer):
         progress = min(1.0, self.state.global_step / max(1, self.state.max_steps))
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
         if num_items_in_batch is not None:  # all ranks' count: DDP's mean over ranks is undone on this term alone
-            # (Trainer multiplies the whole loss by the processes, which weighed each purifier term that many times)
+            # (multiplying the whole loss by the processes, as Trainer's own compute_loss does, weighed each
+            # purifier term that many times)
             spread = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             batch["num_items"] = num_items_in_batch / spread
         if self.distiller.on_policy is not None:  # a sampled batch counts its own tokens, this rank's share (DDP
