@@ -337,7 +337,7 @@ class DistillDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.teacher_tokenizers = teacher_tokenizers
-        self.start_step = 0
+        self.start_step = 0  # where the train stream starts without a Trainer (with one: its global_step)
 
     def _datasets(self) -> tuple[Any, Any]:
         cfg = self.config

@@ -706,11 +706,6 @@ class Distiller(L.LightningModule):
         """What a checkpoint of this module holds: its state without the frozen teachers and the base copy."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(_NOT_SAVED)}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "start_step"):
-            datamodule.start_step = int(checkpoint.get("global_step", 0))
-
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load a checkpoint that omits the teachers and the base copy (and, from DeepSpeed, which leaves frozen
         weights out, a LoRA student's frozen base: this build's, checked before the fit); anything else missing is an

@@ -84,11 +84,12 @@ def test_a_run_sized_by_epochs_of_an_endless_stream_is_refused():
 
 
 def test_the_stream_starts_at_the_trainers_step_not_a_step_left_from_an_earlier_load():
-    """start_step stayed set after a resumed fit: a fresh fit with the same datamodule started mid-stream."""
+    """start_step, set by a checkpoint load, stayed set after a resumed fit: a fresh fit with the same datamodule
+    started mid-stream. Under a Trainer the stream starts at the Trainer's step, whatever start_step holds."""
     data = _data()
     data.setup("fit")
     first = next(iter(data.train_dataloader()))  # no trainer: step 0
-    data.start_step = 5  # what loading a checkpoint of step 5 had left
+    data.start_step = 5  # what loading a checkpoint of step 5 left before (now only the Trainer-less start)
     student, teacher = _models()
     seen = []
 
