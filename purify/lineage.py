@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from purify.storage import atomic_write_text, file_sha256
+from purify.storage import atomic_write_text, file_sha256, peek_checkpoint
 
 PACKAGES = ("purify", "torch", "lightning", "transformers", "torchmetrics", "omegaconf", "deepspeed")
 LINEAGE_FILE = "lineage.json"
@@ -144,18 +144,9 @@ def checkpoint_lineage(path: str | Path) -> dict[str, Any] | None:
 
     Raises:
         LineageError: the record is of another format than this purify reads."""
-    import pickle
-
-    import torch
-
     path = Path(path)
-    if path.suffix != ".ckpt" or not path.is_file():
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
-        return None
-    record = checkpoint.get("purify_lineage") if isinstance(checkpoint, dict) else None
+    checkpoint = peek_checkpoint(path) if path.suffix == ".ckpt" else None
+    record = checkpoint.get("purify_lineage") if checkpoint is not None else None
     if not (isinstance(record, dict) and {"student", "teachers"} <= set(record)):
         return None
     if record.get("format") != FORMAT:

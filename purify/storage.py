@@ -193,6 +193,23 @@ def held_by_a_process(directory: str | Path) -> bool | None:
     return False
 
 
+def peek_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """A checkpoint file's top-level dict, memory-mapped (its small fields read, the tensors not), loaded with
+    ``weights_only``; ``None`` for a directory (DeepSpeed's shards), a missing file, or one torch cannot read so
+    (damaged, or holding classes ``weights_only`` refuses)."""
+    import pickle
+
+    import torch
+
+    if not Path(path).is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
 JSON_LINES = (".jsonl", ".ndjson", ".json")
 """File endings read as JSON Lines (one object a line), in any case: ``gen.JSONL`` or ``gen.json`` was read as plain
 text and its records trained on as raw JSON."""

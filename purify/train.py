@@ -31,7 +31,7 @@ from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_ste
 from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.lora import is_lora
-from purify.storage import atomic_dir, atomic_write_text, cannot_write_under
+from purify.storage import atomic_dir, atomic_write_text, cannot_write_under, peek_checkpoint
 from purify.types import RecipeError, TrainingStopped, first_line
 
 CHECKPOINT_LINEAGE = "purify_lineage"
@@ -354,14 +354,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def _saved_step(path: Path) -> int | None:
-    """The ``global_step`` a checkpoint file holds (memory-mapped, not read in full); ``None`` for a DeepSpeed
-    directory or a file that cannot be read so."""
-    if not path.is_file():
-        return None
-    try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    except Exception:  # noqa: BLE001 - any unreadable file: fall back to preferring last.ckpt
-        return None
+    """The ``global_step`` a checkpoint file holds (:func:`purify.storage.peek_checkpoint`: not read in full);
+    ``None`` for a DeepSpeed directory or a file that cannot be read so."""
+    step = (peek_checkpoint(path) or {}).get("global_step")
     return step if isinstance(step, int) else None
 
 
