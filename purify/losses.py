@@ -199,15 +199,22 @@ def distillation_loss(
                   spec.ignore_index)
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"distillation_loss: chunk_size must be >= 0, got {chunk_size}")
-    if num_items is None:  # cross-entropy alone: a position whose label is ignored is no target either
-        counted = torch.where(labels != spec.ignore_index, weight, 0.0) if name == "ce" else weight
-        num_items = positions_counted(student_logits.shape[:-1], counted)
+    if num_items is None:
+        num_items = target_count(name, weight, labels, student_logits.shape[:-1])
     lab = labels if uses_ce else None
     teacher = None if name == "ce" else teacher_logits
     if chunk_size != 0 and _chunkable(student_logits, teacher, weight, lab, num_items):
         return chunked_loss(student_logits, teacher, weight, lab, num_items, spec, chunk_size)
     return _exact_loss(student_logits, teacher_logits, weight, name, beta, temperature, lab, hard_label_weight,
                        num_items)
+
+
+def target_count(name: str, weight: Tensor, labels: Tensor | None, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The default ``num_items``: how many of the ``shape`` positions have ``weight`` > 0 (at least 1), with
+    ``name="ce"`` (cross-entropy alone) only those whose label is not ``IGNORE_INDEX`` — a position whose label is
+    ignored is no target either."""
+    counted = torch.where(labels != IGNORE_INDEX, weight, 0.0) if name == "ce" and labels is not None else weight
+    return positions_counted(shape, counted)
 
 
 def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,

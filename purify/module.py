@@ -33,8 +33,7 @@ from purify.config import (
     optim_problems,
 )
 from purify.lora import is_lora
-from purify.losses import distillation_loss
-from purify.losses_chunked import positions_counted
+from purify.losses import distillation_loss, target_count
 from purify.losses_fused import fused_linear_distillation_loss
 from purify.metrics import FidelityMetrics
 from purify.models import (
@@ -56,7 +55,7 @@ from purify.purifiers.base import (
     TargetPurifier,
 )
 from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in, unaligned_teachers
-from purify.types import IGNORE_INDEX, Batch, DivergedError, ModelOutput, RecipeError, Targets
+from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -461,9 +460,7 @@ class Distiller(L.LightningModule):
         else:  # this batch's targets counted before the target purifiers, as purify train's and Trainer's counts
             # are: a position a divergence mask drops lowers the loss, it does not scale the others up
             mask = batch["target_mask"]
-            if self.loss_config.name == "ce" and batch.get("labels") is not None:
-                mask = torch.where(batch["labels"] != IGNORE_INDEX, mask, 0.0)
-            num_items = positions_counted(mask.shape, mask)
+            num_items = target_count(self.loss_config.name, mask, batch.get("labels"), mask.shape)
         cfg = self.loss_config
         if student_output is None and cfg.fused_linear and self.student.training and torch.is_grad_enabled():
             loss, s_out = self._fused_loss(batch, num_items)
