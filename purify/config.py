@@ -631,8 +631,8 @@ def parse_recipe_problems(path: str | Path | None = None,
 def _yaml_comment(value: str) -> str:
     """The end of an override's value that YAML reads as a comment and drops (``""`` when none): text after the
     last token the YAML scanner finds (a quoted ``'x #y'`` inside a list is part of its token)."""
-    try:
-        tokens = [t for t in yaml.scan(value) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+    try:  # a tab the scanner refuses where OmegaConf reads it as a space: scanned as one (same indices)
+        tokens = [t for t in yaml.scan(value.replace("\t", " ")) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
     except yaml.YAMLError:
         return ""  # unreadable: the parse below names it
     return value[max((t.end_mark.index for t in tokens), default=0):].strip()

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from purify.align import same_tokenizer
@@ -685,8 +686,16 @@ class Distiller(L.LightningModule):
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """The learning-rate schedule of ``scheduler`` (warmup, then constant/linear/cosine over ``total_steps``) on
-        ``optimizer``, stepped once per optimizer step (:meth:`fit_step` does it when given one)."""
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(self.scheduler_config, self._planned_steps()))
+        ``optimizer``, stepped once per optimizer step (:meth:`fit_step` does it when given one). Warns when the
+        warmup is as long as the run: the learning rate would never reach ``optim.lr``."""
+        cfg, steps = self.scheduler_config, self._planned_steps()
+        if cfg.warmup_steps >= steps:
+            rank_zero_warn(f"scheduler.warmup_steps ({cfg.warmup_steps}) >= the {steps} optimizer step(s) this run "
+                           f"plans: the learning rate stays in warmup, at most {steps / cfg.warmup_steps:.2g} "
+                           f"of optim.lr, and the {cfg.name} schedule after it never starts; give fewer warmup steps"
+                           + (" (or Distiller(total_steps=...) for a plain loop)" if self._trainer is None
+                              and self.total_steps is None else ""), category=UserWarning)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps))
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer()

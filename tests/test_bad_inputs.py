@@ -610,6 +610,29 @@ def test_a_plain_loop_steps_the_distillers_schedule():
     assert lrs == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01, 0.008, 0.006, 0.004, 0.002])
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    """``warmup_steps >= `` the planned steps was silent: the learning rate never reached ``optim.lr``."""
+    import warnings
+
+    from purify import Distiller
+    from purify.config import LossConfig, SchedulerConfig
+
+    def scheduler(warmup: int, total: int | None) -> list[str]:
+        d = Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]),
+                      scheduler=SchedulerConfig(name="cosine", warmup_steps=warmup), total_steps=total)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d.build_scheduler(d.build_optimizer())
+        return [str(w.message) for w in caught if "warmup" in str(w.message)]
+
+    assert scheduler(5, 10) == [] and scheduler(0, None) == []
+    (message,) = scheduler(10, 4)
+    assert message.startswith("scheduler.warmup_steps (10) >= the 4 optimizer step(s) this run plans: the learning "
+                              "rate stays in warmup, at most 0.4 of optim.lr")
+    (message,) = scheduler(3, None)  # a plain loop plans 1 step without total_steps
+    assert "Distiller(total_steps=...)" in message
+
+
 def test_a_batch_without_target_mask_names_it():
     """``fit_step`` on ``{"x": ...}`` alone was a bare KeyError: 'target_mask'."""
     from purify import Distiller

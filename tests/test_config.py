@@ -318,10 +318,11 @@ def test_an_override_whose_end_yaml_would_drop_as_a_comment_is_refused_and_a_quo
     from purify.config import parse_recipe_problems
 
     quickstart = "recipes/quickstart.yaml"
-    for value in ("runs/exp #3", "'runs/exp' #3", "#3"):
+    for value in ("runs/exp #3", "'runs/exp' #3", "#3", "runs/exp\t#3"):  # a tab: OmegaConf read it as a space
         _, problems = parse_recipe_problems(quickstart, [f"output_dir={value}"])
         assert len(problems) == 1 and "as a comment and would drop it" in problems[0], (value, problems)
-    for value, kept in (("'runs/exp #3'", "runs/exp #3"), ("a#b", "a#b"), ("https://x/a#b", "https://x/a#b")):
+    for value, kept in (("'runs/exp #3'", "runs/exp #3"), ("a#b", "a#b"), ("https://x/a#b", "https://x/a#b"),
+                        ("'runs/exp\t#3'", "runs/exp\t#3")):
         recipe, problems = parse_recipe_problems(quickstart, [f"output_dir={value}"])
         assert not problems and recipe.output_dir == kept
     _, problems = parse_recipe_problems(quickstart, ["purifiers=[{name: function_anchor, source: 'x #y.txt'}]"])
