@@ -10,6 +10,7 @@ Errors in user input (a recipe key, a data file, a path) print one line ``purify
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -102,8 +103,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from purify.bench.lm_common import sigterm_stops
+    from purify.bench.lm_common import STOPPED
     from purify.bench.report import BenchError, check_run, parse_options
+    from purify.stopping import sigterm_stops
 
     given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed), ("--data", args.data),
                                       ("--out", args.out), ("--workers", args.workers), ("--quick", args.quick or None),
@@ -137,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
                                 "workers": args.workers}.items() if v is not None}
     if args.option:  # each suite checks its own keys and values
         kwargs.update(parse_options(args.option))
-    with sigterm_stops():  # unwinds the seed workers' pool (it terminates them), as Ctrl-C does
+    with sigterm_stops(STOPPED):  # unwinds the seed workers' pool (it terminates them), as Ctrl-C does
         if args.suite == "aux-logits":
             summary = module.run_suite(protocol=args.protocol, data=args.data, quick=args.quick, **kwargs)
         else:
@@ -337,11 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:  # these import torch (a second or more): a Ctrl-C meanwhile is the same one line as later
         from purify.gguf import GGUFError
+        from purify.stopping import sigterm_stops
         from purify.types import TrainingStopped
     except KeyboardInterrupt:
         return _interrupted()
+    verb = _CHOSEN[0] if _CHOSEN else ""
+    # train stops at a step's end under Lightning's handler (and up to the fit under its own); bench says its own
+    stops = contextlib.nullcontext() if verb in ("train", "bench") else \
+        sigterm_stops(_STOPPED.get(verb, f"purify {verb} did not finish"))
     try:
-        return int(args.func(args))
+        with stops:
+            return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C outside a training run (purify train says where it stopped itself)
         return _interrupted()
     except BrokenPipeError:  # a reader that stopped early (`purify lineage show DIR | head`): not an error
@@ -361,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"purify: error: {line}", file=sys.stderr)
         return 2
+
+
+_STOPPED = {
+    "cache": "the cache is not finished; run the same command again to resume it",
+    "generate": "purify generate did not finish; nothing was written to --out",
+    "models": "the model was not prepared; run the same command again",
+}
+"""What a SIGTERM outside ``train`` and ``bench`` says, by verb (:func:`purify.stopping.sigterm_stops`: a half-built
+cache entry's temporary directory is removed, and the command ends with this line, exit 143)."""
 
 
 def _interrupted() -> int:

@@ -31,6 +31,7 @@ from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_ste
 from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.lora import is_lora
+from purify.stopping import sigterm_stops
 from purify.storage import atomic_dir, atomic_write_text, cannot_write_under, peek_checkpoint
 from purify.types import RecipeError, TrainingStopped, first_line
 
@@ -187,7 +188,11 @@ def train(recipe: Recipe) -> Path:
     blocked = rank_zero_only.rank == 0 and cannot_write_under(recipe.output_dir)
     if blocked:  # a read-only file system was an OSError traceback after every model was built
         raise RecipeError(f"output_dir: {blocked}; give a directory you can write (created if missing)")
-    run = build_run(recipe)
+    # a SIGTERM while the models are built (a first use pretrains a base into purify's cache) ends here with one line,
+    # their temporary directories removed (it killed the process, leaving them); from the fit on, Lightning's handler
+    # stops the run at a step's end
+    with sigterm_stops(f"while the models were being built; nothing was written to {recipe.output_dir}"):
+        run = build_run(recipe)
     output_dir = Path(recipe.output_dir)
     # what the run directory holds is read by the launch's first process only: a DDP launch's other ranks start after
     # it rewrote lineage.json. A run left unfinished there (stopped or killed while exporting) may be resumed at

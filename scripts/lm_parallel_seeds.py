@@ -21,8 +21,9 @@ import sys
 from typing import Any
 
 from purify.bench import lm_suites
-from purify.bench.lm_common import sigterm_stops
+from purify.bench.lm_common import STOPPED
 from purify.bench.report import BenchError, check_run, parse_options
+from purify.stopping import sigterm_stops
 from purify.types import TrainingStopped
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run(out=a.out, seeds=a.seeds, first_seed=a.first_seed, workers=a.workers, quick=a.quick,
                   overwrite=a.overwrite)
         kwargs: dict[str, Any] = parse_options(a.option) if a.option else {}
-        with sigterm_stops():  # the forked seed workers are terminated with it (they ran on as orphans)
+        with sigterm_stops(STOPPED):  # the forked seed workers are terminated with it (they ran on as orphans)
             lm_suites.run_suite(a.suite, seeds=a.seeds, out=a.out, first_seed=a.first_seed, progress=False,
                                  quick=a.quick, workers=a.workers, **kwargs)
     except BenchError as err:

@@ -277,19 +277,62 @@ def test_a_quick_run_says_when_it_ran_fewer_seeds_than_asked(tmp_path, capsys, m
 
 
 def test_sigterm_stops_raises_in_this_process_and_restores_the_handler():
-    """What purify bench and scripts/lm_parallel_seeds.py run under (the script's workers were orphaned too)."""
+    """What purify bench and scripts/lm_parallel_seeds.py run under (the script's workers were orphaned too), and
+    every verb but train, whose model building runs under it too."""
     import os
     import signal
 
-    from purify.bench.lm_common import sigterm_stops
+    from purify.stopping import sigterm_stops
     from purify.types import TrainingStopped
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingStopped, match="stopped by SIGTERM: the run did not finish") as stop:
-        with sigterm_stops():
+    with pytest.raises(TrainingStopped, match="^stopped by SIGTERM: the run did not finish$") as stop:
+        with sigterm_stops("the run did not finish"):
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
             pytest.fail("no TrainingStopped")
     assert stop.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == before
+
+
+def _kill_self_in(directory: Path) -> None:
+    """Build a cache entry in ``directory`` (purify.storage.atomic_dir) and receive a SIGTERM meanwhile."""
+    import os
+    import signal
+
+    from purify.storage import atomic_dir
+
+    with atomic_dir(directory / "entry") as tmp:
+        (tmp / "weights").write_text("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_purify_cache_writes_is_one_line_and_leaves_no_temporary_directory(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """SIGTERM's default action ended the process: exit 143 without a line, the entry's temporary directory left."""
+    import purify.cache_writer
+    from purify.cli import main
+
+    monkeypatch.setattr(purify.cache_writer, "write_cache", lambda *a, **k: _kill_self_in(tmp_path / "cache"))
+    assert main(["cache", QUICKSTART, "--out", str(tmp_path / "c")]) == 143
+    assert capsys.readouterr().err == ("purify: error: stopped by SIGTERM: the cache is not finished; run the same "
+                                       "command again to resume it\n")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_sigterm_while_train_builds_its_models_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A first use pretrains a base into purify's cache while the run is built: a SIGTERM then left the base's
+    temporary directory in the cache (Lightning's handler comes only with the fit)."""
+    import signal
+
+    import purify.train
+    from purify.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(purify.train, "build_run", lambda recipe: _kill_self_in(tmp_path / "cache"))
+    assert main(["train", QUICKSTART, f"output_dir={tmp_path / 'run'}"]) == 143
+    assert capsys.readouterr().err == (f"purify: error: stopped by SIGTERM: while the models were being built; nothing "
+                                       f"was written to {tmp_path / 'run'}\n")
+    assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_sigterm_stops_a_benchmark_and_its_seed_workers(tmp_path):

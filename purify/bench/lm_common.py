@@ -15,16 +15,15 @@ its early-stopping frontier. Statistics and files come from :mod:`purify.bench.s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import multiprocessing as mp
 import signal
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,7 +48,7 @@ from purify.generate import load_model
 from purify.module import Distiller
 from purify.purifiers import build_purifiers
 from purify.readouts import Scores
-from purify.types import DivergedError, TrainingStopped
+from purify.types import DivergedError
 
 DRIFT_SEED = 515_151
 """Corpus seed of the neutral prose on which the LM suites measure the off-task drift the probe-free rule reads
@@ -527,21 +526,10 @@ def run_seeds(seeds: list[int], one_seed: Callable[[int], dict[str, Any]], worke
     return {s: done[s] for s in sorted(done)}
 
 
-@contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """While a benchmark runs (``purify bench``, ``scripts/lm_parallel_seeds.py``): a SIGTERM raises
-    :class:`~purify.types.TrainingStopped` (exit 143) in this process, as Ctrl-C raises KeyboardInterrupt, so
-    :func:`run_seeds`' pool unwinds and terminates its forked workers (they ran on as orphans after the parent died
-    of SIGTERM's default action). The previous handler comes back after. Main thread only."""
-    def stop(signum: int, _frame: Any) -> NoReturn:
-        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}: the run did not finish (its output "
-                              "directory gets a summary.json only when one does)", 128 + signum)
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+STOPPED = "the run did not finish (its output directory gets a summary.json only when one does)"
+"""What ``purify bench`` and ``scripts/lm_parallel_seeds.py`` say when a SIGTERM stops them
+(:func:`purify.stopping.sigterm_stops`, which unwinds :func:`run_seeds`' pool: it terminates the forked workers, which
+ran on as orphans after the parent died of SIGTERM's default action)."""
 
 
 def run(suite: Suite, seeds: list[int], out: str | Path, progress: bool,

@@ -1,0 +1,41 @@
+"""A SIGTERM (a scheduler's preemption, ``kill``) as an exception in purify's own commands.
+
+SIGTERM's default action ends the process at once: ``finally`` blocks do not run, so a half-built cache entry stays
+behind as a temporary directory, forked benchmark workers run on as orphans, and the shell sees exit 143 without a
+word. Within :func:`sigterm_stops` the signal raises :class:`~purify.types.TrainingStopped` instead, which unwinds
+like Ctrl-C and ends the command with one ``purify: error:`` line and exit 143. ``purify train`` uses it up to the
+fit only: Lightning's own handler stops a fit at a step's end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+from purify.types import TrainingStopped
+
+
+@contextlib.contextmanager
+def sigterm_stops(after: str) -> Iterator[None]:
+    """Within: SIGTERM raises :class:`~purify.types.TrainingStopped` (``"stopped by SIGTERM: <after>"``, exit code
+    143); the previous handler comes back after. Outside the main thread (where Python takes no signals) nothing
+    changes.
+
+    Args:
+        after: what the message says after ``stopped by SIGTERM:`` (what was left undone and how to go on).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> NoReturn:
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}: {after}", 128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
