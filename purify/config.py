@@ -294,12 +294,20 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     out += [f"data.{key}: must be >= 1, got {getattr(data, key)}"
             for key in ("max_length", "batch_size", "num_samples", "noise_dim") if getattr(data, key) < 1]
     out += loss_problems(recipe.loss)
+    if recipe.student.arch is not None and (recipe.loss.name == "ce" or recipe.loss.hard_label_weight > 0):
+        key = "loss.name: ce" if recipe.loss.name == "ce" else "loss.hard_label_weight: the cross-entropy term"
+        out.append(f"{key} trains on the data's next tokens, but a vector-model student (student.arch "
+                   f"{recipe.student.arch}) reads vectors with no labels (every step would add 0); use a soft loss "
+                   "without hard_label_weight")
     if recipe.loss.fused_linear and recipe.student.arch is not None:
         out.append("loss.fused_linear: needs a Hugging Face causal-LM student (its decoder and output layer); "
                    f"student.arch {recipe.student.arch} builds its own logits: turn fused_linear off")
     if recipe.loss.fused_linear and recipe.strategy == "deepspeed_stage_3":
         out.append("loss.fused_linear: reads the student's output layer outside its forward, which ZeRO-3 keeps "
                    "partitioned; use deepspeed_stage_2 (or 1) or turn fused_linear off")
+    cached = next((i for i, t in enumerate(recipe.teachers) if t.cache is not None), None)
+    tempered = cache_temperature_problem(recipe.loss, f"teachers[{cached}]") if cached is not None else None
+    out += [tempered] if tempered else []
     out += optim_problems(recipe.optim, recipe.scheduler)
     out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
@@ -345,6 +353,19 @@ def loss_value_problems(beta: float, temperature: float, hard_label_weight: floa
     if not (hard_label_weight >= 0 and math.isfinite(hard_label_weight)):
         out.append(("hard_label_weight", f"must be a finite number >= 0, got {hard_label_weight}"))
     return out
+
+
+def cache_temperature_problem(loss: LossConfig, teacher: str) -> str | None:
+    """Why ``loss`` cannot distil from a logit-cache teacher (named ``teacher``), or ``None``: a temperature other
+    than 1 on a soft loss. The cache holds each position's top-k log-probabilities and spreads the rest of the mass
+    evenly over the other tokens; tempering that even tail gives it far more mass than the teacher's own tail gets
+    (at T = 2 a peaked teacher's top-8 kept 0.83 of the tempered mass, its cached copy 0.42)."""
+    if loss.name == "ce" or not isinstance(loss.temperature, (int, float)) or loss.temperature == 1:
+        return None
+    return (f"loss.temperature: {loss.temperature} with a logit-cache teacher ({teacher}), which keeps the top-k "
+            "log-probabilities and spreads the rest evenly: a temperature turns that into another target (the even "
+            "tail takes far more of the tempered mass than the teacher's own); give temperature 1.0, or the "
+            "teacher as a model")
 
 
 def optim_problems(optim: OptimConfig, scheduler: SchedulerConfig) -> list[str]:
@@ -632,7 +653,8 @@ def _yaml_comment(value: str) -> str:
     """The end of an override's value that YAML reads as a comment and drops (``""`` when none): text after the
     last token the YAML scanner finds (a quoted ``'x #y'`` inside a list is part of its token)."""
     try:  # a tab the scanner refuses where OmegaConf reads it as a space: scanned as one (same indices)
-        tokens = [t for t in yaml.scan(value.replace("\t", " ")) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+        tokens = [t for t in yaml.scan(value.replace("\t", " "))
+                  if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
     except yaml.YAMLError:
         return ""  # unreadable: the parse below names it
     return value[max((t.end_mark.index for t in tokens), default=0):].strip()

@@ -28,10 +28,12 @@ from torch import Tensor
 from purify.losses_chunked import (
     LossSpec,
     active_rows,
+    check_labels,
     chunked_loss,
     kl_from_log_probs,
     positions_counted,
     reduce_rows,
+    target_count,
     upcast,
 )
 from purify.types import IGNORE_INDEX, LossName
@@ -141,7 +143,9 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
 
     Returns:
         Scalar loss. Down-weighted positions lower the loss rather than re-scaling the others up; positions with
-        weight 0 are left out of the sum, so a NaN or ``inf`` there does not poison it.
+        weight 0 are left out of the sum, so a NaN or ``inf`` there does not poison its *value*. Their gradient is
+        another matter: the NaN of a weight-0 row flows back through ``per_position`` (0 · NaN), so logits that
+        may hold NaN/``inf`` at masked rows belong in :func:`distillation_loss`, which zeroes those rows first.
     """
     if num_items is None:
         num_items = positions_counted(per_position.shape, weight)
@@ -209,14 +213,6 @@ def distillation_loss(
                        num_items)
 
 
-def target_count(name: str, weight: Tensor, labels: Tensor | None, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """The default ``num_items``: how many of the ``shape`` positions have ``weight`` > 0 (at least 1), with
-    ``name="ce"`` (cross-entropy alone) only those whose label is not ``IGNORE_INDEX`` — a position whose label is
-    ignored is no target either."""
-    counted = torch.where(labels != IGNORE_INDEX, weight, 0.0) if name == "ce" and labels is not None else weight
-    return positions_counted(shape, counted)
-
-
 def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,
                   ignore_index: int) -> None:
     """One ``ValueError`` naming the argument, where torch would say "size of tensor a (…) must match" or, on a
@@ -235,11 +231,13 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
             raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} and student_logits {shape(student)} "
                              "differ in the vocabulary (last) dimension; a teacher of another tokenizer needs the "
                              "cross_base purifier, a padded vocabulary loss.logit_slice")
-        try:
-            torch.broadcast_shapes(teacher.shape[:-1], prefix)
+        try:  # a teacher may broadcast onto the student's positions, never widen them (two teachers were summed)
+            fits = torch.broadcast_shapes(teacher.shape[:-1], prefix) == prefix
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} do not match student_logits "
-                             f"{shape(student)}: one teacher distribution per student position") from None
+                             f"{shape(student)}: one teacher distribution per student position")
     for what, x in (("weight", weight), ("labels", labels)):
         try:  # a weight may broadcast (a scalar, one per time step); labels name one token per position
             fits = x is None or (torch.broadcast_shapes(x.shape, prefix) == prefix if what == "weight"
@@ -250,13 +248,7 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
             raise ValueError(f"distillation_loss: {what} {shape(x)} does not match student_logits' positions "
                              f"{tuple(prefix)} (one value per position, the vocabulary dimension left out)")
     if labels is not None:
-        if labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"distillation_loss: labels must be integer token ids, got {labels.dtype}")
-        # on an accelerator, reading the check back would stall every step: the range is left to the kernel there
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index) if labels.device.type == "cpu" else None
-        if bad is not None and bool(bad.any()):
-            raise ValueError(f"distillation_loss: labels hold {labels[bad][0].item()}, outside the student's "
-                             f"vocabulary [0, {vocab}) and not the ignore index {ignore_index}")
+        check_labels(labels, vocab, "distillation_loss", ignore_index)
 
 
 def _chunkable(student: Tensor, teacher: Tensor | None, weight: Tensor, labels: Tensor | None,

@@ -79,6 +79,26 @@ def positions_counted(shape: torch.Size | tuple[int, ...], weight: Tensor) -> Te
     return (weight.expand(torch.broadcast_shapes(shape, weight.shape)) > 0).sum().clamp_min(1)
 
 
+def target_count(name: str, weight: Tensor, labels: Tensor | None, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The default ``num_items``: how many of the ``shape`` positions have ``weight`` > 0 (at least 1), with
+    ``name="ce"`` (cross-entropy alone) only those whose label is not ``IGNORE_INDEX`` — a position whose label is
+    ignored is no target either."""
+    counted = torch.where(labels != IGNORE_INDEX, weight, 0.0) if name == "ce" and labels is not None else weight
+    return positions_counted(shape, counted)
+
+
+def check_labels(labels: Tensor, vocab: int, where: str, ignore_index: int = IGNORE_INDEX) -> None:
+    """A ``ValueError`` naming ``where``'s labels when they are no token ids: not integers, or (labels on the CPU)
+    outside ``[0, vocab)`` and not ``ignore_index``. On an accelerator reading the check back would stall every
+    step: the range is left to the kernel there, which asserts."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be integer token ids, got {labels.dtype}")
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index) if labels.device.type == "cpu" else None
+    if bad is not None and bool(bad.any()):
+        raise ValueError(f"{where}: labels hold {labels[bad][0].item()}, outside the student's vocabulary "
+                         f"[0, {vocab}) and not the ignore index {ignore_index}")
+
+
 def active_rows(name: str, weight: Tensor, labels: Tensor | None, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """The positions that count: weight ≠ 0 and, for ``ce``, a label that is not ``ignore_index`` (the others are
     never read)."""
@@ -284,7 +304,7 @@ def chunked_loss(student: Tensor, teacher: Tensor | None, weight: Tensor, labels
     flat = student.reshape(-1, vocab)
     t_flat = teacher.reshape(-1, vocab) if teacher is not None else None
     w = weight.expand(student.shape[:-1]).reshape(-1)
-    lab = labels.reshape(-1) if labels is not None else None
+    lab = labels.reshape(-1).long() if labels is not None else None  # gather() takes int64 ids (int16 crashed here)
     active = active_rows(spec.name, w, lab, spec.ignore_index)
     n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_rows or default_chunk_rows(vocab)

@@ -27,10 +27,11 @@ from purify.losses_chunked import (
     LossSpec,
     _chunks,
     active_rows,
+    check_labels,
     default_chunk_rows,
-    positions_counted,
     reduce_rows,
     rows_loss_grad,
+    target_count,
     upcast,
 )
 from purify.types import LossName
@@ -185,6 +186,8 @@ def fused_linear_distillation_loss(
     if uses_ce and (labels is None or labels.shape != prefix):
         raise ValueError(f"fused_linear_distillation_loss: hard-label cross-entropy needs labels of shape "
                          f"{tuple(prefix)}")
+    if uses_ce:
+        check_labels(labels, vocab, "fused_linear_distillation_loss", spec.ignore_index)  # type: ignore[arg-type]
     given = [teacher_logits is not None, any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))]
     if name != "ce" and sum(given) != 1:
         raise ValueError("fused_linear_distillation_loss: give the teacher as teacher_logits, or as teacher_hidden "
@@ -204,10 +207,10 @@ def fused_linear_distillation_loss(
         teacher = ("linear", teacher_hidden.detach().reshape(-1, teacher_weight.shape[1]), teacher_weight.detach(),
                    None if teacher_bias is None else teacher_bias.detach())
     w = row_weight.reshape(-1)
-    lab = labels.reshape(-1) if uses_ce and labels is not None else None
+    lab = labels.reshape(-1).long() if uses_ce and labels is not None else None
     active = active_rows(name, w, lab)
-    if num_items is None:
-        num_items = positions_counted(w.shape, w)
+    if num_items is None:  # for ce, labelled positions only (it counted ignored labels: a loss 8/11 of its value)
+        num_items = target_count(name, w, lab, w.shape)
     n = torch.as_tensor(num_items, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     rows = chunk_size or max(1, MATMUL_BYTES // (4 * vocab))
     return FusedLinearDistillLoss.apply(flat_h, weight, bias, teacher, w, lab, active, n, spec, rows)

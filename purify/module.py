@@ -24,11 +24,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from purify.align import same_tokenizer
+from purify.cache import CachedTeacher
 from purify.config import (
     LossConfig,
     OnPolicyConfig,
     OptimConfig,
     SchedulerConfig,
+    cache_temperature_problem,
     logit_slice_problem,
     loss_problems,
     optim_problems,
@@ -207,6 +209,10 @@ class Distiller(L.LightningModule):
         if teacher_weights is not None and not (all(w >= 0 and math.isfinite(w) for w in teacher_weights)
                                                 and sum(teacher_weights) > 0):
             problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
+        cached = None if deferred else next((i for i, t in enumerate(teachers) if isinstance(t, CachedTeacher)), None)
+        tempered = cache_temperature_problem(loss or LossConfig(), f"teachers[{cached}]") if cached is not None \
+            else None
+        problems += [tempered] if tempered else []
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
         if fused:
             problems.append(f"loss.fused_linear: {fused}; turn fused_linear off")

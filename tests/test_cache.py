@@ -292,3 +292,25 @@ def test_tail_truncation_keeping_more_than_the_cache_holds_is_refused(setup, wri
                                           r"holds each position's top 8 tokens"):
         load_recipe(None, [*base, "purifiers=[{name: tail_truncation, top_k: 16}]"])
     load_recipe(None, [*base, "purifiers=[{name: tail_truncation, top_k: 8}]"])  # within the cache: accepted
+
+
+def test_a_temperature_on_a_cached_teacher_is_refused_in_a_recipe_and_a_distiller(setup, written):
+    """The cache spreads the tail mass evenly; tempering that tail gives it far more mass than the teacher's own
+    (a peaked teacher's tempered top-8 kept 0.83 of the mass at T = 2, its cached copy 0.42): training went on
+    silently towards another target."""
+    from purify import Distiller
+    from purify.config import LossConfig
+
+    root, recipe = setup
+    base = ["student=" + "{config: %s, tokenizer: %s}" % (LLAMA % 16, root / "tok"),
+            f"teachers=[{{config: {LLAMA % 16}, tokenizer: {root / 'tok'}}}, {{cache: {written}}}]",
+            f"data.train={root / 'train.txt'}", "data.max_length=24", "data.val_fraction=0.2"]
+    message = (r"^loss\.temperature: 2\.0 with a logit-cache teacher \(teachers\[1\]\), which keeps the top-k "
+               r"log-probabilities and spreads the rest evenly: a temperature turns that into another target")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [*base, "loss.temperature=2.0"])
+    load_recipe(None, [*base, "loss.temperature=2.0", "loss.name=ce"])  # no teacher distribution is read
+    load_recipe(None, base)  # temperature 1: the cached distribution itself
+    student = torch.nn.Linear(2, 2)
+    with pytest.raises(RecipeError, match=message):
+        Distiller(student, [torch.nn.Linear(2, 2), CachedTeacher(written)], loss=LossConfig(temperature=2.0))

@@ -327,3 +327,18 @@ def test_an_override_whose_end_yaml_would_drop_as_a_comment_is_refused_and_a_quo
         assert not problems and recipe.output_dir == kept
     _, problems = parse_recipe_problems(quickstart, ["purifiers=[{name: function_anchor, source: 'x #y.txt'}]"])
     assert not any("comment" in p for p in problems)
+
+
+def test_cross_entropy_on_a_vector_student_is_refused():
+    """Vector batches carry no labels: ``loss.name: ce`` trained on a loss of 0 with no gradient, and
+    ``hard_label_weight`` added nothing, both silently."""
+    from purify.assembly import load_recipe
+
+    vector = ["student={arch: aux_mlp}", "teachers=[{arch: aux_mlp, seed: 1}]", "data.train=noise"]
+    for extra, message in ((["loss.name=ce"], r"^loss\.name: ce trains on the data's next tokens, but a vector-model "
+                                              r"student \(student\.arch aux_mlp\) reads vectors with no labels"),
+                           (["loss.hard_label_weight=0.5"], r"^loss\.hard_label_weight: the cross-entropy term trains "
+                                                            r"on the data's next tokens")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("recipes/quickstart.yaml", vector + extra)
+    load_recipe("recipes/quickstart.yaml", vector)

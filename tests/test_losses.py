@@ -273,13 +273,22 @@ def test_mismatched_inputs_are_named_not_left_to_torch(chunk):
              ((s, t, w), {"name": "ce", "labels": labels.float()}, "labels must be integer token ids"),
              ((s, t, w), {"hard_label_weight": 0.5, "labels": labels.masked_fill(labels == labels[0, 0], 9)},
               r"labels hold 9, outside the student's vocabulary \[0, 5\)"),
-             ((s.long(), t, w), {}, "student_logits must be a floating-point tensor")]
+             ((s.long(), t, w), {}, "student_logits must be a floating-point tensor"),
+             # teachers that only broadcast with the student's positions widened them: (2, 3, V) against a (3, V)
+             # student returned the sum of the two teachers' means, a (2, 1, V) student a loss 3x too large
+             ((s[0], t, w[0]), {}, r"teacher_logits \(2, 3, 5\) do not match student_logits \(3, 5\): one teacher "
+                                   "distribution per student position"),
+             ((s[:, :1], t, w[:, :1]), {}, r"teacher_logits \(2, 3, 5\) do not match"),
+             ((s, t, w), {"name": "ce", "labels": labels.bool()}, "labels must be integer token ids, got torch.bool")]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             distillation_loss(*args, chunk_size=chunk, **kwargs)
     ignored = labels.masked_fill(labels == labels[0, 0], -100)  # the ignore index is no token: accepted
     assert torch.isfinite(distillation_loss(s, t, w, name="ce", labels=ignored, chunk_size=chunk))
     assert torch.isfinite(distillation_loss(s, t[:1], w, chunk_size=chunk))  # a teacher broadcast over the batch
+    small = labels.to(torch.int16)  # int16 ids crashed the chunked path in gather(); the exact path took them
+    assert distillation_loss(s, t, w, name="ce", labels=small, chunk_size=chunk).item() == pytest.approx(
+        distillation_loss(s, t, w, name="ce", labels=labels, chunk_size=0).item())
 
 
 @pytest.mark.parametrize("chunk", [0, None])

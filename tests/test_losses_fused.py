@@ -52,6 +52,20 @@ def test_value_and_gradients_equal_the_loss_on_the_built_logits(name, hard, teac
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+def test_cross_entropy_counts_only_labelled_positions_by_default():
+    """Without ``num_items``, ``name="ce"`` divided by every weighted position, ignored labels included: 8/11 of
+    distillation_loss's value and gradients in this case. int16 labels are token ids too."""
+    hidden, weight, bias, *_, mask, labels = _case()
+    mask = torch.ones_like(mask)
+    labels[1, :3] = -100
+    ref = distillation_loss(hidden @ weight.T + bias, None, mask, name="ce", labels=labels, chunk_size=0)
+    out = fused_linear_distillation_loss(hidden, weight, bias, row_weight=mask, name="ce",
+                                         labels=labels.to(torch.int16))
+    assert out.item() == pytest.approx(ref.item(), rel=1e-12)
+    for e, g in zip(torch.autograd.grad(ref, [hidden, weight]), torch.autograd.grad(out, [hidden, weight])):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_masked_rows_are_never_read_and_the_incoming_gradient_scales():
     """A row of weight 0 holding NaN changes nothing and gets gradient 0; ``(3 · loss).backward()`` is 3× the
     gradient (the stored gradients are scaled by the incoming one)."""
@@ -90,6 +104,10 @@ def test_masked_rows_are_never_read_and_the_incoming_gradient_scales():
      r"row_weight requires grad, but the fused loss takes the position weights as constants"),
     ({"teacher_bias": torch.zeros(13, dtype=torch.float64)},
      r"give the teacher as teacher_logits, or as teacher_hidden"),
+    # torch's "index 13 is out of bounds" and "gather(): Expected dtype int32/int64" before
+    ({"name": "ce", "labels": torch.full((2, 9), 13)}, r"labels hold 13, outside the student's vocabulary \[0, 13\)"),
+    ({"hard_label_weight": 0.5, "labels": torch.full((2, 9), -5)}, r"labels hold -5, outside"),
+    ({"name": "ce", "labels": torch.zeros(2, 9)}, r"labels must be integer token ids, got torch.float32"),
 ])
 def test_a_mismatched_input_is_refused_by_name(kwargs, message):
     hidden, weight, bias, t_hidden, t_weight, mask, _ = _case()
