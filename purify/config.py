@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Literal, Optional  # noqa: UP035 - omegaconf
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from purify.storage import NotUTF8Error, not_a_directory, read_utf8
 from purify.types import SEED_RANGE, LossName, RecipeError, first_line, is_seed
@@ -208,6 +208,10 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, prefix: str = "") 
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         leaf = key.rsplit(".", 1)[-1]
         return RecipeError(f"{key}: unknown key; {_closest(leaf, _allowed_keys(schema, key[len(prefix):]))}")
+    if isinstance(err, MissingMandatoryValue):  # was omegaconf's "Structured config of type `Recipe` has missing ..."
+        example = {"student": "student={builtin: tiny-llama-a}", "teachers": "teachers=[{builtin: tiny-llama-b}]"}
+        hint = f" (e.g. '{example[key]}')" if key in example else ""
+        return RecipeError(f"{key}: missing; the recipe needs it: give it in the recipe or on the command line{hint}")
     return RecipeError(f"{key}: {msg}")
 
 
@@ -690,7 +694,13 @@ def _past_the_end(cfg: DictConfig, key: str) -> str | None:
                 return (f"{key}: there is no {path}[{part}] (the recipe has {len(node)}); give the whole list, e.g. "
                         f"'{path}=[{{...}}]', or index an entry it has")
             node = node[int(part)]
-        elif isinstance(node, DictConfig) and part in node:
+        elif isinstance(node, DictConfig) and part in node.keys():  # `in node` is False for a missing value
+            if OmegaConf.is_missing(node, part) and isinstance(node._get_node(part), ListConfig):
+                path = ".".join(parts[:i + 1])  # a required list the recipe leaves out (teachers.0.builtin=...)
+                return (f"{key}: the recipe has no {path} list; give it whole, e.g. '{path}=[{{builtin: "
+                        "tiny-llama-b}]'")
+            if OmegaConf.is_missing(node, part):
+                return None  # a required section: _open_optional_section gives it its defaults
             node = node[part]
         else:
             return None
@@ -716,15 +726,15 @@ def _clear(cfg: DictConfig, key: str) -> None:
 
 def _open_optional_section(cfg: DictConfig, key: str) -> None:
     """Give each null optional section on a dotted override's path its defaults (``on_policy.lam=0.5``,
-    ``student.lora.r=16``)."""
+    ``student.lora.r=16``), and a required one the recipe leaves out (``student.builtin=tiny-llama-a``)."""
     node: Any = cfg
     tp: Any = Recipe
     for part in key.split(".")[:-1]:
-        if not (dataclasses.is_dataclass(tp) and isinstance(node, DictConfig) and part in node):
+        if not (dataclasses.is_dataclass(tp) and isinstance(node, DictConfig) and part in node.keys()):
             return
         tp = _strip_optional(_field_types(tp).get(part, Any))
-        if node[part] is None and dataclasses.is_dataclass(tp):
-            node[part] = tp()
+        if dataclasses.is_dataclass(tp) and (OmegaConf.is_missing(node, part) or node[part] is None):
+            node[part] = tp()  # a required section the recipe leaves out (student.builtin=...) too
         node = node[part]
 
 

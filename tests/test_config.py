@@ -1,5 +1,6 @@
 """Recipe validation: every problem fails before any model is built, naming the dotted key and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,6 @@ def test_valid_recipe_converts_to_typed_dataclasses(tmp_path):
     ("strategy=deepspeed_stage2", r"strategy: unknown strategy 'deepspeed_stage2'; did you mean 'deepspeed_stage_2'"),
     ("data.train=/nope/x.jsonl", r"data.train: file not found: /nope/x.jsonl"),
     ("loss.logit_slice=[5,2]", r"loss.logit_slice: expected \[start, stop\)"),
-    # hard labels are ids of the whole vocabulary: they indexed the slice's logits (another token's, or past the end)
-    ("loss.hard_label_weight=0.5", r"loss.logit_slice: hard labels \(loss.name ce, or loss.hard_label_weight > 0\) "
-                                   r"are token ids of the whole vocabulary, not of the slice"),
-    ("loss.name=ce", r"loss.logit_slice: hard labels"),
     ("purifiers=[{name: nosuch}]", r"purifiers\[0\].name: unknown purifier 'nosuch'"),
     ("resume=/nope.ckpt", r"resume: checkpoint not found"),
     ("teachers=[]", r"teachers: at least one teacher"),
@@ -46,6 +43,19 @@ def test_bad_recipe_fails_with_one_line_naming_the_key(tmp_path, override, messa
     with pytest.raises(RecipeError, match=message) as err:
         load(tmp_path, **{key: value})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["loss.hard_label_weight=0.5", "loss.name=ce"])
+def test_hard_labels_beside_a_logit_slice_are_refused(tmp_path, override):
+    """Hard labels are ids of the whole vocabulary: they indexed the slice's logits (another token's, or past the
+    end). This recipe's vector student has no labels at all, which is said too."""
+    key, value = override.split("=", 1)
+    with pytest.raises(RecipeError) as err:
+        load(tmp_path, **{key: value})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and re.match(r"loss.logit_slice: hard labels \(loss.name ce, or loss.hard_label_weight > "
+                                        r"0\) are token ids of the whole vocabulary, not of the slice", lines[0])
+    assert "a vector-model student (student.arch aux_mlp) reads vectors with no labels" in lines[1]
 
 
 def test_noise_data_for_a_language_model_student_is_refused_at_load():
@@ -342,3 +352,19 @@ def test_cross_entropy_on_a_vector_student_is_refused():
         with pytest.raises(RecipeError, match=message):
             load_recipe("recipes/quickstart.yaml", vector + extra)
     load_recipe("recipes/quickstart.yaml", vector)
+
+
+def test_a_required_section_the_recipe_leaves_out_is_named_and_can_be_given_by_dotted_key(tmp_path):
+    """``student.builtin=...`` on a recipe without ``student:`` was omegaconf's AttributeError traceback (exit 1);
+    ``teachers.0.builtin=...`` without ``teachers:`` said "dict is not a subclass of TeacherSpec"."""
+    from purify.assembly import load_recipe
+
+    path = tmp_path / "t.yaml"
+    path.write_text("teachers: [{builtin: tiny-llama-b}]\n")
+    assert load_recipe(path, ["student.builtin=tiny-llama-a"]).student.builtin == "tiny-llama-a"
+    with pytest.raises(RecipeError, match=r"^student: missing; the recipe needs it: give it in the recipe or on the "
+                                          r"command line \(e\.g\. 'student=\{builtin: tiny-llama-a\}'\)$"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"^teachers\.0\.builtin: the recipe has no teachers list; give it whole, "
+                                          r"e\.g\. 'teachers=\[\{builtin: tiny-llama-b\}\]'\nteachers: missing"):
+        load_recipe(None, ["student.builtin=tiny-llama-a", "teachers.0.builtin=tiny-llama-b"])
