@@ -206,6 +206,10 @@ class Distiller(L.LightningModule):
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
                      for key, given in (("teacher_names", teacher_names), ("teacher_weights", teacher_weights))
                      if given is not None and len(given) != count]
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            problems.append(f"total_steps: must be an int >= 1 (the optimizer steps the run plans) or None, got "
+                            f"{total_steps!r}")
         if teacher_weights is not None and not (all(w >= 0 and math.isfinite(w) for w in teacher_weights)
                                                 and sum(teacher_weights) > 0):
             problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
@@ -454,6 +458,9 @@ class Distiller(L.LightningModule):
                 where a student purifier needs them) when the caller ran the student itself; ``None`` runs it here.
         """
         self.setup_purifiers()
+        if not (isinstance(progress, (int, float)) and 0 <= progress <= 1):  # a step index skipped a head's ramp
+            raise ValueError(f"Distiller: progress must be a number in [0, 1] (optimizer step / planned steps), got "
+                             f"{progress!r}")
         if "target_mask" not in batch:
             raise ValueError(f"Distiller: the batch has no 'target_mask' (it has {sorted(batch)}): the weight of each "
                              "position to distil, (B, T) for token batches (purify.data's collate builds it), (B, 1) "
@@ -692,15 +699,21 @@ class Distiller(L.LightningModule):
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """The learning-rate schedule of ``scheduler`` (warmup, then constant/linear/cosine over ``total_steps``) on
-        ``optimizer``, stepped once per optimizer step (:meth:`fit_step` does it when given one). Warns when the
-        warmup is as long as the run: the learning rate would never reach ``optim.lr``."""
-        cfg, steps = self.scheduler_config, self._planned_steps()
-        if cfg.warmup_steps >= steps:
+        ``optimizer``, stepped once per optimizer step (:meth:`fit_step` does it when given one). A decaying
+        schedule outside a Trainer needs ``total_steps`` (refused without: it decayed over 1 step, the learning rate 0
+        from the second on). Warns when the warmup is as long as the run: the learning rate would never reach
+        ``optim.lr``."""
+        cfg = self.scheduler_config
+        unplanned = self._trainer is None and self.total_steps is None
+        if unplanned and cfg.name != "constant":
+            raise ValueError(f"Distiller.build_scheduler: a {cfg.name} schedule decays over the run's optimizer steps, "
+                             "which a plain loop must give: Distiller(..., total_steps=N)")
+        steps = self._planned_steps()
+        if not unplanned and cfg.warmup_steps >= steps:
             rank_zero_warn(f"scheduler.warmup_steps ({cfg.warmup_steps}) >= the {steps} optimizer step(s) this run "
                            f"plans: the learning rate stays in warmup, at most {steps / cfg.warmup_steps:.2g} "
-                           f"of optim.lr, and the {cfg.name} schedule after it never starts; give fewer warmup steps"
-                           + (" (or Distiller(total_steps=...) for a plain loop)" if self._trainer is None
-                              and self.total_steps is None else ""), category=UserWarning)
+                           f"of optim.lr, and the {cfg.name} schedule after it never starts; give fewer warmup steps",
+                           category=UserWarning)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps))
 
     def configure_optimizers(self) -> Any:

@@ -610,27 +610,51 @@ def test_a_plain_loop_steps_the_distillers_schedule():
     assert lrs == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01, 0.01, 0.008, 0.006, 0.004, 0.002])
 
 
-def test_a_warmup_as_long_as_the_run_is_warned_about():
-    """``warmup_steps >= `` the planned steps was silent: the learning rate never reached ``optim.lr``."""
+def test_a_warmup_as_long_as_the_run_is_warned_about_and_a_plain_loop_decay_needs_total_steps():
+    """``warmup_steps >= `` the planned steps was silent: the learning rate never reached ``optim.lr``. A linear or
+    cosine schedule in a plain loop without ``total_steps`` decayed over 1 step: lr 0 from the second on, silently
+    (the README's own plain-loop advice led there)."""
     import warnings
 
     from purify import Distiller
     from purify.config import LossConfig, SchedulerConfig
 
-    def scheduler(warmup: int, total: int | None) -> list[str]:
+    def scheduler(warmup: int, total: int | None, name: str = "cosine") -> list[str]:
         d = Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]),
-                      scheduler=SchedulerConfig(name="cosine", warmup_steps=warmup), total_steps=total)
+                      scheduler=SchedulerConfig(name=name, warmup_steps=warmup), total_steps=total)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             d.build_scheduler(d.build_optimizer())
         return [str(w.message) for w in caught if "warmup" in str(w.message)]
 
-    assert scheduler(5, 10) == [] and scheduler(0, None) == []
+    assert scheduler(5, 10) == [] and scheduler(3, None, "constant") == []  # a constant one needs no plan
     (message,) = scheduler(10, 4)
     assert message.startswith("scheduler.warmup_steps (10) >= the 4 optimizer step(s) this run plans: the learning "
                               "rate stays in warmup, at most 0.4 of optim.lr")
-    (message,) = scheduler(3, None)  # a plain loop plans 1 step without total_steps
-    assert "Distiller(total_steps=...)" in message
+    for name in ("linear", "cosine"):
+        with pytest.raises(ValueError, match=rf"^Distiller\.build_scheduler: a {name} schedule decays over the run's "
+                                             r"optimizer steps, which a plain loop must give: Distiller\(\.\.\., "
+                                             r"total_steps=N\)$"):
+            scheduler(0, None, name)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match=rf"total_steps: must be an int >= 1 .* got {bad!r}"):
+            Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]), total_steps=bad)
+
+
+def test_progress_outside_zero_to_one_is_refused():
+    """A step index given as ``progress`` (30) ran the adversary at full strength at once, skipping its ramp; -1
+    failed inside reverse_gradient, naming its ``scale``."""
+    from purify import Adversary, AdversaryConfig, Distiller
+    from purify.config import LossConfig
+
+    d = Distiller(_aux(), [_aux(), _aux()], loss=LossConfig(logit_slice=[10, 13]),
+                  purifiers=[Adversary(AdversaryConfig())])
+    batch = {"x": torch.rand(8, 16), "target_mask": torch.ones(8, 1)}
+    for bad in (30, -1, float("nan")):
+        with pytest.raises(ValueError, match=r"^Distiller: progress must be a number in \[0, 1\] \(optimizer step / "
+                                             r"planned steps\), got "):
+            d.fit_step(batch, d.build_optimizer(), progress=bad)
+    d.fit_step(batch, d.build_optimizer(), progress=1)
 
 
 def test_a_batch_without_target_mask_names_it():
