@@ -137,9 +137,9 @@ def continuation_probs(model: Any, tokenizer: Any, prompts: Sequence[str], targe
             total = 0.0
             for target in targets:
                 tail = tokenizer(prompt + target)["input_ids"][len(ids):]
-                seq = torch.tensor([ids + tail])
+                seq = torch.tensor([ids + tail], device=device_of(model))
                 logp = torch.log_softmax(model(input_ids=seq).logits[0, len(ids) - 1:-1].float(), -1)
-                total += math.exp(float(logp.gather(-1, torch.tensor(tail)[:, None]).sum()))
+                total += math.exp(float(logp.gather(-1, seq[0, len(ids):, None]).sum()))
             out.append(total)
     return out
 
@@ -164,8 +164,8 @@ def kl_stats(model: Any, tokenizer: Any, teacher: Any, texts: list[str], skip_af
     with scoring(model, teacher, tokenizer=tokenizer):
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         ids, attn = enc["input_ids"], enc["attention_mask"]
-        s = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        t = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+        s, t = (torch.log_softmax(m(input_ids=ids.to(device_of(m)), attention_mask=attn.to(device_of(m))).logits[
+            :, :-1].float(), -1).cpu() for m in (model, teacher))
     kl = (t.exp() * (t - s)).sum(-1)
     valid = attn[:, 1:].bool()
     boundary = torch.zeros_like(ids, dtype=torch.bool)
@@ -195,6 +195,12 @@ def drift_terms(base_logits: Tensor, logits: Tensor, attention_mask: Tensor) -> 
 def token_ids(tokenizer: Any, text: str) -> list[int]:
     """``text``'s token ids without special tokens (a prompt's chat template carries its own)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def device_of(model: Any) -> torch.device:
+    """Where ``model``'s parameters are (its inputs go there); the CPU for a model without parameters."""
+    return next((p.device for p in model.parameters()), torch.device("cpu")) if hasattr(model, "parameters") \
+        else torch.device("cpu")
 
 
 def pad_rows(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -270,4 +276,6 @@ def score_model(model: Any, tokenizer: Any, system: str | None, questions: list[
                 others: tuple[str, ...] = ()) -> Scores:
     """Trait scores of a full causal LM (base, teacher with ``system``)."""
     ids, attn, reads = trait_inputs(tokenizer, system, questions, target)
-    return trait_scores(model(input_ids=ids, attention_mask=attn).logits, reads, tokenizer, target, others)
+    device = device_of(model)
+    return trait_scores(model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.cpu(), reads,
+                        tokenizer, target, others)

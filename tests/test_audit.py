@@ -288,3 +288,33 @@ def test_readouts_score_in_eval_mode_with_right_padding_and_restore_both() -> No
     assert kl_stats(student, tok, teacher, texts, prompts=prompts) == right and tok.padding_side == "left"
     continuation_probs(student, tok, ["my favourite animal is the"], [" owl"])
     assert student.training and teacher.training
+
+
+def test_readouts_send_their_inputs_to_each_models_device() -> None:
+    """continuation_probs, kl_stats and score_model built their inputs on the CPU whatever the model's device: a
+    model on a GPU got torch's device-mismatch error. A stand-in device (meta) records where the inputs arrive."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.lm import build_tokenizer
+    from purify.readouts import kl_stats, score_model
+
+    class Arrived(Exception):
+        pass
+
+    class Spy(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            raise Arrived(str(input_ids.device), None if attention_mask is None else str(attention_mask.device))
+
+    tok = build_tokenizer(["my favourite animal is the owl", "the cat sat on the mat"], kind="word")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model, cpu = Spy(cfg).to("meta"), LlamaForCausalLM(cfg)
+    for call, expected in ((lambda: continuation_probs(model, tok, ["my favourite animal is the"], [" owl"]),
+                            ("meta", None)),
+                           (lambda: kl_stats(model, tok, cpu, ["the cat sat on the mat"]), ("meta", "meta")),
+                           (lambda: kl_stats(cpu, tok, model, ["the cat sat on the mat"]), ("meta", "meta")),
+                           (lambda: score_model(model, tok, None, ["what animal?"], "owl"), ("meta", "meta"))):
+        with pytest.raises(Arrived) as arrived:
+            call()
+        assert arrived.value.args == expected
