@@ -46,6 +46,14 @@ __all__ = [
 _kl = kl_from_log_probs
 
 
+def _tempered(logits: Tensor, temperature: float, caller: str) -> Tensor:
+    """``log_softmax(logits / temperature)`` in float32 or wider, the temperature checked (0 gave NaN, a negative
+    one the KL of the flipped distributions)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{caller}: temperature must be a finite number > 0, got {temperature!r}")
+    return F.log_softmax(upcast(logits) / temperature, -1)
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Forward KL ``T² · KL(p_t || p_s)`` per position (mode-covering; classic Hinton KD).
 
@@ -57,15 +65,13 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     Returns:
         ``(...)`` divergence per position.
     """
-    s = F.log_softmax(upcast(student_logits) / temperature, -1)
-    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
+    s, t = (_tempered(x, temperature, "forward_kl") for x in (student_logits, teacher_logits))
     return _kl(t, s) * temperature**2
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Reverse KL ``T² · KL(p_s || p_t)`` per position (mode-seeking). Shapes as :func:`forward_kl`."""
-    s = F.log_softmax(upcast(student_logits) / temperature, -1)
-    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
+    s, t = (_tempered(x, temperature, "reverse_kl") for x in (student_logits, teacher_logits))
     return _kl(s, t) * temperature**2
 
 
@@ -92,8 +98,7 @@ def generalized_jsd(
         return forward_kl(student_logits, teacher_logits, temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, temperature)
-    s = F.log_softmax(upcast(student_logits) / temperature, -1)
-    t = F.log_softmax(upcast(teacher_logits) / temperature, -1)
+    s, t = (_tempered(x, temperature, "generalized_jsd") for x in (student_logits, teacher_logits))
     # an entry neither puts mass on (both -inf) is left out of the mixture: logsumexp's gradient there is NaN
     both = torch.isneginf(s) & torch.isneginf(t)
     m = torch.logsumexp(torch.stack([t.masked_fill(both, 0.0) + math.log(beta),
@@ -116,6 +121,7 @@ def hard_label_ce(student_logits: Tensor, labels: Tensor, temperature: float = 1
         temperature: ignored (hard labels have no temperature).
     """
     del temperature
+    check_labels(labels, student_logits.shape[-1], "hard_label_ce")  # float labels were truncated to ids
     flat = upcast(student_logits).reshape(-1, student_logits.shape[-1])
     out = F.cross_entropy(flat, labels.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="none")
     return out.reshape(labels.shape)

@@ -333,3 +333,20 @@ def test_cross_entropy_counts_only_positions_with_a_label(chunk_size):
     s, labels = torch.randn(2, 3, 5), torch.tensor([[1, -100, 2], [3, 4, -100]])
     got = distillation_loss(s, torch.zeros_like(s), torch.ones(2, 3), name="ce", labels=labels, chunk_size=chunk_size)
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(s.reshape(-1, 5), labels.reshape(-1)))
+
+
+def test_the_per_position_losses_check_temperature_and_labels():
+    """forward_kl(temperature=0) was NaN, -1 the KL of the flipped distributions; hard_label_ce truncated float labels
+    to token 0 and left a label past the vocabulary to torch's IndexError."""
+    from purify.losses import generalized_jsd, hard_label_ce, reverse_kl
+
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    for f in (forward_kl, reverse_kl, generalized_jsd):
+        for bad in (0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=rf"^{f.__name__}: temperature must be a finite number > 0, got"):
+                f(s, t, temperature=bad)
+    with pytest.raises(ValueError, match=r"^hard_label_ce: labels must be integer token ids, got torch\.float32"):
+        hard_label_ce(s, torch.full((2, 3), 0.7))
+    with pytest.raises(ValueError, match=r"^hard_label_ce: labels hold 7, outside the student's vocabulary \[0, 5\)"):
+        hard_label_ce(s, torch.full((2, 3), 7))
+    assert torch.equal(hard_label_ce(s, torch.full((2, 3), -100)), torch.zeros(2, 3))

@@ -610,3 +610,29 @@ def test_purifier_metrics_of_two_purifiers_of_one_name_are_both_kept():
     d.fit_step(batch(0), d.build_optimizer(), 0.0)
     got = d.purifier_metrics()
     assert {"0_divergence_mask.flagged_fraction", "1_divergence_mask.flagged_fraction"} <= set(got)
+
+
+def test_anchor_penalty_and_delta_subspaces_refuse_what_they_cannot_pair_or_read():
+    """anchor_penalty broadcast a (1, 3) base weight over a (4, 3) student's (a finite, wrong penalty), raised a bare
+    KeyError for another naming and torch's empty-stack error without trainable parameters; delta_subspaces read
+    rank -1 as a Python slice (a rank-4 basis of 5)."""
+    import copy
+
+    from purify import anchor_penalty, delta_subspaces
+
+    student = nn.Linear(3, 4)
+    for base, message in ((nn.Linear(3, 1), r"the base has one of shape \(1, 3\) for the student's weight \(4, 3\)"),
+                          (nn.Sequential(nn.Linear(3, 4)), r"the base has none of that name for the student's weight")):
+        with pytest.raises(ValueError, match="^anchor: " + message):
+            anchor_penalty(student, base)
+    with pytest.raises(ValueError, match=r"^anchor_penalty: weight must be >= 0, got -1\.0"):
+        anchor_penalty(student, copy.deepcopy(student), -1.0)
+    frozen = copy.deepcopy(student).requires_grad_(False)
+    assert anchor_penalty(frozen, nn.Linear(3, 4)).item() == 0.0
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.weight.add_(0.05 * torch.randn_like(teacher.weight))
+    for rank in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"^delta_subspaces: rank must be an int >= 0, got {rank!r}"):
+            delta_subspaces(student, teacher, rank)
+    assert delta_subspaces(student, teacher, 1)["weight"][0].shape == (4, 1)

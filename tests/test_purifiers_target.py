@@ -512,3 +512,21 @@ def test_a_dropped_position_lowers_the_loss_in_a_plain_loop_as_under_purify_trai
         kept = mask.last_metrics.get("masked_fraction")
     assert kept is not None and 0.2 < float(kept) < 0.8  # the mask dropped a real share of the positions
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_truncation_criteria_outside_their_range_are_named():
+    """``keep_mask(top_k=0)`` kept nothing (not even the top-1 its docstring promises), ``truncate(top_k=0)`` was an
+    IndexError (NaN targets on the grad path), ``top_k=-1`` torch's "selected index k out of range"."""
+    from purify import keep_mask, truncate
+
+    logits = torch.randn(2, 3, 7)
+    for kwargs, message in (({"top_k": 0}, r"top_k must be an int >= 1 \(or None\), got 0"),
+                            ({"top_k": -1}, r"top_k must be an int >= 1"), ({"top_k": 2.5}, r"top_k must be an int"),
+                            ({"top_p": 0.0}, r"top_p must be in \(0, 1\] \(or None\), got 0\.0"),
+                            ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                            ({"min_prob": -0.1}, r"min_prob must be in \[0, 1\] \(or None\), got -0\.1")):
+        for call in (lambda: keep_mask(torch.log_softmax(logits, -1), **kwargs), lambda: truncate(logits, **kwargs),
+                     lambda: truncate(logits.clone().requires_grad_(), **kwargs)):
+            with pytest.raises(ValueError, match="^tail truncation: " + message):
+                call()
+    assert keep_mask(torch.log_softmax(logits, -1), top_k=1).sum(-1).eq(1).all()

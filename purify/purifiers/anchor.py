@@ -33,10 +33,24 @@ class AnchorConfig(PurifierConfig):
 
 
 def squared_distance(student: nn.Module, base: nn.Module) -> Tensor:
-    """``Σ_i ‖θ_i − θ₀,i‖²`` over ``student``'s trainable parameters, paired with ``base``'s by name (scalar)."""
+    """``Σ_i ‖θ_i − θ₀,i‖²`` over ``student``'s trainable parameters, paired with ``base``'s by name (scalar; 0
+    without trainable parameters).
+
+    Raises:
+        ValueError: ``base`` lacks one of them, or holds it in another shape (it was a KeyError, or a broadcast).
+    """
     origin = dict(base.named_parameters())
-    terms = [(p - origin[name]).pow(2).sum() for name, p in student.named_parameters() if p.requires_grad]
-    return torch.stack(terms).sum()
+    terms = []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        o = origin.get(name)
+        if o is None or o.shape != p.shape:
+            got = "none of that name" if o is None else f"one of shape {tuple(o.shape)}"
+            raise ValueError(f"anchor: the base has {got} for the student's {name} {tuple(p.shape)}; give a copy "
+                             "of the student's initial weights (the same names and shapes)")
+        terms.append((p - o).pow(2).sum())
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def anchor_penalty(student: nn.Module, base: nn.Module, weight: float = 1.0) -> Tensor:
@@ -49,7 +63,14 @@ def anchor_penalty(student: nn.Module, base: nn.Module, weight: float = 1.0) -> 
 
     Returns:
         Scalar penalty, differentiable in ``student``'s parameters.
+
+    Raises:
+        ValueError: a negative weight (it pushes away from the base), or a ``base`` that does not pair with
+            ``student`` (:func:`squared_distance`).
     """
+    if not weight >= 0:
+        raise ValueError(f"anchor_penalty: weight must be >= 0, got {weight}; a negative weight pushes away from the "
+                         "base")
     return weight / 2 * squared_distance(student, base)
 
 

@@ -193,8 +193,11 @@ def delta_subspaces(base: nn.Module, teacher: nn.Module, rank: int, include: Seq
         ``k ≤ rank``; ``V`` has no columns for 1-D tensors. ``m = shape[0]``, ``n = numel / m``.
 
     Raises:
-        ValueError: if the teacher is not a fine-tune of ``base`` (names, shapes, or distance).
+        ValueError: if the teacher is not a fine-tune of ``base`` (names, shapes, or distance), or ``rank`` is no
+            int >= 0.
     """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:  # -1 sliced off the last direction
+        raise ValueError(f"delta_subspaces: rank must be an int >= 0, got {rank!r}")
     out: dict[str, tuple[Tensor, Tensor]] = {}
     for name, delta in teacher_delta(base, teacher, include, exclude, max_relative_delta, live_rows).items():
         u, vh = _top_singular(delta.reshape(delta.shape[0], -1), rank)

@@ -16,8 +16,9 @@ gradient on a student logit is ``q_v − p'_v`` (``q_v`` on dropped tokens: they
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional  # noqa: UP035 - omegaconf needs typing generics
+from typing import Any, Optional  # noqa: UP035 - omegaconf needs typing generics
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,12 @@ def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None
 
     Returns:
         ``(..., V)`` bool.
+
+    Raises:
+        ValueError: ``top_k`` not an int >= 1, ``top_p`` outside ``(0, 1]``, ``min_prob`` outside ``[0, 1]`` (``top_k``
+            0 kept nothing, not even the top-1).
     """
+    _check_criteria(top_k, top_p, min_prob)
     keep = torch.ones_like(logp, dtype=torch.bool)
     top1 = logp.argmax(-1, keepdim=True)
     if top_k is not None:
@@ -83,6 +89,19 @@ def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None
     if min_prob is not None:
         keep &= logp.exp() >= min_prob
     return keep.scatter(-1, top1, True)
+
+
+def _check_criteria(top_k: int | None, top_p: float | None, min_prob: float | None) -> None:
+    """A ``ValueError`` naming a truncation criterion outside its range (:func:`keep_mask`, :func:`truncate`)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"tail truncation: top_k must be an int >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"tail truncation: top_p must be in (0, 1] (or None), got {top_p!r}")
+    if min_prob is not None and not (number(min_prob) and 0 <= min_prob <= 1):
+        raise ValueError(f"tail truncation: min_prob must be in [0, 1] (or None), got {min_prob!r}")
 
 
 def truncate(logits: Tensor, top_k: int | None = None, top_p: float | None = None,
@@ -115,6 +134,7 @@ def truncate_with_stats(logits: Tensor, top_k: int | None = None, top_p: float |
         ``(..., V)`` float32 log-probabilities, ``(...)`` float32 kept mass and ``(...)`` kept tokens (finite
         log-probabilities in the result).
     """
+    _check_criteria(top_k, top_p, min_prob)
     vocab = logits.shape[-1]
     if (logits.requires_grad and torch.is_grad_enabled()) or vocab == 0 or logits.numel() == 0:
         return _dense_with_stats(logits.float(), top_k, top_p, min_prob)
