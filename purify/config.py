@@ -472,18 +472,34 @@ def _lora_problems(recipe: Recipe) -> list[str]:
     if kind is not None:
         out.append(f"student.lora: LoRA adapts a pretrained Hugging Face causal LM, but student.{kind} is "
                    f"{kinds[kind]}; give the student as path, builtin or gguf, or remove student.lora")
-    if lora.r < 1:
-        out.append(f"student.lora.r: must be >= 1, got {lora.r}")
-    if not lora.alpha > 0:
-        out.append(f"student.lora.alpha: must be > 0, got {lora.alpha}")
-    if not 0.0 <= lora.dropout < 1.0:
-        out.append(f"student.lora.dropout: {lora.dropout} is not in [0, 1)")
+    return out + lora_spec_problems(lora)
+
+
+def lora_spec_problems(lora: LoraSpec, where: str = "student.lora") -> list[str]:
+    """What is wrong with a :class:`LoraSpec`'s values, one ``<where>.<key>: ...`` line each (a recipe's, and one
+    given to :func:`purify.lora.apply_lora` in Python)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    out = []
+    if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+        out.append(f"{where}.r: must be an int >= 1, got {lora.r!r}")
+    if not (number(lora.alpha) and lora.alpha > 0 and math.isfinite(lora.alpha)):
+        out.append(f"{where}.alpha: must be a finite number > 0, got {lora.alpha!r}")  # 0: the adapter never trains
+    if not (number(lora.dropout) and 0.0 <= lora.dropout < 1.0):
+        out.append(f"{where}.dropout: {lora.dropout!r} is not in [0, 1)")
+    biases = typing.get_args(typing.get_type_hints(LoraSpec)["bias"])
+    if lora.bias not in biases:
+        out.append(f"{where}.bias: {lora.bias!r} is not one of {', '.join(biases)}")
     for key in ("target_modules", "modules_to_save"):
         names = getattr(lora, key)
-        if names is not None and (not names or any(not str(n).strip() for n in names)):
-            out.append(f"student.lora.{key}: give module names (e.g. [q_proj, v_proj]) or null, got {list(names)}")
-    if lora.target_modules is not None and "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
-        out.append("student.lora.target_modules: all-linear stands alone; give [all-linear] or a list of names")
+        if isinstance(names, str):  # one problem per character followed
+            out.append(f"{where}.{key}: give a list of module names (e.g. [{names}]), got the string {names!r}")
+        elif names is not None and (not names or any(not str(n).strip() for n in names)):
+            out.append(f"{where}.{key}: give module names (e.g. [q_proj, v_proj]) or null, got {list(names)}")
+    targets = lora.target_modules
+    if isinstance(targets, (list, tuple)) and "all-linear" in targets and len(targets) > 1:
+        out.append(f"{where}.target_modules: all-linear stands alone; give [all-linear] or a list of names")
     return out
 
 

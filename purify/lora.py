@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from purify.config import LoraSpec
+from purify.config import LoraSpec, lora_spec_problems
 from purify.lineage import write_lineage
 from purify.storage import atomic_dir
 from purify.types import RecipeError, first_line
@@ -77,6 +77,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int, revision: str | None
 
     if not isinstance(model, PreTrainedModel):
         raise RecipeError(f"{where}: LoRA needs a Hugging Face causal LM, got {type(model).__name__}; remove {where}")
+    problems = lora_spec_problems(spec, where)  # a recipe's were checked already; a spec built in Python was not
+    if problems:
+        raise RecipeError(problems)
     names = [name for name, _ in model.named_modules()]
     # peft fails only when no target matches: a misspelt name beside a right one was dropped, though the adapter's
     # config and the lineage list it

@@ -173,8 +173,8 @@ def test_a_deepspeed_lora_run_resumes_exactly_and_refuses_another_base(tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("student.lora.r=0", "student.lora.r: must be >= 1, got 0"),
-    ("student.lora.alpha=0", "student.lora.alpha: must be > 0"),
+    ("student.lora.r=0", "student.lora.r: must be an int >= 1, got 0"),
+    ("student.lora.alpha=0", "student.lora.alpha: must be a finite number > 0"),
     ("student.lora.dropout=1.0", "student.lora.dropout: 1.0 is not in [0, 1)"),
     ("student.lora.target_modules=[]", "student.lora.target_modules: give module names"),
     ("student.lora.target_modules=[all-linear,q_proj]", "student.lora.target_modules: all-linear stands alone"),
@@ -206,10 +206,31 @@ def test_unknown_target_module_names_the_key_and_the_layers():
     assert line.startswith("student.lora.target_modules: ") and "q_proj" in line and "down_proj" in line
 
 
+def test_a_lora_spec_given_in_python_is_checked_as_a_recipes_is():
+    """apply_lora ran none of the recipe's checks: alpha 0 built an adapter whose gradients are all 0, r 0 and
+    dropout 1.5 were reported as target_modules problems, and a string target_modules one problem per character."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from purify.lora import apply_lora
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    for spec, message in ((LoraSpec(alpha=0.0), "student.lora.alpha: must be a finite number > 0, got 0.0"),
+                          (LoraSpec(r=0), "student.lora.r: must be an int >= 1, got 0"),
+                          (LoraSpec(r=2.5), "student.lora.r: must be an int >= 1, got 2.5"),
+                          (LoraSpec(dropout=1.5), "student.lora.dropout: 1.5 is not in [0, 1)"),
+                          (LoraSpec(bias="some"), "student.lora.bias: 'some' is not one of none, all, lora_only"),
+                          (LoraSpec(target_modules="q_proj"), "student.lora.target_modules: give a list of module "
+                                                              "names (e.g. [q_proj]), got the string 'q_proj'")):
+        with pytest.raises(RecipeError) as err:
+            apply_lora(LlamaForCausalLM(cfg), spec, seed=0)
+        assert err.value.problems == [message]
+
+
 def test_cli_bad_lora_value_is_one_line_exit_2(tmp_path, capsys):
     assert main(["train", RECIPE, "student.lora.r=0", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "student.lora.r: must be >= 1, got 0" in err
+    assert err.count("\n") == 0 and "student.lora.r: must be an int >= 1, got 0" in err
 
 
 def test_delta_projection_is_refused_with_lora_and_accepted_without(tmp_path):
