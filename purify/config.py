@@ -231,6 +231,22 @@ def structured(schema: type, data: Any, prefix: str = "") -> Any:
         raise _explain(err, base, prefix) from None
 
 
+def type_problems(config: Any, prefix: str) -> list[str]:
+    """Values of a config dataclass built in Python that its fields' types do not allow, one ``<prefix><key>: ...``
+    line each: what a recipe's conversion refuses (``temperature: x``, a misspelt choice, ``logit_slice: [10.5,
+    13]``), and a number given as a str, which a recipe reads as the number it spells but Python keeps (compared with
+    a number, it raised a bare TypeError)."""
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    try:
+        converted = structured(type(config), given, prefix)
+    except RecipeError as err:
+        return list(err.problems)
+    numbers = {key: getattr(converted, key) for key in given}
+    return [f"{prefix}{key}: {value!r} is a {type(value).__name__}; give a {type(numbers[key]).__name__}"
+            for key, value in given.items() if isinstance(value, str) and isinstance(numbers[key], (int, float))
+            and not isinstance(numbers[key], bool)]
+
+
 def _source_problems(spec: ModelSpec, where: str) -> list[str]:
     """Checks of one model source that need nothing but the spec and the file system."""
     sources = [k for k in ("path", "builtin", "config", "arch", "gguf", "packaged", "cache")

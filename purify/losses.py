@@ -201,10 +201,19 @@ def distillation_loss(
             student's positions, labels outside ``[0, V)`` other than ``IGNORE_INDEX`` (labels on the CPU), a bad
             ``name``/``beta``/...
     """
+    spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
     uses_ce = name == "ce" or hard_label_weight > 0
     if uses_ce and labels is None:
         raise ValueError("distillation_loss: hard-label cross-entropy needs `labels`")
-    spec = LossSpec.of(name, beta, temperature, hard_label_weight, "distillation_loss")
+    if name != "ce" and not isinstance(teacher_logits, Tensor):  # None reached torch as an AttributeError
+        raise ValueError(f"distillation_loss: the soft loss {name} needs teacher_logits (..., V), got "
+                         f"{type(teacher_logits).__name__}; only name='ce' goes without a teacher")
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):  # one weight for every position
+        weight = torch.tensor(float(weight), device=student_logits.device) if isinstance(student_logits, Tensor) \
+            else weight
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"distillation_loss: weight must be a tensor of per-position weights (or one number), got "
+                         f"{type(weight).__name__}")
     _check_inputs(student_logits, None if name == "ce" else teacher_logits, weight, labels if uses_ce else None,
                   spec.ignore_index)
     if chunk_size is not None and chunk_size < 0:

@@ -172,6 +172,9 @@ def fused_linear_distillation_loss(
     if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise ValueError(f"fused_linear_distillation_loss: hidden is {hidden.dtype} and weight {weight.dtype}; give "
                          "them one dtype, or call it inside torch.autocast")
+    if bias is not None and bias.shape != (vocab,):  # was torch's "size of tensor a (10) must match (11)"
+        raise ValueError(f"fused_linear_distillation_loss: bias {tuple(bias.shape)} should be ({vocab},), one per "
+                         "row of the output layer")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"fused_linear_distillation_loss: chunk_size must be >= 1 positions, or None (about 64 MiB "
                          f"of logits per chunk), got {chunk_size}; the fused loss always chunks")
@@ -204,6 +207,10 @@ def fused_linear_distillation_loss(
                 or teacher_weight.shape[0] != vocab or teacher_hidden.shape != (*prefix, teacher_weight.shape[1])):
             raise ValueError("fused_linear_distillation_loss: teacher_hidden (..., Ht) and teacher_weight (V, Ht) "
                              f"must match the student's {tuple(prefix)} positions and V = {vocab}")
+        if teacher_hidden.dtype != teacher_weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise ValueError(f"fused_linear_distillation_loss: teacher_hidden is {teacher_hidden.dtype} and "
+                             f"teacher_weight {teacher_weight.dtype}; give them one dtype, or call it inside "
+                             "torch.autocast")
         teacher = ("linear", teacher_hidden.detach().reshape(-1, teacher_weight.shape[1]), teacher_weight.detach(),
                    None if teacher_bias is None else teacher_bias.detach())
     w = row_weight.reshape(-1)

@@ -34,6 +34,7 @@ from purify.config import (
     logit_slice_problem,
     loss_problems,
     optim_problems,
+    type_problems,
 )
 from purify.lora import is_lora
 from purify.losses import distillation_loss, target_count
@@ -196,11 +197,22 @@ class Distiller(L.LightningModule):
             raise ValueError(f"Distiller: purifiers must be a list of purifiers (e.g. [Anchor(AnchorConfig())]), got "
                              f"{given if not isinstance(purifiers, nn.Module) else given[0]}; build each from its "
                              "config (purify.purifiers.build_purifier(config)) and give a list")
+        models = [("student", student)] + ([] if deferred else [(f"teachers[{i}]", t) for i, t in enumerate(teachers)])
+        for key, model in models:  # a hub name given for a model was an AttributeError deep in the checks
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"Distiller: {key} must be a torch module (e.g. AutoModelForCausalLM."
+                                 f"from_pretrained(...)), got {type(model).__name__}")
         for key, value, kind in (("loss", loss, LossConfig), ("optim", optim, OptimConfig),
-                                 ("scheduler", scheduler, SchedulerConfig)):
+                                 ("scheduler", scheduler, SchedulerConfig), ("on_policy", on_policy, OnPolicyConfig)):
             if value is not None and not isinstance(value, kind):
-                raise ValueError(f"Distiller: {key} must be a {kind.__name__}, got {type(value).__name__}; give "
-                                 f"{kind.__name__}(...)")
+                article = "an" if kind.__name__[0] in "AEIOU" else "a"
+                raise ValueError(f"Distiller: {key} must be {article} {kind.__name__}, got {type(value).__name__}; "
+                                 f"give {kind.__name__}(...)")
+        typed = [p for key, value in (("loss", loss), ("optim", optim), ("scheduler", scheduler),
+                                      ("on_policy", on_policy)) if value is not None
+                 for p in type_problems(value, f"{key}.")]
+        if typed:  # before the range checks, which compare them with numbers
+            raise RecipeError(typed)
         problems = loss_problems(loss or LossConfig()) + optim_problems(optim or OptimConfig(),
                                                                        scheduler or SchedulerConfig())
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"

@@ -562,6 +562,12 @@ def _stack(loss="forward_kl", teachers=1):
                                                                                           logit_slice=[0, 13]))
 
 
+def _config(name: str, **values):
+    import purify.config
+
+    return getattr(purify.config, name)(**values)
+
+
 @pytest.mark.parametrize("make, message", [
     # a recipe refuses each of these by name; a Distiller built in Python trained on (PurifyTrainer: NaN weights)
     (lambda p: p.Distiller(**_stack("reverse_kl"), purifiers=[p.TailTruncation(p.TailTruncationConfig(top_k=2))]),
@@ -582,6 +588,20 @@ def _stack(loss="forward_kl", teachers=1):
      r"purifiers must be a list of purifiers .*, got \['AnchorConfig'\]"),
     (lambda p: p.Distiller(_aux(), [_aux()], loss={"name": "jsd"}),
      r"Distiller: loss must be a LossConfig, got dict; give LossConfig\(\.\.\.\)"),
+    # each of these was an AttributeError or TypeError deep in the checks, or at the first step
+    (lambda p: p.Distiller("gpt2", [_aux()]), r"Distiller: student must be a torch module .*, got str"),
+    (lambda p: p.Distiller(_aux(), [_aux(), "gpt2"]), r"Distiller: teachers\[1\] must be a torch module .*, got str"),
+    (lambda p: p.Distiller(_aux(), [_aux()], on_policy={"lam": 0.5}),
+     r"Distiller: on_policy must be an OnPolicyConfig, got dict"),
+    (lambda p: p.Distiller(_aux(), [_aux()], loss=_config("LossConfig", temperature="2", logit_slice=[10, 13])),
+     r"^loss\.temperature: '2' is a str; give a float$"),
+    (lambda p: p.Distiller(_aux(), [_aux()], loss=_config("LossConfig", logit_slice=[10.5, 13])),
+     r"^loss\.logit_slice\[0\]: Value '10\.5' of type 'float' could not be converted to Integer"),
+    (lambda p: p.Distiller(_aux(), [_aux()], loss=_config("LossConfig", logit_slice=[10, 13]),
+                           optim=_config("OptimConfig", lr="1e-3")),
+     r"^optim\.lr: '1e-3' is a str; give a float$"),
+    (lambda p: p.Anchor({"weight": -1.0}),
+     r"^Anchor: takes its config dataclass \(AnchorConfig\(\.\.\.\)\), not a dict"),
 ])
 def test_a_distiller_built_in_python_is_checked_as_a_recipe_is(make, message):
     import purify
@@ -700,3 +720,16 @@ def test_a_purifier_of_the_users_own_is_checked_by_its_contract_not_refused():
     Distiller(_aux(), [_aux()], loss=loss, purifiers=[Scale(ScaleConfig()), Anchor(MyAnchorConfig())])
     with pytest.raises(ValueError, match=r"purifiers\[1\]\.name: ensemble rebuilds the targets .* scale \(purifiers"):
         Distiller(_aux(), [_aux(), _aux()], loss=loss, purifiers=[Scale(ScaleConfig()), Ensemble(EnsembleConfig())])
+
+
+def test_build_purifier_refuses_a_config_of_another_purifier_or_a_dict():
+    """``build_purifier(AnchorConfig(name="ensemble"))`` built an Ensemble from an anchor's settings; a dict was an
+    AttributeError."""
+    from purify.purifiers import AnchorConfig, build_purifier
+    from purify.types import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^build_purifier: AnchorConfig\(name='ensemble'\); give EnsembleConfig"):
+        build_purifier(AnchorConfig(name="ensemble"))
+    with pytest.raises(RecipeError, match=r"^build_purifier: takes a config dataclass"):
+        build_purifier({"name": "anchor"})
+    assert type(build_purifier(AnchorConfig())).__name__ == "Anchor"

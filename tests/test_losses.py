@@ -279,13 +279,17 @@ def test_mismatched_inputs_are_named_not_left_to_torch(chunk):
              ((s[0], t, w[0]), {}, r"teacher_logits \(2, 3, 5\) do not match student_logits \(3, 5\): one teacher "
                                    "distribution per student position"),
              ((s[:, :1], t, w[:, :1]), {}, r"teacher_logits \(2, 3, 5\) do not match"),
-             ((s, t, w), {"name": "ce", "labels": labels.bool()}, "labels must be integer token ids, got torch.bool")]
+             ((s, t, w), {"name": "ce", "labels": labels.bool()}, "labels must be integer token ids, got torch.bool"),
+             ((s, None, w), {}, r"the soft loss forward_kl needs teacher_logits \(\.\.\., V\), got NoneType"),
+             ((s, t, [1.0] * 3), {}, "weight must be a tensor of per-position weights \\(or one number\\), got list")]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             distillation_loss(*args, chunk_size=chunk, **kwargs)
     ignored = labels.masked_fill(labels == labels[0, 0], -100)  # the ignore index is no token: accepted
     assert torch.isfinite(distillation_loss(s, t, w, name="ce", labels=ignored, chunk_size=chunk))
     assert torch.isfinite(distillation_loss(s, t[:1], w, chunk_size=chunk))  # a teacher broadcast over the batch
+    assert distillation_loss(s, t, 1.0, chunk_size=chunk).item() == pytest.approx(  # one number: every position
+        distillation_loss(s, t, w, chunk_size=chunk).item())
     small = labels.to(torch.int16)  # int16 ids crashed the chunked path in gather(); the exact path took them
     assert distillation_loss(s, t, w, name="ce", labels=small, chunk_size=chunk).item() == pytest.approx(
         distillation_loss(s, t, w, name="ce", labels=labels, chunk_size=0).item())

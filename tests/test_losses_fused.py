@@ -108,12 +108,15 @@ def test_masked_rows_are_never_read_and_the_incoming_gradient_scales():
     ({"name": "ce", "labels": torch.full((2, 9), 13)}, r"labels hold 13, outside the student's vocabulary \[0, 13\)"),
     ({"hard_label_weight": 0.5, "labels": torch.full((2, 9), -5)}, r"labels hold -5, outside"),
     ({"name": "ce", "labels": torch.zeros(2, 9)}, r"labels must be integer token ids, got torch.float32"),
+    ({"bias": torch.zeros(11, dtype=torch.float64)}, r"bias \(11,\) should be \(13,\), one per row"),
+    ({"teacher_logits": None, "teacher_hidden": torch.zeros(2, 9, 4, dtype=torch.float64),
+      "teacher_weight": torch.zeros(13, 4)}, r"teacher_hidden is torch.float64 and teacher_weight torch.float32"),
 ])
 def test_a_mismatched_input_is_refused_by_name(kwargs, message):
     hidden, weight, bias, t_hidden, t_weight, mask, _ = _case()
-    args = {"hidden": hidden, "row_weight": mask, "teacher_logits": t_hidden @ t_weight.T, **kwargs}
+    args = {"hidden": hidden, "bias": bias, "row_weight": mask, "teacher_logits": t_hidden @ t_weight.T, **kwargs}
     with pytest.raises(ValueError, match=message):
-        fused_linear_distillation_loss(args.pop("hidden"), weight, bias, **args)
+        fused_linear_distillation_loss(args.pop("hidden"), weight, args.pop("bias"), **args)
 
 
 # ------------------------------------------------------------------ in a Distiller step

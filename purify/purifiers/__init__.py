@@ -13,7 +13,7 @@ from purify.purifiers.base import (
     StudentPurifier,
     TargetPurifier,
 )
-from purify.types import ModelOutput, Targets
+from purify.types import ModelOutput, RecipeError, Targets
 
 PURIFIERS: dict[str, tuple[type, type[Purifier]]] = {}
 """Recipe name → (config dataclass, purifier class). The class is built as ``cls(config)``. Filled explicitly
@@ -47,7 +47,17 @@ PURIFIERS["cross_base"] = (CrossBaseConfig, CrossBase)
 
 def build_purifier(config: Any) -> Purifier:
     """Build a purifier from its validated config dataclass (``config.name`` picks the class)."""
-    return PURIFIERS[config.name][1](config)
+    if isinstance(config, dict):
+        raise RecipeError("build_purifier: takes a config dataclass (e.g. AnchorConfig(weight=0.01)); build from "
+                          "recipe-style dicts with build_purifiers([{'name': ..., ...}])")
+    name = getattr(config, "name", None)
+    if name not in PURIFIERS:
+        raise RecipeError(f"build_purifier: {name!r} is no purifier; give the config of one of {', '.join(PURIFIERS)}")
+    kind, cls = PURIFIERS[name]
+    if not isinstance(config, kind):  # AnchorConfig(name="ensemble") built an Ensemble from an anchor's settings
+        raise RecipeError(f"build_purifier: {type(config).__name__}(name={name!r}); give {kind.__name__}(...) for "
+                          f"{name}, or leave the name at its default")
+    return cls(config)
 
 
 def build_purifiers(entries: Any) -> list[Purifier]:

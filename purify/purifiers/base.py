@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from purify.config import structured
+from purify.config import type_problems
 from purify.types import Batch, ModelOutput, RecipeError, Targets
 
 
@@ -108,16 +108,9 @@ def require_valid(config: Any) -> None:
     purifier entry."""
     name = getattr(config, "name", type(config).__name__)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        converted = structured(type(config), given, f"{name}.")
-        # a recipe's "0.1" is read as the number it spells; in Python the field keeps the str (and compared with a
-        # number it raised a bare TypeError in problems())
-        numbers = {key: getattr(converted, key) for key in given}
-        wrong = [f"{key}: {value!r} is a {type(value).__name__}; give a {type(numbers[key]).__name__}"
-                 for key, value in given.items() if isinstance(value, str)
-                 and isinstance(numbers[key], (int, float)) and not isinstance(numbers[key], bool)]
+        wrong = type_problems(config, f"{name}.")
         if wrong:
-            raise RecipeError([f"{name}.{p}" for p in wrong])
+            raise RecipeError(wrong)
     problems = number_problems(config) or (config.problems() if hasattr(config, "problems") else [])
     if problems:
         raise RecipeError([f"{name}.{p}" for p in problems])
@@ -166,6 +159,10 @@ class Purifier(nn.Module):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__()
+        if isinstance(config, dict):  # a recipe entry's form: it reached the first step as an AttributeError
+            cls = type(self).__name__
+            raise RecipeError(f"{cls}: takes its config dataclass ({cls}Config(...)), not a dict; or build it from "
+                              "the dict with purify.purifiers.build_purifiers([{'name': ..., ...}])")
         if config is not None:
             require_valid(config)
         self.config = config
