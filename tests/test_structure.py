@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "purify"
 
 LAYERS = [
     ("types",),
-    ("storage", "config"),
+    ("storage", "stopping", "config"),
     ("losses", "losses_chunked", "losses_fused", "align", "lineage", "metrics", "strategy", "gguf", "models_prepare",
      "lm", "cache", "purifiers", "data", "models", "generate", "lora", "on_policy", "readouts"),
     ("module",),
