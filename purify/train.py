@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
 from purify.cache import MANIFEST, PLAN
-from purify.checkpoint import INTEGRITY_KEY, VerifiedCheckpointIO, deepspeed_step, load_verified
+from purify.checkpoint import INTEGRITY_KEY, CheckpointError, VerifiedCheckpointIO, deepspeed_step, load_verified
 from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.lora import is_lora
@@ -358,6 +358,31 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
+def _furthest_saved_step(ckpt_dir: Path) -> int | None:
+    """The furthest step a checkpoint in ``ckpt_dir`` can be resumed from; ``None`` when none says. A file
+    checkpoint is written whole (``step<N>.ckpt`` by its name, ``last.ckpt`` by its own step); a DeepSpeed directory
+    is written a shard at a time, so one counts only when :func:`purify.checkpoint.deepspeed_step` finds it sound
+    (``last.ckpt``, then from the furthest ``step<N>`` down: usually one or two reads of its model states)."""
+    named = [(int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt",
+                                                                                              p.name))]
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file() and (at := _saved_step(last)) is not None:
+        named.append((at, last))
+    elif last.is_dir():  # its step is in its states: read with the check
+        try:
+            named.append((deepspeed_step(last)[0], last))
+        except CheckpointError:
+            pass
+    for at, path in sorted(named, key=lambda item: item[0], reverse=True):
+        if path.is_file() or path == last:
+            return at
+        try:
+            return deepspeed_step(path)[0]
+        except CheckpointError:
+            continue
+    return None
+
+
 def _saved_step(path: Path) -> int | None:
     """The ``global_step`` a checkpoint file holds (:func:`purify.storage.peek_checkpoint`: not read in full);
     ``None`` for a DeepSpeed directory or a file that cannot be read so."""
@@ -431,8 +456,13 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
     if not _in_place(output_dir, resume):
         raise RecipeError(f"resume: {resume} is not a checkpoint of {output_dir}, which already holds another run; "
                           f"give a new output_dir to continue from {resume}, or {to_continue}")
+    # the run's furthest step is its furthest checkpoint on disk: checkpoints/lineage.json is written as a save
+    # begins, so a launch killed mid-save (or a full disk) left it one save ahead of every file, and it refused each
+    # resume, its advice (resume= the latest checkpoint) included; the record's step only where no file says
+    last = _furthest_saved_step(ckpt_dir)
     recorded = ckpt_dir / "lineage.json"
-    last = read_lineage(recorded).get("step") if recorded.is_file() else None
+    if last is None and recorded.is_file():
+        last = read_lineage(recorded).get("step")
     if step is not None and isinstance(last, int) and step < last:
         raise RecipeError(f"resume: {resume} is at step {step}, but {output_dir} holds that run up to step {last}; "
                           f"resuming there would overwrite it: give a new output_dir to replay from step {step}, or "

@@ -169,6 +169,24 @@ def test_resumed_run_with_a_neutral_input_stream_equals_uninterrupted_run(mlp_re
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_a_run_killed_while_saving_a_checkpoint_resumes_in_place_from_its_latest_one(mlp_recipe):
+    """checkpoints/lineage.json is written as a save begins: a launch killed before the file landed (a SIGKILL, an
+    out-of-memory kill, a full disk) left the record one save ahead of every checkpoint, and each in-place resume was
+    refused, the one its advice named included."""
+    import json
+
+    from purify.train import latest_checkpoint
+
+    run = train(mlp_recipe(steps=20, sub="k"))
+    record = run / "checkpoints" / "lineage.json"
+    ahead = {**json.loads(record.read_text()), "step": 30}  # the save at step 30 never landed
+    record.write_text(json.dumps(ahead))
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name in ("last.ckpt", "step20.ckpt")
+    train(mlp_recipe(steps=40, sub="k", resume=str(latest)))
+    assert read_lineage(run)["status"] == "finished" and read_lineage(run)["step"] == 40
+
+
 def test_a_run_is_never_rewound_or_replaced_by_a_resume(mlp_recipe, tmp_path):
     from purify.types import RecipeError
 
