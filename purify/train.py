@@ -23,6 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from purify.assembly import Run, build_run, resolve_strategy
@@ -132,6 +133,9 @@ def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | N
     """
     t = recipe.trainer
     strategy = resolve_strategy(recipe)
+    plugins: list[Any] = [VerifiedCheckpointIO(expected)] if recipe.strategy in ("auto", "ddp") else []
+    if SLURMEnvironment.detect():  # purify resumes its runs (resume=, its checks): Lightning's requeue on SIGUSR1
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # wrote hpc_ckpt_*.ckpt into the run, which no resume took
     return L.Trainer(
         max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
@@ -140,7 +144,7 @@ def make_trainer(recipe: Recipe, callbacks: list[Callback], output_dir: Path | N
         num_nodes=t.num_nodes, deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
         strategy=strategy, callbacks=callbacks,
         logger=_loggers(output_dir, recipe.resume is not None) if output_dir else False,
-        plugins=[VerifiedCheckpointIO(expected)] if recipe.strategy in ("auto", "ddp") else None,
+        plugins=plugins or None,
         enable_checkpointing=output_dir is not None, default_root_dir=output_dir, use_distributed_sampler=False,
         enable_model_summary=False,
     )

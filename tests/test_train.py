@@ -569,3 +569,21 @@ def test_the_checkpoint_to_continue_from_is_the_furthest_on(tmp_path):
     (tmp_path / "last.ckpt").unlink()
     (tmp_path / "last.ckpt").mkdir()  # DeepSpeed's directory of shards: its step is not read, last.ckpt is kept
     assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])
+def test_inside_a_slurm_job_lightnings_requeue_is_off(mlp_recipe, monkeypatch, strategy):
+    """Lightning's SLURMEnvironment(auto_requeue=True) answered SIGUSR1 (the usual --signal=USR1 pre-emption set-up)
+    by writing hpc_ckpt_1.ckpt into the run directory and requeueing the job, whose command line no resume check let
+    through; purify continues its runs with resume=."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from purify.train import make_trainer
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "purify", "SLURM_NTASKS_PER_NODE": "1",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+                       "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = make_trainer(mlp_recipe(strategy=strategy), [], None)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
