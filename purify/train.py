@@ -259,8 +259,8 @@ def train(recipe: Recipe) -> Path:
         with _sigterm_raises(trainer), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
             if trainer.is_global_zero:
                 final = {**lineage_cb.snapshot(trainer), "status": "finished"}
-                if not final["metrics"] and (ckpt_dir / "lineage.json").is_file():  # exported without training
-                    final["metrics"] = read_lineage(ckpt_dir / "lineage.json").get("metrics", {})
+                if not final["metrics"]:  # exported without training: the metrics of the launch that trained it
+                    final.update(_trained_metrics(held, ckpt_dir, trainer.global_step))
                 if recipe.export:
                     export_student(run, output_dir / "student", final)
                 write_lineage(output_dir, final)
@@ -282,6 +282,20 @@ def train(recipe: Recipe) -> Path:
     finally:
         _release(claim)
     return output_dir
+
+
+def _trained_metrics(held: dict[str, Any] | None, ckpt_dir: Path, step: int) -> dict[str, Any]:
+    """``metrics`` and ``validated_at_step`` for a run exported without training (a launch stopped while exporting
+    it): those of the record its training launch left at ``step`` — its own ``lineage.json`` (``held``; written as it
+    stopped, after the last validation) before the record its last checkpoint wrote (as the save began, so its
+    ``val/*`` are an earlier validation's, which ``validated_at_step`` says: it was dropped, and they read as the
+    final step's)."""
+    records = [held or {}] + ([read_lineage(ckpt_dir / "lineage.json")] if (ckpt_dir / "lineage.json").is_file()
+                              else [])
+    for record in records:
+        if record.get("metrics") and record.get("step") == step:
+            return {key: record[key] for key in ("metrics", "validated_at_step") if key in record}
+    return {}
 
 
 def _claim(output_dir: Path) -> int | None:

@@ -364,11 +364,17 @@ def test_a_sigterm_while_exporting_fails_the_run_and_resume_finishes_it(tmp_path
     line = err.strip().splitlines()[-1]
     assert line.startswith("purify: error: train: stopped by SIGTERM while exporting (training had finished, step "
                            "10); ") and line.endswith("checkpoints/last.ckpt to export it"), line
-    assert read_lineage(out)["status"] == "failed" and not (out / "student").exists()
+    failed = read_lineage(out)
+    assert failed["status"] == "failed" and not (out / "student").exists()
     train(mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))  # was "nothing left"
     record = read_lineage(out)
     assert record["status"] == "finished" and record["step"] == 10 and (out / "student" / "lineage.json").is_file()
-    assert record["metrics"] == read_lineage(out / "checkpoints" / "lineage.json")["metrics"] != {}  # the trained
+    # the metrics of the launch that trained it, with the step of their validation: they were the last checkpoint's
+    # record's, written as that save began (an earlier validation's val/*), without validated_at_step
+    assert failed["validated_at_step"] == 10 and failed["metrics"] != {}
+    assert (record["metrics"], record["validated_at_step"]) == (failed["metrics"], 10)
+    saved = read_lineage(out / "checkpoints" / "lineage.json")  # written before step 10's (the only) validation
+    assert "val/kl" in record["metrics"] and "val/kl" not in saved["metrics"]
     # killed outright while exporting (SIGKILL after a SIGTERM's grace period): lineage.json still says running
     import json
     import shutil
