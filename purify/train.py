@@ -251,7 +251,10 @@ def train(recipe: Recipe) -> Path:
         raise
     trained = False
     try:
-        trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
+        # Lightning's handler comes at the end of the fit's set-up (strategy, configure_model, the checkpoint's
+        # restore: minutes for a large model): a SIGTERM before it killed the run silently, its record "running"
+        with _sigterm_raises(trainer):
+            trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
         trained = True
         if sigterm.signalled:  # after the last step (final validation or checkpoint): stop before exporting
             raise SIGTERMException()
@@ -268,12 +271,12 @@ def train(recipe: Recipe) -> Path:
         signum = _stop_signal(err)
         reason = f"stopped by {signal.Signals(signum).name}" if signum else \
             f"{type(err).__name__}: {first_line(err)}"
+        at = max(trainer.global_step, step or 0)  # stopped before the checkpoint's restore: the step it resumes
         if trainer.is_global_zero:
-            write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "status": "failed", "error": reason})
+            write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "step": at, "status": "failed", "error": reason})
         if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)
             latest = latest_checkpoint(ckpt_dir)
-            where = (f"while exporting (training had finished, step {trainer.global_step})" if trained
-                     else f"at step {trainer.global_step}")
+            where = (f"while exporting (training had finished, step {at})" if trained else f"at step {at}")
             todo = ("to export it" if trained else "to continue") if latest else ""
             raise TrainingStopped(f"train: {reason} {where}; {output_dir / 'lineage.json'} says status: failed; "
                                   + (f"resume={latest} {todo}" if latest else "no checkpoint was written yet"),
@@ -333,8 +336,9 @@ def _release(claim: int | None) -> None:
 def _sigterm_raises(trainer: L.Trainer) -> Any:
     """Within: SIGTERM raises Lightning's ``SIGTERMException`` (read by :func:`_stop_signal`) instead of killing the
     process with ``lineage.json`` saying ``running``, after forwarding it to the ranks ``trainer`` launched (they may
-    be waiting in a collective, e.g. ZeRO-3's gather of the weights). Only on the main thread (where Python takes
-    signals)."""
+    be waiting in a collective, e.g. ZeRO-3's gather of the weights). While Lightning's own handler is installed
+    (which calls the handler it found, this one, after its own) it does nothing: that handler stops the fit at a
+    step's end. Only on the main thread (where Python takes signals)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -342,6 +346,8 @@ def _sigterm_raises(trainer: L.Trainer) -> Any:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) is not stop:  # called by Lightning's handler, which is in charge
+            return
         if trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)
         raise SIGTERMException()

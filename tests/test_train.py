@@ -593,3 +593,47 @@ def test_inside_a_slurm_job_lightnings_requeue_is_off(mlp_recipe, monkeypatch, s
     trainer = make_trainer(mlp_recipe(strategy=strategy), [], None)
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+def test_a_sigterm_while_the_fit_is_set_up_fails_the_run_with_one_line(tmp_path, mlp_recipe):
+    """Lightning installs its SIGTERM handler at the end of the fit's set-up (strategy, configure_model, the
+    checkpoint's restore — minutes for a large model): a SIGTERM before it killed the process with exit 143, no line,
+    and lineage.json saying running (a finished run being continued lost its finished record)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import mlp_overrides
+
+    out = train(mlp_recipe(steps=10, sub="run"))
+    recipe, marker = tmp_path / "recipe.yaml", tmp_path / "restoring"
+    OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=20, resume=out / "checkpoints" / "last.ckpt")),
+                   recipe)
+    slow = (f"import pathlib, sys, time\nimport purify.checkpoint as c\nload = c.VerifiedCheckpointIO.load_checkpoint\n"
+            f"def slow(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
+            f"    return load(*a, **k)\nc.VerifiedCheckpointIO.load_checkpoint = slow\nfrom purify.cli import main\n"
+            f"sys.exit(main(['train', {str(recipe)!r}]))")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert marker.exists(), log.read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("purify: error: train: stopped by SIGTERM at step 10; ") and \
+        line.endswith("checkpoints/last.ckpt to continue"), line
+    record = read_lineage(out)
+    assert (record["status"], record["step"], record["error"]) == ("failed", 10, "stopped by SIGTERM")
+    train(mlp_recipe(steps=20, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
+    assert read_lineage(out)["status"] == "finished" and read_lineage(out)["step"] == 20
