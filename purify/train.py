@@ -511,9 +511,9 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
 
 
 def _changed_contents(held: dict[str, Any], built: dict[str, Any]) -> list[str]:
-    """What a lineage record names by sha256 — data files, teachers, the student's initial weights — whose hash in
-    ``built`` differs from ``held``'s (a hash missing on either side, e.g. a ZeRO-3 teacher not yet built, is not
-    compared)."""
+    """What a lineage record names by sha256 — data files, teachers, logit caches, purifiers' source files, the
+    student's initial weights — whose hash in ``built`` differs from ``held``'s (a hash missing on either side, e.g.
+    a ZeRO-3 teacher not yet built, is not compared)."""
     def hashes(record: dict[str, Any]) -> dict[str, Any]:
         out = {f"data file {d.get('path')}": d.get("sha256") for d in record.get("data") or [] if isinstance(d, dict)}
         out |= {f"teachers[{i}] ({t.get('name')})": t.get("sha256")
@@ -521,6 +521,8 @@ def _changed_contents(held: dict[str, Any], built: dict[str, Any]) -> list[str]:
         out |= {f"teachers[{i}]'s logit cache {t['cache'].get('path')}":
                 t["cache"].get("manifest_sha256") for i, t in enumerate(record.get("teachers") or [])
                 if isinstance(t, dict) and isinstance(t.get("cache"), dict)}
+        out |= {f"purifiers[{i}]'s source {p.get('source')}": p.get("source_sha256")  # a neutral-text file
+                for i, p in enumerate(record.get("purifiers") or []) if isinstance(p, dict)}
         out["the student's initial weights"] = (record.get("student") or {}).get("init_sha256")
         return out
     before, now = hashes(held), hashes(built)

@@ -496,6 +496,17 @@ def test_continuing_in_place_on_data_with_other_contents_is_refused(tmp_path):
     assert read_lineage(train(more))["step"] == 4
 
 
+def test_a_purifiers_source_file_with_other_contents_is_a_changed_input():
+    """A function anchor's neutral text rewritten at the same path between launches went unnoticed: the continued
+    run's record named only the new file's sha256."""
+    from purify.train import _changed_contents
+
+    record = {"purifiers": [{"name": "function_anchor", "source": "n.txt", "source_sha256": "aa"}, {"name": "anchor"}]}
+    assert _changed_contents(record, record) == []
+    other = {"purifiers": [{**record["purifiers"][0], "source_sha256": "bb"}, {"name": "anchor"}]}
+    assert _changed_contents(record, other) == ["purifiers[0]'s source n.txt"]
+
+
 def test_a_second_launch_into_a_directory_another_is_writing_is_refused(mlp_recipe, tmp_path):
     """Two launches started together both passed the existing-run check and wrote one directory (one recipe.yaml
     beside the other's lineage.json, a mixed metrics.csv, "run written" exit 0)."""
