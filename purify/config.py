@@ -582,13 +582,36 @@ def _leaves(cls: type, data: dict[str, Any], node: Any, prefix: str = "") -> lis
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key a mapping already holds: PyYAML keeps the last, so a section repeated at
+    the end of a copied recipe (``trainer: {max_steps: 2}``) silently put every other key of it back to its default."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading the mapping that starts at line {node.start_mark.line + 1}", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1}; YAML would keep this one "
+                    "alone): merge the two",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing duplicate keys (:class:`UniqueKeyLoader`): recipes and probe files."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _load_yaml(path: str | Path) -> dict[str, Any]:
     if Path(path).is_dir():
         raise RecipeError(f"recipe: {path} is a directory; give a recipe YAML file (see recipes/)")
     if not Path(path).is_file():
         raise RecipeError(f"recipe: file not found: {path}")
     try:
-        data = yaml.safe_load(read_utf8(path))
+        data = load_yaml(read_utf8(path))
     except NotUTF8Error as err:
         raise RecipeError(f"recipe: {err}") from None
     except yaml.MarkedYAMLError as err:

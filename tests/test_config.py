@@ -368,3 +368,18 @@ def test_a_required_section_the_recipe_leaves_out_is_named_and_can_be_given_by_d
     with pytest.raises(RecipeError, match=r"^teachers\.0\.builtin: the recipe has no teachers list; give it whole, "
                                           r"e\.g\. 'teachers=\[\{builtin: tiny-llama-b\}\]'\nteachers: missing"):
         load_recipe(None, ["student.builtin=tiny-llama-a", "teachers.0.builtin=tiny-llama-b"])
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of duplicate keys: a `trainer:` section appended to a copied recipe put its other keys
+    back to their defaults (validation and checkpoint cadence), silently."""
+    from purify.assembly import load_recipe
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(Path("recipes/quickstart.yaml").read_text() + "trainer:\n  max_steps: 2\n")
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith("trainer:"))
+    with pytest.raises(RecipeError, match=rf"^recipe: cannot parse .*dup\.yaml at line {len(lines) - 1}, column 1: "
+                                          rf"duplicate key 'trainer' \(first at line {first}; YAML would keep this "
+                                          r"one alone\): merge the two"):
+        load_recipe(path)
