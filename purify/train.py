@@ -272,15 +272,27 @@ def train(recipe: Recipe) -> Path:
         reason = f"stopped by {signal.Signals(signum).name}" if signum else \
             f"{type(err).__name__}: {first_line(err)}"
         at = max(trainer.global_step, step or 0)  # stopped before the checkpoint's restore: the step it resumes
+        said = f"{output_dir / 'lineage.json'} says status: failed"
         if trainer.is_global_zero:
-            write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "step": at, "status": "failed", "error": reason})
+            try:
+                write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "step": at, "status": "failed",
+                                           "error": reason})
+            except OSError as unwritten:  # the full disk that stopped the run refuses its record too: said below
+                if not isinstance(err, OSError):
+                    raise
+                said = f"{output_dir / 'lineage.json'} could not be rewritten ({unwritten.strerror or unwritten})"
+        latest = latest_checkpoint(ckpt_dir)
+        where = (f"while exporting (training had finished, step {at})" if trained else f"at step {at}")
+        todo = ("to export it" if trained else "to continue") if latest else ""
+        resume = f"resume={latest} {todo}" if latest else "no checkpoint was written yet"
         if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)
-            latest = latest_checkpoint(ckpt_dir)
-            where = (f"while exporting (training had finished, step {at})" if trained else f"at step {at}")
-            todo = ("to export it" if trained else "to continue") if latest else ""
-            raise TrainingStopped(f"train: {reason} {where}; {output_dir / 'lineage.json'} says status: failed; "
-                                  + (f"resume={latest} {todo}" if latest else "no checkpoint was written yet"),
-                                  128 + signum, report=trainer.is_global_zero) from None
+            raise TrainingStopped(f"train: {reason} {where}; {said}; {resume}", 128 + signum,
+                                  report=trainer.is_global_zero) from None
+        if isinstance(err, OSError):  # a full disk, a failing file system while writing: a traceback before
+            what = f"{err.filename}: " if err.filename else ""
+            raise TrainingStopped(f"train: cannot write ({what}{err.strerror or first_line(err)}) {where}; {said}; "
+                                  f"free space or fix the file system, then {resume}", 1,
+                                  report=trainer.is_global_zero) from None
         raise
     finally:
         _release(claim)

@@ -40,9 +40,10 @@ class RecipeError(ValueError):
 
 
 class TrainingStopped(RuntimeError):
-    """A signal (a scheduler's SIGTERM, Ctrl-C) stopped training before it finished; ``lineage.json`` says ``status:
-    failed``. ``exit_code`` is the shell's code for that signal (128 + its number), never 0; ``report``: whether this
-    process says so (a multi-process run's first process; the others stop with the same code, silently)."""
+    """A signal (a scheduler's SIGTERM, Ctrl-C), or a write the file system refused (a full disk), stopped training
+    before it finished; ``lineage.json`` says ``status: failed`` where it could be written. ``exit_code`` is the
+    shell's code for that signal (128 + its number), 1 for a refused write, never 0; ``report``: whether this process
+    says so (a multi-process run's first process; the others stop with the same code, silently)."""
 
     def __init__(self, message: str, exit_code: int, report: bool = True) -> None:
         super().__init__(message)
