@@ -144,6 +144,21 @@ def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_leftovers(final: str | Path) -> list[Path]:
+    """Remove what an :func:`atomic_dir` of ``final`` left beside it when its process was killed outright (SIGKILL, an
+    out-of-memory kill: no ``finally`` runs): ``.<name>.tmp-*`` (a complete-looking copy, for good) and
+    ``.<name>.old-*``. Only for a ``final`` one writer owns (a run's export under its launch's claim): a cache entry
+    another process may be building at the same moment keeps its temporaries. Returns what was removed."""
+    final = Path(final)
+    gone = [p for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*") for p in final.parent.glob(pattern)]
+    for path in gone:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return gone
+
+
 class NotAFileError(ValueError):
     """An output path that exists and is no regular file (:func:`atomic_path`)."""
 

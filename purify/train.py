@@ -33,7 +33,7 @@ from purify.config import Recipe, to_yaml
 from purify.lineage import LineageError, read_lineage, write_lineage
 from purify.lora import is_lora
 from purify.stopping import sigterm_stops
-from purify.storage import atomic_dir, atomic_write_text, cannot_write_under, peek_checkpoint
+from purify.storage import atomic_dir, atomic_write_text, cannot_write_under, peek_checkpoint, remove_leftovers
 from purify.types import RecipeError, TrainingStopped, first_line
 
 CHECKPOINT_LINEAGE = "purify_lineage"
@@ -157,6 +157,8 @@ def export_student(run: Run, directory: Path, record: dict[str, Any]) -> Path:
     ``<directory>-merged`` (:func:`purify.lora.export_lora`).
     """
     lora = run.recipe.student.lora
+    for final in (directory, directory.with_name(f"{directory.name}-merged")):  # a launch killed while exporting
+        remove_leftovers(final)
     if lora is not None:
         from purify.lora import export_lora
 

@@ -28,3 +28,16 @@ def test_a_device_or_pipe_is_refused_not_replaced_by_a_file(tmp_path):
                                                 r"path of a file to write"):
             atomic_write_text(path, "x")
     assert link.is_symlink() and not fifo.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "stdout"]
+
+
+def test_leftovers_of_a_killed_atomic_dir_are_removed_beside_their_final_only(tmp_path):
+    """A SIGKILL while exporting left .student.tmp-* (a complete-looking model) beside student/ for good."""
+    from purify.storage import remove_leftovers
+
+    for name in (".student.tmp-ab12", ".student.old-77", ".student-merged.tmp-x", ".other.tmp-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("x")
+    (tmp_path / "student").mkdir()
+    removed = remove_leftovers(tmp_path / "student")
+    assert sorted(p.name for p in removed) == [".student.old-77", ".student.tmp-ab12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", ".student-merged.tmp-x", "student"]
