@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -212,7 +213,19 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, prefix: str = "") 
         example = {"student": "student={builtin: tiny-llama-a}", "teachers": "teachers=[{builtin: tiny-llama-b}]"}
         hint = f" (e.g. '{example[key]}')" if key in example else ""
         return RecipeError(f"{key}: missing; the recipe needs it: give it in the recipe or on the command line{hint}")
-    return RecipeError(f"{key}: {msg}")
+    return RecipeError(f"{key}: {_with_fix(msg)}")
+
+
+def _with_fix(msg: str) -> str:
+    """omegaconf's message for a value its field refuses, with the fix where it names none: an empty or null value
+    where one is needed (``output_dir=``, a section left empty), or a plain value where a section's mapping goes."""
+    if re.fullmatch(r"field '[^']*' is not Optional", msg):
+        return "needs a value (it cannot be empty or null); give one, or leave the key out for its default"
+    section = re.fullmatch(r"Invalid type assigned: (\w+) is not a subclass of (\w+)\. value: (.*)", msg)
+    if section:
+        return (f"expected a mapping of {section.group(2)} keys (a section, e.g. {{key: value}}), got "
+                f"{section.group(3)} ({section.group(1)})")
+    return msg
 
 
 def structured(schema: type, data: Any, prefix: str = "") -> Any:
@@ -698,7 +711,7 @@ def parse_recipe_problems(path: str | Path | None = None,
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as err:
             problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
-                            f"{first_line(getattr(err, 'msg', None) or err)}")
+                            f"{_with_fix(first_line(getattr(err, 'msg', None) or err))}")
         except (TypeError, ValueError, IndexError, KeyError) as err:
             problems.append(f"{key}: {first_line(err)}")
     try:

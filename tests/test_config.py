@@ -383,3 +383,18 @@ def test_a_key_given_twice_in_a_recipe_file_is_refused_naming_both_lines(tmp_pat
                                           rf"duplicate key 'trainer' \(first at line {first}; YAML would keep this "
                                           r"one alone\): merge the two"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output_dir=", r"^output_dir: needs a value \(it cannot be empty or null\); give one, or leave the key out"),
+    ("trainer.max_steps=null", r"^trainer\.max_steps: needs a value"),
+    ("trainer=5", r"^trainer: expected a mapping of TrainerConfig keys \(a section, e.g. \{key: value\}\), got 5 "
+                  r"\(int\)$"),
+])
+def test_an_empty_value_or_a_plain_value_for_a_section_names_the_fix(override, message):
+    """These named the problem in omegaconf's words ("field 'output_dir' is not Optional", "Invalid type assigned:
+    int is not a subclass of TrainerConfig. value: 5") and no fix."""
+    from purify.assembly import load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("recipes/quickstart.yaml", [override])
