@@ -160,7 +160,7 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     weight: Tensor,
     *,
     name: LossName = "forward_kl",

@@ -68,6 +68,10 @@ def build_purifiers(entries: Any) -> list[Purifier]:
 
 __all__ = [
     "PURIFIERS",
+    "Adversary", "AdversaryConfig", "Anchor", "AnchorConfig", "CrossBase", "CrossBaseConfig", "DeltaProjection",
+    "DeltaProjectionConfig", "DivergenceMask", "DivergenceMaskConfig", "Ensemble", "EnsembleConfig",
+    "FingerprintAdversary", "FingerprintAdversaryConfig", "FunctionAnchor", "FunctionAnchorConfig", "TailTruncation",
+    "TailTruncationConfig",
     "build_purifiers",
     "Contract",
     "ModelOutput",

@@ -106,9 +106,10 @@ def divergence(p_logits: Tensor, q_logits: Tensor, metric: Metric = "jsd") -> Te
         metric: ``jsd`` (``½ KL(p||m) + ½ KL(q||m)``, ``m = ½(p+q)``, nats) or ``top1`` (``1[argmax p ≠ argmax q]``).
 
     Returns:
-        ``(...)`` float32 divergence per position. ``jsd`` is :func:`purify.losses.generalized_jsd` at ``β = ½``
-        (the same terms, ``0·log 0`` counted as 0) computed with in-place temporaries: it agrees with it to float32
-        rounding (about 1e-7), at about a fifth of its time over a 49k vocabulary.
+        ``(...)`` divergence per position, float32 (float64 for float64 logits). ``jsd`` is
+        :func:`purify.losses.generalized_jsd` at ``β = ½`` (the same terms, ``0·log 0`` counted as 0) computed with
+        in-place temporaries: it agrees with it to float32 rounding (about 1e-7), at about a fifth of its time over a
+        49k vocabulary.
     """
     if metric == "jsd":
         return _jsd(p_logits, q_logits)
