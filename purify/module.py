@@ -239,6 +239,10 @@ class Distiller(L.LightningModule):
                                        teacher_tokenizers)
         if problems:  # what a recipe's validation says, for a Distiller built in Python (build_run builds one too)
             raise RecipeError(problems)
+        cfg = loss or LossConfig()
+        if cfg.name in ("mse", "ce") and cfg.temperature != 1:
+            rank_zero_warn(f"loss.temperature ({cfg.temperature}) does nothing with loss.name {cfg.name} (raw logits "
+                           "or hard labels have no temperature): it trains as at 1.0", category=UserWarning)
         self.student = student
         builder = teachers if deferred else None
         self._teacher_builder: Callable[[], Sequence[nn.Module]] | None = builder  # type: ignore[assignment]

@@ -733,3 +733,19 @@ def test_build_purifier_refuses_a_config_of_another_purifier_or_a_dict():
     with pytest.raises(RecipeError, match=r"^build_purifier: takes a config dataclass"):
         build_purifier({"name": "anchor"})
     assert type(build_purifier(AnchorConfig())).__name__ == "Anchor"
+
+
+def test_a_temperature_the_loss_ignores_is_warned_about():
+    """``loss.name: mse`` or ``ce`` with a temperature trained at 1.0, silently."""
+    import warnings
+
+    from purify import Distiller
+    from purify.config import LossConfig
+
+    for name, said in (("mse", True), ("ce", True), ("forward_kl", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Distiller(_aux(), [_aux()], loss=LossConfig(name=name, temperature=2.0,
+                                                        logit_slice=None if name == "ce" else [10, 13]))
+        assert any(f"loss.temperature (2.0) does nothing with loss.name {name}" in str(w.message)
+                   for w in caught) is said
