@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import re
 import typing
@@ -23,7 +24,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from purify.storage import NotUTF8Error, not_a_directory, read_utf8
-from purify.types import SEED_RANGE, LossName, RecipeError, first_line, is_seed
+from purify.types import SEED_RANGE, LossName, RecipeError, first_line, is_int, is_real, is_seed
 
 __all__ = ["STRATEGIES", "LoraSpec", "OnPolicyConfig", "Recipe", "RecipeError", "parse_recipe",
            "parse_recipe_problems", "recipe_problems", "structured", "to_dict", "to_yaml"]
@@ -244,20 +245,31 @@ def structured(schema: type, data: Any, prefix: str = "") -> Any:
         raise _explain(err, base, prefix) from None
 
 
-def type_problems(config: Any, prefix: str) -> list[str]:
+def type_problems(config: Any, prefix: str, choices: bool = True) -> list[str]:
     """Values of a config dataclass built in Python that its fields' types do not allow, one ``<prefix><key>: ...``
     line each: what a recipe's conversion refuses (``temperature: x``, a misspelt choice, ``logit_slice: [10.5,
     13]``), and a number given as a str, which a recipe reads as the number it spells but Python keeps (compared with
-    a number, it raised a bare TypeError)."""
-    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    a number, it raised a bare TypeError). A numpy number is the number it holds (a sweep's ``np.logspace``).
+
+    Args:
+        choices: check ``Literal`` fields too (``False``: the caller's own checks name a misspelt choice).
+    """
+    def plain(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    kinds = typing.get_type_hints(type(config))
+    given = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)
+             if choices or typing.get_origin(kinds.get(f.name)) is not Literal}
     try:
         converted = structured(type(config), given, prefix)
     except RecipeError as err:
         return list(err.problems)
-    numbers = {key: getattr(converted, key) for key in given}
-    return [f"{prefix}{key}: {value!r} is a {type(value).__name__}; give a {type(numbers[key]).__name__}"
-            for key, value in given.items() if isinstance(value, str) and isinstance(numbers[key], (int, float))
-            and not isinstance(numbers[key], bool)]
+    read = {key: getattr(converted, key) for key in given}
+    return [f"{prefix}{key}: {value!r} is a {type(value).__name__}; give a {type(read[key]).__name__}"
+            for key, value in given.items() if isinstance(value, str) and isinstance(read[key], (int, float))
+            and not isinstance(read[key], bool)]
 
 
 def _source_problems(spec: ModelSpec, where: str) -> list[str]:
@@ -507,15 +519,12 @@ def _lora_problems(recipe: Recipe) -> list[str]:
 def lora_spec_problems(lora: LoraSpec, where: str = "student.lora") -> list[str]:
     """What is wrong with a :class:`LoraSpec`'s values, one ``<where>.<key>: ...`` line each (a recipe's, and one
     given to :func:`purify.lora.apply_lora` in Python)."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
     out = []
-    if isinstance(lora.r, bool) or not isinstance(lora.r, int) or lora.r < 1:
+    if not is_int(lora.r, 1):
         out.append(f"{where}.r: must be an int >= 1, got {lora.r!r}")
-    if not (number(lora.alpha) and lora.alpha > 0 and math.isfinite(lora.alpha)):
+    if not (is_real(lora.alpha) and lora.alpha > 0):
         out.append(f"{where}.alpha: must be a finite number > 0, got {lora.alpha!r}")  # 0: the adapter never trains
-    if not (number(lora.dropout) and 0.0 <= lora.dropout < 1.0):
+    if not (is_real(lora.dropout) and 0.0 <= lora.dropout < 1.0):
         out.append(f"{where}.dropout: {lora.dropout!r} is not in [0, 1)")
     biases = typing.get_args(typing.get_type_hints(LoraSpec)["bias"])
     if lora.bias not in biases:

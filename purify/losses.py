@@ -36,7 +36,7 @@ from purify.losses_chunked import (
     target_count,
     upcast,
 )
-from purify.types import IGNORE_INDEX, LossName
+from purify.types import IGNORE_INDEX, LossName, is_real
 
 __all__ = [
     "IGNORE_INDEX", "LossName", "SOFT_LOSSES", "distillation_loss", "forward_kl", "generalized_jsd", "hard_label_ce",
@@ -49,7 +49,7 @@ _kl = kl_from_log_probs
 def _tempered(logits: Tensor, temperature: float, caller: str) -> Tensor:
     """``log_softmax(logits / temperature)`` in float32 or wider, the temperature checked (0 gave NaN, a negative
     one the KL of the flipped distributions)."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (is_real(temperature) and temperature > 0):
         raise ValueError(f"{caller}: temperature must be a finite number > 0, got {temperature!r}")
     return F.log_softmax(upcast(logits) / temperature, -1)
 

@@ -59,7 +59,7 @@ from purify.purifiers.base import (
     TargetPurifier,
 )
 from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in, unaligned_teachers
-from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets
+from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets, is_int, is_real
 
 _NOT_SAVED = ("teachers.", "base.")
 
@@ -210,7 +210,7 @@ class Distiller(L.LightningModule):
                                  f"give {kind.__name__}(...)")
         typed = [p for key, value in (("loss", loss), ("optim", optim), ("scheduler", scheduler),
                                       ("on_policy", on_policy)) if value is not None
-                 for p in type_problems(value, f"{key}.")]
+                 for p in type_problems(value, f"{key}.", choices=False)]
         if typed:  # before the range checks, which compare them with numbers
             raise RecipeError(typed)
         problems = loss_problems(loss or LossConfig()) + optim_problems(optim or OptimConfig(),
@@ -218,9 +218,8 @@ class Distiller(L.LightningModule):
         problems += [f"{key}: {len(given)} given for {count} teachers; give one per teacher"
                      for key, given in (("teacher_names", teacher_names), ("teacher_weights", teacher_weights))
                      if given is not None and len(given) != count]
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
-            problems.append(f"total_steps: must be an int >= 1 (the optimizer steps the run plans) or None, got "
+        if total_steps is not None and not is_int(total_steps, 0):
+            problems.append(f"total_steps: must be an int >= 0 (the optimizer steps the run plans) or None, got "
                             f"{total_steps!r}")
         if teacher_weights is not None and not (all(w >= 0 and math.isfinite(w) for w in teacher_weights)
                                                 and sum(teacher_weights) > 0):
@@ -474,7 +473,7 @@ class Distiller(L.LightningModule):
                 where a student purifier needs them) when the caller ran the student itself; ``None`` runs it here.
         """
         self.setup_purifiers()
-        if not (isinstance(progress, (int, float)) and 0 <= progress <= 1):  # a step index skipped a head's ramp
+        if not (is_real(progress) and 0 <= progress <= 1):  # a step index skipped a head's ramp
             raise ValueError(f"Distiller: progress must be a number in [0, 1] (optimizer step / planned steps), got "
                              f"{progress!r}")
         if "target_mask" not in batch:
@@ -725,10 +724,10 @@ class Distiller(L.LightningModule):
             raise ValueError(f"Distiller.build_scheduler: a {cfg.name} schedule decays over the run's optimizer steps, "
                              "which a plain loop must give: Distiller(..., total_steps=N)")
         steps = self._planned_steps()
-        if not unplanned and cfg.warmup_steps >= steps:
+        if not unplanned and steps and cfg.warmup_steps >= steps:
             rank_zero_warn(f"scheduler.warmup_steps ({cfg.warmup_steps}) >= the {steps} optimizer step(s) this run "
-                           f"plans: the learning rate stays in warmup, at most {steps / cfg.warmup_steps:.2g} "
-                           f"of optim.lr, and the {cfg.name} schedule after it never starts; give fewer warmup steps",
+                           f"plans: the learning rate rises to {steps / cfg.warmup_steps:.2g} x optim.lr by the last "
+                           f"step and the {cfg.name} schedule after the warmup never starts; give fewer warmup steps",
                            category=UserWarning)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -105,6 +106,17 @@ def _argument(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool
     if not ok(value):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def is_int(value: Any, at_least: int | None = None) -> bool:
+    """Whether ``value`` is an integer (a numpy one too; a bool is not), ``>= at_least`` when given."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (at_least is None
+                                                                                     or value >= at_least)
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (a numpy one too; a bool is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 SEED_RANGE = "a seed, an integer in [0, 2**32)"

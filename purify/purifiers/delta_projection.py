@@ -71,6 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from purify.purifiers.base import Contract, ParameterPurifier, PurifierConfig, PurifierContext
+from purify.types import is_int
 
 RowRanges = dict[str, tuple[int, int]]
 """Parameter name → ``[start, stop)`` of the rows (dim 0) the loss distils; rows outside get a zero teacher delta."""
@@ -196,7 +197,7 @@ def delta_subspaces(base: nn.Module, teacher: nn.Module, rank: int, include: Seq
         ValueError: if the teacher is not a fine-tune of ``base`` (names, shapes, or distance), or ``rank`` is no
             int >= 0.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:  # -1 sliced off the last direction
+    if not is_int(rank, 0):  # -1 sliced off the last direction
         raise ValueError(f"delta_subspaces: rank must be an int >= 0, got {rank!r}")
     out: dict[str, tuple[Tensor, Tensor]] = {}
     for name, delta in teacher_delta(base, teacher, include, exclude, max_relative_delta, live_rows).items():

@@ -16,9 +16,8 @@ gradient on a student logit is ``q_v − p'_v`` (``q_v`` on dropped tokens: they
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Optional  # noqa: UP035 - omegaconf needs typing generics
+from typing import Optional  # noqa: UP035 - omegaconf needs typing generics
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from purify.losses_chunked import default_chunk_rows
 from purify.purifiers.base import Contract, PurifierConfig, TargetPurifier
-from purify.types import Batch, ModelOutput, Targets
+from purify.types import Batch, ModelOutput, Targets, is_int, is_real
 
 
 @dataclass
@@ -93,14 +92,11 @@ def keep_mask(logp: Tensor, top_k: int | None = None, top_p: float | None = None
 
 def _check_criteria(top_k: int | None, top_p: float | None, min_prob: float | None) -> None:
     """A ``ValueError`` naming a truncation criterion outside its range (:func:`keep_mask`, :func:`truncate`)."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not is_int(top_k, 1):
         raise ValueError(f"tail truncation: top_k must be an int >= 1 (or None), got {top_k!r}")
-    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"tail truncation: top_p must be in (0, 1] (or None), got {top_p!r}")
-    if min_prob is not None and not (number(min_prob) and 0 <= min_prob <= 1):
+    if min_prob is not None and not (is_real(min_prob) and 0 <= min_prob <= 1):
         raise ValueError(f"tail truncation: min_prob must be in [0, 1] (or None), got {min_prob!r}")
 
 
