@@ -610,9 +610,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: flattened by the base class, where an
+                continue                                  # explicit key may override a merged one
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
+            try:
+                again = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if again:
                 raise yaml.constructor.ConstructorError(
                     f"while reading the mapping that starts at line {node.start_mark.line + 1}", node.start_mark,
                     f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1}; YAML would keep this one "

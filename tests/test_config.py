@@ -398,3 +398,17 @@ def test_an_empty_value_or_a_plain_value_for_a_section_names_the_fix(override, m
 
     with pytest.raises(RecipeError, match=message):
         load_recipe("recipes/quickstart.yaml", [override])
+
+
+def test_yaml_merge_keys_still_work_and_an_unhashable_key_is_one_line(tmp_path):
+    """The duplicate-key check constructed a merge key (`<<: *anchor`) before the loader flattened it: a recipe using
+    anchors was refused as bad YAML; an unhashable key became a TypeError traceback."""
+    from purify.assembly import load_recipe
+
+    path = tmp_path / "anchors.yaml"
+    path.write_text("student: {builtin: tiny-llama-a}\nteachers:\n  - &tb {builtin: tiny-llama-b, seed: 1}\n"
+                    "  - <<: *tb\n    seed: 2\n")
+    assert [t.seed for t in load_recipe(path).teachers] == [1, 2]
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(RecipeError, match=r"^recipe: cannot parse .* found unhashable key"):
+        load_recipe(path)
