@@ -140,7 +140,7 @@ def deepspeed_step(path: str | Path, expected: dict[str, torch.Tensor] | None = 
         raise CheckpointError(f"resume: {path} is not a DeepSpeed checkpoint (no checkpoint/*model_states.pt in it); "
                               f"{_FIX}")
     try:
-        ckpt = torch.load(states, map_location="cpu", weights_only=True)
+        ckpt = torch.load(states, map_location="cpu", weights_only=True, mmap=True)  # ZeRO-1/2: the whole model
         step = int(ckpt["global_step"])
         shapes = {k: tuple(v) for group in ckpt["param_shapes"] for k, v in group.items()}
         ranks = int(ckpt.get("dp_world_size") or 1)

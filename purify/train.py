@@ -385,40 +385,51 @@ def _stop_signal(err: BaseException) -> int | None:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """A run's checkpoint to continue from: ``last.ckpt``, unless a ``step<N>.ckpt`` is further on (a kill between
-    Lightning's two writes leaves ``last.ckpt`` one checkpoint behind: advising it looped, as resuming from it is
-    refused), else its ``step<N>.ckpt`` of the largest ``N``; ``None`` when there is none."""
-    steps = {int(m.group(1)): p for p in ckpt_dir.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))}
-    last = ckpt_dir / "last.ckpt"
-    if last.exists():
-        at = _saved_step(last)
-        return last if at is None or not steps or at >= max(steps) else steps[max(steps)]
-    return steps[max(steps)] if steps else None
+    """A run's checkpoint to continue from (:func:`_resumable`'s path): ``last.ckpt``, unless a ``step<N>.ckpt`` is
+    further on (a kill between Lightning's two writes leaves ``last.ckpt`` one checkpoint behind: advising it looped,
+    as resuming from it is refused); ``None`` when there is none."""
+    found = _resumable(ckpt_dir)
+    return found[1] if found else None
 
 
 def _furthest_saved_step(ckpt_dir: Path) -> int | None:
-    """The furthest step a checkpoint in ``ckpt_dir`` can be resumed from; ``None`` when none says. A file
-    checkpoint is written whole (``step<N>.ckpt`` by its name, ``last.ckpt`` by its own step); a DeepSpeed directory
-    is written a shard at a time, so one counts only when :func:`purify.checkpoint.deepspeed_step` finds it sound
-    (``last.ckpt``, then from the furthest ``step<N>`` down: usually one or two reads of its model states)."""
-    named = [(int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt",
-                                                                                              p.name))]
+    """The furthest step a checkpoint in ``ckpt_dir`` can be resumed from (:func:`_resumable`'s); ``None`` when none
+    says."""
+    found = _resumable(ckpt_dir)
+    return found[0] if found else None
+
+
+def _resumable(ckpt_dir: Path) -> tuple[int | None, Path] | None:
+    """The furthest whole checkpoint in ``ckpt_dir`` and its step, ``last.ckpt`` on a tie. A file checkpoint is
+    written whole (``step<N>.ckpt`` by its name, ``last.ckpt`` by its own step; a ``last.ckpt`` whose step cannot be
+    read is taken, step ``None``, and its load says what is wrong); a DeepSpeed directory is written a shard at a
+    time, so it counts only when :func:`purify.checkpoint.deepspeed_step` finds it sound (``last.ckpt``, then from the
+    furthest ``step<N>`` down: usually one or two memory-mapped reads of its model states). One reading for the
+    advice and for the resume check: they named ``last.ckpt`` of a DeepSpeed run that a further ``step<N>``
+    directory made the check refuse."""
+    named = sorted(((int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt")
+                    if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))), key=lambda item: item[0], reverse=True)
+    furthest = None
+    for at, path in named:
+        if path.is_file() or _sound(path) is not None:
+            furthest = (at, path)
+            break
     last = ckpt_dir / "last.ckpt"
-    if last.is_file() and (at := _saved_step(last)) is not None:
-        named.append((at, last))
-    elif last.is_dir():  # its step is in its states: read with the check
-        try:
-            named.append((deepspeed_step(last)[0], last))
-        except CheckpointError:
-            pass
-    for at, path in sorted(named, key=lambda item: item[0], reverse=True):
-        if path.is_file() or path == last:
-            return at
-        try:
-            return deepspeed_step(path)[0]
-        except CheckpointError:
-            continue
-    return None
+    if last.is_file():
+        at = _saved_step(last)
+        if at is None or furthest is None or at >= furthest[0]:
+            return at, last
+    elif last.is_dir() and (at := _sound(last)) is not None and (furthest is None or at >= furthest[0]):
+        return at, last
+    return furthest
+
+
+def _sound(path: Path) -> int | None:
+    """The step of a DeepSpeed checkpoint directory that :func:`purify.checkpoint.deepspeed_step` finds whole."""
+    try:
+        return deepspeed_step(path)[0]
+    except CheckpointError:
+        return None
 
 
 def _saved_step(path: Path) -> int | None:

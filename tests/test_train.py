@@ -682,3 +682,26 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_i
     monkeypatch.setattr(purify.checkpoint.VerifiedCheckpointIO, "save_checkpoint", save)
     train(mlp_recipe(steps=30, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
     assert read_lineage(out)["status"] == "finished" and read_lineage(out)["step"] == 30
+
+
+def test_a_deepspeed_runs_advice_and_resume_check_read_the_same_furthest_whole_checkpoint(tmp_path):
+    """latest_checkpoint could not read a DeepSpeed directory's step and always advised last.ckpt, which the resume
+    check refused when a further step<N> directory was whole (a kill between Lightning's two saves); a directory cut
+    short (a shard missing) is no checkpoint to continue from."""
+    from purify.train import _furthest_saved_step, latest_checkpoint
+
+    def deepspeed(name: str, step: int, whole: bool = True) -> None:
+        states = tmp_path / name / "checkpoint"
+        states.mkdir(parents=True)
+        torch.save({"global_step": step, "param_shapes": [{"student.w": (2, 2)}], "dp_world_size": 1},
+                   states / "mp_rank_00_model_states.pt")
+        if whole:
+            torch.save({}, states / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    deepspeed("last.ckpt", 100)
+    deepspeed("step100.ckpt", 100)
+    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "last.ckpt", 100)
+    deepspeed("step200.ckpt", 200)
+    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
+    deepspeed("step300.ckpt", 300, whole=False)  # killed while its shards were written
+    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
