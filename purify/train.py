@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,7 @@ def train(recipe: Recipe) -> Path:
     try:
         # Lightning's handler comes at the end of the fit's set-up (strategy, configure_model, the checkpoint's
         # restore: minutes for a large model): a SIGTERM before it killed the run silently, its record "running"
-        with _sigterm_raises(trainer):
+        with _sigterm_raises(trainer), _slurm_usr1_as_sigterm():
             trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
         trained = True
         if sigterm.signalled:  # after the last step (final validation or checkpoint): stop before exporting
@@ -371,6 +372,25 @@ def _sigterm_raises(trainer: L.Trainer) -> Any:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _slurm_usr1_as_sigterm() -> Iterator[None]:
+    """Inside a Slurm job, within: SIGUSR1 (``--signal=USR1@90``, the pre-emption notice Lightning's docs set up) is
+    a SIGTERM, which stops the fit at a step's end. With Lightning's auto-requeue off (:func:`make_trainer`) nothing
+    else handles it, and its default action killed the run without a line, its record ``running``. Main thread only;
+    a handler the user installed stays."""
+    import threading
+
+    if (not SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _stop_signal(err: BaseException) -> int | None:

@@ -604,6 +604,21 @@ def test_inside_a_slurm_job_lightnings_requeue_is_off(mlp_recipe, monkeypatch, s
     trainer = make_trainer(mlp_recipe(strategy=strategy), [], None)
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+    # with Lightning's requeue off nothing handled SIGUSR1 (--signal=USR1@90): its default action killed the run
+    # without a line; during the fit it is a SIGTERM, which stops it at a step's end
+    import os
+    import signal
+
+    from purify.train import _slurm_usr1_as_sigterm
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _slurm_usr1_as_sigterm():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_sigterm_while_the_fit_is_set_up_fails_the_run_with_one_line(tmp_path, mlp_recipe):
