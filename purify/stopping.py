@@ -32,10 +32,18 @@ def sigterm_stops(after: str) -> Iterator[None]:
         return
 
     def stop(signum: int, _frame: Any) -> NoReturn:
-        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}: {after}", 128 + signum)
+        raise _Stop(f"stopped by {signal.Signals(signum).name}: {after}", 128 + signum)
 
     before = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except _Stop as stopped:
+        raise TrainingStopped(*stopped.args) from None
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+class _Stop(BaseException):
+    """The signal on its way out of :func:`sigterm_stops`' block: a ``BaseException``, as ``KeyboardInterrupt`` is, so
+    the ``except Exception`` of whatever code it lands in (a GGUF conversion's, which made it a conversion error, exit
+    2) lets it through; it leaves the block as :class:`~purify.types.TrainingStopped`."""

@@ -403,3 +403,23 @@ def test_ctrl_c_while_torch_is_imported_is_the_one_interrupted_line(tmp_path, ca
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     assert main(["lineage", "show", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "purify: error: interrupted (Ctrl-C)\n"
+
+
+def test_a_sigterm_is_not_caught_by_the_code_it_lands_in(tmp_path, capsys, monkeypatch):
+    """The stop was a RuntimeError: a GGUF conversion's `except Exception` made it a conversion error (exit 2,
+    "cannot convert ... TrainingStopped")."""
+    import os
+    import signal
+
+    import purify.cache_writer
+    from purify.cli import main
+
+    def converting(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception as err:  # noqa: BLE001 - what a conversion's catch-all does
+            raise ValueError(f"cannot convert: {err}") from err
+
+    monkeypatch.setattr(purify.cache_writer, "write_cache", converting)
+    assert main(["cache", QUICKSTART, "--out", str(tmp_path / "c")]) == 143
+    assert capsys.readouterr().err.startswith("purify: error: stopped by SIGTERM: the cache is not finished")
