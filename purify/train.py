@@ -8,6 +8,7 @@ TensorBoard when installed).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -281,25 +282,30 @@ def train(recipe: Recipe) -> Path:
                 write_lineage(output_dir, {**lineage_cb.snapshot(trainer), "step": at, "status": "failed",
                                            "error": reason})
             except OSError as unwritten:  # the full disk that stopped the run refuses its record too: said below
-                if not isinstance(err, OSError):
+                if not (signum or isinstance(err, OSError)):
                     raise
                 said = f"{output_dir / 'lineage.json'} could not be rewritten ({unwritten.strerror or unwritten})"
         latest = latest_checkpoint(ckpt_dir)
         where = (f"while exporting (training had finished, step {at})" if trained else f"at step {at}")
-        todo = ("to export it" if trained else "to continue") if latest else ""
-        resume = f"resume={latest} {todo}" if latest else "no checkpoint was written yet"
+        todo = "to export it" if trained else "to continue"
         if signum:  # Lightning ends a signalled fit with SystemExit (SIGTERM: no code, i.e. a success to the shell)
-            raise TrainingStopped(f"train: {reason} {where}; {said}; {resume}", 128 + signum,
-                                  report=trainer.is_global_zero) from None
-        if isinstance(err, OSError):  # a full disk, a failing file system while writing: a traceback before
+            raise TrainingStopped(f"train: {reason} {where}; {said}; " + (f"resume={latest} {todo}" if latest else
+                                                                        "no checkpoint was written yet"),
+                                  128 + signum, report=trainer.is_global_zero) from None
+        if isinstance(err, OSError) and err.errno in WRITE_FAILURES:  # a full disk: a traceback before
             what = f"{err.filename}: " if err.filename else ""
-            raise TrainingStopped(f"train: cannot write ({what}{err.strerror or first_line(err)}) {where}; {said}; "
-                                  f"free space or fix the file system, then {resume}", 1,
-                                  report=trainer.is_global_zero) from None
+            then = f"resume={latest} {todo}" if latest else "start it again (no checkpoint was written yet)"
+            raise TrainingStopped(f"train: cannot write ({what}{err.strerror}) {where}; {said}; free space or fix the "
+                                  f"file system, then {then}", 1, report=trainer.is_global_zero) from None
         raise
     finally:
         _release(claim)
     return output_dir
+
+
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+"""The ``errno`` of a write the file system refused (full, over quota, read-only, failing): one line naming the
+checkpoint to resume from. Any other ``OSError`` (a data file gone) keeps its traceback."""
 
 
 def _trained_metrics(held: dict[str, Any] | None, ckpt_dir: Path, step: int) -> dict[str, Any]:

@@ -665,11 +665,14 @@ def test_a_sigterm_while_the_fit_is_set_up_fails_the_run_with_one_line(tmp_path,
     assert read_lineage(out)["status"] == "finished" and read_lineage(out)["step"] == 20
 
 
+@pytest.mark.parametrize("full_at", [20, 10])
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_in_place(mlp_recipe, monkeypatch,
-                                                                                         capsys, tmp_path):
+                                                                                         capsys, tmp_path, full_at):
     """An OSError (No space left on device) from a checkpoint write was a 60-line traceback, exit 1; and the record,
     written as the save began, said a step no checkpoint held, which refused every resume."""
     import errno
+
+    from omegaconf import OmegaConf
 
     import purify.checkpoint
     from purify.cli import main
@@ -678,21 +681,23 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_i
     save = purify.checkpoint.VerifiedCheckpointIO.save_checkpoint
 
     def full(self, checkpoint, path, *args, **kwargs):
-        if checkpoint["global_step"] >= 20:
+        if checkpoint["global_step"] >= full_at:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return save(self, checkpoint, path, *args, **kwargs)
 
     monkeypatch.setattr(purify.checkpoint.VerifiedCheckpointIO, "save_checkpoint", full)
-    from omegaconf import OmegaConf
-
     out, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
     OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=30)), recipe)
     assert main(["train", str(recipe)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("purify: error: train: cannot write (") and \
-        "No space left on device) at step 20; " in err[0] and \
-        err[0].endswith("says status: failed; free space or fix the file system, then resume=" +
-                        str(out / "checkpoints" / "last.ckpt") + " to continue"), err  # last.ckpt: step 10
+        f"No space left on device) at step {full_at}; " in err[0], err
+    if full_at == 10:  # no checkpoint yet
+        assert err[0].endswith("free space or fix the file system, then start it again (no checkpoint was written "
+                               "yet)"), err
+        return
+    assert err[0].endswith("says status: failed; free space or fix the file system, then resume=" +
+                           str(out / "checkpoints" / "last.ckpt") + " to continue"), err  # last.ckpt: step 10
     assert read_lineage(out)["status"] == "failed"
     monkeypatch.setattr(purify.checkpoint.VerifiedCheckpointIO, "save_checkpoint", save)
     train(mlp_recipe(steps=30, sub="run", resume=str(out / "checkpoints" / "last.ckpt")))
