@@ -57,8 +57,11 @@ class LineageCallback(Callback):
         """The record with the latest metrics and the step; ``val/*`` metrics are the latest validation's, whose step
         ``validated_at_step`` gives (a checkpoint is written before the validation of its own step)."""
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if not metrics:  # nothing logged by this launch yet: the run's metrics so far, if the record holds them
+            return {"metrics": {}, **self.record, "step": trainer.global_step}
         validated = {"validated_at_step": self.validated_at} if any(k.startswith("val/") for k in metrics) else {}
-        return {**self.record, "metrics": metrics, **validated, "step": trainer.global_step}
+        earlier = {k: v for k, v in self.record.items() if k not in ("metrics", "validated_at_step")}
+        return {**earlier, "metrics": metrics, **validated, "step": trainer.global_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         snapshot = self.snapshot(trainer)
@@ -222,6 +225,9 @@ def train(recipe: Recipe) -> Path:
         record["segments"] = _segments(held, recipe, step)
         if "resumed_from" in held:  # where its first launch started
             record["resumed_from"] = held["resumed_from"]
+        # what the run measured up to here, until this launch logs its own: a launch that only exports (its export
+        # was stopped) keeps them in each record it writes, so a second stopped export no longer loses them
+        record.update(_trained_metrics(held, output_dir / "checkpoints", step))
     elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
         record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
         record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest, written_by)
@@ -265,9 +271,8 @@ def train(recipe: Recipe) -> Path:
         # a SIGTERM while the run is exported stops it as during the fit (Lightning's handler is gone by now)
         with _sigterm_raises(trainer), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
             if trainer.is_global_zero:
-                final = {**lineage_cb.snapshot(trainer), "status": "finished"}
-                if not final["metrics"]:  # exported without training: the metrics of the launch that trained it
-                    final.update(_trained_metrics(held, ckpt_dir, trainer.global_step))
+                final = {**lineage_cb.snapshot(trainer), "status": "finished"}  # exported without training: the
+                # metrics of the launch that trained it, which the record carries (_trained_metrics)
                 if recipe.export:
                     export_student(run, output_dir / "student", final)
                 write_lineage(output_dir, final)
@@ -309,11 +314,11 @@ checkpoint to resume from. Any other ``OSError`` (a data file gone) keeps its tr
 
 
 def _trained_metrics(held: dict[str, Any] | None, ckpt_dir: Path, step: int) -> dict[str, Any]:
-    """``metrics`` and ``validated_at_step`` for a run exported without training (a launch stopped while exporting
-    it): those of the record its training launch left at ``step`` — its own ``lineage.json`` (``held``; written as it
-    stopped, after the last validation) before the record its last checkpoint wrote (as the save began, so its
-    ``val/*`` are an earlier validation's, which ``validated_at_step`` says: it was dropped, and they read as the
-    final step's)."""
+    """``metrics`` and ``validated_at_step`` of a run continued in place from ``step``, until the new launch logs its
+    own (one that only exports, its export having been stopped, never does): those of the record the run left at
+    ``step`` — its own ``lineage.json`` (``held``; written as it stopped, after the last validation) before the
+    record its last checkpoint wrote (as the save began, so its ``val/*`` are an earlier validation's, which
+    ``validated_at_step`` says: it was dropped, and they read as the final step's)."""
     records = [held or {}] + ([read_lineage(ckpt_dir / "lineage.json")] if (ckpt_dir / "lineage.json").is_file()
                               else [])
     for record in records:

@@ -584,8 +584,8 @@ def test_the_checkpoint_to_continue_from_is_the_furthest_on(tmp_path):
     torch.save({"global_step": 10}, tmp_path / "last.ckpt")
     assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
     (tmp_path / "last.ckpt").unlink()
-    (tmp_path / "last.ckpt").mkdir()  # DeepSpeed's directory of shards: its step is not read, last.ckpt is kept
-    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt").mkdir()  # a DeepSpeed directory cut short (no states): no checkpoint to continue from
+    assert latest_checkpoint(tmp_path) == tmp_path / "step10.ckpt"
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp"])
@@ -725,3 +725,34 @@ def test_a_deepspeed_runs_advice_and_resume_check_read_the_same_furthest_whole_c
     assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
     deepspeed("step300.ckpt", 300, whole=False)  # killed while its shards were written
     assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
+
+
+def test_stopped_exports_in_a_row_keep_the_metrics_of_the_launch_that_trained(mlp_recipe, monkeypatch):
+    """An export-only relaunch wrote its running and failed records without metrics: a second stopped export lost
+    val/* and validated_at_step again, and the finished record took an earlier validation's from the checkpoint."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import purify.train
+    from purify.types import TrainingStopped
+
+    export = purify.train.export_student
+
+    def stopped(*args, **kwargs):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(purify.train, "export_student", stopped)
+    with pytest.raises(TrainingStopped):
+        train(mlp_recipe(steps=10, sub="run"))
+    out = Path(mlp_recipe(steps=10, sub="run").output_dir)
+    trained = read_lineage(out)
+    assert trained["validated_at_step"] == 10 and "val/kl" in trained["metrics"]
+    again = mlp_recipe(steps=10, sub="run", resume=str(out / "checkpoints" / "last.ckpt"))
+    with pytest.raises(TrainingStopped):  # stopped while exporting, a second time
+        train(again)
+    record = read_lineage(out)
+    assert record["status"] == "failed" and (record["metrics"], record["validated_at_step"]) == (
+        trained["metrics"], 10)
+    monkeypatch.setattr(purify.train, "export_student", export)
+    record = read_lineage(train(again))
+    assert record["status"] == "finished" and (record["metrics"], record["validated_at_step"]) == (
+        trained["metrics"], 10)
