@@ -756,3 +756,25 @@ def test_stopped_exports_in_a_row_keep_the_metrics_of_the_launch_that_trained(ml
     record = read_lineage(train(again))
     assert record["status"] == "finished" and (record["metrics"], record["validated_at_step"]) == (
         trained["metrics"], 10)
+
+
+def test_purifys_sigterm_handler_steps_aside_while_lightnings_is_installed(mlp_recipe):
+    """Lightning's handler calls the handler it found after its own: without the guard purify's would raise in the
+    middle of a step (a checkpoint write, a collective) instead of letting Lightning stop the fit at the step's end."""
+    import os
+    import signal
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from purify.train import _sigterm_raises, make_trainer
+
+    trainer, noted = make_trainer(mlp_recipe(), [], None), []
+    with _sigterm_raises(trainer):
+        ours = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _HandlersCompose([lambda signum, frame: noted.append(signum), ours]))
+        os.kill(os.getpid(), signal.SIGTERM)  # as during the fit: Lightning notes it, purify's does nothing
+        assert noted == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, ours)  # Lightning's teardown puts it back
+        with pytest.raises(SIGTERMException):
+            os.kill(os.getpid(), signal.SIGTERM)
