@@ -211,21 +211,29 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, prefix: str = "") 
         leaf = key.rsplit(".", 1)[-1]
         return RecipeError(f"{key}: unknown key; {_closest(leaf, _allowed_keys(schema, key[len(prefix):]))}")
     if isinstance(err, MissingMandatoryValue):  # was omegaconf's "Structured config of type `Recipe` has missing ..."
-        example = {"student": "student={builtin: tiny-llama-a}", "teachers": "teachers=[{builtin: tiny-llama-b}]"}
-        hint = f" (e.g. '{example[key]}')" if key in example else ""
+        hint = f" (e.g. '{_REQUIRED[key]}')" if key in _REQUIRED else ""
         return RecipeError(f"{key}: missing; the recipe needs it: give it in the recipe or on the command line{hint}")
-    return RecipeError(f"{key}: {_with_fix(msg)}")
+    return RecipeError(f"{key}: {_with_fix(msg, key)}")
 
 
-def _with_fix(msg: str) -> str:
+_REQUIRED = {"student": "student={builtin: tiny-llama-a}", "teachers": "teachers=[{builtin: tiny-llama-b}]"}
+"""The recipe sections without a default, and an example of each for the messages."""
+
+
+def _with_fix(msg: str, key: str) -> str:
     """omegaconf's message for a value its field refuses, with the fix where it names none: an empty or null value
-    where one is needed (``output_dir=``, a section left empty), or a plain value where a section's mapping goes."""
+    where one is needed (``output_dir=``, a section left empty), or a plain value where a section's mapping or a
+    list goes."""
     if re.fullmatch(r"field '[^']*' is not Optional", msg):
-        return "needs a value (it cannot be empty or null); give one, or leave the key out for its default"
+        return (f"needs a value (it has no default): give it, e.g. '{_REQUIRED[key]}'" if key in _REQUIRED else
+                "needs a value (it cannot be empty or null); give one, or leave the key out for its default")
     section = re.fullmatch(r"Invalid type assigned: (\w+) is not a subclass of (\w+)\. value: (.*)", msg)
     if section:
         return (f"expected a mapping of {section.group(2)} keys (a section, e.g. {{key: value}}), got "
                 f"{section.group(3)} ({section.group(1)})")
+    listed = re.fullmatch(r"Invalid value assigned: (\w+) is not a ListConfig, TupleConfig, list, or tuple\.", msg)
+    if listed:
+        return f"expected a list (e.g. {key}=[{{...}}]), got a value of type {listed.group(1)}"
     return msg
 
 
@@ -726,13 +734,14 @@ def parse_recipe_problems(path: str | Path | None = None,
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as err:
             problems.append(str(_explain(err, schema)) if getattr(err, "full_key", None) else f"{key}: "
-                            f"{_with_fix(first_line(getattr(err, 'msg', None) or err))}")
+                            f"{_with_fix(first_line(getattr(err, 'msg', None) or err), key)}")
         except (TypeError, ValueError, IndexError, KeyError) as err:
             problems.append(f"{key}: {first_line(err)}")
     try:
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        return None, problems + _explain(err, schema).problems
+        named = {p.split(":", 1)[0] for p in problems}  # a section already refused is not "missing" too
+        return None, problems + [p for p in _explain(err, schema).problems if p.split(":", 1)[0] not in named]
     return _expand_home(recipe), problems
 
 

@@ -390,6 +390,9 @@ def test_a_key_given_twice_in_a_recipe_file_is_refused_naming_both_lines(tmp_pat
     ("trainer.max_steps=null", r"^trainer\.max_steps: needs a value"),
     ("trainer=5", r"^trainer: expected a mapping of TrainerConfig keys \(a section, e.g. \{key: value\}\), got 5 "
                   r"\(int\)$"),
+    ("purifiers=5", r"^purifiers: expected a list \(e\.g\. purifiers=\[\{\.\.\.\}\]\), got a value of type int$"),
+    ("student=null", r"^student: needs a value \(it has no default\): give it, e\.g\. 'student=\{builtin: "
+                     r"tiny-llama-a\}'$"),  # "or leave the key out for its default" led to a second error
 ])
 def test_an_empty_value_or_a_plain_value_for_a_section_names_the_fix(override, message):
     """These named the problem in omegaconf's words ("field 'output_dir' is not Optional", "Invalid type assigned:
