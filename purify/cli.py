@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         from purify.types import TrainingStopped
     except KeyboardInterrupt:
         return _interrupted()
-    verb = _CHOSEN[0] if _CHOSEN else ""
+    verb = args.verb
     # train stops at a step's end under Lightning's handler (and up to the fit under its own); bench says its own
     stops = contextlib.nullcontext() if verb in ("train", "bench") else \
         sigterm_stops(_STOPPED.get(verb, f"purify {verb} did not finish"))

@@ -211,7 +211,7 @@ def distillation_loss(
     if isinstance(weight, (int, float)) and not isinstance(weight, bool):  # one weight for every position
         weight = torch.tensor(float(weight), device=student_logits.device) if isinstance(student_logits, Tensor) \
             else weight
-    if not isinstance(weight, Tensor):
+    if not isinstance(weight, Tensor) and isinstance(student_logits, Tensor):  # else the student's check says
         raise ValueError(f"distillation_loss: weight must be a tensor of per-position weights (or one number), got "
                          f"{type(weight).__name__}")
     _check_inputs(student_logits, None if name == "ce" else teacher_logits, weight, labels if uses_ce else None,

@@ -518,8 +518,9 @@ def _segments(before: dict[str, Any], recipe: Recipe, step: int) -> list[dict[st
 def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
                         built: dict[str, Any] | None = None) -> None:
     """Refuse, before anything is written, a launch that would overwrite the run ``output_dir`` already holds: a
-    fresh start; a ``resume`` from another directory's checkpoint; one from an earlier step than the run's latest
-    checkpoint (``checkpoints/lineage.json``'s step; ``step`` is the checkpoint's); or one whose recipe differs from
+    fresh start; a ``resume`` from another directory's checkpoint; one from an earlier step than the run's furthest
+    whole checkpoint on disk (:func:`_resumable`; ``checkpoints/lineage.json``'s step only where none says; ``step``
+    is the checkpoint's); or one whose recipe differs from
     the run's beyond :data:`CONTINUABLE` (teachers, loss, seed, data…: its record would describe training it did not
     have), or whose data, teachers or student base at the same paths now hold other contents (their sha256 in
     ``built``, this launch's lineage record, against the run's ``lineage.json``). Resuming from the latest

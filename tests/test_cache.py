@@ -302,7 +302,7 @@ def test_a_temperature_on_a_cached_teacher_is_refused_in_a_recipe_and_a_distille
     from purify.config import LossConfig
 
     root, recipe = setup
-    base = ["student=" + "{config: %s, tokenizer: %s}" % (LLAMA % 16, root / "tok"),
+    base = [f"student={{config: {LLAMA % 16}, tokenizer: {root / 'tok'}}}",
             f"teachers=[{{config: {LLAMA % 16}, tokenizer: {root / 'tok'}}}, {{cache: {written}}}]",
             f"data.train={root / 'train.txt'}", "data.max_length=24", "data.val_fraction=0.2"]
     message = (r"^loss\.temperature: 2\.0 with a logit-cache teacher \(teachers\[1\]\), which keeps the top-k "

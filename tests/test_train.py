@@ -778,3 +778,14 @@ def test_purifys_sigterm_handler_steps_aside_while_lightnings_is_installed(mlp_r
         signal.signal(signal.SIGTERM, ours)  # Lightning's teardown puts it back
         with pytest.raises(SIGTERMException):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_an_export_removes_what_a_killed_export_left_beside_it(mlp_recipe):
+    """A SIGKILL while exporting left .student.tmp-* (a complete-looking model) beside student/ for good."""
+    recipe = mlp_recipe(steps=5, sub="run")
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True)
+    (out / ".student.tmp-killed").mkdir()
+    (out / ".student.tmp-killed" / "model.safetensors").write_text("half")
+    train(recipe)
+    assert (out / "student" / "lineage.json").is_file() and not list(out.glob(".student*"))
