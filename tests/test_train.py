@@ -332,36 +332,14 @@ def test_a_sigterm_while_exporting_fails_the_run_and_resume_finishes_it(tmp_path
     """After the fit Lightning's handler is gone: a SIGTERM during the export killed the process with lineage.json
     saying running and no error line; and the resume=last.ckpt the SIGINT message named was refused ("nothing left
     to train"). Now: exit 143, one line, status failed; that resume exports the run without training."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from omegaconf import OmegaConf
 
     from tests.conftest import mlp_overrides
 
-    out, recipe, marker = tmp_path / "run", tmp_path / "recipe.yaml", tmp_path / "exporting"
+    out, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
     OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=10)), recipe)
-    slow = (f"import pathlib, sys, time\nimport purify.train as t\nexport = t.export_student\n"
-            f"def slow(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
-            f"    return export(*a, **k)\nt.export_student = slow\nfrom purify.cli import main\n"
-            f"sys.exit(main(['train', {str(recipe)!r}]))")
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            deadline = time.monotonic() + 240
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert marker.exists(), log.read_text()[-2000:]
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            proc.kill()
-    err = log.read_text()
-    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
-    line = err.strip().splitlines()[-1]
+    line = _sigterm_while(tmp_path, recipe, "purify.train", "export_student")
     assert line.startswith("purify: error: train: stopped by SIGTERM while exporting (training had finished, step "
                            "10); ") and line.endswith("checkpoints/last.ckpt to export it"), line
     failed = read_lineage(out)
@@ -625,38 +603,16 @@ def test_a_sigterm_while_the_fit_is_set_up_fails_the_run_with_one_line(tmp_path,
     """Lightning installs its SIGTERM handler at the end of the fit's set-up (strategy, configure_model, the
     checkpoint's restore — minutes for a large model): a SIGTERM before it killed the process with exit 143, no line,
     and lineage.json saying running (a finished run being continued lost its finished record)."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from omegaconf import OmegaConf
 
     from tests.conftest import mlp_overrides
 
     out = train(mlp_recipe(steps=10, sub="run"))
-    recipe, marker = tmp_path / "recipe.yaml", tmp_path / "restoring"
+    recipe = tmp_path / "recipe.yaml"
     OmegaConf.save(OmegaConf.from_dotlist(mlp_overrides(out, steps=20, resume=out / "checkpoints" / "last.ckpt")),
                    recipe)
-    slow = (f"import pathlib, sys, time\nimport purify.checkpoint as c\nload = c.VerifiedCheckpointIO.load_checkpoint\n"
-            f"def slow(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
-            f"    return load(*a, **k)\nc.VerifiedCheckpointIO.load_checkpoint = slow\nfrom purify.cli import main\n"
-            f"sys.exit(main(['train', {str(recipe)!r}]))")
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            deadline = time.monotonic() + 240
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert marker.exists(), log.read_text()[-2000:]
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            proc.kill()
-    err = log.read_text()
-    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
-    line = err.strip().splitlines()[-1]
+    line = _sigterm_while(tmp_path, recipe, "purify.checkpoint", "VerifiedCheckpointIO.load_checkpoint")
     assert line.startswith("purify: error: train: stopped by SIGTERM at step 10; ") and \
         line.endswith("checkpoints/last.ckpt to continue"), line
     record = read_lineage(out)
@@ -789,3 +745,35 @@ def test_an_export_removes_what_a_killed_export_left_beside_it(mlp_recipe):
     (out / ".student.tmp-killed" / "model.safetensors").write_text("half")
     train(recipe)
     assert (out / "student" / "lineage.json").is_file() and not list(out.glob(".student*"))
+
+
+def _sigterm_while(tmp_path: Path, recipe: Path, module: str, attribute: str) -> str:
+    """Run ``purify train recipe`` in a process where ``module``'s ``attribute`` (``"f"`` or ``"Class.f"``) first
+    marks that it was reached and waits; SIGTERM it there; assert exit 143 without a traceback; return its last
+    stderr line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker, log = tmp_path / "reached", tmp_path / "stderr.txt"
+    *owner, name = attribute.split(".")
+    code = (f"import importlib, pathlib, sys, time\nowner = importlib.import_module({module!r})\n"
+            f"for part in {owner!r}:\n    owner = getattr(owner, part)\nreal = getattr(owner, {name!r})\n"
+            f"def slow(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n"
+            f"    return real(*a, **k)\nsetattr(owner, {name!r}, slow)\nfrom purify.cli import main\n"
+            f"sys.exit(main(['train', {str(recipe)!r}]))")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert marker.exists(), log.read_text()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
