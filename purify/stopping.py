@@ -20,13 +20,14 @@ from purify.types import TrainingStopped
 
 
 @contextlib.contextmanager
-def sigterm_stops(after: str) -> Iterator[None]:
+def sigterm_stops(after: str, report: bool = True) -> Iterator[None]:
     """Within: SIGTERM raises :class:`~purify.types.TrainingStopped` (``"stopped by SIGTERM: <after>"``, exit code
     143); the previous handler comes back after. Outside the main thread (where Python takes no signals) nothing
     changes.
 
     Args:
         after: what the message says after ``stopped by SIGTERM:`` (what was left undone and how to go on).
+        report: whether this process says it (a multi-process launch's first; the others stop with the same code).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -39,7 +40,7 @@ def sigterm_stops(after: str) -> Iterator[None]:
     try:
         yield
     except _Stop as stopped:
-        raise TrainingStopped(*stopped.args) from None
+        raise TrainingStopped(*stopped.args, report=report) from None
     finally:
         signal.signal(signal.SIGTERM, before)
 

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,11 @@ class SigtermAtStepEnd(Callback):
 
     def __init__(self) -> None:
         self.signalled = False
+        self.arm: Callable[[], None] | None = None  # purify's own handler until Lightning's: _sigterm_raises'
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.arm is not None:  # the processes have met: the set-up that follows (models, restore) may take minutes
+            self.arm()
         connector = trainer._signal_connector
 
         def record(signum: int, frame: Any) -> None:
@@ -195,60 +198,65 @@ def train(recipe: Recipe) -> Path:
     model built, the data sets read, the trainer settings accepted by Lightning and a ``resume`` checkpoint
     verified; an ``output_dir`` that already holds a run is refused unless the recipe resumes.
     """
+    with _slurm_usr1_as_sigterm():  # a Slurm job's pre-emption notice, from the models' build to the export
+        return _train(recipe)
+
+
+def _train(recipe: Recipe) -> Path:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen teachers, by design
     blocked = rank_zero_only.rank == 0 and cannot_write_under(recipe.output_dir)
     if blocked:  # a read-only file system was an OSError traceback after every model was built
         raise RecipeError(f"output_dir: {blocked}; give a directory you can write (created if missing)")
-    # a SIGTERM while the models are built (a first use pretrains a base into purify's cache) ends here with one line,
-    # their temporary directories removed (it killed the process, leaving them); from the fit on, Lightning's handler
-    # stops the run at a step's end
-    with sigterm_stops(f"while the models were being built; nothing was written to {recipe.output_dir}"):
-        run = build_run(recipe)
-    output_dir = Path(recipe.output_dir)
-    # what the run directory holds is read by the launch's first process only: a DDP launch's other ranks start after
-    # it rewrote lineage.json. A run left unfinished there (stopped or killed while exporting) may be resumed at
-    # max_steps to export it.
+    # a SIGTERM before anything is written (a first use pretraining a base into purify's cache, a resume check hashing
+    # a checkpoint, the data tokenised) ends here with one line (the launch's first process says it), temporary
+    # directories removed; from the fit's set-up on, _sigterm_raises and Lightning's handler stop the run
     first = rank_zero_only.rank == 0
-    held = _held_in_place(output_dir, recipe.resume) if first else None
-    finishing = held.get("status") != "finished" if held is not None else not first
-    step, digest, written_by = _check_resume(recipe, run, finishing) if recipe.resume is not None else (None,) * 3
-    cache = next((name for name in (MANIFEST, PLAN) if (output_dir / name).is_file()), None) if first else None
-    if cache:  # `purify cache` refuses the reverse
-        raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of its "
-                          "own (the cache could no longer be resumed or rewritten there)")
-    existed = first and (output_dir / "lineage.json").is_file()
-    if existed:
-        _check_existing_run(output_dir, recipe, step, run.lineage)
-    run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
-    record: dict[str, Any] = {**run.lineage, "status": "running"}
-    if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
-        record["segments"] = _segments(held, recipe, step)
-        if "resumed_from" in held:  # where its first launch started
-            record["resumed_from"] = held["resumed_from"]
-        # what the run measured up to here, until this launch logs its own: a launch that only exports (its export
-        # was stopped) keeps them in each record it writes, so a second stopped export no longer loses them
-        record.update(_trained_metrics(held, output_dir / "checkpoints", step))
-    elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
-        record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
-        record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest, written_by)
-    ckpt_dir = output_dir / "checkpoints"
-    lineage_cb = LineageCallback(record, ckpt_dir)
-    # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
-    # into a run's directory only from its latest checkpoint, so nothing older is rewritten
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
-                                 every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
-                                 save_last=True, enable_version_counter=False)
-    try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
-        sigterm = SigtermAtStepEnd()
-        trainer = make_trainer(recipe, [checkpoint, lineage_cb, sigterm], output_dir,
-                               expected=run.distiller.trained_state)
-    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # ImportError: a precision plugin's
-        raise RecipeError(f"trainer: {first_line(err)}") from None                  # package (transformer-engine)
-    asked, ran = str(recipe.trainer.precision), str(trainer.precision)
-    if asked in ("16", "16-mixed") and ran != "16-mixed":  # accelerator auto on a CPU node: Lightning substitutes bf16
-        device = type(trainer.accelerator).__name__
-        raise RecipeError(f"trainer.precision: {asked} runs as {ran} on this machine ({device}: no float16 autocast), "
-                          "while the record would say 16-mixed; give bf16-mixed (or 32-true) here")
+    with sigterm_stops(f"before training; nothing was written to {recipe.output_dir}", report=first):
+        run = build_run(recipe)
+        output_dir = Path(recipe.output_dir)
+        # what the run directory holds is read by the launch's first process only: a DDP launch's other ranks start
+        # after it rewrote lineage.json. A run left unfinished there (stopped or killed while exporting) may be
+        # resumed at max_steps to export it.
+        held = _held_in_place(output_dir, recipe.resume) if first else None
+        finishing = held.get("status") != "finished" if held is not None else not first
+        step, digest, written_by = _check_resume(recipe, run, finishing) if recipe.resume is not None else (None,) * 3
+        cache = next((name for name in (MANIFEST, PLAN) if (output_dir / name).is_file()), None) if first else None
+        if cache:  # `purify cache` refuses the reverse
+            raise RecipeError(f"output_dir: {output_dir} holds a logit cache ({cache}); give the run a directory of "
+                              "its own (the cache could no longer be resumed or rewritten there)")
+        existed = first and (output_dir / "lineage.json").is_file()
+        if existed:
+            _check_existing_run(output_dir, recipe, step, run.lineage)
+        run.datamodule.setup("fit")  # a bad data file fails here, before any write (fit reuses the data sets)
+        record: dict[str, Any] = {**run.lineage, "status": "running"}
+        if held is not None and step is not None:  # continued in place (_check_existing_run let it through)
+            record["segments"] = _segments(held, recipe, step)
+            if "resumed_from" in held:  # where its first launch started
+                record["resumed_from"] = held["resumed_from"]
+            # what the run measured up to here, until this launch logs its own: a launch that only exports (its export
+            # was stopped) keeps them in each record it writes, so a second stopped export no longer loses them
+            record.update(_trained_metrics(held, output_dir / "checkpoints", step))
+        elif step is not None:  # another run's checkpoint continued here: what it was, before it moves on
+            record["segments"] = [{"resume": recipe.resume, "from_step": step, "max_steps": recipe.trainer.max_steps}]
+            record["resumed_from"] = _resumed_from(Path(recipe.resume), step, digest, written_by)
+        ckpt_dir = output_dir / "checkpoints"
+        lineage_cb = LineageCallback(record, ckpt_dir)
+        # a resumed run continues its own checkpoints (no `-v1` copies beside them): _check_existing_run allows resuming
+        # into a run's directory only from its latest checkpoint, so nothing older is rewritten
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
+                                     every_n_train_steps=recipe.trainer.checkpoint_every_n_steps, save_top_k=-1,
+                                     save_last=True, enable_version_counter=False)
+        try:  # Lightning's own checks of the trainer settings (precision, accelerator, devices, ...), before any write
+            sigterm = SigtermAtStepEnd()
+            trainer = make_trainer(recipe, [checkpoint, lineage_cb, sigterm], output_dir,
+                                   expected=run.distiller.trained_state)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # ImportError: a precision
+            raise RecipeError(f"trainer: {first_line(err)}") from None  # plugin's package (transformer-engine)
+        asked, ran = str(recipe.trainer.precision), str(trainer.precision)
+        if asked in ("16", "16-mixed") and ran != "16-mixed":  # accelerator auto on a CPU: Lightning substitutes bf16
+            device = type(trainer.accelerator).__name__
+            raise RecipeError(f"trainer.precision: {asked} runs as {ran} on this machine ({device}: no float16 "
+                              "autocast), while the record would say 16-mixed; give bf16-mixed (or 32-true) here")
     output_dir.mkdir(parents=True, exist_ok=True)
     claim = _claim(output_dir) if first else None  # held until this launch ends: one launch at a time writes a run
     try:
@@ -262,12 +270,13 @@ def train(recipe: Recipe) -> Path:
     trained = False
     try:
         # Lightning's handler comes at the end of the fit's set-up (strategy, configure_model, the checkpoint's
-        # restore: minutes for a large model): a SIGTERM before it killed the run silently, its record "running"
-        with _sigterm_raises(trainer), _slurm_usr1_as_sigterm():
+        # restore: minutes for a large model): a SIGTERM before it killed the run silently, its record "running";
+        # purify's is armed once the processes have met (SigtermAtStepEnd.setup)
+        with _sigterm_raises(trainer, armed=False) as sigterm.arm:
             trainer.fit(run.distiller, datamodule=run.datamodule, ckpt_path=recipe.resume)
-        trained = True
         if sigterm.signalled:  # after the last step (final validation or checkpoint): stop before exporting
             raise SIGTERMException()
+        trained = True
         # a SIGTERM while the run is exported stops it as during the fit (Lightning's handler is gone by now)
         with _sigterm_raises(trainer), _full_weights(run.student.module, recipe.strategy == "deepspeed_stage_3"):
             if trainer.is_global_zero:
@@ -359,16 +368,22 @@ def _release(claim: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_raises(trainer: L.Trainer) -> Any:
+def _sigterm_raises(trainer: L.Trainer, armed: bool = True) -> Iterator[Callable[[], None]]:
     """Within: SIGTERM raises Lightning's ``SIGTERMException`` (read by :func:`_stop_signal`) instead of killing the
     process with ``lineage.json`` saying ``running``, after forwarding it to the ranks ``trainer`` launched (they may
     be waiting in a collective, e.g. ZeRO-3's gather of the weights). While Lightning's own handler is installed
     (which calls the handler it found, this one, after its own) it does nothing: that handler stops the fit at a
-    step's end. Only on the main thread (where Python takes signals)."""
+    step's end. Only on the main thread (where Python takes signals).
+
+    Args:
+        armed: install it at once; else when the yielded ``arm()`` is called — the fit's, from
+            :class:`SigtermAtStepEnd`'s ``setup``, after the processes' rendezvous, where a Python handler cannot run
+            (a launch whose ranks never meet waited out the rendezvous timeout; the default action ends it).
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def stop(signum: int, frame: Any) -> None:
@@ -378,9 +393,14 @@ def _sigterm_raises(trainer: L.Trainer) -> Any:
             trainer.strategy.launcher.kill(signum)
         raise SIGTERMException()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    def arm() -> None:
+        signal.signal(signal.SIGTERM, stop)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if armed:
+        arm()
     try:
-        yield
+        yield arm
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -318,19 +318,22 @@ def test_a_sigterm_while_purify_cache_writes_is_one_line_and_leaves_no_temporary
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_a_sigterm_while_train_builds_its_models_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stage", ["build_run", "make_trainer"])
+def test_a_sigterm_while_train_prepares_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, stage):
     """A first use pretrains a base into purify's cache while the run is built: a SIGTERM then left the base's
-    temporary directory in the cache (Lightning's handler comes only with the fit)."""
+    temporary directory in the cache (Lightning's handler comes only with the fit); after the build (the resume check
+    hashing a checkpoint, the data tokenised, the trainer made) it killed the process without a line."""
     import signal
 
     import purify.train
     from purify.cli import main
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(purify.train, "build_run", lambda recipe: _kill_self_in(tmp_path / "cache"))
+    monkeypatch.setattr(purify.train, stage, lambda *args, **kwargs: _kill_self_in(tmp_path / "cache"))
     assert main(["train", QUICKSTART, f"output_dir={tmp_path / 'run'}"]) == 143
-    assert capsys.readouterr().err == (f"purify: error: stopped by SIGTERM: while the models were being built; nothing "
-                                       f"was written to {tmp_path / 'run'}\n")
+    err = capsys.readouterr().err  # (after a progress bar of the models' weights loading, with make_trainer)
+    assert err.strip().splitlines()[-1] == (f"purify: error: stopped by SIGTERM: before training; nothing was written "
+                                            f"to {tmp_path / 'run'}") and err.count("purify: error:") == 1
     assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "run").exists()
     assert signal.getsignal(signal.SIGTERM) == before
 

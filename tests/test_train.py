@@ -734,6 +734,14 @@ def test_purifys_sigterm_handler_steps_aside_while_lightnings_is_installed(mlp_r
         signal.signal(signal.SIGTERM, ours)  # Lightning's teardown puts it back
         with pytest.raises(SIGTERMException):
             os.kill(os.getpid(), signal.SIGTERM)
+    # the fit's is armed only once its processes have met (SigtermAtStepEnd.setup): in the rendezvous a Python handler
+    # cannot run, and a SIGTERM to a launch whose ranks never meet waited out the rendezvous timeout
+    before = signal.getsignal(signal.SIGTERM)
+    with _sigterm_raises(trainer, armed=False) as arm:
+        assert signal.getsignal(signal.SIGTERM) is before
+        arm()
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_an_export_removes_what_a_killed_export_left_beside_it(mlp_recipe):
