@@ -3,9 +3,9 @@
 SIGTERM's default action ends the process at once: ``finally`` blocks do not run, so a half-built cache entry stays
 behind as a temporary directory, forked benchmark workers run on as orphans, and the shell sees exit 143 without a
 word. Within :func:`sigterm_stops` the signal raises :class:`~purify.types.TrainingStopped` instead, which unwinds
-like Ctrl-C and ends the command with one ``purify: error:`` line and exit 143. ``purify train`` uses it while its
-models are built only: from the fit on, its own handler (:func:`purify.train._sigterm_raises`) and Lightning's stop
-the run at a step's end.
+like Ctrl-C and ends the command with one ``purify: error:`` line and exit 143. ``purify train`` uses it before
+training only (the models built, the resume checked, the data read): from the fit on, its own handler
+(:func:`purify.train._sigterm_raises`) and Lightning's stop the run at a step's end.
 """
 
 from __future__ import annotations
