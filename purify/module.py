@@ -278,7 +278,7 @@ class Distiller(L.LightningModule):
         accumulation; 1 outside a trainer. (A run sized by epochs was planned as 1 step: a decaying learning rate
         reached 0 after the first.)"""
         if self.total_steps is not None:
-            return self.total_steps
+            return max(1, self.total_steps)  # 0 (a zero-step run) plans as 1: a ramp's step / planned steps
         trainer = self._trainer
         if trainer is None:
             return 1

@@ -659,6 +659,8 @@ def test_a_warmup_as_long_as_the_run_is_warned_about_and_a_plain_loop_decay_need
     for bad in (-5, 2.5, True):
         with pytest.raises(ValueError, match=rf"total_steps: must be an int >= 0 .* got {bad!r}"):
             Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]), total_steps=bad)
+    zero = Distiller(_aux(), [_aux()], loss=LossConfig(logit_slice=[10, 13]), total_steps=0)  # a zero-step suite's
+    assert zero._planned_steps() == 1  # what Lightning's step / planned steps divides by
 
 
 def test_progress_outside_zero_to_one_is_refused():
