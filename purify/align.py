@@ -206,3 +206,9 @@ def same_tokenizer(a: Any, b: Any, special_tokens: bool = False) -> bool:
         return False
     return all(a(text, add_special_tokens=special_tokens)["input_ids"]
                == b(text, add_special_tokens=special_tokens)["input_ids"] for text in ENCODING_PROBES)
+
+
+def differing_tokenizers(student: Any, teachers: Sequence[Any]) -> list[int]:
+    """The indices of ``teachers``' tokenizers that are not the ``student``'s (:func:`same_tokenizer`); a teacher
+    given no tokenizer (``None``) is taken to share the student's."""
+    return [i for i, tok in enumerate(teachers) if tok is not None and not same_tokenizer(student, tok)]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from purify.align import same_tokenizer
+from purify.align import differing_tokenizers
 from purify.config import LossConfig, OnPolicyConfig
 from purify.losses import distillation_loss
 from purify.models import model_forward
@@ -142,8 +142,7 @@ class PurifyTrainer(Trainer):
         student_tokenizer = kwargs.get("processing_class")
         if student_tokenizer is not None and teacher_tokenizers:  # said here: the Distiller's own line would send a
             # PurifyTrainer user to cross_base, refused below
-            other = [i for i, t in enumerate(teacher_tokenizers) if t is not None and not same_tokenizer(
-                student_tokenizer, t)]
+            other = differing_tokenizers(student_tokenizer, teacher_tokenizers)
             if other:
                 raise ValueError(f"PurifyTrainer: teachers[{other[0]}]'s tokenizer differs from the student's "
                                  "(processing_class): a teacher of another tokenizer is aligned by cross_base, which "

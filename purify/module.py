@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from purify.align import same_tokenizer
+from purify.align import differing_tokenizers, same_tokenizer
 from purify.cache import CachedTeacher
 from purify.config import (
     LossConfig,
@@ -119,10 +119,8 @@ def stack_problems(student: nn.Module, teachers: Sequence[nn.Module], purifiers:
     configs = [getattr(p, "config", None) for p in purifiers]
     out = []
     if student_tokenizer is not None and teacher_tokenizers:
-        differing = [i for i, tok in enumerate(teacher_tokenizers)
-                     if tok is not None and not same_tokenizer(student_tokenizer, tok)]
         out += unaligned_teachers([c if isinstance(c, PurifierConfig) else None for c in configs], teacher_names,
-                                  differing)
+                                  differing_tokenizers(student_tokenizer, teacher_tokenizers))
     if configs and all(isinstance(c, PurifierConfig) for c in configs):
         run = stand_in(teacher_names, loss, vector_student=not is_hf_model(student), teacher_weights=teacher_weights,
                        lora=is_lora(student), data="<Python data>")
