@@ -443,13 +443,6 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[1] if found else None
 
 
-def _furthest_saved_step(ckpt_dir: Path) -> int | None:
-    """The furthest step a checkpoint in ``ckpt_dir`` can be resumed from (:func:`_resumable`'s); ``None`` when none
-    says."""
-    found = _resumable(ckpt_dir)
-    return found[0] if found else None
-
-
 def _resumable(ckpt_dir: Path) -> tuple[int | None, Path] | None:
     """The furthest whole checkpoint in ``ckpt_dir`` and its step, ``last.ckpt`` on a tie. A file checkpoint is
     written whole (``step<N>.ckpt`` by its name, ``last.ckpt`` by its own step; a ``last.ckpt`` whose step cannot be
@@ -540,15 +533,19 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
     """Refuse, before anything is written, a launch that would overwrite the run ``output_dir`` already holds: a
     fresh start; a ``resume`` from another directory's checkpoint; one from an earlier step than the run's furthest
     whole checkpoint on disk (:func:`_resumable`; ``checkpoints/lineage.json``'s step only where none says; ``step``
-    is the checkpoint's); or one whose recipe differs from
-    the run's beyond :data:`CONTINUABLE` (teachers, loss, seed, data…: its record would describe training it did not
-    have), or whose data, teachers or student base at the same paths now hold other contents (their sha256 in
-    ``built``, this launch's lineage record, against the run's ``lineage.json``). Resuming from the latest
+    is the checkpoint's); or one whose recipe differs from the run's beyond :data:`CONTINUABLE` (teachers, loss,
+    seed, data…: its record would describe training it did not have), or whose data, teachers, purifier source files
+    or student base at the same paths now hold other contents (their sha256 in ``built``, this launch's lineage
+    record, against the run's ``lineage.json``). Resuming from the latest
     checkpoint — an interrupted run, or a finished one given more ``trainer.max_steps`` — with the same recipe and
     inputs continues the run in place."""
     resume = recipe.resume
     ckpt_dir = output_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
+    # the run's furthest step is its furthest checkpoint on disk (read once: a DeepSpeed one loads its model states):
+    # checkpoints/lineage.json is written as a save begins, so a launch killed mid-save (or a full disk) left it one
+    # save ahead of every file, and it refused each resume, its advice (resume= the latest checkpoint) included; the
+    # record's step only where no file says
+    last, latest = _resumable(ckpt_dir) or (None, None)
     to_continue = f"resume={latest} to continue that one" if latest else \
         "it has no checkpoint to continue from (remove it to start again)"
     if resume is None:
@@ -557,10 +554,6 @@ def _check_existing_run(output_dir: Path, recipe: Recipe, step: int | None,
     if not _in_place(output_dir, resume):
         raise RecipeError(f"resume: {resume} is not a checkpoint of {output_dir}, which already holds another run; "
                           f"give a new output_dir to continue from {resume}, or {to_continue}")
-    # the run's furthest step is its furthest checkpoint on disk: checkpoints/lineage.json is written as a save
-    # begins, so a launch killed mid-save (or a full disk) left it one save ahead of every file, and it refused each
-    # resume, its advice (resume= the latest checkpoint) included; the record's step only where no file says
-    last = _furthest_saved_step(ckpt_dir)
     recorded = ckpt_dir / "lineage.json"
     if last is None and recorded.is_file():
         last = read_lineage(recorded).get("step")

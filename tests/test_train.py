@@ -664,7 +664,7 @@ def test_a_deepspeed_runs_advice_and_resume_check_read_the_same_furthest_whole_c
     """latest_checkpoint could not read a DeepSpeed directory's step and always advised last.ckpt, which the resume
     check refused when a further step<N> directory was whole (a kill between Lightning's two saves); a directory cut
     short (a shard missing) is no checkpoint to continue from."""
-    from purify.train import _furthest_saved_step, latest_checkpoint
+    from purify.train import _resumable, latest_checkpoint
 
     def deepspeed(name: str, step: int, whole: bool = True) -> None:
         states = tmp_path / name / "checkpoint"
@@ -676,11 +676,14 @@ def test_a_deepspeed_runs_advice_and_resume_check_read_the_same_furthest_whole_c
 
     deepspeed("last.ckpt", 100)
     deepspeed("step100.ckpt", 100)
-    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "last.ckpt", 100)
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    assert _resumable(tmp_path) == (100, tmp_path / "last.ckpt")
     deepspeed("step200.ckpt", 200)
-    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step200.ckpt"
+    assert _resumable(tmp_path) == (200, tmp_path / "step200.ckpt")
     deepspeed("step300.ckpt", 300, whole=False)  # killed while its shards were written
-    assert (latest_checkpoint(tmp_path), _furthest_saved_step(tmp_path)) == (tmp_path / "step200.ckpt", 200)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step200.ckpt"
+    assert _resumable(tmp_path) == (200, tmp_path / "step200.ckpt")
 
 
 def test_stopped_exports_in_a_row_keep_the_metrics_of_the_launch_that_trained(mlp_recipe, monkeypatch):
