@@ -397,13 +397,13 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 
 def loss_value_problems(beta: float, temperature: float, hard_label_weight: float) -> list[tuple[str, str]]:
     """``(key, problem)`` for each loss setting out of its range: the one rule set behind :func:`loss_problems` and
-    the library loss functions (:meth:`purify.losses_chunked.LossSpec.of`)."""
+    the library loss functions (:meth:`purify.losses_chunked.LossSpec.of`, the per-position losses' temperature)."""
     out = []
-    if not 0.0 <= beta <= 1.0:
+    if not (is_real(beta) and 0.0 <= beta <= 1.0):
         out.append(("beta", f"{beta} is not in [0, 1]"))
-    if not (temperature > 0 and math.isfinite(temperature)):
+    if not (is_real(temperature) and temperature > 0):
         out.append(("temperature", f"must be a finite number > 0, got {temperature}"))
-    if not (hard_label_weight >= 0 and math.isfinite(hard_label_weight)):
+    if not (is_real(hard_label_weight) and hard_label_weight >= 0):
         out.append(("hard_label_weight", f"must be a finite number >= 0, got {hard_label_weight}"))
     return out
 
@@ -787,12 +787,12 @@ def _past_the_end(cfg: DictConfig, key: str) -> str | None:
                         f"'{path}=[{{...}}]', or index an entry it has")
             node = node[int(part)]
         elif isinstance(node, DictConfig) and part in node.keys():  # `in node` is False for a missing value
-            if OmegaConf.is_missing(node, part) and isinstance(node._get_node(part), ListConfig):
+            if OmegaConf.is_missing(node, part):
+                if not isinstance(node._get_node(part), ListConfig):
+                    return None  # a required section: _open_optional_section gives it its defaults
                 path = ".".join(parts[:i + 1])  # a required list the recipe leaves out (teachers.0.builtin=...)
                 return (f"{key}: the recipe has no {path} list; give it whole, e.g. '{path}=[{{builtin: "
                         "tiny-llama-b}]'")
-            if OmegaConf.is_missing(node, part):
-                return None  # a required section: _open_optional_section gives it its defaults
             node = node[part]
         else:
             return None

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from purify.config import loss_value_problems
 from purify.losses_chunked import (
     LossSpec,
     active_rows,
@@ -36,7 +37,7 @@ from purify.losses_chunked import (
     target_count,
     upcast,
 )
-from purify.types import IGNORE_INDEX, LossName, is_real
+from purify.types import IGNORE_INDEX, LossName
 
 __all__ = [
     "IGNORE_INDEX", "LossName", "SOFT_LOSSES", "distillation_loss", "forward_kl", "generalized_jsd", "hard_label_ce",
@@ -47,10 +48,11 @@ _kl = kl_from_log_probs
 
 
 def _tempered(logits: Tensor, temperature: float, caller: str) -> Tensor:
-    """``log_softmax(logits / temperature)`` in float32 or wider, the temperature checked (0 gave NaN, a negative
-    one the KL of the flipped distributions)."""
-    if not (is_real(temperature) and temperature > 0):
-        raise ValueError(f"{caller}: temperature must be a finite number > 0, got {temperature!r}")
+    """``log_softmax(logits / temperature)`` in float32 or wider, the temperature checked by the loss settings' rule
+    (:func:`purify.config.loss_value_problems`: 0 gave NaN, a negative one the KL of the flipped distributions)."""
+    problems = loss_value_problems(0.5, temperature, 0.0)  # only the temperature can be out of range here
+    if problems:
+        raise ValueError(f"{caller}: " + "; ".join(f"{key} {problem}" for key, problem in problems))
     return F.log_softmax(upcast(logits) / temperature, -1)
 
 
@@ -208,12 +210,11 @@ def distillation_loss(
     if name != "ce" and not isinstance(teacher_logits, Tensor):  # None reached torch as an AttributeError
         raise ValueError(f"distillation_loss: the soft loss {name} needs teacher_logits (..., V), got "
                          f"{type(teacher_logits).__name__}; only name='ce' goes without a teacher")
-    if isinstance(weight, (int, float)) and not isinstance(weight, bool):  # one weight for every position
-        weight = torch.tensor(float(weight), device=student_logits.device) if isinstance(student_logits, Tensor) \
-            else weight
-    if not isinstance(weight, Tensor) and isinstance(student_logits, Tensor):  # else the student's check says
-        raise ValueError(f"distillation_loss: weight must be a tensor of per-position weights (or one number), got "
-                         f"{type(weight).__name__}")
+    if isinstance(student_logits, Tensor) and not isinstance(weight, Tensor):  # else the student's check says
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"distillation_loss: weight must be a tensor of per-position weights (or one number), "
+                             f"got {type(weight).__name__}")
+        weight = torch.tensor(float(weight), device=student_logits.device)  # one weight for every position
     _check_inputs(student_logits, None if name == "ce" else teacher_logits, weight, labels if uses_ce else None,
                   spec.ignore_index)
     if chunk_size is not None and chunk_size < 0:
