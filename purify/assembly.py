@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from safetensors import SafetensorError
 
-from purify.align import same_tokenizer
+from purify.align import differing_tokenizers
 from purify.cache import cache_record, cache_spec_problems, check_cache, read_manifest
 from purify.config import (
     Recipe,
@@ -225,7 +225,7 @@ def cross_base_teachers(configs: list[PurifierConfig], student: LoadedModel,
     Raises:
         RecipeError: if such a teacher is not aligned by a ``cross_base`` purifier.
     """
-    differing = [i for i, t in enumerate(teachers) if not same_tokenizer(student.tokenizer, t.tokenizer)]
+    differing = differing_tokenizers(student.tokenizer, [t.tokenizer for t in teachers])
     problems = unaligned_teachers(configs, [t.name for t in teachers], differing)
     if problems:
         raise RecipeError(problems)

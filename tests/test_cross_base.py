@@ -205,6 +205,22 @@ def test_a_second_cross_teacher_defers_to_the_primary_where_it_cannot_speak(toks
     assert not torch.allclose(targets.logits[~unaligned], primary[~unaligned])
 
 
+def test_a_teacher_given_no_tokenizer_shares_the_students_as_in_the_distillers_own_check(toks, texts):
+    word, char = toks
+    batch = cross_batch(toks, texts)
+    batch["teacher_batches"] = {1: batch["teacher_batches"].pop(0)}
+
+    def targets(teacher_tokenizers):
+        d = Distiller(llama(word), [llama(word, seed=3), gpt2(char)], purifiers=[CrossBase(CrossBaseConfig())],
+                      student_tokenizer=word, teacher_tokenizers=teacher_tokenizers)
+        d.setup_purifiers()  # None was taken as another tokenizer: vocab_map(word, None) crashed
+        assert d.purifiers[0].aligned == [1]
+        return d.teacher_targets(batch, torch.float32)
+
+    named, unnamed = targets([word, char]), targets([None, char])
+    assert torch.equal(named.logits, unnamed.logits) and torch.equal(named.weight, unnamed.weight)
+
+
 def test_uld_primary_teacher_trains_through_the_w1_term_only(toks, texts):
     word, char = toks
     batch = cross_batch(toks, texts)

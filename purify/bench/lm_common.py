@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from purify.align import same_tokenizer
+from purify.align import differing_tokenizers, same_tokenizer
 from purify.bench import probe_free, stats, verdicts
 from purify.bench.report import (
     BenchError,
@@ -244,7 +244,7 @@ def distill(suite: Suite, cond: Condition, models: dict[str, Any], tokenizers: d
                           teacher_names=cond.teachers, student_tokenizer=tokenizer, teacher_tokenizers=own,
                           on_policy=OnPolicyConfig(**cond.on_policy) if cond.on_policy else None, seed=seed)
     optimizer = distiller.build_optimizer()
-    cross = {i: TeacherTokenizer(t) for i, t in enumerate(own) if not same_tokenizer(tokenizer, t)}
+    cross = {i: TeacherTokenizer(own[i]) for i in differing_tokenizers(tokenizer, own)}
     data = TokenDataset(records, tokenizer, suite.max_length, cross)
     generator = torch.Generator().manual_seed(seed)
     marks = set(curve_steps(suite.steps, suite.curve_points))

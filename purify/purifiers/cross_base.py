@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purify.align import VocabMap, map_logprobs, same_tokenizer, target_positions, uld_loss, vocab_map
+from purify.align import VocabMap, differing_tokenizers, map_logprobs, target_positions, uld_loss, vocab_map
 from purify.purifiers.base import Contract, PurifierConfig, PurifierContext, StudentPurifier, TargetPurifier
 from purify.types import Batch, ModelOutput, Targets
 
@@ -109,7 +109,7 @@ class CrossBase(TargetPurifier, StudentPurifier):
         if student_tok is None or not teacher_toks or len(teacher_toks) != len(ctx.teachers):
             raise ValueError("cross_base: needs the student's tokenizer and one tokenizer per teacher; pass "
                              "Distiller(student_tokenizer=..., teacher_tokenizers=[...])")
-        differing = [i for i, tok in enumerate(teacher_toks) if not same_tokenizer(student_tok, tok)]
+        differing = differing_tokenizers(student_tok, teacher_toks)
         chosen = resolve_teachers(self.config.teachers, ctx.teacher_names, differing)
         same = [f"teachers[{i}] ({ctx.teacher_names[i]})" for i in chosen if i not in differing]
         if same or not chosen:
