@@ -165,8 +165,9 @@ class Distiller(L.LightningModule):
         total_steps: planned optimizer steps (for schedules); defaults to ``trainer.max_steps``.
         student_tokenizer: the student's tokenizer, for purifiers that align vocabularies (cross-base).
         teacher_tokenizers: one tokenizer (or ``None``) per teacher, for the same purifiers.
-        teacher_dtype: cast the frozen teachers to this dtype in ``configure_model`` (after purifiers have seen them
-            at full precision), e.g. ``torch.bfloat16`` for DeepSpeed bf16 runs; ``None`` leaves them as built.
+        teacher_dtype: cast the frozen teachers to this dtype once purifiers have seen them at full precision
+            (:meth:`setup_purifiers`: Lightning's set-up, or a plain loop's first step), e.g. ``torch.bfloat16`` for
+            DeepSpeed bf16 runs; ``None`` leaves them as built.
         on_policy: on-policy distillation (:mod:`purify.on_policy`): with probability ``lam`` per optimizer step
             the student's own samples replace the batch's completions; ``None`` = off-policy.
         seed: keys the on-policy step decisions and samples.
@@ -310,8 +311,8 @@ class Distiller(L.LightningModule):
             self.base = freeze(copy.deepcopy(self.student))
 
     def setup_purifiers(self) -> None:
-        """Build deferred teachers, create the frozen base copy (if asked for) and call each purifier's ``setup``,
-        once."""
+        """Build deferred teachers, create the frozen base copy (if asked for), call each purifier's ``setup`` and
+        cast the teachers to ``teacher_dtype``, once."""
         if self._ready:
             self._check_purifiers_owned()
             return
@@ -330,6 +331,8 @@ class Distiller(L.LightningModule):
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
             self.on_policy.vocab_limit = self._shared_width  # no sample of an id a teacher has no logit for
+        if self.teacher_dtype is not None:  # after the purifiers saw them at full precision (a plain loop too)
+            self.teachers.to(self.teacher_dtype)
         self._ready = True
 
     def shared_vocabulary(self) -> int | None:
@@ -385,9 +388,7 @@ class Distiller(L.LightningModule):
         if self._configured:
             return
         with _zero_init_paused():
-            self.setup_purifiers()
-        if self.teacher_dtype is not None:
-            self.teachers.to(self.teacher_dtype)
+            self.setup_purifiers()  # casts the teachers to teacher_dtype
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "zero_stage_3", False):
             import deepspeed

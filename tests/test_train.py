@@ -14,6 +14,7 @@ from purify.checkpoint import VerifiedCheckpointIO
 from purify.lineage import read_lineage
 from purify.models import AuxMLP, state_sha256
 from purify.module import Distiller
+from purify.purifiers.anchor import Anchor, AnchorConfig
 from purify.train import train
 
 
@@ -140,6 +141,27 @@ def test_bf16_teacher_targets_and_loss_are_float32():
         s = student(input_ids=ids).logits[:, :-1]
     assert t.dtype == torch.bfloat16
     torch.testing.assert_close(loss.detach(), forward_kl(s, t).sum() / 24, atol=1e-6, rtol=1e-6)
+
+
+def test_teacher_dtype_applies_in_a_plain_loop_after_the_purifiers_saw_full_precision():
+    seen = {}
+
+    class Spy(Anchor):  # records the dtype a purifier's setup sees
+        def setup(self, ctx):
+            seen["dtype"] = next(ctx.teachers[0].parameters()).dtype
+            super().setup(ctx)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    distiller = Distiller(student, [teacher], teacher_dtype=torch.bfloat16, purifiers=[Spy(AnchorConfig(weight=1e-3))])
+    ids = torch.randint(0, 32, (3, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": torch.ones(3, 8)}
+    distiller.fit_step(batch, distiller.build_optimizer(), 0.0)
+    assert seen["dtype"] == torch.float32  # the purifiers set up at full precision
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # was left float32 outside Lightning
 
 
 def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
