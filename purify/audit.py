@@ -43,7 +43,7 @@ import torch
 from scipy import stats as sps
 
 from purify.bench.stats import mean_ci, paired_test
-from purify.config import load_yaml
+from purify.config import load_yaml, yaml_problem
 from purify.data import TokenDataset
 from purify.generate import GenerateError, load_model, read_prompts, sample_completions
 from purify.purifiers.fingerprint import fingerprint_head_accuracy
@@ -103,10 +103,7 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
     try:
         data = load_yaml(read_utf8(path)) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = f": {err.problem}" if getattr(err, "problem", None) else ""
-        raise AuditError(f"{path}: not valid YAML{where}{problem}; fix the file (see recipes/probes/)") from None
+        raise AuditError(f"{path}: not valid YAML{yaml_problem(err)}; fix the file (see recipes/probes/)") from None
     if not isinstance(data, dict) or not isinstance(data.get("probes"), list) or not data["probes"]:
         raise AuditError(f"{path}: expected a mapping with a non-empty 'probes' list")
     for key in data:

@@ -641,6 +641,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what a YAML parse error is, for a message: ``" at line 3, column 5: <problem>"`` (``": <first line>"``
+    for an error without a position)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(err, 'problem', None) or first_line(err)}"
+
+
 def _load_yaml(path: str | Path) -> dict[str, Any]:
     if Path(path).is_dir():
         raise RecipeError(f"recipe: {path} is a directory; give a recipe YAML file (see recipes/)")
@@ -650,12 +658,8 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
         data = load_yaml(read_utf8(path))
     except NotUTF8Error as err:
         raise RecipeError(f"recipe: {err}") from None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe: cannot parse {path}{where}: {err.problem}; fix the YAML syntax there") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe: cannot parse {path}: {first_line(err)}") from None
+        raise RecipeError(f"recipe: cannot parse {path}{yaml_problem(err)}; fix the YAML syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
