@@ -56,6 +56,31 @@ def _tempered(logits: Tensor, temperature: float, caller: str) -> Tensor:
     return F.log_softmax(upcast(logits) / temperature, -1)
 
 
+def check_pair(student: Tensor, teacher: Tensor, caller: str) -> None:
+    """Refuse, naming ``caller``, a ``teacher`` that is no tensor of the ``student``'s vocabulary (last dimension) or
+    whose positions do not broadcast onto the student's without widening them (two teachers' losses were summed):
+    torch said "size of tensor a (…) must match", or widened silently."""
+    def shape(x: Tensor) -> str:
+        return str(tuple(x.shape))
+
+    for what, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1):
+            got = f"{x.dtype} {shape(x)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{caller}: {what} must be a floating-point tensor (..., V), got {got}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(f"{caller}: teacher_logits {shape(teacher)} and student_logits {shape(student)} differ in the "
+                         "vocabulary (last) dimension; a teacher of another tokenizer needs the cross_base purifier, "
+                         "a padded vocabulary loss.logit_slice")
+    prefix = student.shape[:-1]
+    try:  # a teacher may broadcast onto the student's positions, never widen them (two teachers were summed)
+        fits = torch.broadcast_shapes(teacher.shape[:-1], prefix) == prefix
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{caller}: teacher_logits {shape(teacher)} do not match student_logits {shape(student)}: "
+                         "one teacher distribution per student position")
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Forward KL ``T² · KL(p_t || p_s)`` per position (mode-covering; classic Hinton KD).
 
@@ -67,12 +92,14 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     Returns:
         ``(...)`` divergence per position.
     """
+    check_pair(student_logits, teacher_logits, "forward_kl")
     s, t = (_tempered(x, temperature, "forward_kl") for x in (student_logits, teacher_logits))
     return _kl(t, s) * temperature**2
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Reverse KL ``T² · KL(p_s || p_t)`` per position (mode-seeking). Shapes as :func:`forward_kl`."""
+    check_pair(student_logits, teacher_logits, "reverse_kl")
     s, t = (_tempered(x, temperature, "reverse_kl") for x in (student_logits, teacher_logits))
     return _kl(s, t) * temperature**2
 
@@ -96,6 +123,7 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
+    check_pair(student_logits, teacher_logits, "generalized_jsd")
     if beta == 0.0:
         return forward_kl(student_logits, teacher_logits, temperature)
     if beta == 1.0:
@@ -111,6 +139,7 @@ def generalized_jsd(
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean squared error between raw logits, averaged over the last dimension. ``temperature`` is ignored."""
     del temperature
+    check_pair(student_logits, teacher_logits, "logit_mse")
     return (upcast(student_logits) - upcast(teacher_logits)).pow(2).mean(-1)
 
 
@@ -155,6 +184,14 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
         another matter: the NaN of a weight-0 row flows back through ``per_position`` (0 · NaN), so logits that
         may hold NaN/``inf`` at masked rows belong in :func:`distillation_loss`, which zeroes those rows first.
     """
+    try:  # a weight may broadcast onto the positions (a scalar, one per time step), never widen them
+        fits = torch.broadcast_shapes(weight.shape, per_position.shape) == per_position.shape
+    except (RuntimeError, AttributeError):
+        fits = False
+    if not fits:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"reduce_loss: weight {got} does not match per_position {tuple(per_position.shape)} (one "
+                         "weight per position)")
     if num_items is None:
         num_items = positions_counted(per_position.shape, weight)
     return reduce_rows(per_position, weight, num_items)
@@ -243,17 +280,7 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
         raise ValueError(f"distillation_loss: student_logits must be a floating-point tensor (..., V), got {got}")
     prefix, vocab = student.shape[:-1], student.shape[-1]
     if teacher is not None:
-        if teacher.dim() < 1 or teacher.shape[-1] != vocab:
-            raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} and student_logits {shape(student)} "
-                             "differ in the vocabulary (last) dimension; a teacher of another tokenizer needs the "
-                             "cross_base purifier, a padded vocabulary loss.logit_slice")
-        try:  # a teacher may broadcast onto the student's positions, never widen them (two teachers were summed)
-            fits = torch.broadcast_shapes(teacher.shape[:-1], prefix) == prefix
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"distillation_loss: teacher_logits {shape(teacher)} do not match student_logits "
-                             f"{shape(student)}: one teacher distribution per student position")
+        check_pair(student, teacher, "distillation_loss")
     for what, x in (("weight", weight), ("labels", labels)):
         try:  # a weight may broadcast (a scalar, one per time step); labels name one token per position
             fits = x is None or (torch.broadcast_shapes(x.shape, prefix) == prefix if what == "weight"

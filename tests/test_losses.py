@@ -354,3 +354,33 @@ def test_the_per_position_losses_check_temperature_and_labels():
     with pytest.raises(ValueError, match=r"^hard_label_ce: labels hold 7, outside the student's vocabulary \[0, 5\)"):
         hard_label_ce(s, torch.full((2, 3), 7))
     assert torch.equal(hard_label_ce(s, torch.full((2, 3), -100)), torch.zeros(2, 3))
+
+
+def test_the_standalone_losses_and_helpers_name_a_mismatched_input():
+    """The per-position losses, ``reduce_loss`` and the purifiers' public helpers gave torch's "size of tensor a (…)
+    must match", an IndexError or a silent widening (a (2, 3, V) teacher against a (3, V) student: a (2, 3) loss,
+    two teachers' summed by reduce_loss); each names the argument now, and what fits still runs."""
+    from purify.purifiers.divergence_mask import divergence, mask_weights
+    from purify.purifiers.ensemble import combine
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    for loss in (forward_kl, reverse_kl, generalized_jsd, logit_mse):
+        name = loss.__name__
+        with pytest.raises(ValueError, match=rf"^{name}: teacher_logits \(3, 7\) and student_logits \(3, 5\) differ "
+                                             "in the vocabulary"):
+            loss(s, torch.randn(3, 7))
+        with pytest.raises(ValueError, match=rf"^{name}: teacher_logits \(2, 3, 5\) do not match student_logits "
+                                             r"\(3, 5\)"):
+            loss(s, torch.randn(2, 3, 5))
+        with pytest.raises(ValueError, match=rf"^{name}: teacher_logits must be a floating-point tensor"):
+            loss(s, None)
+        assert loss(s, t[:1]).shape == (3,)  # a teacher broadcast over the student's positions
+    with pytest.raises(ValueError, match=r"^reduce_loss: weight \(3, 2\) does not match per_position \(2, 3\)"):
+        reduce_loss(torch.rand(2, 3), torch.ones(3, 2))
+    assert reduce_loss(torch.ones(2, 3), torch.ones(3)).item() == pytest.approx(1.0)  # one weight per time step
+    with pytest.raises(ValueError, match=r"^divergence: p_logits \(2, 5\) and q_logits \(2, 6\) differ"):
+        divergence(torch.randn(2, 5), torch.randn(2, 6))
+    with pytest.raises(ValueError, match=r"^combine: weights \(2,\) must hold one weight per teacher .* K = 3"):
+        combine(torch.randn(3, 2, 4, 5), torch.tensor([1.0, 1.0]))
+    div, mask = torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([[1.0, 1.0, 0.0]])  # a float target_mask
+    torch.testing.assert_close(mask_weights(div, mask, 0.2, "soft"), mask_weights(div, mask > 0, 0.2, "soft"))

@@ -111,6 +111,9 @@ def divergence(p_logits: Tensor, q_logits: Tensor, metric: Metric = "jsd") -> Te
         in-place temporaries: it agrees with it to float32 rounding (about 1e-7), at about a fifth of its time over a
         49k vocabulary.
     """
+    if p_logits.shape[-1:] != q_logits.shape[-1:]:  # torch said "size of tensor a (…) must match"
+        raise ValueError(f"divergence: p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} differ in "
+                         "the vocabulary (last) dimension")
     if metric == "jsd":
         return _jsd(p_logits, q_logits)
     if metric == "top1":
@@ -139,7 +142,8 @@ def mask_weights(div: Tensor, real: Tensor, threshold: float, mode: Mode = "drop
 
     Args:
         div: ``(...)`` divergence per position.
-        real: ``(...)`` bool, the real target positions (``d_max`` is taken over these).
+        real: ``(...)`` the real target positions, bool or a target weight (``> 0``: real; ``d_max`` is taken
+            over these).
         threshold: positions with ``div > threshold`` are masked.
         mode: ``drop`` (factor 0) or ``soft`` (factor ``clamp(1 − div / d_max, 0, 1)``).
 
@@ -151,6 +155,7 @@ def mask_weights(div: Tensor, real: Tensor, threshold: float, mode: Mode = "drop
         return (~masked).float()
     if mode != "soft":
         raise ValueError(f"mask_weights: unknown mode {mode!r}; allowed: drop, soft")
+    real = real if real.dtype == torch.bool else real > 0  # a float target_mask, as batches carry it
     d_max = torch.where(real, div, torch.zeros_like(div)).max().clamp_min(torch.finfo(div.dtype).tiny)
     soft = (1.0 - div / d_max).clamp(0.0, 1.0)
     return torch.where(masked, soft, torch.ones_like(soft))

@@ -83,6 +83,9 @@ def combine(logits: Tensor, weights: Tensor, how: CombineMode = "mean") -> Tenso
         ``(..., V)`` float32: normalised log-probabilities, or weighted-mean raw logits for ``how="logits"``.
     """
     w = normalise_weights(weights).to(logits.device)
+    if logits.dim() < 2 or w.shape != logits.shape[:1]:  # an IndexError from a boolean mask of another length
+        raise ValueError(f"combine: weights {tuple(w.shape)} must hold one weight per teacher of logits "
+                         f"{tuple(logits.shape)} (K, ..., V): K = {logits.shape[0] if logits.dim() else 0}")
     keep = w > 0  # a zero-weight teacher takes no part (and its -inf log-probs never meet a 0 weight)
     w, z = w[keep], logits[keep].float()
     shape = (-1,) + (1,) * (z.dim() - 1)
