@@ -697,7 +697,9 @@ class Distiller(L.LightningModule):
         return {key: float(total) / self._metric_steps for key, total in self._metric_sums.items()}
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The one optimizer: the student's trainable parameters plus each purifier head as its own group."""
+        """The one optimizer: the student's trainable parameters plus each purifier head as its own group (the
+        purifiers are set up first: a head built later, on the first step, was never stepped)."""
+        self.setup_purifiers()
         cfg = self.optim_config
         groups: list[dict[str, Any]] = [{"params": [p for p in self.student.parameters() if p.requires_grad],
                                          "name": "student"}]

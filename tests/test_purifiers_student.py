@@ -179,6 +179,19 @@ def test_adversary_head_is_its_own_param_group_and_reversal_reaches_the_student(
     assert d.purifiers[0].last_metrics["disc_loss"].item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+def test_build_optimizer_before_any_set_up_still_trains_the_head():
+    """A plain loop that built its optimizer before setup_purifiers() left the head out of it: built lazily on the
+    first step, never stepped, its gradients adding up (zero_grad does not cover it)."""
+    d = Distiller(mlp(0), [mlp(7), mlp(8)], purifiers=[Adversary(AdversaryConfig(weight=0.1, ramp="constant"))])
+    optimizer = d.build_optimizer()  # no d.setup_purifiers() first
+    d.fit_step(batch(0), optimizer, progress=0.0)
+    head = list(d.purifiers[0].parameters())
+    assert head and {id(p) for p in head} <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+    before = [p.detach().clone() for p in head]
+    d.fit_step(batch(1), optimizer, progress=0.5)
+    assert all(not torch.equal(a, p) for a, p in zip(before, head))
+
+
 def test_token_pooling_scores_each_target_position_and_skips_unknown_sources():
     adversary = Adversary(AdversaryConfig(target="source", pool="token", num_sources=3))
     adversary.setup(PurifierContext(student=mlp(0), teachers=[mlp(7)], teacher_names=["t"], teacher_weights=[1.0]))
