@@ -161,24 +161,53 @@ class PurifyTrainer(Trainer):
                              "cross-entropy, which PurifyTrainer replaces by the distillation objective (loss=...); "
                              "set it to 0")
         self.head_lr = head_lr
-        self.distiller = Distiller(self.model, teachers, loss=loss, purifiers=purifiers,
-                                   total_steps=max(1, self.args.max_steps), student_tokenizer=self.processing_class,
-                                   teacher_tokenizers=teacher_tokenizers)
-        self.distiller.to(self.args.device)
-        # the purifiers' base is the student as given, before train(resume_from_checkpoint=...) loads a checkpoint
-        self.distiller.snapshot_base()
+        self._distiller_settings = {"teachers": teachers, "loss": loss, "purifiers": purifiers,
+                                    "teacher_tokenizers": teacher_tokenizers, "on_policy": on_policy}
         # a resumed run's checkpoint and the purifier state it holds (None: none saved), loaded once they are set up
         self._resumed: tuple[str, dict[str, Any] | None] | None = None
         self._in_checkpoint = False  # set while Trainer writes a checkpoint: _save adds the purifiers' state
-        self.distiller.on_policy = sampler_for(on_policy, self.args.seed, self.processing_class, self.model,
-                                               self.distiller.tokenizers["teacher_tokenizers"])
+        self._evaluating = False  # inside evaluate(): a batch without labels is refused (predict() takes it)
         # Let Trainer count the target tokens of the accumulated batch (labels[..., 1:] != -100) and not divide the
         # loss by the accumulation steps: the distillation term is normalised by that count instead.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self.loss_is_scaled_for_ga = True  # compute_loss does the accumulation scaling itself
-        self._purifier_hooks = _ParameterPurifierCallback(self.distiller)
+        self._purifier_hooks = _ParameterPurifierCallback(self._new_distiller(self.model))
         self.add_callback(self._purifier_hooks)
+
+    def _new_distiller(self, model: nn.Module) -> Distiller:
+        """The :class:`~purify.module.Distiller` of ``model`` (``self.distiller``): built here and again for each
+        model ``model_init`` makes (``train()`` and every ``hyperparameter_search`` trial call it anew; the
+        purifiers, their heads and base copy included, then follow the model Trainer trains and evaluates)."""
+        cfg = self._distiller_settings
+        self.distiller = Distiller(model, cfg["teachers"], loss=cfg["loss"], purifiers=cfg["purifiers"],
+                                   total_steps=max(1, self.args.max_steps), student_tokenizer=self.processing_class,
+                                   teacher_tokenizers=cfg["teacher_tokenizers"])
+        self.distiller.to(self.args.device)
+        # the purifiers' base is the student as given, before train(resume_from_checkpoint=...) loads a checkpoint
+        self.distiller.snapshot_base()
+        self.distiller.on_policy = sampler_for(cfg["on_policy"], self.args.seed, self.processing_class, model,
+                                               self.distiller.tokenizers["teacher_tokenizers"])
+        if hasattr(self, "_purifier_hooks"):
+            self._purifier_hooks.distiller = self.distiller
+        return self.distiller
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """Trainer's ``model_init`` call; the purifiers and ``evaluate()`` follow the new model (they kept the first
+        one: an anchor held the student to a model nobody trained, ``eval_loss`` scored the untrained model)."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "_distiller_settings") and model is not self.distiller.student:
+            self._new_distiller(model)
+        return model
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Trainer's ``evaluate()`` (``eval_loss``: the class docstring); rows without ``labels`` are refused, with
+        ``compute_metrics`` too (:meth:`prediction_step`)."""
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
 
     def _set_signature_columns_if_needed(self) -> None:
         """The columns Trainer keeps (``remove_unused_columns``): the model's ``forward`` arguments, plus ``source``,
@@ -319,10 +348,11 @@ class PurifyTrainer(Trainer):
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
-        """Trainer's, except that a loss-only step (``evaluate()`` without ``compute_metrics``) of a batch without
-        ``labels`` is refused like training's: Trainer would skip the loss and ``evaluate()`` return no ``eval_loss``.
+        """Trainer's, except that an ``evaluate()`` step (or any loss-only one) of a batch without ``labels`` is
+        refused like training's: Trainer would skip the loss and ``evaluate()`` return no ``eval_loss``.
         ``predict()`` of unlabelled rows still returns the logits."""
-        if prediction_loss_only and "labels" in self.label_names and inputs.get("labels") is None:
+        if ((prediction_loss_only or self._evaluating) and "labels" in self.label_names
+                and inputs.get("labels") is None):
             hf_batch({k: v for k, v in inputs.items() if k != "labels"})  # raises, naming what the batch holds
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 

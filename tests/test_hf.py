@@ -95,8 +95,38 @@ def test_evaluate_of_rows_without_labels_is_refused_and_predict_still_returns_lo
     trainer = _trainer(setup, tmp_path, copy.deepcopy(student), 4, 1, train=unlabelled)
     with pytest.raises(ValueError, match="the batch has no 'labels'.*attention_mask.*input_ids"):
         trainer.evaluate()
+    trainer.compute_metrics = lambda prediction: {"n": 1.0}  # evaluate() then asked for logits: it was let through
+    with pytest.raises(ValueError, match="the batch has no 'labels'"):
+        trainer.evaluate()
     out = trainer.predict(unlabelled[:4])
     assert out.predictions.shape[0] == 4 and out.predictions.shape[-1] == len(tok)
+
+
+def test_a_model_made_by_model_init_is_the_one_the_purifiers_and_evaluate_see(setup, tmp_path):
+    """Trainer.train() calls model_init anew; the purifiers and evaluate() kept the first model: an anchor held the
+    student to a model nobody trained (no effect at weight 1e3) and eval_loss scored the untrained one."""
+    from purify import Anchor, AnchorConfig
+
+    tok, student, _, rows = setup
+
+    def init():
+        return copy.deepcopy(student)
+
+    runs = {}
+    for how in ("model", "model_init"):
+        trainer = _trainer(setup, tmp_path / how, init(), 4, 1, purifiers=[Anchor(AnchorConfig(weight=1e3))],
+                           steps=2)
+        if how == "model_init":  # the same run, its student made by model_init
+            trainer = PurifyTrainer(model_init=init, teachers=list(trainer.distiller.teachers), args=trainer.args,
+                                    purifiers=[Anchor(AnchorConfig(weight=1e3))], train_dataset=rows,
+                                    eval_dataset=rows, data_collator=trainer.data_collator)
+        trainer.train()
+        assert trainer.distiller.student is trainer.model
+        runs[how] = (trainer.model, trainer.evaluate()["eval_loss"])
+    (given, given_loss), (made, made_loss) = runs["model"], runs["model_init"]
+    for a, b in zip(given.parameters(), made.parameters()):
+        torch.testing.assert_close(a, b)
+    assert made_loss == pytest.approx(given_loss, rel=1e-6)
 
 
 def test_packed_batches_and_unaligned_teacher_tokenizers_are_refused(setup, tmp_path):
