@@ -653,6 +653,8 @@ class Distiller(L.LightningModule):
 
         Same objective and purifier hooks as ``training_step`` under Lightning: (on-policy batch) → loss → backward →
         parameter purifiers' ``before_step`` → ``optimizer.step()`` → their ``after_step`` → ``scheduler.step()``.
+        A student in ``eval()`` (a ``from_pretrained`` model, or one the loop evaluated) is put in training mode
+        first (:meth:`train`: the teachers stay in ``eval()``), as Lightning's fit does (:meth:`on_train_start`).
         ``step`` (the optimizer step's index) keys the on-policy decision and samples; an on-policy Distiller needs
         it. ``scheduler``: :meth:`build_scheduler`'s (a ``scheduler`` other than constant given to the Distiller
         needs it: refused without). Returns the detached loss parts. Raises :class:`~purify.types.DivergedError` on
@@ -662,6 +664,8 @@ class Distiller(L.LightningModule):
             raise ValueError(f"Distiller.fit_step: the Distiller's scheduler ({self.scheduler_config.name}, warmup "
                              f"{self.scheduler_config.warmup_steps}) would be ignored; pass "
                              "scheduler=distiller.build_scheduler(optimizer)")
+        if not self.student.training:  # dropout was off: from_pretrained gives eval(), a loop's evaluation too
+            self.train()
         if self.on_policy is not None:
             if step is None:
                 raise ValueError("Distiller.fit_step: an on-policy Distiller needs step= (the optimizer step index)")

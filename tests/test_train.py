@@ -164,6 +164,15 @@ def test_teacher_dtype_applies_in_a_plain_loop_after_the_purifiers_saw_full_prec
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # was left float32 outside Lightning
 
 
+def test_fit_step_trains_a_student_given_in_eval_mode_with_its_dropout_on():
+    """A from_pretrained student arrives in eval(): a plain loop trained it with dropout off (Lightning's fit switches
+    it, on_train_start); the teachers stay in eval()."""
+    student, teacher = AuxMLP(in_dim=4, n_aux=3).eval(), AuxMLP(in_dim=4, n_aux=3)
+    distiller = Distiller(student, [teacher])
+    distiller.fit_step({"x": torch.rand(8, 4), "target_mask": torch.ones(8, 1)}, distiller.build_optimizer(), 0.0)
+    assert all(m.training for m in student.modules()) and not any(m.training for m in teacher.modules())
+
+
 def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
