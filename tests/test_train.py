@@ -173,6 +173,35 @@ def test_fit_step_trains_a_student_given_in_eval_mode_with_its_dropout_on():
     assert all(m.training for m in student.modules()) and not any(m.training for m in teacher.modules())
 
 
+def test_load_from_checkpoint_restores_the_student_and_the_purifier_heads(tmp_path):
+    """README: a Lightning checkpoint loads back with the models built as for the run."""
+    import copy
+
+    from purify.config import LossConfig
+    from purify.purifiers.adversary import Adversary, AdversaryConfig
+
+    torch.manual_seed(0)
+    teachers, student = [AuxMLP(in_dim=16, n_aux=3) for _ in range(2)], AuxMLP(in_dim=16, n_aux=3)
+    fresh = copy.deepcopy(student)
+
+    def distiller(model):
+        return Distiller(model, teachers, loss=LossConfig(logit_slice=[10, 13]),
+                         purifiers=[Adversary(AdversaryConfig(weight=0.1))])
+
+    trained = distiller(student)
+    batches = [{"x": torch.rand(32, 16) * 2 - 1, "target_mask": torch.ones(32, 1)} for _ in range(4)]
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(trained, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    path = next(tmp_path.rglob("*.ckpt"))
+    back = Distiller.load_from_checkpoint(path, student=fresh, teachers=teachers, loss=LossConfig(logit_slice=[10, 13]),
+                                          purifiers=[Adversary(AdversaryConfig(weight=0.1))])
+    assert back.student is fresh and list(back.purifiers.parameters())  # the heads are built and filled
+    for a, b in zip([*student.parameters(), *trained.purifiers.parameters()],
+                    [*fresh.parameters(), *back.purifiers.parameters()], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_global_target_count_survives_bf16_input_casting(mlp_recipe):
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
