@@ -16,6 +16,9 @@ Usage::
 
     python scripts/check_readme.py          # rewrite the tables in README.md
     python scripts/check_readme.py --check  # exit 1 (naming the tables) when README.md differs from the summaries
+
+Prose is checked, not rewritten: each ``p_adj = X`` quoted in the README must be a p-value of the run named last
+before it (:func:`stale_p_values`).
 """
 
 from __future__ import annotations
@@ -152,6 +155,46 @@ def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
     return SCOREBOARD.sub(board, BLOCK.sub(fill, readme)), changed
 
 
+QUOTED_P = re.compile(r"p_adj = ([0-9][0-9.]*(?:e-?[0-9]+)?)")
+RUN_PATH = re.compile(r"results/[\w.\-/]+")
+
+
+def _p_values(summary: dict[str, Any]) -> list[float]:
+    """Every Holm-adjusted p-value a summary records: its arms', its probe-free arms' and its on-policy comparison's."""
+    found = [*summary.get("p_adjusted", {}).values(),
+             *(a.get("p_adjusted") for a in (summary.get("probe_free") or {}).get("arms", {}).values()),
+             *(summary.get("on_policy_vs_off_policy") or {}).get("p_adjusted", {}).values()]
+    return [float(p) for p in found if isinstance(p, (int, float))]
+
+
+def _same_at_precision(quoted: str, value: float) -> bool:
+    """Whether ``value`` rounds to ``quoted`` at the significant digits ``quoted`` shows (``0.20``: two)."""
+    mantissa = quoted.lower().split("e")[0].replace(".", "").lstrip("0") or "0"
+    digits = max(1, len(mantissa))
+    return float(f"{value:.{digits}g}") == float(quoted)
+
+
+def stale_p_values(readme: str, root: Path = ROOT) -> list[str]:
+    """Each ``p_adj = X`` quoted in the README's prose that no p-value of its run's summary rounds to: the run is the
+    last ``results/...`` path named before the quote (``--out results/x`` or a link to ``results/x/summary.md``).
+    Prose numbers are not generated; this keeps them from going stale when the statistics change."""
+    problems = []
+    for m in QUOTED_P.finditer(readme):
+        line = readme.count("\n", 0, m.start()) + 1
+        summary = None
+        for path in reversed(RUN_PATH.findall(readme, 0, m.start())):
+            d = root / path.rstrip(".`)/")
+            d = d if d.is_dir() else d.parent
+            if (d / "summary.json").is_file():
+                summary = d / "summary.json"
+                break
+        if summary is None:
+            problems.append(f"line {line}: {m.group(0)} names no results/ run before it")
+        elif not any(_same_at_precision(m.group(1).rstrip("."), p) for p in _p_values(json.loads(summary.read_text()))):
+            problems.append(f"line {line}: {m.group(0)} is no p-value of {summary.relative_to(root)}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rewrite README.md's tables, or with ``--check`` report the stale ones (exit 1)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -163,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     if not BLOCK.search(text):
         print(f"check_readme: no results-table markers in {path}", file=sys.stderr)
         return 1
+    stale = stale_p_values(text)
+    for problem in stale:  # prose: fixed by hand, never rewritten
+        print(f"check_readme: README {problem}; quote the summary's value", file=sys.stderr)
     if args.check:
         for name in changed:
             print(f"check_readme: README table from {name} differs from the summary (run scripts/check_readme.py)",
                   file=sys.stderr)
-        return 1 if changed else 0
+        return 1 if changed or stale else 0
     path.write_text(text)
     print(f"check_readme: {len(changed)} table(s) rewritten")
     return 0

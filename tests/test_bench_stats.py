@@ -344,6 +344,73 @@ def test_judge_holm_adjusts_across_arms():
     assert f"p_adj = {judged['p_adjusted']['worse']:.2g}" in judged["verdicts"]["worse"]
 
 
+def test_degenerate_records_give_no_verdict_naming_why_never_a_crash_or_a_false_reason():
+    """A review's hand-made cases: each gave a crash (every arm of the run lost), a verdict from two seeds, or a
+    reason that was not the cause."""
+    import numpy as np
+
+    from purify.bench.lm_common import _above
+    from purify.bench.verdicts import Guard, judge
+
+    base, control, vanilla = _world()
+    arm = _runs([0.3 + e for e in ARM], [0.4] * 5)
+    # a vanilla task error of 0 (the task error ratio's denominator) raised ZeroDivisionError: its seed is dropped
+    zero = [{**r, "task_error": 0.0 if r["seed"] == 0 else r["task_error"]} for r in vanilla]
+    out = verdict(arm, zero, control, base)
+    assert out.startswith("below frontier") and "dropped seed 0: vanilla task_error 0" in out
+    # a seed recorded twice counted as two: seeds 0, 1, 1 gave "below frontier"
+    twice = verdict(arm[:2] + arm[1:2], vanilla, control, base)
+    assert twice == "no verdict: the arm's records hold seed(s) 1 more than once"
+    # a curve that does not start at the base (step 0): an arm above its first point read as "already there"
+    late = [{**r, "curve": r["curve"][-1:]} for r in vanilla]
+    assert verdict(arm, late, control, base).startswith("no verdict: 0 seed(s)") and \
+        "vanilla curve does not start at step 0 (the base)" in verdict(arm, late, control, base)
+    # zero variance is said as what it is: vanilla − control flat read "not significantly above control" (and the
+    # run's problems said nothing), transfer − control flat and negative read "anti-trait" with a zero-width CI
+    flat_vanilla = [{**r, "transfer": 0.5 + c["transfer"]} for r, c in zip(vanilla, control)]
+    assert verdict(arm, flat_vanilla, control, base).startswith(
+        "no verdict: zero variance across seeds in vanilla − control")
+    assert not _above({"per_seed": flat_vanilla}, {"per_seed": control})
+    below_control = [{**r, "transfer": c["transfer"] - 0.5} for r, c in zip(arm, control)]
+    assert verdict(below_control, vanilla, control, base).startswith(
+        "no verdict: zero variance across seeds in transfer − control")
+    # the upper-end reading of a sparse curve flat across seeds: "on frontier" before, a side never tested
+    # (each seed's jump ends 0.1 under the arm: the lower-end reading varies, the upper one does not)
+    jumps = [[{"step": 0, "task_error": 1.0, "transfer": 0.0}, {"step": 1, "task_error": 0.2, "transfer": 0.8 + e}]
+             for e in ARM]
+    out = verdict(_runs([0.9 + e for e in ARM], [0.6] * 5), [{**r, "curve": c} for r, c in zip(vanilla, jumps)],
+                  control, base)
+    assert out == "no verdict: zero variance across seeds in the frontier gap's upper reading"
+    # "damaged" names the seeds it dropped, as every other label does
+    guard = Guard("animal_mass", "P(any animal)", min_ratio_of_base=0.5)
+    lossy = _runs([0.3 + e for e in ARM], [float("nan"), 0.4, 0.4, 0.4, 0.4], animal_mass=[0.9, 0.1, 0.1, 0.1, 0.1])
+    assert verdict(lossy, vanilla, control, base, [guard]).endswith("(dropped seed 0: arm task_error NaN)")
+    # numpy numbers are numbers (float32 records read as "NaN" on every seed)
+    numpy_arm = [{**r, "transfer": np.float32(r["transfer"]), "task_error": np.float64(r["task_error"])} for r in arm]
+    assert verdict(numpy_arm, vanilla, control, base).startswith("below frontier")
+    # every purifier arm is in the Holm family: arms another label decided count with p = 1, so an arm's p_adj does
+    # not shrink when the others overshoot (it stayed "below frontier" at p_adj 0.031 then)
+    refs = {"base": {"per_seed": base, "baseline": True, "kind": "base"},
+            "control": {"per_seed": control, "baseline": True, "kind": "control", "mode": "soft"},
+            "vanilla": {"per_seed": vanilla, "baseline": True, "kind": "vanilla", "mode": "soft"}}
+    overshoot = _runs([-0.3 + 2 * e for e in NOISE], [0.2] * 5)
+    alone = judge({**refs, "good": {"per_seed": arm, "mode": "soft"}})
+    beside = judge({**refs, "good": {"per_seed": arm, "mode": "soft"}, "over1": {"per_seed": overshoot, "mode": "soft"},
+                    "over2": {"per_seed": overshoot, "mode": "soft"}})
+    assert beside["verdicts"]["over1"].startswith("anti-trait") and set(beside["p_adjusted"]) == {"good"}
+    assert beside["p_adjusted"]["good"] == pytest.approx(min(1.0, 3 * alone["p_adjusted"]["good"]))
+
+
+def test_paired_test_and_mean_ci_read_the_same_finite_values():
+    """A NaN difference made the p-value NaN while the interval left it out; an inf made the mean inf, the CI NaN."""
+    from purify.bench.stats import mean_ci, paired_test
+
+    with_nan = paired_test([1.0, 2.0, 3.1, float("nan")], [0.0] * 4)
+    assert with_nan["n"] == 3 and with_nan["p_value"] == pytest.approx(paired_test([1.0, 2.0, 3.1], [0.0] * 3)[
+        "p_value"])
+    assert mean_ci([1.0, 2.0, float("inf")]) == mean_ci([1.0, 2.0])
+
+
 def test_seed_caveats_follow_the_facts():
     from purify.bench.verdicts import seed_caveats
 

@@ -49,6 +49,31 @@ def test_probe_free_tables_show_the_choice_per_seed_and_the_verdict_at_it(tmp_pa
     assert check_readme.main(["--readme", str(readme)]) == 0 and "| anchor (weight) | 1, 3* |" in readme.read_text()
 
 
+def test_a_p_value_quoted_in_prose_must_be_its_runs(tmp_path, capsys):
+    """The README's prose quoted p_adj values a change of the Holm family had left behind (13 of them): each quote is
+    checked against the summary of the run named last before it, at the digits it shows."""
+    summary = tmp_path / "results" / "run" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    arms = {"b": {"p_adjusted": 2.2e-7}}
+    summary.write_text(json.dumps({"p_adjusted": {"a": 0.00351}, "probe_free": {"arms": arms}}))
+    good = "--out results/run ... below (gap -0.4, p_adj = 0.0035) and (p_adj = 2.2e-7)."
+    assert check_readme.stale_p_values(good, tmp_path) == []
+    stale = good.replace("0.0035", "0.0018") + "\nno run named: p_adj = 0.1"
+    assert check_readme.stale_p_values("p_adj = 0.1", tmp_path) == [
+        "line 1: p_adj = 0.1 names no results/ run before it"]
+    assert check_readme.stale_p_values(stale, tmp_path) == [
+        "line 1: p_adj = 0.0018 is no p-value of results/run/summary.json", "line 2: p_adj = 0.1 is no p-value of "
+        "results/run/summary.json"]
+    readme = (ROOT / "README.md").read_text()
+    quoted = "p_adj = 0.0052"  # the fox run's probe-free arm
+    assert quoted in readme
+    stale_readme = tmp_path / "README.md"
+    stale_readme.write_text(readme.replace(quoted, "p_adj = 0.0017"))
+    assert check_readme.main(["--check", "--readme", str(stale_readme)]) == 1
+    err = capsys.readouterr().err
+    assert "p_adj = 0.0017 is no p-value of results/hidden-preference/on-policy-competent-fox" in err
+
+
 def _summary(verdict: str, seeds: list[int], tuned_seeds: list[int], trait: str = "P(owl | q)") -> dict:
     arm = {"knob": "threshold", "verdict": verdict, "transfer_minus_control": {"mean": 0.01, "ci90": [-0.02, 0.04],
                                                                               "n": len(seeds)},

@@ -374,7 +374,7 @@ def summarise(suite: Suite, runs: dict[int, dict[str, Any]], wall: float) -> dic
         for rec in per_seed:
             if control:
                 rec["distance_to_control"] = rec["transfer"] - control[rec["seed"]]
-            rec["fidelity_loss"] = rec["task_error"] / vanilla_err[rec["seed"]] - 1.0
+            rec["fidelity_loss"] = stats.ratio(rec["task_error"], vanilla_err[rec["seed"]]) - 1.0
         keys = dict.fromkeys([*METRICS, *(k for k, _ in suite.columns), "fidelity_loss"])
         cond: dict[str, Any] = {k: stats.mean_ci([r[k] for r in per_seed]) for k in keys
                                 if all(k in r for r in per_seed)}

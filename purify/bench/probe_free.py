@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from purify.bench import verdicts
-from purify.bench.stats import mean_ci
+from purify.bench.stats import mean_ci, ratio
 
 BUDGET = 1.10
 """Task budget: a setting is admissible when its task error is at most this × vanilla's (the verdicts' ratio)."""
@@ -238,12 +238,12 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
         # stage 2: join the trait and everything else of the chosen setting
         per_seed = [{**by_seed[point_name(arm, p.value)][s], "seed": s, "knob_value": p.value}
                     for s, (p, _) in chosen.items()]
-        if not undecided[arm]:  # an arm without a verdict stays out of the Holm family
-            judged_input[f"probe-free:{arm}"] = {"per_seed": per_seed, "baseline": False, "kind": None,
-                                                 "mode": mode, "student": None}
+        # an arm the rule left undecided on some seed gets no verdict, and joins the Holm family with p = 1
+        judged_input[f"probe-free:{arm}"] = {"per_seed": [] if undecided[arm] else per_seed, "baseline": False,
+                                             "kind": None, "mode": mode, "student": None}
         tc = [r["transfer"] - control[r["seed"]]["transfer"] for r in per_seed if r["seed"] in control]
         ci90 = mean_ci(tc, level=0.90)
-        ratio = [r["task_error"] / vanilla[r["seed"]]["task_error"] for r in per_seed]
+        ratios = [ratio(r["task_error"], vanilla[r["seed"]]["task_error"]) for r in per_seed]
         base_per_seed = base_refs.get("base", {}).get("per_seed", [])
         ctl_per_seed = conds.get(control_name, {}).get("per_seed", [])
         arms[arm] = {
@@ -255,7 +255,7 @@ def block(summary: Mapping[str, Any], sweeps: Mapping[str, Sweep], guards: Seque
             "transfer_minus_control": {"mean": ci90["mean"], "ci90": ci90["ci95"], "n": ci90["n"]},
             "transfer": mean_ci([r["transfer"] for r in per_seed]),
             "drift": mean_ci([r["drift"] for r in per_seed]),
-            "task_error_ratio": mean_ci(ratio),
+            "task_error_ratio": mean_ci(ratios),
             "guards": {g.metric: _guard(g, per_seed, base_per_seed, ctl_per_seed) for g in guards},
             "per_seed": [{k: r.get(k) for k in ("seed", "knob_value", "transfer", "task_error", "drift",
                                                 *(g.metric for g in guards))} for r in per_seed],

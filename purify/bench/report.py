@@ -467,7 +467,7 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
     guards, the suite's problems, and which of its seeds were used for tuning (``tuned_on``)."""
     from purify.bench.verdicts import ERROR_RATIO, MARGIN, MIN_SEEDS, seed_caveats
 
-    n = len(summary.get("p_adjusted", {}))
+    n = len(summary.get("verdicts", {}))
     lines = ["", "## Verdicts", "",
              f"- **purified**: the 90% CI of transfer − control inside ±m (m = {MARGIN:.0%} of vanilla − control), "
              f"task error ≤ {ERROR_RATIO:.2f} × vanilla's, below the frontier, every guard intact. **anti-trait**: "
@@ -478,8 +478,9 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
              "end least favourable to it, and a verdict that depends on the reading is **no verdict: frontier "
              f"unresolved**. No verdict either from fewer than {MIN_SEEDS} finite seeds, zero variance, task error "
              "not below the base's, or vanilla not significantly above control.",
-             f"- p_adj: Holm-adjusted across the {n} arm(s) with a frontier test in this run (a probe-free arm's: "
-             "across those and the probe-free arms together); each arm is judged "
+             f"- p_adj: Holm-adjusted across the run's {n} purifier arm(s), an arm another label decided (anti-trait, "
+             "damaged, no verdict) counted with p = 1 (a probe-free arm's: across those and the probe-free arms "
+             "together); each arm is judged "
              "against the control and vanilla of its own loss mode (`judged_against` in summary.json), and its "
              "transfer − control and task error ÷ vanilla's columns read the same two (a baseline's: the run's "
              "first control and vanilla)."]

@@ -11,9 +11,12 @@ One label per arm, a string that starts with the label and then gives the reason
   half the claimed gap (the mean interpolated gap), the frontier in it is not measured: each claim is read at the
   segment end least favourable to it (``below`` at its lower-transfer end, ``above`` at its upper end). When the
   two readings disagree: ``no verdict: frontier unresolved``. A side is called when the paired t-test's
-  Holm-adjusted p-value (across the purifier arms of a run, :func:`holm`) is below ``alpha``.
-- ``no verdict: <reason>``: the arm diverged; fewer than 3 seeds with finite values (the dropped seeds are named);
-  vanilla not significantly above control; task error not below the undistilled base's; zero variance.
+  Holm-adjusted p-value (across every purifier arm of a run, :func:`holm`; an arm another label decided counts
+  with p = 1, so the family is fixed before the data decide who is tested) is below ``alpha``.
+- ``no verdict: <reason>``: the arm diverged; a seed recorded twice; fewer than 3 seeds with finite values (the
+  dropped seeds are named: a vanilla task error of 0, or a vanilla curve that does not start at the base, step 0,
+  drops its seed); zero variance (of vanilla − control, transfer − control or a frontier reading); vanilla not
+  significantly above control; task error not below the undistilled base's.
 
 Per-seed records are dicts with ``seed``, ``transfer``, ``task_error`` (vanilla's also ``curve``: points with
 ``step``, ``task_error``, ``transfer``), guard metrics by name, and optionally ``diverged_at`` (a step).
@@ -30,6 +33,7 @@ import numpy as np
 from scipy import stats as sps
 
 from purify.bench.stats import mean_ci
+from purify.types import is_real
 
 Records = Sequence[Mapping[str, Any]]
 MIN_SEEDS = 3
@@ -120,7 +124,7 @@ def _finite(values: Any) -> list[float]:
 
 
 def _ok(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value)  # a numpy number too (it read as NaN)
 
 
 def loss_mode(loss: str, on_policy: Any = None) -> str:
@@ -186,6 +190,12 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
     for r in arm:
         if r.get("diverged_at") is not None:
             return Assessment(f"no verdict: diverged at step {r['diverged_at']} (seed {r['seed']})")
+    for who, rs in (("arm", arm), ("vanilla", vanilla), ("control", control), ("base", base)):
+        seen = [r["seed"] for r in rs]
+        twice = sorted({s for s in seen if seen.count(s) > 1})
+        if twice:  # counted as separate seeds: two seeds gave a verdict
+            return Assessment(f"no verdict: the {who}'s records hold seed(s) {', '.join(map(str, twice))} more than "
+                              "once")
     by = [{r["seed"]: r for r in rs} for rs in (arm, vanilla, control, base)]
     seeds, dropped = [], []
     for s in [r["seed"] for r in arm]:
@@ -193,9 +203,13 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
         why = [f"{who} {k} {'missing' if k not in rec else 'NaN'}" for who, rec, keys in (
             ("arm", a, ("transfer", "task_error")), ("vanilla", v, ("transfer", "task_error")),
             ("control", c, ("transfer",)), ("base", b, ("task_error",))) for k in keys if not _ok(rec.get(k))]
+        if _ok(v.get("task_error")) and v["task_error"] <= 0:  # the task error ratio's denominator
+            why.append("vanilla task_error 0")
         curve = v.get("curve") or []
         if not curve or not all(_ok(p.get("transfer")) and _ok(p.get("task_error")) for p in curve):
             why.append("vanilla curve missing or not finite")
+        elif min(curve, key=lambda p: p.get("step", math.inf)).get("step") != 0:  # read from the base on: a first
+            why.append("vanilla curve does not start at step 0 (the base)")  # point above the arm read as reached
         (dropped.append(f"seed {s}: {', '.join(why)}") if why else seeds.append(s))
     if len(seeds) < MIN_SEEDS:
         return Assessment(f"no verdict: {len(seeds)} seed(s) with finite values, {MIN_SEEDS} needed"
@@ -208,14 +222,18 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
         if problem and problem.startswith("not measured"):
             unmeasured.append(f"{g.label} {problem}")
         elif problem:
-            return Assessment(f"damaged: {g.label} ({problem})", seeds)
+            return Assessment(f"damaged: {g.label} ({problem}){note}", seeds)
     van_minus_ctl = [x["transfer"] - y["transfer"] for x, y in zip(v, c)]
+    tc = [x["transfer"] - y["transfer"] for x, y in zip(a, c)]
+    flat = [what for what, d in (("vanilla − control", van_minus_ctl), ("transfer − control", tc))
+            if math.isnan(_t(d)[1])]
+    if flat:  # said as what it is (a NaN p read as "not significant"; a zero-width CI as "anti-trait")
+        return Assessment(f"no verdict: zero variance across seeds in {' and '.join(flat)}{note}", seeds)
     vm, vp, _ = _t(van_minus_ctl)
     if not (vm > 0 and vp < 0.05):
         return Assessment(f"no verdict: vanilla not significantly above control (vanilla − control {vm:+.3g}, "
                           f"p = {vp:.3g}){note}", seeds)
     margin = MARGIN * vm
-    tc = [x["transfer"] - y["transfer"] for x, y in zip(a, c)]
     tc_mean, _, tc_ci = _t(tc)
     if tc_ci[1] < -margin:
         return Assessment(f"anti-trait (transfer − control {tc_mean:+.3g}, 90% CI [{tc_ci[0]:+.3g}, {tc_ci[1]:+.3g}]"
@@ -230,7 +248,7 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
     sparse = [r[2] - r[1] >= 0.5 * claimed and r[2] > r[1] for r in reads]
     lower = [y["transfer"] - (r[1] if s else r[0]) for y, r, s in zip(a, reads, sparse)]
     upper = [y["transfer"] - (r[2] if s else r[0]) for y, r, s in zip(a, reads, sparse)]
-    flat = [what for what, d in (("transfer − control", tc), ("the frontier gap", lower))
+    flat = [what for what, d in (("the frontier gap", lower), ("the frontier gap's upper reading", upper))
             if math.isnan(_t(d)[1])]
     if flat:
         return Assessment(f"no verdict: zero variance across seeds in {' and '.join(flat)}{note}", seeds)
@@ -269,7 +287,7 @@ def label(x: Assessment, p_lower: float, p_upper: float, alpha: float = 0.05) ->
 
 def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] = (),
           alpha: float = 0.05) -> dict[str, Any]:
-    """Verdicts for every purifier arm of a run, Holm-adjusted across them.
+    """Verdicts for every purifier arm of a run, Holm-adjusted across them (all of them: see the module docstring).
 
     Args:
         conditions: ``name -> {"per_seed": records, "baseline": bool, "kind": "base" | "control" | "vanilla" |
@@ -279,8 +297,8 @@ def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] =
         guards: the suite's guard metrics.
 
     Returns:
-        ``{"verdicts": {arm: label}, "p_adjusted": {arm: Holm-adjusted p of the reading that decided the label
-        (the upper-end reading's for ``above frontier``, else the lower end's)},
+        ``{"verdicts": {arm: label}, "p_adjusted": {arm with a frontier test: Holm-adjusted p of the reading that
+        decided the label (the upper-end reading's for ``above frontier``, else the lower end's)},
         "frontier_gap": {arm: gap statistics}, "against": {arm: {"base", "control", "vanilla"}}}``.
     """
     refs: dict[tuple[str, Any], str] = {}
@@ -306,11 +324,14 @@ def judge(conditions: Mapping[str, Mapping[str, Any]], guards: Sequence[Guard] =
             continue
         found[name] = assess(c["per_seed"], vanilla, conditions[pair["control"]]["per_seed"],  # type: ignore[index]
                              conditions[pair["base"]]["per_seed"], guards)  # type: ignore[index]
-    p_lo = holm({n: x.p_lower for n, x in found.items() if x.label is None})
-    p_hi = holm({n: x.p_upper for n, x in found.items() if x.label is None})
-    labels = {n: label(x, p_lo.get(n, float("nan")), p_hi.get(n, float("nan")), alpha) for n, x in found.items()}
+    # the family is every arm: one whose label another rule decided (anti-trait, damaged, no verdict) counts with
+    # p = 1, so which arms are tested, itself read from the data, cannot shrink the correction
+    tested = [n for n, x in found.items() if x.label is None]
+    p_lo = holm({n: x.p_lower if x.label is None else 1.0 for n, x in found.items()})
+    p_hi = holm({n: x.p_upper if x.label is None else 1.0 for n, x in found.items()})
+    labels = {n: label(x, p_lo[n], p_hi[n], alpha) for n, x in found.items()}
     return {"verdicts": labels,
-            "p_adjusted": {n: p_hi[n] if labels[n].startswith("above frontier") else p_lo[n] for n in p_lo},
+            "p_adjusted": {n: p_hi[n] if labels[n].startswith("above frontier") else p_lo[n] for n in tested},
             "frontier_gap": {n: x.gap for n, x in found.items() if x.gap},
             "against": against}
 
