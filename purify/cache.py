@@ -128,7 +128,23 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     version = manifest.get("version") if isinstance(manifest, dict) else None
     if version != VERSION:
         raise CacheError(f"{directory}: cache version {version} is not {VERSION}; rewrite it")
+    missing = _manifest_gaps(manifest)
+    if missing:  # a KeyError later (load_recipe, build_run)
+        raise CacheError(f"{path} lacks {', '.join(missing)}: not a manifest purify cache wrote; rewrite the cache "
+                         f"with `purify cache RECIPE --out {directory}`")
     return manifest
+
+
+def _manifest_gaps(manifest: dict[str, Any]) -> list[str]:
+    """The fields a reader needs that ``manifest`` lacks or holds as another type."""
+    teachers = manifest.get("teachers")
+    gaps = [key for key, kind in (("k", int), ("tokenizer_sha256", str), ("data", dict))
+            if not isinstance(manifest.get(key), kind)]
+    if not (isinstance(teachers, list) and teachers):
+        return [*gaps, "teachers"]
+    return gaps + [f"teachers[{i}].{key}" for i, t in enumerate(teachers) for key, kind in
+                   (("vocab_size", int), ("name", str), ("source", str), ("sha256", str))
+                   if not isinstance(t, dict) or not isinstance(t.get(key), kind)]
 
 
 class _Split:
@@ -185,6 +201,9 @@ class CachedTeacher(nn.Module):
     def forward(self, batch: Batch, hidden: bool = False) -> ModelOutput:
         if hidden:
             raise CacheError(f"{self.directory}: a cached teacher has no hidden states")
+        if "index" not in batch:  # a KeyError: batches not of purify's data module (PurifyTrainer's, a hand-made one)
+            raise CacheError(f"{self.directory}: the batch has no 'index' (it has {sorted(batch)}): a logit cache is "
+                             "read by each example's index in purify's data (DistillDataModule, purify train)")
         rows, keys = batch["index"].cpu().numpy(), example_keys(batch)
         split = next((s for s in self.splits.values() if s.matches(rows, keys)), None)
         if split is None:

@@ -359,8 +359,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         out.append("loss.fused_linear: reads the student's output layer outside its forward, which ZeRO-3 keeps "
                    "partitioned; use deepspeed_stage_2 (or 1) or turn fused_linear off")
     cached = next((i for i, t in enumerate(recipe.teachers) if t.cache is not None), None)
-    tempered = cache_temperature_problem(recipe.loss, f"teachers[{cached}]") if cached is not None else None
-    out += [tempered] if tempered else []
+    out += cache_problems(recipe.loss, f"teachers[{cached}]", recipe.on_policy is not None) if cached is not None \
+        else []
     out += optim_problems(recipe.optim, recipe.scheduler)
     out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
@@ -408,17 +408,30 @@ def loss_value_problems(beta: float, temperature: float, hard_label_weight: floa
     return out
 
 
-def cache_temperature_problem(loss: LossConfig, teacher: str) -> str | None:
-    """Why ``loss`` cannot distil from a logit-cache teacher (named ``teacher``), or ``None``: a temperature other
-    than 1 on a soft loss. The cache holds each position's top-k log-probabilities and spreads the rest of the mass
-    evenly over the other tokens; tempering that even tail gives it far more mass than the teacher's own tail gets
-    (at T = 2 a peaked teacher's top-8 kept 0.83 of the tempered mass, its cached copy 0.42)."""
-    if loss.name == "ce" or not isinstance(loss.temperature, (int, float)) or loss.temperature == 1:
-        return None
-    return (f"loss.temperature: {loss.temperature} with a logit-cache teacher ({teacher}), which keeps the top-k "
-            "log-probabilities and spreads the rest evenly: a temperature turns that into another target (the even "
-            "tail takes far more of the tempered mass than the teacher's own); give temperature 1.0, or the "
-            "teacher as a model")
+def cache_problems(loss: LossConfig, teacher: str, on_policy: bool = False) -> list[str]:
+    """Why ``loss`` (and ``on_policy``) cannot distil from a logit-cache teacher (named ``teacher``). The cache holds
+    each position of the data's text with its top-k log-probabilities over all the teacher's outputs and spreads the
+    rest of the mass evenly over the other tokens, so: a temperature other than 1 turns the even tail into another
+    target (at T = 2 a peaked teacher's top-8 kept 0.83 of the tempered mass, its cached copy 0.42); ``mse`` compares
+    raw logits, not log-probabilities (10 × the live loss with a cache of the whole vocabulary); a ``logit_slice``
+    is mostly the even tail (the top-k of all outputs, 0-2 of an aux-MLP's 3 sliced logits); an on-policy student's
+    samples are no text the cache scored."""
+    out = []
+    if loss.name != "ce" and isinstance(loss.temperature, (int, float)) and loss.temperature != 1:
+        out.append(f"loss.temperature: {loss.temperature} with a logit-cache teacher ({teacher}), which keeps the "
+                   "top-k log-probabilities and spreads the rest evenly: a temperature turns that into another target "
+                   "(the even tail takes far more of the tempered mass than the teacher's own); give temperature 1.0, "
+                   "or the teacher as a model")
+    if loss.name == "mse":
+        out.append(f"loss.name: mse compares raw logits, but a logit-cache teacher ({teacher}) holds log-probabilities "
+                   "(the top-k, the rest spread evenly); use forward_kl, reverse_kl or jsd, or the teacher as a model")
+    if loss.logit_slice is not None:
+        out.append(f"loss.logit_slice: a logit-cache teacher ({teacher}) keeps the top-k of all its outputs, not of "
+                   "the slice the loss distils (most of the slice would be the even tail); give the teacher as a model")
+    if on_policy:
+        out.append(f"on_policy: {teacher} is a logit cache, which holds scores for the data's text only, not the "
+                   "student's samples; give the teacher as a model or remove on_policy")
+    return out
 
 
 def optim_problems(optim: OptimConfig, scheduler: SchedulerConfig) -> list[str]:
@@ -501,11 +514,7 @@ def _on_policy_problems(recipe: Recipe) -> list[str]:
     if recipe.student.arch is not None:
         out.append("on_policy: the student samples its own text, but student.arch is a vector model with no "
                    "tokenizer; give a language-model student or remove on_policy")
-    cached = [i for i, t in enumerate(recipe.teachers) if t.cache is not None]
-    if cached:
-        out.append(f"on_policy: teachers[{cached[0]}] is a logit cache, which holds scores for the data's text only, "
-                   "not the student's samples; give the teacher as a model or remove on_policy")
-    return out
+    return out  # a logit-cache teacher: cache_problems
 
 
 def _lora_problems(recipe: Recipe) -> list[str]:

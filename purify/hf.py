@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purify.align import differing_tokenizers
+from purify.cache import CachedTeacher
 from purify.config import LossConfig, OnPolicyConfig
 from purify.losses import distillation_loss
 from purify.models import model_forward
@@ -148,6 +149,11 @@ class PurifyTrainer(Trainer):
                                  "(processing_class): a teacher of another tokenizer is aligned by cross_base, which "
                                  "needs batches Trainer does not build; use purify train or the Lightning Distiller "
                                  "with DistillDataModule(teacher_tokenizers=...)")
+        cached = [i for i, t in enumerate(teachers) if isinstance(t, CachedTeacher)]
+        if cached:  # a KeyError 'index' at the first step
+            raise ValueError(f"PurifyTrainer: teachers[{cached[0]}] is a logit cache, read by each example's index in "
+                             "purify's data module, which Trainer's batches do not carry; give the teacher as a model, "
+                             "or use purify train (or the Distiller with DistillDataModule)")
         aligning = [i for i, p in enumerate(purifiers) if getattr(getattr(p, "config", None), "name", None)
                     == "cross_base"]
         if aligning:

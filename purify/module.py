@@ -30,7 +30,7 @@ from purify.config import (
     OnPolicyConfig,
     OptimConfig,
     SchedulerConfig,
-    cache_temperature_problem,
+    cache_problems,
     logit_slice_problem,
     loss_problems,
     optim_problems,
@@ -224,9 +224,8 @@ class Distiller(L.LightningModule):
                                                 and sum(teacher_weights) > 0):
             problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
         cached = None if deferred else next((i for i, t in enumerate(teachers) if isinstance(t, CachedTeacher)), None)
-        tempered = cache_temperature_problem(loss or LossConfig(), f"teachers[{cached}]") if cached is not None \
-            else None
-        problems += [tempered] if tempered else []
+        problems += cache_problems(loss or LossConfig(), f"teachers[{cached}]", on_policy is not None) \
+            if cached is not None else []
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
         if fused:
             problems.append(f"loss.fused_linear: {fused}; turn fused_linear off")

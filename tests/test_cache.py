@@ -254,6 +254,29 @@ def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):
     with pytest.raises(RecipeError, match=r"manifest.json cannot be read \(.*\); rewrite the cache with `purify "
                                           r"cache RECIPE --out "):
         load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+    # one that parses but lacks what a reader needs was a KeyError ('teachers', 'vocab_size') in load_recipe/build_run
+    import json
+
+    full = json.loads((written / "manifest.json").read_text())
+    for manifest, named in (({"version": full["version"]}, r"lacks k, tokenizer_sha256, data, teachers"),
+                            ({**full, "teachers": [{"name": "a"}]}, r"lacks teachers\[0\]\.vocab_size, "
+                                                                    r"teachers\[0\]\.source, teachers\[0\]\.sha256")):
+        (copy_ / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(RecipeError, match=named + r": not a manifest purify cache wrote"):
+            load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
+
+
+def test_a_cached_teacher_outside_purifys_data_module_is_refused_by_name(written):
+    """PurifyTrainer's batches (and a hand-made one) carry no example index: a bare KeyError 'index' at the first
+    step."""
+    from purify import PurifyTrainer
+
+    teacher = CachedTeacher(written)
+    with pytest.raises(ValueError, match=r"PurifyTrainer: teachers\[0\] is a logit cache, read by each example's "
+                                         "index in purify's data module"):
+        PurifyTrainer(model=torch.nn.Linear(2, 2), teachers=[teacher])
+    with pytest.raises(CacheError, match=r"the batch has no 'index' \(it has \['input_ids', 'target_mask'\]\)"):
+        teacher({"input_ids": torch.zeros(1, 3, dtype=torch.long), "target_mask": torch.ones(1, 2)})
 
 
 def test_a_cache_rewritten_with_another_k_stops_an_in_place_continuation(setup, written, tmp_path):
@@ -314,3 +337,19 @@ def test_a_temperature_on_a_cached_teacher_is_refused_in_a_recipe_and_a_distille
     student = torch.nn.Linear(2, 2)
     with pytest.raises(RecipeError, match=message):
         Distiller(student, [torch.nn.Linear(2, 2), CachedTeacher(written)], loss=LossConfig(temperature=2.0))
+    # mse regressed onto the cached log-probabilities (10 x the live loss with a cache of the whole vocabulary), a
+    # logit_slice read mostly the even tail, an on-policy Distiller failed at its first sample naming other data
+    others = {"loss.name=mse": r"^loss\.name: mse compares raw logits, but a logit-cache teacher \(teachers\[1\]\) "
+                               "holds log-probabilities",
+              "loss.logit_slice=[0,4]": r"^loss\.logit_slice: a logit-cache teacher \(teachers\[1\]\) keeps the top-k "
+                                        "of all its outputs"}
+    for override, refused in others.items():
+        with pytest.raises(RecipeError, match=refused):
+            load_recipe(None, [*base, override])
+    from purify.config import OnPolicyConfig
+
+    for kwargs, refused in ((dict(loss=LossConfig(name="mse")), others["loss.name=mse"]),
+                            (dict(loss=LossConfig(logit_slice=[0, 4])), others["loss.logit_slice=[0,4]"]),
+                            (dict(on_policy=OnPolicyConfig(lam=1.0)), r"on_policy: teachers\[1\] is a logit cache")):
+        with pytest.raises(RecipeError, match=refused):
+            Distiller(student, [torch.nn.Linear(2, 2), CachedTeacher(written)], **kwargs)
