@@ -49,7 +49,7 @@ from purify.models import (
     model_forward,
     output_layer,
 )
-from purify.on_policy import sampler_for
+from purify.on_policy import position_limit, sampler_for
 from purify.purifiers.base import (
     ParameterPurifier,
     Purifier,
@@ -329,7 +329,10 @@ class Distiller(L.LightningModule):
             p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
-            self.on_policy.vocab_limit = self._shared_width  # no sample of an id a teacher has no logit for
+            # no sample of an id a teacher has no logit for (a logit_slice leaves the loss's width alone, not this)
+            self.on_policy.vocab_limit = self._vocabulary_width()
+            same = [self.student, *(t for i, t in enumerate(self.teachers) if i not in self._own_vocabulary)]
+            self.on_policy.position_limit = min((n for n in map(position_limit, same) if n is not None), default=None)
         if self.teacher_dtype is not None:  # after the purifiers saw them at full precision (a plain loop too)
             self.teachers.to(self.teacher_dtype)
         self._ready = True
@@ -339,8 +342,11 @@ class Distiller(L.LightningModule):
         tokenizer keep their own vocabulary: ``cross_base`` aligns them); records which teachers those are.
         :meth:`setup_purifiers` calls it; :func:`purify.assembly.build_run` too, so a recipe is refused before
         anything is written (teachers not built yet, under ZeRO-3, are checked at set-up)."""
-        if self.loss_config.logit_slice is not None:
-            return None
+        return None if self.loss_config.logit_slice is not None else self._vocabulary_width()
+
+    def _vocabulary_width(self) -> int | None:
+        """:meth:`shared_vocabulary`'s width whatever ``loss.logit_slice`` is (what an on-policy student may
+        sample)."""
         tokenizer = self.tokenizers["student_tokenizer"]
         same = [i for i, tok in enumerate(self.tokenizers["teacher_tokenizers"][:len(self.teachers)])
                 if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]

@@ -87,7 +87,8 @@ def _left_padded(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicyConfig, *, pad_id: int,
-                       eos_id: int | None, seed: int, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
+                       eos_id: int | None, seed: int, vocab_limit: int | None = None,
+                       position_limit: int | None = None) -> tuple[Tensor, Tensor]:
     """The student's own completions of each prompt (``generate`` under ``no_grad``, KV cache on).
 
     The model samples in ``eval()`` mode (no dropout) and is put back in the mode it was in. Sampling uses only the
@@ -106,14 +107,27 @@ def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicy
         seed: seeds the sampling.
         vocab_limit: never sample an id at or past it (a student whose output layer is padded past a teacher's:
             those rows are ids no token has, which the teacher could not read).
+        position_limit: the most positions a sampled row may take, prompt included (the student's and its
+            same-tokenizer teachers' position limit): ``max_new_tokens`` is cut to what the longest prompt leaves
+            (a row past a learned position table crashed in an embedding lookup, a rotary model ran on unseen
+            positions).
+
+    Raises:
+        ValueError: the longest prompt leaves no position to sample in.
 
     Returns:
         ``(tokens, counts)``: ``tokens`` ``(B, N)`` the sampled ids (padded with ``pad_id`` after a row's end),
         ``counts`` ``(B,)`` each row's sampled tokens up to and including its first ``eos_id`` (always >= 1).
     """
     ids, attention = _left_padded(prompts, pad_id)
+    new = config.max_new_tokens
+    if position_limit is not None:
+        new = min(new, position_limit - ids.shape[1])
+        if new < 1:
+            raise ValueError(f"on_policy: a prompt of {ids.shape[1]} tokens leaves no room to sample within the "
+                             f"models' {position_limit} positions; shorten data.max_length (or the prompts)")
     generation = GenerationConfig(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
-                                  max_new_tokens=config.max_new_tokens, min_new_tokens=1 if eos_id is not None else 0,
+                                  max_new_tokens=new, min_new_tokens=1 if eos_id is not None else 0,
                                   use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id)
     width = logit_width(model) or 0  # ZeRO-3 partitions the head: its full shape is kept aside
     if vocab_limit is not None and width > vocab_limit:
@@ -239,6 +253,14 @@ def cross_base_inputs(rows: list[list[int]], prompt_lengths: list[int], ended: l
     return offsets, {i: collate_encoded(teachers[i].tokenizer, encoded[i]) for i in teachers}
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The most positions ``model`` reads (its config's ``max_position_embeddings`` or ``n_positions``; a peft model
+    around one too), or ``None`` when it names none."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 class OnPolicySampler:
     """Decides which optimizer steps are on-policy and replaces their batches' completions by student samples.
 
@@ -267,6 +289,7 @@ class OnPolicySampler:
         self._step, self._micro = -1, 0
         self.last_metrics: dict[str, float] = {}
         self.vocab_limit: int | None = None  # the Distiller's shared vocabulary width, where output layers differ
+        self.position_limit: int | None = None  # the student's and same-tokenizer teachers' (position_limit)
 
     def limit_teachers(self, teachers: Sequence[nn.Module]) -> None:
         """Give each teacher tokenizer without a ``max_length`` its model's position limit
@@ -327,7 +350,8 @@ class OnPolicySampler:
         seed = int(np.random.SeedSequence([self.seed, step, self._micro, rank]).generate_state(1)[0])
         start = time.perf_counter()
         tokens, counts = sample_completions(model, prompts, self.config, pad_id=self.pad_id, eos_id=self.eos_id,
-                                            seed=seed, vocab_limit=self.vocab_limit)
+                                            seed=seed, vocab_limit=self.vocab_limit,
+                                            position_limit=self.position_limit)
         elapsed = max(time.perf_counter() - start, 1e-9)
         out = rebuild_batch(batch, prompts, tokens, counts, self.pad_id)
         if cross:

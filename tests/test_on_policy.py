@@ -131,6 +131,41 @@ def test_lam_one_replaces_completions_keeps_prompts_and_targets_only_sampled_tok
     assert torch.equal(dist.compute_loss(out, 0.0)[0], dist.compute_loss(out2, 0.0)[0])
 
 
+def test_samples_stop_at_the_models_position_limit_and_a_slice_keeps_the_vocabulary_limit(tok, data):
+    """A prompt plus max_new_tokens past a learned position table crashed in an embedding lookup ("index out of
+    range in self"); with a logit_slice the sampler lost the teacher's vocabulary width, and a student padded past
+    it sampled ids the teacher could not embed."""
+    def gpt(seed, vocab, positions):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=positions,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=None,
+                                          pad_token_id=tok.pad_token_id))
+
+    batch = collate(data)
+    width = batch["input_ids"].shape[1]
+    longest = int(prompt_lengths(batch["target_mask"]).max())
+    dist = Distiller(gpt(0, len(tok), longest + 3), [gpt(1, len(tok), 64)], student_tokenizer=tok,
+                     on_policy=OnPolicyConfig(lam=1.0, max_new_tokens=width))
+    dist.on_policy.eos_id = None  # every row samples as many as it may
+    out = dist.on_policy_batch(batch, step=0)
+    assert out["input_ids"].shape[1] == longest + 3  # cut to the student's 3 free positions, not max_new_tokens
+    assert torch.isfinite(dist.compute_loss(out, 0.0)[0])
+    small = Distiller(gpt(0, len(tok), longest), [gpt(1, len(tok), 64)], student_tokenizer=tok,
+                      on_policy=OnPolicyConfig(lam=1.0))
+    with pytest.raises(ValueError, match=rf"a prompt of {longest} tokens leaves no room to sample within the "
+                                         rf"models' {longest} positions; shorten data.max_length"):
+        small.on_policy_batch(batch, step=0)
+    wide = Distiller(llama_wide := LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok) + 50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id)), [llama(tok, 1)],
+        loss=LossConfig(logit_slice=[0, 10]), student_tokenizer=tok, on_policy=OnPolicyConfig(lam=1.0))
+    with torch.no_grad():  # the padded rows would win every draw
+        llama_wide.lm_head.weight[len(tok):] = 0
+        llama_wide.lm_head.weight[len(tok):, 0] = 50.0
+    for step in range(3):
+        assert int(wide.on_policy_batch(batch, step=step)["input_ids"].max()) < len(tok)
+
+
 def test_left_padded_batch_samples_from_the_same_prompts(tok, data):
     right = collate(data)
     width = right["input_ids"].shape[1]
