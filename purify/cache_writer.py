@@ -56,8 +56,9 @@ def _save_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _write_shard(directory: Path, teachers: Sequence[nn.Module], dataset: Any, indices: range, k: int,
-                 id_dtype: str, batch_size: int, device: torch.device) -> None:
-    """Run the teachers over ``indices`` and save their top-k as one shard."""
+                 id_dtype: str, batch_size: int, device: torch.device, widths: Sequence[int]) -> None:
+    """Run the teachers over ``indices`` and save their top-k, over each one's first ``widths`` logits, as one
+    shard."""
     parts: dict[str, list[Any]] = {name: [] for name in ARRAYS}
     for start in range(indices.start, indices.stop, batch_size):
         batch = dataset.collate([dataset.item(i) for i in range(start, min(start + batch_size, indices.stop))])
@@ -65,7 +66,7 @@ def _write_shard(directory: Path, teachers: Sequence[nn.Module], dataset: Any, i
         parts["index"].append(np.stack([real.sum(1).numpy(), example_keys(batch)], axis=1))
         batch = {key: value.to(device) for key, value in batch.items()}
         with torch.no_grad():
-            tops = [_top_k(model_forward(t, batch).logits[real.to(device)], k) for t in teachers]
+            tops = [_top_k(model_forward(t, batch).logits[real.to(device)][:, :w], k) for t, w in zip(teachers, widths)]
         for name, j in (("ids", 0), ("logp", 1), ("tail", 2)):
             parts[name].append(torch.stack([top[j] for top in tops]).cpu())
     index = np.concatenate(parts["index"]).astype(np.int64)
@@ -137,6 +138,8 @@ def write_cache(recipe: Recipe, out: str | Path, top_k: int = 8, shard_size: int
     probe = {key: value.to(dev) for key, value in datasets["train"].collate([datasets["train"].item(0)]).items()}
     with torch.no_grad():
         vocab = [int(model_forward(m, probe).logits.shape[-1]) for m in modules]
+    if tokenizer is not None:  # an output layer padded past the tokenizer: rows no token has (the Distiller cuts
+        vocab = [min(v, len(tokenizer)) for v in vocab]  # them away; top-k slots spent there were lost)
     k = min(top_k, *vocab)
     keys = {split: dataset_keys(ds) for split, ds in datasets.items()}
     plan = {"version": VERSION, "k": k, "shard_size": shard_size, "tokenizer_sha256": tokenizer_sha256(tokenizer),
@@ -156,7 +159,7 @@ def write_cache(recipe: Recipe, out: str | Path, top_k: int = 8, shard_size: int
             if not directory.is_dir():
                 indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
                 _write_shard(directory, modules, dataset, indices, k, plan["id_dtype"],
-                             batch_size or recipe.data.batch_size, dev)
+                             batch_size or recipe.data.batch_size, dev, vocab)
         _write_index(out / split, keys[split][0])
     payload = sum(f.stat().st_size for s in SPLITS for f in (out / s).rglob("*.npy"))
     positions = sum(plan["data"][s]["positions"] for s in SPLITS)

@@ -19,7 +19,7 @@ from purify.cache_writer import write_cache
 from purify.config import RecipeError, TeacherSpec, to_dict
 from purify.data import DistillDataModule, read_text
 from purify.lm.tokenizer import build_tokenizer
-from purify.models import build_model, model_forward, state_sha256
+from purify.models import build_model, model_forward, spec_tokenizer, state_sha256
 from purify.module import Distiller
 
 LLAMA = ("{model_type: llama, hidden_size: %d, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
@@ -231,6 +231,31 @@ def test_a_cache_of_a_teacher_with_a_padded_output_layer_is_read_on_the_shared_v
                                           rf"widths \(student {width}, teachers\[0\] {width - 5}\)"):
         build_run(narrower)
     assert not (tmp_path / "run-narrower").exists()
+
+
+def test_a_padded_teacher_is_cached_on_the_tokenizers_ids_only(setup, tmp_path):
+    """The top-k was taken over the padded output layer: slots went to ids no token has, which the Distiller then cut
+    away (59% of a top-8 in a review's toy), leaving a target further from the live one than the top-k promises."""
+    root, recipe = setup
+    padded = copy.deepcopy(recipe)
+    tokens = len(spec_tokenizer(recipe.student))
+    config = LLAMA.replace("{model_type: llama,", f"{{model_type: llama, vocab_size: {tokens + 40},") % 32
+    padded.teachers = [TeacherSpec(config=OmegaConf.to_container(OmegaConf.create(config)),
+                                   tokenizer=str(root / "tok"), seed=1)]
+    manifest = write_cache(padded, tmp_path / "padded", top_k=8, shard_size=SHARD)
+    assert manifest["teachers"][0]["vocab_size"] == tokens  # the padded 40 rows are left out
+    teacher = CachedTeacher(tmp_path / "padded")
+    dm = DistillDataModule(padded.data, spec_tokenizer(recipe.student), padded.seed)
+    dm.setup()
+    batch = dm.train_dataset.collate([dm.train_dataset.item(i) for i in range(4)])
+    live = build_model(padded.teachers[0], padded.seed).module
+    with torch.no_grad():
+        want = F.log_softmax(model_forward(live, batch).logits[..., :tokens], -1)  # what the Distiller reads
+    assert model_forward(live, batch).logits.shape[-1] == tokens + 40
+    got = teacher(batch).logits
+    real = batch["target_mask"] > 0
+    top = want[real].topk(8, -1)
+    torch.testing.assert_close(got[real].gather(-1, top.indices), top.values, atol=2e-3, rtol=0)
 
 
 def test_a_damaged_plan_of_a_partial_cache_is_one_line(setup, tmp_path):
