@@ -144,7 +144,8 @@ def sample_completions(model: nn.Module, prompts: list[Tensor], config: OnPolicy
             holder.generation_config = GenerationConfig()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=attention, generation_config=generation)
+            out = model.generate(input_ids=ids, attention_mask=attention, generation_config=generation,
+                                 synced_gpus=synced_generation(model))
     finally:
         model.train(was_training)
         if saved is not None:
@@ -251,6 +252,16 @@ def cross_base_inputs(rows: list[list[int]], prompt_lengths: list[int], ended: l
         for i, teacher in teachers.items():
             encoded[i].append(encode_teacher(teacher, text[:cut], text[cut:], spans[-1][1], eos=end))
     return offsets, {i: collate_encoded(teachers[i].tokenizer, encoded[i]) for i in teachers}
+
+
+def synced_generation(model: nn.Module) -> bool:
+    """Whether ``generate`` must keep every process stepping until all have finished (transformers'
+    ``synced_gpus``): under ZeRO-3 with several processes each forward all-gathers the partitioned weights, so a
+    process whose rows all ended would stop answering the others' gathers. transformers turns it on only through
+    its own DeepSpeed config object, which Lightning's strategy never creates."""
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and any(hasattr(p, "ds_id") for p in model.parameters()))
 
 
 def position_limit(model: nn.Module) -> int | None:

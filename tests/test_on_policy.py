@@ -166,6 +166,20 @@ def test_samples_stop_at_the_models_position_limit_and_a_slice_keeps_the_vocabul
         assert int(wide.on_policy_batch(batch, step=step)["input_ids"].max()) < len(tok)
 
 
+def test_generation_stays_in_step_across_processes_under_zero3_only(tok, monkeypatch):
+    """Under ZeRO-3 every forward all-gathers the partitioned weights: a process whose rows had all ended stopped
+    answering the others' gathers (transformers syncs only under its own DeepSpeed config object)."""
+    from purify.on_policy import synced_generation
+
+    model = llama(tok, 0)
+    assert not synced_generation(model)  # one process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert not synced_generation(model)  # DDP: each process holds whole weights
+    next(model.parameters()).ds_id = 0  # a ZeRO-3 partitioned parameter
+    assert synced_generation(model)
+
+
 def test_left_padded_batch_samples_from_the_same_prompts(tok, data):
     right = collate(data)
     width = right["input_ids"].shape[1]
