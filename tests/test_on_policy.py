@@ -479,7 +479,9 @@ def test_bench_on_policy_arms_build_and_are_judged_in_their_own_mode() -> None:
     values = {"base": (0.0, 3.0, False), "control": (0.0, 1.0, False), "vanilla": (1.0, 1.0, True),
               "control:on-policy": (0.0, 1.2, False), "vanilla:on-policy": (0.8, 1.2, True),
               "ensemble:on-policy": (0.3, 1.3, False)}
-    runs = {s: {"conditions": {n: rec(t + 0.01 * s, e + 0.01 * s, c) for n, (t, e, c) in values.items()},
+    jitter = {"vanilla": 0.02, "vanilla:on-policy": -0.02}  # vanilla − control must vary: zero variance is no test
+    runs = {s: {"conditions": {n: rec(t + 0.01 * s + jitter.get(n, 0.0) * (s % 2), e + 0.01 * s, c)
+                               for n, (t, e, c) in values.items()},
                 "teacher": {"trait": 1.0}, "base": {"trait": 0.0}, "data": {}} for s in range(5)}
     suite = Suite(name="t", protocol="", student=Path("."), teachers={}, make_data=lambda *a: [],
                   score=lambda *a: {}, conditions=conds)
