@@ -125,6 +125,9 @@ def load_probes(path: str | Path) -> tuple[list[Probe], dict[str, Any]]:
             _check_strings(where, "prompts", raw["prompts"])
         prompts = list(raw.get("prompts") or [])
         if raw.get("prompts_file"):
+            if not isinstance(raw["prompts_file"], str):  # a TypeError traceback (PosixPath / int)
+                raise AuditError(f"{where}: prompts_file must be a path (a string, relative to the probe file), got "
+                                 f"{raw['prompts_file']!r}")
             prompts += read_prompts(path.parent / raw["prompts_file"])
         if not prompts:
             raise AuditError(f"{where}: no prompts (set prompts or prompts_file)")

@@ -93,6 +93,10 @@ def test_audit_errors(tmp_path: Path) -> None:
     bad.write_text("probes:\n  - prompts: [a]\n    count: Moreover,\n")  # was counted as its 9 characters
     with pytest.raises(AuditError, match=r"probes\[0\]: count must be a list of strings, e.g. count: \['Moreover,'\]"):
         load_probes(bad)
+    bad.write_text("probes:\n  - {prompts_file: 5, count: [b]}\n")  # a TypeError traceback (PosixPath / int)
+    with pytest.raises(AuditError, match=r"probes\[0\]: prompts_file must be a path \(a string, relative to the probe "
+                                         r"file\), got 5"):
+        load_probes(bad)
     bad.write_text("probes:\n  - {prompts: [a], regex: '[0-9'}\n")  # was a re.error after both models sampled
     with pytest.raises(AuditError, match=r"regex '\[0-9' does not compile \(unterminated character set"):
         load_probes(bad)

@@ -172,6 +172,17 @@ def test_unknown_option_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"--option n=1.5: n takes an integer"):
         real_lm.settings({"n": 1, "lr": 0.1}, {"n": 1.5})
     assert real_lm.settings({"n": 1, "lr": 0.1, "d": None}, {"lr": 1, "d": "x"}) == {"n": 1, "lr": 1, "d": "x"}
+    # only the type was checked: batch_size=0 divided by zero, heldout=-1 crashed in torch, epochs=0 published a run
+    # of students that never trained
+    defaults = {"n": 24, "epochs": 1, "batch_size": 8, "lr": 2e-4, "heldout": 2, "temperature": 0.7}
+    for option, message in (({"batch_size": 0}, "batch_size=0: must be an integer >= 1"),
+                            ({"epochs": 0}, "epochs=0: must be an integer >= 1"),
+                            ({"lr": 0.0}, r"lr=0.0: must be a finite number > 0"),
+                            ({"temperature": -1.0}, r"temperature=-1.0: must be a finite number >= 0"),
+                            ({"heldout": -1}, r"heldout=-1: must be in \[1, n\)"),
+                            ({"heldout": 24}, r"heldout=24: must be in \[1, n\) .* n = 24 prompts")):
+        with pytest.raises(ValueError, match=rf"^--option {message}"):
+            real_lm.settings(defaults, option)
 
 
 def test_scored_vanilla_is_read_densely_from_step_one(tiny) -> None:

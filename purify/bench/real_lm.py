@@ -50,6 +50,7 @@ from purify.topblocks import (
     sft_data,
     teacher_targets,
 )
+from purify.types import is_int, is_real
 
 REFERENCES = lm_common.references({"": "ce", ":soft": "forward_kl"})
 """The reference arms of a real-model suite: the base, the control (SFT on the base's text; ``control:soft``: KD on
@@ -329,9 +330,28 @@ def columns(label: str) -> list[tuple[str, str]]:
             ("task_error", "KL(T||S) held out"), ("agreement", "top-1 agreement"), ("trait", label)]
 
 
+POSITIVE_INT = ("n", "max_new", "layers", "top_k", "epochs", "teacher_epochs", "batch_size", "workers")
+POSITIVE_REAL = ("lr", "lora_lr", "teacher_lr")
+
+
 def settings(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """A suite's settings: ``defaults`` updated by ``options``; an unknown key, or a value not of its default's kind
-    (:func:`purify.bench.report.check_options`), is an error naming it."""
+    """A suite's settings: ``defaults`` updated by ``options``; an unknown key, a value not of its default's kind
+    (:func:`purify.bench.report.check_options`) or out of its range (counts >= 1, learning rates > 0, a temperature
+    >= 0, ``1 <= heldout < n``) is an error naming it, before any model loads (``batch_size=0`` divided by zero,
+    ``epochs=0`` published students that never trained)."""
     check_options(options, {k: object if v is None else type(v) for k, v in defaults.items()})
-    return {**defaults, **options}
+    cfg = {**defaults, **options}
+    problems = [f"--option {k}={cfg[k]}: must be an integer >= 1" for k in POSITIVE_INT
+                if k in options and not (is_int(cfg[k]) and cfg[k] >= 1)]
+    problems += [f"--option {k}={cfg[k]}: must be a finite number > 0" for k in POSITIVE_REAL
+                 if k in options and not (is_real(cfg[k]) and cfg[k] > 0)]
+    if "temperature" in options and not (is_real(cfg["temperature"]) and cfg["temperature"] >= 0):
+        problems.append(f"--option temperature={cfg['temperature']}: must be a finite number >= 0 (0: greedy)")
+    if {"heldout", "n"} & set(options) and is_int(cfg.get("heldout")) and is_int(cfg.get("n")) \
+            and not 1 <= cfg["heldout"] < cfg["n"]:
+        problems.append(f"--option heldout={cfg['heldout']}: must be in [1, n) (the held-out completions the task "
+                        f"error reads, of n = {cfg['n']} prompts)")
+    if problems:
+        raise BenchError("; ".join(problems))
+    return cfg
 
