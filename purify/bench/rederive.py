@@ -71,6 +71,21 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     if env.get("seeds") != old["seeds"]:  # a summary copied beside another run's record
         raise BenchError(f"--rereport: {d / 'env.json'} is of a run on seeds {env.get('seeds')}, the summary's are "
                          f"{old['seeds']}; put the summary back beside its own env.json")
+    try:
+        summary = _rebuild(old, d, aux)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:  # a hand-edited file: tracebacks
+        if isinstance(err, BenchError):
+            raise
+        raise BenchError(f"--rereport: {d / 'summary.json'} is not as purify writes it ({type(err).__name__}: "
+                         f"{first_line(err)}); restore it (git checkout) or re-run the command in its env.json"
+                         ) from None
+    env["rereported_by"] = f"purify bench --rereport {directory}"
+    (aux_logits.write if aux else lm_common.publish)(d, summary, env)
+    return summary
+
+
+def _rebuild(old: dict[str, Any], d: Path, aux: bool) -> dict[str, Any]:
+    """The summary of a stored run's per-seed records under today's rules (:func:`rereport`)."""
     for c in old["settings"]["conditions"]:
         records = (old["conditions"].get(c.get("name")) or {}).get("per_seed")
         if not isinstance(records, list) or [isinstance(r, dict) and r.get("seed") for r in records] != old["seeds"]:
@@ -105,6 +120,4 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
         aux_summary.finish(summary)
     if (old.get("probe_free") or {}).get("arms"):  # the rule's choice and the verdict at it, under today's rules
         summary["probe_free"] = probe_free.rederive({**summary, "probe_free": old["probe_free"]}) or old["probe_free"]
-    env["rereported_by"] = f"purify bench --rereport {directory}"
-    (aux_logits.write if aux else lm_common.publish)(d, summary, env)
     return summary
