@@ -34,12 +34,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _lineage(args: argparse.Namespace) -> int:
     import json
+    import zipfile
     from pathlib import Path
 
-    from purify.lineage import checkpoint_lineage, format_lineage, read_lineage
+    from purify.lineage import LineageError, checkpoint_lineage, format_lineage, read_lineage
     from purify.storage import held_by_a_process
 
     own = checkpoint_lineage(args.path)  # a checkpoint's own record: the run directory may hold another run's
+    path = Path(args.path)
+    if own is None and path.suffix == ".ckpt" and path.is_file() and not zipfile.is_zipfile(path):
+        # truncated or not a checkpoint at all: its run's record was shown as the checkpoint's, exit 0
+        raise LineageError(f"{path} cannot be read as a checkpoint (truncated, damaged or not one); its run's record "
+                           f"is not this file's: give a whole checkpoint, or the run directory {path.parent.parent}")
     try:
         near = read_lineage(args.path) if own is not None else None
     except (FileNotFoundError, ValueError):
@@ -52,7 +58,6 @@ def _lineage(args: argparse.Namespace) -> int:
         print(f"purify: note: {name} holds no lineage record of its own; below is its run's, at step "
               f"{record.get('step')}: the provenance (student, teachers, recipe, data) is this checkpoint's, the step "
               "and metrics are not", file=sys.stderr)
-    path = Path(args.path)
     run_dir = path if path.is_dir() else path.parent if path.name == "lineage.json" else None
     if record.get("status") == "running" and run_dir is not None and held_by_a_process(run_dir) is False:
         print("purify: note: status running, but no process on this machine holds this run: unless it runs on "

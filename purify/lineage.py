@@ -132,7 +132,7 @@ def read_lineage(path: str | Path) -> dict[str, Any]:
                 raise LineageError(f"{candidate}: not a purify lineage record (no student and teachers entries)")
             if record.get("format") != FORMAT:
                 raise LineageError(f"{candidate}: record format {record.get('format')!r}, this purify reads "
-                                   f"{FORMAT!r}; read it with the purify that wrote it (its versions entry), or --json")
+                                   f"{FORMAT!r}; read it with the purify that wrote it (its versions entry)")
             return record
     raise FileNotFoundError(f"no {LINEAGE_FILE} at {path}; give a run directory, an export or a lineage.json")
 
@@ -151,7 +151,7 @@ def checkpoint_lineage(path: str | Path) -> dict[str, Any] | None:
         return None
     if record.get("format") != FORMAT:
         raise LineageError(f"{path}: record format {record.get('format')!r}, this purify reads {FORMAT!r}; read it "
-                           "with the purify that wrote it (its versions entry), or --json")
+                           "with the purify that wrote it (its versions entry)")
     return record
 
 

@@ -64,6 +64,12 @@ def test_train_then_lineage_show(tmp_path, capsys):
     (ckpts / "step3.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed's checkpoints are directories of shards
     assert main(["lineage", "show", str(ckpts / "step3.ckpt")]) == 0
     assert "step3.ckpt holds no lineage record of its own" in capsys.readouterr().err
+    # a truncated checkpoint was shown, exit 0, as a checkpoint of the run (no note at all when named step<N>.ckpt)
+    (ckpts / "step4.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:20000])
+    assert main(["lineage", "show", str(ckpts / "step4.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("purify: error: ") and "step4.ckpt cannot be read as a checkpoint (truncated, damaged or " \
+        "not one); its run's record is not this file's" in err and err.count("\n") == 0
     # a checkpoint kept under another run's directory: its own record, not the directory's (that was shown as its)
     other = tmp_path / "other"
     (other / "keep").mkdir(parents=True)
