@@ -206,8 +206,13 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device(args.device)
         except RuntimeError:
             raise RecipeError(f"--device: unknown device {args.device!r}; give cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):  # meta, mps, ...: a RuntimeError traceback from the first forward
+            raise RecipeError(f"--device: {args.device!r} is not a device purify caches on; give cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RecipeError(f"--device {args.device}: no CUDA device on this machine; give cpu or leave it out")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RecipeError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              "give cuda:N with N below that")
     recipe = load_recipe(args.recipe, args.overrides)
     m = write_cache(recipe, args.out, args.top_k, args.shard_size, args.batch_size, args.device)
     positions = sum(m["data"][s]["positions"] for s in SPLITS)

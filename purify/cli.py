@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -332,11 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse an option the verb does not have, naming it, before argparse reads its value as a positional
+    (``purify bench --seed 3`` said "argument suite: invalid choice: '3'")."""
+    rest, names = list(argv), []
+    while True:  # down to the verb's (``lineage show``'s) own parser
+        verbs = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        word = next((t for t in rest if not t.startswith("-")), None)
+        if verbs is None or word not in verbs:
+            break
+        rest, parser = rest[rest.index(word) + 1:], verbs[word]
+        names.append(word)
+    if not names:
+        return
+    known = set(parser._option_string_actions)
+    for token in rest:
+        if token == "--":
+            return
+        if token.startswith("-") and not re.match(r"-\d", token) and token.split("=", 1)[0] not in known:
+            parser.error(f"unrecognized arguments: {token} (purify {' '.join(names)} has no such option)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     _CHOSEN[:] = [a for a in argv if not a.startswith("-")][:1]
     parser = build_parser()
+    _unknown_options(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
         args.overrides += extra  # key=value overrides after an option (``recipe.yaml --out DIR a=1``): still overrides

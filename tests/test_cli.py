@@ -211,6 +211,8 @@ def _probe_file(tmp_path):
     (lambda t: ["audit", "m", "--reference", "r", "--probes", str(_write(t / "bad.yaml", "probes: [\n"))],
      "bad.yaml: not valid YAML at line 2"),
     (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    (lambda t: ["cache", "r.yaml", "--out", "c", "--device", "meta"],  # a RuntimeError traceback at the first forward
+     "--device: 'meta' is not a device purify caches on; give cpu, cuda or cuda:N"),
     (lambda t: ["cache", "r.yaml", "--out", str(_write(t / "f", "x")), "--top-k", "4"], "is an existing file"),
     (lambda t: ["cache", "r.yaml", "--out", "/proc/purify-cache"], "--out: cannot create anything in /proc"),
     (lambda t: ["audit", "m", "--reference", "r", "--probes", _probe_file(t), "--out", "/proc/purify-audit"],
@@ -223,6 +225,8 @@ def _probe_file(tmp_path):
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "{not json"))], "lineage.json: damaged, not valid"),
     (lambda t: ["lineage", "show", str(_write(t / "lineage.json", "[1, 2]"))], "not a purify lineage record"),
     (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),
+    (lambda t: ["bench", "--seed", "3"],  # was "argument suite: invalid choice: '3'": the value read as the suite
+     "unrecognized arguments: --seed (purify bench has no such option); see `purify bench --help`"),
     (lambda t: ["train", str(t)], "is a directory; give a recipe YAML file"),
     (lambda t: ["train", str(_write_bytes(t / "r.yaml", "seed: 1 # caf\u00e9".encode("latin-1")))],
      "r.yaml: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"),
