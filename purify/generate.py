@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from purify.storage import atomic_write_text, cannot_write_under, is_json_lines, not_a_file, read_utf8
-from purify.types import first_line, positive_int, probability_mass, seed_int, temperature
+from purify.types import first_line, position_limit, positive_int, probability_mass, seed_int, temperature
 
 
 class GenerateError(ValueError):
@@ -77,7 +77,16 @@ def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[str], *, ma
 
     Returns:
         The completions, in prompt order: the decoded full text minus the decoded prompt.
+
+    Raises:
+        GenerateError: the longest prompt and ``max_new_tokens`` exceed the model's positions.
     """
+    limit = position_limit(model)
+    longest = max((len(ids) for ids in tokenizer(list(prompts))["input_ids"]), default=0)
+    if limit is not None and longest + max_new_tokens > limit:  # learned positions: an IndexError; rotary: unseen
+        raise GenerateError(f"--max-new-tokens {max_new_tokens} after the longest prompt ({longest} tokens) exceeds "
+                            f"the model's {limit} positions; give --max-new-tokens {max(limit - longest, 0)} or less, "
+                            "or shorter prompts")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()

@@ -49,7 +49,7 @@ from purify.models import (
     model_forward,
     output_layer,
 )
-from purify.on_policy import position_limit, sampler_for
+from purify.on_policy import sampler_for
 from purify.purifiers.base import (
     ParameterPurifier,
     Purifier,
@@ -59,7 +59,7 @@ from purify.purifiers.base import (
     TargetPurifier,
 )
 from purify.purifiers.checks import config_problems, entry_problems, frozen_by_lora, stand_in, unaligned_teachers
-from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets, is_int, is_real
+from purify.types import Batch, DivergedError, ModelOutput, RecipeError, Targets, is_int, is_real, position_limit
 
 _NOT_SAVED = ("teachers.", "base.")
 

@@ -264,14 +264,6 @@ def synced_generation(model: nn.Module) -> bool:
                 and any(hasattr(p, "ds_id") for p in model.parameters()))
 
 
-def position_limit(model: nn.Module) -> int | None:
-    """The most positions ``model`` reads (its config's ``max_position_embeddings`` or ``n_positions``; a peft model
-    around one too), or ``None`` when it names none."""
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else None
-
-
 class OnPolicySampler:
     """Decides which optimizer steps are on-policy and replaces their batches' completions by student samples.
 

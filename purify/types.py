@@ -119,6 +119,14 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def position_limit(model: Any) -> int | None:
+    """The most positions ``model`` reads (its config's ``max_position_embeddings`` or ``n_positions``; a peft model
+    around one too), or ``None`` when it names none."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 SEED_RANGE = "a seed, an integer in [0, 2**32)"
 """What a seed must be (what numpy and torch accept), as the messages say it."""
 

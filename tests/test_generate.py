@@ -81,6 +81,21 @@ def test_sampling_is_seeded_and_restores_the_tokenizer(tmp_path: Path) -> None:
     assert greedy == sample_completions(model, tok, prompts[:1], max_new_tokens=4, temperature=0, seed=9)
 
 
+def test_sampling_past_the_models_positions_is_refused_by_name(tmp_path: Path) -> None:
+    """A prompt plus --max-new-tokens past a learned position table was an IndexError traceback (generate, audit); a
+    rotary model ran on positions it never saw, with a warning only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tmp_path / "m")  # 64 positions
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompt = "Question: What animal? Answer:"
+    length = len(tok(prompt)["input_ids"])
+    with pytest.raises(GenerateError, match=rf"^--max-new-tokens 64 after the longest prompt \({length} tokens\) "
+                                            rf"exceeds the model's 64 positions; give --max-new-tokens {64 - length}"):
+        sample_completions(model, tok, [prompt, "The old"], max_new_tokens=64)
+    assert len(sample_completions(model, tok, [prompt], max_new_tokens=64 - length)) == 1  # up to the limit: fine
+
+
 def test_generate_verb_writes_jsonl_and_reports_filters(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = make_tiny_model(tmp_path / "m")
     (tmp_path / "prompts.txt").write_text("Continue: 1, 2,\nThe old farmer\n")

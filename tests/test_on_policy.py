@@ -643,7 +643,7 @@ def test_cross_base_sample_equal_to_the_data_rebuilds_the_off_policy_batch(xtoks
     batch = data.collate([data.item(i) for i in range(4)])
     lengths = prompt_lengths(batch["target_mask"])
 
-    def data_completions(model, prompts, config, *, pad_id, eos_id, seed, vocab_limit=None):
+    def data_completions(model, prompts, config, *, pad_id, eos_id, seed, vocab_limit=None, position_limit=None):
         counts = batch["attention_mask"].sum(1) - lengths
         tokens = torch.full((4, int(counts.max())), pad_id)
         for row in range(4):
