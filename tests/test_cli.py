@@ -160,6 +160,9 @@ def test_options_are_never_abbreviated(capsys):
     # a smoke test silently replaced a committed result (results/aux-logits) with a 2-seed quick run
     (["--quick", "--out", "{run}"], "holds a finished benchmark run ({run}/summary.json); give a new --out, or add "
                                     "--overwrite to replace it"),
+    # ... and with --overwrite too, over a full run (README: a smoke test never replaces a committed result)
+    (["--quick", "--out", "{run}", "--overwrite"], "holds a full benchmark run ({run}/summary.json, not --quick); a "
+                                                   "--quick smoke test does not replace it, even with --overwrite"),
     # found only when the report was written, after every seed had run
     (["--quick", "--out", "/proc/purify-bench"], "--out /proc/purify-bench: cannot create anything in /proc"),
     # the report was written into a training run's directory, beside its checkpoints and lineage.json

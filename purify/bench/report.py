@@ -46,6 +46,15 @@ def check_conditions(arms: Iterable[tuple[str, Sequence[Any], Sequence[str], dic
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a word", list: "a list, as KEY=[a,b]"}
 
 
+def _full_run(summary: Path) -> bool:
+    """Whether ``summary`` is a full (not ``--quick``) run's; one that cannot be read is not protected."""
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and not data.get("quick", False)
+
+
 def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | None, workers: int | None,
               quick: bool, overwrite: bool, min_seeds: int = 1) -> None:
     """Refuse a benchmark run's flags before anything runs (``purify bench``, ``scripts/lm_parallel_seeds.py``).
@@ -69,6 +78,9 @@ def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | No
         if held.is_file() and not overwrite:  # e.g. a committed result under results/
             raise BenchError(f"--out {out} holds a finished benchmark run ({held}); give a new --out, or add "
                              "--overwrite to replace it")
+        if held.is_file() and quick and _full_run(held):  # a smoke test never replaces a result
+            raise BenchError(f"--out {out} holds a full benchmark run ({held}, not --quick); a --quick smoke test "
+                             "does not replace it, even with --overwrite: give it a new --out")
     if seeds is not None and seeds < min_seeds and not quick:
         raise BenchError(f"--seeds {seeds}: a verdict needs at least {min_seeds} seeds (--quick runs a smoke test)")
     if seeds is not None and seeds < 1:
