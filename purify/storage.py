@@ -236,9 +236,11 @@ def is_json_lines(path: str | Path) -> bool:
 
 
 def read_utf8(path: str | Path) -> str:
-    """``path``'s text, or a :class:`NotUTF8Error` naming the file and the first byte that is not UTF-8."""
+    """``path``'s text, or a :class:`NotUTF8Error` naming the file and the first byte that is not UTF-8. A leading
+    byte-order mark (Windows editors write one) is dropped: it stayed in a text file's first record, and a JSON
+    Lines file's first line was "not a JSON object"."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise NotUTF8Error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                            "save it as UTF-8") from None

@@ -41,3 +41,18 @@ def test_leftovers_of_a_killed_atomic_dir_are_removed_beside_their_final_only(tm
     removed = remove_leftovers(tmp_path / "student")
     assert sorted(p.name for p in removed) == [".student.old-77", ".student.tmp-ab12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", ".student-merged.tmp-x", "student"]
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """A BOM stayed in a .txt file's first record and made a .jsonl file's first line "not a JSON object"."""
+    from purify.data import read_text
+    from purify.generate import read_prompts
+
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("one line\nanother\n", encoding="utf-8")
+    marked.write_text("one line\nanother\n", encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_text(str(marked)) == read_text(str(plain))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n', encoding="utf-8-sig")
+    assert read_prompts(prompts) == ["hello"]
