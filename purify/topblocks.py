@@ -333,23 +333,46 @@ def stack_hidden(hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
     return h, attn
 
 
-def neutral_inputs(base: Any, tokenizer: Any, layers: int, texts: list[str],
-                   bs: int = 8) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Neutral ``texts`` (raw, no chat template) as batches of ``bs``: ``(block inputs, attention mask, the base's
-    logits)``, for :func:`drift`."""
+Neutral = list[tuple[Tensor, Tensor, Tensor, Tensor]]
+"""Batches of neutral text: ``(block inputs, attention mask, the base's logits, token ids)``
+(:func:`neutral_inputs`)."""
+
+
+def neutral_inputs(base: Any, tokenizer: Any, layers: int, texts: list[str], bs: int = 8) -> Neutral:
+    """Neutral ``texts`` (raw, no chat template) as batches of ``bs`` (:data:`Neutral`), for :func:`drift` and
+    :func:`prose_perplexity`."""
     rows = [token_ids(tokenizer, t) for t in texts]
     hidden = block_inputs(base, rows, None, layers)
     top = Top(base, layers)
+    out = []
     with torch.no_grad():
-        return [(h, attn, top.logits(h, attn))
-                for h, attn in (stack_hidden(hidden[s:s + bs]) for s in range(0, len(texts), bs))]
+        for s in range(0, len(texts), bs):
+            h, attn = stack_hidden(hidden[s:s + bs])
+            ids = torch.zeros_like(attn, dtype=torch.long)
+            for row, r in enumerate(rows[s:s + bs]):
+                ids[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+            out.append((h, attn, top.logits(h, attn), ids))
+    return out
 
 
 @torch.no_grad()
-def drift(top: Top, neutral: list[tuple[Tensor, Tensor, Tensor]]) -> float:
+def drift(top: Top, neutral: Neutral) -> float:
     """Off-task drift of a student from its base: mean ``KL(base ‖ student)`` per next-token position of the neutral
     paragraphs (:func:`neutral_inputs`, :func:`purify.readouts.drift_terms`)."""
-    return float(torch.cat([drift_terms(b, top.logits(h, attn), attn) for h, attn, b in neutral]).mean())
+    return float(torch.cat([drift_terms(b, top.logits(h, attn), attn) for h, attn, b, _ in neutral]).mean())
+
+
+@torch.no_grad()
+def prose_perplexity(top: Top, neutral: Neutral) -> float:
+    """The student's perplexity on the neutral paragraphs: ``exp`` of its mean next-token negative log-likelihood
+    over their valid positions (held out from every training text: a guard against a student that forgets language,
+    which the real-model suites declare, :data:`purify.bench.real_lm.GUARDS`)."""
+    nll = []
+    for h, attn, _, ids in neutral:
+        logp = torch.log_softmax(top.logits(h, attn)[:, :-1].float(), -1)
+        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        nll.append(-picked[attn[:, 1:].bool()])
+    return float(torch.cat(nll).mean().exp())
 
 
 @torch.no_grad()

@@ -233,6 +233,16 @@ def test_verdict_zero_variance_overshoot_damage_and_no_gain():
     facts = Guard("accuracy", "facts accuracy", not_below_control_ci=True)
     assert _verdict(_runs([0.3 + e for e in ARM], [0.4] * 5, accuracy=[0.4] * 5), guards=[facts]).startswith(
         "damaged: facts accuracy (0.4 below the control's 95% CI")
+    # an upper bound (the real-model suites' held-out perplexity): broken above 2 × the base's mean, intact at it
+    ppl = Guard("prose_ppl", "held-out prose perplexity", max_ratio_of_base=2.0)
+    base, control, vanilla = _world()
+    base = [{**r, "prose_ppl": 10.0} for r in base]
+    forgot = _runs([0.3 + e for e in ARM], [0.4] * 5, prose_ppl=[21.0, 20.5, 22.0, 19.0, 21.5])  # mean 20.8
+    assert verdict(forgot, vanilla, control, base, [ppl]).startswith(
+        "damaged: held-out prose perplexity (20.8 > 2 × the base's 10)")
+    assert ppl.seeds_below(forgot, base, control) == [0, 1, 2, 4]  # outside the band: above 20
+    kept = _runs([0.3 + e for e in ARM], [0.4] * 5, prose_ppl=[20.0] * 5)
+    assert verdict(kept, vanilla, control, base, [ppl]).startswith("below frontier")
     worse = _verdict(_runs([0.3 + e for e in ARM], [1.1] * 5))
     assert worse.startswith("no verdict: task error 1.1 not below the undistilled base's 1")
     assert _verdict([{**r, "diverged_at": 7} for r in _runs([0.3] * 5, [0.4] * 5)]) == \

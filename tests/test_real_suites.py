@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert readouts["teacher"]["trait"] > 0.5 > readouts["base"]["trait"]
     assert "vanilla:soft" not in summary["verdicts"]  # another baseline mode, not a purifier
     assert summary["verdicts"]["anchor"].startswith("no verdict: 2 seed(s)")  # too few seeds
+    # the guard the issue asks of the real suites: held-out perplexity, an upper bound, read on every student
+    assert summary["guards"] == [{"metric": "prose_ppl", "label": "held-out prose perplexity",
+                                  "min_ratio_of_base": None, "not_below_control_ci": False, "max_ratio_of_base": 2.0}]
+    assert all(1.0 < r["prose_ppl"] < math.inf for c in summary["conditions"].values() for r in c["per_seed"])
     # a soft-label arm brings the soft control (KD on the base's own top-K on its text) and is judged against it
     assert summary["verdicts"]["tail_truncation"].startswith("no verdict: 2 seed(s)")
     assert summary["judged_against"]["tail_truncation"] == {"base": "base", "control": "control:soft",
@@ -105,6 +110,23 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
     assert again["verdicts"] == summary["verdicts"] and Path(out, "summary.md").read_text() == md
     assert Path(out, "summary.json").read_text() == stored  # byte for byte: a re-derivation leaves no diff behind
     assert json.loads(Path(out, "env.json").read_text())["rereported_by"].endswith(str(out))
+
+
+def test_prose_perplexity_of_the_base_blocks_is_the_full_models_by_hand(tiny) -> None:
+    from purify.readouts import token_ids
+    from purify.topblocks import Top, neutral_inputs, prose_perplexity
+
+    base, tok, prompts = tiny
+    texts = [prompts[0], prompts[1] + " " + prompts[2], prompts[3]]  # ragged: padding must not count
+    nll = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([token_ids(tok, text)])
+            logp = torch.log_softmax(base(input_ids=ids).logits[0, :-1].float(), -1)
+            nll += (-logp.gather(-1, ids[0, 1:, None])[:, 0]).tolist()
+    expected = math.exp(sum(nll) / len(nll))
+    got = prose_perplexity(Top(base, 2), neutral_inputs(base, tok, 2, texts, bs=2))
+    assert got == pytest.approx(expected, rel=1e-4)
 
 
 def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_arm_in_its_mode(tiny, tmp_path,

@@ -33,6 +33,7 @@ from purify.bench import lm_common, stats
 from purify.bench.lm_common import DRIFT_SEED, Condition, Scores, Suite
 from purify.bench.probe_free import Sweep
 from purify.bench.report import BenchError, Clock, bench_command, check_conditions, check_options, environment
+from purify.bench.verdicts import Guard
 from purify.generate import load_model, sample_completions
 from purify.lm import paragraphs
 from purify.lm.cache import digest
@@ -46,6 +47,7 @@ from purify.topblocks import (
     fit_on_policy,
     fit_top,
     neutral_inputs,
+    prose_perplexity,
     score_top,
     sft_data,
     teacher_targets,
@@ -188,6 +190,11 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
     return out
 
 
+GUARDS = (Guard("prose_ppl", "held-out prose perplexity", max_ratio_of_base=2.0),)
+"""What a real-model student must keep: its perplexity on neutral prose held out from every training text
+(:func:`purify.topblocks.prose_perplexity`, the paragraphs the drift is read on) at most twice the base's — a student
+that forgets language is ``damaged``, whatever its trait. The bound was set before any run read it (and no trait is
+read to set it); the chat pools are all training data, so held-out prose stands in for held-out chat."""
 TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
 """The traited teacher's fidelity scores against itself (its row of a seed's record)."""
 
@@ -237,10 +244,10 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
 
     def score(top: Top) -> Scores:
         return {**score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others),
-                "drift": drift(top, neutral)}
+                "drift": drift(top, neutral), "prose_ppl": prose_perplexity(top, neutral)}
 
     first = score(Top(base, cfg["layers"]))
-    s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement", "drift")}}
+    s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement", "drift", "prose_ppl")}}
     log["top_vs_full_trait"] = first["trait"] - b_scores["trait"]
     t_full = {**t_scores, **TEACHER_FIDELITY}
     if not any(c.baseline and c.kind == "vanilla" for c in conds) or not any(c.kind == "control" for c in conds):
@@ -248,7 +255,8 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
     steps = cfg["epochs"] * (n_t - cfg["heldout"]) // cfg["batch_size"]
     suite = Suite(name=spec.name, protocol=spec.protocol, student=Path(path), conditions=conds, steps=steps,
                   batch_size=cfg["batch_size"], lr=cfg["lr"], curve_points=5,
-                  trait=trait_name(spec.target), tuned_on=spec.tuned_on, sweeps=sweeps)
+                  trait=trait_name(spec.target), tuned_on=spec.tuned_on, sweeps=sweeps, guards=list(GUARDS),
+                  columns=[("prose_ppl", "prose perplexity")])
     pools = {k: [i for i in range(len(data[k]["labels"])) if k != "teacher" or i not in heldout]
              for k in ("teacher", "clean")}
 

@@ -499,6 +499,8 @@ def verdict_notes(summary: dict[str, Any]) -> list[str]:
     guards = summary.get("guards") or []
     if guards:
         rules = [f"{g['label']} ≥ {g['min_ratio_of_base']:g} × the base's" if g.get("min_ratio_of_base") is not None
+                 else f"{g['label']} ≤ {g['max_ratio_of_base']:g} × the base's"
+                 if g.get("max_ratio_of_base") is not None
                  else f"{g['label']} not below the control's 95% CI" for g in guards]
         lines.append(f"- Guards: {'; '.join(rules)}.")
     else:

@@ -44,38 +44,45 @@ MARGIN, ERROR_RATIO = 0.10, 1.10
 class Guard:
     """A behaviour that must survive purification, read from one per-seed metric.
 
-    Broken (``damaged``) when the arm's *mean* falls below a bound. Judged on the mean, not per seed or on an
-    interval, because the references lose side behaviours on some seeds too (on hidden-preference the on-policy
-    control, the student an ideal purifier should match, is under P(any animal)'s band on about a quarter of its
-    seeds: README, "Guards per seed"), so a stricter guard would fail an ideal purifier. Which seeds fall below the
-    band is reported beside the verdict (:meth:`seeds_below`), for the arm and for its control.
+    Broken (``damaged``) when the arm's *mean* falls outside a bound (below a lower one, above an upper one).
+    Judged on the mean, not per seed or on an interval, because the references lose side behaviours on some seeds
+    too (on hidden-preference the on-policy control, the student an ideal purifier should match, is under P(any
+    animal)'s band on about a quarter of its seeds: README, "Guards per seed"), so a stricter guard would fail an
+    ideal purifier. Which seeds fall outside the band is reported beside the verdict (:meth:`seeds_below`), for the
+    arm and for its control.
 
     Attributes:
         metric: per-seed key (e.g. ``animal_mass``).
         label: name in reports (e.g. ``P(any animal)``).
-        min_ratio_of_base: bound: this × mean(base).
-        not_below_control_ci: bound: the lower end of the control's 95% CI of the mean.
+        min_ratio_of_base: lower bound: this × mean(base).
+        not_below_control_ci: lower bound: the lower end of the control's 95% CI of the mean.
+        max_ratio_of_base: upper bound: this × mean(base) (a perplexity: lower is better).
     """
 
     metric: str
     label: str
     min_ratio_of_base: float | None = None
     not_below_control_ci: bool = False
+    max_ratio_of_base: float | None = None
 
-    def _bounds(self, base: Records, control: Records) -> list[tuple[float, str]] | None:
-        """``[(bound, how a mean under it is reported)]``, or ``None`` when a reference lacks the metric."""
+    def _bounds(self, base: Records, control: Records) -> list[tuple[float, str, bool]] | None:
+        """``[(bound, how a mean outside it is reported, whether it is an upper bound)]``, or ``None`` when a
+        reference lacks the metric."""
         out = []
-        if self.min_ratio_of_base is not None:
+        for ratio, upper in ((self.min_ratio_of_base, False), (self.max_ratio_of_base, True)):
+            if ratio is None:
+                continue
             ref = _finite(r.get(self.metric) for r in base)
             if not ref:
                 return None
-            out.append((self.min_ratio_of_base * float(np.mean(ref)),
-                        f"< {self.min_ratio_of_base:g} × the base's {np.mean(ref):.3g}"))
+            out.append((ratio * float(np.mean(ref)), f"{'>' if upper else '<'} {ratio:g} × the base's "
+                                                     f"{np.mean(ref):.3g}", upper))
         if self.not_below_control_ci:
             ci = mean_ci(_finite(r.get(self.metric) for r in control))
             if ci["n"] == 0:
                 return None
-            out.append((ci["ci95"][0], f"below the control's 95% CI [{ci['ci95'][0]:.3g}, {ci['ci95'][1]:.3g}]"))
+            out.append((ci["ci95"][0], f"below the control's 95% CI [{ci['ci95'][0]:.3g}, {ci['ci95'][1]:.3g}]",
+                        False))
         return out
 
     def problem(self, arm: Records, base: Records, control: Records) -> str | None:
@@ -86,21 +93,17 @@ class Guard:
         if not values or bounds is None:
             return "not measured"
         mean = float(np.mean(values))
-        broken = next((f"{mean:.3g} {under}" for bound, under in bounds if mean < bound), None)
+        broken = next((f"{mean:.3g} {outside}" for bound, outside, upper in bounds
+                       if (mean > bound if upper else mean < bound)), None)
         missing = [r["seed"] for r in arm if not _ok(r.get(self.metric))]
         return broken or (f"not measured on seed(s) {', '.join(map(str, missing))}" if missing else None)
 
-    def band(self, base: Records, control: Records) -> float | None:
-        """The least value inside the band (the highest bound), or ``None`` when a reference lacks the metric."""
-        bounds = self._bounds(base, control)
-        return max(b for b, _ in bounds) if bounds else None
-
     def seeds_below(self, records: Records, base: Records, control: Records) -> list[int]:
-        """The seeds of ``records`` whose own value is under the band (or not finite); ``[]`` when a reference lacks
-        the metric."""
-        band = self.band(base, control)
-        return [] if band is None else [r["seed"] for r in records
-                                        if not _ok(r.get(self.metric)) or r[self.metric] < band]
+        """The seeds of ``records`` whose own value is outside the band (under a lower bound, over an upper one,
+        or not finite); ``[]`` when a reference lacks the metric."""
+        bounds = self._bounds(base, control)
+        return [] if not bounds else [r["seed"] for r in records if not _ok(r.get(self.metric)) or any(
+            (r[self.metric] > b if upper else r[self.metric] < b) for b, _, upper in bounds)]
 
 
 def guards_from(entries: Sequence[Mapping[str, Any]]) -> list[Guard]:
