@@ -98,6 +98,12 @@ class Guard:
         missing = [r["seed"] for r in arm if not _ok(r.get(self.metric))]
         return broken or (f"not measured on seed(s) {', '.join(map(str, missing))}" if missing else None)
 
+    def band(self, base: Records, control: Records) -> float | None:
+        """The least value inside the band (the highest lower bound), or ``None`` when a reference lacks the metric
+        or the guard has no lower bound."""
+        lower = [b for b, _, upper in self._bounds(base, control) or [] if not upper]
+        return max(lower) if lower else None
+
     def seeds_below(self, records: Records, base: Records, control: Records) -> list[int]:
         """The seeds of ``records`` whose own value is outside the band (under a lower bound, over an upper one,
         or not finite); ``[]`` when a reference lacks the metric."""
