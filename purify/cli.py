@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted()
     verb = args.verb
     # train stops at a step's end under Lightning's handler (and up to the fit under its own); bench says its own
-    stops = contextlib.nullcontext() if verb in ("train", "bench") else \
+    # while its seeds run, this before (its checks and suite import: a SIGTERM there ended it without a line)
+    stops = contextlib.nullcontext() if verb == "train" else \
         sigterm_stops(_STOPPED.get(verb, f"purify {verb} did not finish"))
     try:
         with stops:
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOPPED = {
+    "bench": "the run did not start; nothing was written",
     "cache": "the cache is not finished; run the same command again to resume it",
     "generate": "purify generate did not finish; nothing was written to --out",
     "models": "the model was not prepared; run the same command again",

@@ -289,6 +289,21 @@ def test_a_quick_run_says_when_it_ran_fewer_seeds_than_asked(tmp_path, capsys, m
         capsys.readouterr().out
 
 
+def test_a_sigterm_before_a_benchmarks_seeds_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """bench's own handler came only around its seeds: a SIGTERM during its checks and suite import ended it with
+    exit 143 and no line."""
+    import os
+    import signal
+
+    import purify.bench.report as report
+
+    monkeypatch.setattr(report, "check_run", lambda **kw: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["bench", "--quick", "--out", str(tmp_path / "o")]) == 143
+    assert capsys.readouterr().err.strip() == "purify: error: stopped by SIGTERM: the run did not start; nothing was " \
+        "written"
+    assert not (tmp_path / "o").exists()
+
+
 def test_sigterm_stops_raises_in_this_process_and_restores_the_handler():
     """What purify bench and scripts/lm_parallel_seeds.py run under (the script's workers were orphaned too), and
     every verb but train, whose model building runs under it too."""
