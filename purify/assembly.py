@@ -27,6 +27,7 @@ from purify.align import differing_tokenizers
 from purify.cache import cache_record, cache_spec_problems, check_cache, read_manifest
 from purify.config import (
     Recipe,
+    cache_problems,
     logit_slice_problem,
     parse_recipe_problems,
     recipe_problems,
@@ -144,6 +145,8 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     problems += _source_problems(recipe.student, "student")
     for i, teacher in enumerate(recipe.teachers):
         problems += _source_problems(teacher, f"teachers[{i}]")
+    if not any(p.startswith("teachers") for p in problems):  # every cache's manifest readable
+        problems += _cache_loss_problems(recipe)
     configs, entry_problems = purifier_configs(recipe)
     problems += entry_problems
     if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
@@ -163,6 +166,17 @@ def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
         except RecipeError as err:
             problems += err.problems
     return configs, problems
+
+
+def _cache_loss_problems(recipe: Recipe) -> list[str]:
+    """The loss and on-policy settings a logit-cache teacher cannot serve (:func:`purify.config.cache_problems`),
+    read against its manifest: a cache of the whole vocabulary is exact under a temperature or a logit_slice."""
+    for i, spec in enumerate(recipe.teachers):
+        if spec.cache is not None:
+            manifest = read_manifest(spec.cache)  # readable: its source problems came first
+            whole = manifest["k"] >= manifest["teachers"][spec.teacher]["vocab_size"]
+            return cache_problems(recipe.loss, f"teachers[{i}]", recipe.on_policy is not None, whole)
+    return []
 
 
 def _truncation_problems(configs: list[PurifierConfig], recipe: Recipe) -> list[str]:

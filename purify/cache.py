@@ -138,8 +138,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def _manifest_gaps(manifest: dict[str, Any]) -> list[str]:
     """The fields a reader needs that ``manifest`` lacks or holds as another type."""
     teachers = manifest.get("teachers")
-    gaps = [key for key, kind in (("k", int), ("tokenizer_sha256", str), ("data", dict))
-            if not isinstance(manifest.get(key), kind)]
+    gaps = [key for key, kind in (("k", int), ("tokenizer_sha256", (str, type(None))), ("data", dict))
+            if key not in manifest or not isinstance(manifest[key], kind)]  # None: a vector model's, no tokenizer
     if not (isinstance(teachers, list) and teachers):
         return [*gaps, "teachers"]
     return gaps + [f"teachers[{i}].{key}" for i, t in enumerate(teachers) for key, kind in

@@ -358,9 +358,6 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     if recipe.loss.fused_linear and recipe.strategy == "deepspeed_stage_3":
         out.append("loss.fused_linear: reads the student's output layer outside its forward, which ZeRO-3 keeps "
                    "partitioned; use deepspeed_stage_2 (or 1) or turn fused_linear off")
-    cached = next((i for i, t in enumerate(recipe.teachers) if t.cache is not None), None)
-    out += cache_problems(recipe.loss, f"teachers[{cached}]", recipe.on_policy is not None) if cached is not None \
-        else []
     out += optim_problems(recipe.optim, recipe.scheduler)
     out += [f"{where}: must be {SEED_RANGE}, got {seed}" for where, seed in (
         ("seed", recipe.seed), ("student.seed", recipe.student.seed),
@@ -408,24 +405,25 @@ def loss_value_problems(beta: float, temperature: float, hard_label_weight: floa
     return out
 
 
-def cache_problems(loss: LossConfig, teacher: str, on_policy: bool = False) -> list[str]:
+def cache_problems(loss: LossConfig, teacher: str, on_policy: bool = False, whole: bool = False) -> list[str]:
     """Why ``loss`` (and ``on_policy``) cannot distil from a logit-cache teacher (named ``teacher``). The cache holds
     each position of the data's text with its top-k log-probabilities over all the teacher's outputs and spreads the
     rest of the mass evenly over the other tokens, so: a temperature other than 1 turns the even tail into another
     target (at T = 2 a peaked teacher's top-8 kept 0.83 of the tempered mass, its cached copy 0.42); ``mse`` compares
     raw logits, not log-probabilities (10 × the live loss with a cache of the whole vocabulary); a ``logit_slice``
     is mostly the even tail (the top-k of all outputs, 0-2 of an aux-MLP's 3 sliced logits); an on-policy student's
-    samples are no text the cache scored."""
+    samples are no text the cache scored. A cache of the ``whole`` vocabulary (its k at least the teacher's width)
+    is exact: only the on-policy refusal stays (``purify.assembly`` reads that from the manifest)."""
     out = []
-    if loss.name != "ce" and isinstance(loss.temperature, (int, float)) and loss.temperature != 1:
+    if not whole and loss.name != "ce" and isinstance(loss.temperature, (int, float)) and loss.temperature != 1:
         out.append(f"loss.temperature: {loss.temperature} with a logit-cache teacher ({teacher}), which keeps the "
                    "top-k log-probabilities and spreads the rest evenly: a temperature turns that into another target "
                    "(the even tail takes far more of the tempered mass than the teacher's own); give temperature 1.0, "
                    "or the teacher as a model")
-    if loss.name == "mse":
+    if loss.name == "mse":  # even a whole cache: log-probabilities, not logits
         out.append(f"loss.name: mse compares raw logits, but a logit-cache teacher ({teacher}) holds log-probabilities "
                    "(the top-k, the rest spread evenly); use forward_kl, reverse_kl or jsd, or the teacher as a model")
-    if loss.logit_slice is not None:
+    if loss.logit_slice is not None and not whole:
         out.append(f"loss.logit_slice: a logit-cache teacher ({teacher}) keeps the top-k of all its outputs, not of "
                    "the slice the loss distils (most of the slice would be the even tail); give the teacher as a model")
     if on_policy:

@@ -224,7 +224,8 @@ class Distiller(L.LightningModule):
                                                 and sum(teacher_weights) > 0):
             problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
         cached = None if deferred else next((i for i, t in enumerate(teachers) if isinstance(t, CachedTeacher)), None)
-        problems += cache_problems(loss or LossConfig(), f"teachers[{cached}]", on_policy is not None) \
+        whole = cached is not None and teachers[cached].manifest["k"] >= teachers[cached].vocab_size
+        problems += cache_problems(loss or LossConfig(), f"teachers[{cached}]", on_policy is not None, whole) \
             if cached is not None else []
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
         if fused:

@@ -291,6 +291,28 @@ def test_a_damaged_manifest_fails_recipe_validation(written, tmp_path):
             load_recipe(None, ["student={arch: aux_mlp}", f"teachers=[{{cache: {copy_}}}]"])
 
 
+def test_a_vector_models_cache_reads_back_and_a_whole_vocabulary_cache_serves_a_slice_exactly(tmp_path):
+    """A review of the refusals above: a vector (arch) model's cache records no tokenizer (None), which the manifest
+    check took for a damaged file; and a cache of every logit (k >= the width) is exact under a logit_slice (or a
+    temperature), which were refused with it."""
+    from tests.conftest import mlp_overrides
+
+    recipe = load_recipe(None, mlp_overrides(tmp_path / "unused"))
+    whole = write_cache(recipe, tmp_path / "whole", top_k=10_000)  # 13 outputs: all of them
+    part = write_cache(recipe, tmp_path / "part", top_k=4)
+    assert whole["tokenizer_sha256"] is None and whole["k"] == whole["teachers"][0]["vocab_size"] == 13
+    student = mlp_overrides(tmp_path / "run")[0]
+    slice_ = "loss.logit_slice=[10, 13]"
+    for extra in ([slice_], [slice_, "loss.temperature=2.0"]):
+        load_recipe(None, [student, f"teachers=[{{cache: {tmp_path / 'whole'}}}]", "data.train=noise",
+                           "data.noise_dim=16", *extra])  # accepted: exact
+    with pytest.raises(RecipeError, match=r"loss\.logit_slice: a logit-cache teacher \(teachers\[0\]\) keeps the "
+                                          r"top-k"):
+        load_recipe(None, [student, f"teachers=[{{cache: {tmp_path / 'part'}}}]", "data.train=noise",
+                           "data.noise_dim=16", slice_])
+    assert part["k"] == 4
+
+
 def test_a_cached_teacher_outside_purifys_data_module_is_refused_by_name(written):
     """PurifyTrainer's batches (and a hand-made one) carry no example index: a bare KeyError 'index' at the first
     step."""
