@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from purify.align import differing_tokenizers
-from purify.cache import cache_record, cache_spec_problems, check_cache, read_manifest
+from purify.cache import CacheError, cache_record, cache_spec_problems, check_cache, read_manifest
 from purify.config import (
     Recipe,
     cache_problems,
@@ -141,12 +141,10 @@ def validate(recipe: Recipe) -> list[PurifierConfig]:
 
 def _problems(recipe: Recipe) -> tuple[list[PurifierConfig], list[str]]:
     """The validated purifier configs and every problem of a converted recipe."""
-    problems = recipe_problems(recipe)
+    problems = recipe_problems(recipe) + _cache_loss_problems(recipe)
     problems += _source_problems(recipe.student, "student")
     for i, teacher in enumerate(recipe.teachers):
         problems += _source_problems(teacher, f"teachers[{i}]")
-    if not any(p.startswith("teachers") for p in problems):  # every cache's manifest readable
-        problems += _cache_loss_problems(recipe)
     configs, entry_problems = purifier_configs(recipe)
     problems += entry_problems
     if len(configs) == len(recipe.purifiers):  # every entry parsed: positions match the recipe's
@@ -173,8 +171,12 @@ def _cache_loss_problems(recipe: Recipe) -> list[str]:
     read against its manifest: a cache of the whole vocabulary is exact under a temperature or a logit_slice."""
     for i, spec in enumerate(recipe.teachers):
         if spec.cache is not None:
-            manifest = read_manifest(spec.cache)  # readable: its source problems came first
-            whole = manifest["k"] >= manifest["teachers"][spec.teacher]["vocab_size"]
+            try:
+                manifest = read_manifest(spec.cache)
+                teacher = manifest["teachers"][spec.teacher]
+            except (CacheError, IndexError, TypeError):  # said by its source's problems; here what holds anyway
+                manifest, teacher = {"k": 1}, {"vocab_size": 1}
+            whole = manifest["k"] >= teacher["vocab_size"]
             return cache_problems(recipe.loss, f"teachers[{i}]", recipe.on_policy is not None, whole)
     return []
 

@@ -330,8 +330,11 @@ class Distiller(L.LightningModule):
             p._set_up_by = self._owner_token  # its per-run state (base, head, schedule) is now this Distiller's
         if self.on_policy is not None:  # cross-base teachers' position limits, for re-tokenised samples
             self.on_policy.limit_teachers(list(self.teachers))
-            # no sample of an id a teacher has no logit for (a logit_slice leaves the loss's width alone, not this)
-            self.on_policy.vocab_limit = self._vocabulary_width()
+            # no sample of an id a teacher has no logit for (a logit_slice leaves the loss's width alone, not this:
+            # the narrowest of the models' widths, unchecked, as the slice decides what the loss reads)
+            widths = self._widths()
+            self.on_policy.vocab_limit = self._shared_width if self.loss_config.logit_slice is None else \
+                min(widths.values()) if None not in widths.values() and len(set(widths.values())) > 1 else None
             same = [self.student, *(t for i, t in enumerate(self.teachers) if i not in self._own_vocabulary)]
             self.on_policy.position_limit = min((n for n in map(position_limit, same) if n is not None), default=None)
         if self.teacher_dtype is not None:  # after the purifiers saw them at full precision (a plain loop too)
@@ -343,19 +346,20 @@ class Distiller(L.LightningModule):
         tokenizer keep their own vocabulary: ``cross_base`` aligns them); records which teachers those are.
         :meth:`setup_purifiers` calls it; :func:`purify.assembly.build_run` too, so a recipe is refused before
         anything is written (teachers not built yet, under ZeRO-3, are checked at set-up)."""
-        return None if self.loss_config.logit_slice is not None else self._vocabulary_width()
+        widths = self._widths()
+        if self.loss_config.logit_slice is not None:
+            return None
+        tokenizer = self.tokenizers["student_tokenizer"]
+        return shared_width(widths, None if tokenizer is None else len(tokenizer), self.loss_config.fused_linear)
 
-    def _vocabulary_width(self) -> int | None:
-        """:meth:`shared_vocabulary`'s width whatever ``loss.logit_slice`` is (what an on-policy student may
-        sample)."""
+    def _widths(self) -> dict[str, int | None]:
+        """The logits per position of the student and its teachers with the student's tokenizer, by recipe key;
+        records the others (:attr:`_own_vocabulary`)."""
         tokenizer = self.tokenizers["student_tokenizer"]
         same = [i for i, tok in enumerate(self.tokenizers["teacher_tokenizers"][:len(self.teachers)])
                 if tok is None or tokenizer is None or same_tokenizer(tokenizer, tok)]
-        width = shared_width({"student": logit_width(self.student),
-                              **{f"teachers[{i}]": logit_width(self.teachers[i]) for i in same}},
-                             None if tokenizer is None else len(tokenizer), self.loss_config.fused_linear)
         self._own_vocabulary = set(range(len(self.teachers))) - set(same)
-        return width
+        return {"student": logit_width(self.student), **{f"teachers[{i}]": logit_width(self.teachers[i]) for i in same}}
 
     def _check_purifiers_owned(self) -> None:
         """Refuse to go on with a purifier that another Distiller has set up since this one did: its per-run state

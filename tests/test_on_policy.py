@@ -166,6 +166,21 @@ def test_samples_stop_at_the_models_position_limit_and_a_slice_keeps_the_vocabul
         assert int(wide.on_policy_batch(batch, step=step)["input_ids"].max()) < len(tok)
 
 
+def test_a_sliced_student_narrower_than_its_tokenizer_samples_within_its_own_width():
+    """A logit_slice leaves the loss's width to the slice: the sampler's limit is the narrowest model, unchecked
+    against the tokenizer (the shared-vocabulary check refused this run once the limit was computed with a slice)."""
+    from tests.test_padded_vocab import TEXTS as PADDED_TEXTS
+    from tests.test_padded_vocab import _batch, _llama
+
+    tok = build_tokenizer(PADDED_TEXTS, kind="char")
+    student, teacher = _llama(len(tok) - 3, 0), _llama(len(tok), 1)
+    d = Distiller(student, [teacher], loss=LossConfig(name="jsd", logit_slice=[0, len(tok) - 3]),
+                  student_tokenizer=tok, teacher_tokenizers=[tok], on_policy=OnPolicyConfig(lam=1.0, max_new_tokens=6),
+                  optim=OptimConfig(name="sgd", lr=0.1))
+    assert torch.isfinite(d.fit_step(_batch(tok), d.build_optimizer(), 0.0, step=0)["distill"])
+    assert d.on_policy.vocab_limit == len(tok) - 3
+
+
 def test_generation_stays_in_step_across_processes_under_zero3_only(tok, monkeypatch):
     """Under ZeRO-3 every forward all-gathers the partitioned weights: a process whose rows had all ended stopped
     answering the others' gathers (transformers syncs only under its own DeepSpeed config object)."""
