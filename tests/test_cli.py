@@ -193,6 +193,22 @@ def _probe_file(tmp_path):
     return str(path)
 
 
+def test_a_quick_result_written_before_summaries_said_so_is_still_a_quick_one(tmp_path):
+    """A summary without its ``quick`` field (the committed trait-*-quick runs) read as a full run: its own recorded
+    command, with --overwrite, was refused. The command in env.json says which it was."""
+    import shutil
+
+    from purify.bench.report import check_run
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    quick = shutil.copytree(root / "style-tic" / "trait-however-quick", tmp_path / "quick")
+    assert "quick" not in json.loads((quick / "summary.json").read_text())
+    check_run(out=quick, seeds=5, first_seed=1000, workers=None, quick=True, overwrite=True, min_seeds=3)
+    full = shutil.copytree(root / "style-tic" / "sgd", tmp_path / "full")
+    with pytest.raises(ValueError, match="holds a full benchmark run"):
+        check_run(out=full, seeds=5, first_seed=1000, workers=None, quick=True, overwrite=True, min_seeds=3)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--samples", "0"],
      "argument --samples: expected an integer >= 1, got 0; see `purify generate --help`"),

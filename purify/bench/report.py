@@ -47,12 +47,22 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a w
 
 
 def _full_run(summary: Path) -> bool:
-    """Whether ``summary`` is a full (not ``--quick``) run's; one that cannot be read is not protected."""
+    """Whether ``summary`` is a full (not ``--quick``) run's: its ``quick`` field, or for a summary written before
+    it was recorded, the command in the ``env.json`` beside it (none readable: full). A summary that cannot be read
+    is no result to protect."""
     try:
         data = json.loads(summary.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and not data.get("quick", False)
+    if not isinstance(data, dict):
+        return False
+    if "quick" in data:
+        return not data["quick"]
+    try:
+        command = json.loads(summary.with_name("env.json").read_text()).get("command", "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return True
+    return "--quick" not in str(command)
 
 
 def check_run(*, out: str | Path | None, seeds: int | None, first_seed: int | None, workers: int | None,
