@@ -531,10 +531,10 @@ def test_rereport_rederives_a_committed_run_from_its_per_seed_records(tmp_path, 
     (lambda s, e: s.pop("wall_seconds"), "was written before summaries recorded wall_seconds"),
     (lambda s, e: e.update(seeds=[7, 8, 9]), "env.json is of a run on seeds [7, 8, 9], the summary's are [0, 1, 2]"),
     # hand-edited field types were AttributeError/TypeError/KeyError tracebacks
-    (lambda s, e: s["settings"]["conditions"].insert(0, "vanilla"), "summary.json is not as purify writes it "
+    (lambda s, e: s["settings"]["conditions"].insert(0, "vanilla"), "summary.json cannot be re-derived "
                                                                     "(AttributeError: "),
-    (lambda s, e: s.update(base={"task_error": 0.5}), "summary.json is not as purify writes it (TypeError: "),
-    (lambda s, e: s["tuned_on"][0].pop("seeds"), "summary.json is not as purify writes it (KeyError: 'seeds')"),
+    (lambda s, e: s.update(base={"task_error": 0.5}), "summary.json cannot be re-derived (TypeError: "),
+    (lambda s, e: s["tuned_on"][0].pop("seeds"), "summary.json cannot be re-derived (KeyError: 'seeds', at "),
 ])
 def test_rereport_of_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, capsys, damage, message):
     """Each was a traceback (IndexError, KeyError) or, for another run's env.json, a mixed record written, exit 0."""

@@ -16,6 +16,7 @@ before those fields existed is refused with a message; re-run its command to ren
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,11 @@ def rereport(directory: str | Path, suite_name: str | None = None) -> dict[str, 
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:  # a hand-edited file: tracebacks
         if isinstance(err, BenchError):
             raise
-        raise BenchError(f"--rereport: {d / 'summary.json'} is not as purify writes it ({type(err).__name__}: "
-                         f"{first_line(err)}); restore it (git checkout) or re-run the command in its env.json"
-                         ) from None
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        raise BenchError(f"--rereport: {d / 'summary.json'} cannot be re-derived ({type(err).__name__}: "
+                         f"{first_line(err)}, at {Path(where.filename).name}:{where.lineno}): a field is not as purify "
+                         "writes it; restore it (git checkout) or re-run the command in its env.json (a file purify "
+                         "wrote unchanged failing here is purify's bug: report it with this line)") from None
     env["rereported_by"] = f"purify bench --rereport {directory}"
     (aux_logits.write if aux else lm_common.publish)(d, summary, env)
     return summary
