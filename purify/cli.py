@@ -350,7 +350,9 @@ def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     for token in rest:
         if token == "--":
             return
-        if token.startswith("-") and not re.match(r"-\d", token) and token.split("=", 1)[0] not in known:
+        looks_like_option = token.startswith("-") and token != "-" and " " not in token and not re.fullmatch(
+            r"-\d+|-\d*\.\d+", token)  # argparse's own rule: a value ('-ly ending', '-3', '-0.5') is no option
+        if looks_like_option and token.split("=", 1)[0] not in known:
             parser.error(f"unrecognized arguments: {token} (purify {' '.join(names)} has no such option)")
 
 

@@ -3,6 +3,7 @@ them. Standard library only, so the command line can import it without loading t
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -239,11 +240,14 @@ def read_utf8(path: str | Path) -> str:
     """``path``'s text, or a :class:`NotUTF8Error` naming the file and the first byte that is not UTF-8. A leading
     byte-order mark (Windows editors write one) is dropped: it stayed in a text file's first record, and a JSON
     Lines file's first line was "not a JSON object"."""
+    data = Path(path).read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise NotUTF8Error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
-                           "save it as UTF-8") from None
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:  # the offset in the file, the mark included
+        raise NotUTF8Error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                           f"{bom + err.start}); save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gave them
 
 
 def not_a_file(path: str | Path) -> str | None:

@@ -246,6 +246,9 @@ def test_a_quick_result_written_before_summaries_said_so_is_still_a_quick_one(tm
     (lambda t: ["bench", "nosuite"], "argument suite: invalid choice: 'nosuite'"),
     (lambda t: ["bench", "--seed", "3"],  # was "argument suite: invalid choice: '3'": the value read as the suite
      "unrecognized arguments: --seed (purify bench has no such option); see `purify bench --help`"),
+    # a value that starts with '-' and holds a space is a value to argparse, not an unknown option
+    (lambda t: ["generate", "m", "--prompts", "p", "--out", "o", "--ban", "-ly ending", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: expected an integer >= 1, got 0"),
     (lambda t: ["train", str(t)], "is a directory; give a recipe YAML file"),
     (lambda t: ["train", str(_write_bytes(t / "r.yaml", "seed: 1 # caf\u00e9".encode("latin-1")))],
      "r.yaml: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"),

@@ -56,3 +56,14 @@ def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n', encoding="utf-8-sig")
     assert read_prompts(prompts) == ["hello"]
+
+
+def test_a_bad_byte_after_a_byte_order_mark_is_named_at_its_file_offset(tmp_path):
+    from purify.storage import NotUTF8Error, read_utf8
+
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"\xef\xbb\xbfab\xffcd")
+    with pytest.raises(NotUTF8Error, match=r"byte 0xff at offset 5"):
+        read_utf8(path)
+    path.write_bytes(b"a\r\nb\rc\n")  # universal newlines, as Path.read_text gives them
+    assert read_utf8(path) == "a\nb\nc\n"
