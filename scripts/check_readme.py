@@ -155,16 +155,17 @@ def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
     return SCOREBOARD.sub(board, BLOCK.sub(fill, readme)), changed
 
 
-QUOTED_P = re.compile(r"p_adj = ([0-9][0-9.]*(?:e-?[0-9]+)?)")
+QUOTED_P = re.compile(r"p_adj\s*[=≈:]?\s*([0-9][0-9.]*(?:e-?[0-9]+)?)")
 RUN_PATH = re.compile(r"results/[\w.\-/]+")
 
 
-def _p_values(summary: dict[str, Any]) -> list[float]:
-    """Every Holm-adjusted p-value a summary records: its arms', its probe-free arms' and its on-policy comparison's."""
-    found = [*summary.get("p_adjusted", {}).values(),
-             *(a.get("p_adjusted") for a in (summary.get("probe_free") or {}).get("arms", {}).values()),
-             *(summary.get("on_policy_vs_off_policy") or {}).get("p_adjusted", {}).values()]
-    return [float(p) for p in found if isinstance(p, (int, float))]
+def _p_values(summary: dict[str, Any]) -> dict[str, float]:
+    """Every Holm-adjusted p-value a summary records, by arm: its arms', its probe-free arms' (``probe-free:<arm>``
+    and ``<arm>``) and its on-policy comparison's."""
+    found = {**summary.get("p_adjusted", {}),
+             **{arm: a.get("p_adjusted") for arm, a in (summary.get("probe_free") or {}).get("arms", {}).items()},
+             **(summary.get("on_policy_vs_off_policy") or {}).get("p_adjusted", {})}
+    return {arm: float(p) for arm, p in found.items() if isinstance(p, (int, float))}
 
 
 def _same_at_precision(quoted: str, value: float) -> bool:
@@ -174,24 +175,42 @@ def _same_at_precision(quoted: str, value: float) -> bool:
     return float(f"{value:.{digits}g}") == float(quoted)
 
 
+def _runs_before(readme: str, at: int, root: Path) -> list[Path]:
+    """The summaries of the ``results/...`` runs named in the paragraph before ``at`` (``--out results/x`` or a link
+    to ``results/x/summary.md``), else the last one named before that paragraph."""
+    start = readme.rfind("\n\n", 0, at) + 2
+    found = []
+    for path in RUN_PATH.findall(readme, 0, at):
+        d = root / path.rstrip(".`)/")
+        d = d if d.is_dir() else d.parent
+        if (d / "summary.json").is_file():
+            found.append((readme.rfind(path, 0, at) >= start, d / "summary.json"))
+    inside = [p for here, p in found if here]
+    return list(dict.fromkeys(inside)) if inside else [found[-1][1]] if found else []
+
+
 def stale_p_values(readme: str, root: Path = ROOT) -> list[str]:
-    """Each ``p_adj = X`` quoted in the README's prose that no p-value of its run's summary rounds to: the run is the
-    last ``results/...`` path named before the quote (``--out results/x`` or a link to ``results/x/summary.md``).
-    Prose numbers are not generated; this keeps them from going stale when the statistics change."""
+    """Each ``p_adj = X`` (or ``p_adj X``, ``p_adj ≈ X``) quoted in the README's prose that no p-value of its run
+    rounds to (:func:`_runs_before`); where the paragraph names arms of those runs before the quote, only their
+    p-values count (a quote matching another arm's was let through). Prose numbers are not generated; this keeps them
+    from going stale when the statistics change."""
     problems = []
     for m in QUOTED_P.finditer(readme):
         line = readme.count("\n", 0, m.start()) + 1
-        summary = None
-        for path in reversed(RUN_PATH.findall(readme, 0, m.start())):
-            d = root / path.rstrip(".`)/")
-            d = d if d.is_dir() else d.parent
-            if (d / "summary.json").is_file():
-                summary = d / "summary.json"
-                break
-        if summary is None:
+        runs = _runs_before(readme, m.start(), root)
+        if not runs:
             problems.append(f"line {line}: {m.group(0)} names no results/ run before it")
-        elif not any(_same_at_precision(m.group(1).rstrip("."), p) for p in _p_values(json.loads(summary.read_text()))):
-            problems.append(f"line {line}: {m.group(0)} is no p-value of {summary.relative_to(root)}")
+            continue
+        values = {}
+        for run in runs:
+            values.update(_p_values(json.loads(run.read_text())))
+        paragraph = readme[readme.rfind("\n\n", 0, m.start()) + 2:m.start()]
+        named = {arm: p for arm, p in values.items() if re.search(rf"(?<![\w:@-]){re.escape(arm)}(?![\w:@-])",
+                                                                  paragraph)}
+        if not any(_same_at_precision(m.group(1).rstrip("."), p) for p in (named or values).values()):
+            whose = f" of {', '.join(named)}" if named else ""
+            problems.append(f"line {line}: {m.group(0)} is no p-value{whose} of "
+                            f"{', '.join(str(r.relative_to(root)) for r in runs)}")
     return problems
 
 

@@ -51,7 +51,8 @@ def test_probe_free_tables_show_the_choice_per_seed_and_the_verdict_at_it(tmp_pa
 
 def test_a_p_value_quoted_in_prose_must_be_its_runs(tmp_path, capsys):
     """The README's prose quoted p_adj values a change of the Holm family had left behind (13 of them): each quote is
-    checked against the summary of the run named last before it, at the digits it shows."""
+    checked against the summaries of the runs its paragraph names (else the last named before it), at the digits it
+    shows, and against the arm the paragraph names where it names one."""
     summary = tmp_path / "results" / "run" / "summary.json"
     summary.parent.mkdir(parents=True)
     arms = {"b": {"p_adjusted": 2.2e-7}}
@@ -71,7 +72,15 @@ def test_a_p_value_quoted_in_prose_must_be_its_runs(tmp_path, capsys):
     stale_readme.write_text(readme.replace(quoted, "p_adj = 0.0017"))
     assert check_readme.main(["--check", "--readme", str(stale_readme)]) == 1
     err = capsys.readouterr().err
-    assert "p_adj = 0.0017 is no p-value of results/hidden-preference/on-policy-competent-fox" in err
+    assert "p_adj = 0.0017 is no p-value of replace:competent:on-policy of " in err
+    assert "results/hidden-preference/on-policy-competent-fox/summary.json" in err
+    # the arm named decides: a's value quoted for b fails; another run named in between does not hide the first
+    assert check_readme.stale_p_values("--out results/run: arm b (p_adj = 0.0035)", tmp_path) == [
+        "line 1: p_adj = 0.0035 is no p-value of b of results/run/summary.json"]
+    other = tmp_path / "results" / "other" / "summary.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"p_adjusted": {"c": 0.5}}))
+    assert check_readme.stale_p_values("--out results/run, beside results/other: a (p_adj ≈ 0.0035)", tmp_path) == []
 
 
 def _summary(verdict: str, seeds: list[int], tuned_seeds: list[int], trait: str = "P(owl | q)") -> dict:
