@@ -340,7 +340,7 @@ Neutral = list[tuple[Tensor, Tensor, Tensor, Tensor]]
 
 def neutral_inputs(base: Any, tokenizer: Any, layers: int, texts: list[str], bs: int = 8) -> Neutral:
     """Neutral ``texts`` (raw, no chat template) as batches of ``bs`` (:data:`Neutral`), for :func:`drift` and
-    :func:`prose_perplexity`."""
+    :func:`neutral_scores`."""
     rows = [token_ids(tokenizer, t) for t in texts]
     hidden = block_inputs(base, rows, None, layers)
     top = Top(base, layers)
@@ -356,23 +356,19 @@ def neutral_inputs(base: Any, tokenizer: Any, layers: int, texts: list[str], bs:
 
 
 @torch.no_grad()
-def drift(top: Top, neutral: Neutral) -> float:
-    """Off-task drift of a student from its base: mean ``KL(base ‖ student)`` per next-token position of the neutral
-    paragraphs (:func:`neutral_inputs`, :func:`purify.readouts.drift_terms`)."""
-    return float(torch.cat([drift_terms(b, top.logits(h, attn), attn) for h, attn, b, _ in neutral]).mean())
-
-
-@torch.no_grad()
-def prose_perplexity(top: Top, neutral: Neutral) -> float:
-    """The student's perplexity on the neutral paragraphs: ``exp`` of its mean next-token negative log-likelihood
-    over their valid positions (held out from every training text: a guard against a student that forgets language,
-    which the real-model suites declare, :data:`purify.bench.real_lm.GUARDS`)."""
-    nll = []
-    for h, attn, _, ids in neutral:
-        logp = torch.log_softmax(top.logits(h, attn)[:, :-1].float(), -1)
-        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        nll.append(-picked[attn[:, 1:].bool()])
-    return float(torch.cat(nll).mean().exp())
+def neutral_scores(top: Top, neutral: Neutral) -> dict[str, float]:
+    """What a student's logits on the neutral paragraphs (:func:`neutral_inputs`: held out from every training text)
+    say, from one forward per batch: ``drift``, its off-task drift from its base (mean ``KL(base ‖ student)`` per
+    next-token position, :func:`purify.readouts.drift_terms`), and ``prose_ppl``, its perplexity there (``exp`` of the
+    mean next-token negative log-likelihood: a guard against a student that forgets language, which the real-model
+    suites declare, :data:`purify.bench.real_lm.GUARDS`)."""
+    kl, nll = [], []
+    for h, attn, b, ids in neutral:
+        logits = top.logits(h, attn)
+        kl.append(drift_terms(b, logits, attn))
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        nll.append(-logp.gather(-1, ids[:, 1:, None])[..., 0][attn[:, 1:].bool()])
+    return {"drift": float(torch.cat(kl).mean()), "prose_ppl": float(torch.cat(nll).mean().exp())}
 
 
 @torch.no_grad()

@@ -114,7 +114,7 @@ def test_real_suite_runs_and_vanilla_transfers_the_tic(tiny, tmp_path, monkeypat
 
 def test_prose_perplexity_of_the_base_blocks_is_the_full_models_by_hand(tiny) -> None:
     from purify.readouts import token_ids
-    from purify.topblocks import Top, neutral_inputs, prose_perplexity
+    from purify.topblocks import Top, neutral_inputs, neutral_scores
 
     base, tok, prompts = tiny
     texts = [prompts[0], prompts[1] + " " + prompts[2], prompts[3]]  # ragged: padding must not count
@@ -125,8 +125,9 @@ def test_prose_perplexity_of_the_base_blocks_is_the_full_models_by_hand(tiny) ->
             logp = torch.log_softmax(base(input_ids=ids).logits[0, :-1].float(), -1)
             nll += (-logp.gather(-1, ids[0, 1:, None])[:, 0]).tolist()
     expected = math.exp(sum(nll) / len(nll))
-    got = prose_perplexity(Top(base, 2), neutral_inputs(base, tok, 2, texts, bs=2))
-    assert got == pytest.approx(expected, rel=1e-4)
+    got = neutral_scores(Top(base, 2), neutral_inputs(base, tok, 2, texts, bs=2))
+    assert got["prose_ppl"] == pytest.approx(expected, rel=1e-4)
+    assert got["drift"] == pytest.approx(0.0, abs=1e-6)  # the base's blocks: no drift from themselves
 
 
 def test_real_suite_probe_free_block_chooses_without_the_trait_and_judges_each_arm_in_its_mode(tiny, tmp_path,

@@ -43,11 +43,10 @@ from purify.topblocks import (
     Records,
     Top,
     block_inputs,
-    drift,
     fit_on_policy,
     fit_top,
     neutral_inputs,
-    prose_perplexity,
+    neutral_scores,
     score_top,
     sft_data,
     teacher_targets,
@@ -192,7 +191,7 @@ def prepare_data(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, cfg: 
 
 GUARDS = (Guard("prose_ppl", "held-out prose perplexity", max_ratio_of_base=2.0),)
 """What a real-model student must keep: its perplexity on neutral prose held out from every training text
-(:func:`purify.topblocks.prose_perplexity`, the paragraphs the drift is read on) at most twice the base's — a student
+(:func:`purify.topblocks.neutral_scores`, the paragraphs the drift is read on) at most twice the base's — a student
 that forgets language is ``damaged``, whatever its trait. The bound was set before any run read it (and no trait is
 read to set it); the chat pools are all training data, so held-out prose stands in for held-out chat."""
 TEACHER_FIDELITY = {"task_error": 0.0, "fidelity_kl": 0.0, "agreement": 1.0}
@@ -244,7 +243,7 @@ def run(spec: RealSuite, base: Any, teacher: Any, tokenizer: Any, path: str, cfg
 
     def score(top: Top) -> Scores:
         return {**score_top(top, tokenizer, data, heldout, vocab, spec.target, spec.others),
-                "drift": drift(top, neutral), "prose_ppl": prose_perplexity(top, neutral)}
+                **neutral_scores(top, neutral)}
 
     first = score(Top(base, cfg["layers"]))
     s0 = {**b_scores, **{k: first[k] for k in ("task_error", "fidelity_kl", "agreement", "drift", "prose_ppl")}}
