@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,28 +57,37 @@ def _tempered(logits: Tensor, temperature: float, caller: str) -> Tensor:
     return F.log_softmax(upcast(logits) / temperature, -1)
 
 
+def _shape(x: Tensor) -> str:
+    return str(tuple(x.shape))
+
+
+def _fits(shape: torch.Size, onto: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts onto ``onto`` without widening it (a scalar weight, one teacher for the batch)."""
+    try:
+        return torch.broadcast_shapes(shape, onto) == onto
+    except RuntimeError:
+        return False
+
+
+def _check_logits(x: Any, what: str, caller: str) -> None:
+    """Refuse, naming ``caller`` and ``what``, logits that are no floating-point tensor ``(..., V)``."""
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1):
+        got = f"{x.dtype} {_shape(x)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{caller}: {what} must be a floating-point tensor (..., V), got {got}")
+
+
 def check_pair(student: Tensor, teacher: Tensor, caller: str) -> None:
     """Refuse, naming ``caller``, a ``teacher`` that is no tensor of the ``student``'s vocabulary (last dimension) or
     whose positions do not broadcast onto the student's without widening them (two teachers' losses were summed):
     torch said "size of tensor a (…) must match", or widened silently."""
-    def shape(x: Tensor) -> str:
-        return str(tuple(x.shape))
-
-    for what, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1):
-            got = f"{x.dtype} {shape(x)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{caller}: {what} must be a floating-point tensor (..., V), got {got}")
+    _check_logits(student, "student_logits", caller)
+    _check_logits(teacher, "teacher_logits", caller)
     if teacher.shape[-1] != student.shape[-1]:
-        raise ValueError(f"{caller}: teacher_logits {shape(teacher)} and student_logits {shape(student)} differ in the "
-                         "vocabulary (last) dimension; a teacher of another tokenizer needs the cross_base purifier, "
-                         "a padded vocabulary loss.logit_slice")
-    prefix = student.shape[:-1]
-    try:  # a teacher may broadcast onto the student's positions, never widen them (two teachers were summed)
-        fits = torch.broadcast_shapes(teacher.shape[:-1], prefix) == prefix
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{caller}: teacher_logits {shape(teacher)} do not match student_logits {shape(student)}: "
+        raise ValueError(f"{caller}: teacher_logits {_shape(teacher)} and student_logits {_shape(student)} differ in "
+                         "the vocabulary (last) dimension; a teacher of another tokenizer needs the cross_base "
+                         "purifier, a padded vocabulary loss.logit_slice")
+    if not _fits(teacher.shape[:-1], student.shape[:-1]):  # a teacher may broadcast onto the positions, never widen
+        raise ValueError(f"{caller}: teacher_logits {_shape(teacher)} do not match student_logits {_shape(student)}: "
                          "one teacher distribution per student position")
 
 
@@ -184,11 +194,8 @@ def reduce_loss(per_position: Tensor, weight: Tensor, num_items: float | Tensor 
         another matter: the NaN of a weight-0 row flows back through ``per_position`` (0 · NaN), so logits that
         may hold NaN/``inf`` at masked rows belong in :func:`distillation_loss`, which zeroes those rows first.
     """
-    try:  # a weight may broadcast onto the positions (a scalar, one per time step), never widen them
-        fits = torch.broadcast_shapes(weight.shape, per_position.shape) == per_position.shape
-    except (RuntimeError, AttributeError):
-        fits = False
-    if not fits:
+    # a weight may broadcast onto the positions (a scalar, one per time step), never widen them
+    if not (isinstance(weight, Tensor) and _fits(weight.shape, per_position.shape)):
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"reduce_loss: weight {got} does not match per_position {tuple(per_position.shape)} (one "
                          "weight per position)")
@@ -272,23 +279,14 @@ def _check_inputs(student: Tensor, teacher: Tensor | None, weight: Tensor, label
     GPU, assert on the device: logits of different vocabularies, a weight or labels that do not cover the student's
     positions, labels outside ``[0, V)`` other than ``ignore_index`` (on the CPU: on an accelerator the check would
     synchronise every step, and the kernel asserts instead)."""
-    def shape(x: Tensor) -> str:
-        return str(tuple(x.shape))
-
-    if not (isinstance(student, Tensor) and student.is_floating_point() and student.dim() >= 1):
-        got = f"{student.dtype} {shape(student)}" if isinstance(student, Tensor) else type(student).__name__
-        raise ValueError(f"distillation_loss: student_logits must be a floating-point tensor (..., V), got {got}")
+    _check_logits(student, "student_logits", "distillation_loss")
     prefix, vocab = student.shape[:-1], student.shape[-1]
     if teacher is not None:
         check_pair(student, teacher, "distillation_loss")
     for what, x in (("weight", weight), ("labels", labels)):
-        try:  # a weight may broadcast (a scalar, one per time step); labels name one token per position
-            fits = x is None or (torch.broadcast_shapes(x.shape, prefix) == prefix if what == "weight"
-                                 else x.shape == prefix)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"distillation_loss: {what} {shape(x)} does not match student_logits' positions "
+        # a weight may broadcast (a scalar, one per time step); labels name one token per position
+        if x is not None and not (_fits(x.shape, prefix) if what == "weight" else x.shape == prefix):
+            raise ValueError(f"distillation_loss: {what} {_shape(x)} does not match student_logits' positions "
                              f"{tuple(prefix)} (one value per position, the vocabulary dimension left out)")
     if labels is not None:
         check_labels(labels, vocab, "distillation_loss", ignore_index)
