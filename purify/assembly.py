@@ -24,7 +24,14 @@ import torch
 from safetensors import SafetensorError
 
 from purify.align import differing_tokenizers
-from purify.cache import CacheError, cache_record, cache_spec_problems, check_cache, read_manifest
+from purify.cache import (
+    CacheError,
+    cache_record,
+    cache_spec_problems,
+    check_cache,
+    holds_whole_vocabulary,
+    read_manifest,
+)
 from purify.config import (
     Recipe,
     cache_problems,
@@ -172,11 +179,9 @@ def _cache_loss_problems(recipe: Recipe) -> list[str]:
     for i, spec in enumerate(recipe.teachers):
         if spec.cache is not None:
             try:
-                manifest = read_manifest(spec.cache)
-                teacher = manifest["teachers"][spec.teacher]
+                whole = holds_whole_vocabulary(read_manifest(spec.cache), spec.teacher)
             except (CacheError, IndexError, TypeError):  # said by its source's problems; here what holds anyway
-                manifest, teacher = {"k": 1}, {"vocab_size": 1}
-            whole = manifest["k"] >= teacher["vocab_size"]
+                whole = True
             return cache_problems(recipe.loss, f"teachers[{i}]", recipe.on_policy is not None, whole)
     return []
 

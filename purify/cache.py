@@ -135,6 +135,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def holds_whole_vocabulary(manifest: dict[str, Any], teacher: int) -> bool:
+    """Whether the cache keeps every logit of ``teacher`` (its k at least the teacher's width): its rows are then the
+    teacher's log-probabilities exactly, which a temperature or a ``logit_slice`` may read
+    (:func:`purify.config.cache_problems`)."""
+    return manifest["k"] >= manifest["teachers"][teacher]["vocab_size"]
+
+
 def _manifest_gaps(manifest: dict[str, Any]) -> list[str]:
     """The fields a reader needs that ``manifest`` lacks or holds as another type."""
     teachers = manifest.get("teachers")

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from purify.align import differing_tokenizers, same_tokenizer
-from purify.cache import CachedTeacher
+from purify.cache import CachedTeacher, holds_whole_vocabulary
 from purify.config import (
     LossConfig,
     OnPolicyConfig,
@@ -224,7 +224,7 @@ class Distiller(L.LightningModule):
                                                 and sum(teacher_weights) > 0):
             problems.append(f"teacher_weights: {list(teacher_weights)}; give finite weights >= 0, not all 0")
         cached = None if deferred else next((i for i, t in enumerate(teachers) if isinstance(t, CachedTeacher)), None)
-        whole = cached is not None and teachers[cached].manifest["k"] >= teachers[cached].vocab_size
+        whole = cached is not None and holds_whole_vocabulary(teachers[cached].manifest, teachers[cached].teacher)
         problems += cache_problems(loss or LossConfig(), f"teachers[{cached}]", on_policy is not None, whole) \
             if cached is not None else []
         fused = fused_problem(student, "student") if (loss or LossConfig()).fused_linear else None
