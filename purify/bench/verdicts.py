@@ -234,16 +234,14 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
             return Assessment(f"damaged: {g.label} ({problem}){note}", seeds)
     van_minus_ctl = [x["transfer"] - y["transfer"] for x, y in zip(v, c)]
     tc = [x["transfer"] - y["transfer"] for x, y in zip(a, c)]
-    flat = [what for what, d in (("vanilla − control", van_minus_ctl), ("transfer − control", tc))
-            if math.isnan(_t(d)[1])]
+    (vm, vp, _), (tc_mean, tc_p, tc_ci) = _t(van_minus_ctl), _t(tc)
+    flat = [what for what, p in (("vanilla − control", vp), ("transfer − control", tc_p)) if math.isnan(p)]
     if flat:  # said as what it is (a NaN p read as "not significant"; a zero-width CI as "anti-trait")
         return Assessment(f"no verdict: zero variance across seeds in {' and '.join(flat)}{note}", seeds)
-    vm, vp, _ = _t(van_minus_ctl)
     if not (vm > 0 and vp < 0.05):
         return Assessment(f"no verdict: vanilla not significantly above control (vanilla − control {vm:+.3g}, "
                           f"p = {vp:.3g}){note}", seeds)
     margin = MARGIN * vm
-    tc_mean, _, tc_ci = _t(tc)
     if tc_ci[1] < -margin:
         return Assessment(f"anti-trait (transfer − control {tc_mean:+.3g}, 90% CI [{tc_ci[0]:+.3g}, {tc_ci[1]:+.3g}]"
                           f" entirely below −m = {-margin:.3g}){note}", seeds)
@@ -257,20 +255,21 @@ def assess(arm: Records, vanilla: Records, control: Records, base: Records, guar
     sparse = [r[2] - r[1] >= 0.5 * claimed and r[2] > r[1] for r in reads]
     lower = [y["transfer"] - (r[1] if s else r[0]) for y, r, s in zip(a, reads, sparse)]
     upper = [y["transfer"] - (r[2] if s else r[0]) for y, r, s in zip(a, reads, sparse)]
-    flat = [what for what, d in (("the frontier gap", lower), ("the frontier gap's upper reading", upper))
-            if math.isnan(_t(d)[1])]
+    p_lower, p_upper = _t(lower)[1], _t(upper)[1]
+    flat = [what for what, p in (("the frontier gap", p_lower), ("the frontier gap's upper reading", p_upper))
+            if math.isnan(p)]
     if flat:
         return Assessment(f"no verdict: zero variance across seeds in {' and '.join(flat)}{note}", seeds)
     ratio = float(np.mean([x["task_error"] / y["task_error"] for x, y in zip(a, v)]))
     purified = -margin < tc_ci[0] and tc_ci[1] < margin and ratio <= ERROR_RATIO and not unmeasured
-    gm, gp, _ = _t(interp)
-    gap = {**mean_ci(interp), "p_value": gp, "seeds": seeds, "per_seed": interp, "lower_reading": mean_ci(lower),
-           "upper_reading": mean_ci(upper), "segment_jump": max(r[2] - r[1] for r in reads),
+    gap = {**mean_ci(interp), "p_value": _t(interp)[1], "seeds": seeds, "per_seed": interp,
+           "lower_reading": mean_ci(lower), "upper_reading": mean_ci(upper),
+           "segment_jump": max(r[2] - r[1] for r in reads),
            "sparse_seeds": [s for s, sp in zip(seeds, sparse) if sp], "task_error_ratio": ratio,
            "transfer_minus_control": {"mean": tc_mean, "ci90": tc_ci}, "margin": margin}
     extra = "; ".join(x for x in (f"guard {', '.join(unmeasured)}" if unmeasured else "",
                                   note.strip(" ()")) if x)
-    return Assessment(None, seeds, gap, _t(lower)[1], _t(upper)[1], purified, f" ({extra})" if extra else "")
+    return Assessment(None, seeds, gap, p_lower, p_upper, purified, f" ({extra})" if extra else "")
 
 
 def label(x: Assessment, p_lower: float, p_upper: float, alpha: float = 0.05) -> str:
